@@ -1,0 +1,122 @@
+"""Trained-model files without pickle: ``model.safetensors`` (weights) + ``model.json`` (spec).
+
+The spec holds everything needed to rebuild the model and predict from raw image bytes: the timm
+name, class names, input channels, the resolved preprocessing config and the temperature.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from components.errors import DataError
+from components.models import create_classifier, create_image_transform, image_mode
+
+WEIGHTS_FILE = "model.safetensors"
+SPEC_FILE = "model.json"
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    model: str
+    classes: tuple[str, ...]
+    in_chans: int
+    data_config: dict[str, Any]
+    task: str = "singlelabel"
+    temperature: float = 1.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return json.loads(json.dumps(asdict(self)))
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> ModelSpec:
+        raw = dict(raw)
+        raw["classes"] = tuple(raw["classes"])
+        raw["data_config"] = {
+            k: tuple(v) if isinstance(v, list) else v for k, v in raw["data_config"].items()
+        }
+        return cls(**raw)
+
+
+def save_classifier(state_dict: dict[str, torch.Tensor], spec: ModelSpec, out_dir: Path) -> Path:
+    """Write weights and spec into ``out_dir`` (created); returns ``out_dir``."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
+    save_file(tensors, str(out_dir / WEIGHTS_FILE))
+    (out_dir / SPEC_FILE).write_text(json.dumps(spec.to_dict(), indent=2) + "\n")
+    return out_dir
+
+
+def load_spec(model_dir: Path) -> ModelSpec:
+    return ModelSpec.from_dict(json.loads((Path(model_dir) / SPEC_FILE).read_text()))
+
+
+def load_classifier(model_dir: Path) -> tuple[nn.Module, ModelSpec]:
+    """Rebuild the model from its spec and load the weights (safetensors: no code execution)."""
+    spec = load_spec(model_dir)
+    model = create_classifier(spec.model, spec.num_classes, in_chans=spec.in_chans, pretrained=False)
+    model.load_state_dict(load_file(str(Path(model_dir) / WEIGHTS_FILE)))
+    return model.eval(), spec
+
+
+def with_temperature(model_dir: Path, temperature: float) -> ModelSpec:
+    """Record a fitted temperature in the spec file; returns the new spec."""
+    spec = replace(load_spec(model_dir), temperature=float(temperature))
+    (Path(model_dir) / SPEC_FILE).write_text(json.dumps(spec.to_dict(), indent=2) + "\n")
+    return spec
+
+
+def decode_image(data: bytes, *, mode: str) -> Image.Image:
+    """Raw file bytes -> PIL image in ``mode``; a clear DataError for anything that is not an image."""
+    if not data:
+        raise DataError("empty input: expected the bytes of an image file")
+    try:
+        img = Image.open(io.BytesIO(data))
+        img.load()
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise DataError(f"input is not a decodable image ({e.__class__.__name__}: {e})") from e
+    return img.convert(mode)
+
+
+class Predictor:
+    """Batched inference from raw image bytes, with the spec's preprocessing and temperature."""
+
+    def __init__(self, model: nn.Module, spec: ModelSpec, *, batch_size: int = 256) -> None:
+        self.model = model.eval()
+        self.spec = spec
+        self.batch_size = batch_size
+        self.mode = image_mode(spec.in_chans)
+        self.transform = create_image_transform(spec.data_config, is_training=False)
+
+    @classmethod
+    def from_dir(cls, model_dir: Path, **kwargs: Any) -> Predictor:
+        model, spec = load_classifier(model_dir)
+        return cls(model, spec, **kwargs)
+
+    def preprocess(self, images: list[bytes]) -> torch.Tensor:
+        """images: raw file bytes -> (N, C, H, W) float tensor."""
+        return torch.stack([self.transform(decode_image(b, mode=self.mode)) for b in images])
+
+    @torch.inference_mode()
+    def predict_proba(self, images: list[bytes]) -> np.ndarray:
+        """images: raw file bytes -> (N, K) calibrated class probabilities."""
+        out = []
+        for i in range(0, len(images), self.batch_size):
+            logits = self.model(self.preprocess(images[i : i + self.batch_size]))
+            out.append(torch.softmax(logits / self.spec.temperature, dim=1).numpy())
+        k = self.spec.num_classes
+        return np.concatenate(out) if out else np.zeros((0, k), dtype=np.float32)

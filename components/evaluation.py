@@ -1,0 +1,366 @@
+"""Evaluation of a classifier's test-set predictions: metrics, quality gates, report files.
+
+Everything here works on plain arrays (true class indices and predicted probabilities), so it
+does not care which model, framework or device produced them. The metrics come from
+scikit-learn; this module fixes the label set (``labels=range(K)``) so that a class missing
+from the test set is reported as such instead of silently shifting columns or crashing.
+
+Files written by :func:`write_evaluation` (the ``evaluate`` stage's outputs):
+
+=======================  ===================================================================
+metrics.json             :func:`flat_metrics`: scalars only (what ``dvc metrics show`` reads)
+evaluation.json          the full :func:`compute_metrics` dict (per class, confusion matrix)
+per_class.csv            class, precision, recall, f1, support
+gates.json               :meth:`GateReport.to_dict`
+confusion_matrix.png     row-normalised colours, counts annotated
+=======================  ===================================================================
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import re
+import warnings
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from sklearn.exceptions import UndefinedMetricWarning
+from sklearn.metrics import (
+    accuracy_score,
+    balanced_accuracy_score,
+    brier_score_loss,
+    confusion_matrix,
+    log_loss,
+    precision_recall_fscore_support,
+    top_k_accuracy_score,
+)
+
+from components.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+# Rows of ``probs`` may come from float32 softmax; anything further from 1 is not a distribution.
+_ROW_SUM_ATOL = 1e-3
+# Gates compare ``value >= threshold``; this absorbs float noise such as 0.1 * 3 != 0.3.
+_GATE_EPS = 1e-12
+
+ACCURACY_GATE = "min_accuracy"
+CLASS_RECALL_GATE = "min_class_recall"
+
+_SCALAR_KEYS = (
+    "accuracy",
+    "balanced_accuracy",
+    "macro_precision",
+    "macro_recall",
+    "macro_f1",
+    "weighted_precision",
+    "weighted_recall",
+    "weighted_f1",
+    "nll",
+    "brier",
+)
+
+
+# --------------------------------------------------------------------------- metrics
+
+
+def compute_metrics(
+    y_true: np.ndarray, probs: np.ndarray, classes: Sequence[str], *, top_k: int = 5
+) -> dict[str, Any]:
+    """All test-set metrics of one model, as a JSON-able dict.
+
+    y_true: (N,) int class indices in ``[0, K)``; probs: (N, K) float, rows sum to 1;
+    classes: the K class names, in index order. The prediction is ``argmax(probs)``.
+
+    Returns accuracy, ``top{k}_accuracy`` (k clipped to K), balanced_accuracy, macro_* and
+    weighted_* precision/recall/F1, nll (log loss), brier (mean over samples of
+    ``sum_k (p_k - onehot_k)^2``, range [0, 2]), n, per_class (list of dicts in class order)
+    and confusion_matrix ((K, K) counts, rows = true, columns = predicted).
+    A class absent from ``y_true`` gets recall 0 and support 0 (never a crash).
+    """
+    y, p = _check_inputs(y_true, probs, classes, top_k=top_k)
+    n_classes = len(classes)
+    labels = list(range(n_classes))
+    y_pred = p.argmax(axis=1)
+    k = min(top_k, n_classes)
+
+    prec, rec, f1, support = precision_recall_fscore_support(
+        y, y_pred, labels=labels, average=None, zero_division=0
+    )
+    per_class = [
+        {
+            "class": str(name),
+            "index": i,
+            "precision": float(prec[i]),
+            "recall": float(rec[i]),
+            "f1": float(f1[i]),
+            "support": int(support[i]),
+        }
+        for i, name in enumerate(classes)
+    ]
+    metrics: dict[str, Any] = {
+        "accuracy": float(accuracy_score(y, y_pred)),
+        f"top{k}_accuracy": _top_k_accuracy(y, p, k=k),
+        "balanced_accuracy": _balanced_accuracy(y, y_pred),
+        **_averaged(y, y_pred, labels, "macro"),
+        **_averaged(y, y_pred, labels, "weighted"),
+        "nll": float(log_loss(y, p, labels=labels)),
+        "brier": float(brier_score_loss(y, p, labels=labels, scale_by_half=False)),
+        "n": int(y.shape[0]),
+        "per_class": per_class,
+        "confusion_matrix": confusion_matrix(y, y_pred, labels=labels).astype(int).tolist(),
+    }
+    logger.info(
+        "evaluated %d samples over %d classes: accuracy %.4f", y.shape[0], n_classes, metrics["accuracy"]
+    )
+    return metrics
+
+
+def _check_inputs(
+    y_true: np.ndarray, probs: np.ndarray, classes: Sequence[str], *, top_k: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Validate shapes and ranges; return (y: (N,) int64, probs: (N, K) float64 renormalised)."""
+    y = np.asarray(y_true)
+    p = np.asarray(probs, dtype=np.float64)
+    n_classes = len(classes)
+    if n_classes < 2:
+        raise ValueError(f"need at least 2 classes to evaluate a classifier, got {list(classes)}")
+    if top_k < 1:
+        raise ValueError(f"top_k must be >= 1, got {top_k}")
+    if y.ndim != 1 or y.shape[0] == 0:
+        raise ValueError(f"y_true must be a non-empty (N,) array of class indices, got shape {y.shape}")
+    if not np.issubdtype(y.dtype, np.integer):
+        raise ValueError(f"y_true must hold integer class indices, got dtype {y.dtype}")
+    if p.shape != (y.shape[0], n_classes):
+        raise ValueError(
+            f"probs must have shape (N, K) = ({y.shape[0]}, {n_classes}) to match y_true and "
+            f"{n_classes} classes, got {p.shape}"
+        )
+    if y.min() < 0 or y.max() >= n_classes:
+        raise ValueError(f"y_true holds indices outside [0, {n_classes}): min {y.min()}, max {y.max()}")
+    if not np.all(np.isfinite(p)) or p.min() < 0:
+        raise ValueError("probs must be finite and non-negative (pass softmax outputs, not logits)")
+    row_sums = p.sum(axis=1)
+    worst = int(np.abs(row_sums - 1).argmax())
+    if abs(row_sums[worst] - 1) > _ROW_SUM_ATOL:
+        raise ValueError(
+            f"probs rows must sum to 1 (row {worst} sums to {row_sums[worst]:.6f}); "
+            "pass softmax outputs, not logits"
+        )
+    # Renormalise away float32 rounding so sklearn sees exact distributions.
+    return y.astype(np.int64), p / row_sums[:, None]
+
+
+def _top_k_accuracy(y: np.ndarray, p: np.ndarray, *, k: int) -> float:
+    """Fraction of samples whose true class is among the k most probable; y: (N,), p: (N, K)."""
+    n_classes = p.shape[1]
+    # sklearn wants the positive-class column alone for two classes.
+    score = p[:, 1] if n_classes == 2 else p
+    with warnings.catch_warnings():
+        # k clipped to K gives a trivially perfect score; that is expected for small K.
+        warnings.simplefilter("ignore", UndefinedMetricWarning)
+        return float(top_k_accuracy_score(y, score, k=k, labels=list(range(n_classes))))
+
+
+def _balanced_accuracy(y: np.ndarray, y_pred: np.ndarray) -> float:
+    """Mean recall over the classes present in ``y``."""
+    with warnings.catch_warnings():
+        # Predictions of classes absent from the test set are normal for a weak model.
+        warnings.filterwarnings("ignore", message="y_pred contains classes not in y_true")
+        return float(balanced_accuracy_score(y, y_pred))
+
+
+def _averaged(y: np.ndarray, y_pred: np.ndarray, labels: list[int], average: str) -> dict[str, float]:
+    """``{average}_precision``, ``{average}_recall``, ``{average}_f1`` over all K labels."""
+    prec, rec, f1, _ = precision_recall_fscore_support(
+        y, y_pred, labels=labels, average=average, zero_division=0
+    )
+    return {
+        f"{average}_precision": float(prec),
+        f"{average}_recall": float(rec),
+        f"{average}_f1": float(f1),
+    }
+
+
+# --------------------------------------------------------------------------- gates
+
+
+@dataclass(frozen=True)
+class GateResult:
+    """One quality gate: ``value >= threshold`` passes."""
+
+    name: str
+    """``min_accuracy`` or ``min_class_recall[<class>]``."""
+    passed: bool
+    value: float
+    threshold: float
+    message: str
+    """What was measured against what, e.g. ``recall of 'Shirt' 0.58 < 0.60``."""
+
+
+@dataclass(frozen=True)
+class GateReport:
+    """All gates of one evaluation; ``passed`` only if there is at least one gate and all pass."""
+
+    passed: bool
+    gates: tuple[GateResult, ...]
+
+    def __post_init__(self) -> None:
+        expected = bool(self.gates) and all(g.passed for g in self.gates)
+        if self.passed != expected:
+            raise ValueError(
+                f"GateReport.passed={self.passed} contradicts its gates (expected {expected}: "
+                "a report passes only with at least one gate and no failed gate)"
+            )
+
+    def failed(self) -> list[GateResult]:
+        """The gates that did not pass, in report order."""
+        return [g for g in self.gates if not g.passed]
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able form (``gates.json``); :meth:`from_dict` reads it back."""
+        return {
+            "passed": self.passed,
+            "failed": [g.name for g in self.failed()],
+            "gates": [asdict(g) for g in self.gates],
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> GateReport:
+        """Inverse of :meth:`to_dict` (the ``failed`` list is derived, so it is not read)."""
+        gates = tuple(
+            GateResult(
+                name=str(g["name"]),
+                passed=bool(g["passed"]),
+                value=float(g["value"]),
+                threshold=float(g["threshold"]),
+                message=str(g["message"]),
+            )
+            for g in d["gates"]
+        )
+        return cls(passed=bool(d["passed"]), gates=gates)
+
+    def summary_text(self) -> str:
+        """One line per gate, failed ones marked ``FAIL``, e.g. for logs and the CLI."""
+        return "\n".join(f"{'ok  ' if g.passed else 'FAIL'}  {g.name}: {g.message}" for g in self.gates)
+
+
+def check_gates(metrics: dict[str, Any], *, min_accuracy: float, min_class_recall: float) -> GateReport:
+    """Gate a model on overall accuracy and on the recall of every class.
+
+    metrics: a :func:`compute_metrics` dict (or ``evaluation.json`` read back). A class with
+    no test images fails its gate: a gate must never pass because nothing was measured.
+    """
+    for name, threshold in (("min_accuracy", min_accuracy), ("min_class_recall", min_class_recall)):
+        if not 0.0 <= threshold <= 1.0:
+            raise ConfigError(f"gates.{name} must be within [0, 1], got {threshold}; fix params.yaml")
+    gates = [_gate(ACCURACY_GATE, "accuracy", float(metrics["accuracy"]), min_accuracy)]
+    for row in metrics["per_class"]:
+        gates.append(_class_recall_gate(row, min_class_recall))
+    report = GateReport(passed=all(g.passed for g in gates), gates=tuple(gates))
+    if not report.passed:
+        logger.warning("gates failed: %s", ", ".join(g.name for g in report.failed()))
+    return report
+
+
+def _class_recall_gate(row: dict[str, Any], threshold: float) -> GateResult:
+    """Recall gate of one class; row: one ``per_class`` entry."""
+    cls = str(row["class"])
+    name = f"{CLASS_RECALL_GATE}[{cls}]"
+    if int(row["support"]) == 0:
+        message = (
+            f"no test images for class '{cls}': its recall cannot be checked against "
+            f"{threshold:.2f}; add test images of this class or drop it from the label set"
+        )
+        return GateResult(name=name, passed=False, value=0.0, threshold=threshold, message=message)
+    return _gate(name, f"recall of '{cls}'", float(row["recall"]), threshold)
+
+
+def _gate(name: str, what: str, value: float, threshold: float) -> GateResult:
+    passed = value >= threshold - _GATE_EPS
+    v, t = _format_pair(value, threshold)
+    message = f"{what} {v} {'>=' if passed else '<'} {t}"
+    return GateResult(name=name, passed=passed, value=value, threshold=threshold, message=message)
+
+
+def _format_pair(value: float, threshold: float) -> tuple[str, str]:
+    """Two decimals, or more where two would print a failing 0.598 as '0.60 < 0.60'."""
+    for digits in range(2, 7):
+        v, t = f"{value:.{digits}f}", f"{threshold:.{digits}f}"
+        if v != t or math.isclose(value, threshold, abs_tol=_GATE_EPS):
+            return v, t
+    return f"{value:.6g}", f"{threshold:.6g}"
+
+
+# --------------------------------------------------------------------------- outputs
+
+
+def slug(name: str) -> str:
+    """Metric-name-safe form of a class name: lower-case, every non-[a-z0-9] char -> ``_``."""
+    return re.sub(r"[^a-z0-9]", "_", name.lower())
+
+
+def flat_metrics(metrics: dict[str, Any]) -> dict[str, float]:
+    """Scalars only, for MLflow and DVC: overall metrics plus ``recall_<slug>``/``f1_<slug>``.
+
+    Class names that slug to the same string (``"a b"``, ``"a-b"``) get ``_<index>`` appended
+    so no metric silently overwrites another.
+    """
+    flat = {key: float(metrics[key]) for key in _SCALAR_KEYS}
+    flat.update({key: float(v) for key, v in metrics.items() if re.fullmatch(r"top\d+_accuracy", key)})
+    flat["n"] = float(metrics["n"])
+    seen: set[str] = set()
+    for row in metrics["per_class"]:
+        s = slug(str(row["class"])) or "class"
+        if s in seen:
+            s = f"{s}_{row['index']}"
+        seen.add(s)
+        flat[f"recall_{s}"] = float(row["recall"])
+        flat[f"f1_{s}"] = float(row["f1"])
+    return flat
+
+
+def write_evaluation(metrics: dict[str, Any], gates: GateReport, out_dir: Path) -> dict[str, Path]:
+    """Write the evaluation's five files into ``out_dir`` (created); return their paths by kind.
+
+    Keys: ``metrics``, ``evaluation``, ``per_class``, ``gates``, ``confusion_matrix``.
+    """
+    from components.plots import plot_confusion_matrix  # matplotlib only when plotting
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {
+        "metrics": _write_json(flat_metrics(metrics), out_dir / "metrics.json"),
+        "evaluation": _write_json(metrics, out_dir / "evaluation.json"),
+        "per_class": _write_per_class_csv(metrics["per_class"], out_dir / "per_class.csv"),
+        "gates": _write_json(gates.to_dict(), out_dir / "gates.json"),
+        "confusion_matrix": plot_confusion_matrix(
+            np.asarray(metrics["confusion_matrix"]),
+            [row["class"] for row in metrics["per_class"]],
+            out_dir / "confusion_matrix.png",
+            normalize=True,
+        ),
+    }
+    logger.info("wrote evaluation to %s (gates %s)", out_dir, "passed" if gates.passed else "FAILED")
+    return paths
+
+
+def _write_json(obj: Any, path: Path) -> Path:
+    # allow_nan=False: NaN/Infinity are not JSON and would break `dvc metrics show`.
+    path.write_text(json.dumps(obj, indent=2, allow_nan=False) + "\n", encoding="utf-8")
+    return path
+
+
+def _write_per_class_csv(per_class: Sequence[dict[str, Any]], path: Path) -> Path:
+    columns = ("class", "precision", "recall", "f1", "support")
+    with path.open("w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(per_class)
+    return path

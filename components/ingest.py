@@ -1,0 +1,417 @@
+"""Versioned ingestion: source -> content-addressed store + manifest + quarantine.
+
+``ingest`` reads every item a source lists, keeps each usable, correctly labelled image exactly
+once (byte-identical copies collapse to one row, so one image can never sit in two splits), stores
+its original bytes under ``store/<sha[:2]>/<sha256>.<ext>``, assigns stratified splits and writes
+``manifest.parquet``, ``quarantine.csv`` (every item not kept, with the reason) and
+``dataset.json`` under the data directory. Same inputs and options give a byte-identical manifest,
+hence the same :func:`components.manifest.data_version`.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import logging
+import os
+import threading
+import warnings
+from collections import Counter, defaultdict
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from PIL import Image
+
+from components.errors import ConfigError, DataError
+from components.manifest import (
+    QUARANTINE_COLUMNS,
+    SPLITS,
+    DataPaths,
+    DatasetInfo,
+    data_version,
+    write_manifest,
+)
+from components.sources import ImageInfo, SourceItem, SourceListing, inspect_image, list_source
+from components.splits import assign_splits
+
+logger = logging.getLogger(__name__)
+
+_CHUNK = 512  # items per thread-pool batch (and per progress-bar step)
+
+
+@dataclass(frozen=True)
+class IngestSummary:
+    """What one ingestion did. ``seen == ingested + quarantined`` always."""
+
+    source: str
+    seen: int
+    ingested: int
+    quarantined: int
+    reasons: dict[str, int]
+    """short reason key (``undecodable``, ``duplicate``, ``unknown_label``, ...) -> count."""
+    classes: tuple[str, ...]
+    counts: dict[str, dict[str, int]]
+    """split -> class -> number of images (every split and class present, zeros included)."""
+    data_version: str
+    manifest: str
+    quarantine: str
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["classes"] = list(self.classes)
+        return out
+
+
+@dataclass(frozen=True)
+class _Candidate:
+    """A usable image with a known label, before deduplication and split assignment."""
+
+    image_id: str
+    path: str
+    label: str
+    labels: tuple[str, ...]
+    info: ImageInfo
+    size: int
+    source_path: str
+    official_split: str | None
+
+
+@dataclass(frozen=True)
+class _Rejected:
+    """An item that goes to the quarantine, with a short key and a human reason."""
+
+    source_path: str
+    label: str
+    key: str
+    reason: str
+    image_id: str = ""
+
+
+class _Quarantine:
+    """Rows for ``quarantine.csv`` plus counts per reason key."""
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+        self.rows: list[dict[str, str]] = []
+        self.reasons: Counter[str] = Counter()
+
+    def add(self, r: _Rejected) -> None:
+        row = {"source": self.source, "source_path": r.source_path, "label": r.label}
+        self.rows.append({**row, "reason": r.reason, "image_id": r.image_id})
+        self.reasons[r.key] += 1
+
+
+# --------------------------------------------------------------------------------------------
+# Store
+
+
+class ContentStore:
+    """``<data dir>/store/<sha[:2]>/<sha256>.<ext>``; an existing file is never rewritten."""
+
+    def __init__(self, paths: DataPaths) -> None:
+        self.paths = paths
+        self._dirs: set[Path] = set()
+
+    def put(self, image_id: str, ext: str, data: bytes) -> str:
+        """Store ``data`` (atomically: tmp + rename); returns its path relative to the data dir."""
+        dest = self.paths.store / image_id[:2] / f"{image_id}.{ext}"
+        if dest.parent not in self._dirs:
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            self._dirs.add(dest.parent)
+        if not dest.exists():
+            # unique per process and thread: two writers of the same new file never share a tmp
+            tmp = dest.with_name(f".{dest.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+            tmp.write_bytes(data)
+            os.replace(tmp, dest)
+        return dest.relative_to(self.paths.root).as_posix()
+
+
+# --------------------------------------------------------------------------------------------
+# Pass 1: read, hash, label check, decode, store
+
+
+def _read(item: SourceItem) -> bytes | _Rejected:
+    try:
+        return item.read()
+    except FileNotFoundError:
+        return _Rejected(item.source_path, item.label, "not_found", "file not found")
+    except OSError as e:
+        return _Rejected(item.source_path, item.label, "unreadable", f"cannot read the file: {e}")
+
+
+def _examine(
+    item: SourceItem, *, declared: frozenset[str] | None, max_pixels: int, store: ContentStore
+) -> _Candidate | _Rejected:
+    """One item -> a stored candidate, or why it is quarantined. Thread-safe."""
+    if item.problem is not None:
+        return _Rejected(item.source_path, item.label, item.problem.key, item.problem.reason)
+    data = _read(item)
+    if isinstance(data, _Rejected):
+        return data
+    image_id = hashlib.sha256(data).hexdigest()
+    unknown = [lab for lab in item.labels if declared is not None and lab not in declared]
+    if unknown:
+        reason = f"unknown label {unknown[0]!r}: not in the declared classes (ingest.classes)"
+        return _Rejected(item.source_path, item.label, "unknown_label", reason, image_id)
+    info = inspect_image(data, max_pixels=max_pixels)
+    if not isinstance(info, ImageInfo):
+        return _Rejected(item.source_path, item.label, info.key, info.reason, image_id)
+    path = store.put(image_id, info.format or "bin", data)
+    return _Candidate(
+        image_id, path, item.label, item.labels, info, len(data), item.source_path, item.official_split
+    )
+
+
+@contextmanager
+def _progress_bar(total: int, *, enabled: bool, description: str) -> Iterator[Callable[[int], None]]:
+    """Yields ``advance(n)``; a rich progress bar when enabled, else a no-op."""
+    if not enabled:
+        yield lambda n: None
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    with Progress(*columns) as bar:
+        task = bar.add_task(description, total=total)
+        yield lambda n: bar.advance(task, n)
+
+
+def _examine_all(
+    listing: SourceListing,
+    *,
+    declared: frozenset[str] | None,
+    max_pixels: int,
+    store: ContentStore,
+    quarantine: _Quarantine,
+    progress: bool,
+    workers: int,
+) -> list[_Candidate]:
+    """Examine every item (decoding, hashing and writing overlap in ``workers`` threads: zlib,
+    PIL decoders and file I/O release the GIL); results are collected in listing order."""
+    candidates = []
+    items = listing.items
+
+    def examine(item: SourceItem) -> _Candidate | _Rejected:
+        return _examine(item, declared=declared, max_pixels=max_pixels, store=store)
+
+    with (
+        warnings.catch_warnings(),  # set here, in the calling thread: catch_warnings is not thread-safe
+        _progress_bar(len(items), enabled=progress, description=f"ingest {listing.spec}") as advance,
+        ThreadPoolExecutor(max_workers=workers) as pool,
+    ):
+        # a bomb is quarantined as too_many_pixels; PIL's warning about it is noise here
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        for start in range(0, len(items), _CHUNK):
+            for outcome in pool.map(examine, items[start : start + _CHUNK]):
+                if isinstance(outcome, _Rejected):
+                    quarantine.add(outcome)
+                else:
+                    candidates.append(outcome)
+            advance(min(_CHUNK, len(items) - start))
+    return candidates
+
+
+# --------------------------------------------------------------------------------------------
+# Pass 2: byte-identical copies
+
+
+def deduplicate(candidates: Sequence[_Candidate], quarantine: _Quarantine) -> list[_Candidate]:
+    """Keep one candidate per image_id (the first listed); quarantine the rest.
+
+    Copies with the same labels are ``duplicate``s of the kept one; copies whose labels disagree
+    are all quarantined as ``conflicting_labels`` (we cannot tell which label is right).
+    """
+    groups: dict[str, list[_Candidate]] = defaultdict(list)
+    for cand in candidates:
+        groups[cand.image_id].append(cand)
+    kept = []
+    for image_id, group in groups.items():
+        if len({frozenset(c.labels) for c in group}) > 1:
+            where = "; ".join(f"{c.source_path} ({'|'.join(c.labels)})" for c in group)
+            reason = f"conflicting labels: byte-identical copies are labelled differently: {where}"
+            for c in group:
+                quarantine.add(_Rejected(c.source_path, c.label, "conflicting_labels", reason, image_id))
+            continue
+        first = group[0]
+        kept.append(first)
+        for c in group[1:]:
+            reason = f"duplicate: byte-identical to kept image {image_id} ({first.source_path})"
+            quarantine.add(_Rejected(c.source_path, c.label, "duplicate", reason, image_id))
+    return kept
+
+
+# --------------------------------------------------------------------------------------------
+# Splits, tables, files
+
+
+def _splits_for(
+    kept: Sequence[_Candidate], *, val_fraction: float, test_fraction: float, seed: int
+) -> list[str]:
+    """An official ``test`` split is kept as is and the rest gets train/val only; without one, the
+    rows get train/val/test from :func:`assign_splits`."""
+    has_official_test = any(c.official_split == "test" for c in kept)
+    out = ["test"] * len(kept)
+    rest = [i for i, c in enumerate(kept) if not (has_official_test and c.official_split == "test")]
+    assigned = assign_splits(
+        [kept[i].image_id for i in rest],
+        [kept[i].label for i in rest],
+        val_fraction=val_fraction,
+        test_fraction=0.0 if has_official_test else test_fraction,
+        seed=seed,
+    )
+    for i, split in zip(rest, assigned, strict=True):
+        out[i] = split
+    return out
+
+
+def _manifest_frame(kept: Sequence[_Candidate], splits: Sequence[str], source: str) -> pd.DataFrame:
+    return pd.DataFrame(
+        {
+            "image_id": [c.image_id for c in kept],
+            "path": [c.path for c in kept],
+            "label": [c.label for c in kept],
+            "labels": [list(c.labels) for c in kept],
+            "width": [c.info.width for c in kept],
+            "height": [c.info.height for c in kept],
+            "mode": [c.info.mode for c in kept],
+            "bytes": [c.size for c in kept],
+            "split": list(splits),
+            "source": [source] * len(kept),
+            "source_path": [c.source_path for c in kept],
+        }
+    )
+
+
+def _counts(
+    kept: Sequence[_Candidate], splits: Sequence[str], classes: Sequence[str]
+) -> dict[str, dict[str, int]]:
+    tally = Counter(zip(splits, (c.label for c in kept), strict=True))
+    return {split: {cls: tally[(split, cls)] for cls in classes} for split in SPLITS}
+
+
+def write_quarantine(rows: Sequence[dict[str, str]], path: Path) -> None:
+    """``quarantine.csv`` with the header :data:`QUARANTINE_COLUMNS`, even when empty (atomic)."""
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(QUARANTINE_COLUMNS), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(buf.getvalue(), encoding="utf-8")
+    tmp.replace(path)
+
+
+def _check_options(
+    *, val_fraction: float, test_fraction: float, max_per_class: int | None, max_pixels: int
+) -> None:
+    if not (0 <= val_fraction < 1 and 0 <= test_fraction < 1 and val_fraction + test_fraction < 1):
+        raise ConfigError(
+            f"split.val_fraction={val_fraction} and split.test_fraction={test_fraction}: each must be in "
+            "[0, 1) and their sum < 1 (something must be left to train on)"
+        )
+    if max_per_class is not None and max_per_class < 1:
+        raise ConfigError(f"ingest.max_per_class={max_per_class}: must be >= 1, or null for no limit")
+    if max_pixels < 1:
+        raise ConfigError(f"ingest.max_pixels={max_pixels}: must be >= 1")
+
+
+def ingest(
+    source: str,
+    *,
+    data_dir: Path,
+    classes: Sequence[str] | None = None,
+    val_fraction: float = 0.1,
+    test_fraction: float = 0.1,
+    seed: int = 42,
+    max_per_class: int | None = None,
+    max_pixels: int = 89_478_485,
+    fashion_mnist_dir: Path = Path("/usr/share/datasets/fashion-mnist"),
+    download: bool = True,
+    progress: bool = False,
+) -> IngestSummary:
+    """Ingest ``source`` into ``data_dir``; see the module docstring for what is written.
+
+    ``classes`` declares the class set (in index order); items with another label are
+    quarantined as ``unknown_label``. Without it the classes are the source's own (Fashion-MNIST's
+    10 names, the sorted sub-folder names, or the sorted CSV labels). ``max_per_class`` keeps the
+    first N listed items per class and official split (quick runs). Raises ConfigError for a bad
+    spec or option, DataError when the source cannot be read or yields no usable image (the
+    quarantine is written first, so the reasons can be read).
+    """
+    _check_options(
+        val_fraction=val_fraction,
+        test_fraction=test_fraction,
+        max_per_class=max_per_class,
+        max_pixels=max_pixels,
+    )
+    if classes is not None and len(set(classes)) != len(classes):
+        raise ConfigError(f"ingest.classes lists a class twice: {list(classes)}")
+    paths = DataPaths(Path(data_dir))
+    listing = list_source(
+        source,
+        max_per_class=max_per_class,
+        fashion_mnist_dir=Path(fashion_mnist_dir),
+        download=download,
+        cache_dir=paths.root / ".downloads",
+    )
+    class_names = tuple(classes) if classes is not None else listing.classes
+    declared = frozenset(classes) if classes is not None else None
+    quarantine = _Quarantine(source)
+    store = ContentStore(paths)
+    candidates = _examine_all(
+        listing,
+        declared=declared,
+        max_pixels=max_pixels,
+        store=store,
+        quarantine=quarantine,
+        progress=progress,
+        workers=min(4, os.cpu_count() or 1),
+    )
+    kept = deduplicate(candidates, quarantine)
+    write_quarantine(quarantine.rows, paths.quarantine)
+    if not kept:
+        raise DataError(
+            f"no usable image in {source}: all {len(listing.items)} items were quarantined "
+            f"({dict(quarantine.reasons) or 'the source lists no files'}); see {paths.quarantine}"
+        )
+    splits = _splits_for(kept, val_fraction=val_fraction, test_fraction=test_fraction, seed=seed)
+    write_manifest(_manifest_frame(kept, splits, source), paths.manifest)
+    counts = _counts(kept, splits, class_names)
+    DatasetInfo(classes=class_names, task="singlelabel", source=source, counts=counts).save(paths.dataset)
+    summary = IngestSummary(
+        source=source,
+        seen=len(listing.items),
+        ingested=len(kept),
+        quarantined=len(quarantine.rows),
+        reasons=dict(sorted(quarantine.reasons.items())),
+        classes=class_names,
+        counts=counts,
+        data_version=data_version(paths.manifest),
+        manifest=str(paths.manifest),
+        quarantine=str(paths.quarantine),
+    )
+    _log_summary(summary)
+    return summary
+
+
+def _log_summary(s: IngestSummary) -> None:
+    empty = [c for c in s.classes if not any(s.counts[split][c] for split in SPLITS)]
+    if empty:
+        logger.warning("classes with no ingested image: %s", ", ".join(empty))
+    per_split = ", ".join(f"{split} {sum(s.counts[split].values())}" for split in SPLITS)
+    logger.info(
+        "ingested %d of %d items from %s (%s; %d quarantined%s); data version %s",
+        s.ingested,
+        s.seen,
+        s.source,
+        per_split,
+        s.quarantined,
+        f": {s.reasons}" if s.reasons else "",
+        s.data_version,
+    )

@@ -1,0 +1,119 @@
+"""The manifest: one row per unique image, the dataset's single source of truth.
+
+Columns (parquet, written by :func:`write_manifest`):
+
+============  ===============  ===============================================================
+image_id      string           sha256 of the stored file's bytes (content address)
+path          string           stored file, relative to the data dir (``store/ab/<sha>.png``)
+label         string           primary label (single-label tasks; first label otherwise)
+labels        list<string>     the full label set (``[label]`` for single-label tasks)
+width         int32            pixels
+height        int32            pixels
+mode          string           PIL mode after decoding (``L``, ``RGB``, ...)
+bytes         int64            stored file size
+split         string           ``train`` / ``val`` / ``test``
+source        string           the source spec the row came from (``fashion-mnist``, ...)
+source_path   string           where the image came from (file path, ``idx:train:123``)
+============  ===============  ===============================================================
+
+The data version is the DVC-style md5 of the manifest file (see :func:`data_version`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+MANIFEST_SCHEMA = pa.schema(
+    [
+        ("image_id", pa.string()),
+        ("path", pa.string()),
+        ("label", pa.string()),
+        ("labels", pa.list_(pa.string())),
+        ("width", pa.int32()),
+        ("height", pa.int32()),
+        ("mode", pa.string()),
+        ("bytes", pa.int64()),
+        ("split", pa.string()),
+        ("source", pa.string()),
+        ("source_path", pa.string()),
+    ]
+)
+MANIFEST_COLUMNS: tuple[str, ...] = tuple(MANIFEST_SCHEMA.names)
+SPLITS: tuple[str, ...] = ("train", "val", "test")
+
+QUARANTINE_COLUMNS: tuple[str, ...] = ("source", "source_path", "label", "reason", "image_id")
+
+
+@dataclass(frozen=True)
+class DataPaths:
+    """Where ingestion writes, under one data directory."""
+
+    root: Path
+
+    @property
+    def store(self) -> Path:
+        return self.root / "store"
+
+    @property
+    def manifest(self) -> Path:
+        return self.root / "manifest.parquet"
+
+    @property
+    def quarantine(self) -> Path:
+        return self.root / "quarantine.csv"
+
+    @property
+    def dataset(self) -> Path:
+        """``dataset.json``: class names in index order, task, counts (small, human-readable)."""
+        return self.root / "dataset.json"
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """What training needs to know about the dataset besides the rows."""
+
+    classes: tuple[str, ...]
+    task: str = "singlelabel"
+    source: str = ""
+    counts: dict[str, dict[str, int]] = field(default_factory=dict)
+    """split -> class -> number of images."""
+
+    def save(self, path: Path) -> None:
+        path.write_text(json.dumps(asdict(self), indent=2, sort_keys=True) + "\n")
+
+    @classmethod
+    def load(cls, path: Path) -> DatasetInfo:
+        raw: dict[str, Any] = json.loads(Path(path).read_text())
+        raw["classes"] = tuple(raw["classes"])
+        return cls(**raw)
+
+
+def write_manifest(df: pd.DataFrame, path: Path) -> None:
+    """Write rows sorted by (split, image_id) so the same data gives byte-identical files."""
+    df = df.loc[:, list(MANIFEST_COLUMNS)].sort_values(["split", "image_id"], kind="stable")
+    table = pa.Table.from_pandas(df.reset_index(drop=True), schema=MANIFEST_SCHEMA, preserve_index=False)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    pq.write_table(table, tmp)
+    tmp.replace(path)
+
+
+def read_manifest(path: Path) -> pd.DataFrame:
+    return pq.read_table(path).to_pandas()
+
+
+def data_version(path: Path) -> str:
+    """md5 of a file, as DVC records it in ``dvc.lock`` for a file output."""
+    h = hashlib.md5()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()

@@ -1,0 +1,121 @@
+"""PNG plots of an evaluation (confusion matrix) and of a training run (loss/accuracy curves).
+
+Figures are drawn with matplotlib's object API on an Agg canvas, never through ``pyplot``:
+no global backend switch, no figure registry to leak, safe in Ray workers, Prefect threads and
+on machines without a display.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+logger = logging.getLogger(__name__)
+
+_DPI = 100
+# Above this many classes the per-cell count labels become unreadable; the colours still speak.
+_MAX_ANNOTATED_CLASSES = 30
+
+
+def plot_confusion_matrix(
+    cm: np.ndarray, classes: Sequence[str], path: Path, *, normalize: bool = True
+) -> Path:
+    """Draw a confusion matrix as a heat map and save it as PNG at ``path``.
+
+    cm: (K, K) counts, rows = true class, columns = predicted class; classes: the K names.
+    normalize: colour each cell by its share of the true class's row (recall on the diagonal),
+    so rare classes are as visible as common ones; cells are annotated with raw counts.
+    """
+    counts = np.asarray(cm)
+    n_classes = len(classes)
+    if counts.shape != (n_classes, n_classes):
+        raise ValueError(f"cm must have shape (K, K) = ({n_classes}, {n_classes}), got {counts.shape}")
+    shown = _row_normalise(counts) if normalize else counts.astype(np.float64)
+
+    side = max(4.0, 0.55 * n_classes + 2.5)
+    fig = Figure(figsize=(side + 1.0, side), dpi=_DPI)
+    ax = fig.add_subplot()
+    image = ax.imshow(shown, cmap="Blues", vmin=0.0, vmax=1.0 if normalize else None)
+    fig.colorbar(
+        image, ax=ax, fraction=0.046, pad=0.04, label="fraction of true class" if normalize else "count"
+    )
+    ticks = np.arange(n_classes)
+    ax.set_xticks(ticks, labels=[str(c) for c in classes], rotation=45, ha="right", rotation_mode="anchor")
+    ax.set_yticks(ticks, labels=[str(c) for c in classes])
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title("confusion matrix" + (" (row-normalised, counts shown)" if normalize else ""))
+    if n_classes <= _MAX_ANNOTATED_CLASSES:
+        _annotate(ax, counts, shown)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def _row_normalise(counts: np.ndarray) -> np.ndarray:
+    """(K, K) counts -> row fractions; an empty row (class absent from the test set) stays 0."""
+    rows = counts.sum(axis=1, keepdims=True).astype(np.float64)
+    return np.divide(counts, rows, out=np.zeros(counts.shape, dtype=np.float64), where=rows > 0)
+
+
+def _annotate(ax: Any, counts: np.ndarray, shown: np.ndarray) -> None:
+    """Write each cell's count, white on dark cells so it stays legible."""
+    threshold = (float(shown.max()) or 1.0) / 2
+    fontsize = 9 if counts.shape[0] <= 12 else 7
+    for (i, j), count in np.ndenumerate(counts):
+        colour = "white" if shown[i, j] > threshold else "black"
+        ax.text(j, i, str(int(count)), ha="center", va="center", color=colour, fontsize=fontsize)
+
+
+def plot_training_curves(history: Sequence[dict[str, Any]], path: Path) -> Path:
+    """Plot train/val loss and val accuracy against epoch; save as PNG at ``path``.
+
+    history: one dict per epoch with ``epoch``, ``train_loss``, ``val_loss``, ``val_accuracy``
+    (other keys ignored; a missing or None value leaves a gap rather than failing the run).
+    """
+    if not history:
+        raise ValueError("history is empty: there is no epoch to plot")
+    epochs = [float(row.get("epoch", i + 1)) for i, row in enumerate(history)]
+
+    fig = Figure(figsize=(10.0, 4.0), dpi=_DPI)
+    loss_ax, acc_ax = fig.subplots(1, 2)
+    for key, label in (("train_loss", "train"), ("val_loss", "val")):
+        _plot_series(loss_ax, epochs, _series(history, key), label=label)
+    loss_ax.set_title("loss")
+    loss_ax.set_ylabel("loss")
+    _plot_series(acc_ax, epochs, _series(history, "val_accuracy"), label="val")
+    acc_ax.set_title("validation accuracy")
+    acc_ax.set_ylabel("accuracy")
+    for ax in (loss_ax, acc_ax):
+        ax.set_xlabel("epoch")
+        ax.grid(True, alpha=0.3)
+        if ax.has_data():
+            ax.legend()
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def _series(history: Sequence[dict[str, Any]], key: str) -> list[float]:
+    """One value per epoch, NaN where the epoch did not record ``key``."""
+    values = [row.get(key) for row in history]
+    return [math.nan if v is None else float(v) for v in values]
+
+
+def _plot_series(ax: Any, epochs: list[float], values: list[float], *, label: str) -> None:
+    if all(math.isnan(v) for v in values):
+        return
+    ax.plot(epochs, values, marker="o", markersize=3, label=label)
+
+
+def _save(fig: Figure, path: Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    FigureCanvasAgg(fig).print_png(path)
+    logger.debug("saved plot %s", path)
+    return path

@@ -1,0 +1,370 @@
+"""Ray adapter: every Ray call in imgflow lives here.
+
+Training always goes through Ray Train's ``TorchTrainer`` — on this laptop a local Ray runtime
+bound to 127.0.0.1, on a cluster the one ``RAY_ADDRESS`` names — so the same code path runs
+everywhere. The per-worker loop is thin: it builds the model and loaders and calls the plain
+PyTorch steps in :mod:`components.engine`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import queue as queue_mod
+import shutil
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from components.checkpoint import ModelSpec, save_classifier
+from components.data import dataset_for_split
+from components.engine import eval_sums, seed_everything, set_deterministic, train_one_epoch, worker_init_fn
+from components.errors import ConfigError
+from components.manifest import read_manifest
+from components.models import create_classifier, create_image_transform, image_mode, resolve_data_config
+
+logger = logging.getLogger(__name__)
+
+STATE_FILE = "train_state.pt"
+HISTORY_FILE = "history.json"
+MODEL_SUBDIR = "model"
+
+
+# --------------------------------------------------------------------------- runtime
+
+
+def init_ray(*, address: str | None = None, num_cpus: int | None = None) -> bool:
+    """Connect to ``address`` (or ``$RAY_ADDRESS``), else start a local runtime on 127.0.0.1.
+
+    Returns True when this call started the runtime (the caller then owns its shutdown).
+    """
+    # Read by Ray at import time: a single-node runtime then binds loopback, never the machine's
+    # external interface. Entry points set it too, before anything imports ray.
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    import ray
+
+    if ray.is_initialized():
+        return False
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    if address:
+        logger.info("connecting to the Ray cluster at %s", address)
+        ray.init(address=address, log_to_driver=True)
+        return True
+    ray.init(
+        num_cpus=num_cpus or os.cpu_count() or 1,
+        _node_ip_address="127.0.0.1",
+        dashboard_host="127.0.0.1",
+        include_dashboard=None,
+        log_to_driver=True,
+    )
+    return True
+
+
+def shutdown_ray() -> None:
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+
+
+def cluster_has_gpus() -> bool:
+    import ray
+
+    return float(ray.cluster_resources().get("GPU", 0)) > 0
+
+
+def _check_resources(workers: int, cpus_per_worker: int, use_gpu: bool) -> None:
+    import ray
+
+    have_cpu = float(ray.cluster_resources().get("CPU", 0))
+    need_cpu = workers * cpus_per_worker
+    if need_cpu > have_cpu:
+        raise ConfigError(
+            f"train.workers ({workers}) x train.cpus_per_worker ({cpus_per_worker}) = {need_cpu} CPUs, "
+            f"but the Ray cluster has {have_cpu:g}: lower them or add nodes"
+        )
+    if use_gpu and float(ray.cluster_resources().get("GPU", 0)) < workers:
+        raise ConfigError(f"train.use_gpu is on but the Ray cluster has fewer than {workers} GPUs")
+
+
+# --------------------------------------------------------------------------- per-worker loop
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    inner = getattr(model, "module", model)  # DistributedDataParallel wraps the model
+    return inner if isinstance(inner, nn.Module) else model
+
+
+def _allreduce(values: dict[str, float], device: torch.device) -> dict[str, float]:
+    """Sum scalar counters over all workers (no-op with one worker)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return values
+    keys = sorted(values)
+    t = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=device)
+    torch.distributed.all_reduce(t)
+    return dict(zip(keys, t.tolist(), strict=True))
+
+
+def _build_loaders(config: dict[str, Any], data_config: dict[str, Any]) -> tuple[DataLoader, DataLoader]:
+    manifest = read_manifest(Path(config["manifest"]))
+    common = {
+        "data_dir": Path(config["data_dir"]),
+        "classes": config["classes"],
+        "mode": image_mode(config["in_chans"]),
+    }
+    train_tf = create_image_transform(
+        data_config, is_training=True, hflip=config["hflip"], scale=tuple(config["scale"])
+    )
+    eval_tf = create_image_transform(data_config, is_training=False)
+    train_ds = dataset_for_split(manifest, "train", transform=train_tf, **common)
+    val_ds = dataset_for_split(manifest, "val", transform=eval_tf, **common)
+    g = torch.Generator().manual_seed(config["seed"])
+    loader_kw = {
+        "num_workers": config["loader_workers"],
+        "worker_init_fn": worker_init_fn,
+        "pin_memory": config["use_gpu"],
+    }
+    train_loader = DataLoader(
+        train_ds, batch_size=config["batch_size"], shuffle=True, generator=g, **loader_kw
+    )
+    val_loader = DataLoader(val_ds, batch_size=config["eval_batch_size"], shuffle=False, **loader_kw)
+    return train_loader, val_loader
+
+
+def _make_optimizer(model: nn.Module, config: dict[str, Any], steps_per_epoch: int) -> tuple[Any, Any]:
+    from timm.optim import create_optimizer_v2
+    from timm.scheduler import CosineLRScheduler
+
+    opt_kw: dict[str, Any] = {"momentum": 0.9} if config["optimizer"] == "sgd" else {}
+    optimizer = create_optimizer_v2(
+        model, opt=config["optimizer"], lr=config["lr"], weight_decay=config["weight_decay"], **opt_kw
+    )
+    total = max(1, config["epochs"] * steps_per_epoch)
+    scheduler = CosineLRScheduler(
+        optimizer,
+        t_initial=total,
+        lr_min=config["lr"] * 1e-2,
+        warmup_t=config["warmup_epochs"] * steps_per_epoch,
+        warmup_lr_init=config["lr"] * 1e-2,
+        t_in_epochs=False,
+    )
+    return optimizer, scheduler
+
+
+def _save_state(
+    out: Path,
+    model: nn.Module,
+    optimizer: Any,
+    scheduler: Any,
+    epoch: int,
+    history: list[dict],
+    spec: ModelSpec,
+) -> None:
+    state = {"model": _unwrap(model).state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch}
+    state["scheduler"] = scheduler.state_dict()
+    torch.save(state, out / STATE_FILE)
+    (out / HISTORY_FILE).write_text(json.dumps(history, indent=2))
+    save_classifier(_unwrap(model).state_dict(), spec, out / MODEL_SUBDIR)
+
+
+def _restore_state(model: nn.Module, optimizer: Any, scheduler: Any) -> tuple[int, list[dict]]:
+    """Resume from Ray's latest checkpoint if there is one: returns (next epoch, history so far)."""
+    import ray.train
+
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is None:
+        return 0, []
+    with ckpt.as_directory() as d:
+        state = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=True)
+        history = json.loads((Path(d) / HISTORY_FILE).read_text())
+    _unwrap(model).load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    return int(state["epoch"]) + 1, history
+
+
+def _epoch_metrics(
+    epoch: int, tr: dict[str, float], va: dict[str, float], lr: float, seconds: float
+) -> dict[str, Any]:
+    n_tr, n_va = max(tr["count"], 1.0), max(va["count"], 1.0)
+    return {
+        "epoch": epoch,
+        "train_loss": tr["loss_sum"] / n_tr,
+        "train_accuracy": tr["correct"] / n_tr,
+        "val_loss": va["loss_sum"] / n_va,
+        "val_accuracy": va["correct"] / n_va,
+        "lr": lr,
+        "epoch_seconds": seconds,
+        "train_images_per_s": tr["count"] / max(seconds, 1e-9),
+    }
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """Runs on every Ray Train worker: the data-parallel training loop."""
+    import ray.train
+    import ray.train.torch
+
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(config["threads"])
+    set_deterministic(config["deterministic"])
+    seed_everything(config["seed"])  # identical init on every rank (DDP also broadcasts rank 0's)
+    model = create_classifier(
+        config["model"], len(config["classes"]), in_chans=config["in_chans"], pretrained=config["pretrained"]
+    )
+    data_config = resolve_data_config(model, input_size=config["input_size"])
+    spec = ModelSpec(
+        model=config["model"],
+        classes=tuple(config["classes"]),
+        in_chans=config["in_chans"],
+        data_config=data_config,
+    )
+    seed_everything(config["seed"], rank)
+    train_loader, val_loader = _build_loaders(config, data_config)
+    train_loader = ray.train.torch.prepare_data_loader(train_loader)
+    val_loader = ray.train.torch.prepare_data_loader(val_loader)
+    model = ray.train.torch.prepare_model(model)
+    device = ray.train.torch.get_device()
+    optimizer, scheduler = _make_optimizer(model, config, len(train_loader))
+    start_epoch, history = _restore_state(model, optimizer, scheduler)
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=config["label_smoothing"])
+    eval_loss = nn.CrossEntropyLoss()
+    progress = config.get("progress_queue") if rank == 0 else None
+    n_batches = len(train_loader)
+    every = max(1, n_batches // 50)
+
+    for epoch in range(start_epoch, config["epochs"]):
+        if world > 1 and hasattr(train_loader, "sampler") and hasattr(train_loader.sampler, "set_epoch"):
+            train_loader.sampler.set_epoch(epoch)
+
+        def on_batch(i: int, loss: float, _epoch: int = epoch) -> None:
+            if progress is not None and (i % every == 0 or i == n_batches - 1):
+                progress.put_nowait(
+                    {"type": "batch", "epoch": _epoch, "batch": i + 1, "total": n_batches, "loss": loss}
+                )
+
+        t0 = time.perf_counter()
+        tr = train_one_epoch(
+            model, train_loader, optimizer, loss_fn, device=device, scheduler=scheduler,
+            start_step=epoch * n_batches, on_batch=on_batch,
+        )  # fmt: skip
+        seconds = time.perf_counter() - t0
+        va = eval_sums(model, val_loader, eval_loss, device=device)
+        tr = _allreduce({k: tr[k] for k in ("loss_sum", "correct", "count")}, device)
+        va = _allreduce(va, device)
+        metrics = _epoch_metrics(epoch, tr, va, optimizer.param_groups[0]["lr"], seconds)
+        history.append(metrics)
+        if progress is not None:
+            progress.put_nowait({"type": "epoch", **metrics})
+        with tempfile.TemporaryDirectory() as tmp:
+            checkpoint = None
+            if rank == 0:
+                _save_state(Path(tmp), model, optimizer, scheduler, epoch, history, spec)
+                checkpoint = ray.train.Checkpoint.from_directory(tmp)
+            ray.train.report(metrics, checkpoint=checkpoint)
+
+
+# --------------------------------------------------------------------------- driver
+
+
+@dataclass(frozen=True)
+class FitResult:
+    model_dir: Path
+    history: list[dict[str, Any]]
+    run_path: str
+    seconds: float
+
+
+def _render_progress(events: Any, done: threading.Event, epochs: int, show: bool) -> None:
+    """Drain the workers' progress queue into a rich display until ``done`` is set."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
+    with Progress(*columns, disable=not show, transient=False) as bar:
+        ep_task = bar.add_task("epochs", total=epochs)
+        batch_task = bar.add_task("batches", total=None)
+        while True:
+            try:
+                ev = events.get(block=True, timeout=0.5)
+            except (queue_mod.Empty, Exception):
+                if done.is_set() and events.empty():
+                    return
+                continue
+            if ev["type"] == "batch":
+                bar.update(batch_task, completed=ev["batch"], total=ev["total"],
+                           description=f"epoch {ev['epoch'] + 1} loss {ev['loss']:.3f}")  # fmt: skip
+            else:
+                bar.update(ep_task, completed=ev["epoch"] + 1)
+                bar.console.log(
+                    f"epoch {ev['epoch'] + 1}/{epochs}: train_loss {ev['train_loss']:.4f} "
+                    f"val_loss {ev['val_loss']:.4f} val_acc {ev['val_accuracy']:.4f} ({ev['epoch_seconds']:.1f}s)"
+                )
+
+
+def fit(
+    loop_config: dict[str, Any],
+    *,
+    workers: int,
+    cpus_per_worker: int,
+    use_gpu: bool | None,
+    storage_path: Path,
+    run_name: str,
+    out_dir: Path,
+    max_failures: int = 0,
+    show_progress: bool = True,
+) -> FitResult:
+    """Run ``train_loop_per_worker`` on a TorchTrainer; copy the final model into ``out_dir``.
+
+    ``use_gpu=None`` means auto: GPUs when the cluster has them. Re-running with the same
+    ``run_name`` and ``storage_path`` resumes from the latest checkpoint.
+    """
+    import ray.train
+    from ray.train.torch import TorchTrainer
+    from ray.util.queue import Queue
+
+    gpu = cluster_has_gpus() if use_gpu is None else use_gpu
+    _check_resources(workers, cpus_per_worker, gpu)
+    events = Queue(actor_options={"num_cpus": 0})
+    config = dict(loop_config, use_gpu=gpu, threads=cpus_per_worker, progress_queue=events)
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=config,
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=workers, use_gpu=gpu, resources_per_worker={"CPU": cpus_per_worker}
+        ),
+        run_config=ray.train.RunConfig(
+            name=run_name,
+            storage_path=str(storage_path.resolve()),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+            failure_config=ray.train.FailureConfig(max_failures=max_failures),
+        ),
+    )
+    done = threading.Event()
+    renderer = threading.Thread(
+        target=_render_progress, args=(events, done, loop_config["epochs"], show_progress), daemon=True
+    )
+    renderer.start()
+    t0 = time.perf_counter()
+    try:
+        result = trainer.fit()
+    finally:
+        done.set()
+        renderer.join(timeout=10)
+    seconds = time.perf_counter() - t0
+    if result.checkpoint is None:
+        raise RuntimeError(f"Ray Train finished without a checkpoint (error: {result.error})")
+    with result.checkpoint.as_directory() as d:
+        history = json.loads((Path(d) / HISTORY_FILE).read_text())
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        shutil.copytree(Path(d) / MODEL_SUBDIR, out_dir)
+    return FitResult(model_dir=out_dir, history=history, run_path=str(result.path), seconds=seconds)

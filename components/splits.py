@@ -1,0 +1,83 @@
+"""Deterministic, stratified, order-independent train/val/test assignment."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections import defaultdict
+from collections.abc import Sequence
+from fractions import Fraction
+
+SPLIT_NAMES: tuple[str, str, str] = ("train", "val", "test")
+
+
+def split_quotas(n: int, *, val_fraction: float, test_fraction: float) -> tuple[int, int, int]:
+    """(train, val, test) counts for one class of ``n`` images.
+
+    Largest-remainder rounding of ``n * fraction`` (ties go to train, then val, then test). When
+    ``n >= 3`` a split with a fraction > 0 gets at least one image, and train always keeps one.
+    """
+    # Fraction(str(x)) is the decimal the user wrote (0.1 -> 1/10), so 0.1 * 30 is exactly 3.
+    fracs = (
+        1 - Fraction(str(val_fraction)) - Fraction(str(test_fraction)),
+        Fraction(str(val_fraction)),
+        Fraction(str(test_fraction)),
+    )
+    ideal = [n * f for f in fracs]
+    quota = [math.floor(x) for x in ideal]
+    by_remainder = sorted(range(3), key=lambda i: (-(ideal[i] - quota[i]), i))
+    for i in by_remainder[: n - sum(quota)]:
+        quota[i] += 1
+    if n >= 3:
+        for i in (1, 2):
+            if fracs[i] > 0 and quota[i] == 0:
+                donor = max(range(3), key=lambda j: (quota[j], -j))
+                quota[donor] -= 1
+                quota[i] += 1
+    if n >= 1 and quota[0] == 0:
+        donor = max((1, 2), key=lambda j: quota[j])
+        quota[donor] -= 1
+        quota[0] += 1
+    return quota[0], quota[1], quota[2]
+
+
+def _order_key(seed: int, image_id: str) -> str:
+    return hashlib.sha256(f"{seed}:{image_id}".encode()).hexdigest()
+
+
+def assign_splits(
+    image_ids: Sequence[str],
+    labels: Sequence[str],
+    *,
+    val_fraction: float,
+    test_fraction: float,
+    seed: int,
+) -> list[str]:
+    """'train'/'val'/'test' per row, aligned with ``image_ids``.
+
+    Stratified per label with exact per-class quotas (:func:`split_quotas`). Within a class,
+    images are ordered by ``sha256(f"{seed}:{image_id}")``; the first ``test`` go to test, the
+    next ``val`` to val, the rest to train. The result depends only on the (image_id, label)
+    pairs and the seed, never on input order. ``image_ids`` must be unique.
+    """
+    if len(image_ids) != len(labels):
+        raise ValueError(f"{len(image_ids)} image_ids but {len(labels)} labels")
+    if len(set(image_ids)) != len(image_ids):
+        raise ValueError("image_ids must be unique (deduplicate byte-identical images first)")
+    if not (0 <= val_fraction < 1 and 0 <= test_fraction < 1 and val_fraction + test_fraction < 1):
+        raise ValueError(
+            f"val_fraction={val_fraction}, test_fraction={test_fraction}: each must be in [0, 1) "
+            "and their sum < 1"
+        )
+    by_class: dict[str, list[int]] = defaultdict(list)
+    for row, label in enumerate(labels):
+        by_class[label].append(row)
+    out = ["train"] * len(image_ids)
+    for rows in by_class.values():
+        rows.sort(key=lambda r: _order_key(seed, image_ids[r]))
+        _, n_val, n_test = split_quotas(len(rows), val_fraction=val_fraction, test_fraction=test_fraction)
+        for r in rows[:n_test]:
+            out[r] = "test"
+        for r in rows[n_test : n_test + n_val]:
+            out[r] = "val"
+    return out

@@ -1,0 +1,298 @@
+"""MLflow adapter: every MLflow call in imgflow lives here.
+
+Runs, metrics and artifacts; the registered pyfunc model (raw image bytes in, labels and
+probabilities out); registry versions, tags and aliases.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import logging
+import os
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any, TypeVar
+
+import mlflow
+import pandas as pd
+from mlflow import MlflowClient
+from mlflow.entities import Metric, Param
+from mlflow.exceptions import MlflowException
+from mlflow.pyfunc import PythonModel
+
+from components.errors import DataError, TrackingError
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+CHAMPION, CHALLENGER = "champion", "challenger"
+IMAGE_COLUMN = "image"
+
+
+# --------------------------------------------------------------------------- connection
+
+
+def resolve_tracking_uri(tracking_uri: str | None, *, state_dir: Path) -> str:
+    """Explicit URI, else ``$MLFLOW_TRACKING_URI``, else a sqlite store under ``state_dir``."""
+    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if uri:
+        return uri
+    state_dir.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{(state_dir / 'mlflow.db').resolve()}"
+
+
+def configure(tracking_uri: str | None, *, state_dir: Path) -> str:
+    """Point MLflow (tracking and registry) at the store; returns the URI in use."""
+    uri = resolve_tracking_uri(tracking_uri, state_dir=state_dir)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    return uri
+
+
+def with_retries(fn: Callable[[], T], *, what: str, attempts: int = 3, backoff_s: float = 1.0) -> T:
+    """Call ``fn``; on connection-type failures retry with exponential backoff, then TrackingError."""
+    last: Exception | None = None
+    for i in range(attempts):
+        try:
+            return fn()
+        except (MlflowException, OSError, ConnectionError) as e:
+            last = e
+            if isinstance(e, MlflowException) and e.get_http_status_code() in (400, 404, 409):
+                break  # a real refusal, not a transient failure
+            if i < attempts - 1:
+                time.sleep(backoff_s * 2**i)
+    raise TrackingError(
+        f"MLflow call failed ({what}): {last}. Is the tracking server at the configured URI up?"
+    )
+
+
+def ensure_experiment(name: str, *, artifact_root: Path | None = None) -> str:
+    """The experiment's id, created on first use (artifacts under ``artifact_root`` for local stores)."""
+    exp = mlflow.get_experiment_by_name(name)
+    if exp is not None:
+        return str(exp.experiment_id)
+    location = artifact_root.resolve().as_uri() if artifact_root is not None else None
+    return str(mlflow.create_experiment(name, artifact_location=location))
+
+
+# --------------------------------------------------------------------------- runs
+
+
+@dataclass(frozen=True)
+class RunRef:
+    run_id: str
+    experiment_id: str
+    tracking_uri: str
+
+    def to_dict(self) -> dict[str, str]:
+        return {"run_id": self.run_id, "experiment_id": self.experiment_id, "tracking_uri": self.tracking_uri}
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{key}."))
+        else:
+            out[key] = v
+    return out
+
+
+def start_run(
+    experiment_id: str, *, run_name: str, params: dict[str, Any], tags: dict[str, str], tracking_uri: str
+) -> RunRef:
+    """Create a run with the fully resolved params (flattened ``section.key``) and provenance tags."""
+    client = MlflowClient()
+    run = with_retries(
+        lambda: client.create_run(experiment_id, run_name=run_name, tags=tags), what="create run"
+    )
+    flat = {k: str(v)[:6000] for k, v in _flatten(params).items()}
+    items = [Param(k, v) for k, v in sorted(flat.items())]
+    for i in range(0, len(items), 100):
+        client.log_batch(run.info.run_id, params=items[i : i + 100])
+    return RunRef(run.info.run_id, experiment_id, tracking_uri)
+
+
+def log_metrics(run_id: str, metrics: dict[str, float], *, step: int | None = None, prefix: str = "") -> None:
+    now = int(time.time() * 1000)
+    items = [Metric(f"{prefix}{k}", float(v), now, step or 0) for k, v in metrics.items() if _is_number(v)]
+    for i in range(0, len(items), 500):
+        MlflowClient().log_batch(run_id, metrics=items[i : i + 500])
+
+
+def log_history(run_id: str, history: Iterable[dict[str, Any]]) -> None:
+    """Per-epoch metrics, ``step`` = epoch, so the MLflow UI draws curves."""
+    for row in history:
+        log_metrics(run_id, {k: v for k, v in row.items() if k != "epoch"}, step=int(row["epoch"]))
+
+
+def log_artifacts(run_id: str, paths: Iterable[Path], *, artifact_path: str | None = None) -> None:
+    client = MlflowClient()
+    for p in paths:
+        if p.is_dir():
+            client.log_artifacts(run_id, str(p), artifact_path=artifact_path)
+        elif p.exists():
+            client.log_artifact(run_id, str(p), artifact_path=artifact_path)
+
+
+def set_tags(run_id: str, tags: dict[str, str]) -> None:
+    client = MlflowClient()
+    for k, v in tags.items():
+        client.set_tag(run_id, k, str(v))
+
+
+def end_run(run_id: str, status: str = "FINISHED") -> None:
+    MlflowClient().set_terminated(run_id, status=status)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool)
+
+
+# --------------------------------------------------------------------------- the served model
+
+
+def _as_bytes(value: Any) -> bytes:
+    """A cell of the ``image`` column: raw bytes, or base64 text (JSON clients)."""
+    if isinstance(value, bytes | bytearray | memoryview):
+        return bytes(value)
+    if isinstance(value, str):
+        try:
+            return base64.b64decode(value, validate=True)
+        except (binascii.Error, ValueError) as e:
+            raise DataError(
+                "the image column holds text that is not base64: send file bytes or base64"
+            ) from e
+    raise DataError(f"the image column holds {type(value).__name__}: send file bytes or base64 text")
+
+
+class ImageClassifierModel(PythonModel):
+    """MLflow pyfunc: ``DataFrame{image: bytes|base64}`` -> ``DataFrame{label, score, probabilities}``.
+
+    Probabilities are in the spec's class order and temperature-scaled when a temperature was fitted.
+    """
+
+    def load_context(self, context: Any) -> None:
+        from components.checkpoint import Predictor
+
+        self.predictor = Predictor.from_dir(Path(context.artifacts["model_dir"]))
+
+    # No type hints here: MLflow derives a (wrong) schema from predict's hints; the signature is explicit.
+    def predict(self, context, model_input, params=None):
+        if isinstance(model_input, pd.DataFrame):
+            if IMAGE_COLUMN not in model_input.columns:
+                raise DataError(f"input needs an {IMAGE_COLUMN!r} column of image bytes (or base64)")
+            cells = model_input[IMAGE_COLUMN].tolist()
+        else:
+            cells = list(model_input)
+        probs = self.predictor.predict_proba([_as_bytes(c) for c in cells])
+        classes = self.predictor.spec.classes
+        top = probs.argmax(axis=1)
+        return pd.DataFrame(
+            {
+                "label": [classes[i] for i in top],
+                "score": probs[range(len(top)), top].astype(float),
+                "probabilities": [row.astype(float).tolist() for row in probs],
+            }
+        )
+
+
+def log_pyfunc_model(
+    run_id: str, *, model_dir: Path, example_image: bytes, pip_requirements: list[str]
+) -> str:
+    """Log the pyfunc into ``run_id``; returns its model URI (for registration)."""
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, Schema
+
+    components_dir = Path(__file__).resolve().parent
+    signature = ModelSignature(inputs=Schema([ColSpec("binary", IMAGE_COLUMN)]))
+    with mlflow.start_run(run_id=run_id):
+        info = mlflow.pyfunc.log_model(
+            name="model",
+            python_model=ImageClassifierModel(),
+            artifacts={"model_dir": str(model_dir)},
+            code_paths=[str(components_dir)],
+            signature=signature,
+            input_example=pd.DataFrame({IMAGE_COLUMN: [example_image]}),
+            pip_requirements=pip_requirements,
+        )
+    return str(info.model_uri)
+
+
+# --------------------------------------------------------------------------- registry
+
+
+@dataclass(frozen=True)
+class Registration:
+    name: str
+    version: str
+    aliases: tuple[str, ...]
+    model_uri: str
+    run_id: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "version": self.version,
+            "aliases": list(self.aliases),
+            "model_uri": self.model_uri,
+            "run_id": self.run_id,
+            "champion_uri": f"models:/{self.name}@{CHAMPION}",
+        }
+
+
+def register(
+    model_uri: str, *, name: str, run_id: str, tags: dict[str, str], aliases: Iterable[str]
+) -> Registration:
+    """Register a new version with ``tags`` and point ``aliases`` at it."""
+    client = MlflowClient()
+    mv = with_retries(lambda: mlflow.register_model(model_uri, name, tags=tags), what="register model")
+    aliases = tuple(aliases)
+    for alias in aliases:
+        with_retries(
+            partial(client.set_registered_model_alias, name, alias, mv.version), what=f"set alias {alias}"
+        )
+    return Registration(
+        name=name, version=str(mv.version), aliases=aliases, model_uri=model_uri, run_id=run_id
+    )
+
+
+def list_versions(name: str) -> list[dict[str, Any]]:
+    """Registered versions, newest first, with aliases, tags and the run's test metrics."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    try:
+        model = client.get_registered_model(name)
+    except MlflowException as e:
+        if e.get_http_status_code() == 404 or "RESOURCE_DOES_NOT_EXIST" in str(e):
+            return []
+        raise TrackingError(f"cannot read the registry: {e}") from e
+    alias_of: dict[str, list[str]] = {}
+    for alias, version in (model.aliases or {}).items():
+        alias_of.setdefault(str(version), []).append(alias)
+    out = []
+    for mv in client.search_model_versions(f"name='{name}'"):
+        metrics = client.get_run(mv.run_id).data.metrics if mv.run_id else {}
+        out.append(
+            {
+                "name": name,
+                "version": str(mv.version),
+                "aliases": sorted(alias_of.get(str(mv.version), [])),
+                "run_id": mv.run_id,
+                "created": mv.creation_timestamp,
+                "tags": dict(mv.tags or {}),
+                "metrics": {k: v for k, v in sorted(metrics.items()) if k.startswith("test_")},
+                "gates_passed": (mv.tags or {}).get("gates_passed") == "true",
+            }
+        )
+    return sorted(out, key=lambda r: int(r["version"]), reverse=True)
+
+
+def load_pyfunc(model_uri: str) -> Any:
+    return mlflow.pyfunc.load_model(model_uri)

@@ -1,0 +1,100 @@
+"""Training: turns the train config + the ingested data into a Ray Train run and a model folder."""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from components.config import TrainConfig
+from components.data import grey_dataset
+from components.errors import DataError
+from components.manifest import DataPaths, DatasetInfo, read_manifest
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    model_dir: Path
+    history: list[dict[str, Any]]
+    final: dict[str, Any]
+    seconds: float
+    ray_run: str
+
+
+def resolve_in_chans(cfg: TrainConfig, data: DataPaths) -> int:
+    """1 for an all-grey dataset with no explicit ``train.in_chans``, else 3 (or the explicit value)."""
+    if cfg.in_chans is not None:
+        return cfg.in_chans
+    return 1 if grey_dataset(read_manifest(data.manifest)) else 3
+
+
+def loop_config(cfg: TrainConfig, data: DataPaths, *, seed: int) -> dict[str, Any]:
+    """The plain dict each Ray worker receives (paths and numbers only, no tensors)."""
+    if not data.manifest.exists():
+        raise DataError(f"no manifest at {data.manifest}: run `imgflow ingest` first")
+    info = DatasetInfo.load(data.dataset)
+    return {
+        "manifest": str(data.manifest.resolve()),
+        "data_dir": str(data.root.resolve()),
+        "classes": list(info.classes),
+        "model": cfg.model,
+        "pretrained": cfg.pretrained,
+        "in_chans": resolve_in_chans(cfg, data),
+        "input_size": cfg.input_size,
+        "epochs": cfg.epochs,
+        "batch_size": cfg.batch_size,
+        "eval_batch_size": max(cfg.batch_size, 256),
+        "lr": cfg.lr,
+        "weight_decay": cfg.weight_decay,
+        "optimizer": cfg.optimizer,
+        "warmup_epochs": cfg.warmup_epochs,
+        "label_smoothing": cfg.label_smoothing,
+        "hflip": cfg.hflip,
+        "scale": list(cfg.scale),
+        "loader_workers": cfg.loader_workers,
+        "deterministic": cfg.deterministic,
+        "seed": seed,
+    }
+
+
+def train(
+    cfg: TrainConfig,
+    *,
+    data: DataPaths,
+    out_dir: Path,
+    storage_path: Path,
+    run_name: str,
+    seed: int,
+    show_progress: bool = True,
+) -> TrainResult:
+    """Train with Ray Train; writes ``out_dir/model/`` (safetensors + spec) and ``history.json``."""
+    from components import ray_train
+
+    config = loop_config(cfg, data, seed=seed)
+    use_gpu = {"auto": None, "true": True, "false": False}[cfg.use_gpu]
+    started = ray_train.init_ray()
+    try:
+        fit = ray_train.fit(
+            config,
+            workers=cfg.workers,
+            cpus_per_worker=cfg.cpus_per_worker,
+            use_gpu=use_gpu,
+            storage_path=storage_path,
+            run_name=run_name,
+            out_dir=out_dir / "model",
+            max_failures=cfg.max_failures,
+            show_progress=show_progress,
+        )
+    finally:
+        if started:
+            ray_train.shutdown_ray()
+    (out_dir / "history.json").write_text(json.dumps(fit.history, indent=2) + "\n")
+    final = dict(fit.history[-1]) if fit.history else {}
+    logger.info("trained %s in %.1fs: %s", cfg.model, fit.seconds, final)
+    return TrainResult(
+        model_dir=fit.model_dir, history=fit.history, final=final, seconds=fit.seconds, ray_run=fit.run_path
+    )

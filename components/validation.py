@@ -1,0 +1,544 @@
+"""Data validation of the manifest with Great Expectations (the project's only GE adapter).
+
+:func:`validate_manifest` runs one expectation suite over a manifest DataFrame and returns a
+:class:`ValidationReport`: one :class:`ExpectationOutcome` per expectation, with the offending
+rows (image_id, path, split, value) or the missing values, plus the raw GE validation result.
+:func:`write_validation_report` saves it as ``report.json`` and a self-contained ``report.html``.
+
+Every GE call lives in this module, against the GE 1.x API (ephemeral context, fluent pandas
+data source, ``ExpectationSuite`` + ``ValidationDefinition``). GE is imported lazily inside the
+functions that use it: importing it costs seconds, and callers such as the CLI import this module
+just to reach the names. Each call builds its own in-memory context: nothing global is kept by us,
+nothing is written to disk by GE, and its progress bars are off.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from components.config import ValidateConfig
+from components.errors import DataError
+from components.manifest import MANIFEST_COLUMNS, SPLITS
+
+logger = logging.getLogger(__name__)
+
+MAX_EXAMPLES = 20
+"""Offending rows (or missing values) kept per expectation."""
+TEXT_EXAMPLES = 5
+"""Of those, shown per failed expectation by :meth:`ValidationReport.summary_text`."""
+
+NOT_NULL_COLUMNS: tuple[str, ...] = ("image_id", "path", "label", "width", "height", "mode", "split")
+_NAME_KEY = "imgflow_name"
+"""Expectation ``meta`` key that carries our short outcome name through GE's result."""
+
+
+@dataclass(frozen=True)
+class ExpectationOutcome:
+    """The result of one expectation, reduced to what a person needs to fix the data."""
+
+    name: str
+    """Short stable id, e.g. ``label_in_class_set``, ``class_present_in_val``."""
+    expectation: str
+    """GE expectation type, e.g. ``expect_column_values_to_be_in_set``."""
+    description: str
+    """What was expected, as a sentence."""
+    success: bool
+    unexpected_count: int
+    """Offending rows (row expectations) or missing values (set expectations)."""
+    examples: tuple[dict[str, Any], ...]
+    """Up to 20 offending rows (``image_id``, ``path``, ``split``, ``value``) or missing values."""
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["examples"] = [dict(e) for e in self.examples]
+        return out
+
+
+@dataclass(frozen=True)
+class ValidationReport:
+    """Outcome of :func:`validate_manifest`; ``success`` is True only if every expectation passed."""
+
+    success: bool
+    outcomes: tuple[ExpectationOutcome, ...]
+    n_rows: int
+    ge_result: dict[str, Any]
+    """The raw GE validation result (``ExpectationSuiteValidationResult.to_json_dict()``)."""
+
+    def failed(self) -> list[ExpectationOutcome]:
+        return [o for o in self.outcomes if not o.success]
+
+    def summary_text(self) -> str:
+        """Multi-line, readable: the verdict, then each failed expectation with example rows."""
+        failed = self.failed()
+        n = len(self.outcomes)
+        if not failed:
+            return f"Manifest validation PASSED: all {n} expectations met ({self.n_rows} rows)."
+        lines = [
+            f"Manifest validation FAILED: {len(failed)} of {n} expectations failed ({self.n_rows} rows)."
+        ]
+        for o in failed:
+            lines.append(f"- {o.name} ({o.expectation}): {o.unexpected_count} unexpected")
+            lines.append(f"    expected: {o.description}")
+            shown = o.examples[:TEXT_EXAMPLES]
+            lines.extend(f"    e.g. {_format_example(e)}" for e in shown)
+            if len(o.examples) > len(shown):
+                lines.append(
+                    f"    ... {len(o.examples) - len(shown)} more examples in report.json / report.html"
+                )
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-safe: ``json.loads(json.dumps(r.to_dict())) == r.to_dict()``."""
+        return {
+            "success": self.success,
+            "n_rows": self.n_rows,
+            "outcomes": [o.to_dict() for o in self.outcomes],
+            "ge_result": self.ge_result,
+        }
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> ValidationReport:
+        """Inverse of :meth:`to_dict` (e.g. to reload ``report.json``)."""
+        outcomes = tuple(
+            ExpectationOutcome(**{**o, "examples": tuple(dict(e) for e in o["examples"])})
+            for o in raw["outcomes"]
+        )
+        return cls(
+            success=bool(raw["success"]),
+            outcomes=outcomes,
+            n_rows=int(raw["n_rows"]),
+            ge_result=raw["ge_result"],
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# The suite: what is expected of a manifest
+# ---------------------------------------------------------------------------------------------
+
+ExampleFn = Callable[[dict[str, Any], pd.DataFrame], tuple[int, list[dict[str, Any]]]]
+"""(GE result of one expectation, manifest) -> (unexpected count, examples)."""
+
+
+@dataclass(frozen=True)
+class _Spec:
+    """One expectation of the suite, before it is handed to GE."""
+
+    name: str
+    expectation_class: str
+    """Class name in ``great_expectations.expectations``."""
+    kwargs: dict[str, Any]
+    """Its arguments; ``row_condition`` as ``(column, value)``, made a GE condition at run time
+    (keeps GE out of module import)."""
+    description: str
+    examples: ExampleFn
+
+
+def _suite_specs(classes: Sequence[str], cfg: ValidateConfig) -> list[_Spec]:
+    """The manifest suite, in report order."""
+    specs = [
+        _Spec(
+            "manifest_not_empty",
+            "ExpectTableRowCountToBeBetween",
+            {"min_value": 1},
+            "the manifest has at least one row",
+            _no_examples,
+        ),
+        _Spec(
+            "columns_present",
+            "ExpectTableColumnsToMatchSet",
+            {"column_set": list(MANIFEST_COLUMNS), "exact_match": False},
+            f"every manifest column exists ({', '.join(MANIFEST_COLUMNS)})",
+            _missing_columns,
+        ),
+    ]
+    specs += [
+        _Spec(
+            f"{col}_not_null",
+            "ExpectColumnValuesToNotBeNull",
+            {"column": col},
+            f"no row has a null {col}",
+            _row_examples,
+        )
+        for col in NOT_NULL_COLUMNS
+    ]
+    specs += [
+        _Spec(
+            "label_in_class_set",
+            "ExpectColumnValuesToBeInSet",
+            {"column": "label", "value_set": list(classes)},
+            f"every label is one of the {len(classes)} declared classes ({_short_list(classes)})",
+            _row_examples,
+        ),
+        _Spec(
+            "width_in_range",
+            "ExpectColumnValuesToBeBetween",
+            {"column": "width", "min_value": cfg.min_width, "max_value": cfg.max_width},
+            f"every width is within [{cfg.min_width}, {cfg.max_width}] pixels",
+            _row_examples,
+        ),
+        _Spec(
+            "height_in_range",
+            "ExpectColumnValuesToBeBetween",
+            {"column": "height", "min_value": cfg.min_height, "max_value": cfg.max_height},
+            f"every height is within [{cfg.min_height}, {cfg.max_height}] pixels",
+            _row_examples,
+        ),
+        _Spec(
+            "mode_allowed",
+            "ExpectColumnValuesToBeInSet",
+            {"column": "mode", "value_set": list(cfg.allowed_modes)},
+            f"every image mode is one of {', '.join(cfg.allowed_modes)}",
+            _row_examples,
+        ),
+        _Spec(
+            "split_known",
+            "ExpectColumnValuesToBeInSet",
+            {"column": "split", "value_set": list(SPLITS)},
+            f"every split is one of {', '.join(SPLITS)}",
+            _row_examples,
+        ),
+    ]
+    specs += [
+        _Spec(
+            f"class_present_in_{split}",
+            "ExpectColumnDistinctValuesToContainSet",
+            {"column": "label", "value_set": list(classes), "row_condition": ("split", split)},
+            f"each of the {len(classes)} declared classes has at least one image in the {split} split",
+            _missing_classes(split),
+        )
+        for split in cfg.required_splits
+    ]
+    specs.append(
+        _Spec(
+            "image_id_unique",
+            "ExpectColumnValuesToBeUnique",
+            {"column": "image_id"},
+            "every image_id occurs once (no image is repeated, within or across splits)",
+            _duplicate_ids,
+        )
+    )
+    return specs
+
+
+def _short_list(values: Sequence[str], limit: int = 10) -> str:
+    shown = ", ".join(values[:limit])
+    return shown + (f", ... ({len(values) - limit} more)" if len(values) > limit else "")
+
+
+# ---------------------------------------------------------------------------------------------
+# Examples: from a GE result to the offending rows / missing values
+# ---------------------------------------------------------------------------------------------
+
+
+def _no_examples(result: dict[str, Any], df: pd.DataFrame) -> tuple[int, list[dict[str, Any]]]:
+    return 0, []
+
+
+def _missing_columns(result: dict[str, Any], df: pd.DataFrame) -> tuple[int, list[dict[str, Any]]]:
+    missing = result.get("details", {}).get("mismatched", {}).get("missing", [])
+    return len(missing), [{"missing_column": c} for c in missing[:MAX_EXAMPLES]]
+
+
+def _missing_classes(split: str) -> ExampleFn:
+    def examples(result: dict[str, Any], df: pd.DataFrame) -> tuple[int, list[dict[str, Any]]]:
+        missing = sorted(result.get("partial_missing_list") or [])
+        count = int(result.get("missing_count", len(missing)))
+        return count, [{"split": split, "missing_class": c} for c in missing[:MAX_EXAMPLES]]
+
+    return examples
+
+
+def _row_examples(result: dict[str, Any], df: pd.DataFrame) -> tuple[int, list[dict[str, Any]]]:
+    """Offending rows from GE's ``partial_unexpected_index_list``, with path and split added.
+
+    GE lists ``{"image_id": ..., <column>: value}`` per row; without an image_id column it lists
+    the DataFrame's index labels instead, and the values come from ``partial_unexpected_list``.
+    """
+    count = int(result.get("unexpected_count") or 0)
+    index_list = (result.get("partial_unexpected_index_list") or [])[:MAX_EXAMPLES]
+    values = result.get("partial_unexpected_list") or []
+    id_cols = set(result.get("unexpected_index_column_names") or [])
+    by_id = _rows_by_id(df, [r.get("image_id") for r in index_list if isinstance(r, dict)])
+    out = []
+    for i, r in enumerate(index_list):
+        if isinstance(r, dict):
+            image_id = r.get("image_id")
+            value = next((v for k, v in r.items() if k not in id_cols), image_id)
+            out.append({"image_id": image_id, **by_id.get(image_id, {}), "value": _jsonable(value)})
+        else:
+            value = values[i] if i < len(values) else None
+            out.append({"row": _jsonable(r), **_row_at(df, r), "value": _jsonable(value)})
+    return count, out
+
+
+def _duplicate_ids(result: dict[str, Any], df: pd.DataFrame) -> tuple[int, list[dict[str, Any]]]:
+    """One example per duplicated image_id, naming the splits (and paths) it occurs in."""
+    count = int(result.get("unexpected_count") or 0)
+    if count == 0 or "image_id" not in df.columns:
+        return count, []
+    dup = df[df["image_id"].duplicated(keep=False) & df["image_id"].notna()]
+    out = []
+    for image_id, rows in list(dup.groupby("image_id", sort=True))[:MAX_EXAMPLES]:
+        example: dict[str, Any] = {"image_id": str(image_id), "count": len(rows)}
+        for col, key in (("split", "splits"), ("path", "paths")):
+            if col in rows.columns:
+                example[key] = sorted({str(v) for v in rows[col]})
+        out.append(example)
+    return count, out
+
+
+def _rows_by_id(df: pd.DataFrame, ids: list[Any]) -> dict[Any, dict[str, Any]]:
+    """image_id -> {path, split} of its first row, for the few ids given."""
+    if "image_id" not in df.columns or not ids:
+        return {}
+    cols = [c for c in ("path", "split") if c in df.columns]
+    rows = df.loc[df["image_id"].isin([i for i in ids if i is not None]), ["image_id", *cols]]
+    rows = rows.drop_duplicates("image_id")
+    return {r["image_id"]: {c: _jsonable(r[c]) for c in cols} for r in rows.to_dict("records")}
+
+
+def _row_at(df: pd.DataFrame, label: Any) -> dict[str, Any]:
+    """{path, split} of the row with this index label (when the label is still valid)."""
+    cols = [c for c in ("path", "split") if c in df.columns]
+    try:
+        row = df.loc[label]
+    except (KeyError, TypeError):
+        return {}
+    if isinstance(row, pd.DataFrame):  # duplicate index labels
+        row = row.iloc[0]
+    return {c: _jsonable(row[c]) for c in cols}
+
+
+def _jsonable(value: Any) -> Any:
+    """numpy scalars, NaN and friends -> plain JSON values."""
+    if value is None or isinstance(value, bool | int | str):
+        return value
+    if isinstance(value, float):
+        return None if value != value else value
+    if hasattr(value, "item"):
+        try:
+            return _jsonable(value.item())
+        except (ValueError, TypeError):
+            pass
+    if pd.api.types.is_scalar(value) and pd.isna(value):
+        return None
+    return str(value)
+
+
+def _format_example(example: dict[str, Any]) -> str:
+    return " ".join(f"{k}={v!r}" for k, v in example.items())
+
+
+# ---------------------------------------------------------------------------------------------
+# Running GE
+# ---------------------------------------------------------------------------------------------
+
+
+def validate_manifest(df: pd.DataFrame, *, classes: Sequence[str], cfg: ValidateConfig) -> ValidationReport:
+    """Validate a manifest (columns of :data:`components.manifest.MANIFEST_COLUMNS`) with GE.
+
+    df: (N, 11) manifest as read by ``read_manifest``; N may be 0 (the report then fails).
+    classes: the declared class set (``dataset.json``'s classes). Never raises on bad data: every
+    problem becomes a failed outcome, a missing column included.
+    """
+    classes = [str(c) for c in classes]
+    if not classes:
+        raise DataError("no classes given to validate the manifest against: pass the dataset's class names")
+    specs = _suite_specs(classes, cfg)
+    start = time.perf_counter()
+    ge_result = _run_suite(df, specs)
+    results = _results_by_name(ge_result)
+    outcomes = tuple(_outcome(spec, results.get(spec.name), df) for spec in specs)
+    report = ValidationReport(
+        success=all(o.success for o in outcomes), outcomes=outcomes, n_rows=len(df), ge_result=ge_result
+    )
+    logger.info(
+        "manifest validation %s: %d/%d expectations met, %d rows, %.2f s",
+        "passed" if report.success else "FAILED",
+        len(outcomes) - len(report.failed()),
+        len(outcomes),
+        len(df),
+        time.perf_counter() - start,
+    )
+    return report
+
+
+def _run_suite(df: pd.DataFrame, specs: list[_Spec]) -> dict[str, Any]:
+    """Build an in-memory GE context, run the suite over ``df``, return the JSON result."""
+    import great_expectations as gx
+    from great_expectations.data_context.types.base import (
+        DataContextConfig,
+        InMemoryStoreBackendDefaults,
+        ProgressBarsConfig,
+    )
+
+    project_config = DataContextConfig(
+        store_backend_defaults=InMemoryStoreBackendDefaults(),
+        analytics_enabled=False,
+        progress_bars=ProgressBarsConfig(globally=False),
+    )
+    ctx = gx.get_context(mode="ephemeral", project_config=project_config)
+    batch = (
+        ctx.data_sources.add_pandas("imgflow")
+        .add_dataframe_asset("manifest")
+        .add_batch_definition_whole_dataframe("whole_manifest")
+    )
+    suite = ctx.suites.add(gx.ExpectationSuite(name="imgflow_manifest", expectations=_expectations(specs)))
+    definition = ctx.validation_definitions.add(
+        gx.ValidationDefinition(name="imgflow_manifest", data=batch, suite=suite)
+    )
+    result_format: dict[str, Any] = {"result_format": "SUMMARY", "partial_unexpected_count": MAX_EXAMPLES}
+    if "image_id" in df.columns:
+        result_format["unexpected_index_column_names"] = ["image_id"]
+    result = definition.run(batch_parameters={"dataframe": df}, result_format=result_format)
+    # A JSON round trip makes sure the stored result is plain JSON (no numpy scalars).
+    return json.loads(json.dumps(result.to_json_dict(), default=str))
+
+
+def _expectations(specs: list[_Spec]) -> list[Any]:
+    import great_expectations.expectations as gxe
+    from great_expectations.expectations.row_conditions import Column
+
+    out = []
+    for spec in specs:
+        kwargs = dict(spec.kwargs)
+        if "row_condition" in kwargs:
+            column, value = kwargs["row_condition"]
+            kwargs["row_condition"] = Column(column) == value
+        cls = getattr(gxe, spec.expectation_class)
+        out.append(cls(**kwargs, meta={_NAME_KEY: spec.name}))
+    return out
+
+
+def _results_by_name(ge_result: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Our outcome name -> that expectation's entry in GE's ``results`` (GE reorders them)."""
+    out = {}
+    for entry in ge_result.get("results", []):
+        meta = (entry.get("expectation_config") or {}).get("meta") or {}
+        if _NAME_KEY in meta:
+            out[meta[_NAME_KEY]] = entry
+    return out
+
+
+def _outcome(spec: _Spec, entry: dict[str, Any] | None, df: pd.DataFrame) -> ExpectationOutcome:
+    expectation = _snake_case(spec.expectation_class)
+    if entry is None:  # GE dropped it: report rather than pass silently
+        return ExpectationOutcome(
+            spec.name, expectation, spec.description, False, 0, ({"error": "no result from GE"},)
+        )
+    error = _exception_message(entry)
+    if error is not None:
+        return ExpectationOutcome(spec.name, expectation, spec.description, False, 0, ({"error": error},))
+    count, examples = spec.examples(entry.get("result") or {}, df)
+    return ExpectationOutcome(
+        name=spec.name,
+        expectation=expectation,
+        description=spec.description,
+        success=bool(entry.get("success")),
+        unexpected_count=count,
+        examples=tuple(examples),
+    )
+
+
+def _exception_message(entry: dict[str, Any]) -> str | None:
+    """GE's message when the expectation could not be evaluated (e.g. its column is missing)."""
+    info = entry.get("exception_info") or {}
+    if info.get("raised_exception"):
+        return str(info.get("exception_message"))
+    for nested in info.values():  # keyed by metric id when a metric failed
+        if isinstance(nested, dict) and nested.get("raised_exception"):
+            return str(nested.get("exception_message"))
+    return None
+
+
+def _snake_case(class_name: str) -> str:
+    return "".join(f"_{c.lower()}" if c.isupper() else c for c in class_name).lstrip("_")
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing the report
+# ---------------------------------------------------------------------------------------------
+
+
+def write_validation_report(report: ValidationReport, out_dir: Path) -> tuple[Path, Path]:
+    """Write ``out_dir/report.json`` (``to_dict``, raw GE result included) and ``out_dir/report.html``."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    json_path = out_dir / "report.json"
+    html_path = out_dir / "report.html"
+    json_path.write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+    html_path.write_text(render_html(report))
+    return json_path, html_path
+
+
+_CSS = """
+body { font-family: system-ui, sans-serif; margin: 2em; color: #222; }
+h1 { font-size: 1.4em; } .verdict { padding: .4em .8em; border-radius: 4px; color: #fff; }
+.pass { background: #2e7d32; } .fail { background: #c62828; }
+table { border-collapse: collapse; width: 100%; margin-top: 1em; }
+th, td { border: 1px solid #ccc; padding: .35em .6em; text-align: left; vertical-align: top; }
+th { background: #f3f3f3; } tr.failed td { background: #fdecea; }
+td.status { font-weight: bold; } code { font-size: .9em; }
+table.ex { margin: 0; width: auto; font-size: .85em; } table.ex td, table.ex th { padding: .15em .4em; }
+"""
+
+
+def render_html(report: ValidationReport) -> str:
+    """A self-contained page: verdict, then one table row per expectation with example rows."""
+    e = html.escape
+    verdict, css = ("PASSED", "pass") if report.success else ("FAILED", "fail")
+    failed = len(report.failed())
+    rows = "\n".join(_html_row(o) for o in report.outcomes)
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>Manifest validation: {verdict}</title>
+<style>{_CSS}</style></head><body>
+<h1>Manifest validation <span class="verdict {css}">{verdict}</span></h1>
+<p>{e(str(report.n_rows))} rows; {len(report.outcomes) - failed} of {len(report.outcomes)} expectations met,
+{failed} failed.</p>
+<table><thead><tr><th>Expectation</th><th>Expected</th><th>Status</th><th>Unexpected</th>
+<th>Examples</th></tr></thead>
+<tbody>
+{rows}
+</tbody></table>
+</body></html>
+"""
+
+
+def _html_row(o: ExpectationOutcome) -> str:
+    e = html.escape
+    status = "PASSED" if o.success else "FAILED"
+    return (
+        f'<tr class="{"passed" if o.success else "failed"}"><td><b>{e(o.name)}</b><br>'
+        f"<code>{e(o.expectation)}</code></td><td>{e(o.description)}</td>"
+        f'<td class="status">{status}</td><td>{o.unexpected_count}</td>'
+        f"<td>{_html_examples(o.examples)}</td></tr>"
+    )
+
+
+def _html_examples(examples: tuple[dict[str, Any], ...]) -> str:
+    if not examples:
+        return ""
+    e = html.escape
+    keys = list(dict.fromkeys(k for ex in examples for k in ex))
+    head = "".join(f"<th>{e(k)}</th>" for k in keys)
+    body = "".join(
+        "<tr>" + "".join(f"<td>{e(_cell(ex.get(k)))}</td>" for k in keys) + "</tr>" for ex in examples
+    )
+    return f'<table class="ex"><tr>{head}</tr>{body}</table>'
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, list | tuple):
+        return ", ".join(str(v) for v in value)
+    return str(value)

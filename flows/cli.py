@@ -1,0 +1,243 @@
+"""``imgflow`` command line. Heavy libraries are imported inside commands so ``--help`` is instant.
+
+Exit codes: 0 ok, 1 unexpected error, 2 bad input/params (message says what to fix),
+3 the model failed its gates, 4 the data failed validation.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+app = typer.Typer(
+    name="imgflow",
+    help=(
+        "Raw labelled images -> validated data -> Ray-trained timm model -> gated, registered MLflow model.\n\n"
+        "Stages: ingest, validate, train, evaluate, register; `pipeline` runs them all as one Prefect flow. "
+        "Parameters come from params.yaml (one section per stage); override any with --set section.key=value."
+    ),
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+ParamsOpt = Annotated[Path, typer.Option("--params", help="Parameter file (one section per stage).")]
+SetOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--set", help="Override a parameter, e.g. --set train.epochs=3 (repeatable; value parsed as YAML)."
+    ),
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout (for scripts).")]
+
+ENV_DEFAULTS = {
+    # Ray reads this at import: a single-node runtime binds 127.0.0.1 only.
+    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "DVC_NO_ANALYTICS": "1",
+    "GX_ANALYTICS_ENABLED": "false",
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "90",
+    "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
+}
+
+
+def _setup() -> None:
+    for k, v in ENV_DEFAULTS.items():
+        os.environ.setdefault(k, v)
+    from rich.logging import RichHandler
+
+    logging.basicConfig(level=logging.WARNING, format="%(message)s", handlers=[RichHandler(show_path=False)])
+    logging.getLogger("components").setLevel(logging.INFO)
+
+
+def _emit(result: Any, as_json: bool, human: Callable[[Any], str]) -> None:
+    if as_json:
+        typer.echo(json.dumps(result, indent=2, sort_keys=True, default=str))
+    else:
+        typer.echo(human(result))
+
+
+def _run(fn: Callable[[], Any]) -> Any:
+    """Run a command body; project errors become a clear message and their exit code."""
+    from components.errors import ImgflowError
+
+    try:
+        return fn()
+    except ImgflowError as e:
+        typer.secho(f"imgflow: {e}", err=True, fg=typer.colors.RED)
+        raise typer.Exit(e.exit_code) from None
+
+
+def _params(params: Path, overrides: list[str] | None) -> Any:
+    from components.config import load_params
+
+    return load_params(params, overrides or [])
+
+
+@app.command()
+def ingest(
+    source: Annotated[
+        str | None,
+        typer.Option(help="fashion-mnist | imagefolder:<dir> | csv:<file> (default: ingest.source)."),
+    ] = None,
+    params: ParamsOpt = Path("params.yaml"),
+    set_: SetOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Read a source into the content-addressed store, manifest (data version) and quarantine list."""
+    from components.stages import run_ingest
+
+    overrides = list(set_ or []) + ([f"ingest.source={source}"] if source else [])
+    result = _run(lambda: run_ingest(_params(params, overrides), progress=not as_json))
+
+    def human(r: dict[str, Any]) -> str:
+        lines = [
+            f"ingested {r['ingested']} of {r['seen']} images from {r['source']}; quarantined {r['quarantined']}"
+        ]
+        lines += [f"  {reason}: {n}" for reason, n in sorted(r["reasons"].items())]
+        lines += [f"  {split}: {sum(c.values())} images" for split, c in sorted(r["counts"].items())]
+        lines += [
+            f"manifest {r['manifest']} (data version {r['data_version']})",
+            f"quarantine list {r['quarantine']}",
+        ]
+        return "\n".join(lines)
+
+    _emit(result, as_json, human)
+
+
+@app.command()
+def validate(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None, as_json: JsonOpt = False) -> None:
+    """Great Expectations suite over the manifest; exit code 4 and a report when it fails."""
+    from components.stages import run_validate
+
+    result = _run(lambda: run_validate(_params(params, set_)))
+    _emit(result, as_json, lambda r: f"data validation passed; report {r['report_html']}")
+
+
+@app.command()
+def train(
+    params: ParamsOpt = Path("params.yaml"),
+    set_: SetOpt = None,
+    resume: Annotated[
+        bool, typer.Option(help="Continue the last (stopped) run from its checkpoint.")
+    ] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Train the timm model with Ray Train (local Ray on 127.0.0.1, or $RAY_ADDRESS); log to MLflow."""
+    from components.stages import run_train
+
+    result = _run(lambda: run_train(_params(params, set_), progress=not as_json, resume=resume))
+    _emit(
+        result, as_json, lambda r: f"trained: val_accuracy {r['val_accuracy']:.4f}; MLflow run {r['run_id']}"
+    )
+
+
+@app.command()
+def evaluate(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None, as_json: JsonOpt = False) -> None:
+    """Test-set metrics, confusion matrix and gates (written to outputs/evaluate, logged to MLflow)."""
+    from components.evaluation import GateReport
+    from components.stages import run_evaluate
+
+    result = _run(lambda: run_evaluate(_params(params, set_)))
+
+    def human(r: dict[str, Any]) -> str:
+        return f"test accuracy {r['accuracy']:.4f}\n{GateReport.from_dict(r['gates']).summary_text()}"
+
+    _emit(result, as_json, human)
+
+
+@app.command()
+def register(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None, as_json: JsonOpt = False) -> None:
+    """Register the model (alias challenger; champion only if the gates passed, else exit code 3)."""
+    from components.stages import gate_failure_message, run_register
+
+    result = _run(lambda: run_register(_params(params, set_), raise_on_gate_failure=False))
+    _emit(
+        result,
+        as_json,
+        lambda r: f"registered {r['name']} version {r['version']} as {', '.join(r['aliases'])}",
+    )
+    if not result["gates_passed"]:
+        typer.secho(f"imgflow: {gate_failure_message(result)}", err=True, fg=typer.colors.RED)
+        raise typer.Exit(3)
+
+
+def _pipeline_summary(r: dict[str, Any]) -> str:
+    reg, tr, ev = r["register"], r["train"], r["evaluate"]
+    uri = tr["tracking_uri"]
+    ui = f"mlflow ui --backend-store-uri {uri} --host 127.0.0.1" if uri.startswith("sqlite") else uri
+    return "\n".join(
+        [
+            f"data version   {r['ingest']['data_version']} ({r['ingest']['ingested']} images)",
+            f"MLflow run     {tr['run_id']}",
+            f"test accuracy  {ev['accuracy']:.4f}  (gates {'passed' if ev['gates_passed'] else 'FAILED'})",
+            f"registered     {reg['name']} version {reg['version']}, aliases: {', '.join(reg['aliases'])}",
+            f"load it with   mlflow.pyfunc.load_model('models:/{reg['name']}@{reg['aliases'][-1]}')",
+            f"MLflow UI      {ui}",
+        ]
+    )
+
+
+@app.command()
+def pipeline(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None, as_json: JsonOpt = False) -> None:
+    """Run ingest -> validate -> train -> evaluate -> register as one Prefect flow.
+
+    Runs without a Prefect server (ephemeral) or against the one $PREFECT_API_URL names.
+    """
+    from components.stages import gate_failure_message
+
+    _params(params, set_)  # fail fast on bad params, before Prefect starts
+
+    def body() -> dict[str, Any]:
+        from flows.pipeline import pipeline as pipeline_flow
+
+        return pipeline_flow(params_path=str(params), overrides=list(set_ or []))
+
+    result = _run(body)
+    _emit(result, as_json, _pipeline_summary)
+    if not result["register"]["gates_passed"]:
+        typer.secho(f"imgflow: {gate_failure_message(result['register'])}", err=True, fg=typer.colors.RED)
+        raise typer.Exit(3)
+
+
+@app.command()
+def models(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None, as_json: JsonOpt = False) -> None:
+    """Registered versions with aliases, key test metrics and gate results."""
+    from components.stages import list_models
+
+    rows = _run(lambda: list_models(_params(params, set_)))
+
+    def human(rs: list[dict[str, Any]]) -> str:
+        if not rs:
+            return "no registered versions yet: run `imgflow pipeline`"
+        lines = [f"{'version':>7}  {'aliases':<22} {'test_acc':>8}  gates   data_version"]
+        for v in rs:
+            acc = v["metrics"].get("test_accuracy")
+            lines.append(
+                f"{v['version']:>7}  {','.join(v['aliases']) or '-':<22} {acc if acc is None else f'{acc:.4f}':>8}  "
+                f"{'pass' if v['gates_passed'] else 'FAIL':<6}  {v['tags'].get('data_version', '')}"
+            )
+        return "\n".join(lines)
+
+    _emit(rows, as_json, human)
+
+
+def main() -> None:
+    _setup()
+    try:
+        app()
+    except KeyboardInterrupt:
+        typer.secho("interrupted", err=True)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

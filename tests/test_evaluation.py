@@ -1,0 +1,308 @@
+"""Unit tests of components.evaluation and components.plots on hand-computed fixtures."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from components.errors import ConfigError
+from components.evaluation import (
+    GateReport,
+    GateResult,
+    check_gates,
+    compute_metrics,
+    flat_metrics,
+    slug,
+    write_evaluation,
+)
+from components.plots import plot_confusion_matrix, plot_training_curves
+
+CLASSES = ["cat", "dog", "bird"]
+
+# 3 classes, 6 samples, 2 per class.            argmax  top-2 (best first)  p(true)
+Y_TRUE = np.array([0, 0, 1, 1, 2, 2])
+PROBS = np.array(
+    [
+        [0.7, 0.2, 0.1],  # true cat   -> cat   ok   {cat, dog}   ok          0.7
+        [0.2, 0.5, 0.3],  # true cat   -> dog   X    {dog, bird}  X           0.2
+        [0.1, 0.8, 0.1],  # true dog   -> dog   ok   {dog, ...}   ok          0.8
+        [0.4, 0.5, 0.1],  # true dog   -> dog   ok   {dog, cat}   ok          0.5
+        [0.3, 0.1, 0.6],  # true bird  -> bird  ok   {bird, cat}  ok          0.6
+        [0.5, 0.1, 0.4],  # true bird  -> cat   X    {cat, bird}  ok          0.4
+    ]
+)
+# Confusion matrix (rows true, cols predicted):
+#   cat:  cat 1, dog 1, bird 0
+#   dog:  cat 0, dog 2, bird 0
+#   bird: cat 1, dog 0, bird 1
+EXPECTED_CM = [[1, 1, 0], [0, 2, 0], [1, 0, 1]]
+# precision = diagonal / column sum: cat 1/2, dog 2/3, bird 1/1
+# recall    = diagonal / row sum:    cat 1/2, dog 2/2, bird 1/2
+# f1 = 2PR/(P+R): cat 0.5, dog 2*(2/3)*1/(5/3) = 4/5, bird 2*1*(1/2)/(3/2) = 2/3
+EXPECTED_PER_CLASS = {
+    "cat": (1 / 2, 1 / 2, 1 / 2),
+    "dog": (2 / 3, 1.0, 4 / 5),
+    "bird": (1.0, 1 / 2, 2 / 3),
+}
+
+
+@pytest.fixture(scope="module")
+def metrics() -> dict:
+    return compute_metrics(Y_TRUE, PROBS, CLASSES, top_k=2)
+
+
+def test_accuracy_and_top_k(metrics: dict) -> None:
+    assert metrics["n"] == 6
+    assert metrics["accuracy"] == pytest.approx(4 / 6)  # samples 1 and 5 wrong
+    assert metrics["top2_accuracy"] == pytest.approx(5 / 6)  # only sample 1 misses its top 2
+    assert "top5_accuracy" not in metrics
+
+
+def test_per_class_and_confusion_matrix(metrics: dict) -> None:
+    assert metrics["confusion_matrix"] == EXPECTED_CM
+    assert [row["class"] for row in metrics["per_class"]] == CLASSES
+    assert [row["index"] for row in metrics["per_class"]] == [0, 1, 2]
+    for row in metrics["per_class"]:
+        precision, recall, f1 = EXPECTED_PER_CLASS[row["class"]]
+        assert row["precision"] == pytest.approx(precision), row["class"]
+        assert row["recall"] == pytest.approx(recall), row["class"]
+        assert row["f1"] == pytest.approx(f1), row["class"]
+        assert row["support"] == 2
+
+
+def test_averages(metrics: dict) -> None:
+    # macro precision = (1/2 + 2/3 + 1)/3 = 13/18; macro recall = (1/2 + 1 + 1/2)/3 = 2/3
+    # macro f1 = (1/2 + 4/5 + 2/3)/3 = 59/90; equal supports make weighted == macro.
+    assert metrics["macro_precision"] == pytest.approx(13 / 18)
+    assert metrics["macro_recall"] == pytest.approx(2 / 3)
+    assert metrics["macro_f1"] == pytest.approx(59 / 90)
+    assert metrics["weighted_precision"] == pytest.approx(13 / 18)
+    assert metrics["weighted_recall"] == pytest.approx(2 / 3)
+    assert metrics["weighted_f1"] == pytest.approx(59 / 90)
+    assert metrics["balanced_accuracy"] == pytest.approx(2 / 3)
+
+
+def test_nll_and_brier(metrics: dict) -> None:
+    # NLL = -mean(log p(true)) = -log(0.7 * 0.2 * 0.8 * 0.5 * 0.6 * 0.4) / 6 = -log(0.01344) / 6
+    assert metrics["nll"] == pytest.approx(-math.log(0.01344) / 6)
+    # Brier per sample, sum_k (p_k - onehot_k)^2:
+    #   0.3²+0.2²+0.1² = 0.14;  0.8²+0.5²+0.3² = 0.98;  0.1²+0.2²+0.1² = 0.06
+    #   0.4²+0.5²+0.1² = 0.42;  0.3²+0.1²+0.4² = 0.26;  0.5²+0.1²+0.6² = 0.62   -> 2.48 / 6
+    assert metrics["brier"] == pytest.approx(2.48 / 6)
+
+
+def test_metrics_are_json_serialisable(metrics: dict) -> None:
+    assert json.loads(json.dumps(metrics, allow_nan=False)) == metrics
+
+
+def test_weighted_differs_from_macro_with_unequal_support() -> None:
+    # y = [0, 0, 0, 1], predictions [0, 0, 1, 1]: recall 2/3 and 1, precision 1 and 1/2.
+    probs = np.array([[0.9, 0.1], [0.8, 0.2], [0.3, 0.7], [0.4, 0.6]])
+    m = compute_metrics(np.array([0, 0, 0, 1]), probs, ["a", "b"])
+    assert m["accuracy"] == pytest.approx(3 / 4)
+    assert m["top2_accuracy"] == 1.0  # k=5 clipped to K=2
+    assert m["macro_recall"] == pytest.approx((2 / 3 + 1) / 2)
+    assert m["weighted_recall"] == pytest.approx((3 * 2 / 3 + 1 * 1) / 4)
+    assert m["weighted_precision"] == pytest.approx((3 * 1 + 1 * 1 / 2) / 4)
+    assert m["confusion_matrix"] == [[2, 1], [0, 1]]
+
+
+def test_class_absent_from_test_set_does_not_crash() -> None:
+    # "c" never occurs in y_true but is predicted once: cm [[2,0,1],[0,1,0],[0,0,0]].
+    probs = np.array([[0.8, 0.1, 0.1], [0.6, 0.2, 0.2], [0.2, 0.2, 0.6], [0.1, 0.8, 0.1]])
+    m = compute_metrics(np.array([0, 0, 0, 1]), probs, ["a", "b", "c"])
+    assert m["confusion_matrix"] == [[2, 0, 1], [0, 1, 0], [0, 0, 0]]
+    c = m["per_class"][2]
+    assert (c["support"], c["recall"], c["precision"], c["f1"]) == (0, 0.0, 0.0, 0.0)
+    assert m["per_class"][0]["recall"] == pytest.approx(2 / 3)
+    assert m["macro_recall"] == pytest.approx((2 / 3 + 1 + 0) / 3)
+    assert m["nll"] == pytest.approx(-math.log(0.8 * 0.6 * 0.2 * 0.8) / 4)
+
+    report = check_gates(m, min_accuracy=0.5, min_class_recall=0.5)
+    assert not report.passed
+    assert [g.name for g in report.failed()] == ["min_class_recall[c]"]
+    assert "no test images" in report.failed()[0].message
+    assert "'c'" in report.failed()[0].message
+
+
+def test_class_never_seen_nor_predicted_keeps_its_row_and_column() -> None:
+    # "d" is neither in y_true nor ever the argmax: it must still get a row, a column and a gate.
+    probs = np.array([[0.7, 0.1, 0.1, 0.1], [0.1, 0.7, 0.1, 0.1], [0.1, 0.1, 0.7, 0.1]])
+    m = compute_metrics(np.array([0, 1, 2]), probs, ["a", "b", "c", "d"])
+    assert m["confusion_matrix"] == [[1, 0, 0, 0], [0, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 0]]
+    assert [row["support"] for row in m["per_class"]] == [1, 1, 1, 0]
+    assert m["accuracy"] == 1.0
+    assert m["macro_recall"] == pytest.approx(3 / 4)  # the empty class counts as recall 0
+    report = check_gates(m, min_accuracy=0.9, min_class_recall=0.9)
+    assert [g.name for g in report.failed()] == ["min_class_recall[d]"]
+
+
+def test_input_errors_are_explicit() -> None:
+    with pytest.raises(ValueError, match="shape"):
+        compute_metrics(Y_TRUE, PROBS[:, :2], CLASSES)
+    with pytest.raises(ValueError, match="sum to 1"):
+        compute_metrics(Y_TRUE, PROBS * 3, CLASSES)  # logits-like input
+    with pytest.raises(ValueError, match="outside"):
+        compute_metrics(np.array([0, 0, 1, 1, 2, 3]), PROBS, CLASSES)
+
+
+def _metrics_with_recalls(correct_per_class: list[int], *, per_class: int = 10) -> dict:
+    """K classes with ``per_class`` images each; the first ``correct`` of class i are right,
+    the others are predicted as the next class."""
+    n_classes = len(correct_per_class)
+    y, probs = [], []
+    for i, correct in enumerate(correct_per_class):
+        for j in range(per_class):
+            row = np.full(n_classes, 0.1 / (n_classes - 1))
+            row[i if j < correct else (i + 1) % n_classes] = 0.9
+            y.append(i)
+            probs.append(row)
+    return compute_metrics(np.array(y), np.array(probs), CLASSES[:n_classes])
+
+
+def test_gates_fail_exactly_the_weak_class() -> None:
+    m = _metrics_with_recalls([10, 10, 5])  # accuracy 25/30, bird recall 0.5
+    report = check_gates(m, min_accuracy=0.8, min_class_recall=0.6)
+    assert report.passed is False
+    assert [g.name for g in report.gates] == [
+        "min_accuracy",
+        "min_class_recall[cat]",
+        "min_class_recall[dog]",
+        "min_class_recall[bird]",
+    ]
+    assert [g.name for g in report.failed()] == ["min_class_recall[bird]"]
+    bird = report.failed()[0]
+    assert (bird.value, bird.threshold) == (0.5, 0.6)
+    assert bird.message == "recall of 'bird' 0.50 < 0.60"
+    assert report.gates[0].message == "accuracy 0.83 >= 0.80"
+    lines = report.summary_text().splitlines()
+    assert len(lines) == 4
+    assert [line.startswith("FAIL") for line in lines] == [False, False, False, True]
+
+
+def test_gates_pass_for_a_good_model_and_at_the_threshold() -> None:
+    m = _metrics_with_recalls([10, 9, 8])  # accuracy 0.9, recalls 1.0, 0.9, 0.8
+    report = check_gates(m, min_accuracy=0.9, min_class_recall=0.8)
+    assert report.passed is True
+    assert report.failed() == []
+    assert all(g.passed for g in report.gates)
+
+    strict = check_gates(m, min_accuracy=0.91, min_class_recall=0.8)
+    assert [g.name for g in strict.failed()] == ["min_accuracy"]
+
+
+def test_gate_message_never_shows_a_failure_as_equal() -> None:
+    m = _metrics_with_recalls([10, 10, 10])
+    m["per_class"][0]["recall"] = 0.598
+    report = check_gates(m, min_accuracy=0.5, min_class_recall=0.6)
+    assert report.failed()[0].message == "recall of 'cat' 0.598 < 0.600"
+
+
+def test_gate_thresholds_are_validated() -> None:
+    m = _metrics_with_recalls([10, 10, 10])
+    with pytest.raises(ConfigError, match="min_class_recall"):
+        check_gates(m, min_accuracy=0.5, min_class_recall=60)
+
+
+def test_gate_report_round_trip() -> None:
+    report = check_gates(_metrics_with_recalls([10, 10, 5]), min_accuracy=0.8, min_class_recall=0.6)
+    d = json.loads(json.dumps(report.to_dict()))
+    assert d["failed"] == ["min_class_recall[bird]"]
+    assert GateReport.from_dict(d) == report
+
+
+def test_gate_report_cannot_pass_without_gates_or_with_a_failed_gate() -> None:
+    with pytest.raises(ValueError):
+        GateReport(passed=True, gates=())
+    failed = GateResult(name="min_accuracy", passed=False, value=0.1, threshold=0.9, message="m")
+    with pytest.raises(ValueError):
+        GateReport(passed=True, gates=(failed,))
+
+
+def test_flat_metrics_are_scalars_with_class_slugs() -> None:
+    m = compute_metrics(Y_TRUE, PROBS, ["T-shirt/top", "Ankle boot", "Ankle-boot"], top_k=2)
+    flat = flat_metrics(m)
+    assert all(type(v) is float for v in flat.values())
+    assert flat["accuracy"] == pytest.approx(4 / 6)
+    assert flat["top2_accuracy"] == pytest.approx(5 / 6)
+    assert flat["recall_t_shirt_top"] == pytest.approx(1 / 2)
+    assert flat["f1_ankle_boot"] == pytest.approx(4 / 5)
+    assert flat["recall_ankle_boot_2"] == pytest.approx(1 / 2)  # slug collision disambiguated
+    for key in ("balanced_accuracy", "macro_f1", "weighted_f1", "nll", "brier", "n"):
+        assert key in flat
+    assert slug("Sandal") == "sandal"
+
+
+def _assert_png(path: Path, *, min_side: int = 200) -> None:
+    assert path.is_file()
+    with Image.open(path) as im:
+        im.verify()
+    with Image.open(path) as im:
+        assert im.format == "PNG"
+        assert min(im.size) >= min_side
+        # Not a blank canvas: a real plot has many distinct colours.
+        assert len(im.convert("RGB").getcolors(maxcolors=1_000_000) or []) > 20
+
+
+def test_write_evaluation_writes_all_files(tmp_path: Path, metrics: dict) -> None:
+    report = check_gates(metrics, min_accuracy=0.6, min_class_recall=0.6)
+    out = tmp_path / "eval" / "nested"
+    paths = write_evaluation(metrics, report, out)
+
+    assert set(paths) == {"metrics", "evaluation", "per_class", "gates", "confusion_matrix"}
+    assert {p.name for p in paths.values()} == {
+        "metrics.json",
+        "evaluation.json",
+        "per_class.csv",
+        "gates.json",
+        "confusion_matrix.png",
+    }
+    assert all(p.parent == out for p in paths.values())
+
+    flat = json.loads(paths["metrics"].read_text())
+    assert flat == flat_metrics(metrics)
+    assert all(isinstance(v, int | float) and not isinstance(v, bool) for v in flat.values())
+
+    assert json.loads(paths["evaluation"].read_text()) == metrics
+    assert GateReport.from_dict(json.loads(paths["gates"].read_text())) == report
+
+    with paths["per_class"].open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["class"] for r in rows] == CLASSES
+    assert list(rows[0]) == ["class", "precision", "recall", "f1", "support"]
+    assert float(rows[1]["precision"]) == pytest.approx(2 / 3)
+    assert int(rows[2]["support"]) == 2
+
+    _assert_png(paths["confusion_matrix"])
+
+
+def test_plot_confusion_matrix_handles_empty_rows_and_rejects_bad_shape(tmp_path: Path) -> None:
+    cm = np.array([[2, 0, 1], [0, 1, 0], [0, 0, 0]])  # last class absent: row of zeros
+    path = plot_confusion_matrix(cm, ["a", "b", "c"], tmp_path / "cm.png")
+    _assert_png(path)
+    raw = plot_confusion_matrix(cm, ["a", "b", "c"], tmp_path / "raw.png", normalize=False)
+    _assert_png(raw)
+    with pytest.raises(ValueError, match="shape"):
+        plot_confusion_matrix(cm, ["a", "b"], tmp_path / "bad.png")
+
+
+def test_plot_training_curves_writes_png(tmp_path: Path) -> None:
+    history = [
+        {"epoch": 1, "train_loss": 1.2, "val_loss": 1.0, "val_accuracy": 0.6, "lr": 0.1},
+        {"epoch": 2, "train_loss": 0.8, "val_loss": 0.7, "val_accuracy": 0.75},
+        {"epoch": 3, "train_loss": 0.5, "val_loss": None, "val_accuracy": 0.8},
+    ]
+    path = plot_training_curves(history, tmp_path / "plots" / "curves.png")
+    assert path == tmp_path / "plots" / "curves.png"
+    _assert_png(path)
+    with Image.open(path) as im:
+        width, height = im.size
+    assert width > height  # two panels side by side
+    with pytest.raises(ValueError, match="empty"):
+        plot_training_curves([], tmp_path / "none.png")

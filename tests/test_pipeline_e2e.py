@@ -1,0 +1,92 @@
+"""End to end: `imgflow pipeline` on a small real Fashion-MNIST subset, then the registry.
+
+One pipeline run (session fixture) is shared by these tests; each checks one promise of it.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+
+from components.manifest import DataPaths, data_version
+from tests.conftest import FMNIST_CLASSES, fmnist_arrays, png_bytes, run_cli
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture(scope="module")
+def done(pipeline_project: dict) -> dict:
+    proc = pipeline_project["proc"]
+    assert proc.returncode == 0, f"pipeline failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    return pipeline_project
+
+
+def _models(project) -> list[dict]:
+    proc = run_cli("models", "--json", cwd=project)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)
+
+
+def _use_store(project) -> None:
+    mlflow.set_tracking_uri(f"sqlite:///{project / '.imgflow' / 'mlflow.db'}")
+    mlflow.set_registry_uri(f"sqlite:///{project / '.imgflow' / 'mlflow.db'}")
+
+
+def test_pipeline_prints_run_version_and_ui(done: dict) -> None:
+    out = done["proc"].stdout
+    assert "MLflow run" in out and "registered     imgflow-test version 1" in out
+    assert "champion" in out and "mlflow ui --backend-store-uri sqlite:///" in out
+
+
+def test_registered_version_is_champion_with_provenance(done: dict) -> None:
+    project = done["project"]
+    (v1,) = _models(project)
+    assert v1["aliases"] == ["challenger", "champion"]
+    assert v1["gates_passed"] is True
+    assert v1["metrics"]["test_accuracy"] > 0.5  # 10 classes: chance is 0.1
+    assert v1["tags"]["data_version"] == data_version(DataPaths(project / "data").manifest)
+    assert v1["tags"]["git_commit"]  # 'unknown' outside a checkout, a sha inside one
+    run = mlflow.MlflowClient(f"sqlite:///{project / '.imgflow' / 'mlflow.db'}").get_run(v1["run_id"])
+    assert run.data.params["train.epochs"] == "4"
+    assert "val_accuracy" in run.data.metrics and run.data.tags["data_version"] == v1["tags"]["data_version"]
+
+
+def test_champion_loads_by_alias_and_predicts_real_images(done: dict) -> None:
+    _use_store(done["project"])
+    model = mlflow.pyfunc.load_model("models:/imgflow-test@champion")
+    x, y = fmnist_arrays("t10k", 64)
+    out = model.predict(pd.DataFrame({"image": [png_bytes(a) for a in x]}))
+    assert list(out.columns) == ["label", "score", "probabilities"] and len(out) == 64
+    probs = np.array(out["probabilities"].tolist())
+    assert probs.shape == (64, 10)
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-5)
+    assert set(out["label"]) <= set(FMNIST_CLASSES)
+    accuracy = float(np.mean([FMNIST_CLASSES[i] == lab for i, lab in zip(y, out["label"], strict=True)]))
+    assert accuracy > 0.5
+    # JSON clients send base64 text: same answer.
+    b64 = model.predict(pd.DataFrame({"image": [base64.b64encode(png_bytes(x[0])).decode()]}))
+    assert b64["label"][0] == out["label"][0]
+
+
+def test_served_model_rejects_non_images(done: dict) -> None:
+    _use_store(done["project"])
+    model = mlflow.pyfunc.load_model("models:/imgflow-test@champion")
+    with pytest.raises(Exception, match="not a decodable image"):
+        model.predict(pd.DataFrame({"image": [b"this is not a png"]}))
+
+
+def test_failed_gates_register_challenger_but_keep_champion(done: dict) -> None:
+    project = done["project"]
+    ev = run_cli("evaluate", "--set", "gates.min_accuracy=0.999", cwd=project)
+    assert ev.returncode == 0, ev.stderr
+    reg = run_cli("register", cwd=project)
+    assert reg.returncode == 3, reg.stderr
+    assert "NOT promoted" in reg.stderr and "accuracy" in reg.stderr and "< 0.999" in reg.stderr
+    v2, v1 = _models(project)
+    assert v2["version"] == "2" and v2["aliases"] == ["challenger"] and v2["gates_passed"] is False
+    assert "champion" in v1["aliases"]

@@ -290,8 +290,10 @@ def _gate(name: str, what: str, value: float, threshold: float) -> GateResult:
 
 
 def _format_pair(value: float, threshold: float) -> tuple[str, str]:
-    """Two decimals, or more where two would print a failing 0.598 as '0.60 < 0.60'."""
-    for digits in range(2, 7):
+    """Both with the same decimals: at least 2, enough to show the threshold exactly (up to 6), and
+    more where fewer would print a failing 0.598 as '0.60 < 0.60'."""
+    start = next((d for d in range(2, 7) if float(f"{threshold:.{d}f}") == threshold), 6)
+    for digits in range(start, 7):
         v, t = f"{value:.{digits}f}", f"{threshold:.{digits}f}"
         if v != t or math.isclose(value, threshold, abs_tol=_GATE_EPS):
             return v, t

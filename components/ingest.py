@@ -43,6 +43,10 @@ from components.splits import assign_splits
 logger = logging.getLogger(__name__)
 
 _CHUNK = 512  # items per thread-pool batch (and per progress-bar step)
+# Threads, not processes: zlib, PIL's decoders and file I/O release the GIL, and most of the time
+# on a fresh store is spent creating files. 4 beat 2 even on 2 cores (measured: 33 s vs 55 s for
+# Fashion-MNIST); more add little because the Python parts still hold the GIL.
+_WORKERS = 4
 
 
 @dataclass(frozen=True)
@@ -115,21 +119,26 @@ class ContentStore:
     """``<data dir>/store/<sha[:2]>/<sha256>.<ext>``; an existing file is never rewritten."""
 
     def __init__(self, paths: DataPaths) -> None:
-        self.paths = paths
-        self._dirs: set[Path] = set()
+        # plain strings: pathlib costs more per call than hashing a 28x28 PNG
+        self._root = str(paths.root)
+        self._prefix = paths.store.relative_to(paths.root).as_posix()
+        self._dirs: set[str] = set()
 
     def put(self, image_id: str, ext: str, data: bytes) -> str:
         """Store ``data`` (atomically: tmp + rename); returns its path relative to the data dir."""
-        dest = self.paths.store / image_id[:2] / f"{image_id}.{ext}"
-        if dest.parent not in self._dirs:
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            self._dirs.add(dest.parent)
+        folder = f"{self._prefix}/{image_id[:2]}"
+        rel = f"{folder}/{image_id}.{ext}"
+        if folder not in self._dirs:
+            os.makedirs(os.path.join(self._root, folder), exist_ok=True)
+            self._dirs.add(folder)
+        dest = Path(self._root, rel)
         if not dest.exists():
             # unique per process and thread: two writers of the same new file never share a tmp
-            tmp = dest.with_name(f".{dest.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-            tmp.write_bytes(data)
+            tmp = os.path.join(self._root, folder, f".{image_id}.{os.getpid()}.{threading.get_ident()}.tmp")
+            with open(tmp, "wb") as f:
+                f.write(data)
             os.replace(tmp, dest)
-        return dest.relative_to(self.paths.root).as_posix()
+        return rel
 
 
 # --------------------------------------------------------------------------------------------
@@ -371,7 +380,7 @@ def ingest(
         store=store,
         quarantine=quarantine,
         progress=progress,
-        workers=min(4, os.cpu_count() or 1),
+        workers=_WORKERS,
     )
     kept = deduplicate(candidates, quarantine)
     write_quarantine(quarantine.rows, paths.quarantine)

@@ -104,6 +104,8 @@ _SWAPPING_ORIENTATIONS = {5, 6, 7, 8}
 
 def _oriented_size(im: Image.Image) -> tuple[int, int]:
     width, height = im.size
+    if "exif" not in im.info and im.format != "TIFF":  # no EXIF block: skip the (slow) parse
+        return width, height
     try:
         orientation = im.getexif().get(_EXIF_ORIENTATION, 1)
     except Exception:  # a broken EXIF block does not make the pixels unusable

@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import sys
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
@@ -52,6 +53,8 @@ ENV_DEFAULTS = {
 def _setup() -> None:
     for k, v in ENV_DEFAULTS.items():
         os.environ.setdefault(k, v)
+    # MLflow nags about predict() type hints; imgflow's pyfunc declares an explicit signature instead.
+    warnings.filterwarnings("ignore", message=".*[Tt]ype hint.*", category=UserWarning)
     from rich.logging import RichHandler
 
     logging.basicConfig(level=logging.WARNING, format="%(message)s", handlers=[RichHandler(show_path=False)])

@@ -58,7 +58,12 @@ def png_bytes(arr: np.ndarray) -> bytes:
 def run_cli(*args: str, cwd: Path, timeout: int = 900) -> subprocess.CompletedProcess[str]:
     """Run the installed ``imgflow`` console script as a user would."""
     return subprocess.run(
-        [str(BIN / "imgflow"), *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=os.environ.copy()
+        [str(BIN / "imgflow"), *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=os.environ.copy(),
     )
 
 

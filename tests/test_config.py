@@ -19,7 +19,9 @@ def test_repo_params_load_and_match_defaults() -> None:
 
 
 def test_overrides_are_parsed_as_yaml() -> None:
-    p = load_params(REPO / "params.yaml", ["train.epochs=3", "train.scale=[0.5, 1.0]", "ingest.classes=[a, b]"])
+    p = load_params(
+        REPO / "params.yaml", ["train.epochs=3", "train.scale=[0.5, 1.0]", "ingest.classes=[a, b]"]
+    )
     assert p.train.epochs == 3 and p.train.scale == (0.5, 1.0) and p.ingest.classes == ("a", "b")
 
 

@@ -26,7 +26,9 @@ def test_any_timm_model_by_name_and_grey_stats_adapted() -> None:
     model = create_classifier("resnet10t", 4, in_chans=1)
     cfg = resolve_data_config(model, input_size=32)
     assert len(cfg["mean"]) == 1 and cfg["input_size"] == (1, 32, 32)
-    x = create_image_transform(cfg, is_training=False)(decode_image(png_bytes(fmnist_arrays(n=1)[0][0]), mode="L"))
+    x = create_image_transform(cfg, is_training=False)(
+        decode_image(png_bytes(fmnist_arrays(n=1)[0][0]), mode="L")
+    )
     assert x.shape == (1, 32, 32)
     assert model.eval()(x[None]).shape == (1, 4)
 
@@ -41,7 +43,9 @@ def test_unknown_model_and_unavailable_weights_are_config_errors() -> None:
 def test_saved_model_round_trips_without_pickle(tmp_path: Path) -> None:
     torch.manual_seed(0)
     model = create_classifier("imgflow_cnn", 10, in_chans=1).eval()
-    spec = ModelSpec(model="imgflow_cnn", classes=tuple("abcdefghij"), in_chans=1, data_config=resolve_data_config(model))
+    spec = ModelSpec(
+        model="imgflow_cnn", classes=tuple("abcdefghij"), in_chans=1, data_config=resolve_data_config(model)
+    )
     save_classifier(model.state_dict(), spec, tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.json", "model.safetensors"]
     loaded, spec2 = load_classifier(tmp_path)

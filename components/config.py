@@ -72,7 +72,7 @@ class TrainConfig(_Section):
     model: str = "imgflow_cnn"
     """Any timm model name (``timm.list_models()``), or imgflow's own ``imgflow_cnn``."""
     pretrained: bool = False
-    epochs: int = Field(default=5, ge=1)
+    epochs: int = Field(default=6, ge=1)
     batch_size: int = Field(default=128, ge=1)
     lr: float = Field(default=3e-3, gt=0)
     weight_decay: float = Field(default=0.05, ge=0)

@@ -111,7 +111,11 @@ def read_manifest(path: Path) -> pd.DataFrame:
 
 
 def data_version(path: Path) -> str:
-    """md5 of a file, as DVC records it in ``dvc.lock`` for a file output."""
+    """The manifest's md5: the hash DVC records in ``dvc.lock`` for it (a file output)."""
+    return file_md5(path)
+
+
+def file_md5(path: Path) -> str:
     h = hashlib.md5()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):

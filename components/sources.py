@@ -29,6 +29,7 @@ import numpy as np
 from PIL import Image, ImageFile, UnidentifiedImageError
 
 from components.errors import ConfigError, DataError, DataUnavailableError
+from components.manifest import file_md5
 
 logger = logging.getLogger(__name__)
 
@@ -343,14 +344,6 @@ def csv_items(path: Path) -> tuple[tuple[str, ...], list[SourceItem]]:
 # fashion-mnist
 
 
-def _md5(path: Path) -> str:
-    h = hashlib.md5()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def download_file(url: str, dest: Path, *, md5: str, timeout: float = DOWNLOAD_TIMEOUT_S) -> Path:
     """Download ``url`` to ``dest`` (atomically), verifying its md5; DataUnavailableError if not."""
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -391,7 +384,7 @@ def fashion_mnist_paths(
         cached = cache_dir / name if cache_dir is not None else None
         if local.is_file():
             found[name] = local
-        elif cached is not None and cached.is_file() and _md5(cached) == md5:
+        elif cached is not None and cached.is_file() and file_md5(cached) == md5:
             found[name] = cached
         elif download and cached is not None:
             logger.info("downloading %s%s to %s", FASHION_MNIST_URL, name, cached)

@@ -182,7 +182,7 @@ class ImageClassifierModel(PythonModel):
 
         self.predictor = Predictor.from_dir(Path(context.artifacts["model_dir"]))
 
-    # No type hints here: MLflow derives a (wrong) schema from predict's hints; the signature is explicit.
+    # No type hints: MLflow would derive a (wrong) schema from them.
     def predict(self, context, model_input, params=None):
         if isinstance(model_input, pd.DataFrame):
             if IMAGE_COLUMN not in model_input.columns:

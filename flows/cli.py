@@ -6,11 +6,11 @@ Exit codes: 0 ok, 1 unexpected error, 2 bad input/params (message says what to f
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import sys
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
@@ -53,11 +53,11 @@ ENV_DEFAULTS = {
 def _setup() -> None:
     for k, v in ENV_DEFAULTS.items():
         os.environ.setdefault(k, v)
-    # MLflow nags about predict() type hints; imgflow's pyfunc declares an explicit signature instead.
-    warnings.filterwarnings("ignore", message=".*[Tt]ype hint.*", category=UserWarning)
+    from rich.console import Console
     from rich.logging import RichHandler
 
-    logging.basicConfig(level=logging.WARNING, format="%(message)s", handlers=[RichHandler(show_path=False)])
+    handler = RichHandler(console=Console(stderr=True), show_path=False)
+    logging.basicConfig(level=logging.WARNING, format="%(message)s", handlers=[handler])
     logging.getLogger("components").setLevel(logging.INFO)
 
 
@@ -68,12 +68,17 @@ def _emit(result: Any, as_json: bool, human: Callable[[Any], str]) -> None:
         typer.echo(human(result))
 
 
-def _run(fn: Callable[[], Any]) -> Any:
-    """Run a command body; project errors become a clear message and their exit code."""
+def _run(fn: Callable[[], Any], *, as_json: bool = False) -> Any:
+    """Run a command body; project errors become a clear message and their exit code.
+
+    With ``--json`` everything the body prints (libraries' chatter included) goes to stderr, so
+    stdout holds only the JSON result.
+    """
     from components.errors import ImgflowError
 
     try:
-        return fn()
+        with contextlib.redirect_stdout(sys.stderr) if as_json else contextlib.nullcontext():
+            return fn()
     except ImgflowError as e:
         typer.secho(f"imgflow: {e}", err=True, fg=typer.colors.RED)
         raise typer.Exit(e.exit_code) from None
@@ -99,7 +104,7 @@ def ingest(
     from components.stages import run_ingest
 
     overrides = list(set_ or []) + ([f"ingest.source={source}"] if source else [])
-    result = _run(lambda: run_ingest(_params(params, overrides), progress=not as_json))
+    result = _run(lambda: run_ingest(_params(params, overrides), progress=not as_json), as_json=as_json)
 
     def human(r: dict[str, Any]) -> str:
         lines = [
@@ -121,7 +126,7 @@ def validate(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None, as_js
     """Great Expectations suite over the manifest; exit code 4 and a report when it fails."""
     from components.stages import run_validate
 
-    result = _run(lambda: run_validate(_params(params, set_)))
+    result = _run(lambda: run_validate(_params(params, set_)), as_json=as_json)
     _emit(result, as_json, lambda r: f"data validation passed; report {r['report_html']}")
 
 
@@ -137,7 +142,9 @@ def train(
     """Train the timm model with Ray Train (local Ray on 127.0.0.1, or $RAY_ADDRESS); log to MLflow."""
     from components.stages import run_train
 
-    result = _run(lambda: run_train(_params(params, set_), progress=not as_json, resume=resume))
+    result = _run(
+        lambda: run_train(_params(params, set_), progress=not as_json, resume=resume), as_json=as_json
+    )
     _emit(
         result, as_json, lambda r: f"trained: val_accuracy {r['val_accuracy']:.4f}; MLflow run {r['run_id']}"
     )
@@ -149,7 +156,7 @@ def evaluate(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None, as_js
     from components.evaluation import GateReport
     from components.stages import run_evaluate
 
-    result = _run(lambda: run_evaluate(_params(params, set_)))
+    result = _run(lambda: run_evaluate(_params(params, set_)), as_json=as_json)
 
     def human(r: dict[str, Any]) -> str:
         return f"test accuracy {r['accuracy']:.4f}\n{GateReport.from_dict(r['gates']).summary_text()}"
@@ -162,7 +169,7 @@ def register(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None, as_js
     """Register the model (alias challenger; champion only if the gates passed, else exit code 3)."""
     from components.stages import gate_failure_message, run_register
 
-    result = _run(lambda: run_register(_params(params, set_), raise_on_gate_failure=False))
+    result = _run(lambda: run_register(_params(params, set_), raise_on_gate_failure=False), as_json=as_json)
     _emit(
         result,
         as_json,
@@ -204,7 +211,7 @@ def pipeline(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None, as_js
 
         return pipeline_flow(params_path=str(params), overrides=list(set_ or []))
 
-    result = _run(body)
+    result = _run(body, as_json=as_json)
     _emit(result, as_json, _pipeline_summary)
     if not result["register"]["gates_passed"]:
         typer.secho(f"imgflow: {gate_failure_message(result['register'])}", err=True, fg=typer.colors.RED)
@@ -216,7 +223,7 @@ def models(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None, as_json
     """Registered versions with aliases, key test metrics and gate results."""
     from components.stages import list_models
 
-    rows = _run(lambda: list_models(_params(params, set_)))
+    rows = _run(lambda: list_models(_params(params, set_)), as_json=as_json)
 
     def human(rs: list[dict[str, Any]]) -> str:
         if not rs:

@@ -6,28 +6,26 @@ import gzip
 import io
 import os
 import shutil
+import signal
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
 import yaml
 from PIL import Image
 
-# Entry-point environment (set before anything imports ray/prefect/mlflow).
-for _k, _v in {
-    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
-    "RAY_USAGE_STATS_ENABLED": "0",
-    "DVC_NO_ANALYTICS": "1",
-    "GX_ANALYTICS_ENABLED": "false",
-    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "90",
-    "HF_HUB_OFFLINE": "1",
-    "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
-}.items():
+from flows.cli import ENV_DEFAULTS
+
+# Entry-point environment (set before anything imports ray/prefect/mlflow), as the CLI sets it.
+for _k, _v in {**ENV_DEFAULTS, "HF_HUB_OFFLINE": "1"}.items():
     os.environ.setdefault(_k, _v)
 os.environ.pop("MLFLOW_TRACKING_URI", None)
+os.environ.pop("PREFECT_API_URL", None)
 os.environ.pop("RAY_ADDRESS", None)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -55,15 +53,13 @@ def png_bytes(arr: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def run_cli(*args: str, cwd: Path, timeout: int = 900) -> subprocess.CompletedProcess[str]:
-    """Run the installed ``imgflow`` console script as a user would."""
+def run_cli(
+    *args: str, cwd: Path, timeout: int = 900, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Run the installed ``imgflow`` console script as a user would (own PREFECT_HOME in ``cwd``)."""
+    full_env = dict(os.environ, PREFECT_HOME=str(cwd / ".prefect"), **(env or {}))
     return subprocess.run(
-        [str(BIN / "imgflow"), *args],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=os.environ.copy(),
+        [str(BIN / "imgflow"), *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=full_env
     )
 
 
@@ -81,15 +77,65 @@ def write_small_params(project: Path, *, max_per_class: int = 30, epochs: int = 
     return path
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_http(url: str, *, timeout: float, proc: subprocess.Popen | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"server exited early with {proc.returncode}")
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise TimeoutError(f"{url} not healthy after {timeout}s")
+
+
+def stop_process_group(proc: subprocess.Popen) -> None:
+    """Stop the process we started and its children (its own session), by PID — never by name."""
+    if proc.poll() is not None:
+        return
+    os.killpg(proc.pid, signal.SIGINT)
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+
+
 @pytest.fixture(scope="session")
-def pipeline_project(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """One real `imgflow pipeline` run (ephemeral Prefect, local Ray, sqlite MLflow) on 300+300 images."""
+def prefect_server(tmp_path_factory: pytest.TempPathFactory):
+    """A real Prefect server on 127.0.0.1 and a free port, with its own PREFECT_HOME."""
+    home = tmp_path_factory.mktemp("prefect-server")
+    port = free_port()
+    env = dict(os.environ, PREFECT_HOME=str(home))
+    env.pop("PREFECT_API_URL", None)
+    with open(home / "server.log", "w") as log:
+        proc = subprocess.Popen(
+            [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+        api = f"http://127.0.0.1:{port}/api"
+        try:
+            wait_http(f"{api}/health", timeout=120, proc=proc)
+            yield api
+        finally:
+            stop_process_group(proc)
+
+
+@pytest.fixture(scope="session")
+def pipeline_project(tmp_path_factory: pytest.TempPathFactory, prefect_server: str) -> dict:
+    """One real `imgflow pipeline` run on 300+300 real images: Prefect server, local Ray, sqlite MLflow."""
     project = tmp_path_factory.mktemp("project")
     write_small_params(project)
-    env_home = project / ".prefect"
-    os.environ["PREFECT_HOME"] = str(env_home)
-    proc = run_cli("pipeline", cwd=project)
-    return {"project": project, "proc": proc}
+    proc = run_cli("pipeline", cwd=project, env={"PREFECT_API_URL": prefect_server})
+    return {"project": project, "proc": proc, "prefect_api": prefect_server}
 
 
 @pytest.fixture()

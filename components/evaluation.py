@@ -24,12 +24,13 @@ import logging
 import math
 import re
 import warnings
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
+from scipy.stats import norm
 from sklearn.exceptions import UndefinedMetricWarning
 from sklearn.metrics import (
     accuracy_score,
@@ -71,7 +72,12 @@ _SCALAR_KEYS = (
 
 
 def compute_metrics(
-    y_true: np.ndarray, probs: np.ndarray, classes: Sequence[str], *, top_k: int = 5
+    y_true: np.ndarray,
+    probs: np.ndarray,
+    classes: Sequence[str],
+    *,
+    top_k: int = 5,
+    confidence: float = 0.95,
 ) -> dict[str, Any]:
     """All test-set metrics of one model, as a JSON-able dict.
 
@@ -81,8 +87,10 @@ def compute_metrics(
     Returns accuracy, ``top{k}_accuracy`` (k clipped to K), balanced_accuracy, macro_* and
     weighted_* precision/recall/F1, nll (log loss), brier (mean over samples of
     ``sum_k (p_k - onehot_k)^2``, range [0, 2]), n, per_class (list of dicts in class order)
-    and confusion_matrix ((K, K) counts, rows = true, columns = predicted).
-    A class absent from ``y_true`` gets recall 0 and support 0 (never a crash).
+    and confusion_matrix ((K, K) counts, rows = true, columns = predicted) with
+    confusion_matrix_normalized (each row divided by its count: recall on the diagonal).
+    Each per-class row carries ``recall_lower``/``recall_upper``, the Wilson interval of its
+    recall at ``confidence``. A class absent from ``y_true`` gets recall 0 and support 0.
     """
     y, p = _check_inputs(y_true, probs, classes, top_k=top_k)
     n_classes = len(classes)
@@ -93,17 +101,22 @@ def compute_metrics(
     prec, rec, f1, support = precision_recall_fscore_support(
         y, y_pred, labels=labels, average=None, zero_division=0
     )
-    per_class = [
-        {
-            "class": str(name),
-            "index": i,
-            "precision": float(prec[i]),
-            "recall": float(rec[i]),
-            "f1": float(f1[i]),
-            "support": int(support[i]),
-        }
-        for i, name in enumerate(classes)
-    ]
+    cm = confusion_matrix(y, y_pred, labels=labels).astype(np.int64)
+    per_class = []
+    for i, name in enumerate(classes):
+        lower, upper = wilson_interval(int(cm[i, i]), int(support[i]), confidence=confidence)
+        per_class.append(
+            {
+                "class": str(name),
+                "index": i,
+                "precision": float(prec[i]),
+                "recall": float(rec[i]),
+                "recall_lower": lower,
+                "recall_upper": upper,
+                "f1": float(f1[i]),
+                "support": int(support[i]),
+            }
+        )
     metrics: dict[str, Any] = {
         "accuracy": float(accuracy_score(y, y_pred)),
         f"top{k}_accuracy": _top_k_accuracy(y, p, k=k),
@@ -113,13 +126,21 @@ def compute_metrics(
         "nll": float(log_loss(y, p, labels=labels)),
         "brier": float(brier_score_loss(y, p, labels=labels, scale_by_half=False)),
         "n": int(y.shape[0]),
+        "confidence": confidence,
         "per_class": per_class,
-        "confusion_matrix": confusion_matrix(y, y_pred, labels=labels).astype(int).tolist(),
+        "confusion_matrix": cm.tolist(),
+        "confusion_matrix_normalized": _row_fractions(cm).tolist(),
     }
     logger.info(
         "evaluated %d samples over %d classes: accuracy %.4f", y.shape[0], n_classes, metrics["accuracy"]
     )
     return metrics
+
+
+def _row_fractions(cm: np.ndarray) -> np.ndarray:
+    """(K, K) counts -> each row divided by its sum; an empty row stays 0."""
+    rows = cm.sum(axis=1, keepdims=True).astype(np.float64)
+    return np.divide(cm, rows, out=np.zeros(cm.shape, dtype=np.float64), where=rows > 0)
 
 
 def _check_inputs(
@@ -188,52 +209,119 @@ def _averaged(y: np.ndarray, y_pred: np.ndarray, labels: list[int], average: str
     }
 
 
+# --------------------------------------------------------------------------- confidence bounds
+
+
+def wilson_interval(successes: int, n: int, *, confidence: float = 0.95) -> tuple[float, float]:
+    """Wilson score interval of a binomial proportion ``successes / n``.
+
+    Unlike the normal approximation it stays inside [0, 1] and is honest for small ``n``: 12 of 12
+    right gives a 95 % lower bound of 0.76, not 1.0. ``n == 0`` gives (0, 1): nothing is known.
+    """
+    if n < 0 or not 0 <= successes <= n:
+        raise ValueError(f"need 0 <= successes <= n, got {successes} of {n}")
+    if not 0.0 < confidence < 1.0:
+        raise ValueError(f"confidence must be within (0, 1), got {confidence}")
+    if n == 0:
+        return 0.0, 1.0
+    z = float(norm.ppf(0.5 + confidence / 2))
+    p = successes / n
+    denom = 1 + z * z / n
+    centre = p + z * z / (2 * n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return max(0.0, (centre - half) / denom), min(1.0, (centre + half) / denom)
+
+
 # --------------------------------------------------------------------------- gates
+
+GateLevel = Literal["error", "warn"]
 
 
 @dataclass(frozen=True)
 class GateResult:
-    """One quality gate: ``value >= threshold`` passes."""
+    """One quality gate and its outcome.
+
+    ``value`` is the point estimate, ``bound`` the statistic actually compared with ``threshold``
+    when it is a confidence bound (None: the value itself is compared). A failed ``warn`` gate is
+    reported but does not block promotion; a failed ``error`` gate does.
+    """
 
     name: str
-    """``min_accuracy`` or ``min_class_recall[<class>]``."""
+    """e.g. ``min_accuracy``, ``min_class_recall[Shirt]``, ``max_ece``."""
     passed: bool
     value: float
     threshold: float
     message: str
     """What was measured against what, e.g. ``recall of 'Shirt' 0.58 < 0.60``."""
+    level: GateLevel = "error"
+    bound: float | None = None
+    comparison: Literal[">=", "<="] = ">="
+    explanation: str = ""
+    """The result in plain words: what the gate protects against and what this result means."""
+
+    @property
+    def blocking(self) -> bool:
+        """Failed and at level ``error``: the model must not be promoted."""
+        return not self.passed and self.level == "error"
+
+    @property
+    def status(self) -> str:
+        return "pass" if self.passed else ("FAIL" if self.level == "error" else "warn")
 
 
 @dataclass(frozen=True)
 class GateReport:
-    """All gates of one evaluation; ``passed`` only if there is at least one gate and all pass."""
+    """All gates of one evaluation; ``passed`` only if there is at least one gate and no failed
+    ``error`` gate (failed ``warn`` gates are reported, not blocking)."""
 
     passed: bool
     gates: tuple[GateResult, ...]
 
     def __post_init__(self) -> None:
-        expected = bool(self.gates) and all(g.passed for g in self.gates)
+        expected = bool(self.gates) and not any(g.blocking for g in self.gates)
         if self.passed != expected:
             raise ValueError(
                 f"GateReport.passed={self.passed} contradicts its gates (expected {expected}: "
-                "a report passes only with at least one gate and no failed gate)"
+                "a report passes only with at least one gate and no failed error gate)"
             )
 
+    @classmethod
+    def of(cls, gates: Sequence[GateResult]) -> GateReport:
+        gates = tuple(gates)
+        return cls(passed=bool(gates) and not any(g.blocking for g in gates), gates=gates)
+
     def failed(self) -> list[GateResult]:
-        """The gates that did not pass, in report order."""
-        return [g for g in self.gates if not g.passed]
+        """The gates that block promotion (failed, level ``error``), in report order."""
+        return [g for g in self.gates if g.blocking]
+
+    def warnings(self) -> list[GateResult]:
+        """The ``warn`` gates that did not pass."""
+        return [g for g in self.gates if not g.passed and g.level == "warn"]
+
+    def verdict(self) -> str:
+        """One sentence: the decision first, then why."""
+        n = len(self.gates)
+        if not self.gates:
+            return "NOT PROMOTABLE: no gate was checked, so nothing shows the model is good enough."
+        warn = f"; {len(self.warnings())} warning(s)" if self.warnings() else ""
+        if self.passed:
+            return f"PASSED: all {n} blocking gates hold{warn}. The model may be promoted to champion."
+        names = ", ".join(g.name for g in self.failed())
+        return f"FAILED: {len(self.failed())} of {n} gates failed ({names}){warn}. The model must not be promoted."
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able form (``gates.json``); :meth:`from_dict` reads it back."""
         return {
             "passed": self.passed,
+            "verdict": self.verdict(),
             "failed": [g.name for g in self.failed()],
-            "gates": [asdict(g) for g in self.gates],
+            "warnings": [g.name for g in self.warnings()],
+            "gates": [{**asdict(g), "status": g.status} for g in self.gates],
         }
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> GateReport:
-        """Inverse of :meth:`to_dict` (the ``failed`` list is derived, so it is not read)."""
+        """Inverse of :meth:`to_dict` (derived keys are not read)."""
         gates = tuple(
             GateResult(
                 name=str(g["name"]),
@@ -241,52 +329,170 @@ class GateReport:
                 value=float(g["value"]),
                 threshold=float(g["threshold"]),
                 message=str(g["message"]),
+                level=g.get("level", "error"),
+                bound=None if g.get("bound") is None else float(g["bound"]),
+                comparison=g.get("comparison", ">="),
+                explanation=str(g.get("explanation", "")),
             )
             for g in d["gates"]
         )
         return cls(passed=bool(d["passed"]), gates=gates)
 
     def summary_text(self) -> str:
-        """One line per gate, failed ones marked ``FAIL``, e.g. for logs and the CLI."""
-        return "\n".join(f"{'ok  ' if g.passed else 'FAIL'}  {g.name}: {g.message}" for g in self.gates)
+        """The verdict, then one line per gate (``ok``/``FAIL``/``warn``), e.g. for logs and the CLI."""
+        lines = [self.verdict()]
+        lines += [f"{'ok  ' if g.passed else g.status:4}  {g.name}: {g.message}" for g in self.gates]
+        return "\n".join(lines)
 
 
-def check_gates(metrics: dict[str, Any], *, min_accuracy: float, min_class_recall: float) -> GateReport:
-    """Gate a model on overall accuracy and on the recall of every class.
+def make_gate(
+    name: str,
+    what: str,
+    value: float,
+    threshold: float,
+    *,
+    level: GateLevel = "error",
+    bound: float | None = None,
+    bound_name: str = "",
+    comparison: Literal[">=", "<="] = ">=",
+    explanation: str = "",
+) -> GateResult:
+    """Compare ``bound`` (or ``value`` when there is no bound) with ``threshold``.
 
-    metrics: a :func:`compute_metrics` dict (or ``evaluation.json`` read back). A class with
-    no test images fails its gate: a gate must never pass because nothing was measured.
+    The message shows both numbers with enough decimals that a failure never reads as equal.
     """
-    for name, threshold in (("min_accuracy", min_accuracy), ("min_class_recall", min_class_recall)):
-        if not 0.0 <= threshold <= 1.0:
-            raise ConfigError(f"gates.{name} must be within [0, 1], got {threshold}; fix params.yaml")
-    gates = [_gate(ACCURACY_GATE, "accuracy", float(metrics["accuracy"]), min_accuracy)]
-    for row in metrics["per_class"]:
-        gates.append(_class_recall_gate(row, min_class_recall))
-    report = GateReport(passed=all(g.passed for g in gates), gates=tuple(gates))
-    if not report.passed:
-        logger.warning("gates failed: %s", ", ".join(g.name for g in report.failed()))
-    return report
+    compared = value if bound is None else bound
+    if comparison == ">=":
+        passed = compared >= threshold - _GATE_EPS
+        op = ">=" if passed else "<"
+    else:
+        passed = compared <= threshold + _GATE_EPS
+        op = "<=" if passed else ">"
+    v, t = _format_pair(compared, threshold)
+    if bound is None:
+        message = f"{what} {v} {op} {t}"
+    else:
+        message = f"{what} {value:.4f}, {bound_name or 'bound'} {v} {op} {t}"
+    return GateResult(
+        name=name,
+        passed=passed,
+        value=float(value),
+        threshold=float(threshold),
+        message=message,
+        level=level,
+        bound=None if bound is None else float(bound),
+        comparison=comparison,
+        explanation=explanation,
+    )
 
 
-def _class_recall_gate(row: dict[str, Any], threshold: float) -> GateResult:
-    """Recall gate of one class; row: one ``per_class`` entry."""
+def _check_threshold(name: str, threshold: float) -> None:
+    if not 0.0 <= threshold <= 1.0:
+        raise ConfigError(f"gates.{name} must be within [0, 1], got {threshold}; fix params.yaml")
+
+
+def check_gates(
+    metrics: dict[str, Any],
+    *,
+    min_accuracy: float,
+    min_class_recall: float,
+    confidence: float = 0.95,
+    levels: Mapping[str, str] | None = None,
+) -> GateReport:
+    """Gate a model on overall accuracy and on every class's recall (metrics-only gates).
+
+    metrics: a :func:`compute_metrics` dict. The class-recall gate compares the **Wilson lower
+    bound** of each class's recall (at ``confidence``) with the threshold, so a class with few
+    test images cannot pass by luck; a class with no test images fails its gate.
+    levels: gate name -> ``error`` | ``warn`` | ``off`` (default ``error``).
+    """
+    return GateReport.of(
+        metric_gates(
+            metrics,
+            min_accuracy=min_accuracy,
+            min_class_recall=min_class_recall,
+            confidence=confidence,
+            levels=levels or {},
+        )
+    )
+
+
+def metric_gates(
+    metrics: dict[str, Any],
+    *,
+    min_accuracy: float,
+    min_class_recall: float,
+    confidence: float,
+    levels: Mapping[str, str],
+) -> list[GateResult]:
+    """The accuracy gate and one recall gate per class (see :func:`check_gates`)."""
+    _check_threshold(ACCURACY_GATE, min_accuracy)
+    _check_threshold(CLASS_RECALL_GATE, min_class_recall)
+    gates: list[GateResult] = []
+    if levels.get(ACCURACY_GATE, "error") != "off":
+        acc = float(metrics["accuracy"])
+        gates.append(
+            make_gate(
+                ACCURACY_GATE,
+                "accuracy",
+                acc,
+                min_accuracy,
+                level=_level(levels, ACCURACY_GATE),
+                explanation=(
+                    f"The model labels {acc:.1%} of the {metrics['n']} test images correctly; "
+                    f"at least {min_accuracy:.1%} is required."
+                ),
+            )
+        )
+    if levels.get(CLASS_RECALL_GATE, "error") != "off":
+        level = _level(levels, CLASS_RECALL_GATE)
+        gates += [
+            _class_recall_gate(row, min_class_recall, confidence, level) for row in metrics["per_class"]
+        ]
+    return gates
+
+
+def _level(levels: Mapping[str, str], name: str) -> GateLevel:
+    level = levels.get(name, "error")
+    if level not in ("error", "warn"):
+        raise ConfigError(f"gates.levels.{name} must be error, warn or off, got {level!r}")
+    return "warn" if level == "warn" else "error"
+
+
+def _class_recall_gate(
+    row: dict[str, Any], threshold: float, confidence: float, level: GateLevel
+) -> GateResult:
+    """Recall gate of one class on its Wilson lower bound; row: one ``per_class`` entry."""
     cls = str(row["class"])
     name = f"{CLASS_RECALL_GATE}[{cls}]"
-    if int(row["support"]) == 0:
+    support = int(row["support"])
+    if support == 0:
         message = (
             f"no test images for class '{cls}': its recall cannot be checked against "
             f"{threshold:.2f}; add test images of this class or drop it from the label set"
         )
-        return GateResult(name=name, passed=False, value=0.0, threshold=threshold, message=message)
-    return _gate(name, f"recall of '{cls}'", float(row["recall"]), threshold)
-
-
-def _gate(name: str, what: str, value: float, threshold: float) -> GateResult:
-    passed = value >= threshold - _GATE_EPS
-    v, t = _format_pair(value, threshold)
-    message = f"{what} {v} {'>=' if passed else '<'} {t}"
-    return GateResult(name=name, passed=passed, value=value, threshold=threshold, message=message)
+        return GateResult(
+            name=name, passed=False, value=0.0, threshold=threshold, message=message, level=level, bound=0.0,
+            explanation=f"Nothing was measured for '{cls}', and a gate never passes on no evidence.",
+        )  # fmt: skip
+    hits = int(round(float(row["recall"]) * support))
+    lower, _ = wilson_interval(hits, support, confidence=confidence)
+    gate = make_gate(
+        name,
+        f"recall of '{cls}'",
+        float(row["recall"]),
+        threshold,
+        level=level,
+        bound=lower,
+        bound_name=f"{confidence:.0%} lower bound",
+    )
+    verdict = "is" if gate.passed else "is NOT"
+    explanation = (
+        f"{hits} of {support} '{cls}' test images are recognised ({float(row['recall']):.1%}). "
+        f"With {confidence:.0%} confidence the true recall is at least {lower:.1%}, which {verdict} "
+        f"above the required {threshold:.1%}."
+    )
+    return replace(gate, explanation=explanation)
 
 
 def _format_pair(value: float, threshold: float) -> tuple[str, str]:
@@ -360,7 +566,7 @@ def _write_json(obj: Any, path: Path) -> Path:
 
 
 def _write_per_class_csv(per_class: Sequence[dict[str, Any]], path: Path) -> Path:
-    columns = ("class", "precision", "recall", "f1", "support")
+    columns = ("class", "precision", "recall", "recall_lower", "recall_upper", "f1", "support")
     with path.open("w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
         writer.writeheader()

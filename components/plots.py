@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -71,6 +71,65 @@ def _annotate(ax: Any, counts: np.ndarray, shown: np.ndarray) -> None:
     for (i, j), count in np.ndenumerate(counts):
         colour = "white" if shown[i, j] > threshold else "black"
         ax.text(j, i, str(int(count)), ha="center", va="center", color=colour, fontsize=fontsize)
+
+
+def plot_reliability_diagram(
+    bins_before: Sequence[Any], bins_after: Sequence[Any] | None, path: Path, *, temperature: float = 1.0
+) -> Path:
+    """Reliability diagram: accuracy against confidence per equal-width bin, before and after
+    temperature scaling, with the diagonal of perfect calibration; save as PNG at ``path``.
+
+    bins_*: :class:`components.calibration.ReliabilityBin` (``lower``, ``upper``, ``count``,
+    ``confidence``, ``accuracy``); empty bins are not drawn.
+    """
+    panels = [("before scaling", bins_before)] + (
+        [(f"after scaling (T = {temperature:.3f})", bins_after)] if bins_after is not None else []
+    )
+    fig = Figure(figsize=(5.0 * len(panels), 4.6), dpi=_DPI)
+    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    for ax, (title, bins) in zip(axes, panels, strict=True):
+        filled = [b for b in bins if b.count]
+        centres = [(b.lower + b.upper) / 2 for b in filled]
+        widths = [b.upper - b.lower for b in filled]
+        ax.bar(centres, [b.accuracy for b in filled], width=widths, edgecolor="black", color="#4c72b0",
+               label="accuracy")  # fmt: skip
+        ax.bar(centres, [b.confidence - b.accuracy for b in filled], bottom=[b.accuracy for b in filled],
+               width=widths, color="#dd8452", alpha=0.5, label="gap to confidence")  # fmt: skip
+        ax.plot([0, 1], [0, 1], linestyle="--", color="grey", label="perfect calibration")
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1)
+        ax.set_xlabel("confidence")
+        ax.set_ylabel("accuracy")
+        ax.set_title(title)
+        ax.legend(loc="upper left", fontsize=8)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_robustness_heatmap(
+    accuracy: Mapping[str, Sequence[float]], path: Path, *, clean_accuracy: float | None = None
+) -> Path:
+    """Heat map of accuracy per corruption family (rows) and severity (columns); save as PNG.
+
+    accuracy: family -> accuracy at severities 1..S; each cell is annotated with its value.
+    """
+    if not accuracy:
+        raise ValueError("accuracy is empty: no corruption family to plot")
+    families = list(accuracy)
+    grid = np.asarray([list(accuracy[f]) for f in families], dtype=np.float64)
+    fig = Figure(figsize=(2.5 + 0.9 * grid.shape[1], 1.2 + 0.42 * len(families)), dpi=_DPI)
+    ax = fig.add_subplot()
+    image = ax.imshow(grid, cmap="RdYlGn", vmin=0.0, vmax=1.0, aspect="auto")
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="accuracy")
+    ax.set_xticks(np.arange(grid.shape[1]), labels=[str(s + 1) for s in range(grid.shape[1])])
+    ax.set_yticks(np.arange(len(families)), labels=families)
+    ax.set_xlabel("severity")
+    title = "accuracy under corruption"
+    ax.set_title(title + (f" (clean {clean_accuracy:.3f})" if clean_accuracy is not None else ""))
+    for (i, j), v in np.ndenumerate(grid):
+        ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=8, color="black")
+    fig.tight_layout()
+    return _save(fig, path)
 
 
 def plot_training_curves(history: Sequence[dict[str, Any]], path: Path) -> Path:

@@ -18,7 +18,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -26,10 +26,23 @@ from torch.utils.data import DataLoader
 
 from components.checkpoint import ModelSpec, save_classifier
 from components.data import dataset_for_split
-from components.engine import eval_sums, seed_everything, set_deterministic, train_one_epoch, worker_init_fn
+from components.engine import (
+    StepOptions,
+    eval_sums,
+    seed_everything,
+    set_deterministic,
+    train_one_epoch,
+    worker_init_fn,
+)
 from components.errors import ConfigError
-from components.manifest import read_manifest
-from components.models import create_classifier, create_image_transform, image_mode, resolve_data_config
+from components.manifest import read_exclusions, read_manifest
+from components.models import (
+    create_classifier,
+    create_image_transform,
+    image_mode,
+    resolve_data_config,
+    set_finetune_mode,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -116,6 +129,9 @@ def _allreduce(values: dict[str, float], device: torch.device) -> dict[str, floa
 
 def _build_loaders(config: dict[str, Any], data_config: dict[str, Any]) -> tuple[DataLoader, DataLoader]:
     manifest = read_manifest(Path(config["manifest"]))
+    if config.get("exclude_file"):
+        excluded = read_exclusions(Path(config["exclude_file"]))
+        manifest = manifest[~((manifest["split"] == "train") & manifest["image_id"].isin(excluded))]
     common = {
         "data_dir": Path(config["data_dir"]),
         "classes": config["classes"],
@@ -160,23 +176,19 @@ def _make_optimizer(model: nn.Module, config: dict[str, Any], steps_per_epoch: i
     return optimizer, scheduler
 
 
-def _save_state(
-    out: Path,
-    model: nn.Module,
-    optimizer: Any,
-    scheduler: Any,
-    epoch: int,
-    history: list[dict],
-    spec: ModelSpec,
-) -> None:
+def _save_state(out: Path, model: nn.Module, optimizer: Any, scheduler: Any, epoch: int, history: list[dict],
+                spec: ModelSpec, ema: Any = None) -> None:  # fmt: skip
     state = {"model": _unwrap(model).state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch}
     state["scheduler"] = scheduler.state_dict()
+    if ema is not None:
+        state["ema"] = ema.module.state_dict()
     torch.save(state, out / STATE_FILE)
     (out / HISTORY_FILE).write_text(json.dumps(history, indent=2))
-    save_classifier(_unwrap(model).state_dict(), spec, out / MODEL_SUBDIR)
+    final = ema.module if ema is not None else _unwrap(model)  # the EMA weights are the model when enabled
+    save_classifier(final.state_dict(), spec, out / MODEL_SUBDIR)
 
 
-def _restore_state(model: nn.Module, optimizer: Any, scheduler: Any) -> tuple[int, list[dict]]:
+def _restore_state(model: nn.Module, optimizer: Any, scheduler: Any, ema: Any = None) -> tuple[int, list[dict]]:
     """Resume from Ray's latest checkpoint if there is one: returns (next epoch, history so far)."""
     import ray.train
 
@@ -189,6 +201,8 @@ def _restore_state(model: nn.Module, optimizer: Any, scheduler: Any) -> tuple[in
     _unwrap(model).load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
+    if ema is not None and "ema" in state:
+        ema.module.load_state_dict(state["ema"])
     return int(state["epoch"]) + 1, history
 
 
@@ -208,6 +222,66 @@ def _epoch_metrics(
     }
 
 
+def _build_model(config: dict[str, Any]) -> tuple[nn.Module, ModelSpec]:
+    """The model (seeded identically on every rank) and the spec saved beside its weights."""
+    seed_everything(config["seed"])  # identical init on every rank (DDP also broadcasts rank 0's)
+    pretrained_file = Path(config["pretrained_file"]) if config.get("pretrained_file") else None
+    model = create_classifier(
+        config["model"], len(config["classes"]), in_chans=config["in_chans"],
+        pretrained=config["pretrained"], pretrained_file=pretrained_file,
+    )  # fmt: skip
+    set_finetune_mode(model, config["finetune"])
+    data_config = resolve_data_config(model, input_size=config["input_size"])
+    spec = ModelSpec(config["model"], tuple(config["classes"]), config["in_chans"], data_config)
+    return model, spec
+
+
+def _amp_dtype(config: dict[str, Any], device: torch.device) -> torch.dtype | None:
+    """bf16 where the GPU supports it (auto), fp16 otherwise; never on CPU."""
+    if device.type != "cuda" or config["amp"] == "off":
+        return None
+    if config["amp"] == "fp16" or (config["amp"] == "auto" and not torch.cuda.is_bf16_supported()):
+        return torch.float16
+    return torch.bfloat16
+
+
+def _step_options(config: dict[str, Any], model: nn.Module, device: torch.device) -> StepOptions:
+    from timm.data import Mixup
+    from timm.utils import ModelEmaV3
+
+    amp = _amp_dtype(config, device)
+    mixup = None
+    if config["mixup"] > 0 or config["cutmix"] > 0:
+        mixup = Mixup(
+            mixup_alpha=config["mixup"], cutmix_alpha=config["cutmix"],
+            label_smoothing=config["label_smoothing"], num_classes=len(config["classes"]),
+        )  # fmt: skip
+    ema = ModelEmaV3(_unwrap(model), decay=config["ema_decay"]) if config["ema_decay"] else None
+    return StepOptions(
+        amp_dtype=amp,
+        scaler=torch.amp.GradScaler("cuda") if amp == torch.float16 else None,
+        mixup=mixup,
+        ema=ema,
+        channels_last=config["channels_last"],
+    )
+
+
+def _loss_fn(config: dict[str, Any], opts: StepOptions) -> nn.Module:
+    if opts.mixup is not None:
+        from timm.loss import SoftTargetCrossEntropy
+
+        return SoftTargetCrossEntropy()  # mixup already smoothed the targets
+    return nn.CrossEntropyLoss(label_smoothing=config["label_smoothing"])
+
+
+def _should_stop(history: list[dict[str, Any]], patience: int | None) -> bool:
+    """Early stopping: val_loss has not improved for ``patience`` epochs (same answer on every rank)."""
+    if not patience or len(history) <= patience:
+        return False
+    best = min(range(len(history)), key=lambda i: history[i]["val_loss"])
+    return len(history) - 1 - best >= patience
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Runs on every Ray Train worker: the data-parallel training loop."""
     import ray.train
@@ -217,27 +291,21 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(config["threads"])
     set_deterministic(config["deterministic"])
-    seed_everything(config["seed"])  # identical init on every rank (DDP also broadcasts rank 0's)
-    model = create_classifier(
-        config["model"], len(config["classes"]), in_chans=config["in_chans"], pretrained=config["pretrained"]
-    )
-    data_config = resolve_data_config(model, input_size=config["input_size"])
-    spec = ModelSpec(
-        model=config["model"],
-        classes=tuple(config["classes"]),
-        in_chans=config["in_chans"],
-        data_config=data_config,
-    )
+    model, spec = _build_model(config)
     seed_everything(config["seed"], rank)
-    train_loader, val_loader = _build_loaders(config, data_config)
+    train_loader, val_loader = _build_loaders(config, spec.data_config)
     train_loader = ray.train.torch.prepare_data_loader(train_loader)
     val_loader = ray.train.torch.prepare_data_loader(val_loader)
-    model = ray.train.torch.prepare_model(model)
     device = ray.train.torch.get_device()
+    if config["channels_last"]:
+        model = model.to(memory_format=torch.channels_last)
+    model = ray.train.torch.prepare_model(model)
+    if config["compile"]:
+        model = cast(nn.Module, torch.compile(model))
     optimizer, scheduler = _make_optimizer(model, config, len(train_loader))
-    start_epoch, history = _restore_state(model, optimizer, scheduler)
-    loss_fn = nn.CrossEntropyLoss(label_smoothing=config["label_smoothing"])
-    eval_loss = nn.CrossEntropyLoss()
+    opts = _step_options(config, model, device)
+    start_epoch, history = _restore_state(model, optimizer, scheduler, opts.ema)
+    loss_fn, eval_loss = _loss_fn(config, opts), nn.CrossEntropyLoss()
     progress = config.get("progress_queue") if rank == 0 else None
     n_batches = len(train_loader)
     every = max(1, n_batches // 50)
@@ -255,22 +323,27 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         t0 = time.perf_counter()
         tr = train_one_epoch(
             model, train_loader, optimizer, loss_fn, device=device, scheduler=scheduler,
-            start_step=epoch * n_batches, on_batch=on_batch,
+            start_step=epoch * n_batches, on_batch=on_batch, opts=opts,
         )  # fmt: skip
         seconds = time.perf_counter() - t0
-        va = eval_sums(model, val_loader, eval_loss, device=device)
+        evaluated = opts.ema.module if opts.ema is not None else model
+        va = eval_sums(evaluated, val_loader, eval_loss, device=device)
         tr = _allreduce({k: tr[k] for k in ("loss_sum", "correct", "count")}, device)
         va = _allreduce(va, device)
         metrics = _epoch_metrics(epoch, tr, va, optimizer.param_groups[0]["lr"], seconds)
         history.append(metrics)
+        stop = _should_stop(history, config["early_stopping_patience"])
+        metrics["stopped_early"] = stop
         if progress is not None:
             progress.put_nowait({"type": "epoch", **metrics})
         with tempfile.TemporaryDirectory() as tmp:
             checkpoint = None
             if rank == 0:
-                _save_state(Path(tmp), model, optimizer, scheduler, epoch, history, spec)
+                _save_state(Path(tmp), model, optimizer, scheduler, epoch, history, spec, opts.ema)
                 checkpoint = ray.train.Checkpoint.from_directory(tmp)
             ray.train.report(metrics, checkpoint=checkpoint)
+        if stop:
+            break
 
 
 # --------------------------------------------------------------------------- driver

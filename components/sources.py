@@ -29,6 +29,7 @@ import numpy as np
 from PIL import Image, ImageFile, UnidentifiedImageError
 
 from components.errors import ConfigError, DataError, DataUnavailableError
+from components.image_stats import PixelSample, sample_pixels
 from components.manifest import file_md5
 
 logger = logging.getLogger(__name__)
@@ -114,14 +115,9 @@ def _oriented_size(im: Image.Image) -> tuple[int, int]:
     return (height, width) if orientation in _SWAPPING_ORIENTATIONS else (width, height)
 
 
-def inspect_image(data: bytes, *, max_pixels: int) -> ImageInfo | Rejection:
-    """Decide whether ``data`` is a usable image, decoding it fully.
-
-    Checks, in order: empty, identifiable by PIL, pixel count from the header (<= ``max_pixels``,
-    before any pixel is decoded), full decode (``load()`` catches truncated/corrupt data). PIL's
-    own bomb guard still refuses images over ``2 * Image.MAX_IMAGE_PIXELS`` at open (reported as
-    ``too_many_pixels`` too); it may warn (``DecompressionBombWarning``) above ``MAX_IMAGE_PIXELS``.
-    """
+def _decode(data: bytes, *, max_pixels: int) -> tuple[ImageInfo, Image.Image] | Rejection:
+    """Checks, in order: empty, identifiable by PIL, pixel count from the header (<= ``max_pixels``,
+    before any pixel is decoded), full decode (``load()`` catches truncated/corrupt data)."""
     if not data:
         return Rejection("empty", "empty file (0 bytes)")
     try:
@@ -132,22 +128,50 @@ def inspect_image(data: bytes, *, max_pixels: int) -> ImageInfo | Rejection:
         return Rejection("too_many_pixels", f"too many pixels: {e}")
     except Exception as e:  # malformed headers raise all sorts (SyntaxError, struct.error, ...)
         return Rejection("undecodable", f"cannot decode the image header: {type(e).__name__}: {e}")
-    with im:
-        pixels = im.width * im.height
-        if pixels > max_pixels:
-            return Rejection(
-                "too_many_pixels",
-                f"too many pixels: {im.width}x{im.height} = {pixels} > max_pixels {max_pixels}",
-            )
-        if pixels == 0:
-            return Rejection("undecodable", f"image has no pixels ({im.width}x{im.height})")
-        fmt = (im.format or "").lower()
-        try:
-            im.load()
-        except Exception as e:  # decoders raise OSError, SyntaxError, ValueError, ... on bad data
-            return Rejection("truncated", f"truncated or corrupt image data: {type(e).__name__}: {e}")
-        width, height = _oriented_size(im)
-        return ImageInfo(format=fmt, width=width, height=height, mode=im.mode)
+    pixels = im.width * im.height
+    if pixels > max_pixels:
+        return Rejection(
+            "too_many_pixels",
+            f"too many pixels: {im.width}x{im.height} = {pixels} > max_pixels {max_pixels}",
+        )
+    if pixels == 0:
+        return Rejection("undecodable", f"image has no pixels ({im.width}x{im.height})")
+    fmt = (im.format or "").lower()
+    try:
+        im.load()
+    except Exception as e:  # decoders raise OSError, SyntaxError, ValueError, ... on bad data
+        return Rejection("truncated", f"truncated or corrupt image data: {type(e).__name__}: {e}")
+    width, height = _oriented_size(im)
+    return ImageInfo(format=fmt, width=width, height=height, mode=im.mode), im
+
+
+def inspect_image(data: bytes, *, max_pixels: int) -> ImageInfo | Rejection:
+    """Decide whether ``data`` is a usable image, decoding it fully.
+
+    Checks, in order: empty, identifiable by PIL, pixel count from the header (<= ``max_pixels``,
+    before any pixel is decoded), full decode (``load()`` catches truncated/corrupt data). PIL's
+    own bomb guard still refuses images over ``2 * Image.MAX_IMAGE_PIXELS`` at open (reported as
+    ``too_many_pixels`` too); it may warn (``DecompressionBombWarning``) above ``MAX_IMAGE_PIXELS``.
+    """
+    decoded = _decode(data, max_pixels=max_pixels)
+    return decoded if isinstance(decoded, Rejection) else decoded[0]
+
+
+def examine_image(data: bytes, *, max_pixels: int) -> tuple[ImageInfo, PixelSample] | Rejection:
+    """:func:`inspect_image` plus the pixel sample the manifest's image properties come from.
+
+    Every decodable mode is kept (CMYK, RGBA, palette, 16-bit, ...): the stored bytes are the
+    original file, the mode is recorded, and validation's ``allowed_modes`` decides whether it may
+    be trained on.
+    """
+    decoded = _decode(data, max_pixels=max_pixels)
+    if isinstance(decoded, Rejection):
+        return decoded
+    info, im = decoded
+    try:
+        return info, sample_pixels(im)
+    except Exception as e:  # an exotic mode PIL decodes but cannot convert to grey
+        return Rejection("undecodable", f"cannot convert {info.mode} pixels to grey: {type(e).__name__}: {e}")
 
 
 def _check_truncation_setting() -> None:
@@ -222,6 +246,7 @@ def list_source(
     fashion_mnist_dir: Path = Path("/usr/share/datasets/fashion-mnist"),
     download: bool = True,
     cache_dir: Path | None = None,
+    allow_outside_root: bool = False,
 ) -> SourceListing:
     """List a source's items (capped per class by ``max_per_class``) and its declared classes."""
     kind, arg = parse_source(spec)
@@ -230,10 +255,10 @@ def list_source(
         paths = fashion_mnist_paths(fashion_mnist_dir, download=download, cache_dir=cache_dir)
         classes, items = FASHION_MNIST_CLASSES, list(fashion_mnist_items(paths, max_per_class=max_per_class))
     elif kind == "imagefolder":
-        classes, items = imagefolder_items(Path(arg))
+        classes, items = imagefolder_items(Path(arg), allow_outside_root=allow_outside_root)
         items = cap_per_class(items, max_per_class)
     else:
-        classes, items = csv_items(Path(arg))
+        classes, items = csv_items(Path(arg), allow_outside_root=allow_outside_root)
         items = cap_per_class(items, max_per_class)
     return SourceListing(spec=spec, kind=kind, classes=classes, items=items)
 
@@ -253,24 +278,67 @@ def _missing_reader(path: Path) -> Callable[[], bytes]:
 # imagefolder:<dir>
 
 
-def _walk_files(folder: Path) -> Iterator[Path]:
-    """Regular, non-hidden files under ``folder``, recursively, in sorted (stable) order."""
+def _inside(path: Path, root_real: Path) -> bool:
+    """Whether ``path``, symlinks and ``..`` resolved, lies under ``root_real`` (itself resolved)."""
+    return Path(os.path.realpath(path)).is_relative_to(root_real)
+
+
+def _outside_root(path: Path, root_real: Path, *, what: str) -> Rejection:
+    target = os.path.realpath(path)
+    return Rejection(
+        "outside_root",
+        f"{what} leads outside the source root {root_real} (to {target}): not read; "
+        "move the file under the root, or set ingest.allow_outside_root=true to follow such links",
+    )
+
+
+def _walk_files(
+    folder: Path, root_real: Path, *, allow_outside_root: bool
+) -> Iterator[tuple[Path, Rejection | None]]:
+    """Regular, non-hidden files under ``folder``, recursively, in sorted (stable) order.
+
+    Directory symlinks are followed once each (a link loop is not walked twice). A file or
+    directory symlink that leads outside ``root_real`` is yielded with a problem (the directory
+    itself, not walked) unless ``allow_outside_root``.
+    """
+    seen_dirs: set[str] = set()
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        real_dir = os.path.realpath(dirpath)
+        if real_dir in seen_dirs:
+            dirnames[:] = []
+            continue
+        seen_dirs.add(real_dir)
+        keep = []
+        for d in sorted(d for d in dirnames if not d.startswith(".")):
+            sub = Path(dirpath) / d
+            if not allow_outside_root and not _inside(sub, root_real):
+                yield sub, _outside_root(sub, root_real, what="directory symlink")
+            else:
+                keep.append(d)
+        dirnames[:] = keep
         for name in sorted(filenames):
-            if not name.startswith("."):
-                yield Path(dirpath) / name
+            if name.startswith("."):
+                continue
+            path = Path(dirpath) / name
+            if not allow_outside_root and not _inside(path, root_real):
+                yield path, _outside_root(path, root_real, what="symlink")
+            else:
+                yield path, None
 
 
-def imagefolder_items(root: Path) -> tuple[tuple[str, ...], list[SourceItem]]:
+def imagefolder_items(
+    root: Path, *, allow_outside_root: bool = False
+) -> tuple[tuple[str, ...], list[SourceItem]]:
     """One sub-folder per class; classes are the sorted sub-folder names.
 
     Every non-hidden file under a class folder is an item (a non-image is quarantined later, not
-    silently skipped); a file directly in ``root`` has no class and is listed with a problem.
-    ``source_path`` is the path relative to ``root``.
+    silently skipped); a file directly in ``root``, or a symlink leading outside ``root``, is
+    listed with a problem. ``source_path`` is the path relative to ``root``. An empty class
+    folder still declares its class (validation then reports it as missing).
     """
     if not root.is_dir():
         raise DataError(f"image folder {root} does not exist or is not a directory: check ingest.source")
+    root_real = Path(os.path.realpath(root))
     class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not class_dirs:
         raise DataError(
@@ -282,9 +350,13 @@ def imagefolder_items(root: Path) -> tuple[tuple[str, ...], list[SourceItem]]:
         items.append(SourceItem(path.name, "", (), _file_reader(path), problem=problem))
     for class_dir in class_dirs:
         label = class_dir.name
-        for path in _walk_files(class_dir):
+        if not allow_outside_root and not _inside(class_dir, root_real):
+            outside = _outside_root(class_dir, root_real, what="class folder symlink")
+            items.append(SourceItem(label, label, (label,), _missing_reader(class_dir), problem=outside))
+            continue
+        for path, found in _walk_files(class_dir, root_real, allow_outside_root=allow_outside_root):
             rel = path.relative_to(root).as_posix()
-            items.append(SourceItem(rel, label, (label,), _file_reader(path)))
+            items.append(SourceItem(rel, label, (label,), _file_reader(path), problem=found))
     return tuple(d.name for d in class_dirs), items
 
 
@@ -317,14 +389,19 @@ def _row_labels(row: dict[str, str]) -> tuple[str, tuple[str, ...]]:
     return label, many
 
 
-def csv_items(path: Path) -> tuple[tuple[str, ...], list[SourceItem]]:
-    """Rows ``path,label`` (paths relative to the CSV's folder); classes: sorted distinct labels."""
+def csv_items(path: Path, *, allow_outside_root: bool = False) -> tuple[tuple[str, ...], list[SourceItem]]:
+    """Rows ``path,label`` (paths relative to the CSV's folder); classes: sorted distinct labels.
+
+    The CSV's folder is the source root: a path that leads outside it (``..``, an absolute path
+    elsewhere, a symlink) is listed with a problem unless ``allow_outside_root``.
+    """
     header, rows = _read_csv_rows(path)
     if "path" not in header or not ({"label", "labels"} & set(header)):
         raise DataError(
             f"CSV file {path} needs the columns 'path' and 'label' (found: {', '.join(header) or 'none'})"
         )
     base = path.parent
+    root_real = Path(os.path.realpath(base))
     items: list[SourceItem] = []
     for n, row in enumerate(rows, start=2):  # line numbers as a spreadsheet shows them
         rel = row.get("path", "")
@@ -334,8 +411,10 @@ def csv_items(path: Path) -> tuple[tuple[str, ...], list[SourceItem]]:
             items.append(SourceItem(f"<line {n}>", label, labels, _missing_reader(base), problem=empty_path))
             continue
         file = Path(rel) if Path(rel).is_absolute() else base / rel
-        no_label = None if label else Rejection("missing_label", f"CSV line {n} has an empty label")
-        items.append(SourceItem(rel, label, labels, _file_reader(file), problem=no_label))
+        problem = None if label else Rejection("missing_label", f"CSV line {n} has an empty label")
+        if not allow_outside_root and not _inside(file, root_real):
+            problem = _outside_root(file, root_real, what=f"CSV line {n} path {rel!r}")
+        items.append(SourceItem(rel, label, labels, _file_reader(file), problem=problem))
     classes = tuple(sorted({lab for item in items if item.problem is None for lab in item.labels}))
     return classes, items
 

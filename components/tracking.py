@@ -296,3 +296,70 @@ def list_versions(name: str) -> list[dict[str, Any]]:
 
 def load_pyfunc(model_uri: str) -> Any:
     return mlflow.pyfunc.load_model(model_uri)
+
+
+# --------------------------------------------------------------------------- models for evaluation
+
+
+def alias_version(name: str, alias: str) -> str | None:
+    """The version number ``alias`` points at, or None when the model or the alias does not exist."""
+    try:
+        mv = MlflowClient().get_model_version_by_alias(name, alias)
+    except MlflowException as e:
+        if (
+            e.get_http_status_code() == 404
+            or "RESOURCE_DOES_NOT_EXIST" in str(e)
+            or "INVALID_PARAMETER" in str(e)
+        ):
+            return None
+        raise TrackingError(f"cannot read alias {alias!r} of {name!r}: {e}") from e
+    return str(mv.version)
+
+
+def download_model_dir(model_uri: str, dst: Path) -> Path:
+    """Download a logged imgflow pyfunc (``models:/name@alias``, ``models:/name/3``, ``runs:/id/model``)
+    and return its weights+spec folder (the one holding ``model.json``) under ``dst``.
+
+    The files are read, not imported: loading the pyfunc would put the model's own copy of
+    ``components`` on ``sys.path`` of this process.
+    """
+    from mlflow.artifacts import download_artifacts
+
+    dst.mkdir(parents=True, exist_ok=True)
+    try:
+        local = Path(download_artifacts(artifact_uri=model_uri, dst_path=str(dst)))
+    except MlflowException as e:
+        raise DataError(f"cannot load model {model_uri!r} from the registry: {e}") from e
+    specs = sorted(local.rglob("model.json"))
+    if not specs:
+        raise DataError(f"{model_uri} is not an imgflow model: no model.json among its files")
+    return specs[0].parent
+
+
+# --------------------------------------------------------------------------- result-only runs (baselines)
+
+
+def log_result_run(
+    experiment_id: str,
+    *,
+    run_name: str,
+    params: dict[str, Any],
+    tags: dict[str, str],
+    tracking_uri: str,
+    metrics: dict[str, float] | None = None,
+    metric_prefix: str = "",
+    artifacts: Iterable[Path] = (),
+    artifact_path: str | None = None,
+    note: str | None = None,
+) -> RunRef:
+    """A whole, finished run in one call: params, tags, metrics, artifacts (e.g. a CLIP baseline).
+
+    ``note`` becomes the run's description in the MLflow UI (e.g. why a baseline was skipped).
+    """
+    run = start_run(experiment_id, run_name=run_name, params=params, tags=tags, tracking_uri=tracking_uri)
+    if note:
+        set_tags(run.run_id, {"mlflow.note.content": note})
+    log_metrics(run.run_id, metrics or {}, prefix=metric_prefix)
+    log_artifacts(run.run_id, artifacts, artifact_path=artifact_path)
+    end_run(run.run_id)
+    return run

@@ -10,8 +10,9 @@ from typing import Any
 
 from components.config import TrainConfig
 from components.data import grey_dataset
-from components.errors import DataError
+from components.errors import ConfigError, DataError
 from components.manifest import DataPaths, DatasetInfo, read_manifest
+from components.models import shipped_weights_file
 
 logger = logging.getLogger(__name__)
 
@@ -32,11 +33,26 @@ def resolve_in_chans(cfg: TrainConfig, data: DataPaths) -> int:
     return 1 if grey_dataset(read_manifest(data.manifest)) else 3
 
 
-def loop_config(cfg: TrainConfig, data: DataPaths, *, seed: int) -> dict[str, Any]:
+def resolve_pretrained_file(cfg: TrainConfig, *, weights_dir: Path) -> Path | None:
+    """The local weights file for ``train.pretrained``: explicit, shipped in a package, or None (hub)."""
+    if not cfg.pretrained:
+        return None
+    if cfg.pretrained_file is not None:
+        if not cfg.pretrained_file.is_file():
+            raise ConfigError(f"train.pretrained_file {cfg.pretrained_file} does not exist")
+        return cfg.pretrained_file.resolve()
+    shipped = shipped_weights_file(cfg.model, cache_dir=weights_dir)
+    return shipped.resolve() if shipped else None
+
+
+def loop_config(
+    cfg: TrainConfig, data: DataPaths, *, seed: int, weights_dir: Path, exclude_file: Path | None = None
+) -> dict[str, Any]:
     """The plain dict each Ray worker receives (paths and numbers only, no tensors)."""
     if not data.manifest.exists():
         raise DataError(f"no manifest at {data.manifest}: run `imgflow ingest` first")
     info = DatasetInfo.load(data.dataset)
+    pretrained_file = resolve_pretrained_file(cfg, weights_dir=weights_dir)
     return {
         "manifest": str(data.manifest.resolve()),
         "data_dir": str(data.root.resolve()),
@@ -58,6 +74,16 @@ def loop_config(cfg: TrainConfig, data: DataPaths, *, seed: int) -> dict[str, An
         "loader_workers": cfg.loader_workers,
         "deterministic": cfg.deterministic,
         "seed": seed,
+        "pretrained_file": str(pretrained_file) if pretrained_file else None,
+        "finetune": cfg.finetune,
+        "amp": cfg.amp,
+        "channels_last": cfg.channels_last,
+        "compile": cfg.compile,
+        "ema_decay": cfg.ema_decay,
+        "mixup": cfg.mixup,
+        "cutmix": cfg.cutmix,
+        "early_stopping_patience": cfg.early_stopping_patience,
+        "exclude_file": str(exclude_file.resolve()) if exclude_file else None,
     }
 
 
@@ -69,12 +95,18 @@ def train(
     storage_path: Path,
     run_name: str,
     seed: int,
+    weights_dir: Path,
+    exclude_file: Path | None = None,
     show_progress: bool = True,
 ) -> TrainResult:
-    """Train with Ray Train; writes ``out_dir/model/`` (safetensors + spec) and ``history.json``."""
+    """Train with Ray Train; writes ``out_dir/model/`` (safetensors + spec) and ``history.json``.
+
+    ``weights_dir`` caches converted pretrained weights (shipped packages, see ``models``);
+    ``exclude_file`` lists train images to leave out (the audit's suspected label errors).
+    """
     from components import ray_train
 
-    config = loop_config(cfg, data, seed=seed)
+    config = loop_config(cfg, data, seed=seed, weights_dir=weights_dir, exclude_file=exclude_file)
     use_gpu = {"auto": None, "true": True, "false": False}[cfg.use_gpu]
     started = ray_train.init_ray()
     try:

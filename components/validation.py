@@ -3,6 +3,12 @@
 :func:`validate_manifest` runs one expectation suite over a manifest DataFrame and returns a
 :class:`ValidationReport`: one :class:`ExpectationOutcome` per expectation, with the offending
 rows (image_id, path, split, value) or the missing values, plus the raw GE validation result.
+Each expectation belongs to a check (``schema``, ``too_dark``, ``near_dup_leakage``, ...) whose
+severity comes from ``validate.severity``: an ``error`` fails the report, a ``warn`` is reported
+only. Besides the manifest's own columns, the suite runs over derived columns (per-image flags
+such as ``is_dark``, the near-duplicate partner in another split found with a multi-index hash
+search) and over a small class-count table (per class and split), so class balance, quality
+fractions and leakage are plain GE expectations with the offending rows named.
 :func:`write_validation_report` saves it as ``report.json`` and a self-contained ``report.html``.
 
 Every GE call lives in this module, against the GE 1.x API (ephemeral context, fluent pandas
@@ -23,10 +29,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
-from components.config import ValidateConfig
+from components.config import DEFAULT_SEVERITY, ValidateConfig
 from components.errors import DataError
+from components.image_stats import hex_to_uint64, near_duplicate_pairs
 from components.manifest import MANIFEST_COLUMNS, SPLITS
 
 logger = logging.getLogger(__name__)
@@ -36,7 +44,10 @@ MAX_EXAMPLES = 20
 TEXT_EXAMPLES = 5
 """Of those, shown per failed expectation by :meth:`ValidationReport.summary_text`."""
 
-NOT_NULL_COLUMNS: tuple[str, ...] = ("image_id", "path", "label", "width", "height", "mode", "split")
+NOT_NULL_COLUMNS: tuple[str, ...] = (
+    "image_id", "path", "label", "width", "height", "mode", "split",
+    "decode_ok", "aspect", "brightness", "contrast", "blur", "phash",
+)  # fmt: skip
 _NAME_KEY = "imgflow_name"
 """Expectation ``meta`` key that carries our short outcome name through GE's result."""
 
@@ -56,6 +67,10 @@ class ExpectationOutcome:
     """Offending rows (row expectations) or missing values (set expectations)."""
     examples: tuple[dict[str, Any], ...]
     """Up to 20 offending rows (``image_id``, ``path``, ``split``, ``value``) or missing values."""
+    severity: str = "error"
+    """``error``: a failure fails the report; ``warn``: reported only."""
+    check: str = ""
+    """The check it belongs to (the key of ``validate.severity``)."""
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -65,7 +80,7 @@ class ExpectationOutcome:
 
 @dataclass(frozen=True)
 class ValidationReport:
-    """Outcome of :func:`validate_manifest`; ``success`` is True only if every expectation passed."""
+    """Outcome of :func:`validate_manifest`; ``success`` is True unless an ``error`` expectation failed."""
 
     success: bool
     outcomes: tuple[ExpectationOutcome, ...]
@@ -74,19 +89,35 @@ class ValidationReport:
     """The raw GE validation result (``ExpectationSuiteValidationResult.to_json_dict()``)."""
 
     def failed(self) -> list[ExpectationOutcome]:
+        """Failed expectations, errors and warnings."""
         return [o for o in self.outcomes if not o.success]
+
+    def errors(self) -> list[ExpectationOutcome]:
+        return [o for o in self.failed() if o.severity != "warn"]
+
+    def warnings(self) -> list[ExpectationOutcome]:
+        return [o for o in self.failed() if o.severity == "warn"]
 
     def summary_text(self) -> str:
         """Multi-line, readable: the verdict, then each failed expectation with example rows."""
-        failed = self.failed()
+        failed, errors, warns = self.failed(), self.errors(), self.warnings()
         n = len(self.outcomes)
         if not failed:
             return f"Manifest validation PASSED: all {n} expectations met ({self.n_rows} rows)."
-        lines = [
-            f"Manifest validation FAILED: {len(failed)} of {n} expectations failed ({self.n_rows} rows)."
-        ]
-        for o in failed:
-            lines.append(f"- {o.name} ({o.expectation}): {o.unexpected_count} unexpected")
+        if not errors:
+            lines = [
+                f"Manifest validation PASSED with {len(warns)} warning(s): {n - len(warns)} of {n} "
+                f"expectations met ({self.n_rows} rows)."
+            ]
+        else:
+            lines = [
+                f"Manifest validation FAILED: {len(errors)} of {n} expectations failed"
+                + (f" (and {len(warns)} warning(s))" if warns else "")
+                + f" ({self.n_rows} rows)."
+            ]
+        for o in errors + warns:
+            tag = "WARNING " if o.severity == "warn" else ""
+            lines.append(f"- {tag}{o.name} ({o.expectation}): {o.unexpected_count} unexpected")
             lines.append(f"    expected: {o.description}")
             shown = o.examples[:TEXT_EXAMPLES]
             lines.extend(f"    e.g. {_format_example(e)}" for e in shown)
@@ -111,7 +142,7 @@ class ValidationReport:
         outcomes = tuple(
             ExpectationOutcome(**{**o, "examples": tuple(dict(e) for e in o["examples"])})
             for o in raw["outcomes"]
-        )
+        )  # older reports lack severity/check: the defaults apply
         return cls(
             success=bool(raw["success"]),
             outcomes=outcomes,
@@ -140,10 +171,20 @@ class _Spec:
     (keeps GE out of module import)."""
     description: str
     examples: ExampleFn
+    check: str = "schema"
+    """Key of ``validate.severity``."""
+    table: str = "manifest"
+    """Which frame it runs on: ``manifest`` (with derived columns) or ``class_counts``."""
 
 
 def _suite_specs(classes: Sequence[str], cfg: ValidateConfig) -> list[_Spec]:
-    """The manifest suite, in report order."""
+    """The whole suite, in report order."""
+    return (
+        _schema_specs(classes, cfg) + _image_specs(cfg) + _balance_specs(classes, cfg) + _leakage_specs(cfg)
+    )
+
+
+def _schema_specs(classes: Sequence[str], cfg: ValidateConfig) -> list[_Spec]:
     specs = [
         _Spec(
             "manifest_not_empty",
@@ -177,6 +218,7 @@ def _suite_specs(classes: Sequence[str], cfg: ValidateConfig) -> list[_Spec]:
             {"column": "label", "value_set": list(classes)},
             f"every label is one of the {len(classes)} declared classes ({_short_list(classes)})",
             _row_examples,
+            "unknown_labels",
         ),
         _Spec(
             "width_in_range",
@@ -184,6 +226,7 @@ def _suite_specs(classes: Sequence[str], cfg: ValidateConfig) -> list[_Spec]:
             {"column": "width", "min_value": cfg.min_width, "max_value": cfg.max_width},
             f"every width is within [{cfg.min_width}, {cfg.max_width}] pixels",
             _row_examples,
+            "size",
         ),
         _Spec(
             "height_in_range",
@@ -191,6 +234,7 @@ def _suite_specs(classes: Sequence[str], cfg: ValidateConfig) -> list[_Spec]:
             {"column": "height", "min_value": cfg.min_height, "max_value": cfg.max_height},
             f"every height is within [{cfg.min_height}, {cfg.max_height}] pixels",
             _row_examples,
+            "size",
         ),
         _Spec(
             "mode_allowed",
@@ -198,6 +242,7 @@ def _suite_specs(classes: Sequence[str], cfg: ValidateConfig) -> list[_Spec]:
             {"column": "mode", "value_set": list(cfg.allowed_modes)},
             f"every image mode is one of {', '.join(cfg.allowed_modes)}",
             _row_examples,
+            "modes",
         ),
         _Spec(
             "split_known",
@@ -214,19 +259,122 @@ def _suite_specs(classes: Sequence[str], cfg: ValidateConfig) -> list[_Spec]:
             {"column": "label", "value_set": list(classes), "row_condition": ("split", split)},
             f"each of the {len(classes)} declared classes has at least one image in the {split} split",
             _missing_classes(split),
+            "class_presence",
         )
         for split in cfg.required_splits
     ]
-    specs.append(
+    return specs
+
+
+def _image_specs(cfg: ValidateConfig) -> list[_Spec]:
+    """Per-image properties computed at ingestion (decode, aspect, brightness, blur)."""
+    specs = [
+        _Spec(
+            "decode_ok",
+            "ExpectColumnValuesToBeInSet",
+            {"column": "decode_ok", "value_set": [True]},
+            "every image decoded fully at ingestion",
+            _row_examples,
+            "decode",
+        ),
+        _Spec(
+            "aspect_in_range",
+            "ExpectColumnValuesToBeBetween",
+            {"column": "aspect", "min_value": cfg.min_aspect, "max_value": cfg.max_aspect},
+            f"every aspect ratio (width / height) is within [{cfg.min_aspect}, {cfg.max_aspect}]",
+            _row_examples,
+            "aspect",
+        ),
+    ]
+    fractions = (
+        ("too_dark", "is_dark", cfg.max_dark_fraction, f"mean brightness < {cfg.dark_below}", "brightness"),
+        ("too_bright", "is_bright", cfg.max_bright_fraction, f"mean brightness > {cfg.bright_above}", "brightness"),
+        ("blurry", "is_blurry", cfg.max_blurry_fraction, f"Laplacian variance < {cfg.blur_below}", "blur"),
+    )  # fmt: skip
+    specs += [
+        _Spec(
+            f"{check}_fraction",
+            "ExpectColumnMeanToBeBetween",
+            {"column": flag, "max_value": limit},
+            f"at most {limit:.1%} of the images are {check.replace('_', ' ')} ({what})",
+            _flagged_rows(flag, source),
+            check,
+        )
+        for check, flag, limit, what, source in fractions
+    ]
+    return specs
+
+
+def _balance_specs(classes: Sequence[str], cfg: ValidateConfig) -> list[_Spec]:
+    """Class balance, on the class-count table (one row per class, in total and per split)."""
+    return [
+        _Spec(
+            "enough_classes",
+            "ExpectColumnUniqueValueCountToBeBetween",
+            {"column": "label", "min_value": cfg.min_classes},
+            f"at least {cfg.min_classes} classes have images (a classifier needs two)",
+            _observed,
+            "class_count",
+        ),
+        _Spec(
+            "min_per_class",
+            "ExpectColumnValuesToBeBetween",
+            {"column": "count", "min_value": cfg.min_per_class, "row_condition": ("scope", "total")},
+            f"every declared class has at least {cfg.min_per_class} images over all splits",
+            _count_rows,
+            "min_per_class",
+            "class_counts",
+        ),
+        _Spec(
+            "min_per_class_per_split",
+            "ExpectColumnValuesToBeBetween",
+            {
+                "column": "count",
+                "min_value": cfg.min_per_class_per_split,
+                "row_condition": ("scope", "split"),
+            },
+            f"every declared class has at least {cfg.min_per_class_per_split} images in each of "
+            f"{', '.join(cfg.required_splits)}",
+            _count_rows,
+            "min_per_class_per_split",
+            "class_counts",
+        ),
+        _Spec(
+            "class_imbalance",
+            "ExpectColumnValuesToBeBetween",
+            {
+                "column": "imbalance",
+                "max_value": cfg.max_imbalance_ratio,
+                "row_condition": ("scope", "total"),
+            },
+            f"the largest class has at most {cfg.max_imbalance_ratio:g}x the images of any other class",
+            _count_rows,
+            "imbalance",
+            "class_counts",
+        ),
+    ]
+
+
+def _leakage_specs(cfg: ValidateConfig) -> list[_Spec]:
+    return [
         _Spec(
             "image_id_unique",
             "ExpectColumnValuesToBeUnique",
             {"column": "image_id"},
-            "every image_id occurs once (no image is repeated, within or across splits)",
+            "every image_id (sha256) occurs once: no exact copy within or across train/val/test",
             _duplicate_ids,
-        )
-    )
-    return specs
+            "exact_leakage",
+        ),
+        _Spec(
+            "no_near_duplicate_across_splits",
+            "ExpectColumnValuesToBeNull",
+            {"column": "near_dup_in_other_split"},
+            f"no image has a near-duplicate (perceptual-hash distance <= {cfg.near_dup_distance}) in "
+            "another split",
+            _row_examples,
+            "near_dup_leakage",
+        ),
+    ]
 
 
 def _short_list(values: Sequence[str], limit: int = 10) -> str:
@@ -280,6 +428,38 @@ def _row_examples(result: dict[str, Any], df: pd.DataFrame) -> tuple[int, list[d
     return count, out
 
 
+def _flagged_rows(flag: str, source: str) -> ExampleFn:
+    """Rows whose derived ``flag`` column is set, with the ``source`` value that set it."""
+
+    def examples(result: dict[str, Any], df: pd.DataFrame) -> tuple[int, list[dict[str, Any]]]:
+        if flag not in df.columns:
+            return 0, []
+        rows = df[df[flag] > 0]
+        cols = [c for c in ("image_id", "path", "split") if c in df.columns]
+        out = [
+            {**{c: _jsonable(r[c]) for c in cols}, "value": _jsonable(r.get(source))}
+            for r in rows.head(MAX_EXAMPLES).to_dict("records")
+        ]
+        return len(rows), out
+
+    return examples
+
+
+def _observed(result: dict[str, Any], df: pd.DataFrame) -> tuple[int, list[dict[str, Any]]]:
+    return 0, [{"observed": _jsonable(result.get("observed_value"))}]
+
+
+def _count_rows(result: dict[str, Any], df: pd.DataFrame) -> tuple[int, list[dict[str, Any]]]:
+    """Offending rows of the class-count table (GE lists their index labels)."""
+    count = int(result.get("unexpected_count") or 0)
+    out = []
+    for label in (result.get("partial_unexpected_index_list") or [])[:MAX_EXAMPLES]:
+        if label in df.index:
+            row = df.loc[label]
+            out.append({k: _jsonable(row[k]) for k in ("split", "label", "count", "imbalance")})
+    return count, out
+
+
 def _duplicate_ids(result: dict[str, Any], df: pd.DataFrame) -> tuple[int, list[dict[str, Any]]]:
     """One example per duplicated image_id, naming the splits (and paths) it occurs in."""
     count = int(result.get("unexpected_count") or 0)
@@ -323,7 +503,7 @@ def _jsonable(value: Any) -> Any:
     if value is None or isinstance(value, bool | int | str):
         return value
     if isinstance(value, float):
-        return None if value != value else value
+        return None if value != value else float(value)
     if hasattr(value, "item"):
         try:
             return _jsonable(value.item())
@@ -355,11 +535,18 @@ def validate_manifest(df: pd.DataFrame, *, classes: Sequence[str], cfg: Validate
         raise DataError("no classes given to validate the manifest against: pass the dataset's class names")
     specs = _suite_specs(classes, cfg)
     start = time.perf_counter()
-    ge_result = _run_suite(df, specs)
+    frames = {"manifest": with_derived_columns(df, cfg), "class_counts": class_count_table(df, classes, cfg)}
+    ge_result = _run_suite(frames, specs)
     results = _results_by_name(ge_result)
-    outcomes = tuple(_outcome(spec, results.get(spec.name), df) for spec in specs)
+    severity = {**DEFAULT_SEVERITY, **cfg.severity}
+    outcomes = tuple(
+        _outcome(spec, results.get(spec.name), frames[spec.table], severity[spec.check]) for spec in specs
+    )
     report = ValidationReport(
-        success=all(o.success for o in outcomes), outcomes=outcomes, n_rows=len(df), ge_result=ge_result
+        success=all(o.success or o.severity == "warn" for o in outcomes),
+        outcomes=outcomes,
+        n_rows=len(df),
+        ge_result=ge_result,
     )
     logger.info(
         "manifest validation %s: %d/%d expectations met, %d rows, %.2f s",
@@ -372,8 +559,96 @@ def validate_manifest(df: pd.DataFrame, *, classes: Sequence[str], cfg: Validate
     return report
 
 
-def _run_suite(df: pd.DataFrame, specs: list[_Spec]) -> dict[str, Any]:
-    """Build an in-memory GE context, run the suite over ``df``, return the JSON result."""
+def with_derived_columns(df: pd.DataFrame, cfg: ValidateConfig) -> pd.DataFrame:
+    """The manifest plus per-row flags the suite checks: ``is_dark``, ``is_bright``, ``is_blurry``
+    (0/1 floats: their mean is the fraction) and ``near_dup_in_other_split`` (the image_id of a
+    near-duplicate in another split, else null). A flag whose source column is missing is left
+    out, so its expectation fails naming the column."""
+    out = df.copy()
+    if "brightness" in df.columns:
+        brightness = pd.to_numeric(df["brightness"], errors="coerce")
+        out["is_dark"] = (brightness < cfg.dark_below).astype(float)
+        out["is_bright"] = (brightness > cfg.bright_above).astype(float)
+    if "blur" in df.columns:
+        out["is_blurry"] = (pd.to_numeric(df["blur"], errors="coerce") < cfg.blur_below).astype(float)
+    if {"phash", "split", "image_id"} <= set(df.columns):
+        out["near_dup_in_other_split"] = near_duplicate_partners(
+            df["phash"].tolist(),
+            df["split"].tolist(),
+            df["image_id"].tolist(),
+            max_distance=cfg.near_dup_distance,
+        )
+    return out
+
+
+def near_duplicate_partners(
+    phashes: Sequence[Any], splits: Sequence[Any], image_ids: Sequence[Any], *, max_distance: int
+) -> list[str | None]:
+    """Per row: the image_id of its closest near-duplicate in another split, or None."""
+    valid = np.array([isinstance(h, str) and len(h) == 16 for h in phashes], dtype=bool)
+    rows = [int(i) for i in np.flatnonzero(valid)]
+    out: list[str | None] = [None] * len(phashes)
+    if len(rows) < 2:
+        return out
+    pairs = near_duplicate_pairs(hex_to_uint64([phashes[i] for i in rows]), max_distance=max_distance)
+    split_arr = np.asarray([str(splits[i]) for i in rows])
+    row_arr = np.asarray(rows)
+    best: dict[int, tuple[int, int]] = {}  # row -> (distance, partner row)
+    for i, j, d in pairs[split_arr[pairs[:, 0]] != split_arr[pairs[:, 1]]] if len(pairs) else []:
+        a, b = int(row_arr[i]), int(row_arr[j])
+        for x, y in ((a, b), (b, a)):
+            if x not in best or (int(d), y) < best[x]:
+                best[x] = (int(d), y)
+    for x, (_, y) in best.items():
+        out[x] = str(image_ids[y])
+    return out
+
+
+def class_count_table(df: pd.DataFrame, classes: Sequence[str], cfg: ValidateConfig) -> pd.DataFrame:
+    """One row per declared class in total (``scope`` total) and per required split (``scope``
+    split): ``count``, and ``imbalance`` = largest class count / this count (null when 0)."""
+    labels = df["label"] if "label" in df.columns else pd.Series([], dtype=object)
+    splits = df["split"] if "split" in df.columns else pd.Series([None] * len(df))
+    total = labels.value_counts()
+    per_split = pd.Series(list(zip(splits, labels, strict=True)), dtype=object).value_counts()
+    largest = max((int(total.get(c, 0)) for c in classes), default=0)
+    rows = []
+    for c in classes:
+        n = int(total.get(c, 0))
+        rows.append({"scope": "total", "split": "all", "label": c, "count": n,
+                     "imbalance": largest / n if n else None})  # fmt: skip
+        for split in cfg.required_splits:
+            k = int(per_split.get((split, c), 0))
+            rows.append({"scope": "split", "split": split, "label": c, "count": k, "imbalance": None})
+    table = pd.DataFrame(rows, columns=["scope", "split", "label", "count", "imbalance"])
+    return table.astype({"count": "int64", "imbalance": "float64"})
+
+
+def _run_suite(frames: dict[str, pd.DataFrame], specs: list[_Spec]) -> dict[str, Any]:
+    """Build an in-memory GE context, run each table's expectations over its frame, and merge the
+    results into one GE-shaped JSON result (``success``, ``statistics``, ``results``)."""
+    merged: dict[str, Any] = {"success": True, "results": [], "statistics": {}}
+    for table, df in frames.items():
+        table_specs = [s for s in specs if s.table == table]
+        if not table_specs:
+            continue
+        result = _run_table(table, df, table_specs)
+        merged["success"] = merged["success"] and bool(result.get("success"))
+        merged["results"].extend(result.get("results", []))
+        for k, v in (result.get("statistics") or {}).items():
+            if isinstance(v, int | float) and k != "success_percent":
+                merged["statistics"][k] = merged["statistics"].get(k, 0) + v
+        merged.setdefault("meta", {})[table] = result.get("meta", {})
+    stats = merged["statistics"]
+    if stats.get("evaluated_expectations"):
+        stats["success_percent"] = (
+            100.0 * stats.get("successful_expectations", 0) / stats["evaluated_expectations"]
+        )
+    return merged
+
+
+def _run_table(table: str, df: pd.DataFrame, specs: list[_Spec]) -> dict[str, Any]:
+    """Run ``specs`` over ``df`` in a fresh in-memory GE context; the JSON result."""
     import great_expectations as gx
     from great_expectations.data_context.types.base import (
         DataContextConfig,
@@ -389,12 +664,12 @@ def _run_suite(df: pd.DataFrame, specs: list[_Spec]) -> dict[str, Any]:
     ctx = gx.get_context(mode="ephemeral", project_config=project_config)
     batch = (
         ctx.data_sources.add_pandas("imgflow")
-        .add_dataframe_asset("manifest")
-        .add_batch_definition_whole_dataframe("whole_manifest")
+        .add_dataframe_asset(table)
+        .add_batch_definition_whole_dataframe(f"whole_{table}")
     )
-    suite = ctx.suites.add(gx.ExpectationSuite(name="imgflow_manifest", expectations=_expectations(specs)))
+    suite = ctx.suites.add(gx.ExpectationSuite(name=f"imgflow_{table}", expectations=_expectations(specs)))
     definition = ctx.validation_definitions.add(
-        gx.ValidationDefinition(name="imgflow_manifest", data=batch, suite=suite)
+        gx.ValidationDefinition(name=f"imgflow_{table}", data=batch, suite=suite)
     )
     result_format: dict[str, Any] = {"result_format": "SUMMARY", "partial_unexpected_count": MAX_EXAMPLES}
     if "image_id" in df.columns:
@@ -429,17 +704,24 @@ def _results_by_name(ge_result: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return out
 
 
-def _outcome(spec: _Spec, entry: dict[str, Any] | None, df: pd.DataFrame) -> ExpectationOutcome:
+def _outcome(
+    spec: _Spec, entry: dict[str, Any] | None, df: pd.DataFrame, severity: str
+) -> ExpectationOutcome:
     expectation = _snake_case(spec.expectation_class)
+    tags = {"severity": severity, "check": spec.check}
     if entry is None:  # GE dropped it: report rather than pass silently
         return ExpectationOutcome(
-            spec.name, expectation, spec.description, False, 0, ({"error": "no result from GE"},)
+            spec.name, expectation, spec.description, False, 0, ({"error": "no result from GE"},), **tags
         )
     error = _exception_message(entry)
     if error is not None:
-        return ExpectationOutcome(spec.name, expectation, spec.description, False, 0, ({"error": error},))
+        return ExpectationOutcome(
+            spec.name, expectation, spec.description, False, 0, ({"error": error},), **tags
+        )
     count, examples = spec.examples(entry.get("result") or {}, df)
     return ExpectationOutcome(
+        severity=severity,
+        check=spec.check,
         name=spec.name,
         expectation=expectation,
         description=spec.description,
@@ -483,10 +765,10 @@ def write_validation_report(report: ValidationReport, out_dir: Path) -> tuple[Pa
 _CSS = """
 body { font-family: system-ui, sans-serif; margin: 2em; color: #222; }
 h1 { font-size: 1.4em; } .verdict { padding: .4em .8em; border-radius: 4px; color: #fff; }
-.pass { background: #2e7d32; } .fail { background: #c62828; }
+.pass { background: #2e7d32; } .fail { background: #c62828; } .warn { background: #ef6c00; }
 table { border-collapse: collapse; width: 100%; margin-top: 1em; }
 th, td { border: 1px solid #ccc; padding: .35em .6em; text-align: left; vertical-align: top; }
-th { background: #f3f3f3; } tr.failed td { background: #fdecea; }
+th { background: #f3f3f3; } tr.failed td { background: #fdecea; } tr.warned td { background: #fff4e5; }
 td.status { font-weight: bold; } code { font-size: .9em; }
 table.ex { margin: 0; width: auto; font-size: .85em; } table.ex td, table.ex th { padding: .15em .4em; }
 """
@@ -496,6 +778,8 @@ def render_html(report: ValidationReport) -> str:
     """A self-contained page: verdict, then one table row per expectation with example rows."""
     e = html.escape
     verdict, css = ("PASSED", "pass") if report.success else ("FAILED", "fail")
+    if report.success and report.warnings():
+        verdict, css = f"PASSED with {len(report.warnings())} warning(s)", "warn"
     failed = len(report.failed())
     rows = "\n".join(_html_row(o) for o in report.outcomes)
     return f"""<!DOCTYPE html>
@@ -503,7 +787,7 @@ def render_html(report: ValidationReport) -> str:
 <style>{_CSS}</style></head><body>
 <h1>Manifest validation <span class="verdict {css}">{verdict}</span></h1>
 <p>{e(str(report.n_rows))} rows; {len(report.outcomes) - failed} of {len(report.outcomes)} expectations met,
-{failed} failed.</p>
+{failed} failed ({len(report.warnings())} of them warnings only).</p>
 <table><thead><tr><th>Expectation</th><th>Expected</th><th>Status</th><th>Unexpected</th>
 <th>Examples</th></tr></thead>
 <tbody>
@@ -515,10 +799,11 @@ def render_html(report: ValidationReport) -> str:
 
 def _html_row(o: ExpectationOutcome) -> str:
     e = html.escape
-    status = "PASSED" if o.success else "FAILED"
+    status = "PASSED" if o.success else ("WARNING" if o.severity == "warn" else "FAILED")
+    css = "passed" if o.success else ("warned" if o.severity == "warn" else "failed")
     return (
-        f'<tr class="{"passed" if o.success else "failed"}"><td><b>{e(o.name)}</b><br>'
-        f"<code>{e(o.expectation)}</code></td><td>{e(o.description)}</td>"
+        f'<tr class="{css}"><td><b>{e(o.name)}</b><br>'
+        f"<code>{e(o.expectation)}</code><br>check {e(o.check)} ({e(o.severity)})</td><td>{e(o.description)}</td>"
         f'<td class="status">{status}</td><td>{o.unexpected_count}</td>'
         f"<td>{_html_examples(o.examples)}</td></tr>"
     )

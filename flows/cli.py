@@ -21,7 +21,7 @@ app = typer.Typer(
     name="imgflow",
     help=(
         "Raw labelled images -> validated data -> Ray-trained timm model -> gated, registered MLflow model.\n\n"
-        "Stages: ingest, validate, train, evaluate, register; `pipeline` runs them all as one Prefect flow. "
+        "Stages: ingest, validate, baseline (CLIP), train, evaluate, register; `pipeline` runs them all as one Prefect flow. "
         "Parameters come from params.yaml (one section per stage); override any with --set section.key=value."
     ),
     no_args_is_help=True,
@@ -131,6 +131,49 @@ def validate(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None, as_js
 
 
 @app.command()
+def audit(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None, as_json: JsonOpt = False) -> None:
+    """Label-quality audit: suspected label errors (cleanlab), near-duplicate sets, outliers; the
+    issue ledger compares them with the previous data version (new / persisting / resolved)."""
+    from components.stages import run_audit
+
+    result = _run(lambda: run_audit(_params(params, set_)), as_json=as_json)
+
+    def human(r: dict[str, Any]) -> str:
+        ledger = r["ledger"]
+        lines = [f"audited {r['audited']} images (data version {r['data_version']})"]
+        lines += [f"  {issue}: {n}" for issue, n in r["issues"].items()]
+        lines.append(f"vs previous version {ledger['previous_version'] or '(none)'}: {ledger['totals']}")
+        lines += [f"relabel queue {ledger['files']['relabel_queue']}", f"report {r['report_html']}"]
+        return "\n".join(lines)
+
+    _emit(result, as_json, human)
+
+
+def _baseline_line(r: dict[str, Any]) -> str:
+    if r["status"] != "ok":
+        return str(r["reason"])
+    probe = r["linear_probe_accuracy"]
+    return (
+        f"{r['model']}/{r['pretrained']}: zero-shot accuracy {r['zero_shot_accuracy']:.4f}, "
+        f"linear probe {'-' if probe is None else f'{probe:.4f}'}; {r['disagreements']} confident label "
+        "disagreements"
+    )
+
+
+@app.command()
+def baseline(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None, as_json: JsonOpt = False) -> None:
+    """Zero-shot and linear-probe CLIP baselines (open_clip) on the test split, each an MLflow run.
+
+    Weights: a pretrained tag (downloaded when online) or a local checkpoint (baseline.pretrained);
+    with none to be had the baseline is recorded as skipped (exit code 0).
+    """
+    from components.stages import run_baseline
+
+    result = _run(lambda: run_baseline(_params(params, set_)), as_json=as_json)
+    _emit(result, as_json, lambda r: f"CLIP baseline {_baseline_line(r)}\nresults in {r['out_dir']}")
+
+
+@app.command()
 def train(
     params: ParamsOpt = Path("params.yaml"),
     set_: SetOpt = None,
@@ -151,15 +194,31 @@ def train(
 
 
 @app.command()
-def evaluate(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None, as_json: JsonOpt = False) -> None:
-    """Test-set metrics, confusion matrix and gates (written to outputs/evaluate, logged to MLflow)."""
+def evaluate(
+    params: ParamsOpt = Path("params.yaml"),
+    set_: SetOpt = None,
+    model: Annotated[
+        str | None,
+        typer.Option(
+            "--model",
+            help="Evaluate a registered model instead of outputs/train/model: models:/<name>@<alias>, "
+            "models:/<name>/<version> or runs:/<run id>/model.",
+        ),
+    ] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Gate report: test metrics, calibration, robustness, slices, champion comparison and gates
+    (written to outputs/evaluate, logged to MLflow)."""
     from components.evaluation import GateReport
     from components.stages import run_evaluate
 
-    result = _run(lambda: run_evaluate(_params(params, set_)), as_json=as_json)
+    result = _run(lambda: run_evaluate(_params(params, set_), model_uri=model), as_json=as_json)
 
     def human(r: dict[str, Any]) -> str:
-        return f"test accuracy {r['accuracy']:.4f}\n{GateReport.from_dict(r['gates']).summary_text()}"
+        return (
+            f"test accuracy {r['accuracy']:.4f}, temperature {r['temperature']:.3f}\n"
+            f"{GateReport.from_dict(r['gates']).summary_text()}\ngate report: {r['report_html']}"
+        )
 
     _emit(result, as_json, human)
 
@@ -188,6 +247,7 @@ def _pipeline_summary(r: dict[str, Any]) -> str:
         [
             f"data version   {r['ingest']['data_version']} ({r['ingest']['ingested']} images)",
             f"MLflow run     {tr['run_id']}",
+            *([f"CLIP baseline  {_baseline_line(r['baseline'])}"] if r.get("baseline") else []),
             f"test accuracy  {ev['accuracy']:.4f}  (gates {'passed' if ev['gates_passed'] else 'FAILED'})",
             f"registered     {reg['name']} version {reg['version']}, aliases: {', '.join(reg['aliases'])}",
             f"load it with   mlflow.pyfunc.load_model('models:/{reg['name']}@{reg['aliases'][-1]}')",
@@ -198,7 +258,7 @@ def _pipeline_summary(r: dict[str, Any]) -> str:
 
 @app.command()
 def pipeline(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None, as_json: JsonOpt = False) -> None:
-    """Run ingest -> validate -> train -> evaluate -> register as one Prefect flow.
+    """Run ingest -> validate -> baseline -> train -> evaluate -> register as one Prefect flow.
 
     Runs without a Prefect server (ephemeral) or against the one $PREFECT_API_URL names.
     """

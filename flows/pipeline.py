@@ -1,4 +1,4 @@
-"""The pipeline flow: ingest -> validate -> train -> evaluate -> register."""
+"""The pipeline flow: ingest -> validate -> audit -> CLIP baseline -> train -> evaluate -> register."""
 
 from __future__ import annotations
 
@@ -16,7 +16,16 @@ def pipeline(params_path: str = "params.yaml", overrides: list[str] | None = Non
     params = load_params(params_path, overrides or [])
     ingested = stages.ingest(params)
     stages.validate(params)
+    audited = stages.audit(params) if params.audit.enabled else None
+    baseline = stages.baseline(params)  # never fails for want of weights: then it is "skipped"
     trained = stages.train(params)
     evaluated = stages.evaluate(params)
     registered = stages.register(params)
-    return {"ingest": ingested, "train": trained, "evaluate": evaluated, "register": registered}
+    return {
+        "ingest": ingested,
+        "audit": audited,
+        "baseline": baseline,
+        "train": trained,
+        "evaluate": evaluated,
+        "register": registered,
+    }

@@ -33,6 +33,31 @@ def validate(params: Params) -> dict[str, Any]:
     return result
 
 
+@task(name="audit-labels", cache_policy=NO_CACHE)
+def audit(params: Params) -> dict[str, Any]:
+    result = stages.run_audit(params, progress=False)
+    get_run_logger().info(
+        "label audit of %s images: %s; vs previous data version: %s",
+        result["audited"], result["issues"], result["ledger"]["totals"],
+    )  # fmt: skip
+    return result
+
+
+@task(name="clip-baseline", cache_policy=NO_CACHE)
+def baseline(params: Params) -> dict[str, Any]:
+    """Zero-shot + linear-probe CLIP baselines; without weights it is skipped, not failed."""
+    result = stages.run_baseline(params)
+    log = get_run_logger()
+    if result["status"] == "ok":
+        log.info(
+            "CLIP baseline %s/%s: zero-shot accuracy %.4f, linear probe %s",
+            result["model"], result["pretrained"], result["zero_shot_accuracy"], result["linear_probe_accuracy"],
+        )  # fmt: skip
+    else:
+        log.warning("CLIP baseline %s", result["reason"])
+    return result
+
+
 @task(name="train-model-on-ray", cache_policy=NO_CACHE)
 def train(params: Params) -> dict[str, Any]:
     result = stages.run_train(params, progress=True)

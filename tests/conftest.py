@@ -57,7 +57,11 @@ def run_cli(
     *args: str, cwd: Path, timeout: int = 900, env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess[str]:
     """Run the installed ``imgflow`` console script as a user would (own PREFECT_HOME in ``cwd``)."""
-    full_env = dict(os.environ, PREFECT_HOME=str(cwd / ".prefect"), **(env or {}))
+    full_env = dict(os.environ, PREFECT_HOME=str(cwd / ".prefect"))
+    # In-process tests point MLflow elsewhere (mlflow.set_tracking_uri also sets this variable):
+    # a CLI run uses its project's own store unless the caller says otherwise.
+    full_env.pop("MLFLOW_TRACKING_URI", None)
+    full_env.update(env or {})
     return subprocess.run(
         [str(BIN / "imgflow"), *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=full_env
     )
@@ -69,6 +73,13 @@ def write_small_params(project: Path, *, max_per_class: int = 30, epochs: int = 
     params["ingest"]["max_per_class"] = max_per_class
     params["train"].update(epochs=epochs, batch_size=32, lr=0.005)
     params["gates"].update(min_accuracy=0.5, min_class_recall=0.0)
+    # A few-image model is neither calibrated, robust nor better than the last one: only the
+    # tests about those gates turn them on.
+    params["gates"].update(
+        max_ece=1.0, min_relative_robustness=0.0, min_family_robustness=0.0, min_slice_accuracy=0.0,
+        max_accuracy_drop=1.0, max_class_recall_drop=1.0,
+    )  # fmt: skip
+    params["evaluate"]["robustness"]["max_images"] = 200
     params["register"]["model_name"] = "imgflow-test"
     for name, values in sections.items():
         params[name].update(values)

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
 import yaml
 
-from tests.conftest import BIN, write_small_params
+from tests.conftest import BIN, REPO, write_small_params
 
 pytestmark = pytest.mark.e2e
 
@@ -30,10 +31,11 @@ def test_dvc_repro_reruns_only_what_changed(copy_repo_files) -> None:
     write_small_params(project, max_per_class=12, epochs=1, train={"workers": 1}, gates={"min_accuracy": 0.0})
     for cmd in (["git", "init", "-q"], [str(BIN / "dvc"), "init", "-q"]):
         assert _run(cmd, project).returncode == 0
+    shutil.copy2(REPO / ".dvc" / "config", project / ".dvc" / "config")  # the repo's default local remote
 
     first = _run([str(BIN / "dvc"), "repro"], project)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
-    assert _ran(first.stdout) == {"ingest", "validate", "train", "evaluate", "register"}
+    assert _ran(first.stdout) == {"ingest", "validate", "audit", "baseline", "train", "evaluate", "register"}
     lock = yaml.safe_load((project / "dvc.lock").read_text())
     manifest_md5 = next(
         o["md5"] for o in lock["stages"]["ingest"]["outs"] if o["path"] == "data/manifest.parquet"
@@ -53,3 +55,8 @@ def test_dvc_repro_reruns_only_what_changed(copy_repo_files) -> None:
 
     metrics = _run([str(BIN / "dvc"), "metrics", "show", "--json"], project)
     assert metrics.returncode == 0 and "accuracy" in metrics.stdout
+
+    push = _run([str(BIN / "dvc"), "push"], project)  # no credentials: a local-folder remote
+    assert push.returncode == 0, push.stderr
+    remote = project / ".imgflow" / "dvc-remote"
+    assert sum(1 for p in remote.rglob("*") if p.is_file()) > 24  # the image store, manifest, model

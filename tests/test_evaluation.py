@@ -18,7 +18,9 @@ from components.evaluation import (
     check_gates,
     compute_metrics,
     flat_metrics,
+    make_gate,
     slug,
+    wilson_interval,
     write_evaluation,
 )
 from components.plots import plot_confusion_matrix, plot_training_curves
@@ -124,7 +126,8 @@ def test_class_absent_from_test_set_does_not_crash() -> None:
     assert m["macro_recall"] == pytest.approx((2 / 3 + 1 + 0) / 3)
     assert m["nll"] == pytest.approx(-math.log(0.8 * 0.6 * 0.2 * 0.8) / 4)
 
-    report = check_gates(m, min_accuracy=0.5, min_class_recall=0.5)
+    # Threshold 0: every measured class passes, the unmeasured one still fails (no evidence).
+    report = check_gates(m, min_accuracy=0.5, min_class_recall=0.0)
     assert not report.passed
     assert [g.name for g in report.failed()] == ["min_class_recall[c]"]
     assert "no test images" in report.failed()[0].message
@@ -139,7 +142,7 @@ def test_class_never_seen_nor_predicted_keeps_its_row_and_column() -> None:
     assert [row["support"] for row in m["per_class"]] == [1, 1, 1, 0]
     assert m["accuracy"] == 1.0
     assert m["macro_recall"] == pytest.approx(3 / 4)  # the empty class counts as recall 0
-    report = check_gates(m, min_accuracy=0.9, min_class_recall=0.9)
+    report = check_gates(m, min_accuracy=0.9, min_class_recall=0.0)
     assert [g.name for g in report.failed()] == ["min_class_recall[d]"]
 
 
@@ -166,8 +169,29 @@ def _metrics_with_recalls(correct_per_class: list[int], *, per_class: int = 10) 
     return compute_metrics(np.array(y), np.array(probs), CLASSES[:n_classes])
 
 
+def test_wilson_interval_by_hand() -> None:
+    # 8 of 10, z = 1.959964: centre 0.8 + z²/20 = 0.992073, half z*sqrt(0.016 + z²/400) = 0.313617,
+    # denominator 1 + z²/10 = 1.384146 -> (0.490162, 0.943318).
+    lo, hi = wilson_interval(8, 10)
+    assert lo == pytest.approx(0.490162, abs=1e-6)
+    assert hi == pytest.approx(0.943318, abs=1e-6)
+    # 12 of 12: the point estimate is 1.0 but the lower bound is 1 / (1 + z²/12) = 0.757506.
+    assert wilson_interval(12, 12)[0] == pytest.approx(0.757506, abs=1e-6)
+    assert wilson_interval(0, 0) == (0.0, 1.0)
+    assert wilson_interval(500, 1000, confidence=0.99)[0] < wilson_interval(500, 1000)[0]
+    with pytest.raises(ValueError):
+        wilson_interval(11, 10)
+
+
+def test_recall_bounds_are_in_per_class_rows(metrics: dict) -> None:
+    cat = metrics["per_class"][0]  # 1 of 2 right
+    assert (cat["recall_lower"], cat["recall_upper"]) == pytest.approx(wilson_interval(1, 2))
+    assert metrics["confusion_matrix_normalized"][2] == pytest.approx([0.5, 0.0, 0.5])
+
+
 def test_gates_fail_exactly_the_weak_class() -> None:
-    m = _metrics_with_recalls([10, 10, 5])  # accuracy 25/30, bird recall 0.5
+    # 40 images per class; bird only 20 right: recall 0.5, Wilson lower bound 0.352.
+    m = _metrics_with_recalls([40, 40, 20], per_class=40)
     report = check_gates(m, min_accuracy=0.8, min_class_recall=0.6)
     assert report.passed is False
     assert [g.name for g in report.gates] == [
@@ -179,41 +203,70 @@ def test_gates_fail_exactly_the_weak_class() -> None:
     assert [g.name for g in report.failed()] == ["min_class_recall[bird]"]
     bird = report.failed()[0]
     assert (bird.value, bird.threshold) == (0.5, 0.6)
-    assert bird.message == "recall of 'bird' 0.50 < 0.60"
+    assert bird.bound == pytest.approx(wilson_interval(20, 40)[0])
+    assert bird.message == "recall of 'bird' 0.5000, 95% lower bound 0.35 < 0.60"
+    assert "20 of 40 'bird' test images" in bird.explanation and "is NOT" in bird.explanation
     assert report.gates[0].message == "accuracy 0.83 >= 0.80"
     lines = report.summary_text().splitlines()
-    assert len(lines) == 4
-    assert [line.startswith("FAIL") for line in lines] == [False, False, False, True]
+    assert lines[0].startswith("FAILED: 1 of 4 gates failed (min_class_recall[bird])")
+    assert [line.startswith("FAIL") for line in lines[1:]] == [False, False, False, True]
+
+
+def test_small_class_cannot_pass_by_luck() -> None:
+    # 12 of 12 right passes a 0.6 bar (bound 0.76); 9 of 12 (point 0.75 >= 0.6) does not (bound 0.47).
+    lucky = check_gates(
+        _metrics_with_recalls([12, 12, 9], per_class=12), min_accuracy=0.0, min_class_recall=0.6
+    )
+    assert [g.name for g in lucky.failed()] == ["min_class_recall[bird]"]
+    assert lucky.failed()[0].value == 0.75
 
 
 def test_gates_pass_for_a_good_model_and_at_the_threshold() -> None:
-    m = _metrics_with_recalls([10, 9, 8])  # accuracy 0.9, recalls 1.0, 0.9, 0.8
-    report = check_gates(m, min_accuracy=0.9, min_class_recall=0.8)
+    m = _metrics_with_recalls([1000, 950, 900], per_class=1000)
+    report = check_gates(m, min_accuracy=0.95, min_class_recall=0.8)
     assert report.passed is True
     assert report.failed() == []
-    assert all(g.passed for g in report.gates)
+    assert report.verdict().startswith("PASSED")
 
-    strict = check_gates(m, min_accuracy=0.91, min_class_recall=0.8)
+    strict = check_gates(m, min_accuracy=0.96, min_class_recall=0.8)
     assert [g.name for g in strict.failed()] == ["min_accuracy"]
 
 
+def test_warn_level_reports_without_blocking_and_off_drops_the_gate() -> None:
+    m = _metrics_with_recalls([40, 40, 20], per_class=40)
+    report = check_gates(m, min_accuracy=0.8, min_class_recall=0.6, levels={"min_class_recall": "warn"})
+    assert report.passed is True
+    assert report.failed() == []
+    assert [g.name for g in report.warnings()] == ["min_class_recall[bird]"]
+    assert report.warnings()[0].status == "warn"
+    assert "1 warning" in report.verdict()
+    off = check_gates(m, min_accuracy=0.8, min_class_recall=0.6, levels={"min_class_recall": "off"})
+    assert [g.name for g in off.gates] == ["min_accuracy"]
+
+
 def test_gate_message_never_shows_a_failure_as_equal() -> None:
-    m = _metrics_with_recalls([10, 10, 10])
-    m["per_class"][0]["recall"] = 0.598
-    report = check_gates(m, min_accuracy=0.5, min_class_recall=0.6)
-    assert report.failed()[0].message == "recall of 'cat' 0.598 < 0.600"
+    gate = make_gate("g", "accuracy", 0.598, 0.6)
+    assert gate.message == "accuracy 0.598 < 0.600"
+    upper = make_gate("max_ece", "ECE", 0.0301, 0.03, comparison="<=")
+    assert not upper.passed and upper.message == "ECE 0.0301 > 0.0300"
 
 
 def test_gate_thresholds_are_validated() -> None:
     m = _metrics_with_recalls([10, 10, 10])
     with pytest.raises(ConfigError, match="min_class_recall"):
         check_gates(m, min_accuracy=0.5, min_class_recall=60)
+    with pytest.raises(ConfigError, match="levels"):
+        check_gates(m, min_accuracy=0.5, min_class_recall=0.5, levels={"min_accuracy": "maybe"})
 
 
 def test_gate_report_round_trip() -> None:
-    report = check_gates(_metrics_with_recalls([10, 10, 5]), min_accuracy=0.8, min_class_recall=0.6)
+    report = check_gates(
+        _metrics_with_recalls([40, 40, 20], per_class=40), min_accuracy=0.8, min_class_recall=0.6,
+        levels={"min_accuracy": "warn"},
+    )  # fmt: skip
     d = json.loads(json.dumps(report.to_dict()))
     assert d["failed"] == ["min_class_recall[bird]"]
+    assert d["verdict"] == report.verdict()
     assert GateReport.from_dict(d) == report
 
 
@@ -223,6 +276,8 @@ def test_gate_report_cannot_pass_without_gates_or_with_a_failed_gate() -> None:
     failed = GateResult(name="min_accuracy", passed=False, value=0.1, threshold=0.9, message="m")
     with pytest.raises(ValueError):
         GateReport(passed=True, gates=(failed,))
+    warned = GateResult(name="max_ece", passed=False, value=0.1, threshold=0.03, message="m", level="warn")
+    assert GateReport.of([warned]).passed is True
 
 
 def test_flat_metrics_are_scalars_with_class_slugs() -> None:
@@ -275,7 +330,7 @@ def test_write_evaluation_writes_all_files(tmp_path: Path, metrics: dict) -> Non
     with paths["per_class"].open(newline="") as f:
         rows = list(csv.DictReader(f))
     assert [r["class"] for r in rows] == CLASSES
-    assert list(rows[0]) == ["class", "precision", "recall", "f1", "support"]
+    assert list(rows[0]) == ["class", "precision", "recall", "recall_lower", "recall_upper", "f1", "support"]
     assert float(rows[1]["precision"]) == pytest.approx(2 / 3)
     assert int(rows[2]["support"]) == 2
 

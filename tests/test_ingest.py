@@ -567,3 +567,67 @@ def test_all_items_quarantined_raises_after_writing_the_quarantine(tmp_path: Pat
         ingest(f"imagefolder:{root}", data_dir=tmp_path / "data")
     assert "quarantine.csv" in str(err.value)
     assert len(read_quarantine(DataPaths(tmp_path / "data").quarantine)) == 2
+
+
+# --------------------------------------------------------------------------------------------
+# image properties (components.image_stats)
+
+
+def test_phash_is_imagehash_phash_and_properties_are_measured(
+    fm_test_set: tuple[np.ndarray, np.ndarray], digits: tuple[np.ndarray, np.ndarray]
+) -> None:
+    import imagehash
+
+    from components.image_stats import measure, phash_hex, sample_pixels
+
+    images = [Image.fromarray(p) for p in fm_test_set[0][:150]]
+    images += [Image.fromarray(np.tile(p, (9, 9))).convert("RGB") for p in digits[0][:20]]  # 72x72 RGB
+    samples = [sample_pixels(im) for im in images]
+    assert phash_hex([s.thumb for s in samples]) == [str(imagehash.phash(im)) for im in images]
+    measured = measure(samples)  # small images in one batch, larger ones measured one by one
+    for im, (brightness, contrast, blur) in zip(images, measured, strict=True):
+        grey = np.asarray(im.convert("L"), dtype=np.float64)
+        lap = grey[:-2, 1:-1] + grey[2:, 1:-1] + grey[1:-1, :-2] + grey[1:-1, 2:] - 4 * grey[1:-1, 1:-1]
+        assert (brightness, contrast) == pytest.approx((grey.mean() / 255, grey.std() / 255), rel=1e-4)
+        assert blur == pytest.approx(lap.var(), rel=1e-4)
+    # a blurred copy scores lower on blur; a flat image scores zero
+    from PIL import ImageFilter
+
+    sharp = sample_pixels(images[0])
+    soft = sample_pixels(images[0].filter(ImageFilter.GaussianBlur(1.5)))
+    flat = sample_pixels(Image.new("L", (28, 28), 200))
+    scores = measure([sharp, soft, flat])
+    assert scores[0, 2] > 3 * scores[1, 2] and scores[2].tolist() == pytest.approx([200 / 255, 0.0, 0.0])
+
+
+def test_near_duplicate_pairs_match_brute_force() -> None:
+    from components.image_stats import duplicate_sets, hamming, near_duplicate_pairs
+
+    rng = np.random.default_rng(0)
+    hashes = rng.integers(0, 2**63, size=2000, dtype=np.int64).astype(np.uint64)
+    for i in range(0, 200, 2):  # plant pairs at distances 0..5
+        flips = rng.choice(64, size=i % 6, replace=False)
+        hashes[i + 1] = hashes[i] ^ np.uint64(sum(1 << int(b) for b in flips))
+    for max_distance in (0, 3, 5):
+        got = near_duplicate_pairs(hashes, max_distance=max_distance)
+        a, b = np.triu_indices(len(hashes), k=1)
+        d = hamming(hashes[a], hashes[b])
+        expected = np.stack([a, b, d], axis=1)[d <= max_distance]
+        np.testing.assert_array_equal(got, expected)
+    sets = duplicate_sets(len(hashes), near_duplicate_pairs(hashes, max_distance=5)[:, :2])
+    assert len(sets) == 100 and all(len(s) == 2 for s in sets)
+
+
+@needs_fm
+def test_manifest_holds_image_properties(tmp_path: Path, fm_test_set: tuple[np.ndarray, np.ndarray]) -> None:
+    import imagehash
+
+    s = ingest("fashion-mnist", data_dir=tmp_path / "d", max_per_class=3, download=False)
+    df = read_manifest(DataPaths(tmp_path / "d").manifest)
+    assert s.ingested == 60 and df["decode_ok"].all()
+    assert set(df["aspect"]) == {1.0} and set(df["channels"]) == {1} and set(df["bit_depth"]) == {8}
+    row = df.loc[df["source_path"] == "idx:test:0"].iloc[0]
+    pixels = fm_test_set[0][0]
+    assert row["brightness"] == pytest.approx(pixels.mean() / 255, rel=1e-5)
+    assert row["contrast"] == pytest.approx(pixels.std() / 255, rel=1e-4)
+    assert row["phash"] == str(imagehash.phash(Image.fromarray(pixels)))

@@ -54,10 +54,21 @@ def test_flow_run_is_recorded_by_the_prefect_server(done: dict) -> None:
     assert {
         "ingest-images",
         "validate-manifest",
+        "clip-baseline",
         "train-model-on-ray",
         "evaluate-and-gate",
         "register-model",
     } <= names
+
+
+def test_offline_pipeline_records_the_clip_baseline_as_skipped(done: dict) -> None:
+    project = done["project"]  # no CLIP weights ship and HF_HUB_OFFLINE=1: skipped, not failed
+    record = json.loads((project / "outputs" / "baseline" / "baseline.json").read_text())
+    assert record["status"] == "skipped" and record["reason"].startswith("skipped: weights unavailable")
+    assert "CLIP baseline  skipped: weights unavailable" in done["proc"].stdout
+    client = mlflow.MlflowClient(f"sqlite:///{project / '.imgflow' / 'mlflow.db'}")
+    run = client.get_run(record["mlflow_runs"]["skipped"])
+    assert run.data.tags["baseline_status"] == "skipped" and run.info.status == "FINISHED"
 
 
 def test_registered_version_is_champion_with_provenance(done: dict) -> None:

@@ -1,0 +1,447 @@
+"""The gate report: every gate from the evidence of one evaluation, as JSON, CSV, PNG and HTML.
+
+:func:`build_gates` turns the evidence (test metrics, calibration, robustness sweep, slices,
+champion comparison) into one :class:`~components.evaluation.GateReport` using the thresholds
+and levels of ``params.yaml``'s ``gates:``. :func:`write_report` writes the evaluate stage's
+files; ``report.html`` is self-contained (plots inlined as base64), verdict first.
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import html
+import json
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from components.calibration import CalibrationReport
+from components.config import GatesConfig
+from components.evaluation import (
+    GateReport,
+    GateResult,
+    _level,
+    flat_metrics,
+    make_gate,
+    metric_gates,
+)
+from components.robustness import SEVERITIES, RobustnessReport
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Evidence:
+    """Everything measured about one model. Optional parts are None when not measured."""
+
+    metrics: dict[str, Any]
+    calibration: CalibrationReport | None = None
+    robustness: RobustnessReport | None = None
+    slices: list[dict[str, Any]] | None = None
+    champion: dict[str, Any] | None = None
+    """``{"status": "compared", "version", "uri", "comparison": champion.compare(...)}``,
+    or ``{"status": "none"|"skipped", "reason": ...}``."""
+
+
+# --------------------------------------------------------------------------- gates
+
+
+def build_gates(cfg: GatesConfig, ev: Evidence) -> GateReport:
+    """All gates that apply to ``ev`` (a gate whose evidence is missing is not invented)."""
+    levels: Mapping[str, str] = cfg.levels
+    gates = metric_gates(
+        ev.metrics,
+        min_accuracy=cfg.min_accuracy,
+        min_class_recall=cfg.min_class_recall,
+        confidence=cfg.confidence,
+        levels=levels,
+    )
+    on = {name for name in _GATE_BUILDERS if levels.get(name, "error") != "off"}
+    for name, builder in _GATE_BUILDERS.items():
+        if name in on:
+            gates += builder(cfg, ev, _level(levels, name))
+    report = GateReport.of(gates)
+    if not report.passed:
+        logger.warning("gates failed: %s", ", ".join(g.name for g in report.failed()))
+    return report
+
+
+def _ece_gate(cfg: GatesConfig, ev: Evidence, level: Any) -> list[GateResult]:
+    if ev.calibration is None:
+        return []
+    cal = ev.calibration
+    after, before = cal.after["ece"], cal.before["ece"]
+    scaled = cal.fitted_on != "none"
+    gate = make_gate("max_ece", "ECE after temperature scaling" if scaled else "ECE", after, cfg.max_ece,
+                     level=level, comparison="<=")  # fmt: skip
+    how = (
+        f"After dividing the logits by T = {cal.temperature:.3f} (fitted on {cal.n_fit} validation images) "
+        f"the confidence the model states differs from its real hit rate by {after:.2%} on average "
+        f"(before scaling: {before:.2%})."
+        if scaled
+        else f"Stated confidence differs from the real hit rate by {after:.2%} on average (no scaling)."
+    )
+    tail = " That is within" if gate.passed else " That exceeds"
+    return [replace(gate, explanation=f"{how}{tail} the allowed {cfg.max_ece:.2%}.")]
+
+
+def _robustness_gates(cfg: GatesConfig, ev: Evidence, level: Any) -> list[GateResult]:
+    return [] if ev.robustness is None else [_relative_gate(cfg, ev.robustness, level)]
+
+
+def _relative_gate(cfg: GatesConfig, r: RobustnessReport, level: Any) -> GateResult:
+    gate = make_gate("min_relative_robustness", "mean corruption accuracy / clean accuracy",
+                     r.relative_robustness, cfg.min_relative_robustness, level=level)  # fmt: skip
+    text = (
+        f"Over {len(r.accuracy)} corruption families x {len(SEVERITIES)} severities on {r.n} test images "
+        f"the model keeps {r.relative_robustness:.1%} of its clean accuracy ({r.mean_corruption_accuracy:.3f} "
+        f"vs {r.clean_accuracy:.3f}); at least {cfg.min_relative_robustness:.0%} is required."
+    )
+    return replace(gate, explanation=text)
+
+
+def _family_gates(cfg: GatesConfig, ev: Evidence, level: Any) -> list[GateResult]:
+    if ev.robustness is None:
+        return []
+    r = ev.robustness
+    worst = r.worst_family
+    gate = make_gate("min_family_robustness", f"worst family ({worst}) accuracy / clean accuracy",
+                     r.family_relative[worst], cfg.min_family_robustness, level=level)  # fmt: skip
+    text = (
+        f"The corruption that hurts most is {worst}: averaged over its 5 severities the model keeps "
+        f"{r.family_relative[worst]:.1%} of its clean accuracy; no family may fall below "
+        f"{cfg.min_family_robustness:.0%}."
+    )
+    return [replace(gate, explanation=text)]
+
+
+def _slice_gates(cfg: GatesConfig, ev: Evidence, level: Any) -> list[GateResult]:
+    out = []
+    for row in ev.slices or []:
+        gate = make_gate(f"min_slice_accuracy[{row['slice']}]", f"accuracy on {row['slice']}",
+                         row["accuracy"], cfg.min_slice_accuracy, level=level, bound=row["accuracy_lower"],
+                         bound_name=f"{cfg.confidence:.0%} lower bound")  # fmt: skip
+        text = (
+            f"{row['correct']} of the {row['n']} test images with {row['slice']} are right "
+            f"({row['accuracy']:.1%}); with {cfg.confidence:.0%} confidence at least "
+            f"{row['accuracy_lower']:.1%}, against a required {cfg.min_slice_accuracy:.0%}."
+        )
+        out.append(replace(gate, explanation=text))
+    return out
+
+
+def _champion_accuracy_gate(cfg: GatesConfig, ev: Evidence, level: Any) -> list[GateResult]:
+    champ = ev.champion or {}
+    if champ.get("status") != "compared":
+        return []
+    row = champ["comparison"]["accuracy"]
+    return [_drop_gate("max_accuracy_drop", row, cfg.max_accuracy_drop, champ.get("version", "?"), level)]
+
+
+def _champion_class_gates(cfg: GatesConfig, ev: Evidence, level: Any) -> list[GateResult]:
+    champ = ev.champion or {}
+    if champ.get("status") != "compared":
+        return []
+    version = champ.get("version", "?")
+    return [
+        _drop_gate(f"max_class_recall_drop[{row['class']}]", row, cfg.max_class_recall_drop, version, level)
+        for row in champ["comparison"]["per_class"]
+    ]
+
+
+def _drop_gate(name: str, row: dict[str, Any], margin: float, version: str, level: Any) -> GateResult:
+    what = row["what"]
+    gate = make_gate(name, f"{what} challenger - champion", row["difference"], -margin, level=level,
+                     bound=row["lower"], bound_name="lower bound")  # fmt: skip
+    verdict = "is not" if gate.passed else "may be"
+    text = (
+        f"On the same {row['n']} test images the challenger's {what} is {row['challenger']:.3f} and the "
+        f"champion's (version {version}) is {row['champion']:.3f}. The paired bootstrap puts the "
+        f"difference at no less than {row['lower']:+.3f}, so the challenger {verdict} worse by more than "
+        f"the allowed {margin:.3f}."
+    )
+    return replace(gate, explanation=text)
+
+
+_GATE_BUILDERS = {
+    "max_ece": _ece_gate,
+    "min_relative_robustness": _robustness_gates,
+    "min_family_robustness": _family_gates,
+    "min_slice_accuracy": _slice_gates,
+    "max_accuracy_drop": _champion_accuracy_gate,
+    "max_class_recall_drop": _champion_class_gates,
+}
+
+
+# --------------------------------------------------------------------------- files
+
+
+def report_dict(ev: Evidence, gates: GateReport, *, context: Mapping[str, Any]) -> dict[str, Any]:
+    """The whole report as JSON-able data, verdict first."""
+    return {
+        "verdict": gates.verdict(),
+        "passed": gates.passed,
+        "context": dict(context),
+        "gates": gates.to_dict()["gates"],
+        "metrics": ev.metrics,
+        "calibration": ev.calibration.to_dict() if ev.calibration else None,
+        "robustness": ev.robustness.to_dict() if ev.robustness else None,
+        "slices": ev.slices,
+        "champion": ev.champion,
+    }
+
+
+def all_scalars(ev: Evidence) -> dict[str, float]:
+    """Flat scalars for MLflow and ``dvc metrics``: test metrics plus calibration and robustness."""
+    flat = flat_metrics(ev.metrics)
+    if ev.calibration is not None:
+        flat["temperature"] = ev.calibration.temperature
+        flat.update({f"{k}_before_scaling": v for k, v in ev.calibration.before.items()})
+        flat.update({f"{k}_after_scaling": v for k, v in ev.calibration.after.items()})
+    if ev.robustness is not None:
+        r = ev.robustness
+        flat.update(
+            mean_corruption_accuracy=r.mean_corruption_accuracy,
+            relative_robustness=r.relative_robustness,
+            worst_family_robustness=r.family_relative[r.worst_family],
+        )
+        flat.update({f"robustness_{f}": v for f, v in r.family_relative.items()})
+    if ev.slices:
+        flat["min_slice_accuracy"] = min(row["accuracy"] for row in ev.slices)
+    comp = (ev.champion or {}).get("comparison")
+    if comp:
+        flat["champion_accuracy"] = comp["accuracy"]["champion"]
+        flat["accuracy_vs_champion"] = comp["accuracy"]["difference"]
+    return flat
+
+
+def write_report(
+    ev: Evidence, gates: GateReport, out_dir: Path, *, context: Mapping[str, Any]
+) -> dict[str, Path]:
+    """Write the evaluate stage's files into ``out_dir``; return their paths by kind.
+
+    Always: metrics.json, evaluation.json, per_class.csv, gates.json, confusion_matrix.png,
+    report.json, report.html. With calibration: reliability.csv, reliability.png. With a sweep:
+    robustness.csv, robustness.png. With slices: slices.csv.
+    """
+    from components.evaluation import write_evaluation
+    from components.plots import plot_reliability_diagram, plot_robustness_heatmap
+
+    out_dir = Path(out_dir)
+    paths = write_evaluation(ev.metrics, gates, out_dir)
+    _write_json(all_scalars(ev), paths["metrics"])
+    gates_json = {**gates.to_dict(), "temperature": ev.calibration.temperature if ev.calibration else 1.0}
+    _write_json(gates_json, paths["gates"])
+    if ev.calibration is not None:
+        cal = ev.calibration
+        paths["reliability_csv"] = _write_csv(
+            out_dir / "reliability.csv",
+            [{"stage": stage, **_bin_row(b)} for stage, bins in (("before", cal.bins_before), ("after", cal.bins_after))
+             for b in bins],
+        )  # fmt: skip
+        paths["reliability"] = plot_reliability_diagram(
+            cal.bins_before, cal.bins_after if cal.fitted_on != "none" else None,
+            out_dir / "reliability.png", temperature=cal.temperature,
+        )  # fmt: skip
+    if ev.robustness is not None:
+        paths["robustness_csv"] = _write_csv(out_dir / "robustness.csv", ev.robustness.rows())
+        paths["robustness"] = plot_robustness_heatmap(
+            ev.robustness.accuracy, out_dir / "robustness.png", clean_accuracy=ev.robustness.clean_accuracy
+        )
+    if ev.slices is not None:
+        paths["slices"] = _write_csv(out_dir / "slices.csv", ev.slices)
+    data = report_dict(ev, gates, context=context)
+    paths["report_json"] = _write_json(data, out_dir / "report.json")
+    paths["report_html"] = out_dir / "report.html"
+    paths["report_html"].write_text(render_html(data, images=paths), encoding="utf-8")
+    logger.info("gate report: %s", paths["report_html"])
+    return paths
+
+
+def _bin_row(b: Any) -> dict[str, Any]:
+    return {"lower": b.lower, "upper": b.upper, "count": b.count, "confidence": b.confidence,
+            "accuracy": b.accuracy}  # fmt: skip
+
+
+def _write_json(obj: Any, path: Path) -> Path:
+    path.write_text(
+        json.dumps(obj, indent=2, allow_nan=False, default=_json_default) + "\n", encoding="utf-8"
+    )
+    return path
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, np.generic):
+        return o.item()
+    raise TypeError(f"not JSON-serialisable: {type(o).__name__}")
+
+
+def _write_csv(path: Path, rows: Sequence[dict[str, Any]]) -> Path:
+    with path.open("w", newline="", encoding="utf-8") as f:
+        if rows:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+    return path
+
+
+# --------------------------------------------------------------------------- HTML
+
+_CSS = """
+body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
+#verdict{padding:1em 1.2em;border-radius:6px;font-size:1.3em;font-weight:600;color:#fff}
+#verdict.pass{background:#1e7b34} #verdict.fail{background:#b3261e}
+table{border-collapse:collapse;margin:.6em 0 1.4em;font-size:.92em} td,th{border:1px solid #ccc;padding:.3em .6em}
+th{background:#f3f3f3;text-align:left} td.num{text-align:right;font-variant-numeric:tabular-nums}
+.pass{color:#1e7b34;font-weight:600} .FAIL{color:#b3261e;font-weight:700} .warn{color:#b26a00;font-weight:700}
+img{max-width:100%;border:1px solid #eee} .muted{color:#666}
+"""
+
+
+def _e(v: Any) -> str:
+    return html.escape(str(v))
+
+
+def _num(v: Any, digits: int = 4) -> str:
+    return "" if v is None else f"{float(v):.{digits}f}"
+
+
+def _table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    head = "".join(f"<th>{_e(h)}</th>" for h in headers)
+    body = "".join(
+        "<tr>" + "".join(f'<td class="num">{_e(c)}</td>' if isinstance(c, str) and _is_numeric(c)
+                         else f"<td>{c if isinstance(c, _Raw) else _e(c)}</td>" for c in row) + "</tr>"
+        for row in rows
+    )  # fmt: skip
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+class _Raw(str):
+    """Already-escaped HTML for a table cell."""
+
+
+def _is_numeric(s: str) -> bool:
+    try:
+        float(s)
+    except ValueError:
+        return False
+    return True
+
+
+def _img(path: Path | None, alt: str) -> str:
+    if path is None or not Path(path).exists():
+        return ""
+    data = base64.b64encode(Path(path).read_bytes()).decode("ascii")
+    return f'<p><img alt="{_e(alt)}" src="data:image/png;base64,{data}"></p>'
+
+
+def render_html(data: Mapping[str, Any], *, images: Mapping[str, Path]) -> str:
+    """A self-contained page: verdict, gates in plain words, then the evidence."""
+    ok = data["passed"]
+    parts = [
+        f'<div id="verdict" class="{"pass" if ok else "fail"}">{_e(data["verdict"])}</div>',
+        _context_html(data["context"]),
+        "<h2>Gates</h2>",
+        _table(
+            ["gate", "result", "level", "value", "bound", "threshold", "in plain words"],
+            [
+                [
+                    g["name"],
+                    _Raw(f'<span class="{_e(g["status"])}">{_e(g["status"])}</span>'),
+                    g["level"],
+                    _num(g["value"]),
+                    _num(g["bound"]),
+                    f"{g['comparison']} {_num(g['threshold'])}",
+                    g["explanation"] or g["message"],
+                ]
+                for g in data["gates"]
+            ],
+        ),  # fmt: skip
+        _per_class_html(data["metrics"]),
+        _calibration_html(data.get("calibration"), images),
+        _robustness_html(data.get("robustness"), images),
+        _slices_html(data.get("slices")),
+        _champion_html(data.get("champion")),
+    ]
+    title = f"imgflow gate report: {'PASSED' if ok else 'FAILED'}"
+    return (
+        f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{title}</title>'
+        f"<style>{_CSS}</style></head><body><h1>Gate report</h1>{''.join(parts)}</body></html>\n"
+    )
+
+
+def _context_html(ctx: Mapping[str, Any]) -> str:
+    if not ctx:
+        return ""
+    return "<h2>Model</h2>" + _table(["", ""], [[k, v] for k, v in ctx.items()])
+
+
+def _per_class_html(m: Mapping[str, Any]) -> str:
+    summary = _table(
+        ["accuracy", "balanced accuracy", "macro F1", "weighted F1", "NLL", "Brier", "images"],
+        [[_num(m["accuracy"]), _num(m["balanced_accuracy"]), _num(m["macro_f1"]), _num(m["weighted_f1"]),
+          _num(m["nll"]), _num(m["brier"]), str(m["n"])]],
+    )  # fmt: skip
+    rows = [[r["class"], _num(r["precision"]), _num(r["recall"]), _num(r.get("recall_lower")),
+             _num(r["f1"]), str(r["support"])] for r in m["per_class"]]  # fmt: skip
+    bound = f"recall {m.get('confidence', 0.95):.0%} lower bound"
+    return (
+        "<h2>Test metrics</h2>" + summary + "<h3>Per class</h3>"
+        + _table(["class", "precision", "recall", bound, "F1", "support"], rows)
+    )  # fmt: skip
+
+
+def _calibration_html(cal: Mapping[str, Any] | None, images: Mapping[str, Path]) -> str:
+    if not cal:
+        return ""
+    keys = ("ece", "ece_adaptive", "mce", "nll", "mean_confidence")
+    rows = [[k, _num(cal["before"][k]), _num(cal["after"][k])] for k in keys]
+    return (
+        f"<h2>Calibration</h2><p>Temperature T = {cal['temperature']:.4f}, fitted on the "
+        f"{_e(cal['fitted_on'])} split ({cal['n_fit']} images); the registered model divides its "
+        f"logits by T.</p>" + _table(["test metric", "before scaling", "after scaling"], rows)
+        + _img(images.get("reliability"), "reliability diagram")
+    )  # fmt: skip
+
+
+def _robustness_html(r: Mapping[str, Any] | None, images: Mapping[str, Path]) -> str:
+    if not r:
+        return ""
+    rows = [[fam, *[_num(a, 3) for a in accs], _num(r["family_relative"][fam], 3)]
+            for fam, accs in r["accuracy"].items()]  # fmt: skip
+    return (
+        f"<h2>Robustness</h2><p>{r['n']} test images, seed {r['seed']}: clean accuracy "
+        f"{r['clean_accuracy']:.4f}, mean corruption accuracy {r['mean_corruption_accuracy']:.4f}, "
+        f"relative robustness {r['relative_robustness']:.3f}; worst family {_e(r['worst_family'])}.</p>"
+        + _table(["family", *[f"severity {s}" for s in SEVERITIES], "relative"], rows)
+        + _img(images.get("robustness"), "robustness heatmap")
+    )  # fmt: skip
+
+
+def _slices_html(slices: Sequence[Mapping[str, Any]] | None) -> str:
+    if slices is None:
+        return ""
+    rows = [[s["slice"], str(s["n"]), _num(s["accuracy"]), _num(s["accuracy_lower"])] for s in slices]
+    return "<h2>Slices</h2>" + _table(["slice", "images", "accuracy", "lower bound"], rows)
+
+
+def _champion_html(champ: Mapping[str, Any] | None) -> str:
+    if not champ:
+        return ""
+    if champ.get("status") != "compared":
+        return f"<h2>Champion comparison</h2><p class='muted'>{_e(champ.get('reason', 'not compared'))}</p>"
+    comp = champ["comparison"]
+    rows = [[r["what"], _num(r["challenger"]), _num(r["champion"]), _num(r["difference"]),
+             _num(r["lower"]), _num(-r["margin"]), "yes" if r["passed"] else "NO"]
+            for r in [comp["accuracy"], *comp["per_class"]]]  # fmt: skip
+    return (
+        f"<h2>Champion comparison</h2><p>Champion: {_e(champ.get('uri'))} (version {_e(champ.get('version'))}), "
+        f"re-evaluated on the same test images; paired bootstrap ({comp['n_boot']} resamples, "
+        f"{comp['confidence']:.0%} one-sided).</p>"
+        + _table(["metric", "challenger", "champion", "difference", "lower bound", "allowed", "non-inferior"], rows)
+    )  # fmt: skip

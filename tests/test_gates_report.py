@@ -1,0 +1,165 @@
+"""Gates from all the evidence (calibration, robustness, slices, champion) and the gate report files."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from components.calibration import calibrate
+from components.champion import compare, paired_bootstrap
+from components.config import GatesConfig, SliceSpec
+from components.errors import ConfigError
+from components.evaluation import compute_metrics
+from components.gate_report import Evidence, build_gates, write_report
+from components.robustness import summarise
+from components.slices import slice_table
+
+CLASSES = ["a", "b", "c"]
+
+
+def test_paired_bootstrap_non_inferiority() -> None:
+    same = np.array([True] * 90 + [False] * 10)
+    tie = paired_bootstrap(same, same, margin=0.01)
+    assert (tie.difference, tie.lower, tie.passed) == (0.0, 0.0, True)
+    # Challenger loses 20 images the champion got right: difference -0.2, far beyond a 0.05 margin.
+    worse = same.copy()
+    worse[:20] = False
+    r = paired_bootstrap(worse, same, margin=0.05, seed=1)
+    assert r.difference == pytest.approx(-0.2) and r.lower < -0.2 and not r.passed
+    # 1 image worse out of 1000 with a 1 % margin: non-inferior.
+    big = np.ones(1000, dtype=bool)
+    slightly = big.copy()
+    slightly[0] = False
+    assert paired_bootstrap(slightly, big, margin=0.01).passed
+
+
+def test_compare_flags_the_class_that_got_worse() -> None:
+    y = np.repeat([0, 1, 2], 100)
+    champ = y.copy()
+    chal = y.copy()
+    chal[100:160] = 2  # class b: 40 of 100 right instead of 100
+    comp = compare(y, chal, champ, CLASSES, margin=0.01, class_margin=0.05)
+    assert not comp["accuracy"]["passed"]
+    assert [r["class"] for r in comp["per_class"] if not r["passed"]] == ["b"]
+
+
+def test_slice_table_by_value_and_bins() -> None:
+    rows = pd.DataFrame({"source": ["x", "x", "y", "y"], "brightness": [0.1, 0.2, 0.5, 0.9]})
+    correct = np.array([True, False, True, True])
+    table = slice_table(rows, correct, [SliceSpec(by="source"), SliceSpec(by="brightness", bins=(0, 0.3, 1))])
+    assert [(t["slice"], t["n"], t["accuracy"]) for t in table] == [
+        ("source = x", 2, 0.5), ("source = y", 2, 1.0),
+        ("brightness in [0, 0.3)", 2, 0.5), ("brightness in [0.3, 1]", 2, 1.0),
+    ]  # fmt: skip
+    assert all(t["accuracy_lower"] < t["accuracy"] for t in table)
+    with pytest.raises(ConfigError, match="unknown column"):
+        slice_table(rows, correct, [SliceSpec(by="nope")])
+
+
+@pytest.fixture()
+def evidence() -> Evidence:
+    rng = np.random.default_rng(0)
+    y = np.repeat([0, 1, 2], 200)
+    logits = np.eye(3)[y] * 4 + rng.normal(0, 1.5, size=(600, 3))
+    cal = calibrate(logits[::2], y[::2], logits[1::2], y[1::2])
+    probs = np.exp(logits[1::2] / cal.temperature)
+    probs /= probs.sum(1, keepdims=True)
+    metrics = compute_metrics(y[1::2], probs, CLASSES, top_k=2)
+    rob = summarise({"noise": [0.9, 0.8, 0.7, 0.6, 0.5], "blur": [0.9] * 5}, clean_accuracy=0.9, n=300)
+    comp = compare(y, y, y, CLASSES, margin=0.01, class_margin=0.05)
+    slices = [
+        {
+            "slice": "source = x",
+            "by": "source",
+            "n": 300,
+            "correct": 270,
+            "accuracy": 0.9,
+            "accuracy_lower": 0.86,
+        }
+    ]
+    return Evidence(metrics=metrics, calibration=cal, robustness=rob, slices=slices,
+                    champion={"status": "compared", "version": "1", "uri": "models:/m@champion", "comparison": comp})  # fmt: skip
+
+
+def test_build_gates_covers_every_kind(evidence: Evidence) -> None:
+    cfg = GatesConfig(
+        min_accuracy=0.5, min_class_recall=0.5, min_relative_robustness=0.8, min_family_robustness=0.5
+    )
+    report = build_gates(cfg, evidence)
+    names = [g.name for g in report.gates]
+    for expected in ("min_accuracy", "min_class_recall[a]", "max_ece", "min_relative_robustness",
+                     "min_family_robustness", "min_slice_accuracy[source = x]", "max_accuracy_drop",
+                     "max_class_recall_drop[c]"):  # fmt: skip
+        assert expected in names
+    # noise averages 0.7 -> 0.7/0.9 = 0.78 of clean; mean corruption 0.8 -> 0.89 relative.
+    assert report.passed and all(g.explanation for g in report.gates)
+    strict = build_gates(cfg.model_copy(update={"min_family_robustness": 0.8}), evidence)
+    assert [g.name for g in strict.failed()] == ["min_family_robustness"]
+    assert "noise" in strict.failed()[0].explanation
+    warned = build_gates(
+        cfg.model_copy(update={"min_family_robustness": 0.8, "levels": {"min_family_robustness": "warn"}}),
+        evidence,
+    )
+    assert warned.passed and [g.name for g in warned.warnings()] == ["min_family_robustness"]
+
+
+def test_levels_reject_unknown_gate_names() -> None:
+    with pytest.raises(ValueError, match="unknown gate"):
+        GatesConfig(levels={"max_eec": "warn"})
+
+
+def test_write_report_files_and_html(tmp_path: Path, evidence: Evidence) -> None:
+    cfg = GatesConfig(min_accuracy=0.99)
+    gates = build_gates(cfg, evidence)
+    paths = write_report(evidence, gates, tmp_path, context={"model": "m"})
+    for key in ("metrics", "gates", "report_json", "report_html", "reliability", "reliability_csv",
+                "robustness", "robustness_csv", "slices", "per_class", "confusion_matrix"):  # fmt: skip
+        assert paths[key].is_file(), key
+    data = json.loads(paths["report_json"].read_text())
+    assert list(data)[:2] == ["verdict", "passed"] and data["verdict"].startswith("FAILED")
+    gates_json = json.loads(paths["gates"].read_text())
+    assert gates_json["temperature"] == pytest.approx(evidence.calibration.temperature)
+    flat = json.loads(paths["metrics"].read_text())
+    for key in (
+        "accuracy",
+        "temperature",
+        "ece_after_scaling",
+        "relative_robustness",
+        "accuracy_vs_champion",
+    ):
+        assert key in flat
+    html = paths["report_html"].read_text()
+    assert html.index('id="verdict"') < html.index("<h2>Gates</h2>") < html.index("Per class")
+    assert "min_accuracy" in html and html.count("data:image/png;base64,") == 2
+    assert "<script" not in html and "http" not in html.replace("http-equiv", "")  # self-contained
+
+
+@pytest.mark.slow
+def test_report_verdict_is_visible_in_headless_chromium(tmp_path: Path, evidence: Evidence) -> None:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "check_report", Path(__file__).parents[1] / "scripts/check_report.py"
+    )
+    assert spec is not None and spec.loader is not None
+    check_report = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(check_report)
+    chromium = check_report.find_chromium()
+    if chromium is None:
+        pytest.skip("chromium is not installed (apt-get install -y chromium)")
+    paths = write_report(
+        evidence, build_gates(GatesConfig(min_accuracy=0.99), evidence), tmp_path, context={}
+    )
+    info = check_report.probe_verdict(paths["report_html"], chromium=chromium)
+    assert check_report.check(info) == []
+    assert info["text"].startswith("FAILED")
+    # The checker can fail: a page whose verdict is hidden is caught.
+    hidden = tmp_path / "hidden.html"
+    hidden.write_text(paths["report_html"].read_text().replace("<style>", "<style>#verdict{display:none}"))
+    assert any(
+        "not visible" in p for p in check_report.check(check_report.probe_verdict(hidden, chromium=chromium))
+    )

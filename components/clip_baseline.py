@@ -46,6 +46,7 @@ import pandas as pd
 from components.embeddings import EmbeddingCache
 from components.errors import ConfigError, DataError, DataUnavailableError
 from components.evaluation import GateResult, compute_metrics, flat_metrics
+from components.manifest import file_digest
 
 if TYPE_CHECKING:
     import torch
@@ -250,11 +251,7 @@ def _local_dir_key(folder: Path) -> tuple[str, str]:
 
 
 def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    return file_digest(path, "sha256")
 
 
 # --------------------------------------------------------------------------- prompts and text

@@ -48,7 +48,9 @@ def _batches(
 def _freeze_frozen_batchnorm(model: nn.Module) -> None:
     """BatchNorm layers whose parameters are frozen (linear probe) keep their running statistics."""
     for m in model.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm) and not any(p.requires_grad for p in m.parameters()):
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and not any(
+            p.requires_grad for p in m.parameters()
+        ):
             m.eval()
 
 

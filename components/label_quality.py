@@ -356,10 +356,17 @@ td,th{border:1px solid #ccc;padding:.3em .6em;text-align:left} .g{display:flex;f
 
 
 def write_audit_report(
-    result: AuditResult, ledger: dict[str, Any], path: Path, *, data_dir: Path, gallery: int = 24
+    result: AuditResult,
+    ledger: dict[str, Any],
+    path: Path,
+    *,
+    data_dir: Path,
+    gallery: int = 24,
+    validation: Sequence[dict[str, Any]] = (),
 ) -> Path:
-    """A self-contained page: counts, ledger diff, class balance, and thumbnails of the top
-    suspected label errors (given vs suggested label) and of the largest near-duplicate sets."""
+    """A self-contained page: the data-validation results (``validation``: the validation report's
+    outcomes as dicts), counts, ledger diff, class balance, and thumbnails of the top suspected
+    label errors (given vs suggested label) and of the largest near-duplicate sets."""
     import html
 
     e = html.escape
@@ -394,6 +401,7 @@ accuracy of the audit model {result.summary["oof_accuracy"] if result.summary["o
 data version <code>{e(str(ledger.get("data_version", "")))}</code>, compared with
 <code>{e(str(ledger.get("previous_version") or "none"))}</code>.</p>
 <table><tr><th>issue</th><th>count</th></tr>{counts}</table>
+{_validation_table(validation)}
 <h2>Since the previous data version</h2>
 <table><tr><th>issue</th><th>new</th><th>persisting</th><th>resolved</th></tr>{diff}</table>
 <h2>Class balance</h2>{_balance_table(result.summary.get("class_counts", {}))}
@@ -405,6 +413,23 @@ data version <code>{e(str(ledger.get("data_version", "")))}</code>, compared wit
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(page)
     return path
+
+
+def _validation_table(outcomes: Sequence[dict[str, Any]]) -> str:
+    """The data-validation outcomes (one row per expectation), failed ones first."""
+    import html
+
+    if not outcomes:
+        return "<h2>Data validation</h2><p>No validation report found: run <code>imgflow validate</code>.</p>"
+    rows = "".join(
+        f"<tr><td>{'ok' if o['success'] else 'FAILED'}</td><td>{html.escape(str(o['name']))}</td>"
+        f"<td>{o.get('unexpected_count', 0)}</td><td>{html.escape(str(o.get('description', '')))}</td></tr>"
+        for o in sorted(outcomes, key=lambda o: bool(o["success"]))
+    )
+    return (
+        "<h2>Data validation</h2><table><tr><th></th><th>expectation</th><th>rows</th><th>what</th></tr>"
+        f"{rows}</table>"
+    )
 
 
 def _balance_table(counts: dict[str, int]) -> str:

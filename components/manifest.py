@@ -146,7 +146,12 @@ def data_version(path: Path) -> str:
 
 
 def file_md5(path: Path) -> str:
-    h = hashlib.md5()
+    return file_digest(path, "md5")
+
+
+def file_digest(path: Path, algorithm: str) -> str:
+    """Hex digest of a file's bytes, read in 1 MiB chunks."""
+    h = hashlib.new(algorithm)
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)

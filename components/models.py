@@ -141,7 +141,9 @@ def create_classifier(
     if pretrained and pretrained_file is not None:
         kwargs["pretrained_cfg_overlay"] = {"file": str(pretrained_file)}
     try:
-        return timm.create_model(name, pretrained=pretrained, num_classes=num_classes, in_chans=in_chans, **kwargs)
+        return timm.create_model(
+            name, pretrained=pretrained, num_classes=num_classes, in_chans=in_chans, **kwargs
+        )
     except (RuntimeError, OSError, ValueError) as e:
         if pretrained:
             raise ConfigError(
@@ -200,7 +202,9 @@ def convert_efficientnet_lite0(src: Path, dst: Path) -> Path:
     converted = {}
     for sk, dk in zip(src_keys, dst_keys, strict=True):
         if source[sk].shape != target[dk].shape:
-            raise ConfigError(f"{src}: {sk} {tuple(source[sk].shape)} does not fit {dk} {tuple(target[dk].shape)}")
+            raise ConfigError(
+                f"{src}: {sk} {tuple(source[sk].shape)} does not fit {dk} {tuple(target[dk].shape)}"
+            )
         converted[dk] = source[sk].contiguous()
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = dst.with_suffix(".tmp")

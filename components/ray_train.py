@@ -188,7 +188,9 @@ def _save_state(out: Path, model: nn.Module, optimizer: Any, scheduler: Any, epo
     save_classifier(final.state_dict(), spec, out / MODEL_SUBDIR)
 
 
-def _restore_state(model: nn.Module, optimizer: Any, scheduler: Any, ema: Any = None) -> tuple[int, list[dict]]:
+def _restore_state(
+    model: nn.Module, optimizer: Any, scheduler: Any, ema: Any = None
+) -> tuple[int, list[dict]]:
     """Resume from Ray's latest checkpoint if there is one: returns (next epoch, history so far)."""
     import ray.train
 

@@ -149,7 +149,11 @@ def run_audit(params: Params, *, progress: bool = True) -> dict[str, Any]:
     excluded = write_exclusions(result.issues, manifest, cfg, out / EXCLUDED_FILE)
     summary = {**result.summary, "data_version": version, "ledger": diff.to_dict(), "excluded": excluded}
     _write_json(out / "summary.json", summary)
-    report = write_audit_report(result, diff.to_dict(), out / "report.html", data_dir=paths.data.root)
+    validation_json = paths.out("validate") / "report.json"
+    outcomes = json.loads(validation_json.read_text()).get("outcomes", []) if validation_json.exists() else []
+    report = write_audit_report(
+        result, diff.to_dict(), out / "report.html", data_dir=paths.data.root, validation=outcomes
+    )
     tracking, uri = _tracking(params)
     exp_id = tracking.ensure_experiment(
         params.register_.experiment, artifact_root=paths.state / "mlartifacts"

@@ -12,7 +12,7 @@ import pytest
 
 from components.config import AuditConfig
 from components.ingest import ingest
-from components.label_quality import ISSUE_COLUMNS, audit, knn
+from components.label_quality import ISSUE_COLUMNS, audit, knn, write_audit_report
 from components.ledger import read_ledger, update_ledger
 from components.manifest import DataPaths, DatasetInfo, read_manifest
 from tests.conftest import run_cli, write_small_params
@@ -84,6 +84,34 @@ def test_near_duplicates_and_outliers(
     group = dups.loc[dups["image_id"] == rows.loc[10, "image_id"], "group"]
     assert len(group) == 1
     assert rows.loc[400, "image_id"] in set(dups.loc[dups["group"] == group.item(), "image_id"])
+
+
+def test_audit_report_shows_validation_results_and_suspects(
+    fm_data: tuple[Path, pd.DataFrame, tuple[str, ...]], tmp_path: Path
+) -> None:
+    data_dir, df, classes = fm_data
+    rows = flip(
+        df.iloc[:600].reset_index(drop=True), np.arange(0, 600, 20), classes, np.random.default_rng(1)
+    )
+    result = audit(rows, data_dir=data_dir, classes=classes, cfg=CFG)
+    validation = [
+        {"name": "label_in_class_set", "success": True, "unexpected_count": 0, "description": "labels known"},
+        {
+            "name": "too_dark_fraction",
+            "success": False,
+            "unexpected_count": 7,
+            "description": "few dark images",
+        },
+    ]
+    page = write_audit_report(
+        result, {"counts": {}}, tmp_path / "r.html", data_dir=data_dir, validation=validation
+    )
+    text = page.read_text()
+    assert "Data validation" in text and "too_dark_fraction" in text and "FAILED" in text
+    assert text.index("too_dark_fraction") < text.index("label_in_class_set")  # failures first
+    assert text.count("<img") >= 10 and "suggested" in text  # the suspects' gallery
+    missing = write_audit_report(result, {"counts": {}}, tmp_path / "m.html", data_dir=data_dir).read_text()
+    assert "No validation report found" in missing
 
 
 def test_knn_excludes_self_and_matches_exact_search() -> None:

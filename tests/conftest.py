@@ -161,3 +161,9 @@ def copy_repo_files(tmp_path: Path):
         return tmp_path
 
     return _copy
+
+
+@pytest.fixture(autouse=True)
+def _no_leaked_tracking_uri(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``mlflow.set_tracking_uri`` also sets $MLFLOW_TRACKING_URI: each test starts without it."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)

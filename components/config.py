@@ -18,6 +18,14 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from components.errors import ConfigError
 
 
+def _only_known(mapping: dict[str, str], known: Any, *, what: str) -> dict[str, str]:
+    """``mapping`` unchanged when every key is in ``known``; else a ValueError naming the strangers."""
+    unknown = sorted(set(mapping) - set(known))
+    if unknown:
+        raise ValueError(f"unknown {what}(s) {unknown}; known: {', '.join(known)}")
+    return mapping
+
+
 class _Section(BaseModel):
     """Base of every section: immutable, and an unknown key is an error, not silently ignored."""
 
@@ -118,10 +126,7 @@ class ValidateConfig(_Section):
     @field_validator("severity")
     @classmethod
     def _known_checks(cls, v: dict[str, str]) -> dict[str, str]:
-        unknown = sorted(set(v) - set(DEFAULT_SEVERITY))
-        if unknown:
-            raise ValueError(f"unknown check(s) {unknown}; known: {', '.join(DEFAULT_SEVERITY)}")
-        return {**DEFAULT_SEVERITY, **v}
+        return {**DEFAULT_SEVERITY, **_only_known(v, DEFAULT_SEVERITY, what="check")}
 
 
 class AuditConfig(_Section):
@@ -248,10 +253,7 @@ class GatesConfig(_Section):
     @field_validator("levels")
     @classmethod
     def _known_gates(cls, v: dict[str, str]) -> dict[str, str]:
-        unknown = sorted(set(v) - set(GATE_NAMES))
-        if unknown:
-            raise ValueError(f"unknown gate(s) {unknown}; known: {', '.join(GATE_NAMES)}")
-        return v
+        return _only_known(v, GATE_NAMES, what="gate")
 
 
 class SliceSpec(_Section):

@@ -271,43 +271,35 @@ def audit(
     return AuditResult(issues=issues, summary=summary)
 
 
-def _label_error_rows(
-    rows: pd.DataFrame, ranked: np.ndarray, quality: np.ndarray, suggested: np.ndarray, classes: Sequence[str]
-) -> pd.DataFrame:
-    sel = rows.iloc[ranked]
+def _issue_rows(sel: pd.DataFrame, issue: str, *, score: np.ndarray, suggested: Any = "") -> pd.DataFrame:
+    """Rows of :data:`ISSUE_COLUMNS` for the manifest rows ``sel``, already in rank order."""
     return pd.DataFrame(
         {
             "image_id": sel["image_id"].to_numpy(),
-            "issue": "label_error",
+            "issue": issue,
             "split": sel["split"].to_numpy(),
             "label": sel["label"].to_numpy(),
-            "suggested_label": [classes[int(s)] for s in suggested[ranked]],
-            "score": quality[ranked],
-            "rank": np.arange(1, len(ranked) + 1),
+            "suggested_label": suggested,
+            "score": score,
+            "rank": np.arange(1, len(sel) + 1),
             "group": "",
             "path": sel["path"].to_numpy(),
         }
     )
+
+
+def _label_error_rows(
+    rows: pd.DataFrame, ranked: np.ndarray, quality: np.ndarray, suggested: np.ndarray, classes: Sequence[str]
+) -> pd.DataFrame:
+    names = [classes[int(s)] for s in suggested[ranked]]
+    return _issue_rows(rows.iloc[ranked], "label_error", score=quality[ranked], suggested=names)
 
 
 def _outlier_rows(rows: pd.DataFrame, scores: np.ndarray, quantile: float) -> pd.DataFrame:
     threshold = float(np.quantile(scores, quantile))
     order = np.argsort(-scores, kind="stable")
     order = order[scores[order] > threshold]
-    sel = rows.iloc[order]
-    return pd.DataFrame(
-        {
-            "image_id": sel["image_id"].to_numpy(),
-            "issue": "outlier",
-            "split": sel["split"].to_numpy(),
-            "label": sel["label"].to_numpy(),
-            "suggested_label": "",
-            "score": scores[order],
-            "rank": np.arange(1, len(order) + 1),
-            "group": "",
-            "path": sel["path"].to_numpy(),
-        }
-    )
+    return _issue_rows(rows.iloc[order], "outlier", score=scores[order])
 
 
 def _duplicate_rows(rows: pd.DataFrame, sets: list[np.ndarray]) -> pd.DataFrame:

@@ -1,0 +1,111 @@
+"""Class imbalance: per-class weights, a (distributed) class-balanced sampler and imbalance-aware
+losses — focal loss and logit adjustment (Menon et al., 2021, "Long-tail learning via logit
+adjustment"). Multi-label tasks use timm's asymmetric loss (``timm.loss.AsymmetricLossMultiLabel``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import Sampler
+
+WeightScheme = Literal["inverse", "sqrt_inverse", "effective"]
+
+
+def class_counts(targets: Sequence[int], num_classes: int) -> np.ndarray:
+    return np.bincount(np.asarray(targets, dtype=np.int64), minlength=num_classes)
+
+
+def class_weights(
+    counts: Sequence[int], scheme: WeightScheme = "inverse", beta: float = 0.999
+) -> torch.Tensor:
+    """Per-class loss weights, normalised to mean 1 over the classes present.
+
+    ``inverse``: 1/n; ``sqrt_inverse``: 1/sqrt(n); ``effective``: (1 - beta) / (1 - beta^n), the
+    effective number of samples (Cui et al., 2019). Absent classes get weight 0.
+    """
+    n = np.asarray(counts, dtype=np.float64)
+    present = n > 0
+    w = np.zeros_like(n)
+    if scheme == "inverse":
+        w[present] = 1.0 / n[present]
+    elif scheme == "sqrt_inverse":
+        w[present] = 1.0 / np.sqrt(n[present])
+    elif scheme == "effective":
+        w[present] = (1.0 - beta) / (1.0 - np.power(beta, n[present]))
+    else:
+        raise ValueError(f"unknown class-weight scheme {scheme!r}")
+    w[present] *= present.sum() / w[present].sum()
+    return torch.tensor(w, dtype=torch.float32)
+
+
+class FocalLoss(nn.Module):
+    """Softmax focal loss (Lin et al., 2017): cross-entropy scaled by (1 - p_t)^gamma, optional
+    per-class ``weight`` (alpha). gamma=0 is (weighted) cross-entropy."""
+
+    def __init__(self, gamma: float = 2.0, weight: torch.Tensor | None = None, label_smoothing: float = 0.0):
+        super().__init__()
+        self.gamma, self.label_smoothing = gamma, label_smoothing
+        self.weight: torch.Tensor | None
+        self.register_buffer("weight", weight)
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        logp = F.log_softmax(logits.float(), dim=-1)
+        ce = F.nll_loss(logp, target, reduction="none")
+        if self.label_smoothing:
+            ce = (1 - self.label_smoothing) * ce - self.label_smoothing * logp.mean(dim=-1)
+        pt = logp.gather(1, target[:, None]).squeeze(1).exp()
+        loss = (1 - pt).pow(self.gamma) * ce
+        if self.weight is not None:
+            w = self.weight[target]
+            return (w * loss).sum() / w.sum()
+        return loss.mean()
+
+
+class LogitAdjustedLoss(nn.Module):
+    """Cross-entropy on ``logits + tau * log(prior)``: trains a model whose plain argmax is balanced
+    (the logit-adjusted loss of Menon et al.). Served logits need no change."""
+
+    def __init__(self, prior: Sequence[float], tau: float = 1.0, label_smoothing: float = 0.0):
+        super().__init__()
+        p = torch.as_tensor(np.asarray(prior, dtype=np.float64), dtype=torch.float32).clamp(min=1e-12)
+        self.offset: torch.Tensor
+        self.register_buffer("offset", tau * torch.log(p / p.sum()))
+        self.label_smoothing = label_smoothing
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits + self.offset, target, label_smoothing=self.label_smoothing)
+
+
+class BalancedDistributedSampler(Sampler[int]):
+    """Class-balanced sampling with replacement (weights 1/n_class), sharded over data-parallel ranks.
+
+    Each epoch draws ``len(dataset)`` indices from one generator seeded by (seed, epoch) — the same on
+    every rank — and rank r takes every world-th of them, so ranks see disjoint draws. Call
+    ``set_epoch`` each epoch (Ray Train's loop does for any sampler that has it).
+    """
+
+    def __init__(
+        self, targets: Sequence[int], *, num_replicas: int = 1, rank: int = 0, seed: int = 0
+    ) -> None:
+        t = np.asarray(targets, dtype=np.int64)
+        counts = np.bincount(t)
+        self.weights = torch.as_tensor(1.0 / counts[t], dtype=torch.double)
+        self.num_replicas, self.rank, self.seed, self.epoch = num_replicas, rank, seed, 0
+        self.total = len(t) - len(t) % num_replicas if len(t) >= num_replicas else len(t)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.total // self.num_replicas
+
+    def __iter__(self) -> Iterator[int]:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        draws = torch.multinomial(self.weights, self.total, replacement=True, generator=g)
+        return iter(draws[self.rank :: self.num_replicas].tolist())

@@ -58,3 +58,10 @@ clean:  ## remove pipeline outputs and local state (data/, outputs/, .imgflow/)
 
 bench: setup data  ## benchmarks: JSON in bench/results/, a table on stdout (ratios vs same-run baselines)
 	$(BIN)/python -m bench
+
+.PHONY: ui ui-stop
+ui: setup  ## Prefect + MLflow servers on 127.0.0.1 for this folder; prints both URLs (PREFECT_PORT, MLFLOW_PORT)
+	scripts/ui.sh start
+
+ui-stop:  ## stop exactly the servers `make ui` started (PIDs in .imgflow/ui/pids)
+	scripts/ui.sh stop

@@ -674,7 +674,7 @@ def check_beats_baseline(
         raise ConfigError(f"the zero-shot gate margin must be within [0, 1], got {margin}")
     zero_shot, why = _zero_shot_of(baseline_metrics)
     if zero_shot is None:
-        message = f"{NOT_APPLICABLE}: no zero-shot baseline ({why}); this gate was not checked"
+        message = f"{NOT_APPLICABLE}: baseline {why}; this gate was not checked"
         return [GateResult(ZERO_SHOT_GATE, False, float(trained_metrics["accuracy"]), margin, message)]
     gates = [
         _beats(
@@ -705,11 +705,14 @@ def is_not_applicable(gate: GateResult) -> bool:
 
 def _zero_shot_of(baseline: Mapping[str, Any] | None) -> tuple[Mapping[str, Any] | None, str]:
     if baseline is None:
-        return None, "the baseline stage has not run"
+        return None, "not run (no baseline.json)"
     if "status" in baseline:  # a baseline.json record
         if baseline.get("zero_shot"):
             return baseline["zero_shot"], ""
-        return None, str(baseline.get("reason") or baseline["status"])
+        reason = str(baseline.get("reason") or baseline["status"])  # e.g. "skipped: weights unavailable: ..."
+        return None, reason if reason.startswith(
+            str(baseline["status"])
+        ) else f"{baseline['status']}: {reason}"
     return baseline, ""
 
 

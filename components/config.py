@@ -193,6 +193,10 @@ class TrainConfig(_Section):
     max_failures: int = Field(default=1, ge=0)
     """Worker failures Ray Train recovers from (restart from the last checkpoint)."""
     loader_workers: int = Field(default=0, ge=0)
+    cache: Literal["auto", "memory", "off"] = "auto"
+    """Decode each split once into a uint8 array (memory-mapped by every worker, augmented a batch at
+    a time): ``auto`` when it fits in ``cache_max_gb``; ``off``: decode every image every epoch."""
+    cache_max_gb: float = Field(default=4.0, gt=0)
     deterministic: bool = False
     amp: Literal["auto", "bf16", "fp16", "off"] = "auto"
     """Mixed precision on GPU (auto: bf16 where supported, else fp16); always off on CPU."""
@@ -224,6 +228,7 @@ GATE_NAMES = (
     "min_slice_accuracy",
     "max_accuracy_drop",
     "max_class_recall_drop",
+    "beats_zero_shot",  # only with baseline.gate: true
 )
 
 
@@ -267,8 +272,10 @@ class RobustnessConfig(_Section):
     enabled: bool = True
     families: tuple[str, ...] = ("all",)
     """Corruption families (``all``, or names from components.robustness.FAMILIES)."""
-    max_images: int | None = Field(default=2000, ge=1)
+    max_images: int | None = Field(default=None, ge=1)
     """Class-stratified fixed-seed sample of the test split for the sweep; None: every image."""
+    batch_size: int = Field(default=256, ge=1)
+    """Images per sweep unit (one family x 5 severities); units run side by side, one per thread."""
 
 
 class EvaluateConfig(_Section):
@@ -331,6 +338,51 @@ class RegisterConfig(_Section):
     experiment: str = "imgflow"
     tracking_uri: str | None = None
     """None: ``$MLFLOW_TRACKING_URI``, else sqlite under ``project.state_dir``."""
+    auto_promote: bool = True
+    """Promote a version that passed its gates to ``champion`` at registration (only if the champion
+    is still the one it was evaluated against); false: it stays ``challenger`` for `imgflow promote`."""
+    retries: int = Field(default=3, ge=1)
+    """Attempts of each registry call when the tracking server does not answer (then the stage fails)."""
+    retry_backoff_s: float = Field(default=2.0, ge=0)
+    """First wait between attempts; doubles each time."""
+    lock_timeout_s: float = Field(default=60.0, gt=0)
+    """How long a promotion waits for another one to release the promotion lock."""
+
+
+class ServeConfig(_Section):
+    """``imgflow serve``: an HTTP scoring server (MLflow's /invocations protocol, uploads, /health)."""
+
+    model: str | None = None
+    """Model URI to serve; None: ``models:/<register.model_name>@champion``."""
+    host: str = "127.0.0.1"
+    port: int = Field(default=5001, ge=1, le=65535)
+    top_k: int = Field(default=3, ge=1)
+    """Labels (with calibrated probabilities) returned per image."""
+    max_image_bytes: int = Field(default=10_000_000, ge=1)
+    """A larger image is refused with 413."""
+    max_batch: int = Field(default=256, ge=1)
+    """Most images per request (413 above)."""
+
+
+class PredictConfig(_Section):
+    """``imgflow predict``: batch inference over a folder or CSV of images."""
+
+    batch_size: int = Field(default=256, ge=1)
+    workers: int = Field(default=2, ge=0)
+    """Data-loader worker processes that read and decode images (0: in the main process)."""
+    top_k: int = Field(default=3, ge=1)
+
+
+class NotifyConfig(_Section):
+    """Where a failed gate or a failed run is announced (JSON POST); ``$IMGFLOW_WEBHOOK_URL`` if unset."""
+
+    webhook_url: str | None = None
+    events: tuple[Literal["gate_failed", "run_failed", "up_to_date", "promoted"], ...] = (
+        "gate_failed",
+        "run_failed",
+    )
+    """Which outcomes are posted."""
+    timeout_s: float = Field(default=10.0, gt=0)
 
 
 class Params(_Section):
@@ -344,6 +396,9 @@ class Params(_Section):
     evaluate: EvaluateConfig = EvaluateConfig()
     gates: GatesConfig = GatesConfig()
     register_: RegisterConfig = Field(default=RegisterConfig(), alias="register")
+    serve: ServeConfig = ServeConfig()
+    predict: PredictConfig = PredictConfig()
+    notify: NotifyConfig = NotifyConfig()
 
     model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
 

@@ -7,13 +7,14 @@ from the test set is reported as such instead of silently shifting columns or cr
 
 Files written by :func:`write_evaluation` (the ``evaluate`` stage's outputs):
 
-=======================  ===================================================================
-metrics.json             :func:`flat_metrics`: scalars only (what ``dvc metrics show`` reads)
-evaluation.json          the full :func:`compute_metrics` dict (per class, confusion matrix)
-per_class.csv            class, precision, recall, f1, support
-gates.json               :meth:`GateReport.to_dict`
-confusion_matrix.png     row-normalised colours, counts annotated
-=======================  ===================================================================
+===============================  ============================================================
+metrics.json                     :func:`flat_metrics`: scalars only (what ``dvc metrics show`` reads)
+evaluation.json                  the full :func:`compute_metrics` dict (per class, confusion matrix)
+per_class.csv                    class, precision, recall, f1, support
+gates.json                       :meth:`GateReport.to_dict`
+confusion_matrix.png             counts (rows: true class, columns: predicted)
+confusion_matrix_normalized.png  each true class's row as shares (recall on the diagonal)
+===============================  ============================================================
 """
 
 from __future__ import annotations
@@ -509,6 +510,26 @@ def _format_pair(value: float, threshold: float) -> tuple[str, str]:
 # --------------------------------------------------------------------------- outputs
 
 
+def most_confused(metrics: dict[str, Any], *, k: int = 5) -> list[dict[str, Any]]:
+    """The ``k`` largest off-diagonal cells of the confusion matrix, most images first.
+
+    Each: ``true``, ``predicted`` (class names), ``count`` and ``share`` (of the true class's test
+    images). Cells with no image are left out, so a perfect model has none.
+    """
+    cm = np.asarray(metrics["confusion_matrix"], dtype=np.int64)
+    classes = [row["class"] for row in metrics["per_class"]]
+    off = cm.copy()
+    np.fill_diagonal(off, 0)
+    order = np.argsort(-off, axis=None, kind="stable")[:k]
+    rows = cm.sum(axis=1)
+    return [
+        {"true": classes[i], "predicted": classes[j], "count": int(off[i, j]),
+         "share": float(off[i, j] / rows[i]) if rows[i] else 0.0}
+        for i, j in (np.unravel_index(o, off.shape) for o in order)
+        if off[i, j] > 0
+    ]  # fmt: skip
+
+
 def slug(name: str) -> str:
     """Metric-name-safe form of a class name: lower-case, every non-[a-z0-9] char -> ``_``."""
     return re.sub(r"[^a-z0-9]", "_", name.lower())
@@ -537,12 +558,14 @@ def flat_metrics(metrics: dict[str, Any]) -> dict[str, float]:
 def write_evaluation(metrics: dict[str, Any], gates: GateReport, out_dir: Path) -> dict[str, Path]:
     """Write the evaluation's five files into ``out_dir`` (created); return their paths by kind.
 
-    Keys: ``metrics``, ``evaluation``, ``per_class``, ``gates``, ``confusion_matrix``.
+    Keys: ``metrics``, ``evaluation``, ``per_class``, ``gates``, ``confusion_matrix`` (counts) and
+    ``confusion_matrix_normalized`` (each true class's row as shares).
     """
     from components.plots import plot_confusion_matrix  # matplotlib only when plotting
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    classes = [row["class"] for row in metrics["per_class"]]
     paths = {
         "metrics": _write_json(flat_metrics(metrics), out_dir / "metrics.json"),
         "evaluation": _write_json(metrics, out_dir / "evaluation.json"),
@@ -550,8 +573,14 @@ def write_evaluation(metrics: dict[str, Any], gates: GateReport, out_dir: Path) 
         "gates": _write_json(gates.to_dict(), out_dir / "gates.json"),
         "confusion_matrix": plot_confusion_matrix(
             np.asarray(metrics["confusion_matrix"]),
-            [row["class"] for row in metrics["per_class"]],
+            classes,
             out_dir / "confusion_matrix.png",
+            normalize=False,
+        ),
+        "confusion_matrix_normalized": plot_confusion_matrix(
+            np.asarray(metrics["confusion_matrix"]),
+            classes,
+            out_dir / "confusion_matrix_normalized.png",
             normalize=True,
         ),
     }

@@ -21,7 +21,8 @@ from typing import Any
 import numpy as np
 
 from components.calibration import CalibrationReport
-from components.config import GatesConfig
+from components.clip_baseline import NOT_APPLICABLE, ZERO_SHOT_GATE, check_beats_baseline, is_not_applicable
+from components.config import BaselineConfig, GatesConfig
 from components.evaluation import (
     GateReport,
     GateResult,
@@ -29,6 +30,7 @@ from components.evaluation import (
     flat_metrics,
     make_gate,
     metric_gates,
+    most_confused,
 )
 from components.robustness import SEVERITIES, RobustnessReport
 
@@ -46,13 +48,21 @@ class Evidence:
     champion: dict[str, Any] | None = None
     """``{"status": "compared", "version", "uri", "comparison": champion.compare(...)}``,
     or ``{"status": "none"|"skipped", "reason": ...}``."""
+    baseline: dict[str, Any] | None = None
+    """The baseline stage's ``baseline.json`` record (CLIP zero-shot and linear probe), or None
+    when that stage has not run."""
 
 
 # --------------------------------------------------------------------------- gates
 
 
-def build_gates(cfg: GatesConfig, ev: Evidence) -> GateReport:
-    """All gates that apply to ``ev`` (a gate whose evidence is missing is not invented)."""
+def build_gates(cfg: GatesConfig, ev: Evidence, *, baseline: BaselineConfig | None = None) -> GateReport:
+    """All gates that apply to ``ev`` (a gate whose evidence is missing is not invented).
+
+    With ``baseline.gate`` on, the trained model must beat CLIP zero-shot overall and per class by
+    ``baseline.gate_margin``; without a zero-shot result (the baseline was skipped, disabled or
+    not run) that gate is *not applicable* and does not pass (level from ``gates.levels``).
+    """
     levels: Mapping[str, str] = cfg.levels
     gates = metric_gates(
         ev.metrics,
@@ -65,6 +75,8 @@ def build_gates(cfg: GatesConfig, ev: Evidence) -> GateReport:
     for name, builder in _GATE_BUILDERS.items():
         if name in on:
             gates += builder(cfg, ev, _level(levels, name))
+    if baseline is not None and baseline.gate and levels.get(ZERO_SHOT_GATE, "error") != "off":
+        gates += _zero_shot_gates(ev, baseline.gate_margin, _level(levels, ZERO_SHOT_GATE))
     report = GateReport.of(gates)
     if not report.passed:
         logger.warning("gates failed: %s", ", ".join(g.name for g in report.failed()))
@@ -168,6 +180,18 @@ def _drop_gate(name: str, row: dict[str, Any], margin: float, version: str, leve
     return replace(gate, explanation=text)
 
 
+def _zero_shot_gates(ev: Evidence, margin: float, level: Any) -> list[GateResult]:
+    out = []
+    for gate in check_beats_baseline(ev.metrics, ev.baseline, margin=margin):
+        if is_not_applicable(gate):
+            text = f"{gate.message}: with no CLIP zero-shot result to compare with it does not pass."
+        else:
+            verdict = "beats" if gate.passed else "does NOT beat"
+            text = f"The trained model {verdict} CLIP zero-shot: {gate.message}."
+        out.append(replace(gate, level=level, explanation=text))
+    return out
+
+
 _GATE_BUILDERS = {
     "max_ece": _ece_gate,
     "min_relative_robustness": _robustness_gates,
@@ -193,7 +217,28 @@ def report_dict(ev: Evidence, gates: GateReport, *, context: Mapping[str, Any]) 
         "robustness": ev.robustness.to_dict() if ev.robustness else None,
         "slices": ev.slices,
         "champion": ev.champion,
+        "confused_pairs": most_confused(ev.metrics),
+        "baseline": baseline_comparison(ev.metrics, ev.baseline),
     }
+
+
+def baseline_comparison(metrics: Mapping[str, Any], record: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Trained vs CLIP zero-shot vs linear probe: overall accuracy (and images) of each, and each
+    class's recall side by side. ``status``: ``ok``, ``skipped``, ``disabled`` or ``not run``."""
+    if record is None:
+        return {
+            "status": "not run",
+            "reason": "the baseline stage has not run (no outputs/baseline/baseline.json)",
+        }
+    out: dict[str, Any] = {k: record.get(k) for k in ("status", "reason", "model", "pretrained")}
+    kinds = {"trained": metrics, **{k: record.get(k) for k in ("zero_shot", "linear_probe")}}
+    out["overall"] = {k: {"accuracy": m["accuracy"], "n": m["n"]} for k, m in kinds.items() if m}
+    recall = {k: {r["class"]: r["recall"] for r in m["per_class"]} for k, m in kinds.items() if m}
+    out["per_class"] = [
+        {"class": row["class"], **{k: recall[k].get(row["class"]) for k in recall}}
+        for row in metrics["per_class"]
+    ]
+    return out
 
 
 def all_scalars(ev: Evidence) -> dict[str, float]:
@@ -352,7 +397,7 @@ def render_html(data: Mapping[str, Any], *, images: Mapping[str, Path]) -> str:
             [
                 [
                     g["name"],
-                    _Raw(f'<span class="{_e(g["status"])}">{_e(g["status"])}</span>'),
+                    _Raw(f'<span class="{_e(g["status"])}">{_e(_status_text(g))}</span>'),
                     g["level"],
                     _num(g["value"]),
                     _num(g["bound"]),
@@ -363,6 +408,8 @@ def render_html(data: Mapping[str, Any], *, images: Mapping[str, Path]) -> str:
             ],
         ),  # fmt: skip
         _per_class_html(data["metrics"]),
+        _confusion_html(data.get("confused_pairs") or [], images),
+        _baseline_html(data.get("baseline")),
         _calibration_html(data.get("calibration"), images),
         _robustness_html(data.get("robustness"), images),
         _slices_html(data.get("slices")),
@@ -373,6 +420,10 @@ def render_html(data: Mapping[str, Any], *, images: Mapping[str, Path]) -> str:
         f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{title}</title>'
         f"<style>{_CSS}</style></head><body><h1>Gate report</h1>{''.join(parts)}</body></html>\n"
     )
+
+
+def _status_text(g: Mapping[str, Any]) -> str:
+    return f"{g['status']} (not applicable)" if str(g["message"]).startswith(NOT_APPLICABLE) else g["status"]
 
 
 def _context_html(ctx: Mapping[str, Any]) -> str:
@@ -393,6 +444,45 @@ def _per_class_html(m: Mapping[str, Any]) -> str:
     return (
         "<h2>Test metrics</h2>" + summary + "<h3>Per class</h3>"
         + _table(["class", "precision", "recall", bound, "F1", "support"], rows)
+    )  # fmt: skip
+
+
+def _confusion_html(pairs: Sequence[Mapping[str, Any]], images: Mapping[str, Path]) -> str:
+    rows = [[p["true"], p["predicted"], str(p["count"]), _num(p["share"], 3)] for p in pairs]
+    table = (
+        _table(["true class", "predicted as", "images", "share of the true class"], rows)
+        if rows
+        else "<p class='muted'>No test image was confused with another class.</p>"
+    )
+    return (
+        "<h2>Confusion matrix</h2><h3>Most confused pairs</h3>" + table
+        + _img(images.get("confusion_matrix"), "confusion matrix (counts)")
+        + _img(images.get("confusion_matrix_normalized"), "confusion matrix (share of each true class)")
+    )  # fmt: skip
+
+
+_KIND_NAMES = {"trained": "trained model", "zero_shot": "CLIP zero-shot", "linear_probe": "CLIP linear probe"}
+
+
+def _baseline_html(b: Mapping[str, Any] | None) -> str:
+    if not b:
+        return ""
+    head = "<h2>CLIP baselines</h2>"
+    if b["status"] != "ok":
+        reason = str(b.get("reason") or "")
+        why = reason if reason.startswith(str(b["status"])) else f"{b['status']}: {reason}"
+        return (
+            f"{head}<p class='muted'>Baseline {_e(why)}. "
+            "No zero-shot comparison; the zero-shot gate, if enabled, is not applicable and does not pass.</p>"
+        )
+    kinds = list(b["overall"])
+    overall = _table(["", *[_KIND_NAMES[k] for k in kinds]],
+                     [["accuracy", *[_num(b["overall"][k]["accuracy"]) for k in kinds]],
+                      ["test images", *[str(b["overall"][k]["n"]) for k in kinds]]])  # fmt: skip
+    rows = [[r["class"], *[_num(r.get(k)) for k in kinds]] for r in b["per_class"]]
+    return (
+        f"{head}<p>{_e(b.get('model'))} / {_e(b.get('pretrained'))}, on the test split.</p>" + overall
+        + "<h3>Recall per class</h3>" + _table(["class", *[_KIND_NAMES[k] for k in kinds]], rows)
     )  # fmt: skip
 
 

@@ -45,6 +45,9 @@ from components.image_stats import displayed, duplicate_sets, grey_pixels, hex_t
 logger = logging.getLogger(__name__)
 
 ISSUE_TYPES: tuple[str, ...] = ("label_error", "near_duplicate", "outlier")
+"""What :func:`audit` finds (and owns in the ledger)."""
+CLIP_DISAGREEMENT = "clip_disagreement"
+"""One more ledger signal, recorded by the CLIP baseline stage: see :func:`clip_disagreement_issues`."""
 ISSUE_COLUMNS: tuple[str, ...] = (
     "image_id", "issue", "split", "label", "suggested_label", "score", "rank", "group", "path",
 )  # fmt: skip
@@ -286,6 +289,22 @@ def _issue_rows(sel: pd.DataFrame, issue: str, *, score: np.ndarray, suggested: 
             "path": sel["path"].to_numpy(),
         }
     )
+
+
+def clip_disagreement_issues(disagreements: pd.DataFrame, manifest: pd.DataFrame) -> pd.DataFrame:
+    """The baseline's ``disagreements.csv`` rows (CLIP confidently predicts another class than the
+    label) as ledger issues: ``suggested_label`` is CLIP's class, ``score`` the probability CLIP
+    gives the given label (low = likely wrong, like cleanlab's label quality), rank 1 = most
+    confident disagreement."""
+    if disagreements.empty:
+        return pd.DataFrame(columns=list(ISSUE_COLUMNS))
+    rows = disagreements.sort_values(["confidence", "image_id"], ascending=[False, True], kind="stable")
+    paths = manifest.drop_duplicates("image_id").set_index("image_id")["path"]
+    sel = rows.assign(path=paths.reindex(rows["image_id"]).fillna("").to_numpy())
+    return _issue_rows(
+        sel, CLIP_DISAGREEMENT, score=sel["label_probability"].to_numpy(dtype=float),
+        suggested=sel["clip_label"].to_numpy(),
+    )  # fmt: skip
 
 
 def _label_error_rows(

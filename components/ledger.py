@@ -9,7 +9,10 @@ records one audit's issues under its data version and compares them with the mos
 - ``resolved``: flagged before, not now — ``resolution`` says ``fixed`` (the image is still in the
   data, e.g. its label was corrected) or ``removed`` (the image is gone).
 
-Re-auditing the same data version replaces that version's rows, so reruns do not pile up.
+Re-auditing the same data version replaces that version's rows, so reruns do not pile up. Each
+recorder owns its issue types (``issue_types``): the audit records label errors, near-duplicates
+and outliers; the CLIP baseline records ``clip_disagreement`` (images whose label CLIP confidently
+contradicts) under the same data version, and neither wipes or resolves the other's rows.
 Files under the ledger folder: ``ledger.parquet`` (every version's rows, resolved ones included),
 ``issues.csv`` (this version: open and resolved), ``relabel_queue.csv`` (open label errors, worst
 first, with the suggested label: what a person should look at) and ``diff.json`` (the counts).
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -109,20 +113,23 @@ def update_ledger(
     folder: Path,
     recorded_at: str,
     export_dir: Path | None = None,
+    issue_types: Sequence[str] | None = None,
 ) -> LedgerDiff:
     """Record ``issues`` (columns of :data:`components.label_quality.ISSUE_COLUMNS`) under
     ``data_version`` in ``folder/ledger.parquet``; write this version's exports (``issues.csv``,
     ``relabel_queue.csv``, ``diff.json``) to ``export_dir`` (default ``folder``); return the
     counts. ``current_ids``: every image_id in this data version (to tell ``fixed`` from
-    ``removed``)."""
+    ``removed``). ``issue_types``: the types this recorder owns (default: every type): only their
+    rows are replaced and compared with the previous version; other types' rows stay as they are."""
     folder = Path(folder)
     export_dir = Path(export_dir) if export_dir is not None else folder
     folder.mkdir(parents=True, exist_ok=True)
     export_dir.mkdir(parents=True, exist_ok=True)
     ledger = read_ledger(folder)
-    ledger = ledger[ledger["data_version"] != data_version]  # a rerun replaces its own rows
+    owned = ledger["issue"].isin(list(issue_types)) if issue_types is not None else ledger["issue"].notna()
     prev_version = _previous_version(ledger, data_version)
-    previous = ledger[ledger["data_version"] == prev_version] if prev_version else ledger.iloc[:0]
+    previous = ledger[(ledger["data_version"] == prev_version) & owned] if prev_version else ledger.iloc[:0]
+    ledger = ledger[~((ledger["data_version"] == data_version) & owned)]  # a rerun replaces its own rows
     rows = compare(
         issues, previous, data_version=data_version, previous_version=prev_version, current_ids=current_ids
     )

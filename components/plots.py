@@ -30,8 +30,8 @@ def plot_confusion_matrix(
     """Draw a confusion matrix as a heat map and save it as PNG at ``path``.
 
     cm: (K, K) counts, rows = true class, columns = predicted class; classes: the K names.
-    normalize: colour each cell by its share of the true class's row (recall on the diagonal),
-    so rare classes are as visible as common ones; cells are annotated with raw counts.
+    normalize: colour and annotate each cell with its share of the true class's row (recall on
+    the diagonal), so rare classes are as visible as common ones; else raw counts.
     """
     counts = np.asarray(cm)
     n_classes = len(classes)
@@ -51,9 +51,9 @@ def plot_confusion_matrix(
     ax.set_yticks(ticks, labels=[str(c) for c in classes])
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
-    ax.set_title("confusion matrix" + (" (row-normalised, counts shown)" if normalize else ""))
+    ax.set_title("confusion matrix" + (" (share of each true class)" if normalize else " (counts)"))
     if n_classes <= _MAX_ANNOTATED_CLASSES:
-        _annotate(ax, counts, shown)
+        _annotate(ax, shown if normalize else counts, shown / (float(shown.max()) or 1.0))
     fig.tight_layout()
     return _save(fig, path)
 
@@ -64,13 +64,15 @@ def _row_normalise(counts: np.ndarray) -> np.ndarray:
     return np.divide(counts, rows, out=np.zeros(counts.shape, dtype=np.float64), where=rows > 0)
 
 
-def _annotate(ax: Any, counts: np.ndarray, shown: np.ndarray) -> None:
-    """Write each cell's count, white on dark cells so it stays legible."""
-    threshold = (float(shown.max()) or 1.0) / 2
-    fontsize = 9 if counts.shape[0] <= 12 else 7
-    for (i, j), count in np.ndenumerate(counts):
-        colour = "white" if shown[i, j] > threshold else "black"
-        ax.text(j, i, str(int(count)), ha="center", va="center", color=colour, fontsize=fontsize)
+def _annotate(ax: Any, values: np.ndarray, shade: np.ndarray) -> None:
+    """Write each cell's value (counts as integers, shares with 2 decimals), white on dark cells.
+    shade: (K, K) in [0, 1], the cell colours' position on the colour map."""
+    fontsize = 9 if values.shape[0] <= 12 else 7
+    integral = np.issubdtype(values.dtype, np.integer)
+    for (i, j), v in np.ndenumerate(values):
+        colour = "white" if shade[i, j] > 0.5 else "black"
+        text = str(int(v)) if integral else ("0" if v == 0 else f"{v:.2f}")
+        ax.text(j, i, text, ha="center", va="center", color=colour, fontsize=fontsize)
 
 
 def plot_reliability_diagram(

@@ -22,10 +22,19 @@ from typing import Any, cast
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 
 from components.checkpoint import ModelSpec, save_classifier
-from components.data import dataset_for_split
+from components.data import (
+    InMemoryDataset,
+    ManifestDataset,
+    batch_collate,
+    cache_key,
+    cached_split_array,
+    decoded_size,
+    encode_labels,
+    split_rows,
+)
 from components.engine import (
     StepOptions,
     eval_sums,
@@ -49,6 +58,11 @@ logger = logging.getLogger(__name__)
 STATE_FILE = "train_state.pt"
 HISTORY_FILE = "history.json"
 MODEL_SUBDIR = "model"
+WORKER_EVENTS_ENV = "IMGFLOW_WORKER_EVENTS"
+"""When set (on the driver) to a file path, every worker appends one JSON line (rank, pid, phase,
+epoch) when it starts and after its second batch of each epoch: how a test (or an operator) finds
+a worker's PID mid-epoch and sees a restart from a checkpoint. The file must be on storage the
+workers share with the driver (always true for the local runtime)."""
 
 
 # --------------------------------------------------------------------------- runtime
@@ -127,32 +141,66 @@ def _allreduce(values: dict[str, float], device: torch.device) -> dict[str, floa
     return dict(zip(keys, t.tolist(), strict=True))
 
 
+def _use_cache(config: dict[str, Any], rows: int, in_chans: int, side: int) -> bool:
+    if config.get("cache", "off") == "off":
+        return False
+    fits = decoded_size(rows, in_chans, side) <= config.get("cache_max_gb", 4.0) * 2**30
+    if config["cache"] == "memory" and not fits:
+        raise ConfigError(
+            f"train.cache=memory but {rows} decoded images of {in_chans}x{side}x{side} exceed "
+            f"train.cache_max_gb={config['cache_max_gb']}: raise it or set train.cache=auto"
+        )
+    return fits
+
+
+def _split_dataset(
+    manifest: Any, split: str, config: dict[str, Any], data_config: dict[str, Any], *, train: bool
+) -> Dataset:
+    """One split as a Dataset: decoded once (``InMemoryDataset``) when the cache allows, else per item."""
+    rows = split_rows(manifest, split)
+    paths = [Path(config["data_dir"]) / p for p in rows["path"]]
+    targets = encode_labels(rows["label"].tolist(), config["classes"])
+    in_chans, side = data_config["input_size"][0], data_config["input_size"][-1]
+    mode = image_mode(config["in_chans"])
+    if _use_cache(config, len(paths), in_chans, side):
+        geometry = {
+            "mode": mode,
+            "side": side,
+            "crop_pct": float(data_config.get("crop_pct", 1.0)),
+            "interpolation": str(data_config.get("interpolation", "bilinear")),
+        }
+        key = cache_key(paths, **geometry)
+        images = cached_split_array(
+            paths, cache_file=Path(config["cache_dir"]) / f"{split}-{key}.npy", **geometry
+        )
+        return InMemoryDataset(
+            images, targets, mean=data_config["mean"], std=data_config["std"], train=train,
+            hflip=config["hflip"], scale=tuple(config["scale"]),
+        )  # fmt: skip
+    tf = create_image_transform(
+        data_config, is_training=train, hflip=config["hflip"], scale=tuple(config["scale"])
+    )
+    return ManifestDataset(paths, targets, transform=tf, mode=mode)
+
+
 def _build_loaders(config: dict[str, Any], data_config: dict[str, Any]) -> tuple[DataLoader, DataLoader]:
     manifest = read_manifest(Path(config["manifest"]))
     if config.get("exclude_file"):
         excluded = read_exclusions(Path(config["exclude_file"]))
         manifest = manifest[~((manifest["split"] == "train") & manifest["image_id"].isin(excluded))]
-    common = {
-        "data_dir": Path(config["data_dir"]),
-        "classes": config["classes"],
-        "mode": image_mode(config["in_chans"]),
-    }
-    train_tf = create_image_transform(
-        data_config, is_training=True, hflip=config["hflip"], scale=tuple(config["scale"])
-    )
-    eval_tf = create_image_transform(data_config, is_training=False)
-    train_ds = dataset_for_split(manifest, "train", transform=train_tf, **common)
-    val_ds = dataset_for_split(manifest, "val", transform=eval_tf, **common)
+    train_ds = _split_dataset(manifest, "train", config, data_config, train=True)
+    val_ds = _split_dataset(manifest, "val", config, data_config, train=False)
     g = torch.Generator().manual_seed(config["seed"])
-    loader_kw = {
-        "num_workers": config["loader_workers"],
-        "worker_init_fn": worker_init_fn,
-        "pin_memory": config["use_gpu"],
-    }
-    train_loader = DataLoader(
-        train_ds, batch_size=config["batch_size"], shuffle=True, generator=g, **loader_kw
-    )
-    val_loader = DataLoader(val_ds, batch_size=config["eval_batch_size"], shuffle=False, **loader_kw)
+
+    def loader(ds: Dataset, **kw: Any) -> DataLoader:
+        collate = batch_collate if isinstance(ds, InMemoryDataset) else None
+        return DataLoader(
+            ds, num_workers=config["loader_workers"], worker_init_fn=worker_init_fn,
+            pin_memory=config["use_gpu"], collate_fn=collate, **kw,
+        )  # fmt: skip
+
+    train_loader = loader(train_ds, batch_size=config["batch_size"], shuffle=True, generator=g)
+    val_loader = loader(val_ds, batch_size=config["eval_batch_size"], shuffle=False)
     return train_loader, val_loader
 
 
@@ -189,9 +237,14 @@ def _save_state(out: Path, model: nn.Module, optimizer: Any, scheduler: Any, epo
 
 
 def _restore_state(
-    model: nn.Module, optimizer: Any, scheduler: Any, ema: Any = None
+    model: nn.Module, optimizer: Any, scheduler: Any, ema: Any = None, *, steps_per_epoch: int
 ) -> tuple[int, list[dict]]:
-    """Resume from Ray's latest checkpoint if there is one: returns (next epoch, history so far)."""
+    """Resume from Ray's latest checkpoint if there is one: returns (next epoch, history so far).
+
+    The LR schedule is not restored but rebuilt from this run's config and placed at the resumed
+    step (timm schedulers are a function of the step), so ``--resume --set train.epochs=N`` with a
+    larger N stretches the cosine over the new length instead of keeping the old one.
+    """
     import ray.train
 
     ckpt = ray.train.get_checkpoint()
@@ -202,10 +255,18 @@ def _restore_state(
         history = json.loads((Path(d) / HISTORY_FILE).read_text())
     _unwrap(model).load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
     if ema is not None and "ema" in state:
         ema.module.load_state_dict(state["ema"])
-    return int(state["epoch"]) + 1, history
+    start = int(state["epoch"]) + 1
+    scheduler.step_update(start * steps_per_epoch)
+    logger.info("resuming after epoch %d (the last checkpoint)", start)
+    return start, history
+
+
+def _note_worker_event(path: str | None, rank: int, **fields: Any) -> None:
+    if path:
+        with open(path, "a") as f:  # one short line per write: appends from several workers interleave whole
+            f.write(json.dumps({"rank": rank, "pid": os.getpid(), "time": time.time(), **fields}) + "\n")
 
 
 def _epoch_metrics(
@@ -221,6 +282,7 @@ def _epoch_metrics(
         "lr": lr,
         "epoch_seconds": seconds,
         "train_images_per_s": tr["count"] / max(seconds, 1e-9),
+        "finished_at": time.time(),  # wall clock: full epoch cycles (eval, report, checkpoint) in between
     }
 
 
@@ -306,7 +368,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         model = cast(nn.Module, torch.compile(model))
     optimizer, scheduler = _make_optimizer(model, config, len(train_loader))
     opts = _step_options(config, model, device)
-    start_epoch, history = _restore_state(model, optimizer, scheduler, opts.ema)
+    start_epoch, history = _restore_state(
+        model, optimizer, scheduler, opts.ema, steps_per_epoch=len(train_loader)
+    )
+    events_file = config.get("worker_events")
+    _note_worker_event(events_file, rank, phase="start", start_epoch=start_epoch)
     loss_fn, eval_loss = _loss_fn(config, opts), nn.CrossEntropyLoss()
     progress = config.get("progress_queue") if rank == 0 else None
     n_batches = len(train_loader)
@@ -317,6 +383,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             train_loader.sampler.set_epoch(epoch)
 
         def on_batch(i: int, loss: float, _epoch: int = epoch) -> None:
+            if i == 1:
+                _note_worker_event(events_file, rank, phase="mid_epoch", epoch=_epoch)
             if progress is not None and (i % every == 0 or i == n_batches - 1):
                 progress.put_nowait(
                     {"type": "batch", "epoch": _epoch, "batch": i + 1, "total": n_batches, "loss": loss}
@@ -409,7 +477,8 @@ def fit(
     gpu = cluster_has_gpus() if use_gpu is None else use_gpu
     _check_resources(workers, cpus_per_worker, gpu)
     events = Queue(actor_options={"num_cpus": 0})
-    config = dict(loop_config, use_gpu=gpu, threads=cpus_per_worker, progress_queue=events)
+    config = dict(loop_config, use_gpu=gpu, threads=cpus_per_worker, progress_queue=events,
+                  worker_events=os.environ.get(WORKER_EVENTS_ENV))  # fmt: skip
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=config,

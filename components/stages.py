@@ -126,7 +126,13 @@ def run_audit(params: Params, *, progress: bool = True) -> dict[str, Any]:
     after everything is written."""
     from datetime import UTC, datetime
 
-    from components.label_quality import EXCLUDED_FILE, audit, write_audit_report, write_exclusions
+    from components.label_quality import (
+        EXCLUDED_FILE,
+        ISSUE_TYPES,
+        audit,
+        write_audit_report,
+        write_exclusions,
+    )
     from components.ledger import update_ledger
 
     paths, cfg = StagePaths(params), params.audit
@@ -145,6 +151,7 @@ def run_audit(params: Params, *, progress: bool = True) -> dict[str, Any]:
         folder=paths.state / "audit-ledger",
         export_dir=out,
         recorded_at=datetime.now(UTC).isoformat(timespec="microseconds"),
+        issue_types=ISSUE_TYPES,  # the baseline's clip_disagreement rows are its own
     )
     excluded = write_exclusions(result.issues, manifest, cfg, out / EXCLUDED_FILE)
     summary = {**result.summary, "data_version": version, "ledger": diff.to_dict(), "excluded": excluded}
@@ -222,13 +229,39 @@ def run_baseline(params: Params) -> dict[str, Any]:
                 cfg=cfg,
             )
     files = cb.write_baseline(record, disagreements, paths.out("baseline"))
+    if disagreements is not None:
+        record["ledger"] = _record_disagreements(params, disagreements)
     record["mlflow_runs"] = _log_baseline_runs(params, record, files)
     _write_json(files["baseline"], record)  # again, now with the run ids
     return {
         **cb.summarize(record),
         "mlflow_runs": record["mlflow_runs"],
+        "ledger": (record.get("ledger") or {}).get("totals"),
         "out_dir": str(paths.out("baseline")),
     }
+
+
+def _record_disagreements(params: Params, disagreements: Any) -> dict[str, Any]:
+    """CLIP's confident disagreements with the labels go into the label-quality ledger (issue
+    ``clip_disagreement``, this data version), next to the audit's findings; this version's rows
+    and the diff against the previous version are exported to ``outputs/baseline/ledger/``."""
+    from datetime import UTC, datetime
+
+    from components.label_quality import CLIP_DISAGREEMENT, clip_disagreement_issues
+    from components.ledger import update_ledger
+
+    paths = StagePaths(params)
+    manifest = read_manifest(paths.data.manifest)
+    diff = update_ledger(
+        clip_disagreement_issues(disagreements, manifest),
+        data_version=data_version(paths.data.manifest),
+        current_ids=set(manifest["image_id"]),
+        folder=paths.state / "audit-ledger",
+        export_dir=paths.out("baseline") / "ledger",
+        recorded_at=datetime.now(UTC).isoformat(timespec="microseconds"),
+        issue_types=(CLIP_DISAGREEMENT,),
+    )
+    return diff.to_dict()
 
 
 def _log_baseline_runs(params: Params, record: dict[str, Any], files: dict[str, Path]) -> dict[str, str]:
@@ -283,6 +316,7 @@ def _tracking(params: Params) -> tuple[Any, str]:
 
 def run_train(params: Params, *, progress: bool = True, resume: bool = False) -> dict[str, Any]:
     """Train through Ray Train and log the run (params, provenance, per-epoch metrics) to MLflow."""
+    from components.freshness import training_fingerprint
     from components.plots import plot_training_curves
     from components.provenance import git_commit
     from components.training import train
@@ -306,6 +340,7 @@ def run_train(params: Params, *, progress: bool = True, resume: bool = False) ->
         "data_version": data_version(paths.data.manifest),
         "git_commit": git_commit(),
         "params_hash": params.fingerprint(),
+        "training_params_hash": training_fingerprint(params),  # what retrain-on-change compares
         "model": params.train.model,
         "dataset_source": params.ingest.source,
         "excluded_images": str(0 if exclude is None else len(read_exclusions(exclude))),
@@ -359,241 +394,23 @@ def run_train(params: Params, *, progress: bool = True, resume: bool = False) ->
 # --------------------------------------------------------------------------- 4. evaluate
 
 
-@dataclass
-class _SplitOutput:
-    """One model's pass over one split: logits (N, K), targets (N,), per-image brightness and
-    contrast (N,), and the kept images (M, C, H, W) in [0, 1] at model input size, for the sweep."""
-
-    logits: Any
-    targets: Any
-    properties: dict[str, Any]
-    kept: Any = None
-    kept_targets: Any = None
-
-
-def _split_pass(params: Params, model_dir: Path, split: str, *, keep: Any = None) -> tuple[_SplitOutput, Any]:
-    """Predict ``split`` with the model in ``model_dir``; keep the images at indices ``keep``."""
-    import numpy as np
-    import torch
-    from torch.utils.data import DataLoader
-
-    from components.checkpoint import load_classifier
-    from components.data import dataset_for_split
-    from components.models import create_image_transform, image_mode
-    from components.robustness import prepare_for_inference
-    from components.slices import image_properties
-
-    model, spec = load_classifier(model_dir)
-    fast = prepare_for_inference(model)
-    ds = dataset_for_split(
-        read_manifest(StagePaths(params).data.manifest),
-        split,
-        data_dir=params.project.data_dir,
-        classes=spec.classes,
-        transform=create_image_transform(spec.data_config, is_training=False),
-        mode=image_mode(spec.in_chans),
-    )
-    mean = torch.tensor(spec.data_config["mean"]).view(1, -1, 1, 1)
-    std = torch.tensor(spec.data_config["std"]).view(1, -1, 1, 1)
-    keep_mask = np.zeros(len(ds), dtype=bool) if keep is None else np.isin(np.arange(len(ds)), keep)
-    logits, targets, props, kept = [], [], [], []
-    start = 0
-    with torch.inference_mode():
-        for x, y in DataLoader(ds, batch_size=params.evaluate.batch_size, shuffle=False):
-            logits.append(fast(x.contiguous(memory_format=torch.channels_last)).float().numpy())
-            targets.append(y.numpy())
-            x01 = (x * std + mean).clamp_(0, 1)
-            props.append(image_properties(x01.numpy()))
-            sel = torch.from_numpy(keep_mask[start : start + len(y)])
-            if sel.any():
-                kept.append((x01[sel], y[sel]))
-            start += len(y)
-    out = _SplitOutput(
-        logits=np.concatenate(logits),
-        targets=np.concatenate(targets).astype(np.int64),
-        properties={k: np.concatenate([p[k] for p in props]) for k in props[0]},
-        kept=torch.cat([k[0] for k in kept]) if kept else None,
-        kept_targets=torch.cat([k[1] for k in kept]) if kept else None,
-    )
-    return out, (model, spec)
-
-
-def _sweep_sample(targets: Any, max_images: int | None, seed: int) -> Any:
-    """Class-stratified fixed-seed sample of test indices for the corruption sweep (sorted)."""
-    import numpy as np
-
-    n = len(targets)
-    if max_images is None or max_images >= n:
-        return np.arange(n)
-    rng = np.random.default_rng(seed)
-    picked = [
-        rng.choice(idx, size=max(1, round(max_images * len(idx) / n)), replace=False)
-        for idx in (np.flatnonzero(targets == c) for c in np.unique(targets))
-    ]
-    return np.sort(np.concatenate(picked))
-
-
-def _has_split(params: Params, split: str) -> bool:
-    return bool((read_manifest(StagePaths(params).data.manifest)["split"] == split).any())
-
-
-def _champion_evidence(
-    params: Params,
-    tracking: Any,
-    test: _SplitOutput,
-    classes: tuple[str, ...],
-    tmp: Path,
-    *,
-    own_version: str | None,
-) -> dict[str, Any]:
-    """Re-evaluate the registry's champion on the same test split and compare (non-inferiority)."""
-    from components.champion import compare
-
-    name = params.register_.model_name
-    version = tracking.alias_version(name, tracking.CHAMPION)
-    if version is None:
-        return {
-            "status": "none",
-            "reason": f"no '{tracking.CHAMPION}' alias on {name}: nothing to compare with",
-        }
-    if version == own_version:
-        return {
-            "status": "skipped",
-            "reason": f"the evaluated model is the champion itself (version {version})",
-        }
-    uri = f"models:/{name}@{tracking.CHAMPION}"
-    champ_dir = tracking.download_model_dir(uri, tmp / "champion")
-    champ, (_, spec) = _split_pass(params, champ_dir, "test")
-    if tuple(spec.classes) != tuple(classes) or len(champ.targets) != len(test.targets):
-        return {
-            "status": "skipped",
-            "reason": f"champion version {version} has another class set or test split",
-        }
-    comparison = compare(
-        test.targets, test.logits.argmax(1), champ.logits.argmax(1), classes,
-        margin=params.gates.max_accuracy_drop, class_margin=params.gates.max_class_recall_drop,
-        n_boot=params.evaluate.bootstrap, confidence=params.gates.confidence, seed=params.project.seed,
-    )  # fmt: skip
-    return {"status": "compared", "version": version, "uri": uri, "comparison": comparison}
-
-
-def _gather_evidence(
-    params: Params, model_dir: Path, tmp: Path, *, tracking: Any, own_version: str | None = None
-) -> Any:
-    """Run every measurement of the evaluate stage on the model in ``model_dir``."""
-    import numpy as np
-    import pandas as pd
-
-    from components.calibration import calibrate, softmax_t
-    from components.checkpoint import load_spec
-    from components.data import encode_labels, split_rows
-    from components.evaluation import compute_metrics
-    from components.gate_report import Evidence
-    from components.robustness import corruption_sweep, resolve_families
-    from components.slices import slice_table
-
-    ev_cfg, rob = params.evaluate, params.evaluate.robustness
-    seed = params.project.seed
-    rows = split_rows(read_manifest(StagePaths(params).data.manifest), "test")
-    labels = np.asarray(encode_labels(rows["label"].tolist(), load_spec(model_dir).classes))
-    keep = _sweep_sample(labels, rob.max_images, seed) if rob.enabled else None
-    test, (model, spec) = _split_pass(params, model_dir, "test", keep=keep)
-    fit = ev_cfg.temperature_scaling and _has_split(params, "val")
-    val = _split_pass(params, model_dir, "val")[0] if fit else test
-    cal = calibrate(
-        val.logits, val.targets, test.logits, test.targets, n_bins=ev_cfg.calibration_bins, fit=fit
-    )
-    probs = softmax_t(test.logits, cal.temperature)
-    metrics = compute_metrics(
-        test.targets, probs, spec.classes, top_k=ev_cfg.top_k, confidence=params.gates.confidence
-    )
-    robustness = None
-    if rob.enabled:
-        batches = zip(
-            test.kept.split(ev_cfg.batch_size), test.kept_targets.split(ev_cfg.batch_size), strict=True
-        )
-        robustness = corruption_sweep(model, batches, mean=spec.data_config["mean"], std=spec.data_config["std"],
-                                      families=resolve_families(rob.families), seed=seed)  # fmt: skip
-    rows = rows.assign(
-        pixels=rows["width"] * rows["height"], **{k: pd.Series(v) for k, v in test.properties.items()}
-    )
-    slices = slice_table(
-        rows, probs.argmax(1) == test.targets, ev_cfg.slices, confidence=params.gates.confidence
-    )
-    champion = (
-        _champion_evidence(params, tracking, test, spec.classes, tmp, own_version=own_version)
-        if ev_cfg.compare_champion
-        else {"status": "skipped", "reason": "evaluate.compare_champion is false"}
-    )
-    return Evidence(metrics=metrics, calibration=cal, robustness=robustness, slices=slices, champion=champion)
-
-
 def run_evaluate(params: Params, *, model_uri: str | None = None) -> dict[str, Any]:
     """All test-set evidence, gates and the gate report; logged to MLflow.
 
-    Without ``model_uri`` the freshly trained ``outputs/train/model`` is evaluated and logged into
-    its training run; with one (``models:/<name>@<alias>``, ``models:/<name>/<version>``,
-    ``runs:/<id>/model``) that registered model is downloaded and evaluated in a new MLflow run.
+    Without ``model_uri`` the freshly trained ``outputs/train/model`` is evaluated into
+    ``outputs/evaluate`` and its training run; with one (``models:/<name>@<alias>``,
+    ``models:/<name>/<version>``, ``runs:/<id>/model``) that registered model is downloaded and
+    evaluated in a new MLflow run, its report in ``outputs/evaluate/models/<slug>/`` (the
+    pipeline's report is left alone). See :mod:`components.evaluate_run`.
     """
-    import tempfile
-
-    from components.gate_report import all_scalars, build_gates, write_report
+    from components.evaluate_run import evaluate_registered, evaluate_trained
 
     paths = StagePaths(params)
-    tracking, uri = _tracking(params)
-    t0 = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="imgflow-eval-") as tmp:
-        if model_uri is None:
-            run = _read_json(paths.run_file, hint="run `imgflow train` first")
-            run_id, model_dir, own = run["run_id"], paths.out("train") / "model", None
-            context = {
-                "model": str(model_dir),
-                "training run": run_id,
-                "data version": run.get("data_version"),
-            }
-        else:
-            model_dir = tracking.download_model_dir(model_uri, Path(tmp) / "evaluated")
-            own = _own_version(tracking, params, model_uri)
-            exp_id = tracking.ensure_experiment(
-                params.register_.experiment, artifact_root=paths.state / "mlartifacts"
-            )
-            run_id = tracking.start_run(exp_id, run_name=f"evaluate {model_uri}", params=params.to_dict(),
-                                        tags={"evaluated_model": model_uri}, tracking_uri=uri).run_id  # fmt: skip
-            context = {"model": model_uri, "evaluation run": run_id,
-                       "data version": data_version(paths.data.manifest)}  # fmt: skip
-        evidence = _gather_evidence(params, model_dir, Path(tmp), tracking=tracking, own_version=own)
-    gates = build_gates(params.gates, evidence)
-    seconds = time.perf_counter() - t0
-    files = write_report(
-        evidence, gates, paths.out("evaluate"), context={**context, "seconds": round(seconds, 1)}
-    )
-    tracking.log_metrics(run_id, {**all_scalars(evidence), "evaluate_seconds": seconds}, prefix="test_")
-    tracking.log_artifacts(run_id, list(files.values()), artifact_path="evaluate")
-    tracking.set_tags(run_id, {"gates_passed": str(gates.passed).lower()})
-    if model_uri is not None:
-        tracking.end_run(run_id)
-    return {
-        "accuracy": evidence.metrics["accuracy"],
-        "gates_passed": gates.passed,
-        "verdict": gates.verdict(),
-        "gates": gates.to_dict(),
-        "temperature": evidence.calibration.temperature if evidence.calibration else 1.0,
-        "report_html": str(files["report_html"]),
-        "report_json": str(files["report_json"]),
-        "run_id": run_id,
-        "seconds": seconds,
-    }
-
-
-def _own_version(tracking: Any, params: Params, model_uri: str) -> str | None:
-    """The registry version a ``models:/<name>@<alias>`` or ``models:/<name>/<n>`` URI names, if any."""
-    rest = model_uri.removeprefix("models:/")
-    if rest == model_uri or not rest.startswith(params.register_.model_name):
-        return None
-    tail = rest[len(params.register_.model_name) :]
-    if tail.startswith("@"):
-        return tracking.alias_version(params.register_.model_name, tail[1:])
-    return tail.lstrip("/") or None
+    _tracking(params)
+    if model_uri is None:
+        run = _read_json(paths.run_file, hint="run `imgflow train` first")
+        return evaluate_trained(params, run=run, out_dir=paths.out("evaluate"))
+    return evaluate_registered(params, model_uri, out_root=paths.out("evaluate"))
 
 
 # --------------------------------------------------------------------------- 5. register
@@ -610,7 +427,8 @@ def _example_image(params: Params) -> bytes:
 
 
 def run_register(params: Params, *, raise_on_gate_failure: bool = True) -> dict[str, Any]:
-    """Register the model; alias ``challenger`` always, ``champion`` only when the gates passed.
+    """Register the model: alias ``candidate`` always, ``challenger`` when the gates passed, and
+    ``champion`` when they passed and ``register.auto_promote`` (see :mod:`components.registry`).
 
     When a gate failed: raises GatesFailedError (exit code 3) after registering, or, with
     ``raise_on_gate_failure=False``, returns the result with ``gates_passed: False``.
@@ -647,14 +465,17 @@ def run_register(params: Params, *, raise_on_gate_failure: bool = True) -> dict[
         "failed_gates": ",".join(g.name for g in gates.failed()),
         "test_accuracy": f"{evaluation['accuracy']:.4f}",
         "temperature": f"{float(gates_json.get('temperature', 1.0)):.4f}",
+        "gate_verdicts": json.dumps({g["name"]: g["status"] for g in gates_json.get("gates", [])})[:4900],
     }
-    aliases = [tracking.CHALLENGER] + ([tracking.CHAMPION] if gates.passed else [])
-    reg = tracking.register(
-        model_uri, name=params.register_.model_name, run_id=run["run_id"], tags=tags, aliases=aliases
-    )
+    cfg = params.register_
+    reg = tracking.register(model_uri, name=cfg.model_name, run_id=run["run_id"], tags=tags, aliases=(),
+                            attempts=cfg.retries, backoff_s=cfg.retry_backoff_s)  # fmt: skip
+    promotion = _record_and_promote(params, reg.version, gates_passed=gates.passed)
     tracking.end_run(run["run_id"])
     result = {
         **reg.to_dict(),
+        "aliases": promotion.pop("aliases"),
+        "promotion": promotion,
         "gates_passed": gates.passed,
         "failed_gates": [g.message for g in gates.failed()],
     }
@@ -664,13 +485,103 @@ def run_register(params: Params, *, raise_on_gate_failure: bool = True) -> dict[
     return result
 
 
+def _evaluated_against(params: Params) -> Any:
+    """The champion version evaluate compared with (None: there was none); ANY when unknown."""
+    from components.registry import ANY
+
+    report = StagePaths(params).out("evaluate") / "report.json"
+    champion = (json.loads(report.read_text()).get("champion") or {}) if report.exists() else {}
+    if champion.get("status") == "compared":
+        return str(champion["version"])
+    return None if champion.get("status") == "none" else ANY
+
+
+def _record_and_promote(params: Params, version: str, *, gates_passed: bool) -> dict[str, Any]:
+    """Move candidate/challenger to the new version; promote it when allowed. Returns what happened."""
+    from components import registry
+
+    cfg = params.register_
+    opts = _registry_opts(params)
+    registry.record_registration(cfg.model_name, version, gates_passed=gates_passed, **opts)
+    out: dict[str, Any] = {"promoted": False}
+    if gates_passed and cfg.auto_promote:
+        try:
+            entry = registry.promote(cfg.model_name, version, reason="gates passed at registration",
+                                     expected_from=_evaluated_against(params), **opts)  # fmt: skip
+            out = {"promoted": bool(entry["changed"]), "from": entry["from"]}
+        except registry.PromotionConflictError as e:
+            logger.warning("version %s stays challenger: %s", version, e)
+            out = {"promoted": False, "conflict": str(e)}
+    now = registry.aliases(cfg.model_name, retry=opts["retry"])
+    return {**out, "aliases": sorted(a for a, v in now.items() if v == version)}
+
+
 def gate_failure_message(registration: dict[str, Any]) -> str:
     failed = registration["failed_gates"]
     lines = "\n".join(f"  - {m}" for m in failed)
     return (
-        f"model version {registration['version']} registered as 'challenger' but NOT promoted to "
+        f"model version {registration['version']} registered as 'candidate' but NOT promoted to "
         f"'champion': {len(failed)} gate(s) failed:\n{lines}"
     )
+
+
+# --------------------------------------------------------------------------- promotion
+
+
+def _registry_opts(params: Params) -> dict[str, Any]:
+    from components import registry
+
+    cfg = params.register_
+    retry = registry.Retry(attempts=cfg.retries, backoff_s=cfg.retry_backoff_s)
+    return {"lock_timeout_s": cfg.lock_timeout_s, "retry": retry}
+
+
+def run_promote(
+    params: Params, version: str, *, to: str = "champion", force: bool = False, reason: str | None = None
+) -> dict[str, Any]:
+    """``imgflow promote``: point ``to`` at ``version`` (gates must have passed unless forced)."""
+    from components import registry
+
+    _tracking(params)
+    return registry.promote(params.register_.model_name, version, to=to, force=force, reason=reason,
+                            **_registry_opts(params))  # fmt: skip
+
+
+def run_rollback(params: Params, *, reason: str | None = None) -> dict[str, Any]:
+    """``imgflow rollback``: the previous champion becomes champion again."""
+    from components import registry
+
+    _tracking(params)
+    return registry.rollback(params.register_.model_name, reason=reason, **_registry_opts(params))
+
+
+def promotion_history(params: Params) -> list[dict[str, Any]]:
+    """The append-only promotion log, oldest first."""
+    from components import registry
+
+    _tracking(params)
+    return registry.read_log(params.register_.model_name, retry=_registry_opts(params)["retry"])
+
+
+# --------------------------------------------------------------------------- retrain on change
+
+
+def run_check_freshness(params: Params, *, force: bool = False) -> dict[str, Any]:
+    """After ingest: does the champion already come from this data version and these training params?
+    ``retrain: False`` means a scheduled run can stop ("up to date"); see ``components.freshness``."""
+    from components.freshness import decide, training_fingerprint
+
+    manifest = StagePaths(params).data.manifest
+    if not manifest.exists():
+        raise DataError(f"no manifest at {manifest}: run `imgflow ingest` first")
+    tracking, _ = _tracking(params)
+    verdict = decide(
+        data_version=data_version(manifest),
+        training_params_hash=training_fingerprint(params),
+        champion=tracking.alias_provenance(params.register_.model_name, tracking.CHAMPION),
+        force=force,
+    )
+    return {**verdict.to_dict(), "model_name": params.register_.model_name}
 
 
 # --------------------------------------------------------------------------- queries
@@ -679,3 +590,110 @@ def gate_failure_message(registration: dict[str, Any]) -> str:
 def list_models(params: Params) -> list[dict[str, Any]]:
     tracking, _ = _tracking(params)
     return list(tracking.list_versions(params.register_.model_name))
+
+
+# --------------------------------------------------------------------------- serving, batch prediction
+
+
+def resolve_model_uri(params: Params, model: str | None) -> str:
+    """``--model`` if given (a registry URI or a local model folder), else the champion."""
+    return model or params.serve.model or f"models:/{params.register_.model_name}@champion"
+
+
+def load_predictor(params: Params, model: str | None, tmp: Path, **kwargs: Any) -> tuple[Any, str]:
+    """A Predictor for ``model`` (registry/run URI, or a folder holding model.json) and its URI."""
+    from components.checkpoint import SPEC_FILE, Predictor
+
+    uri = resolve_model_uri(params, model)
+    if (Path(uri) / SPEC_FILE).exists():
+        return Predictor.from_dir(Path(uri), **kwargs), uri
+    tracking, _ = _tracking(params)
+    return Predictor.from_dir(tracking.download_model_dir(uri, tmp / "served"), **kwargs), uri
+
+
+def run_serve(
+    params: Params, *, model: str | None = None, host: str | None = None, port: int | None = None
+) -> None:
+    """``imgflow serve``: the HTTP scoring server (blocks until interrupted)."""
+    import tempfile
+
+    from components import serving
+
+    cfg = params.serve
+    with tempfile.TemporaryDirectory(prefix="imgflow-serve-") as tmp:
+        predictor, uri = load_predictor(params, model, Path(tmp))
+        limits = serving.ServeLimits(
+            top_k=cfg.top_k, max_image_bytes=cfg.max_image_bytes, max_batch=cfg.max_batch
+        )
+        app = serving.create_app(predictor, model_uri=uri, limits=limits)
+        serving.serve(app, host=host or cfg.host, port=port or cfg.port)
+
+
+def run_predict(
+    params: Params, source: Path, *, out: Path, model: str | None = None, progress: bool = True
+) -> dict[str, Any]:
+    """``imgflow predict``: batch inference over a folder or CSV into a Parquet file, streaming."""
+    import tempfile
+
+    from tqdm import tqdm
+
+    from components.predict import list_inputs, predict_to_parquet
+
+    cfg = params.predict
+    paths = list_inputs(source)
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="imgflow-predict-") as tmp:
+        predictor, uri = load_predictor(params, model, Path(tmp))
+        with tqdm(total=len(paths), unit="img", disable=not progress, desc="predict") as bar:
+            result = predict_to_parquet(predictor, paths, out, batch_size=cfg.batch_size, workers=cfg.workers,
+                                        top_k=cfg.top_k, on_batch=bar.update)  # fmt: skip
+    seconds = time.perf_counter() - t0
+    return {**result, "model": uri, "seconds": seconds, "images_per_s": result["images"] / max(seconds, 1e-9)}
+
+
+def _parity_images(params: Params, images: Path | None, limit: int = 256) -> list[bytes]:
+    """Real images for the export parity check: ``images`` (folder/CSV), else the test split."""
+    from components.predict import list_inputs
+
+    if images is not None:
+        return [p.read_bytes() for p in list_inputs(images)[:limit]]
+    manifest_path = StagePaths(params).data.manifest
+    if not manifest_path.exists():
+        raise DataError("no images for the parity check: pass --images <folder|csv> or run `imgflow ingest`")
+    test = read_manifest(manifest_path).query("split == 'test'").head(limit)
+    return [(params.project.data_dir / p).read_bytes() for p in test["path"]]
+
+
+def run_export(
+    params: Params, *, model: str | None = None, out: Path | None = None, images: Path | None = None
+) -> dict[str, Any]:
+    """``imgflow export --format onnx``: ONNX file + parity check; attached to the registered version."""
+    import tempfile
+
+    from components.export import check_parity, export_onnx
+
+    out = out or params.project.output_dir / "export" / "model.onnx"
+    with tempfile.TemporaryDirectory(prefix="imgflow-export-") as tmp:
+        predictor, uri = load_predictor(params, model, Path(tmp))
+        export_onnx(predictor, out)
+        parity = check_parity(predictor, out, _parity_images(params, images))
+    result = {"model": uri, "onnx": str(out), "parity": parity.to_dict()}
+    report = _write_json(out.with_suffix(".parity.json"), result)
+    if not parity.passed:
+        raise DataError(
+            f"ONNX parity check failed: max abs probability difference {parity.max_abs_diff:.2e} > "
+            f"{parity.tolerance:.0e} on {parity.images} images; the file was not attached ({out})"
+        )
+    tracking, _ = _tracking(params)
+    version = tracking.resolve_model_version(uri)
+    if version is not None:
+        name, number, run_id = version
+        tracking.attach_to_version(name, number, run_id, [out, report], artifact_path="onnx",
+                                   tags={"onnx_model": f"runs:/{run_id}/onnx/{out.name}",
+                                         "onnx_parity_max_abs_diff": f"{parity.max_abs_diff:.3e}"})  # fmt: skip
+        result["attached_to"] = {
+            "name": name,
+            "version": number,
+            "artifact": f"runs:/{run_id}/onnx/{out.name}",
+        }
+    return result

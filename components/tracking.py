@@ -29,7 +29,7 @@ from components.errors import DataError, TrackingError
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
-CHAMPION, CHALLENGER = "champion", "challenger"
+CANDIDATE, CHALLENGER, CHAMPION = "candidate", "challenger", "champion"
 IMAGE_COLUMN = "image"
 
 
@@ -104,7 +104,12 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def start_run(
-    experiment_id: str, *, run_name: str, params: dict[str, Any], tags: dict[str, str], tracking_uri: str
+    experiment_id: str,
+    *,
+    run_name: str,
+    params: dict[str, Any],
+    tags: dict[str, str],
+    tracking_uri: str | None = None,
 ) -> RunRef:
     """Create a run with the fully resolved params (flattened ``section.key``) and provenance tags."""
     client = MlflowClient()
@@ -115,7 +120,7 @@ def start_run(
     items = [Param(k, v) for k, v in sorted(flat.items())]
     for i in range(0, len(items), 100):
         client.log_batch(run.info.run_id, params=items[i : i + 100])
-    return RunRef(run.info.run_id, experiment_id, tracking_uri)
+    return RunRef(run.info.run_id, experiment_id, tracking_uri or mlflow.get_tracking_uri())
 
 
 def log_metrics(run_id: str, metrics: dict[str, float], *, step: int | None = None, prefix: str = "") -> None:
@@ -247,16 +252,23 @@ class Registration:
 
 
 def register(
-    model_uri: str, *, name: str, run_id: str, tags: dict[str, str], aliases: Iterable[str]
+    model_uri: str,
+    *,
+    name: str,
+    run_id: str,
+    tags: dict[str, str],
+    aliases: Iterable[str],
+    attempts: int = 3,
+    backoff_s: float = 1.0,
 ) -> Registration:
-    """Register a new version with ``tags`` and point ``aliases`` at it."""
+    """Register a new version with ``tags`` and point ``aliases`` at it (promotion goes through
+    :mod:`components.registry`, which moves aliases under its lock; pass ``aliases=()`` there)."""
     client = MlflowClient()
-    mv = with_retries(lambda: mlflow.register_model(model_uri, name, tags=tags), what="register model")
+    retry = partial(with_retries, attempts=attempts, backoff_s=backoff_s)
+    mv = retry(lambda: mlflow.register_model(model_uri, name, tags=tags), what="register model")
     aliases = tuple(aliases)
     for alias in aliases:
-        with_retries(
-            partial(client.set_registered_model_alias, name, alias, mv.version), what=f"set alias {alias}"
-        )
+        retry(partial(client.set_registered_model_alias, name, alias, mv.version), what=f"set alias {alias}")
     return Registration(
         name=name, version=str(mv.version), aliases=aliases, model_uri=model_uri, run_id=run_id
     )
@@ -310,10 +322,26 @@ def alias_version(name: str, alias: str) -> str | None:
             e.get_http_status_code() == 404
             or "RESOURCE_DOES_NOT_EXIST" in str(e)
             or "INVALID_PARAMETER" in str(e)
+            # the local (sqlite) store puts the code only in error_code: "alias champion not found"
+            or e.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE")
         ):
             return None
         raise TrackingError(f"cannot read alias {alias!r} of {name!r}: {e}") from e
     return str(mv.version)
+
+
+def alias_provenance(name: str, alias: str) -> dict[str, str] | None:
+    """What the version ``alias`` points at was trained from: its version tags overlaid with its
+    training run's tags (``data_version``, ``params_hash``, ...) plus ``version`` and ``run_id``.
+    None when the model or the alias does not exist."""
+    version = alias_version(name, alias)
+    if version is None:
+        return None
+    client = MlflowClient()
+    mv = with_retries(lambda: client.get_model_version(name, version), what=f"read {name} v{version}")
+    run_id = str(mv.run_id or "")
+    run_tags = dict(with_retries(lambda: client.get_run(run_id), what="read run").data.tags) if run_id else {}
+    return {**dict(mv.tags or {}), **run_tags, "version": str(version), "run_id": run_id}
 
 
 def download_model_dir(model_uri: str, dst: Path) -> Path:
@@ -363,3 +391,31 @@ def log_result_run(
     log_artifacts(run.run_id, artifacts, artifact_path=artifact_path)
     end_run(run.run_id)
     return run
+
+
+def resolve_model_version(model_uri: str) -> tuple[str, str, str] | None:
+    """``models:/<name>@<alias>`` or ``models:/<name>/<version>`` -> (name, version, run id);
+    None for other URIs (runs:/, local folders)."""
+    rest = model_uri.removeprefix("models:/")
+    if rest == model_uri:
+        return None
+    client = MlflowClient()
+    if "@" in rest:
+        name, alias = rest.split("@", 1)
+        mv = with_retries(lambda: client.get_model_version_by_alias(name, alias), what=f"read {model_uri}")
+    else:
+        name, _, version = rest.rpartition("/")
+        mv = with_retries(lambda: client.get_model_version(name, version), what=f"read {model_uri}")
+    return name, str(mv.version), str(mv.run_id or "")
+
+
+def attach_to_version(name: str, version: str, run_id: str, files: list[Path], *, artifact_path: str,
+                      tags: dict[str, str]) -> None:  # fmt: skip
+    """Log ``files`` into the version's run under ``artifact_path`` and tag the version."""
+    client = MlflowClient()
+    for f in files:
+        with_retries(partial(client.log_artifact, run_id, str(f), artifact_path), what=f"log {f.name}")
+    for k, v in tags.items():
+        with_retries(
+            partial(client.set_model_version_tag, name, version, k, v), what=f"tag version {version}"
+        )

@@ -202,13 +202,15 @@ def evaluate(
         typer.Option(
             "--model",
             help="Evaluate a registered model instead of outputs/train/model: models:/<name>@<alias>, "
-            "models:/<name>/<version> or runs:/<run id>/model.",
+            "models:/<name>/<version> or runs:/<run id>/model. Its report goes to "
+            "outputs/evaluate/models/<name@alias>/ (the pipeline's outputs/evaluate is left alone).",
         ),
     ] = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Gate report: test metrics, calibration, robustness, slices, champion comparison and gates
-    (written to outputs/evaluate, logged to MLflow)."""
+    """Gate report: test metrics, confusion matrix, calibration, robustness (11 corruption families x 5
+    severities), slices, champion comparison, CLIP baselines and gates (written to outputs/evaluate,
+    logged to MLflow)."""
     from components.evaluation import GateReport
     from components.stages import run_evaluate
 
@@ -225,7 +227,8 @@ def evaluate(
 
 @app.command()
 def register(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None, as_json: JsonOpt = False) -> None:
-    """Register the model (alias challenger; champion only if the gates passed, else exit code 3)."""
+    """Register the model: alias candidate; challenger and (register.auto_promote) champion only if the
+    gates passed, else exit code 3. Alias moves are serialized and logged (`imgflow models history`)."""
     from components.stages import gate_failure_message, run_register
 
     result = _run(lambda: run_register(_params(params, set_), raise_on_gate_failure=False), as_json=as_json)
@@ -257,9 +260,23 @@ def _pipeline_summary(r: dict[str, Any]) -> str:
 
 
 @app.command()
-def pipeline(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None, as_json: JsonOpt = False) -> None:
-    """Run ingest -> validate -> baseline -> train -> evaluate -> register as one Prefect flow.
+def pipeline(
+    params: ParamsOpt = Path("params.yaml"),
+    set_: SetOpt = None,
+    force: Annotated[
+        bool,
+        typer.Option(
+            "--force",
+            help="Retrain even when the champion already comes from this data version and these params.",
+        ),
+    ] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Run ingest -> retrain check -> validate -> audit -> baseline -> train -> evaluate -> register as
+    one Prefect flow.
 
+    After ingest the run stops with "up to date" (exit code 0) when the registry's champion was trained
+    on the same data version (manifest md5) with the same training params; --force retrains anyway.
     Runs without a Prefect server (ephemeral) or against the one $PREFECT_API_URL names.
     """
     from components.stages import gate_failure_message
@@ -269,9 +286,13 @@ def pipeline(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None, as_js
     def body() -> dict[str, Any]:
         from flows.pipeline import pipeline as pipeline_flow
 
-        return pipeline_flow(params_path=str(params), overrides=list(set_ or []))
+        return pipeline_flow(params_path=str(params), overrides=list(set_ or []), force=force)
 
     result = _run(body, as_json=as_json)
+    if result.get("status") == "up to date":
+        fresh = result["freshness"]
+        _emit(result, as_json, lambda r: f"up to date: {fresh['reason']} (use --force to retrain)")
+        return
     _emit(result, as_json, _pipeline_summary)
     if not result["register"]["gates_passed"]:
         typer.secho(f"imgflow: {gate_failure_message(result['register'])}", err=True, fg=typer.colors.RED)
@@ -279,9 +300,76 @@ def pipeline(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None, as_js
 
 
 @app.command()
-def models(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None, as_json: JsonOpt = False) -> None:
+def deploy(
+    cron: Annotated[
+        str, typer.Option(help="Cron schedule (5 fields), e.g. '0 3 * * 1' = Mondays 03:00.")
+    ] = "0 3 * * 1",
+    name: Annotated[
+        str, typer.Option(help="Deployment name (the flow is imgflow-pipeline).")
+    ] = "weekly-retrain",
+    work_pool: Annotated[
+        str, typer.Option("--work-pool", help="Process work pool (created if missing).")
+    ] = "imgflow-process",
+    timezone: Annotated[str, typer.Option(help="Time zone of the cron schedule.")] = "UTC",
+    params: ParamsOpt = Path("params.yaml"),
+    set_: SetOpt = None,
+    force: Annotated[
+        bool, typer.Option("--force", help="Scheduled runs retrain even when nothing changed.")
+    ] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Create (or update) a Prefect deployment of the pipeline with a cron schedule on the Prefect
+    server at $PREFECT_API_URL, for this project folder (the current directory).
+
+    A process worker runs the scheduled runs: `prefect worker start --pool <work-pool>` (where imgflow
+    is installed and this folder is reachable). Each run retrains only when the data or the training
+    params changed since the champion. prefect.yaml declares the same deployment for `prefect deploy`.
+    """
+    from components.errors import ConfigError
+
+    _params(params, set_)  # fail fast on bad params
+
+    def body() -> dict[str, Any]:
+        from prefect.settings import PREFECT_API_URL
+
+        if not PREFECT_API_URL.value():
+            raise ConfigError(
+                "imgflow deploy needs a Prefect server: set PREFECT_API_URL (e.g. http://127.0.0.1:4200/api; "
+                "`make ui` starts one)"
+            )
+        from flows.deploy import deploy_pipeline
+
+        return deploy_pipeline(
+            cron=cron, name=name, work_pool=work_pool, project_dir=Path.cwd(), params_path=str(params),
+            overrides=list(set_ or []), force=force, timezone=timezone, env=ENV_DEFAULTS,
+        )  # fmt: skip
+
+    def human(r: dict[str, Any]) -> str:
+        return (
+            f"deployment {r['name']} ({r['deployment_id']}): cron '{r['cron']}' {r['timezone']}, "
+            f"work pool {r['work_pool']}\nstart a worker:  {r['worker']}\nrun it now:      {r['run_now']}"
+        )
+
+    _emit(_run(body, as_json=as_json), as_json, human)
+
+
+models_app = typer.Typer(
+    help="Registered versions with aliases (candidate, challenger, champion), key test metrics and gate "
+    "results; `imgflow models history` shows the promotion log.",
+    no_args_is_help=False,
+)
+app.add_typer(models_app, name="models")
+
+
+@models_app.callback(invoke_without_command=True)
+def models(
+    ctx: typer.Context, params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None, as_json: JsonOpt = False
+) -> None:
     """Registered versions with aliases, key test metrics and gate results."""
     from components.stages import list_models
+
+    if ctx.invoked_subcommand is not None:
+        return
 
     rows = _run(lambda: list_models(_params(params, set_)), as_json=as_json)
 
@@ -292,12 +380,169 @@ def models(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None, as_json
         for v in rs:
             acc = v["metrics"].get("test_accuracy")
             lines.append(
-                f"{v['version']:>7}  {','.join(v['aliases']) or '-':<22} {acc if acc is None else f'{acc:.4f}':>8}  "
+                f"{v['version']:>7}  {','.join(v['aliases']) or '-':<22} {'-' if acc is None else f'{acc:.4f}':>8}  "
                 f"{'pass' if v['gates_passed'] else 'FAIL':<6}  {v['tags'].get('data_version', '')}"
             )
         return "\n".join(lines)
 
     _emit(rows, as_json, human)
+
+
+@models_app.command("history")
+def models_history(
+    params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None, as_json: JsonOpt = False
+) -> None:
+    """The append-only promotion log: every alias move with who, when, why, from -> to and the gates."""
+    from components.stages import promotion_history
+
+    rows = _run(lambda: promotion_history(_params(params, set_)), as_json=as_json)
+
+    def human(rs: list[dict[str, Any]]) -> str:
+        if not rs:
+            return "no promotions yet"
+        lines = [f"{'#':>4}  {'when':<25} {'action':<9} {'alias':<10} {'from':>4} -> {'to':<4} who / why"]
+        for e in rs:
+            forced = " FORCED" if e.get("forced") else ""
+            lines.append(
+                f"{e['seq']:>4}  {e['when']:<25} {e['action']:<9} {e['alias']:<10} {e['from'] or '-':>4} -> "
+                f"{e['to']:<4} {e['who']}: {e.get('why') or ''}{forced}"
+            )
+        return "\n".join(lines)
+
+    _emit(rows, as_json, human)
+
+
+@app.command()
+def promote(
+    version: Annotated[str, typer.Argument(help="The registered version to promote (see `imgflow models`).")],
+    to: Annotated[str, typer.Option("--to", help="Alias to move: champion or challenger.")] = "champion",
+    force: Annotated[
+        bool, typer.Option("--force", help="Promote although its gates failed (needs --reason).")
+    ] = False,
+    reason: Annotated[str | None, typer.Option("--reason", help="Why; kept in the promotion log.")] = None,
+    params: ParamsOpt = Path("params.yaml"),
+    set_: SetOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Point an alias (default champion) at a version, under the promotion lock, logged.
+
+    A version whose gates failed is refused unless --force --reason "...". Exit code 5 when another
+    promotion holds the lock too long.
+    """
+    from components.stages import run_promote
+
+    result = _run(
+        lambda: run_promote(_params(params, set_), version, to=to, force=force, reason=reason),
+        as_json=as_json,
+    )
+    _emit(result, as_json, lambda r: f"{r['alias']}: version {r['from'] or '-'} -> {r['to']}"
+          + ("" if r["changed"] else " (already there)"))  # fmt: skip
+
+
+@app.command()
+def rollback(
+    reason: Annotated[str | None, typer.Option("--reason", help="Why; kept in the promotion log.")] = None,
+    params: ParamsOpt = Path("params.yaml"),
+    set_: SetOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Move champion back to the previous champion (each call goes one step further back)."""
+    from components.stages import run_rollback
+
+    result = _run(lambda: run_rollback(_params(params, set_), reason=reason), as_json=as_json)
+    _emit(result, as_json, lambda r: f"champion: version {r['from']} -> {r['to']} (rolled back)")
+
+
+@app.command()
+def serve(
+    model: Annotated[
+        str | None,
+        typer.Option(
+            "--model",
+            help="models:/<name>@<alias>, models:/<name>/<version>, runs:/<id>/model or "
+            "a local model folder (default: serve.model, else models:/<register.model_name>@champion).",
+        ),
+    ] = None,
+    host: Annotated[
+        str | None, typer.Option("--host", help="Interface to bind (default serve.host: 127.0.0.1).")
+    ] = None,
+    port: Annotated[int | None, typer.Option("--port", help="Port (default serve.port).")] = None,
+    params: ParamsOpt = Path("params.yaml"),
+    set_: SetOpt = None,
+) -> None:
+    """Serve predictions over HTTP: POST /invocations (MLflow scoring JSON, base64 images),
+    POST /predict (multipart image files), GET /health. Answers top-k labels with calibrated
+    probabilities; bad input gets a 4xx with a message."""
+    from components.stages import run_serve
+
+    _run(lambda: run_serve(_params(params, set_), model=model, host=host, port=port))
+
+
+@app.command()
+def predict(
+    source: Annotated[
+        Path,
+        typer.Argument(
+            help="A folder of images (searched recursively) or a CSV with a "
+            "'path' column (paths relative to the CSV)."
+        ),
+    ],
+    out: Annotated[Path, typer.Option("--out", help="Parquet file to write.")] = Path("predictions.parquet"),
+    model: Annotated[
+        str | None,
+        typer.Option("--model", help="Registry/run URI or local model folder (default: the champion)."),
+    ] = None,
+    params: ParamsOpt = Path("params.yaml"),
+    set_: SetOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Batch inference: label, score, top-k and calibrated probabilities per image into Parquet,
+    streamed batch by batch (predict.batch_size, predict.workers) so memory stays flat. An image
+    that cannot be decoded gets its error in the `error` column."""
+    from components.stages import run_predict
+
+    result = _run(
+        lambda: run_predict(_params(params, set_), source, out=out, model=model, progress=not as_json),
+        as_json=as_json,
+    )
+    _emit(result, as_json, lambda r: f"predicted {r['images']} images ({r['failed']} unreadable) with "
+          f"{r['model']} in {r['seconds']:.1f}s ({r['images_per_s']:.0f} img/s) -> {r['out']}")  # fmt: skip
+
+
+@app.command()
+def export(
+    format_: Annotated[str, typer.Option("--format", help="Export format (onnx).")] = "onnx",
+    model: Annotated[
+        str | None,
+        typer.Option("--model", help="Registry/run URI or local model folder (default: the champion)."),
+    ] = None,
+    out: Annotated[
+        Path | None, typer.Option("--out", help="Output file (default outputs/export/model.onnx).")
+    ] = None,
+    images: Annotated[
+        Path | None,
+        typer.Option(
+            "--images", help="Folder or CSV of real images for the parity check (default: test split)."
+        ),
+    ] = None,
+    params: ParamsOpt = Path("params.yaml"),
+    set_: SetOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Export the model to ONNX (probabilities with the fitted temperature), check parity with
+    PyTorch on real images (max abs difference <= 1e-4) and attach the file to the registered version."""
+    from components.errors import ConfigError
+    from components.stages import run_export
+
+    def body() -> dict[str, Any]:
+        if format_ != "onnx":
+            raise ConfigError(f"unknown export format {format_!r}: only 'onnx' is supported")
+        return run_export(_params(params, set_), model=model, out=out, images=images)
+
+    result = _run(body, as_json=as_json)
+    _emit(result, as_json, lambda r: f"exported {r['model']} -> {r['onnx']}; parity: max abs diff "
+          f"{r['parity']['max_abs_diff']:.2e} on {r['parity']['images']} images"
+          + (f"; attached to version {r['attached_to']['version']}" if r.get("attached_to") else ""))  # fmt: skip
 
 
 def main() -> None:

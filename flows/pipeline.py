@@ -1,31 +1,96 @@
-"""The pipeline flow: ingest -> validate -> audit -> CLIP baseline -> train -> evaluate -> register."""
+"""The pipeline flow: ingest -> retrain check -> validate -> audit -> CLIP baseline -> train -> evaluate
+-> register; a failed gate or a failed run is announced on the webhook."""
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
-from prefect import flow
+from prefect import flow, get_run_logger
 
 from components.config import load_params
 from tasks import stages
 
+UP_TO_DATE = "up to date"
 
-@flow(name="imgflow-pipeline")
-def pipeline(params_path: str = "params.yaml", overrides: list[str] | None = None) -> dict[str, Any]:
-    """Raw images to a registered (and, if the gates pass, champion) model."""
+
+def _announce_failure(_flow: Any, flow_run: Any, state: Any) -> None:
+    """on_failure hook: post ``run_failed`` (the params are re-read from the run's parameters)."""
+    from components import notify as notify_lib
+
+    log = logging.getLogger("imgflow.pipeline")
+    try:
+        p = flow_run.parameters
+        params = load_params(p.get("params_path", "params.yaml"), p.get("overrides") or [])
+        url = stages.webhook_url(params)
+        if url is None or "run_failed" not in params.notify.events:
+            return
+        payload = notify_lib.build_payload(
+            "run_failed",
+            summary=f"pipeline run {flow_run.name} failed: {state.message}",
+            flow_run_id=str(flow_run.id),
+            flow_run_name=flow_run.name,
+            message=str(state.message),
+        )
+        notify_lib.post_webhook(url, payload, timeout_s=params.notify.timeout_s)
+    except Exception as e:  # a broken notification must not hide the run's own failure
+        log.warning("could not announce the failed run: %s", e)
+
+
+@flow(name="imgflow-pipeline", on_failure=[_announce_failure])
+def pipeline(
+    params_path: str = "params.yaml", overrides: list[str] | None = None, force: bool = False
+) -> dict[str, Any]:
+    """Raw images to a registered (and, if the gates pass, champion) model.
+
+    Stops after ingest with ``status: up to date`` when the champion was already trained on this
+    data version with these training params; ``force`` retrains anyway.
+    """
     params = load_params(params_path, overrides or [])
     ingested = stages.ingest(params)
+    fresh = stages.check_freshness(params, force)
+    if not fresh["retrain"]:
+        _tell(params, "up_to_date", f"{fresh['model_name']} is {UP_TO_DATE}: {fresh['reason']}", fresh)
+        return {"status": UP_TO_DATE, "ingest": ingested, "freshness": fresh}
     stages.validate(params)
     audited = stages.audit(params) if params.audit.enabled else None
     baseline = stages.baseline(params)  # never fails for want of weights: then it is "skipped"
     trained = stages.train(params)
     evaluated = stages.evaluate(params)
     registered = stages.register(params)
+    _tell_verdict(params, registered, evaluated)
     return {
+        "status": "trained",
         "ingest": ingested,
+        "freshness": fresh,
         "audit": audited,
         "baseline": baseline,
         "train": trained,
         "evaluate": evaluated,
         "register": registered,
     }
+
+
+def _tell(params: Any, event: str, summary: str, details: dict[str, Any]) -> None:
+    """Post to the webhook; a webhook that stays down is logged, it does not fail the run."""
+    state = stages.notify(params, event, summary, details, return_state=True)
+    if state.is_failed():
+        get_run_logger().warning("webhook notification %s failed: %s", event, state.message)
+
+
+def _tell_verdict(params: Any, registered: dict[str, Any], evaluated: dict[str, Any]) -> None:
+    name, version = registered["name"], registered["version"]
+    details = {
+        "model": name,
+        "version": version,
+        "aliases": registered["aliases"],
+        "mlflow_run_id": registered["run_id"],
+        "test_accuracy": evaluated["accuracy"],
+        "verdict": evaluated["verdict"],
+        "failed_gates": registered["failed_gates"],
+        "report_html": evaluated["report_html"],
+    }
+    if registered["gates_passed"]:
+        _tell(params, "promoted", f"{name} v{version} passed its gates and is champion", details)
+    else:
+        _tell(params, "gate_failed", f"{name} v{version} FAILED its gates: {evaluated['verdict']}", details)

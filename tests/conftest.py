@@ -167,3 +167,64 @@ def copy_repo_files(tmp_path: Path):
 def _no_leaked_tracking_uri(monkeypatch: pytest.MonkeyPatch) -> None:
     """``mlflow.set_tracking_uri`` also sets $MLFLOW_TRACKING_URI: each test starts without it."""
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+
+
+def start_mlflow_server(store: Path, port: int) -> subprocess.Popen:
+    """A real `mlflow server` on 127.0.0.1:port over ``store`` (sqlite + artifact folder), healthy.
+
+    Restarting it on the same ``store`` keeps every run, version, tag and alias.
+    """
+    store.mkdir(parents=True, exist_ok=True)
+    log = open(store / "server.log", "a")  # noqa: SIM115 - the child writes to it until stopped
+    proc = subprocess.Popen(
+        [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+         "--backend-store-uri", f"sqlite:///{store / 'mlflow.db'}",
+         "--artifacts-destination", str(store / "artifacts")],
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )  # fmt: skip
+    try:
+        wait_http(f"http://127.0.0.1:{port}/health", timeout=120, proc=proc)
+    except BaseException:
+        stop_process_group(proc)
+        raise
+    return proc
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory: pytest.TempPathFactory):
+    """A real MLflow tracking/registry server on 127.0.0.1 and a free port (stopped by PID)."""
+    store, port = tmp_path_factory.mktemp("mlflow-server"), free_port()
+    proc = start_mlflow_server(store, port)
+    try:
+        yield {"uri": f"http://127.0.0.1:{port}", "store": store, "port": port, "proc": proc}
+    finally:
+        stop_process_group(proc)
+
+
+def train_tiny_model(out_dir: Path, *, n: int = 2000, epochs: int = 2, seed: int = 0) -> Path:
+    """A real imgflow_cnn trained for seconds on ``n`` Fashion-MNIST images, saved as an imgflow
+    model folder (``model.safetensors`` + ``model.json``) through the product's own preprocessing."""
+    import torch
+
+    from components.checkpoint import ModelSpec, Predictor, save_classifier
+    from components.models import create_classifier, resolve_data_config
+
+    torch.manual_seed(seed)
+    model = create_classifier("imgflow_cnn", len(FMNIST_CLASSES), in_chans=1)
+    spec = ModelSpec("imgflow_cnn", FMNIST_CLASSES, 1, resolve_data_config(model))
+    x, y = fmnist_arrays("train", n)
+    inputs = Predictor(model, spec).preprocess([png_bytes(a) for a in x])
+    targets = torch.as_tensor(y, dtype=torch.long)
+    opt = torch.optim.Adam(model.parameters(), lr=0.005)
+    model.train()
+    for _ in range(epochs):
+        for idx in torch.randperm(n).split(64):
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(model(inputs[idx]), targets[idx]).backward()
+            opt.step()
+    return save_classifier(model.eval().state_dict(), spec, out_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return train_tiny_model(tmp_path_factory.mktemp("tiny-model") / "model")

@@ -290,10 +290,12 @@ def shapes_project(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-def _params(root: Path, *, out: str = "outputs", **baseline: object):
+def _params(root: Path, *, out: str = "outputs", sections: dict | None = None, **baseline: object):
     import yaml
 
     raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    for name, values in (sections or {}).items():
+        raw[name].update(values)
     raw["project"].update(
         data_dir=str(root / "data"), output_dir=str(root / out), state_dir=str(root / ".imgflow")
     )
@@ -347,6 +349,15 @@ def test_stage_loads_a_local_checkpoint_and_logs_both_baselines(
             r for r in csv.DictReader(f) if r["label"] == "blue square" and r["clip_label"] == "red circle"
         ]
     assert len(flagged) >= 2 and all(float(r["confidence"]) >= 0.5 for r in flagged)
+    # ... and recorded in the ledger as one more signal (issue clip_disagreement, CLIP's class suggested)
+    from components.ledger import read_ledger
+
+    ledger = read_ledger(root / ".imgflow" / "audit-ledger").set_index("image_id")
+    for r in flagged:
+        row = ledger.loc[r["image_id"]]
+        assert row["issue"] == "clip_disagreement" and row["suggested_label"] == "red circle"
+    assert result["ledger"]["new"] >= len(flagged)
+    assert (out / "ledger" / "issues.csv").is_file()
 
     again = run_baseline(params)  # the embedding cache: nothing is encoded twice
     assert again["embeddings"]["encoded"] == 0 and again["zero_shot_accuracy"] == result["zero_shot_accuracy"]
@@ -394,3 +405,66 @@ def test_gate_trained_must_beat_zero_shot_overall_and_per_class() -> None:
     assert all(g.passed for g in cb.check_beats_baseline(trained, zero_shot, margin=0.0))
     (na,) = cb.check_beats_baseline(trained, None, margin=0.0)
     assert not na.passed and cb.is_not_applicable(na)
+
+
+def _untrained_model_and_run(params) -> None:
+    """outputs/train/model: an untrained imgflow_cnn for the 12 shape classes (far below CLIP), and
+    outputs/train/run.json: its MLflow run, as the train stage would leave them."""
+    from components import tracking
+    from components.checkpoint import ModelSpec, save_classifier
+    from components.models import create_classifier, resolve_data_config
+
+    torch.manual_seed(0)
+    model = create_classifier("imgflow_cnn", len(CLASSES), in_chans=3)
+    spec = ModelSpec("imgflow_cnn", tuple(sorted(CLASSES)), 3, resolve_data_config(model, input_size=32))
+    out = params.project.output_dir / "train"
+    save_classifier(model.eval().state_dict(), spec, out / "model")
+    tracking.configure(params.register_.tracking_uri, state_dir=params.project.state_dir)
+    exp = tracking.ensure_experiment(params.register_.experiment)
+    run = tracking.start_run(exp, run_name="untrained", params={}, tags={})
+    (out / "run.json").write_text(json.dumps({**run.to_dict(), "data_version": "test"}))
+
+
+def test_evaluate_compares_with_the_real_baseline_and_gates_on_it(
+    shapes_project: Path, tiny_clip: dict
+) -> None:
+    from components.stages import run_evaluate
+
+    root = shapes_project
+    params = _params(
+        root, out="eval-outputs", model=TINY, pretrained=str(tiny_clip["checkpoint"]), batch_size=32,
+        probe_C=1.0, gate=True, gate_margin=0.0,
+        sections={"evaluate": {"robustness": {"enabled": False}, "compare_champion": False},
+                  "gates": {"min_accuracy": 0.0, "min_class_recall": 0.0, "max_ece": 1.0, "min_slice_accuracy": 0.0}},
+    )  # fmt: skip
+    baseline = run_baseline(params)
+    assert baseline["status"] == "ok" and baseline["zero_shot_accuracy"] >= 0.6
+    _untrained_model_and_run(params)
+    result = run_evaluate(params)
+
+    record = json.loads((root / "eval-outputs" / "baseline" / "baseline.json").read_text())
+    report = json.loads(Path(result["report_json"]).read_text())
+    table = report["baseline"]
+    assert table["status"] == "ok"
+    assert table["overall"]["zero_shot"]["accuracy"] == record["zero_shot"]["accuracy"]
+    assert table["overall"]["linear_probe"]["accuracy"] == record["linear_probe"]["accuracy"]
+    assert table["overall"]["trained"]["accuracy"] == result["accuracy"] < record["zero_shot"]["accuracy"]
+    zs_recall = {r["class"]: r["recall"] for r in record["zero_shot"]["per_class"]}
+    assert [r["class"] for r in table["per_class"]] == sorted(CLASSES)
+    assert all(r["zero_shot"] == zs_recall[r["class"]] for r in table["per_class"])
+    # the untrained model is far below zero-shot CLIP: the optional gate fails, with real numbers
+    assert "beats_zero_shot[accuracy]" in result["gates"]["failed"] and not result["gates_passed"]
+    html = Path(result["report_html"]).read_text()
+    assert "CLIP baselines" in html and "beats_zero_shot[accuracy]" in html
+    assert f"{record['zero_shot']['accuracy']:.4f}" in html
+
+    # the baseline's headline metrics sit next to the trained model's in the evaluate run
+    run = mlflow.MlflowClient(f"sqlite:///{root / '.imgflow' / 'mlflow.db'}").get_run(result["run_id"])
+    assert run.data.metrics["baseline_zeroshot_test_accuracy"] == pytest.approx(
+        record["zero_shot"]["accuracy"]
+    )
+    assert run.data.metrics["baseline_linearprobe_test_accuracy"] == pytest.approx(
+        record["linear_probe"]["accuracy"]
+    )
+    assert run.data.metrics["test_accuracy"] == pytest.approx(result["accuracy"])
+    assert run.data.tags["baseline_status"] == "ok"

@@ -19,6 +19,7 @@ from components.evaluation import (
     compute_metrics,
     flat_metrics,
     make_gate,
+    most_confused,
     slug,
     wilson_interval,
     write_evaluation,
@@ -310,13 +311,15 @@ def test_write_evaluation_writes_all_files(tmp_path: Path, metrics: dict) -> Non
     out = tmp_path / "eval" / "nested"
     paths = write_evaluation(metrics, report, out)
 
-    assert set(paths) == {"metrics", "evaluation", "per_class", "gates", "confusion_matrix"}
+    assert set(paths) == {"metrics", "evaluation", "per_class", "gates", "confusion_matrix",
+                          "confusion_matrix_normalized"}  # fmt: skip
     assert {p.name for p in paths.values()} == {
         "metrics.json",
         "evaluation.json",
         "per_class.csv",
         "gates.json",
         "confusion_matrix.png",
+        "confusion_matrix_normalized.png",
     }
     assert all(p.parent == out for p in paths.values())
 
@@ -335,6 +338,20 @@ def test_write_evaluation_writes_all_files(tmp_path: Path, metrics: dict) -> Non
     assert int(rows[2]["support"]) == 2
 
     _assert_png(paths["confusion_matrix"])
+    _assert_png(paths["confusion_matrix_normalized"])
+    assert paths["confusion_matrix"].read_bytes() != paths["confusion_matrix_normalized"].read_bytes()
+
+
+def test_most_confused_pairs_from_the_hand_computed_matrix(metrics: dict) -> None:
+    # off-diagonal cells of EXPECTED_CM: cat->dog 1 (of 2 cats), bird->cat 1 (of 2 birds); ties keep
+    # row-major order; empty cells are never listed
+    assert most_confused(metrics) == [
+        {"true": "cat", "predicted": "dog", "count": 1, "share": 0.5},
+        {"true": "bird", "predicted": "cat", "count": 1, "share": 0.5},
+    ]
+    assert most_confused(metrics, k=1) == [{"true": "cat", "predicted": "dog", "count": 1, "share": 0.5}]
+    perfect = compute_metrics(Y_TRUE, np.eye(3)[Y_TRUE], CLASSES)
+    assert most_confused(perfect) == []
 
 
 def test_plot_confusion_matrix_handles_empty_rows_and_rejects_bad_shape(tmp_path: Path) -> None:

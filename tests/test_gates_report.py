@@ -134,7 +134,16 @@ def test_write_report_files_and_html(tmp_path: Path, evidence: Evidence) -> None
         assert key in flat
     html = paths["report_html"].read_text()
     assert html.index('id="verdict"') < html.index("<h2>Gates</h2>") < html.index("Per class")
-    assert "min_accuracy" in html and html.count("data:image/png;base64,") == 2
+    # confusion matrix (counts, shares), reliability diagram, robustness heat map
+    assert "min_accuracy" in html and html.count("data:image/png;base64,") == 4
+    assert paths["confusion_matrix_normalized"].is_file()
+    pairs = data["confused_pairs"]
+    assert pairs and pairs == sorted(pairs, key=lambda p: -p["count"]) and "Most confused pairs" in html
+    top = pairs[0]
+    cm = np.asarray(evidence.metrics["confusion_matrix"])
+    off = cm - np.diag(np.diag(cm))
+    assert top["count"] == off.max() == cm[CLASSES.index(top["true"]), CLASSES.index(top["predicted"])]
+    assert data["baseline"]["status"] == "not run" and "baseline stage has not run" in html
     assert "<script" not in html and "http" not in html.replace("http-equiv", "")  # self-contained
 
 
@@ -163,3 +172,79 @@ def test_report_verdict_is_visible_in_headless_chromium(tmp_path: Path, evidence
     assert any(
         "not visible" in p for p in check_report.check(check_report.probe_verdict(hidden, chromium=chromium))
     )
+
+
+def _zero_shot_record(metrics: dict, *, recall_drop: dict[str, float]) -> dict:
+    """A baseline.json record whose zero-shot result is ``metrics`` with some classes' recall lowered."""
+    per_class = [
+        {**r, "recall": r["recall"] - recall_drop.get(r["class"], 0.0)} for r in metrics["per_class"]
+    ]
+    zero_shot = {**metrics, "accuracy": metrics["accuracy"] - 0.1, "per_class": per_class}
+    probe = {**metrics, "accuracy": metrics["accuracy"] - 0.05, "n": 90}
+    return {"status": "ok", "reason": "", "model": "tiny", "pretrained": "/ckpt.pt",
+            "zero_shot": zero_shot, "linear_probe": probe}  # fmt: skip
+
+
+def test_baseline_table_and_optional_zero_shot_gate(tmp_path: Path, evidence: Evidence) -> None:
+    from dataclasses import replace
+
+    from components.config import BaselineConfig
+
+    cfg = GatesConfig(min_accuracy=0.5, min_class_recall=0.5)
+    on = BaselineConfig(gate=True, gate_margin=0.05)
+    record = _zero_shot_record(evidence.metrics, recall_drop={"a": 0.2, "b": 0.2})  # c ties zero-shot
+    ev = replace(evidence, baseline=record)
+    assert "beats_zero_shot[accuracy]" not in [g.name for g in build_gates(cfg, ev).gates]  # gate off
+    gates = build_gates(cfg, ev, baseline=on)
+    zs = {g.name: g for g in gates.gates if g.name.startswith("beats_zero_shot")}
+    assert [n for n, g in zs.items() if not g.passed] == ["beats_zero_shot[c]"]  # c: not by the margin
+    assert not gates.passed and "does NOT beat" in zs["beats_zero_shot[c]"].explanation
+
+    paths = write_report(ev, gates, tmp_path / "ok", context={})
+    data = json.loads(paths["report_json"].read_text())
+    overall = data["baseline"]["overall"]
+    assert overall["trained"]["accuracy"] == evidence.metrics["accuracy"]
+    assert overall["zero_shot"]["accuracy"] == pytest.approx(evidence.metrics["accuracy"] - 0.1)
+    assert overall["linear_probe"]["n"] == 90
+    a = next(r for r in data["baseline"]["per_class"] if r["class"] == "a")
+    trained_a = next(r["recall"] for r in evidence.metrics["per_class"] if r["class"] == "a")
+    assert a == {"class": "a", "trained": trained_a, "zero_shot": pytest.approx(trained_a - 0.2),
+                 "linear_probe": trained_a}  # fmt: skip
+    html = paths["report_html"].read_text()
+    assert "CLIP baselines" in html and "CLIP zero-shot" in html and "CLIP linear probe" in html
+    assert f"{trained_a - 0.2:.4f}" in html
+
+    # skipped (no weights): the gate is not applicable, blocks at level error, warns when told to
+    skipped = {"status": "skipped", "reason": "skipped: weights unavailable: offline", "zero_shot": None,
+               "linear_probe": None, "model": "ViT-B-32", "pretrained": "laion2b_s34b_b79k"}  # fmt: skip
+    ev = replace(evidence, baseline=skipped)
+    gates = build_gates(cfg, ev, baseline=on)
+    (na,) = [g for g in gates.gates if g.name.startswith("beats_zero_shot")]
+    assert na.message.startswith("not applicable: baseline skipped: weights unavailable") and not na.passed
+    assert (
+        gates.failed() == [na] and "was not checked" in na.explanation and "does not pass" in na.explanation
+    )
+    html = write_report(ev, gates, tmp_path / "skipped", context={})["report_html"].read_text()
+    assert (
+        "not applicable: baseline skipped" in html
+        and "Baseline skipped" in html
+        and "FAIL (not applicable)" in html
+    )
+    warn = build_gates(cfg.model_copy(update={"levels": {"beats_zero_shot": "warn"}}), ev, baseline=on)
+    assert warn.passed and [g.name for g in warn.warnings()] == ["beats_zero_shot"]
+    # the baseline stage never ran: not applicable too, never passed
+    (none,) = [g for g in build_gates(cfg, evidence, baseline=on).gates if g.name == "beats_zero_shot"]
+    assert not none.passed and "not run" in none.message
+
+
+def test_registered_model_reports_get_their_own_folder_and_the_sweep_sample_is_stratified() -> None:
+    from components.evaluate_run import model_slug, sweep_sample
+
+    assert model_slug("models:/imgflow-fashion-mnist@champion") == "imgflow-fashion-mnist@champion"
+    assert model_slug("models:/imgflow/3") == "imgflow_3"
+    assert model_slug("runs:/0a1b/model") == "0a1b_model"
+    targets = np.repeat([0, 1, 2], [100, 50, 10])
+    assert np.array_equal(sweep_sample(targets, None, 0), np.arange(160))
+    picked = sweep_sample(targets, 32, 0)
+    assert np.bincount(targets[picked]).tolist() == [20, 10, 2] and np.all(np.diff(picked) > 0)
+    assert np.array_equal(picked, sweep_sample(targets, 32, 0))  # fixed seed

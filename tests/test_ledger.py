@@ -81,3 +81,40 @@ def test_two_versions_give_new_persisting_resolved(tmp_path: Path) -> None:
         recorded_at="2026-01-04T00:00:00.000001",
     )
     assert d4.previous_version == "v2" and d4.totals == {"new": 0, "persisting": 0, "resolved": 5}
+
+
+def test_clip_disagreements_are_a_ledger_signal_that_the_audit_does_not_wipe(tmp_path: Path) -> None:
+    from components.label_quality import CLIP_DISAGREEMENT, ISSUE_TYPES, clip_disagreement_issues
+
+    manifest = pd.DataFrame({"image_id": list("abcd"), "path": [f"store/{i}.png" for i in "abcd"]})
+    disagreements = pd.DataFrame(
+        {"image_id": ["b", "a"], "split": "test", "label": "Bag", "clip_label": ["Shirt", "Coat"],
+         "confidence": [0.91, 0.97], "label_probability": [0.05, 0.01]}
+    )  # fmt: skip
+    clip = clip_disagreement_issues(disagreements, manifest)
+    assert list(clip.columns) == list(ISSUE_COLUMNS)
+    assert clip[["image_id", "suggested_label", "rank", "path"]].values.tolist() == [
+        ["a", "Coat", 1, "store/a.png"], ["b", "Shirt", 2, "store/b.png"]  # most confident first
+    ]  # fmt: skip
+    assert clip["score"].tolist() == [0.01, 0.05] and set(clip["issue"]) == {CLIP_DISAGREEMENT}
+
+    def record(frame: pd.DataFrame, version: str, types: tuple[str, ...], when: str, export: str) -> object:
+        return update_ledger(frame, data_version=version, current_ids=set("abcd"), folder=tmp_path / "l",
+                             recorded_at=when, export_dir=tmp_path / export, issue_types=types)  # fmt: skip
+
+    record(issues(("c", "label_error", 0.1)), "v1", ISSUE_TYPES, "2026-01-01T00:00:00.1", "audit")
+    d = record(clip, "v1", (CLIP_DISAGREEMENT,), "2026-01-01T00:00:00.2", "clip")
+    assert d.counts == {CLIP_DISAGREEMENT: {"new": 2, "persisting": 0, "resolved": 0}}
+    # re-auditing v1 replaces the audit's rows only: the CLIP signal stays
+    record(issues(("c", "label_error", 0.1)), "v1", ISSUE_TYPES, "2026-01-01T00:00:00.3", "audit")
+    v1 = read_ledger(tmp_path / "l")
+    assert sorted(v1["issue"]) == [CLIP_DISAGREEMENT, CLIP_DISAGREEMENT, "label_error"]
+    # v2: the audit does not resolve CLIP's rows; CLIP's own next run does (a fixed, b persists)
+    d_audit = record(issues(("c", "label_error", 0.1)), "v2", ISSUE_TYPES, "2026-01-02T00:00:00.1", "audit")
+    assert CLIP_DISAGREEMENT not in d_audit.counts
+    d_clip = record(clip.iloc[1:], "v2", (CLIP_DISAGREEMENT,), "2026-01-02T00:00:00.2", "clip")
+    assert d_clip.previous_version == "v1"
+    assert d_clip.counts[CLIP_DISAGREEMENT] == {"new": 0, "persisting": 1, "resolved": 1}
+    v2 = read_ledger(tmp_path / "l").query("data_version == 'v2'").set_index(["image_id", "issue"])
+    assert v2.loc[("a", CLIP_DISAGREEMENT), "resolution"] == "fixed"
+    assert v2.loc[("c", "label_error"), "status"] == "persisting"

@@ -30,8 +30,8 @@ def images() -> torch.Tensor:
 
 def test_at_least_nine_families_of_the_issue() -> None:
     assert len(FAMILIES) >= 9
-    for needed in ("gaussian_noise", "shot_noise", "gaussian_blur", "zoom_blur", "brightness", "contrast",
-                   "jpeg", "pixelate", "elastic"):  # fmt: skip
+    for needed in ("gaussian_noise", "shot_noise", "gaussian_blur", "motion_blur", "zoom_blur", "brightness",
+                   "contrast", "jpeg", "pixelate", "elastic"):  # fmt: skip
         assert needed in FAMILIES
     assert resolve_families(["all"]) == FAMILIES
     with pytest.raises(ConfigError, match="fog"):
@@ -53,7 +53,7 @@ def test_corruption_is_seeded_in_range_and_grows_with_severity(family: str, imag
 
 
 def test_random_families_differ_between_seeds(images: torch.Tensor) -> None:
-    for fam in ("gaussian_noise", "shot_noise", "impulse_noise", "elastic"):
+    for fam in ("gaussian_noise", "shot_noise", "impulse_noise", "elastic", "motion_blur"):
         assert not torch.equal(corrupt(images, fam, 3, seed=1), corrupt(images, fam, 3, seed=2))
 
 
@@ -92,6 +92,43 @@ def test_sweep_sees_a_brightness_sensitive_model_fail(images: torch.Tensor) -> N
     assert r.clean_accuracy == 1.0
     assert r.worst_family == "brightness"
     assert r.accuracy["brightness"][-1] < r.accuracy["brightness"][0] <= 1.0
+
+
+def test_motion_blur_smears_a_point_into_a_one_sided_streak() -> None:
+    # One bright pixel in the middle: the blurred image keeps its total (a normalised kernel, no
+    # border effects), spreads it over several pixels, and the streak starts at the point and runs
+    # one way only (ImageNet-C's motion blur is one-sided), at most 45 degrees off the horizontal.
+    x = torch.zeros(8, 1, 29, 29)
+    x[:, :, 14, 14] = 1.0
+    out = corrupt(x, "motion_blur", 5, seed=3)
+    assert out.sum(dim=(1, 2, 3)) == pytest.approx(torch.ones(8), abs=1e-4)
+    for img in out[:, 0]:
+        lit = torch.nonzero(img > 1e-3).float() - 14.0  # (row, col) offsets from the point
+        assert len(lit) >= 5 and float(img[14, 14]) == float(img.max())
+        cols, rows = lit[:, 1], lit[:, 0]
+        assert bool((cols <= 1).all()) or bool((cols >= -1).all())  # one side of the point only
+        assert float(rows.abs().max()) <= float(cols.abs().max()) + 1  # within +-45 degrees
+    assert (
+        len({tuple(torch.nonzero(img > 1e-3).flatten().tolist()) for img in out[:, 0]}) > 1
+    )  # angles differ
+
+
+def test_sweep_takes_uint8_and_does_not_depend_on_workers_or_batching(images: torch.Tensor) -> None:
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.LazyLinear(3))
+    torch.manual_seed(0)
+    model(images[:2])
+    model.eval()
+    with torch.no_grad():
+        y = model((images - 0.5) / 0.5).argmax(1)
+    as_uint8 = (images * 255).round().to(torch.uint8)
+    fams = ("gaussian_noise", "motion_blur", "elastic", "jpeg")
+    one = corruption_sweep(model, [(as_uint8, y)], mean=(0.5,), std=(0.5,), families=fams, seed=5, workers=1)
+    two = corruption_sweep(model, [(images, y)], mean=(0.5,), std=(0.5,), families=fams, seed=5, workers=2)
+    assert one.clean_accuracy == two.clean_accuracy == 1.0
+    assert one.accuracy == two.accuracy  # same images (8-bit exact), same seeds, any thread layout
+    threads = torch.get_num_threads()
+    corruption_sweep(model, [(as_uint8[:8], y[:8])], mean=(0.5,), std=(0.5,), families=("contrast",))
+    assert torch.get_num_threads() == threads
 
 
 def test_summarise_by_hand() -> None:

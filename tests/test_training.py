@@ -136,3 +136,31 @@ def test_mixup_and_ema_steps_run_and_move_the_average() -> None:
 )  # fmt: skip
 def test_early_stopping_rule(losses: list[float], patience: int | None, stop: bool) -> None:
     assert _should_stop([{"val_loss": v} for v in losses], patience) is stop
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_amp_channels_last_epoch_on_cuda() -> None:
+    """One AMP + channels-last epoch on the GPU: the forward runs in the autocast dtype, loss finite."""
+    from components.ray_train import _amp_dtype
+
+    device = torch.device("cuda")
+    amp = _amp_dtype({"amp": "auto"}, device)
+    assert amp == (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
+    seed_everything(0)
+    model = create_classifier("imgflow_cnn", 10, in_chans=1).to(device, memory_format=torch.channels_last)
+    seen: list[torch.dtype] = []
+    model.get_classifier().register_forward_hook(lambda _m, _i, out: seen.append(out.dtype))
+    x, y = fmnist_arrays("train", 256)
+    tf = create_image_transform(resolve_data_config(model), is_training=True)
+    loader = DataLoader(_Arrays(x, y, tf), batch_size=64, pin_memory=True)
+    opts = StepOptions(
+        amp_dtype=amp,
+        scaler=torch.amp.GradScaler("cuda") if amp == torch.float16 else None,
+        channels_last=True,
+    )
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    sums = train_one_epoch(model, loader, opt, nn.CrossEntropyLoss(), device=device, opts=opts)
+    assert sums["count"] == 256 and np.isfinite(sums["loss_sum"])
+    assert seen and set(seen) == {amp}
+    assert all(p.dtype == torch.float32 for p in model.parameters())  # master weights stay fp32

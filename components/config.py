@@ -200,7 +200,7 @@ class TrainConfig(_Section):
     deterministic: bool = False
     amp: Literal["auto", "bf16", "fp16", "off"] = "auto"
     """Mixed precision on GPU (auto: bf16 where supported, else fp16); always off on CPU."""
-    channels_last: bool = False
+    channels_last: bool = True
     """Channels-last memory format (faster convolutions on recent GPUs)."""
     compile: bool = False
     """``torch.compile`` the model."""

@@ -217,10 +217,12 @@ class InMemoryDataset(Dataset):
         train: bool = False,
         hflip: float = 0.5,
         scale: tuple[float, float] = (0.85, 1.0),
+        paths: Sequence[Path] | None = None,
     ) -> None:
-        if len(images) != len(targets):
-            raise ValueError("images and targets differ in length")
+        if len(images) != len(targets) or (paths is not None and len(paths) != len(targets)):
+            raise ValueError("images, targets and paths differ in length")
         self.images = images
+        self.paths = list(paths) if paths is not None else None  # row i's source file (provenance)
         self.targets = torch.as_tensor(list(targets), dtype=torch.long)
         c = images.shape[1]
         self.mean = torch.tensor(list(mean)[:c], dtype=torch.float32).view(1, c, 1, 1) * 255.0

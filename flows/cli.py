@@ -42,6 +42,9 @@ ENV_DEFAULTS = {
     # Ray reads this at import: a single-node runtime binds 127.0.0.1 only.
     "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
     "RAY_USAGE_STATS_ENABLED": "0",
+    # Ray starts workers at niceness 15 by default: on a shared box the training workers then
+    # lose the CPU to everything else. Training workers are the work: run them at normal priority.
+    "RAY_worker_niceness": "0",
     "DVC_NO_ANALYTICS": "1",
     "GX_ANALYTICS_ENABLED": "false",
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",

@@ -67,7 +67,7 @@ def run_cli(
     )
 
 
-def write_small_params(project: Path, *, max_per_class: int = 30, epochs: int = 4, **sections: dict) -> Path:
+def write_small_params(project: Path, *, max_per_class: int = 30, epochs: int = 8, **sections: dict) -> Path:
     """A params.yaml for a small real Fashion-MNIST run inside ``project``."""
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params["ingest"]["max_per_class"] = max_per_class

@@ -82,7 +82,7 @@ def test_registered_version_is_champion_with_provenance(done: dict) -> None:
     assert v1["tags"]["data_version"] == data_version(DataPaths(project / "data").manifest)
     assert v1["tags"]["git_commit"]  # 'unknown' outside a checkout, a sha inside one
     run = mlflow.MlflowClient(f"sqlite:///{project / '.imgflow' / 'mlflow.db'}").get_run(v1["run_id"])
-    assert run.data.params["train.epochs"] == "4"
+    assert run.data.params["train.epochs"] == "8"
     assert "val_accuracy" in run.data.metrics and run.data.tags["data_version"] == v1["tags"]["data_version"]
 
 

@@ -171,7 +171,7 @@ class TrainConfig(_Section):
     """Local weights file (.safetensors/.pth state dict) for ``pretrained``; loaded with weights_only."""
     finetune: Literal["full", "linear"] = "full"
     """``linear``: freeze the backbone (BatchNorm statistics too), train only the classifier head."""
-    epochs: int = Field(default=6, ge=1)
+    epochs: int = Field(default=10, ge=1)
     batch_size: int = Field(default=128, ge=1)
     lr: float = Field(default=3e-3, gt=0)
     weight_decay: float = Field(default=0.05, ge=0)

@@ -143,9 +143,9 @@ def evaluate(params: Params) -> dict[str, Any]:
     name="register-model",
     task_run_name="register-model [{params.register_.model_name}]",
     cache_policy=NO_CACHE,
-    retries=2,
-    retry_condition_fn=retry_on_io,
-    retry_delay_seconds=5,
+    # No task-level retries: every registry call already retries with backoff
+    # (register.retries / retry_backoff_s); re-running the whole task after a partial success
+    # would register a second version of the same run.
 )
 def register(params: Params) -> dict[str, Any]:
     result = stages.run_register(params, raise_on_gate_failure=False)

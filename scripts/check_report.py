@@ -40,14 +40,14 @@ def find_chromium() -> str | None:
     )
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
 
 
-def _page_ws(port: int, url: str, timeout: float = 60.0) -> str:
-    """The DevTools socket of the tab showing ``url`` (not the initial about:blank)."""
+def page_ws(port: int, timeout: float = 60.0) -> str:
+    """The DevTools socket of Chromium's first page (on ``port``), once the endpoint answers."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
@@ -72,7 +72,7 @@ def _evaluate(ws: Any, expression: str) -> Any:
 
 def probe_verdict(report: Path, *, chromium: str) -> dict[str, Any] | None:
     """Render ``report`` and return what the page says about its ``#verdict`` element."""
-    port = _free_port()
+    port = free_port()
     with tempfile.TemporaryDirectory() as profile:
         proc = subprocess.Popen(
             [chromium, "--headless=new", "--no-sandbox", "--disable-gpu", "--no-first-run",
@@ -81,7 +81,7 @@ def probe_verdict(report: Path, *, chromium: str) -> dict[str, Any] | None:
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )  # fmt: skip
         try:
-            with connect(_page_ws(port, report.resolve().as_uri()), max_size=None) as ws:
+            with connect(page_ws(port), max_size=None) as ws:
                 # The tab may still hold the initial blank document: ask until the report's
                 # document is complete (or give up after ~20 s and report what is there).
                 expression = f"document.readyState === 'complete' && location.href === {json.dumps(report.resolve().as_uri())}"

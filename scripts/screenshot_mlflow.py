@@ -15,8 +15,6 @@ from __future__ import annotations
 import argparse
 import base64
 import json
-import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -24,39 +22,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-import httpx
 from websockets.sync.client import connect
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from check_report import find_chromium, free_port, page_ws  # shared headless-Chromium helpers
+
 TEXT = "JSON.stringify({text: document.body ? document.body.innerText : '', title: document.title})"
-
-
-def find_chromium() -> str | None:
-    return next(
-        (p for n in ("chromium", "chromium-browser", "google-chrome") if (p := shutil.which(n))), None
-    )
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _page_ws(port: int, timeout: float = 60.0) -> str:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            pages = [
-                t
-                for t in httpx.get(f"http://127.0.0.1:{port}/json/list", timeout=2).json()
-                if t["type"] == "page"
-            ]
-            if pages:
-                return str(pages[0]["webSocketDebuggerUrl"])
-        except (httpx.HTTPError, ValueError):
-            pass
-        time.sleep(0.3)
-    raise TimeoutError("Chromium's DevTools endpoint did not come up")
 
 
 class _DevTools:
@@ -76,7 +47,7 @@ def capture(
     url: str, out: Path, *, expect: list[str], chromium: str, timeout: float = 90.0
 ) -> dict[str, Any]:
     """Open ``url``, wait until every string in ``expect`` is in the page text, save a PNG."""
-    port = _free_port()
+    port = free_port()
     with tempfile.TemporaryDirectory() as profile:
         proc = subprocess.Popen(
             [chromium, "--headless=new", "--no-sandbox", "--disable-gpu", "--no-first-run",
@@ -85,7 +56,7 @@ def capture(
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )  # fmt: skip
         try:
-            with connect(_page_ws(port), max_size=64 * 2**20) as ws:
+            with connect(page_ws(port), max_size=64 * 2**20) as ws:
                 dt = _DevTools(ws)
                 dt.call("Page.enable")
                 dt.call("Page.navigate", url=url)

@@ -201,7 +201,7 @@ class TrainConfig(_Section):
     amp: Literal["auto", "bf16", "fp16", "off"] = "auto"
     """Mixed precision on GPU (auto: bf16 where supported, else fp16); always off on CPU."""
     channels_last: bool = True
-    """Channels-last memory format (faster convolutions on recent GPUs)."""
+    """Channels-last memory format (faster convolutions on GPUs, and for small CNNs on CPU too)."""
     compile: bool = False
     """``torch.compile`` the model."""
     ema_decay: float | None = Field(default=None, gt=0, lt=1)
@@ -212,11 +212,33 @@ class TrainConfig(_Section):
     """CutMix alpha (0: off)."""
     early_stopping_patience: int | None = Field(default=None, ge=1)
     """Stop when val_loss has not improved for this many epochs (None: train all epochs)."""
+    loss: Literal["ce", "focal", "logit_adjusted"] = "ce"
+    """Imbalanced data: ``focal`` (focal_gamma) or ``logit_adjusted`` (logit_adjust_tau, uses the
+    train split's class prior) instead of cross-entropy."""
+    focal_gamma: float = Field(default=2.0, ge=0)
+    logit_adjust_tau: float = Field(default=1.0, ge=0)
+    class_weights: Literal["inverse", "sqrt_inverse", "effective"] | None = None
+    """Per-class loss weights from the train split's class counts (None: unweighted)."""
+    sampler: Literal["random", "balanced"] = "random"
+    """``balanced``: draw every class equally often (oversampling with replacement)."""
 
     @field_validator("use_gpu", mode="before")
     @classmethod
     def _bool_to_str(cls, v: Any) -> Any:
         return str(v).lower() if isinstance(v, bool) else v
+
+    @model_validator(mode="after")
+    def _imbalance_options_combine(self) -> TrainConfig:
+        if (self.mixup > 0 or self.cutmix > 0) and (self.loss != "ce" or self.class_weights):
+            raise ValueError(
+                "train.mixup/cutmix use soft targets: combine them only with loss=ce and no class_weights"
+            )
+        if self.loss == "logit_adjusted" and (self.class_weights or self.sampler == "balanced"):
+            raise ValueError(
+                "train.loss=logit_adjusted already corrects for the class prior: "
+                "leave class_weights null and sampler random"
+            )
+        return self
 
 
 GATE_NAMES = (

@@ -109,3 +109,25 @@ class BalancedDistributedSampler(Sampler[int]):
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
         draws = torch.multinomial(self.weights, self.total, replacement=True, generator=g)
         return iter(draws[self.rank :: self.num_replicas].tolist())
+
+
+def create_loss(
+    kind: str,
+    counts: Sequence[int],
+    *,
+    weight_scheme: WeightScheme | None = None,
+    focal_gamma: float = 2.0,
+    tau: float = 1.0,
+    label_smoothing: float = 0.0,
+) -> nn.Module:
+    """The training loss for ``train.loss`` (ce | focal | logit_adjusted), with optional per-class
+    weights from the train split's class ``counts``: (K,) ints."""
+    weight = class_weights(counts, weight_scheme) if weight_scheme else None
+    if kind == "ce":
+        return nn.CrossEntropyLoss(weight=weight, label_smoothing=label_smoothing)
+    if kind == "focal":
+        return FocalLoss(gamma=focal_gamma, weight=weight, label_smoothing=label_smoothing)
+    if kind == "logit_adjusted":
+        n = np.asarray(counts, dtype=np.float64)
+        return LogitAdjustedLoss(n / n.sum(), tau=tau, label_smoothing=label_smoothing)
+    raise ValueError(f"unknown loss {kind!r}: use ce, focal or logit_adjusted")

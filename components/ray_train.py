@@ -16,6 +16,7 @@ import shutil
 import tempfile
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -44,6 +45,7 @@ from components.engine import (
     worker_init_fn,
 )
 from components.errors import ConfigError
+from components.imbalance import BalancedDistributedSampler, class_counts, create_loss
 from components.manifest import read_exclusions, read_manifest
 from components.models import (
     create_classifier,
@@ -144,6 +146,12 @@ def _allreduce(values: dict[str, float], device: torch.device) -> dict[str, floa
     return dict(zip(keys, t.tolist(), strict=True))
 
 
+def train_targets(ds: Dataset) -> list[int]:
+    """Class index per item of an InMemoryDataset or ManifestDataset."""
+    targets = ds.targets  # type: ignore[attr-defined]
+    return [int(t) for t in targets]
+
+
 def _use_cache(config: dict[str, Any], rows: int, in_chans: int, side: int) -> bool:
     if config.get("cache", "off") == "off":
         return False
@@ -186,7 +194,11 @@ def _split_dataset(
     return ManifestDataset(paths, targets, transform=tf, mode=mode)
 
 
-def _build_loaders(config: dict[str, Any], data_config: dict[str, Any]) -> tuple[DataLoader, DataLoader]:
+def _build_loaders(
+    config: dict[str, Any], data_config: dict[str, Any], *, world: int = 1, rank: int = 0
+) -> tuple[DataLoader, DataLoader]:
+    """Train and val loaders. ``train.sampler=balanced``: the train loader draws classes equally
+    often, already sharded over ``world`` ranks (so Ray must not add its own sampler)."""
     manifest = read_manifest(Path(config["manifest"]))
     if config.get("exclude_file"):
         excluded = read_exclusions(Path(config["exclude_file"]))
@@ -202,7 +214,13 @@ def _build_loaders(config: dict[str, Any], data_config: dict[str, Any]) -> tuple
             pin_memory=config["use_gpu"], collate_fn=collate, **kw,
         )  # fmt: skip
 
-    train_loader = loader(train_ds, batch_size=config["batch_size"], shuffle=True, generator=g)
+    if config.get("sampler", "random") == "balanced":
+        sampler = BalancedDistributedSampler(
+            train_targets(train_ds), num_replicas=world, rank=rank, seed=config["seed"]
+        )
+        train_loader = loader(train_ds, batch_size=config["batch_size"], sampler=sampler)
+    else:
+        train_loader = loader(train_ds, batch_size=config["batch_size"], shuffle=True, generator=g)
     val_loader = loader(val_ds, batch_size=config["eval_batch_size"], shuffle=False)
     return train_loader, val_loader
 
@@ -333,12 +351,19 @@ def _step_options(config: dict[str, Any], model: nn.Module, device: torch.device
     )
 
 
-def _loss_fn(config: dict[str, Any], opts: StepOptions) -> nn.Module:
+def _loss_fn(config: dict[str, Any], opts: StepOptions, train_targets: Sequence[int] = ()) -> nn.Module:
+    """The training loss; ``train_targets`` (the train split's class indices) give the class counts
+    that class weights and logit adjustment need."""
     if opts.mixup is not None:
         from timm.loss import SoftTargetCrossEntropy
 
         return SoftTargetCrossEntropy()  # mixup already smoothed the targets
-    return nn.CrossEntropyLoss(label_smoothing=config["label_smoothing"])
+    counts = class_counts(train_targets, len(config["classes"])).tolist()
+    return create_loss(
+        config.get("loss", "ce"), counts, weight_scheme=config.get("class_weights"),
+        focal_gamma=config.get("focal_gamma", 2.0), tau=config.get("logit_adjust_tau", 1.0),
+        label_smoothing=config["label_smoothing"],
+    )  # fmt: skip
 
 
 def _should_stop(history: list[dict[str, Any]], patience: int | None) -> bool:
@@ -360,8 +385,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     set_deterministic(config["deterministic"])
     model, spec = _build_model(config)
     seed_everything(config["seed"], rank)
-    train_loader, val_loader = _build_loaders(config, spec.data_config)
-    train_loader = ray.train.torch.prepare_data_loader(train_loader)
+    train_loader, val_loader = _build_loaders(config, spec.data_config, world=world, rank=rank)
+    balanced = isinstance(train_loader.sampler, BalancedDistributedSampler)
+    train_loader = ray.train.torch.prepare_data_loader(train_loader, add_dist_sampler=not balanced)
     val_loader = ray.train.torch.prepare_data_loader(val_loader)
     device = ray.train.torch.get_device()
     if config["channels_last"]:
@@ -376,14 +402,15 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     )
     events_file = config.get("worker_events")
     _note_worker_event(events_file, rank, phase="start", start_epoch=start_epoch)
-    loss_fn, eval_loss = _loss_fn(config, opts), nn.CrossEntropyLoss()
+    loss_fn, eval_loss = _loss_fn(config, opts, train_targets(train_loader.dataset)), nn.CrossEntropyLoss()
     progress = config.get("progress_queue") if rank == 0 else None
     n_batches = len(train_loader)
     every = max(1, n_batches // 50)
 
     for epoch in range(start_epoch, config["epochs"]):
-        if world > 1 and hasattr(train_loader, "sampler") and hasattr(train_loader.sampler, "set_epoch"):
-            train_loader.sampler.set_epoch(epoch)
+        sampler: Any = getattr(train_loader, "sampler", None)
+        if hasattr(sampler, "set_epoch"):  # distributed or balanced: new draws each epoch
+            sampler.set_epoch(epoch)
 
         def on_batch(i: int, loss: float, _epoch: int = epoch) -> None:
             if i == 1:

@@ -86,6 +86,11 @@ def loop_config(
         "mixup": cfg.mixup,
         "cutmix": cfg.cutmix,
         "early_stopping_patience": cfg.early_stopping_patience,
+        "loss": cfg.loss,
+        "focal_gamma": cfg.focal_gamma,
+        "logit_adjust_tau": cfg.logit_adjust_tau,
+        "class_weights": cfg.class_weights,
+        "sampler": cfg.sampler,
         "exclude_file": str(exclude_file.resolve()) if exclude_file else None,
     }
 

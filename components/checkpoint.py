@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import json
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -32,8 +33,15 @@ class ModelSpec:
     in_chans: int
     data_config: dict[str, Any]
     task: str = "singlelabel"
+    """``singlelabel`` (softmax over classes) or ``multilabel`` (a sigmoid per label)."""
     temperature: float = 1.0
+    thresholds: tuple[float, ...] | None = None
+    """Multi-label: per-label decision thresholds (tuned on val by evaluate), in class order."""
     extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def multilabel(self) -> bool:
+        return self.task == "multilabel"
 
     @property
     def num_classes(self) -> int:
@@ -46,6 +54,8 @@ class ModelSpec:
     def from_dict(cls, raw: dict[str, Any]) -> ModelSpec:
         raw = dict(raw)
         raw["classes"] = tuple(raw["classes"])
+        if raw.get("thresholds") is not None:
+            raw["thresholds"] = tuple(float(t) for t in raw["thresholds"])
         raw["data_config"] = {
             k: tuple(v) if isinstance(v, list) else v for k, v in raw["data_config"].items()
         }
@@ -73,9 +83,19 @@ def load_classifier(model_dir: Path) -> tuple[nn.Module, ModelSpec]:
     return model.eval(), spec
 
 
-def with_temperature(model_dir: Path, temperature: float) -> ModelSpec:
-    """Record a fitted temperature in the spec file; returns the new spec."""
-    spec = replace(load_spec(model_dir), temperature=float(temperature))
+def with_temperature(
+    model_dir: Path, temperature: float, thresholds: Sequence[float] | None = None
+) -> ModelSpec:
+    """Record a fitted temperature (and, multi-label, the per-label thresholds) in the spec file;
+    returns the new spec."""
+    spec = load_spec(model_dir)
+    if thresholds is not None and len(thresholds) != spec.num_classes:
+        raise ValueError(f"{len(thresholds)} thresholds for {spec.num_classes} classes")
+    spec = replace(
+        spec,
+        temperature=float(temperature),
+        thresholds=tuple(float(t) for t in thresholds) if thresholds is not None else spec.thresholds,
+    )
     (Path(model_dir) / SPEC_FILE).write_text(json.dumps(spec.to_dict(), indent=2) + "\n")
     return spec
 
@@ -113,10 +133,22 @@ class Predictor:
 
     @torch.inference_mode()
     def predict_proba(self, images: list[bytes]) -> np.ndarray:
-        """images: raw file bytes -> (N, K) calibrated class probabilities."""
+        """images: raw file bytes -> (N, K) calibrated probabilities: a softmax over the classes, or
+        (multi-label) one sigmoid per label."""
         out = []
         for i in range(0, len(images), self.batch_size):
             logits = self.model(self.preprocess(images[i : i + self.batch_size]))
-            out.append(torch.softmax(logits / self.spec.temperature, dim=1).numpy())
+            out.append(probabilities(logits, self.spec).numpy())
         k = self.spec.num_classes
         return np.concatenate(out) if out else np.zeros((0, k), dtype=np.float32)
+
+    def decide(self, probs: np.ndarray) -> np.ndarray:
+        """Multi-label: (N, K) 0/1, a label is predicted when its probability reaches its threshold."""
+        thresholds = self.spec.thresholds or (0.5,) * self.spec.num_classes
+        return (probs >= np.asarray(thresholds, dtype=probs.dtype)[None, :]).astype(np.int8)
+
+
+def probabilities(logits: torch.Tensor, spec: ModelSpec) -> torch.Tensor:
+    """Temperature-scaled probabilities of a model's logits: softmax, or sigmoid for multi-label."""
+    scaled = logits.float() / spec.temperature
+    return torch.sigmoid(scaled) if spec.multilabel else torch.softmax(scaled, dim=1)

@@ -43,7 +43,9 @@ class ProjectConfig(_Section):
 class IngestConfig(_Section):
     source: str = "fashion-mnist"
     """``fashion-mnist``, ``imagefolder:<dir>`` or ``csv:<file>``."""
-    task: Literal["singlelabel", "multilabel"] = "singlelabel"
+    task: Literal["auto", "singlelabel", "multilabel"] = "auto"
+    """``auto``: multi-label when any image carries more than one label (stated in the ingest summary);
+    ``singlelabel`` quarantines images with several labels; ``multilabel`` keeps every label set."""
     classes: tuple[str, ...] | None = None
     """Declared class set; rows with another label are quarantined. None: inferred from data."""
     fashion_mnist_dir: Path = Path("/usr/share/datasets/fashion-mnist")

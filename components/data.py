@@ -20,14 +20,26 @@ from torch.utils.data import Dataset
 
 from components.errors import DataError
 
+Targets = Sequence[int] | np.ndarray
+"""Class indices (N,) for single-label tasks, or a 0/1 indicator matrix (N, C) for multi-label ones."""
+
+
+def as_target_tensor(targets: Targets) -> torch.Tensor:
+    """(N,) int64 class indices, or (N, C) float32 multi-hot rows (what BCE-with-logits takes)."""
+    arr = np.asarray(targets)
+    if arr.ndim == 2:
+        return torch.as_tensor(arr, dtype=torch.float32)
+    return torch.as_tensor(arr.astype(np.int64), dtype=torch.long)
+
 
 class ManifestDataset(Dataset):
-    """(image tensor (C, H, W), class index) pairs for the rows of one split."""
+    """(image tensor (C, H, W), target) pairs for the rows of one split: a class index, or a
+    multi-hot float vector (C,) for multi-label tasks."""
 
     def __init__(
         self,
         paths: Sequence[Path],
-        targets: Sequence[int],
+        targets: Targets,
         *,
         transform: Callable[[Image.Image], torch.Tensor],
         mode: str,
@@ -35,17 +47,21 @@ class ManifestDataset(Dataset):
         if len(paths) != len(targets):
             raise ValueError("paths and targets differ in length")
         self.paths = [Path(p) for p in paths]
-        self.targets = [int(t) for t in targets]
+        self.targets = as_target_tensor(targets)
         self.transform = transform
         self.mode = mode
+
+    @property
+    def multilabel(self) -> bool:
+        return self.targets.ndim == 2
 
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, Any]:
         with Image.open(self.paths[i]) as img:
             x = self.transform(img.convert(self.mode))
-        return x, self.targets[i]
+        return x, (self.targets[i] if self.multilabel else int(self.targets[i]))
 
 
 def split_rows(manifest: pd.DataFrame, split: str) -> pd.DataFrame:
@@ -66,6 +82,25 @@ def encode_labels(labels: Sequence[str], classes: Sequence[str]) -> list[int]:
     return [index[lab] for lab in labels]
 
 
+def encode_label_sets(label_sets: Sequence[Sequence[str]], classes: Sequence[str]) -> np.ndarray:
+    """Label sets -> (N, C) int8 indicator matrix in ``classes`` order; an unknown name is a DataError."""
+    from components.multilabel import label_matrix
+
+    known = set(classes)
+    unknown = sorted({lab for labels in label_sets for lab in labels if lab not in known})
+    if unknown:
+        raise DataError(f"labels not in the class list: {unknown[:10]}; re-run `imgflow ingest`")
+    return label_matrix(label_sets, classes)
+
+
+def encode_targets(rows: pd.DataFrame, classes: Sequence[str], task: str) -> Targets:
+    """A split's targets: class indices from ``label`` (single-label), or the indicator matrix of the
+    ``labels`` sets (multi-label)."""
+    if task == "multilabel":
+        return encode_label_sets([list(v) for v in rows["labels"]], classes)
+    return encode_labels(rows["label"].tolist(), classes)
+
+
 def dataset_for_split(
     manifest: pd.DataFrame,
     split: str,
@@ -74,11 +109,12 @@ def dataset_for_split(
     classes: Sequence[str],
     transform: Callable[[Image.Image], torch.Tensor],
     mode: str,
+    task: str = "singlelabel",
 ) -> ManifestDataset:
     rows = split_rows(manifest, split)
     return ManifestDataset(
         [data_dir / p for p in rows["path"]],
-        encode_labels(rows["label"].tolist(), classes),
+        encode_targets(rows, classes, task),
         transform=transform,
         mode=mode,
     )
@@ -210,7 +246,7 @@ class InMemoryDataset(Dataset):
     def __init__(
         self,
         images: np.ndarray,
-        targets: Sequence[int],
+        targets: Targets,
         *,
         mean: Sequence[float],
         std: Sequence[float],
@@ -223,7 +259,7 @@ class InMemoryDataset(Dataset):
             raise ValueError("images, targets and paths differ in length")
         self.images = images
         self.paths = list(paths) if paths is not None else None  # row i's source file (provenance)
-        self.targets = torch.as_tensor(list(targets), dtype=torch.long)
+        self.targets = as_target_tensor(targets)
         c = images.shape[1]
         self.mean = torch.tensor(list(mean)[:c], dtype=torch.float32).view(1, c, 1, 1) * 255.0
         self.std = torch.tensor(list(std)[:c], dtype=torch.float32).view(1, c, 1, 1) * 255.0
@@ -242,9 +278,9 @@ class InMemoryDataset(Dataset):
             x = random_resized_crop_flip(x, scale=self.scale, hflip=self.hflip)
         return x, self.targets[torch.from_numpy(idx)]
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, Any]:
         x, y = self.__getitems__([i])
-        return x[0], int(y[0])
+        return x[0], (y[0] if y.ndim == 2 else int(y[0]))
 
 
 def batch_collate(batch: Any) -> Any:

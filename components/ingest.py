@@ -39,7 +39,7 @@ from components.manifest import (
     write_manifest,
 )
 from components.sources import ImageInfo, Rejection, SourceItem, SourceListing, examine_image, list_source
-from components.splits import assign_splits
+from components.splits import assign_multilabel_splits, assign_splits
 
 logger = logging.getLogger(__name__)
 
@@ -68,6 +68,10 @@ class IngestSummary:
     quarantine: str
     empty_classes: tuple[str, ...] = ()
     """Declared classes with no ingested image (e.g. an empty class folder): validation fails them."""
+    task: str = "singlelabel"
+    """``singlelabel`` or ``multilabel`` (declared by ingest.task, or detected from the label sets)."""
+    task_detected: bool = False
+    """True when ingest.task was ``auto`` and the task was read off the data."""
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -277,23 +281,47 @@ def deduplicate(candidates: Sequence[_Candidate], quarantine: _Quarantine) -> li
 
 
 def _splits_for(
-    kept: Sequence[_Candidate], *, val_fraction: float, test_fraction: float, seed: int
+    kept: Sequence[_Candidate], *, val_fraction: float, test_fraction: float, seed: int, task: str
 ) -> list[str]:
-    """An official ``test`` split is kept as is and the rest gets train/val only; without one, the
-    rows get train/val/test from :func:`assign_splits`."""
-    has_official_test = any(c.official_split == "test" for c in kept)
-    out = ["test"] * len(kept)
-    rest = [i for i, c in enumerate(kept) if not (has_official_test and c.official_split == "test")]
-    assigned = assign_splits(
-        [kept[i].image_id for i in rest],
-        [kept[i].label for i in rest],
-        val_fraction=val_fraction,
-        test_fraction=0.0 if has_official_test else test_fraction,
-        seed=seed,
-    )
+    """Official ``val``/``test`` splits (Fashion-MNIST's test set, a CSV's ``split`` column) are kept as
+    they are; the other rows are assigned the splits the source does not define, stratified per
+    class (:func:`assign_splits`) or, for multi-label data, per label by iterative stratification
+    (:func:`assign_multilabel_splits`)."""
+    official = {c.official_split for c in kept}
+    out = [c.official_split or "train" for c in kept]
+    rest = [i for i, c in enumerate(kept) if c.official_split not in ("val", "test")]
+    fractions = {
+        "val_fraction": 0.0 if "val" in official else val_fraction,
+        "test_fraction": 0.0 if "test" in official else test_fraction,
+    }
+    ids = [kept[i].image_id for i in rest]
+    if task == "multilabel":
+        assigned = assign_multilabel_splits(ids, [kept[i].labels for i in rest], seed=seed, **fractions)
+    else:
+        assigned = assign_splits(ids, [kept[i].label for i in rest], seed=seed, **fractions)
     for i, split in zip(rest, assigned, strict=True):
         out[i] = split
     return out
+
+
+def resolve_task(
+    task: str, candidates: Sequence[_Candidate], quarantine: _Quarantine
+) -> tuple[str, list[_Candidate]]:
+    """``auto``: multi-label when any image has several labels. A declared ``singlelabel`` task
+    quarantines images with several labels (``multiple_labels``) rather than dropping labels."""
+    if task == "auto":
+        task = "multilabel" if any(len(c.labels) > 1 for c in candidates) else "singlelabel"
+    if task == "multilabel":
+        return task, list(candidates)
+    kept = []
+    for c in candidates:
+        if len(c.labels) > 1:
+            reason = (f"multiple labels ({'|'.join(c.labels)}) in a single-label task: set ingest.task: "
+                      "multilabel (or auto) to keep label sets")  # fmt: skip
+            quarantine.add(_Rejected(c.source_path, c.label, "multiple_labels", reason, c.image_id))
+        else:
+            kept.append(c)
+    return task, kept
 
 
 def _manifest_frame(kept: Sequence[_Candidate], splits: Sequence[str], source: str) -> pd.DataFrame:
@@ -328,7 +356,8 @@ def _manifest_frame(kept: Sequence[_Candidate], splits: Sequence[str], source: s
 def _counts(
     kept: Sequence[_Candidate], splits: Sequence[str], classes: Sequence[str]
 ) -> dict[str, dict[str, int]]:
-    tally = Counter(zip(splits, (c.label for c in kept), strict=True))
+    """split -> class -> images carrying that label (a multi-label image counts once per label)."""
+    tally = Counter((split, lab) for split, c in zip(splits, kept, strict=True) for lab in c.labels)
     return {split: {cls: tally[(split, cls)] for cls in classes} for split in SPLITS}
 
 
@@ -389,6 +418,7 @@ def ingest(
     download: bool = True,
     progress: bool = False,
     allow_outside_root: bool = False,
+    task: str = "auto",
 ) -> IngestSummary:
     """Ingest ``source`` into ``data_dir``; see the module docstring for what is written.
 
@@ -433,6 +463,7 @@ def ingest(
         progress=progress,
         workers=_WORKERS,
     )
+    resolved_task, candidates = resolve_task(task, candidates, quarantine)
     kept = deduplicate(candidates, quarantine)
     write_quarantine(quarantine.rows, paths.quarantine)
     if not kept:
@@ -440,10 +471,12 @@ def ingest(
             f"no usable image in {source}: all {len(listing.items)} items were quarantined "
             f"({dict(quarantine.reasons) or 'the source lists no files'}); see {paths.quarantine}"
         )
-    splits = _splits_for(kept, val_fraction=val_fraction, test_fraction=test_fraction, seed=seed)
+    splits = _splits_for(
+        kept, val_fraction=val_fraction, test_fraction=test_fraction, seed=seed, task=resolved_task
+    )
     write_manifest(_manifest_frame(kept, splits, source), paths.manifest)
     counts = _counts(kept, splits, class_names)
-    DatasetInfo(classes=class_names, task="singlelabel", source=source, counts=counts).save(paths.dataset)
+    DatasetInfo(classes=class_names, task=resolved_task, source=source, counts=counts).save(paths.dataset)
     summary = IngestSummary(
         source=source,
         seen=len(listing.items),
@@ -456,6 +489,8 @@ def ingest(
         manifest=str(paths.manifest),
         quarantine=str(paths.quarantine),
         empty_classes=tuple(c for c in class_names if not any(counts[split][c] for split in SPLITS)),
+        task=resolved_task,
+        task_detected=task == "auto",
     )
     _log_summary(summary)
     return summary
@@ -466,10 +501,12 @@ def _log_summary(s: IngestSummary) -> None:
         logger.warning("classes with no ingested image: %s", ", ".join(s.empty_classes))
     per_split = ", ".join(f"{split} {sum(s.counts[split].values())}" for split in SPLITS)
     logger.info(
-        "ingested %d of %d items from %s (%s; %d quarantined%s); data version %s",
+        "ingested %d of %d items from %s (%s task%s; %s; %d quarantined%s); data version %s",
         s.ingested,
         s.seen,
         s.source,
+        s.task,
+        " detected from the label sets" if s.task_detected else "",
         per_split,
         s.quarantined,
         f": {s.reasons}" if s.reasons else "",

@@ -389,8 +389,14 @@ def _row_labels(row: dict[str, str]) -> tuple[str, tuple[str, ...]]:
     return label, many
 
 
+CSV_SPLITS: tuple[str, ...] = ("train", "val", "test")
+
+
 def csv_items(path: Path, *, allow_outside_root: bool = False) -> tuple[tuple[str, ...], list[SourceItem]]:
     """Rows ``path,label`` (paths relative to the CSV's folder); classes: sorted distinct labels.
+
+    Optional columns: ``labels`` (``|``-separated label set, multi-label data) and ``split``
+    (``train``/``val``/``test``: the dataset's own split, kept as is; empty: assigned by imgflow).
 
     The CSV's folder is the source root: a path that leads outside it (``..``, an absolute path
     elsewhere, a symlink) is listed with a problem unless ``allow_outside_root``.
@@ -412,9 +418,15 @@ def csv_items(path: Path, *, allow_outside_root: bool = False) -> tuple[tuple[st
             continue
         file = Path(rel) if Path(rel).is_absolute() else base / rel
         problem = None if label else Rejection("missing_label", f"CSV line {n} has an empty label")
+        split = row.get("split", "").lower() or None
+        if split is not None and split not in CSV_SPLITS:
+            problem = Rejection("bad_split", f"CSV line {n} has split {row['split']!r}: expected one of "
+                                f"{', '.join(CSV_SPLITS)} or empty (assigned by imgflow)")  # fmt: skip
         if not allow_outside_root and not _inside(file, root_real):
             problem = _outside_root(file, root_real, what=f"CSV line {n} path {rel!r}")
-        items.append(SourceItem(rel, label, labels, _file_reader(file), problem=problem))
+        items.append(
+            SourceItem(rel, label, labels, _file_reader(file), official_split=split, problem=problem)
+        )
     classes = tuple(sorted({lab for item in items if item.problem is None for lab in item.labels}))
     return classes, items
 

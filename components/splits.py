@@ -81,3 +81,51 @@ def assign_splits(
         for r in rows[n_test : n_test + n_val]:
             out[r] = "val"
     return out
+
+
+def assign_multilabel_splits(
+    image_ids: Sequence[str],
+    label_sets: Sequence[Sequence[str]],
+    *,
+    val_fraction: float,
+    test_fraction: float,
+    seed: int,
+) -> list[str]:
+    """'train'/'val'/'test' per row for multi-label data: iterative stratification (Sechidis et al.
+    2011, the ``iterative-stratification`` package), so every label's share of each split is close to
+    the split's fraction, rare labels first.
+
+    Order-independent like :func:`assign_splits`: rows are put in ``sha256(f"{seed}:{image_id}")``
+    order before the (seeded) algorithm runs, so the result depends only on the (image_id, label set)
+    pairs and the seed.
+    """
+    from iterstrat.ml_stratifiers import IterativeStratification
+
+    if len(image_ids) != len(label_sets):
+        raise ValueError(f"{len(image_ids)} image_ids but {len(label_sets)} label sets")
+    if len(set(image_ids)) != len(image_ids):
+        raise ValueError("image_ids must be unique (deduplicate byte-identical images first)")
+    if not (0 <= val_fraction < 1 and 0 <= test_fraction < 1 and val_fraction + test_fraction < 1):
+        raise ValueError(
+            f"val_fraction={val_fraction}, test_fraction={test_fraction}: each must be in [0, 1) "
+            "and their sum < 1"
+        )
+    import numpy as np
+
+    order = sorted(range(len(image_ids)), key=lambda r: _order_key(seed, image_ids[r]))
+    names = sorted({lab for labels in label_sets for lab in labels})
+    index = {c: i for i, c in enumerate(names)}
+    y = np.zeros((len(order), len(names)), dtype=bool)  # bool: the package indexes label columns by it
+    for k, r in enumerate(order):
+        y[k, [index[lab] for lab in label_sets[r]]] = True
+    folds = [(s, f) for s, f in zip(SPLIT_NAMES, (1 - val_fraction - test_fraction, val_fraction,
+                                                  test_fraction), strict=True) if f > 0]  # fmt: skip
+    out = ["train"] * len(image_ids)
+    if len(order) == 0 or len(folds) == 1:
+        return out
+    assigned = IterativeStratification(
+        labels=y, r=np.asarray([f for _, f in folds]), random_state=np.random.RandomState(seed)
+    )
+    for k, r in enumerate(order):
+        out[r] = folds[int(assigned[k])][0]
+    return out

@@ -81,6 +81,7 @@ def run_ingest(params: Params, *, progress: bool = True) -> dict[str, Any]:
         download=cfg.download,
         progress=progress,
         allow_outside_root=cfg.allow_outside_root,
+        task=cfg.task,
     )
     return summary.to_dict()
 

@@ -147,6 +147,18 @@ class Predictor:
         thresholds = self.spec.thresholds or (0.5,) * self.spec.num_classes
         return (probs >= np.asarray(thresholds, dtype=probs.dtype)[None, :]).astype(np.int8)
 
+    def label_sets(self, probs: np.ndarray) -> list[list[str]]:
+        """The predicted labels per image, most probable first: every label at or above its threshold
+        (multi-label; possibly none), or the single most probable class."""
+        classes = self.spec.classes
+        if not self.spec.multilabel:
+            return [[classes[int(i)]] for i in probs.argmax(axis=1)]
+        chosen = self.decide(probs)
+        return [
+            [classes[int(j)] for j in np.argsort(-row) if hit[j]]
+            for row, hit in zip(probs, chosen, strict=True)
+        ]
+
 
 def probabilities(logits: torch.Tensor, spec: ModelSpec) -> torch.Tensor:
     """Temperature-scaled probabilities of a model's logits: softmax, or sigmoid for multi-label."""

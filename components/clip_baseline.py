@@ -17,6 +17,19 @@ so the gate and the result readers cost nothing to the stages that only need tho
 * Image features go through :class:`components.embeddings.EmbeddingCache`: each image is encoded
   once per (model, weights).
 * Metrics are :func:`components.evaluation.compute_metrics` dicts, the same as the trained model's.
+* Multi-label data (``task="multilabel"``): zero-shot scores each label on its own, a sigmoid of
+  ``logit_scale * (cos(image, label text) - the image's mean cos over all labels)`` (the per-image
+  centring is what the softmax ignores anyway; it removes each image's overall similarity offset so
+  one threshold per label fits every image), with per-label thresholds tuned on the val split
+  (:func:`components.multilabel.tune_thresholds`, best F1); the linear probe is one logistic
+  regression per label (one-vs-rest) on the frozen features, ``C`` picked by val mAP, thresholds
+  tuned on val the same way. Metrics are :func:`components.multilabel.multilabel_metrics` dicts
+  (mAP, micro/macro F1, subset accuracy, Hamming loss, per label AP / P / R / F1 / threshold).
+  Disagreements are labels CLIP contradicts confidently: given but scored absent (``extra_labels``)
+  or not given but scored present (``missing_labels``). Confidence is a calibrated probability of
+  presence: Platt scaling of the zero-shot logits fitted on val (one slope shared by all labels,
+  one intercept per label, :func:`fit_label_calibration`); the raw sigmoid of a logit-scaled
+  similarity is far too sure of itself to say "confidently".
 
 Files written by :func:`write_baseline` (``outputs/baseline/``):
 
@@ -27,6 +40,18 @@ metrics.json        scalars for ``dvc metrics show``: ``zero_shot_<metric>``, ``
 per_class.csv       class, support, zero_shot_recall/f1, linear_probe_recall/f1
 disagreements.csv   images whose label CLIP confidently disagrees with (label-quality signal)
 ==================  =========================================================================
+
+Multi-label records add ``task: multilabel``; ``zero_shot`` / ``linear_probe`` are
+``multilabel_metrics`` dicts (``mAP``, ``micro_f1``, ``macro_f1``, ``subset_accuracy``,
+``hamming_loss``, ``per_label`` rows with ``ap`` / ``precision`` / ``recall`` / ``f1`` /
+``threshold``, ...); ``zero_shot_thresholds`` and ``linear_probe_thresholds`` (label -> threshold,
+tuned on val), ``threshold_split`` and ``threshold_images`` (where and on how many images),
+``zero_shot_scoring`` (the formula), ``zero_shot_calibration`` (``slope`` and per-label
+``intercepts`` of the disagreements' Platt scaling, or null without val labels), ``linear_probe_val_map``. metrics.json holds
+``zero_shot_mAP``, ``zero_shot_micro_f1``, ``zero_shot_ap_<label>``, ... (see
+:func:`components.evaluation.flat_metrics`); per_class.csv has class, support, ``<kind>_ap``,
+``<kind>_f1``, ``<kind>_threshold``; disagreements.csv has ``label`` / ``clip_label`` as ``|``-joined
+sets plus ``missing_labels`` and ``extra_labels``.
 """
 
 from __future__ import annotations
@@ -61,6 +86,9 @@ WEIGHTS_UNAVAILABLE = "skipped: weights unavailable"
 NOT_APPLICABLE = "not applicable"
 ZERO_SHOT_GATE = "beats_zero_shot"
 DISAGREEMENT_COLUMNS = ("image_id", "split", "label", "clip_label", "confidence", "label_probability")
+MULTILABEL_DISAGREEMENT_COLUMNS = (*DISAGREEMENT_COLUMNS, "missing_labels", "extra_labels")
+MULTILABEL = "multilabel"
+ZERO_SHOT_SCORING = "sigmoid(logit_scale * (cos(image, label) - mean cos(image, every label)))"
 PROBE_C_GRID = (0.01, 0.1, 1.0, 10.0, 100.0)
 _CHECKPOINT_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt")
 _ENCODE_CHUNK = 2048  # images encoded between cache writes: a crash keeps the finished chunks
@@ -411,6 +439,57 @@ def zero_shot_probs(image_features: np.ndarray, text_weights: np.ndarray, logit_
     return e / e.sum(axis=1, keepdims=True)
 
 
+def zero_shot_label_logits(
+    image_features: np.ndarray, text_weights: np.ndarray, logit_scale: float
+) -> np.ndarray:
+    """Per-label logits (N, K) for multi-label data: ``logit_scale * (cos - the image's mean cos over
+    the K labels)``."""
+    cos = normalize(image_features.astype(np.float64)) @ text_weights.astype(np.float64).T
+    return logit_scale * (cos - cos.mean(axis=1, keepdims=True))
+
+
+def zero_shot_label_probs(
+    image_features: np.ndarray, text_weights: np.ndarray, logit_scale: float
+) -> np.ndarray:
+    """Per-label probabilities (N, K): the sigmoid of :func:`zero_shot_label_logits`; rows need not
+    sum to 1."""
+    return _sigmoid(zero_shot_label_logits(image_features, text_weights, logit_scale))
+
+
+@dataclass(frozen=True)
+class LabelCalibration:
+    """Platt scaling of per-label logits: ``sigmoid(slope * logit + intercepts[label])``."""
+
+    slope: float
+    intercepts: tuple[float, ...]
+
+    def __call__(self, logits: np.ndarray) -> np.ndarray:
+        """(N, K) logits -> (N, K) calibrated probabilities of presence."""
+        return _sigmoid(self.slope * logits + np.asarray(self.intercepts)[None, :])
+
+
+def fit_label_calibration(logits: np.ndarray, y: np.ndarray) -> LabelCalibration | None:
+    """Fit :class:`LabelCalibration` on validation logits (N, K) and 0/1 labels (N, K): one logistic
+    regression over every (image, label) pair, the logit as the shared feature and a one-hot label
+    as the per-label intercept (L2-regularised, so a label with few val positives stays near the
+    rest). None when there is nothing to fit (no val images, or no label both present and absent)."""
+    from sklearn.linear_model import LogisticRegression
+
+    n, k = logits.shape
+    if n == 0 or y.min() == y.max():
+        return None
+    x = np.zeros((n * k, k + 1))
+    x[:, 0] = logits.ravel()
+    x[np.arange(n * k), 1 + np.tile(np.arange(k), n)] = 1.0
+    model = LogisticRegression(C=1.0, fit_intercept=False, max_iter=1000).fit(x, np.asarray(y).ravel())
+    coef = model.coef_[0]
+    return LabelCalibration(slope=float(coef[0]), intercepts=tuple(float(c) for c in coef[1:]))
+
+
+def _sigmoid(z: np.ndarray) -> np.ndarray:
+    return 0.5 * (1.0 + np.tanh(0.5 * z))  # overflow-free
+
+
 # --------------------------------------------------------------------------- linear probe
 
 
@@ -468,6 +547,74 @@ def fit_linear_probe(
     return LinearProbe(model=model, C=-neg_c, val_accuracy=acc)
 
 
+@dataclass(frozen=True)
+class MultilabelProbe:
+    models: tuple[Any, ...]
+    """Per label: a StandardScaler -> LogisticRegression pipeline, or the constant probability of a
+    label that is always (or never) there in the training images."""
+    C: float
+    val_map: float | None
+    """Mean AP on the validation split at the chosen C (None: no validation images with labels)."""
+
+    def predict_proba(self, features: np.ndarray) -> np.ndarray:
+        """(N, K) per-label probabilities."""
+        x = normalize(features)
+        return np.stack(
+            [
+                m.predict_proba(x)[:, 1] if hasattr(m, "predict_proba") else np.full(len(x), float(m))
+                for m in self.models
+            ],
+            axis=1,
+        )
+
+
+def fit_multilabel_probe(
+    x_train: np.ndarray,
+    y_train: np.ndarray,
+    *,
+    x_val: np.ndarray | None = None,
+    y_val: np.ndarray | None = None,
+    C: float | None = None,
+    max_iter: int = 1000,
+) -> MultilabelProbe:
+    """One-vs-rest logistic regressions on frozen features x (N, D) with 0/1 labels y (N, K).
+
+    ``C`` None: the best of :data:`PROBE_C_GRID` by validation mAP (1.0 without validation labels).
+    """
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    from components.multilabel import mean_average_precision
+
+    if not (y_train.any(axis=0) & ~y_train.all(axis=0)).any():
+        raise DataError("the linear probe needs training images with and without some label")
+    xn = normalize(x_train)
+
+    def fit(c: float) -> MultilabelProbe:
+        models: list[Any] = []
+        for k in range(y_train.shape[1]):
+            target = y_train[:, k]
+            if target.min() == target.max():
+                models.append(float(target[0]))
+                continue
+            pipe = make_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=max_iter))
+            models.append(pipe.fit(xn, target))
+        return MultilabelProbe(models=tuple(models), C=c, val_map=None)
+
+    if x_val is None or y_val is None or not np.asarray(y_val).any():
+        c = 1.0 if C is None else C
+        logger.info("multi-label linear probe: C=%g (no validation labels)", c)
+        return fit(c)
+    scored = []
+    for c in PROBE_C_GRID if C is None else (C,):
+        probe = fit(c)
+        scored.append((float(mean_average_precision(y_val, probe.predict_proba(x_val))), -c, probe))
+    val_map, neg_c, best = max(scored, key=lambda t: t[:2])  # ties: the stronger regularisation
+    logger.info("multi-label linear probe: C=%g (val mAP %.4f)", -neg_c, val_map)
+    return MultilabelProbe(models=best.models, C=-neg_c, val_map=val_map)
+
+
 # --------------------------------------------------------------------------- the stage's work
 
 
@@ -486,13 +633,17 @@ def run_baselines(
     data_dir: Path,
     cache: EmbeddingCache | None,
     cfg: BaselineConfig,
+    task: str = "singlelabel",
 ) -> tuple[dict[str, Any], pd.DataFrame]:
     """Zero-shot and linear-probe metrics on ``cfg.eval_split``, and the disagreement table.
 
-    Returns (the record written as baseline.json, disagreements with :data:`DISAGREEMENT_COLUMNS`).
+    Returns (the record written as baseline.json, disagreements with :data:`DISAGREEMENT_COLUMNS`;
+    for ``task="multilabel"`` see :func:`run_multilabel_baselines`).
     """
     from components.data import encode_labels, split_rows
 
+    if task == MULTILABEL:
+        return run_multilabel_baselines(encoder, manifest, classes, data_dir=data_dir, cache=cache, cfg=cfg)
     by_split = {s: manifest[manifest["split"] == s] for s in ("train", "val")}
     parts = [_sample(split_rows(manifest, cfg.eval_split), cfg.eval_max_per_class).assign(_role="eval")]
     if cfg.probe:
@@ -540,6 +691,166 @@ def run_baselines(
     )  # fmt: skip
     record["disagreements"] = len(disagreements)
     return record, disagreements
+
+
+def run_multilabel_baselines(
+    encoder: ClipEncoder,
+    manifest: pd.DataFrame,
+    classes: Sequence[str],
+    *,
+    data_dir: Path,
+    cache: EmbeddingCache | None,
+    cfg: BaselineConfig,
+) -> tuple[dict[str, Any], pd.DataFrame]:
+    """Multi-label zero-shot and linear-probe metrics on ``cfg.eval_split`` (thresholds tuned on val;
+    see the module doc), and the disagreements (:data:`MULTILABEL_DISAGREEMENT_COLUMNS`)."""
+    from components.data import encode_label_sets, split_rows
+
+    val = manifest[manifest["split"] == "val"]
+    parts = [_sample(split_rows(manifest, cfg.eval_split), cfg.eval_max_per_class).assign(_role="eval")]
+    parts.append(
+        _sample(val, cfg.probe_max_per_class).assign(_role="val")
+    )  # thresholds, even without a probe
+    if cfg.probe:
+        parts.append(
+            _sample(manifest[manifest["split"] == "train"], cfg.probe_max_per_class).assign(_role="train")
+        )
+    rows = pd.concat(parts, ignore_index=True)
+    feats, encoded = embed_images(
+        encoder,
+        rows["image_id"].tolist(),
+        [data_dir / p for p in rows["path"]],
+        cache=cache,
+        batch_size=cfg.batch_size,
+        workers=cfg.loader_workers,
+    )
+    y = encode_label_sets([_label_list(v) for v in rows["labels"]], classes)
+    prompts = class_prompts(
+        classes, resolve_templates(cfg.templates), names=cfg.class_names, overrides=cfg.class_prompts
+    )
+    logits = zero_shot_label_logits(feats, build_text_classifier(encoder, prompts), encoder.logit_scale)
+    probs = _sigmoid(logits)
+    role = rows["_role"].to_numpy()
+    zero_shot, thresholds = _multilabel_result(y, probs, role, classes)
+    calibration = fit_label_calibration(logits[role == "val"], y[role == "val"])
+    record: dict[str, Any] = {
+        "status": "ok",
+        "reason": "",
+        "task": MULTILABEL,
+        "model": encoder.model_name,
+        "pretrained": encoder.weights,
+        "embedding_key": encoder.key,
+        "logit_scale": encoder.logit_scale,
+        "zero_shot_scoring": ZERO_SHOT_SCORING,
+        "templates": cfg.templates,
+        "prompts_per_class": {c: len(p) for c, p in zip(classes, prompts, strict=True)},
+        "example_prompt": {c: p[0] for c, p in zip(classes, prompts, strict=True)},
+        "eval_split": cfg.eval_split,
+        "threshold_split": "val",
+        "threshold_images": int((role == "val").sum()),
+        "embeddings": {
+            "images": len(rows),
+            "encoded": encoded,
+            "cached": rows["image_id"].nunique() - encoded,
+        },
+        "zero_shot": zero_shot,
+        "zero_shot_thresholds": dict(zip(classes, thresholds, strict=True)),
+        "zero_shot_calibration": _calibration_record(calibration, classes),
+        "linear_probe": None,
+        "linear_probe_C": None,
+    }
+    if cfg.probe:
+        record.update(_multilabel_probe(feats, y, role, classes, C=cfg.probe_C))
+    first = ~rows.duplicated("image_id").to_numpy()
+    presence = calibration(logits[first]) if calibration is not None else probs[first]
+    disagreements = find_multilabel_disagreements(
+        rows[first], y[first], presence, classes, min_confidence=cfg.disagreement_min_confidence
+    )
+    record["disagreements"] = len(disagreements)
+    return record, disagreements
+
+
+def _calibration_record(cal: LabelCalibration | None, classes: Sequence[str]) -> dict[str, Any] | None:
+    if cal is None:
+        return None
+    return {"slope": cal.slope, "intercepts": dict(zip(classes, cal.intercepts, strict=True))}
+
+
+def _label_list(value: Any) -> list[str]:
+    """A manifest ``labels`` cell (list, or numpy array from parquet) as a list of str."""
+    return [] if value is None else [str(v) for v in value]
+
+
+def _multilabel_result(
+    y: np.ndarray, probs: np.ndarray, role: np.ndarray, classes: Sequence[str]
+) -> tuple[dict[str, Any], list[float]]:
+    """(multilabel_metrics on the eval rows with thresholds tuned on the val rows, the thresholds)."""
+    from components.multilabel import multilabel_metrics, tune_thresholds
+
+    val, ev = role == "val", role == "eval"
+    thresholds = [t.threshold for t in tune_thresholds(y[val], probs[val], classes)]
+    return multilabel_metrics(y[ev], probs[ev], thresholds, classes), thresholds
+
+
+def _multilabel_probe(
+    feats: np.ndarray, y: np.ndarray, role: np.ndarray, classes: Sequence[str], *, C: float | None
+) -> dict[str, Any]:
+    train, val = role == "train", role == "val"
+    if not (y[train].any(axis=0) & ~y[train].all(axis=0)).any():
+        logger.warning("linear probe skipped: no label both present and absent in the train split")
+        return {"linear_probe_skipped": "no label both present and absent in the train split"}
+    probe = fit_multilabel_probe(feats[train], y[train], x_val=feats[val], y_val=y[val], C=C)
+    metrics, thresholds = _multilabel_result(y, probe.predict_proba(feats), role, classes)
+    return {
+        "linear_probe": metrics,
+        "linear_probe_C": probe.C,
+        "linear_probe_val_map": probe.val_map,
+        "linear_probe_thresholds": dict(zip(classes, thresholds, strict=True)),
+        "linear_probe_train_images": int(train.sum()),
+    }
+
+
+def find_multilabel_disagreements(
+    rows: pd.DataFrame,
+    y: np.ndarray,
+    presence: np.ndarray,
+    classes: Sequence[str],
+    *,
+    min_confidence: float,
+) -> pd.DataFrame:
+    """Images with a label CLIP contradicts with at least ``min_confidence``: a given label whose
+    probability of presence is <= 1 - min_confidence (``extra_labels``) or a label not given whose
+    probability is >= min_confidence (``missing_labels``). ``label`` is the given set, ``clip_label``
+    the set with CLIP's corrections, ``confidence`` the most confident contradiction and
+    ``label_probability`` = 1 - confidence (low = likely wrong, like the single-label table); most
+    confident first. rows: manifest rows; y (0/1) and presence (calibrated probabilities): (N, K)
+    in row order."""
+    present = presence
+    given = y.astype(bool)
+    extra = given & (present <= 1 - min_confidence)
+    missing = ~given & (present >= min_confidence)
+    against = np.where(extra, 1 - present, 0.0) + np.where(missing, present, 0.0)
+    keep = (extra | missing).any(axis=1)
+    names = np.asarray(classes, dtype=object)
+
+    def joined(mask: np.ndarray) -> list[str]:
+        return ["|".join(names[m]) for m in mask[keep]]
+
+    confidence = against.max(axis=1)[keep]
+    out = pd.DataFrame(
+        {
+            "image_id": rows["image_id"].to_numpy()[keep],
+            "split": rows["split"].to_numpy()[keep],
+            "label": joined(given),
+            "clip_label": joined((given & ~extra) | missing),
+            "confidence": confidence,
+            "label_probability": 1 - confidence,
+            "missing_labels": joined(missing),
+            "extra_labels": joined(extra),
+        },
+        columns=list(MULTILABEL_DISAGREEMENT_COLUMNS),
+    )
+    return out.sort_values(["confidence", "image_id"], ascending=[False, True], ignore_index=True)
 
 
 def _probe(
@@ -601,10 +912,15 @@ def skipped_record(
 
 
 def summarize(record: dict[str, Any]) -> dict[str, Any]:
-    """The small result a stage returns (CLI, Prefect): status, reason, accuracies, counts."""
+    """The small result a stage returns (CLI, Prefect): status, reason, accuracies, counts; for
+    multi-label records ``task`` and ``<kind>_mAP`` / ``<kind>_micro_f1`` / ``<kind>_macro_f1``."""
     out = {k: record.get(k) for k in ("status", "reason", "model", "pretrained", "disagreements")}
     for kind in KINDS:
         out[f"{kind}_accuracy"] = (record.get(kind) or {}).get("accuracy")
+    if record.get("task") == MULTILABEL:
+        out["task"] = MULTILABEL
+        for kind in KINDS:
+            out |= {f"{kind}_{m}": (record.get(kind) or {}).get(m) for m in ("mAP", "micro_f1", "macro_f1")}
     if record.get("embeddings"):
         out["embeddings"] = record["embeddings"]
     return out
@@ -627,7 +943,8 @@ def write_baseline(
         "per_class": _write_per_class(record, out_dir / "per_class.csv"),
         "disagreements": out_dir / "disagreements.csv",
     }
-    table = disagreements if disagreements is not None else pd.DataFrame(columns=list(DISAGREEMENT_COLUMNS))
+    columns = MULTILABEL_DISAGREEMENT_COLUMNS if record.get("task") == MULTILABEL else DISAGREEMENT_COLUMNS
+    table = disagreements if disagreements is not None else pd.DataFrame(columns=list(columns))
     table.to_csv(paths["disagreements"], index=False, float_format="%.6f")
     return paths
 
@@ -644,12 +961,16 @@ def _write_json(obj: Any, path: Path) -> Path:
 
 
 def _write_per_class(record: dict[str, Any], path: Path) -> Path:
-    columns = ["class", "support"] + [f"{k}_{m}" for k in KINDS for m in ("recall", "f1")]
+    multilabel = record.get("task") == MULTILABEL
+    metrics = ("ap", "f1", "threshold") if multilabel else ("recall", "f1")
+    columns = ["class", "support"] + [f"{k}_{m}" for k in KINDS for m in metrics]
     rows: dict[str, dict[str, Any]] = {}
     for kind in KINDS:
-        for row in (record.get(kind) or {}).get("per_class", []):
-            entry = rows.setdefault(row["class"], {"class": row["class"], "support": row["support"]})
-            entry.update({f"{kind}_recall": row["recall"], f"{kind}_f1": row["f1"]})
+        per = (record.get(kind) or {}).get("per_label" if multilabel else "per_class", [])
+        for row in per:
+            name = row["label" if multilabel else "class"]
+            entry = rows.setdefault(name, {"class": name, "support": row["support"]})
+            entry.update({f"{kind}_{m}": row[m] for m in metrics})
     with path.open("w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, fieldnames=columns)
         writer.writeheader()
@@ -669,13 +990,20 @@ def check_beats_baseline(
     or a whole baseline.json record, or None. When there is no zero-shot result (skipped: weights
     unavailable, disabled, not run) the result is one gate ``beats_zero_shot`` marked *not
     applicable* in its message and NOT passed: a gate that was not checked never passes.
+    Multi-label metrics (``task: multilabel``): mAP overall and each label's AP instead.
     """
     if not 0.0 <= margin <= 1.0:
         raise ConfigError(f"the zero-shot gate margin must be within [0, 1], got {margin}")
     zero_shot, why = _zero_shot_of(baseline_metrics)
+    multilabel = trained_metrics.get("task") == MULTILABEL
+    headline = float(trained_metrics["mAP" if multilabel else "accuracy"] or 0.0)
+    if zero_shot is not None and (zero_shot.get("task") == MULTILABEL) != multilabel:
+        zero_shot, why = None, "is of another task (single-label vs multi-label) than the trained model"
     if zero_shot is None:
         message = f"{NOT_APPLICABLE}: baseline {why}; this gate was not checked"
-        return [GateResult(ZERO_SHOT_GATE, False, float(trained_metrics["accuracy"]), margin, message)]
+        return [GateResult(ZERO_SHOT_GATE, False, headline, margin, message)]
+    if multilabel:
+        return _beats_per_label(trained_metrics, zero_shot, margin)
     gates = [
         _beats(
             f"{ZERO_SHOT_GATE}[accuracy]",
@@ -695,6 +1023,23 @@ def check_beats_baseline(
         gates.append(
             _beats(f"{ZERO_SHOT_GATE}[{cls}]", f"recall of '{cls}'", row["recall"], base_recall[cls], margin)
         )
+    return gates
+
+
+def _beats_per_label(
+    trained: Mapping[str, Any], zero_shot: Mapping[str, Any], margin: float
+) -> list[GateResult]:
+    """Multi-label: trained mAP and each label's AP >= zero-shot's + margin; a label without an AP
+    on either side (no positives) is not applicable and does not pass."""
+    gates = [_beats(f"{ZERO_SHOT_GATE}[mAP]", "mAP", trained["mAP"] or 0.0, zero_shot["mAP"] or 0.0, margin)]
+    base_ap = {r["label"]: r.get("ap") for r in zero_shot["per_label"]}
+    for row in trained["per_label"]:
+        label, ap = str(row["label"]), row.get("ap")
+        if ap is None or base_ap.get(label) is None:
+            msg = f"{NOT_APPLICABLE}: label '{label}' has no AP on one side (no positives); this gate was not checked"
+            gates.append(GateResult(f"{ZERO_SHOT_GATE}[{label}]", False, float(ap or 0.0), margin, msg))
+            continue
+        gates.append(_beats(f"{ZERO_SHOT_GATE}[{label}]", f"AP of '{label}'", ap, base_ap[label], margin))
     return gates
 
 

@@ -1,4 +1,4 @@
-"""A real multi-label dataset from Fashion-MNIST: canvases with one or two items, labelled with all.
+"""A real multi-label dataset from Fashion-MNIST: square canvases with one or two items, labelled with all.
 
 ``imgflow make-composites OUT`` writes ``OUT/images/<split>/<n>.png`` and ``OUT/labels.csv``
 (``path,labels,split`` with ``|``-separated labels) for ``imgflow ingest --source csv:OUT/labels.csv``.
@@ -18,10 +18,12 @@ from PIL import Image
 from components.sources import FASHION_MNIST_CLASSES, fashion_mnist_paths, load_fashion_mnist
 
 SIDE = 28
+CANVAS = 2 * SIDE
+"""Canvases are square (56 x 56, two item columns): train with ``train.input_size=56`` so nothing is cropped."""
 
 
 def compose(
-    items: list[np.ndarray], rng: np.random.Generator, *, height: int = 40, width: int = 64
+    items: list[np.ndarray], rng: np.random.Generator, *, height: int = CANVAS, width: int = CANVAS
 ) -> np.ndarray:
     """Place 28x28 items left to right in equal columns of a (height, width) canvas, each jittered."""
     canvas = np.zeros((height, width), dtype=np.uint8)
@@ -73,3 +75,42 @@ def make_composites(
         writer.writeheader()
         writer.writerows(rows)
     return csv_path
+
+
+def composite_overrides(out: Path, *, project: str, model_name: str) -> list[str]:
+    """``--set`` overrides that turn a project's params into the composite dataset's: its own data and
+    output folders and registered model name, the 56x56 input, and a darkness bound for canvases that
+    are mostly black by construction (one small item on a 56x56 canvas averages ~0.03-0.08)."""
+    return [
+        f"ingest.source=csv:{out / 'labels.csv'}",
+        "ingest.task=multilabel",
+        "ingest.max_per_class=null",
+        f"project.data_dir={out / 'data'}",
+        f"project.output_dir={out / 'outputs'}",
+        f"train.input_size={CANVAS}",
+        "validate.dark_below=0.01",
+        f"register.model_name={model_name}",
+        f"project.name={project}",
+    ]
+
+
+def write_composite_params(base: Path, out: Path) -> Path:
+    """``out/params.yaml``: the ``base`` params file (all defaults when absent) with
+    :func:`composite_overrides` applied and validated, for ``imgflow pipeline --params out/params.yaml``."""
+    import yaml
+
+    from components.config import apply_overrides, params_from_dict
+
+    raw = yaml.safe_load(base.read_text()) if base.exists() else {}
+    params = params_from_dict(raw or {}, source=str(base))
+    overrides = composite_overrides(
+        out,
+        project=f"{params.project.name}-composites",
+        model_name=f"{params.register_.model_name}-composites",
+    )
+    merged = apply_overrides(raw or {}, overrides)
+    params_from_dict(merged, source=f"{base} + composite overrides")
+    path = out / "params.yaml"
+    header = f"# {base} for the multi-label composites in {out} (written by `imgflow make-composites`)\n"
+    path.write_text(header + yaml.safe_dump(merged, sort_keys=False))
+    return path

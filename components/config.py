@@ -89,6 +89,8 @@ DEFAULT_SEVERITY: dict[str, Literal["error", "warn"]] = {
     "imbalance": "error",
     "exact_leakage": "error",
     "near_dup_leakage": "warn",
+    "label_cardinality": "error",  # multi-label: an image without labels (or with too many)
+    "cardinality_shift": "error",  # multi-label: mean labels per image differs strongly between splits
 }
 """Validation check -> what a failure does by default (``validate.severity`` overrides)."""
 
@@ -121,6 +123,11 @@ class ValidateConfig(_Section):
     """Largest class / each class (over all splits)."""
     near_dup_distance: int = Field(default=2, ge=0, le=15)
     """Perceptual-hash Hamming distance at or below which two images are near-duplicates."""
+    max_labels_per_image: int | None = Field(default=None, ge=1)
+    """Multi-label: at most this many labels per image (None: no limit; at least one always)."""
+    max_cardinality_ratio: float = Field(default=1.5, ge=1)
+    """Multi-label: each split's mean labels per image may differ from the train split's by at most
+    this factor (either way)."""
     severity: dict[str, Literal["error", "warn"]] = Field(default_factory=lambda: dict(DEFAULT_SEVERITY))
     """Check -> ``error`` (the stage fails) or ``warn`` (reported only); unlisted checks keep their
     default (:data:`DEFAULT_SEVERITY`)."""
@@ -136,11 +143,18 @@ class AuditConfig(_Section):
     """Run the audit in ``imgflow pipeline`` (``imgflow audit`` always runs it)."""
     folds: int = Field(default=5, ge=2)
     """k of the k-fold out-of-fold predicted probabilities."""
-    features: Literal["pca", "pixels"] = "pca"
-    """What the cheap model sees: PCA of the grey pixels, or the raw (downscaled) pixels."""
+    features: Literal["auto", "pca", "pixels", "patches"] = "auto"
+    """What the cheap model sees: PCA of the grey pixels, the raw (downscaled) pixels, or
+    ``patches``: a k-means patch dictionary's responses pooled over the image (translation
+    invariant, for objects anywhere in the image). ``auto``: ``patches`` for multi-label data, else ``pca``."""
     pca_components: int = Field(default=32, ge=2)
     image_side: int = Field(default=28, ge=4)
-    """Images are resized to side x side grey before the features are computed."""
+    """Images are resized to side x side grey before the features are computed (``patches``: side
+    rows, the median aspect ratio kept)."""
+    patch_size: int = Field(default=7, ge=2)
+    """``patches``: side of the square patches the dictionary is learned from."""
+    patch_dictionary: int = Field(default=128, ge=2)
+    """``patches``: k-means centroids (each gives a max- and a mean-pooled feature)."""
     max_iter: int = Field(default=200, ge=10)
     """Logistic-regression iterations per fold."""
     splits: tuple[str, ...] = ("train", "val", "test")
@@ -214,15 +228,22 @@ class TrainConfig(_Section):
     """CutMix alpha (0: off)."""
     early_stopping_patience: int | None = Field(default=None, ge=1)
     """Stop when val_loss has not improved for this many epochs (None: train all epochs)."""
-    loss: Literal["ce", "focal", "logit_adjusted"] = "ce"
-    """Imbalanced data: ``focal`` (focal_gamma) or ``logit_adjusted`` (logit_adjust_tau, uses the
-    train split's class prior) instead of cross-entropy."""
+    loss: Literal["ce", "focal", "logit_adjusted", "asymmetric"] = "ce"
+    """``ce``: the task's standard loss (softmax cross-entropy; binary cross-entropy per label for
+    multi-label tasks). Imbalanced data: ``focal`` (focal_gamma; softmax or sigmoid focal loss) or
+    ``logit_adjusted`` (single-label: logit_adjust_tau, the train split's class prior); multi-label
+    only: ``asymmetric`` (ASL, asl_gamma_neg / asl_gamma_pos / asl_clip)."""
     focal_gamma: float = Field(default=2.0, ge=0)
     logit_adjust_tau: float = Field(default=1.0, ge=0)
+    asl_gamma_neg: float = Field(default=4.0, ge=0)
+    asl_gamma_pos: float = Field(default=1.0, ge=0)
+    asl_clip: float = Field(default=0.05, ge=0, lt=1)
     class_weights: Literal["inverse", "sqrt_inverse", "effective"] | None = None
-    """Per-class loss weights from the train split's class counts (None: unweighted)."""
+    """Per-class loss weights from the train split's class counts (None: unweighted). Multi-label:
+    the positive term of each label is weighted by negatives/positives (``inverse``) or its square
+    root (``sqrt_inverse``)."""
     sampler: Literal["random", "balanced"] = "random"
-    """``balanced``: draw every class equally often (oversampling with replacement)."""
+    """``balanced``: draw every class equally often (oversampling with replacement; single-label)."""
 
     @field_validator("use_gpu", mode="before")
     @classmethod
@@ -235,12 +256,120 @@ class TrainConfig(_Section):
             raise ValueError(
                 "train.mixup/cutmix use soft targets: combine them only with loss=ce and no class_weights"
             )
+        if (self.mixup > 0 or self.cutmix > 0) and self.loss == "asymmetric":
+            raise ValueError("train.mixup/cutmix work with single-label tasks only, not loss=asymmetric")
         if self.loss == "logit_adjusted" and (self.class_weights or self.sampler == "balanced"):
             raise ValueError(
                 "train.loss=logit_adjusted already corrects for the class prior: "
                 "leave class_weights null and sampler random"
             )
         return self
+
+
+TUNE_DISTRIBUTIONS = ("choice", "grid", "uniform", "loguniform", "randint")
+"""Distributions of ``tune.search_space``: ``choice``/``grid`` take a list of values, the others
+``[low, high]`` (``randint``: both included)."""
+TUNE_METRICS = ("val_loss", "val_accuracy", "train_loss", "train_accuracy")
+"""Per-epoch metrics the training loop reports that a sweep can rank trials by."""
+_FIXED_IN_SWEEP = ("workers", "cpus_per_worker", "use_gpu", "max_failures", "epochs")
+"""Train keys a sweep does not sample: the resources every trial reserves, and the trial length
+(``tune.epochs``)."""
+
+
+def _distribution(key: str, spec: Any) -> dict[str, list[Any]]:
+    """One ``search_space`` entry, e.g. ``{loguniform: [0.001, 0.01]}``, checked and normalised."""
+    example = "e.g. lr: {loguniform: [0.001, 0.01]} or batch_size: {choice: [64, 128]}"
+    if not isinstance(spec, dict) or len(spec) != 1:
+        raise ValueError(f"search_space.{key}: expected one distribution, {example}; got {spec!r}")
+    ((name, args),) = spec.items()
+    if name not in TUNE_DISTRIBUTIONS:
+        raise ValueError(
+            f"search_space.{key}: unknown distribution {name!r}; known: {', '.join(TUNE_DISTRIBUTIONS)}"
+        )
+    if not isinstance(args, list | tuple) or not args:
+        raise ValueError(f"search_space.{key}.{name}: expected a non-empty list, got {args!r}")
+    if name in ("choice", "grid"):
+        return {name: list(args)}
+    if len(args) != 2:
+        raise ValueError(f"search_space.{key}.{name}: expected [low, high], got {args!r}")
+    try:  # YAML 1.1 reads 1e-3 (no dot) as text
+        low, high = (int(a) for a in args) if name == "randint" else (float(a) for a in args)
+    except (TypeError, ValueError):
+        raise ValueError(f"search_space.{key}.{name}: [low, high] must be numbers, got {args!r}") from None
+    if not low < high:
+        raise ValueError(f"search_space.{key}.{name}: low must be < high, got {args!r}")
+    if name == "loguniform" and low <= 0:
+        raise ValueError(f"search_space.{key}.loguniform: low must be > 0, got {args!r}")
+    return {name: [low, high]}
+
+
+def _default_search_space() -> dict[str, dict[str, list[Any]]]:
+    return {
+        "lr": {"loguniform": [1e-3, 1e-2]},
+        "weight_decay": {"choice": [0.01, 0.05]},
+        "label_smoothing": {"uniform": [0.0, 0.15]},
+        "batch_size": {"choice": [128, 256]},
+    }
+
+
+class TuneConfig(_Section):
+    """``imgflow tune``: a Ray Tune sweep over train keys; each trial is a real (shorter) training run."""
+
+    num_samples: int = Field(default=8, ge=1)
+    """Trials drawn from ``search_space`` (with ``grid`` entries: draws per grid point)."""
+    metric: Literal["val_loss", "val_accuracy", "train_loss", "train_accuracy"] = "val_loss"
+    """Per-epoch training metric that ranks the trials (at each trial's last epoch)."""
+    mode: Literal["auto", "min", "max"] = "auto"
+    """``auto``: min for a loss, max for an accuracy."""
+    search_space: dict[str, dict[str, list[Any]]] = Field(default_factory=_default_search_space)
+    """Train key -> one distribution (:data:`TUNE_DISTRIBUTIONS`); keys not listed keep their
+    ``train`` value in every trial, and ``key: null`` drops a key."""
+    epochs: int | None = Field(default=3, ge=1)
+    """Epochs per trial (None: ``train.epochs``); the best config keeps ``train.epochs``."""
+    scheduler: Literal["fifo", "asha"] = "asha"
+    """``asha``: stop trials that trail the others after ``grace_period`` epochs; ``fifo``: run all."""
+    grace_period: int = Field(default=1, ge=1)
+    """ASHA: epochs every trial runs before it may be stopped."""
+    reduction_factor: float = Field(default=2.0, gt=1)
+    """ASHA: the share of trials kept at each rung is 1 / reduction_factor."""
+    max_concurrent_trials: int = Field(default=1, ge=1)
+    """Trials training at once; each reserves ``train.workers x train.cpus_per_worker`` CPUs."""
+    seed: int | None = None
+    """Seed of the search (which configs are drawn); None: ``project.seed``."""
+    out: Path | None = None
+    """Best params file; None: ``<project.output_dir>/tune/best_params.yaml``. The trial table
+    and plot are written next to it."""
+
+    @field_validator("search_space", mode="before")
+    @classmethod
+    def _known_keys_and_distributions(cls, v: Any) -> Any:
+        if isinstance(v, dict):  # key: null drops a key (``--set tune.search_space.batch_size=null``)
+            v = {key: spec for key, spec in v.items() if spec is not None}
+        if not isinstance(v, dict) or not v:
+            raise ValueError(
+                "search_space must map train keys to distributions, e.g. lr: {loguniform: [0.001, 0.01]}"
+            )
+        if fixed := sorted(set(v) & set(_FIXED_IN_SWEEP)):
+            raise ValueError(
+                f"search_space: {fixed} cannot be swept (every trial reserves the same resources and "
+                "trains tune.epochs epochs); set them in train / tune instead"
+            )
+        _only_known(v, [k for k in TrainConfig.model_fields if k not in _FIXED_IN_SWEEP], what="train key")
+        return {key: _distribution(key, spec) for key, spec in v.items()}
+
+    @model_validator(mode="after")
+    def _asha_fits_the_trial(self) -> TuneConfig:
+        if self.scheduler == "asha" and self.epochs is not None and self.grace_period > self.epochs:
+            raise ValueError(
+                f"tune.grace_period ({self.grace_period}) must be <= tune.epochs ({self.epochs})"
+            )
+        return self
+
+    def resolved_mode(self) -> Literal["min", "max"]:
+        """The mode of ``metric``: ``mode``, or for ``auto`` min for a loss and max for an accuracy."""
+        if self.mode == "auto":
+            return "min" if self.metric.endswith("loss") else "max"
+        return "min" if self.mode == "min" else "max"
 
 
 GATE_NAMES = (
@@ -253,6 +382,11 @@ GATE_NAMES = (
     "max_accuracy_drop",
     "max_class_recall_drop",
     "beats_zero_shot",  # only with baseline.gate: true
+    # multi-label tasks only (min_class_recall, max_ece, robustness and slices apply to both)
+    "min_map",
+    "min_label_ap",
+    "max_map_drop",
+    "max_label_ap_drop",
 )
 
 
@@ -276,6 +410,14 @@ class GatesConfig(_Section):
     """Non-inferiority margin vs the champion: the challenger may be at most this much less accurate."""
     max_class_recall_drop: float = Field(default=0.05, ge=0, le=1)
     """Non-inferiority margin vs the champion on each class's recall."""
+    min_map: float = Field(default=0.80, ge=0, le=1)
+    """Multi-label: mean average precision on test (the multi-label counterpart of ``min_accuracy``)."""
+    min_label_ap: float = Field(default=0.50, ge=0, le=1)
+    """Multi-label: each label's average precision on test."""
+    max_map_drop: float = Field(default=0.01, ge=0, le=1)
+    """Multi-label non-inferiority margin vs the champion on mAP (paired bootstrap)."""
+    max_label_ap_drop: float = Field(default=0.05, ge=0, le=1)
+    """Multi-label non-inferiority margin vs the champion on each label's AP."""
     levels: dict[str, Literal["error", "warn", "off"]] = Field(default_factory=dict)
     """Gate name -> ``error`` (blocks promotion, the default), ``warn`` (reported only) or ``off``."""
 
@@ -317,6 +459,20 @@ class EvaluateConfig(_Section):
     """Re-evaluate the registry's ``champion`` on the same test split and gate on non-inferiority."""
     bootstrap: int = Field(default=2000, ge=100)
     """Paired-bootstrap resamples of the champion comparison."""
+    threshold_rule: Literal["f1", "precision", "recall"] = "f1"
+    """Multi-label: how each label's decision threshold is tuned on val: maximise F1, or reach
+    ``threshold_target`` precision (most recall at that precision) or recall (most precision)."""
+    threshold_target: float | None = Field(default=None, gt=0, le=1)
+    """The precision or recall that ``threshold_rule: precision | recall`` must reach on val."""
+
+    @model_validator(mode="after")
+    def _rule_has_target(self) -> EvaluateConfig:
+        if self.threshold_rule != "f1" and self.threshold_target is None:
+            raise ValueError(
+                f"evaluate.threshold_rule: {self.threshold_rule} needs evaluate.threshold_target "
+                "(the precision or recall to reach, e.g. 0.9)"
+            )
+        return self
 
 
 class BaselineConfig(_Section):
@@ -417,6 +573,7 @@ class Params(_Section):
     audit: AuditConfig = AuditConfig()
     baseline: BaselineConfig = BaselineConfig()
     train: TrainConfig = TrainConfig()
+    tune: TuneConfig = TuneConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     gates: GatesConfig = GatesConfig()
     register_: RegisterConfig = Field(default=RegisterConfig(), alias="register")

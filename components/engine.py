@@ -45,6 +45,14 @@ def _batches(
         yield x.to(device, non_blocking=True, memory_format=fmt), y.to(device, non_blocking=True)
 
 
+def count_correct(logits: torch.Tensor, y: torch.Tensor) -> int:
+    """Correct predictions in a batch: argmax == class index, or, for multi-hot targets (N, K), the
+    whole label set right at probability 0.5 (subset accuracy, as scikit-learn's accuracy_score)."""
+    if y.ndim == 2:
+        return int(((logits > 0) == (y > 0.5)).all(dim=1).sum())
+    return int((logits.argmax(1) == y).sum())
+
+
 def _freeze_frozen_batchnorm(model: nn.Module) -> None:
     """BatchNorm layers whose parameters are frozen (linear probe) keep their running statistics."""
     for m in model.modules():
@@ -113,7 +121,7 @@ def train_one_epoch(
             scheduler.step_update(step)
         n = hard.shape[0]
         loss_sum += float(loss.detach()) * n
-        correct += int((logits.argmax(1) == hard).sum())
+        correct += count_correct(logits, hard)
         count += n
         if on_batch is not None:
             on_batch(i, float(loss.detach()))
@@ -130,7 +138,7 @@ def eval_sums(
     for x, y in _batches(loader, device):
         logits = model(x)
         loss_sum += float(loss_fn(logits, y)) * y.shape[0]
-        correct += int((logits.argmax(1) == y).sum())
+        correct += count_correct(logits, y)
         count += y.shape[0]
     return {"loss_sum": loss_sum, "correct": float(correct), "count": float(count)}
 
@@ -139,7 +147,7 @@ def eval_sums(
 def predict_logits(
     model: nn.Module, loader: Iterable[Any], *, device: torch.device
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Returns logits (N, K) float32 and targets (N,) int64, in loader order."""
+    """Returns logits (N, K) float32 and targets ((N,) int64, or (N, K) multi-hot), in loader order."""
     model.eval()
     logits, targets = [], []
     for x, y in _batches(loader, device):

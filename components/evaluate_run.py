@@ -5,9 +5,15 @@ decide the gates, write the gate report and log it to MLflow.
 run and ``outputs/evaluate/``; :func:`evaluate_registered` evaluates any registered model
 (``models:/<name>@<alias>``, ``models:/<name>/<n>``, ``runs:/<id>/model``) in a new MLflow run and
 a folder of its own under ``outputs/evaluate/models/``, so it never overwrites the pipeline's
-report. The evidence (:func:`gather_evidence`): test metrics, calibration (temperature fitted on
-val), the corruption sweep, slices, the champion re-evaluated on the same test images, and the
-CLIP baselines of ``outputs/baseline`` when that stage ran.
+report. The evidence (:func:`gather_evidence`): test metrics with one-vs-rest ROC/PR curves,
+calibration (temperature fitted on val), the corruption sweep, slices, the champion re-evaluated on
+the same test images, and the CLIP baselines of ``outputs/baseline`` when that stage ran.
+
+A multi-label model (``spec.task == "multilabel"``) gets the same evidence in multi-label terms: one
+sigmoid temperature fitted on val by BCE, per-label decision thresholds tuned on val
+(``evaluate.threshold_rule``/``threshold_target``) on the scaled probabilities, mAP and per-label
+metrics at those thresholds, corrupted mAP, slice subset accuracy, and mAP / per-label AP against a
+multi-label champion. The thresholds go into ``gates.json`` for register.
 """
 
 from __future__ import annotations
@@ -16,7 +22,7 @@ import logging
 import re
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,9 +44,10 @@ REGISTERED_DIR = "models"
 class SplitOutput:
     """One model's pass over one split.
 
-    logits: (N, K) float; targets: (N,) int; properties: per-image ``brightness``/``contrast`` (N,);
-    kept: the images picked for the corruption sweep, (M, C, H, W) uint8 at the model's input
-    size (un-normalised), with their kept_targets (M,).
+    logits: (N, K) float; targets: (N,) int class indices, or (N, K) int8 0/1 for a multi-label
+    model; properties: per-image ``brightness``/``contrast`` (N,); kept: the images picked for the
+    corruption sweep, (M, C, H, W) uint8 at the model's input size (un-normalised), with their
+    kept_targets (M,) or (M, K).
     """
 
     logits: np.ndarray
@@ -75,6 +82,7 @@ def predict_split(
         classes=spec.classes,
         transform=create_image_transform(spec.data_config, is_training=False),
         mode=image_mode(spec.in_chans),
+        task=spec.task,
     )
     mean = torch.tensor(spec.data_config["mean"]).view(1, -1, 1, 1)
     std = torch.tensor(spec.data_config["std"]).view(1, -1, 1, 1)
@@ -95,7 +103,7 @@ def predict_split(
             start += len(y)
     out = SplitOutput(
         logits=np.concatenate(logits),
-        targets=np.concatenate(targets).astype(np.int64),
+        targets=np.concatenate(targets).astype(np.int8 if spec.multilabel else np.int64),
         properties={k: np.concatenate([p[k] for p in props]) for k in props[0]},
         kept=torch.cat([k[0] for k in kept]) if kept else None,
         kept_targets=torch.cat([k[1] for k in kept]) if kept else None,
@@ -104,7 +112,15 @@ def predict_split(
 
 
 def sweep_sample(targets: np.ndarray, max_images: int | None, seed: int) -> np.ndarray:
-    """Class-stratified fixed-seed sample of test indices for the corruption sweep (sorted)."""
+    """Class-stratified fixed-seed sample of test indices for the corruption sweep (sorted).
+
+    targets: (N,) class indices, or (N, K) 0/1 rows (multi-label: stratified by each image's first label).
+    """
+    from components.multilabel import first_label
+
+    targets = np.asarray(targets)
+    if targets.ndim == 2:
+        targets = first_label(targets)
     n = len(targets)
     if max_images is None or max_images >= n:
         return np.arange(n)
@@ -130,10 +146,16 @@ def champion_evidence(
     tmp: Path,
     *,
     own_version: str | None,
+    task: str = "singlelabel",
 ) -> dict[str, Any]:
-    """Re-evaluate the registry's champion on the same test split and compare (non-inferiority)."""
+    """Re-evaluate the registry's champion on the same test split and compare (non-inferiority).
+
+    A champion of the other task (single- vs multi-label) cannot be compared: status ``not applicable``
+    (its gate then fails as not applicable rather than passing silently).
+    """
     from components import tracking
-    from components.champion import compare
+    from components.champion import compare, compare_multilabel
+    from components.checkpoint import load_spec
 
     name = params.register_.model_name
     version = tracking.alias_version(name, tracking.CHAMPION)
@@ -149,17 +171,30 @@ def champion_evidence(
         }
     uri = f"models:/{name}@{tracking.CHAMPION}"
     champ_dir = tracking.download_model_dir(uri, tmp / "champion")
+    champ_task = load_spec(champ_dir).task
+    if champ_task != task:
+        return {
+            "status": "not applicable", "version": version, "uri": uri,
+            "reason": f"champion version {version} is a {champ_task} model and this one is {task}: "
+            "their metrics cannot be compared",
+        }  # fmt: skip
     champ, (_, spec) = predict_split(params, champ_dir, "test")
     if tuple(spec.classes) != tuple(classes) or len(champ.targets) != len(test.targets):
         return {
             "status": "skipped",
             "reason": f"champion version {version} has another class set or test split",
         }
-    comparison = compare(
-        test.targets, test.logits.argmax(1), champ.logits.argmax(1), classes,
-        margin=params.gates.max_accuracy_drop, class_margin=params.gates.max_class_recall_drop,
-        n_boot=params.evaluate.bootstrap, confidence=params.gates.confidence, seed=params.project.seed,
-    )  # fmt: skip
+    gates, n_boot, seed = params.gates, params.evaluate.bootstrap, params.project.seed
+    if task == "multilabel":
+        comparison = compare_multilabel(
+            test.targets, test.logits, champ.logits, classes, margin=gates.max_map_drop,
+            label_margin=gates.max_label_ap_drop, n_boot=n_boot, confidence=gates.confidence, seed=seed,
+        )  # fmt: skip
+    else:
+        comparison = compare(
+            test.targets, test.logits.argmax(1), champ.logits.argmax(1), classes, margin=gates.max_accuracy_drop,
+            class_margin=gates.max_class_recall_drop, n_boot=n_boot, confidence=gates.confidence, seed=seed,
+        )  # fmt: skip
     return {"status": "compared", "version": version, "uri": uri, "comparison": comparison}
 
 
@@ -170,49 +205,107 @@ def gather_evidence(
 
     baseline: the baseline stage's ``baseline.json`` record (or None when it has not run).
     """
-    from components.calibration import calibrate, softmax_t
     from components.checkpoint import load_spec
-    from components.data import encode_labels, split_rows
-    from components.evaluation import compute_metrics
+    from components.data import encode_targets, split_rows
     from components.gate_report import Evidence
     from components.slices import slice_table
 
     ev_cfg, rob = params.evaluate, params.evaluate.robustness
-    seed = params.project.seed
+    spec = load_spec(model_dir)
     rows = split_rows(read_manifest(DataPaths(params.project.data_dir).manifest), "test")
-    labels = np.asarray(encode_labels(rows["label"].tolist(), load_spec(model_dir).classes))
-    keep = sweep_sample(labels, rob.max_images, seed) if rob.enabled else None
+    targets = np.asarray(encode_targets(rows, spec.classes, spec.task))
+    keep = sweep_sample(targets, rob.max_images, params.project.seed) if rob.enabled else None
     test, (model, spec) = predict_split(params, model_dir, "test", keep=keep)
-    fit = ev_cfg.temperature_scaling and has_split(params, "val")
-    val = predict_split(params, model_dir, "val")[0] if fit else test
-    cal = calibrate(
-        val.logits, val.targets, test.logits, test.targets, n_bins=ev_cfg.calibration_bins, fit=fit
-    )
-    probs = softmax_t(test.logits, cal.temperature)
-    metrics = compute_metrics(
-        test.targets, probs, spec.classes, top_k=ev_cfg.top_k, confidence=params.gates.confidence
-    )
+    # Multi-label thresholds are always tuned on val; single-label needs val only to fit T.
+    want_val = spec.multilabel or ev_cfg.temperature_scaling
+    val = predict_split(params, model_dir, "val")[0] if want_val and has_split(params, "val") else None
+    measured = (_multilabel_measures if spec.multilabel else _singlelabel_measures)(params, spec, test, val)
     robustness = _robustness(params, model, spec, test) if rob.enabled else None
     rows = rows.assign(
         pixels=rows["width"] * rows["height"], **{k: pd.Series(v) for k, v in test.properties.items()}
     )
-    slices = slice_table(
-        rows, probs.argmax(1) == test.targets, ev_cfg.slices, confidence=params.gates.confidence
-    )
+    slices = slice_table(rows, measured.correct, ev_cfg.slices, confidence=params.gates.confidence)
     champion = (
-        champion_evidence(params, test, spec.classes, tmp, own_version=own_version)
+        champion_evidence(params, test, spec.classes, tmp, own_version=own_version, task=spec.task)
         if ev_cfg.compare_champion
         else {"status": "skipped", "reason": "evaluate.compare_champion is false"}
     )
-    return Evidence(metrics=metrics, calibration=cal, robustness=robustness, slices=slices,
-                    champion=champion, baseline=baseline)  # fmt: skip
+    return Evidence(metrics=measured.metrics, calibration=measured.calibration, robustness=robustness,
+                    slices=slices, champion=champion, baseline=baseline, curves=measured.curves)  # fmt: skip
+
+
+@dataclass
+class _Measured:
+    """Test metrics, calibration, ROC/PR curves and which test images are right (N,) bool (top-1, or
+    the whole label set for multi-label: what the slices count)."""
+
+    metrics: dict[str, Any]
+    calibration: Any
+    curves: dict[str, Any]
+    correct: np.ndarray
+
+
+def _singlelabel_measures(params: Params, spec: Any, test: SplitOutput, val: SplitOutput | None) -> _Measured:
+    from components.calibration import calibrate, softmax_t
+    from components.evaluation import compute_metrics, one_vs_rest_curves
+
+    ev_cfg = params.evaluate
+    fit = ev_cfg.temperature_scaling and val is not None
+    fit_on = val if fit and val is not None else test
+    cal = calibrate(fit_on.logits, fit_on.targets, test.logits, test.targets, n_bins=ev_cfg.calibration_bins,
+                    fit=fit)  # fmt: skip
+    probs = softmax_t(test.logits, cal.temperature)
+    metrics = compute_metrics(
+        test.targets, probs, spec.classes, top_k=ev_cfg.top_k, confidence=params.gates.confidence
+    )
+    onehot = np.eye(len(spec.classes), dtype=np.int8)[test.targets]
+    curves = one_vs_rest_curves(onehot, probs, spec.classes)
+    return _Measured(metrics, cal, curves, probs.argmax(1) == test.targets)
+
+
+def _multilabel_measures(params: Params, spec: Any, test: SplitOutput, val: SplitOutput | None) -> _Measured:
+    """T fitted on val (BCE), then thresholds tuned on val's scaled probabilities, then test metrics."""
+    from components.calibration import calibrate_multilabel, sigmoid_t
+    from components.evaluation import one_vs_rest_curves
+    from components.multilabel import multilabel_metrics, predict_sets, tune_thresholds
+
+    ev_cfg = params.evaluate
+    fit = ev_cfg.temperature_scaling and val is not None
+    fit_on = val if fit and val is not None else test
+    cal = calibrate_multilabel(fit_on.logits, fit_on.targets, test.logits, test.targets, spec.classes,
+                               n_bins=ev_cfg.calibration_bins, fit=fit)  # fmt: skip
+    tuning: dict[str, Any] = {"rule": ev_cfg.threshold_rule, "target": ev_cfg.threshold_target,
+                              "fitted_on": "none", "n_fit": 0, "per_label": []}  # fmt: skip
+    thresholds = [0.5] * len(spec.classes)
+    if val is None:
+        logger.warning("no val split: multi-label decision thresholds stay at 0.5 (nothing to tune them on)")
+    else:
+        tuned = tune_thresholds(val.targets, sigmoid_t(val.logits, cal.temperature), spec.classes,
+                                rule=ev_cfg.threshold_rule, target=ev_cfg.threshold_target)  # fmt: skip
+        thresholds = [t.threshold for t in tuned]
+        positives = val.targets.sum(axis=0)
+        tuning |= {"fitted_on": "val", "n_fit": len(val.targets),
+                   "per_label": [{**asdict(t), "val_support": int(k)} for t, k in zip(tuned, positives, strict=True)]}  # fmt: skip
+    probs = sigmoid_t(test.logits, cal.temperature)
+    metrics = multilabel_metrics(
+        test.targets, probs, thresholds, spec.classes, confidence=params.gates.confidence
+    )
+    metrics["threshold_tuning"] = tuning
+    correct = (predict_sets(probs, thresholds) == test.targets).all(axis=1)
+    return _Measured(metrics, cal, one_vs_rest_curves(test.targets, probs, spec.classes), correct)
 
 
 def _robustness(params: Params, model: Any, spec: Any, test: SplitOutput) -> Any:
+    from components.multilabel import mean_average_precision
     from components.robustness import corruption_sweep, resolve_families
 
     assert test.kept is not None and test.kept_targets is not None
     size = params.evaluate.robustness.batch_size
+
+    def mean_ap(logits: np.ndarray, y: np.ndarray) -> float:
+        # AP depends only on the order of the scores: logits need no temperature nor threshold.
+        return mean_average_precision(y, logits)
+
     return corruption_sweep(
         model,
         zip(test.kept.split(size), test.kept_targets.split(size), strict=True),
@@ -220,6 +313,8 @@ def _robustness(params: Params, model: Any, spec: Any, test: SplitOutput) -> Any
         std=spec.data_config["std"],
         families=resolve_families(params.evaluate.robustness.families),
         seed=params.project.seed,
+        score=mean_ap if spec.multilabel else None,
+        metric="mAP" if spec.multilabel else "accuracy",
     )
 
 
@@ -295,14 +390,19 @@ def _evaluate(
     tracking.log_metrics(run_id, {**all_scalars(evidence), "evaluate_seconds": seconds}, prefix="test_")
     tracking.log_metrics(run_id, baseline_scalars(baseline))
     tracking.log_artifacts(run_id, list(files.values()), artifact_path="evaluate")
-    tracking.set_tags(run_id, {"gates_passed": str(gates.passed).lower(),
+    task = "multilabel" if evidence.multilabel else "singlelabel"
+    tracking.set_tags(run_id, {"gates_passed": str(gates.passed).lower(), "task": task,
                                "baseline_status": str((baseline or {}).get("status", "not run"))})  # fmt: skip
+    headline, value = evidence.headline
     return {
-        "accuracy": evidence.metrics["accuracy"],
+        "task": task,
+        "accuracy": evidence.metrics.get("accuracy"),
+        headline: value,
         "gates_passed": gates.passed,
         "verdict": gates.verdict(),
         "gates": gates.to_dict(),
         "temperature": evidence.calibration.temperature if evidence.calibration else 1.0,
+        "thresholds": evidence.thresholds,
         "report_html": str(files["report_html"]),
         "report_json": str(files["report_json"]),
         "out_dir": str(out_dir),

@@ -10,11 +10,19 @@ Files written by :func:`write_evaluation` (the ``evaluate`` stage's outputs):
 ===============================  ============================================================
 metrics.json                     :func:`flat_metrics`: scalars only (what ``dvc metrics show`` reads)
 evaluation.json                  the full :func:`compute_metrics` dict (per class, confusion matrix)
-per_class.csv                    class, precision, recall, f1, support
+per_class.csv                    class, precision, recall (+ Wilson bounds), f1, support, roc_auc, pr_auc
 gates.json                       :meth:`GateReport.to_dict`
 confusion_matrix.png             counts (rows: true class, columns: predicted)
 confusion_matrix_normalized.png  each true class's row as shares (recall on the diagonal)
 ===============================  ============================================================
+
+:func:`write_curves` adds the one-vs-rest curves of :func:`one_vs_rest_curves`: ``roc_curves.csv``
+(class, fpr, tpr), ``pr_curves.csv`` (class, recall, precision), at most ~200 points per class, and
+``roc_curves.png`` / ``pr_curves.png`` (all classes in one figure each).
+
+A multi-label evaluation (:func:`components.multilabel.multilabel_metrics`, ``task: multilabel``)
+writes the same files: per_class.csv holds one row per label (AP, ROC-AUC, precision, recall,
+F1, support, threshold) and the confusion matrix is :func:`components.multilabel.label_confusion`.
 """
 
 from __future__ import annotations
@@ -35,11 +43,15 @@ from scipy.stats import norm
 from sklearn.exceptions import UndefinedMetricWarning
 from sklearn.metrics import (
     accuracy_score,
+    average_precision_score,
     balanced_accuracy_score,
     brier_score_loss,
     confusion_matrix,
     log_loss,
+    precision_recall_curve,
     precision_recall_fscore_support,
+    roc_auc_score,
+    roc_curve,
     top_k_accuracy_score,
 )
 
@@ -54,6 +66,10 @@ _GATE_EPS = 1e-12
 
 ACCURACY_GATE = "min_accuracy"
 CLASS_RECALL_GATE = "min_class_recall"
+MAP_GATE = "min_map"
+LABEL_AP_GATE = "min_label_ap"
+# Curve points kept per class in roc_curves.csv / pr_curves.csv (dvc plots, the PNGs).
+CURVE_POINTS = 200
 
 _SCALAR_KEYS = (
     "accuracy",
@@ -91,7 +107,10 @@ def compute_metrics(
     and confusion_matrix ((K, K) counts, rows = true, columns = predicted) with
     confusion_matrix_normalized (each row divided by its count: recall on the diagonal).
     Each per-class row carries ``recall_lower``/``recall_upper``, the Wilson interval of its
-    recall at ``confidence``. A class absent from ``y_true`` gets recall 0 and support 0.
+    recall at ``confidence``, and the one-vs-rest ``roc_auc`` and ``pr_auc`` (average precision) of
+    its probability column; their means over the classes where they are defined are
+    ``macro_roc_auc`` and ``macro_pr_auc``. A class absent from ``y_true`` gets recall 0, support 0
+    and no AUCs (None).
     """
     y, p = _check_inputs(y_true, probs, classes, top_k=top_k)
     n_classes = len(classes)
@@ -103,9 +122,11 @@ def compute_metrics(
         y, y_pred, labels=labels, average=None, zero_division=0
     )
     cm = confusion_matrix(y, y_pred, labels=labels).astype(np.int64)
+    onehot = np.eye(n_classes, dtype=np.int8)[y]
     per_class = []
     for i, name in enumerate(classes):
         lower, upper = wilson_interval(int(cm[i, i]), int(support[i]), confidence=confidence)
+        roc_auc, pr_auc = one_vs_rest_auc(onehot[:, i], p[:, i])
         per_class.append(
             {
                 "class": str(name),
@@ -116,6 +137,8 @@ def compute_metrics(
                 "recall_upper": upper,
                 "f1": float(f1[i]),
                 "support": int(support[i]),
+                "roc_auc": roc_auc,
+                "pr_auc": pr_auc,
             }
         )
     metrics: dict[str, Any] = {
@@ -126,6 +149,8 @@ def compute_metrics(
         **_averaged(y, y_pred, labels, "weighted"),
         "nll": float(log_loss(y, p, labels=labels)),
         "brier": float(brier_score_loss(y, p, labels=labels, scale_by_half=False)),
+        "macro_roc_auc": _mean_known(row["roc_auc"] for row in per_class),
+        "macro_pr_auc": _mean_known(row["pr_auc"] for row in per_class),
         "n": int(y.shape[0]),
         "confidence": confidence,
         "per_class": per_class,
@@ -136,6 +161,80 @@ def compute_metrics(
         "evaluated %d samples over %d classes: accuracy %.4f", y.shape[0], n_classes, metrics["accuracy"]
     )
     return metrics
+
+
+def one_vs_rest_auc(y: np.ndarray, scores: np.ndarray) -> tuple[float | None, float | None]:
+    """ROC-AUC and PR-AUC (average precision) of one class against the rest. y: (N,) 0/1, scores: (N,).
+
+    ROC-AUC needs positives and negatives, PR-AUC positives; an undefined one is None.
+    """
+    if not y.any():
+        return None, None
+    pr_auc = float(average_precision_score(y, scores))
+    return (float(roc_auc_score(y, scores)) if not y.all() else None), pr_auc
+
+
+def _mean_known(values: Any) -> float | None:
+    known = [float(v) for v in values if v is not None]
+    return float(np.mean(known)) if known else None
+
+
+def one_vs_rest_curves(
+    y_true: np.ndarray, scores: np.ndarray, classes: Sequence[str], *, max_points: int = CURVE_POINTS
+) -> dict[str, list[dict[str, Any]]]:
+    """One-vs-rest ROC and precision-recall curves of every class (or label).
+
+    y_true: (N, K) 0/1 (one-hot of the true class, or the multi-label indicator matrix); scores:
+    (N, K) probabilities. Returns ``{"roc": [{"class", "auc", "fpr", "tpr"}], "pr": [{"class", "ap",
+    "recall", "precision"}]}``, each curve thinned to at most ``max_points`` points (both ends kept).
+    A class without positives has no curve; one without negatives has no ROC curve.
+    """
+    y, p = np.asarray(y_true), np.asarray(scores, dtype=np.float64)
+    roc: list[dict[str, Any]] = []
+    pr: list[dict[str, Any]] = []
+    for i, name in enumerate(classes):
+        if not y[:, i].any():
+            continue
+        precision, recall, _ = precision_recall_curve(y[:, i], p[:, i])
+        recall, precision = _thin(recall[::-1], precision[::-1], max_points=max_points)
+        ap = float(average_precision_score(y[:, i], p[:, i]))
+        pr.append({"class": str(name), "ap": ap, "recall": recall, "precision": precision})
+        if y[:, i].all():
+            continue
+        fpr, tpr, _ = roc_curve(y[:, i], p[:, i])
+        fpr, tpr = _thin(fpr, tpr, max_points=max_points)
+        roc.append(
+            {"class": str(name), "auc": float(roc_auc_score(y[:, i], p[:, i])), "fpr": fpr, "tpr": tpr}
+        )
+    return {"roc": roc, "pr": pr}
+
+
+def _thin(x: np.ndarray, y: np.ndarray, *, max_points: int) -> tuple[list[float], list[float]]:
+    """Evenly spaced points of a curve (at most ``max_points``, first and last kept), as lists."""
+    if len(x) > max_points:
+        idx = np.unique(np.round(np.linspace(0, len(x) - 1, max_points)).astype(np.int64))
+        x, y = x[idx], y[idx]
+    return [float(v) for v in x], [float(v) for v in y]
+
+
+def write_curves(curves: Mapping[str, list[dict[str, Any]]], out_dir: Path) -> dict[str, Path]:
+    """``roc_curves.csv`` (class, fpr, tpr), ``pr_curves.csv`` (class, recall, precision) and their
+    PNGs (``roc_curves.png``, ``pr_curves.png``: all classes in one figure each) into ``out_dir``."""
+    from components.plots import plot_curves
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    for kind, x, y in (("roc", "fpr", "tpr"), ("pr", "recall", "precision")):
+        path = out_dir / f"{kind}_curves.csv"
+        with path.open("w", newline="", encoding="utf-8") as f:
+            writer = csv.writer(f)
+            writer.writerow(["class", x, y])
+            for c in curves[kind]:
+                writer.writerows((c["class"], a, b) for a, b in zip(c[x], c[y], strict=True))
+        paths[f"{kind}_curves_csv"] = path
+        paths[f"{kind}_curves"] = plot_curves(curves[kind], out_dir / f"{kind}_curves.png", kind=kind)
+    return paths
 
 
 def _row_fractions(cm: np.ndarray) -> np.ndarray:
@@ -273,10 +372,15 @@ class GateResult:
 @dataclass(frozen=True)
 class GateReport:
     """All gates of one evaluation; ``passed`` only if there is at least one gate and no failed
-    ``error`` gate (failed ``warn`` gates are reported, not blocking)."""
+    ``error`` gate (failed ``warn`` gates are reported, not blocking).
+
+    ``not_applicable``: (gate name, why) of the configured gates that do not apply to this model at
+    all (a single-label gate on a multi-label model and vice versa); listed, neither passed nor failed.
+    """
 
     passed: bool
     gates: tuple[GateResult, ...]
+    not_applicable: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self) -> None:
         expected = bool(self.gates) and not any(g.blocking for g in self.gates)
@@ -287,9 +391,10 @@ class GateReport:
             )
 
     @classmethod
-    def of(cls, gates: Sequence[GateResult]) -> GateReport:
+    def of(cls, gates: Sequence[GateResult], *, not_applicable: Sequence[tuple[str, str]] = ()) -> GateReport:
         gates = tuple(gates)
-        return cls(passed=bool(gates) and not any(g.blocking for g in gates), gates=gates)
+        return cls(passed=bool(gates) and not any(g.blocking for g in gates), gates=gates,
+                   not_applicable=tuple((str(n), str(r)) for n, r in not_applicable))  # fmt: skip
 
     def failed(self) -> list[GateResult]:
         """The gates that block promotion (failed, level ``error``), in report order."""
@@ -318,6 +423,7 @@ class GateReport:
             "failed": [g.name for g in self.failed()],
             "warnings": [g.name for g in self.warnings()],
             "gates": [{**asdict(g), "status": g.status} for g in self.gates],
+            "not_applicable": [{"name": n, "reason": r} for n, r in self.not_applicable],
         }
 
     @classmethod
@@ -337,7 +443,8 @@ class GateReport:
             )
             for g in d["gates"]
         )
-        return cls(passed=bool(d["passed"]), gates=gates)
+        not_applicable = tuple((str(n["name"]), str(n["reason"])) for n in d.get("not_applicable", []))
+        return cls(passed=bool(d["passed"]), gates=gates, not_applicable=not_applicable)
 
     def summary_text(self) -> str:
         """The verdict, then one line per gate (``ok``/``FAIL``/``warn``), e.g. for logs and the CLI."""
@@ -496,6 +603,86 @@ def _class_recall_gate(
     return replace(gate, explanation=explanation)
 
 
+def is_multilabel(metrics: Mapping[str, Any]) -> bool:
+    """True for a :func:`components.multilabel.multilabel_metrics` dict."""
+    return metrics.get("task") == "multilabel"
+
+
+def multilabel_metric_gates(
+    metrics: dict[str, Any],
+    *,
+    min_map: float,
+    min_label_ap: float,
+    min_class_recall: float,
+    confidence: float,
+    levels: Mapping[str, str],
+) -> list[GateResult]:
+    """Gates of a multi-label model's test metrics: mAP, each label's AP, and each label's recall
+    over its positives at the tuned threshold (Wilson lower bound, as ``min_class_recall``)."""
+    for name, value in (
+        (MAP_GATE, min_map),
+        (LABEL_AP_GATE, min_label_ap),
+        (CLASS_RECALL_GATE, min_class_recall),
+    ):
+        _check_threshold(name, value)
+    rows = metrics["per_label"]
+    gates: list[GateResult] = []
+    if levels.get(MAP_GATE, "error") != "off":
+        gates.append(_map_gate(metrics, min_map, _level(levels, MAP_GATE)))
+    if levels.get(LABEL_AP_GATE, "error") != "off":
+        gates += [_label_ap_gate(row, min_label_ap, _level(levels, LABEL_AP_GATE)) for row in rows]
+    if levels.get(CLASS_RECALL_GATE, "error") != "off":
+        level = _level(levels, CLASS_RECALL_GATE)
+        gates += [_label_recall_gate(row, min_class_recall, confidence, level) for row in rows]
+    return gates
+
+
+def _map_gate(metrics: Mapping[str, Any], threshold: float, level: GateLevel) -> GateResult:
+    value = metrics["mAP"]
+    if value is None:
+        return GateResult(MAP_GATE, False, 0.0, threshold, "no label has a positive test image: mAP "
+                          "cannot be checked; add test images", level=level,
+                          explanation="Nothing was measured, and a gate never passes on no evidence.")  # fmt: skip
+    n_labels = sum(r["ap"] is not None for r in metrics["per_label"])
+    gate = make_gate(MAP_GATE, "mAP", value, threshold, level=level)
+    return replace(gate, explanation=(
+        f"Averaged over the {n_labels} labels present in the {metrics['n']} test images, the model ranks "
+        f"images showing a label above those without it with an average precision of {value:.1%}; "
+        f"at least {threshold:.1%} is required."
+    ))  # fmt: skip
+
+
+def _label_ap_gate(row: Mapping[str, Any], threshold: float, level: GateLevel) -> GateResult:
+    label = str(row["label"])
+    name = f"{LABEL_AP_GATE}[{label}]"
+    if row["ap"] is None:
+        return GateResult(name, False, 0.0, threshold, f"no test image shows '{label}': its AP cannot be "
+                          f"checked against {threshold:.2f}; add test images with this label", level=level,
+                          explanation=f"Nothing was measured for '{label}', and a gate never passes on no evidence.")  # fmt: skip
+    gate = make_gate(name, f"AP of '{label}'", row["ap"], threshold, level=level)
+    verdict = "reaches" if gate.passed else "does NOT reach"
+    return replace(gate, explanation=(
+        f"Over the {row['support']} test images showing '{label}' the average precision is {row['ap']:.1%}, "
+        f"which {verdict} the required {threshold:.1%}."
+    ))  # fmt: skip
+
+
+def _label_recall_gate(
+    row: Mapping[str, Any], threshold: float, confidence: float, level: GateLevel
+) -> GateResult:
+    gate = _class_recall_gate({"class": row["label"], "recall": row["recall"], "support": row["support"]},
+                              threshold, confidence, level)  # fmt: skip
+    if row["support"] == 0:
+        return gate
+    label, hits = row["label"], int(round(float(row["recall"]) * row["support"]))
+    verdict = "is" if gate.passed else "is NOT"
+    return replace(gate, explanation=(
+        f"At its threshold {row['threshold']:.3f}, '{label}' is predicted on {hits} of the {row['support']} "
+        f"test images that show it ({row['recall']:.1%}). With {confidence:.0%} confidence the true recall "
+        f"is at least {gate.bound:.1%}, which {verdict} above the required {threshold:.1%}."
+    ))  # fmt: skip
+
+
 def _format_pair(value: float, threshold: float) -> tuple[str, str]:
     """Both with the same decimals: at least 2, enough to show the threshold exactly (up to 6), and
     more where fewer would print a failing 0.598 as '0.60 < 0.60'."""
@@ -514,20 +701,32 @@ def most_confused(metrics: dict[str, Any], *, k: int = 5) -> list[dict[str, Any]
     """The ``k`` largest off-diagonal cells of the confusion matrix, most images first.
 
     Each: ``true``, ``predicted`` (class names), ``count`` and ``share`` (of the true class's test
-    images). Cells with no image are left out, so a perfect model has none.
+    images). Cells with no image are left out, so a perfect model has none. Multi-label: ``true`` is
+    a label that was missed while ``predicted`` was predicted without being there (share: of the
+    test images showing the missed label).
     """
     cm = np.asarray(metrics["confusion_matrix"], dtype=np.int64)
-    classes = [row["class"] for row in metrics["per_class"]]
+    classes = class_names(metrics)
     off = cm.copy()
     np.fill_diagonal(off, 0)
     order = np.argsort(-off, axis=None, kind="stable")[:k]
-    rows = cm.sum(axis=1)
+    rows = np.asarray([int(r["support"]) for r in class_rows(metrics)])
     return [
         {"true": classes[i], "predicted": classes[j], "count": int(off[i, j]),
          "share": float(off[i, j] / rows[i]) if rows[i] else 0.0}
         for i, j in (np.unravel_index(o, off.shape) for o in order)
         if off[i, j] > 0
     ]  # fmt: skip
+
+
+def class_rows(metrics: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The per-class rows (single-label) or per-label rows (multi-label) of a metrics dict."""
+    return list(metrics["per_label"] if is_multilabel(metrics) else metrics["per_class"])
+
+
+def class_names(metrics: Mapping[str, Any]) -> list[str]:
+    key = "label" if is_multilabel(metrics) else "class"
+    return [str(row[key]) for row in class_rows(metrics)]
 
 
 def slug(name: str) -> str:
@@ -539,20 +738,52 @@ def flat_metrics(metrics: dict[str, Any]) -> dict[str, float]:
     """Scalars only, for MLflow and DVC: overall metrics plus ``recall_<slug>``/``f1_<slug>``.
 
     Class names that slug to the same string (``"a b"``, ``"a-b"``) get ``_<index>`` appended
-    so no metric silently overwrites another.
+    so no metric silently overwrites another. Also ``macro_roc_auc``/``macro_pr_auc`` and per class
+    ``roc_auc_<slug>``/``pr_auc_<slug>`` where defined. Multi-label: see :func:`_flat_multilabel`.
     """
+    if is_multilabel(metrics):
+        return _flat_multilabel(metrics)
     flat = {key: float(metrics[key]) for key in _SCALAR_KEYS}
     flat.update({key: float(v) for key, v in metrics.items() if re.fullmatch(r"top\d+_accuracy", key)})
+    flat.update(
+        {k: float(metrics[k]) for k in ("macro_roc_auc", "macro_pr_auc") if metrics.get(k) is not None}
+    )
     flat["n"] = float(metrics["n"])
+    for s, row in _slugged(metrics["per_class"], "class"):
+        flat[f"recall_{s}"] = float(row["recall"])
+        flat[f"f1_{s}"] = float(row["f1"])
+        flat.update({f"{k}_{s}": float(row[k]) for k in ("roc_auc", "pr_auc") if row.get(k) is not None})
+    return flat
+
+
+_MULTILABEL_SCALARS = (
+    "mAP", "macro_roc_auc", "micro_precision", "micro_recall", "micro_f1", "macro_precision", "macro_recall",
+    "macro_f1", "subset_accuracy", "hamming_loss", "label_cardinality", "predicted_cardinality", "n",
+)  # fmt: skip
+
+
+def _flat_multilabel(metrics: Mapping[str, Any]) -> dict[str, float]:
+    """Multi-label scalars: mAP, micro/macro P/R/F1, subset accuracy, Hamming loss, cardinalities, n,
+    and per label ``ap_``/``roc_auc_``/``precision_``/``recall_``/``f1_``/``threshold_<slug>``."""
+    flat = {k: float(metrics[k]) for k in _MULTILABEL_SCALARS if metrics.get(k) is not None}
+    for s, row in _slugged(metrics["per_label"], "label"):
+        for k in ("ap", "roc_auc", "precision", "recall", "f1", "threshold"):
+            if row.get(k) is not None:
+                flat[f"{k}_{s}"] = float(row[k])
+    return flat
+
+
+def _slugged(rows: Sequence[dict[str, Any]], key: str) -> list[tuple[str, dict[str, Any]]]:
+    """(unique slug, row) per row; a slug already taken gets ``_<index>`` appended."""
     seen: set[str] = set()
-    for row in metrics["per_class"]:
-        s = slug(str(row["class"])) or "class"
+    out = []
+    for row in rows:
+        s = slug(str(row[key])) or "class"
         if s in seen:
             s = f"{s}_{row['index']}"
         seen.add(s)
-        flat[f"recall_{s}"] = float(row["recall"])
-        flat[f"f1_{s}"] = float(row["f1"])
-    return flat
+        out.append((s, row))
+    return out
 
 
 def write_evaluation(metrics: dict[str, Any], gates: GateReport, out_dir: Path) -> dict[str, Path]:
@@ -565,23 +796,32 @@ def write_evaluation(metrics: dict[str, Any], gates: GateReport, out_dir: Path) 
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    classes = [row["class"] for row in metrics["per_class"]]
+    classes = class_names(metrics)
+    multilabel = is_multilabel(metrics)
+    # Multi-label: shares of each label's positives (a missed label may be taken for several others).
+    totals = np.asarray([r["support"] for r in metrics["per_label"]]) if multilabel else None
+    labels = (
+        ("missed label", "falsely predicted label (diagonal: hits)") if multilabel else ("true", "predicted")
+    )
     paths = {
         "metrics": _write_json(flat_metrics(metrics), out_dir / "metrics.json"),
         "evaluation": _write_json(metrics, out_dir / "evaluation.json"),
-        "per_class": _write_per_class_csv(metrics["per_class"], out_dir / "per_class.csv"),
+        "per_class": _write_per_class_csv(metrics, out_dir / "per_class.csv"),
         "gates": _write_json(gates.to_dict(), out_dir / "gates.json"),
         "confusion_matrix": plot_confusion_matrix(
             np.asarray(metrics["confusion_matrix"]),
             classes,
             out_dir / "confusion_matrix.png",
             normalize=False,
+            axis_labels=labels,
         ),
         "confusion_matrix_normalized": plot_confusion_matrix(
             np.asarray(metrics["confusion_matrix"]),
             classes,
             out_dir / "confusion_matrix_normalized.png",
             normalize=True,
+            totals=totals,
+            axis_labels=labels,
         ),
     }
     logger.info("wrote evaluation to %s (gates %s)", out_dir, "passed" if gates.passed else "FAILED")
@@ -594,10 +834,20 @@ def _write_json(obj: Any, path: Path) -> Path:
     return path
 
 
-def _write_per_class_csv(per_class: Sequence[dict[str, Any]], path: Path) -> Path:
-    columns = ("class", "precision", "recall", "recall_lower", "recall_upper", "f1", "support")
+_PER_CLASS_COLUMNS = ("class", "precision", "recall", "recall_lower", "recall_upper", "f1", "support",
+                      "roc_auc", "pr_auc")  # fmt: skip
+_PER_LABEL_COLUMNS = ("class", "ap", "roc_auc", "precision", "recall", "recall_lower", "recall_upper", "f1",
+                      "support", "threshold")  # fmt: skip
+
+
+def _write_per_class_csv(metrics: Mapping[str, Any], path: Path) -> Path:
+    """One row per class (multi-label: per label, its name in the ``class`` column too)."""
+    columns: Sequence[str] = _PER_CLASS_COLUMNS
+    rows = list(metrics["per_class"] if not is_multilabel(metrics) else [])
+    if is_multilabel(metrics):
+        columns, rows = _PER_LABEL_COLUMNS, [{"class": r["label"], **r} for r in metrics["per_label"]]
     with path.open("w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
         writer.writeheader()
-        writer.writerows(per_class)
+        writer.writerows(rows)
     return path

@@ -29,6 +29,7 @@ IRRELEVANT_TO_TRAINING: tuple[str, ...] = (
     "evaluate.batch_size",
     "register",  # names and addresses of the registry, not the model
     "notify",
+    "tune",  # the sweep's own settings: `imgflow tune` writes a params file, it does not train the champion
 )
 """Dotted keys (or whole sections) that cannot change the trained model or its verdict: changing
 them does not trigger a retrain. Everything else does (seed, ingest filters, split, validation and
@@ -97,6 +98,8 @@ def decide(
     if force:
         return replace(base, reason="forced (--force)")
     changed = []
+    if champion.get("training_run_missing") == "true":
+        changed.append(f"the champion's training run {base.champion_run_id or ''} is gone (deleted)")
     if champion.get("data_version") != data_version:
         changed.append(f"data version {champion.get('data_version')} -> {data_version}")
     if champion.get("training_params_hash") != training_params_hash:

@@ -17,7 +17,7 @@ from torch.utils.data import Sampler
 WeightScheme = Literal["inverse", "sqrt_inverse", "effective"]
 
 
-def class_counts(targets: Sequence[int], num_classes: int) -> np.ndarray:
+def class_counts(targets: Sequence[int] | np.ndarray, num_classes: int) -> np.ndarray:
     return np.bincount(np.asarray(targets, dtype=np.int64), minlength=num_classes)
 
 
@@ -91,7 +91,7 @@ class BalancedDistributedSampler(Sampler[int]):
     """
 
     def __init__(
-        self, targets: Sequence[int], *, num_replicas: int = 1, rank: int = 0, seed: int = 0
+        self, targets: Sequence[int] | np.ndarray, *, num_replicas: int = 1, rank: int = 0, seed: int = 0
     ) -> None:
         t = np.asarray(targets, dtype=np.int64)
         counts = np.bincount(t)
@@ -109,6 +109,49 @@ class BalancedDistributedSampler(Sampler[int]):
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
         draws = torch.multinomial(self.weights, self.total, replacement=True, generator=g)
         return iter(draws[self.rank :: self.num_replicas].tolist())
+
+
+def create_multilabel_loss(
+    kind: str,
+    positives: Sequence[int],
+    total: int,
+    *,
+    weight_scheme: WeightScheme | None = None,
+    focal_gamma: float = 2.0,
+    asl: tuple[float, float, float] = (4.0, 1.0, 0.05),
+    label_smoothing: float = 0.0,
+) -> nn.Module:
+    """The multi-label training loss (one sigmoid per label), all through timm's asymmetric loss,
+    averaged over images and labels: ``ce`` is binary cross-entropy (no focusing, no clipping),
+    ``focal`` the sigmoid focal loss (gamma on both terms), ``asymmetric`` ASL with ``asl`` =
+    (gamma_neg, gamma_pos, clip). ``weight_scheme`` weights each label's positive term by
+    negatives/positives (``inverse``) or its square root (``sqrt_inverse``), from the train split's
+    ``positives`` per label out of ``total`` images."""
+    from timm.loss import AsymmetricLossMultiLabel
+
+    if kind in ("ce", "bce"):
+        gamma_neg, gamma_pos, clip = 0.0, 0.0, 0.0
+    elif kind == "focal":
+        gamma_neg, gamma_pos, clip = focal_gamma, focal_gamma, 0.0
+    elif kind == "asymmetric":
+        gamma_neg, gamma_pos, clip = asl
+    else:
+        raise ValueError(f"loss {kind!r} is not for multi-label tasks: use ce, focal or asymmetric")
+    pos_weight = None
+    if weight_scheme is not None:
+        if weight_scheme not in ("inverse", "sqrt_inverse"):
+            raise ValueError(
+                f"class_weights={weight_scheme!r} is single-label only: use inverse or sqrt_inverse"
+            )
+        pos = np.maximum(np.asarray(positives, dtype=np.float64), 1.0)
+        ratio = np.maximum(total - pos, 1.0) / pos
+        pos_weight = torch.tensor(
+            ratio if weight_scheme == "inverse" else np.sqrt(ratio), dtype=torch.float32
+        )
+    return AsymmetricLossMultiLabel(
+        gamma_neg=gamma_neg, gamma_pos=gamma_pos, clip=clip, smoothing=label_smoothing,
+        reduction="mean", pos_weight=pos_weight, disable_torch_grad_focal_loss=False,
+    )  # fmt: skip
 
 
 def create_loss(

@@ -72,6 +72,8 @@ class IngestSummary:
     """``singlelabel`` or ``multilabel`` (declared by ingest.task, or detected from the label sets)."""
     task_detected: bool = False
     """True when ingest.task was ``auto`` and the task was read off the data."""
+    images: dict[str, int] | None = None
+    """split -> number of images (differs from the sum of ``counts`` for multi-label data)."""
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -491,6 +493,7 @@ def ingest(
         empty_classes=tuple(c for c in class_names if not any(counts[split][c] for split in SPLITS)),
         task=resolved_task,
         task_detected=task == "auto",
+        images={split: splits.count(split) for split in SPLITS},
     )
     _log_summary(summary)
     return summary
@@ -499,7 +502,7 @@ def ingest(
 def _log_summary(s: IngestSummary) -> None:
     if s.empty_classes:
         logger.warning("classes with no ingested image: %s", ", ".join(s.empty_classes))
-    per_split = ", ".join(f"{split} {sum(s.counts[split].values())}" for split in SPLITS)
+    per_split = ", ".join(f"{split} {(s.images or {}).get(split, 0)}" for split in SPLITS)
     logger.info(
         "ingested %d of %d items from %s (%s task%s; %s; %d quarantined%s); data version %s",
         s.ingested,

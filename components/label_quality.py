@@ -15,6 +15,16 @@ issue found (:data:`ISSUE_COLUMNS`):
 - ``outlier``: mean distance to the k nearest neighbours in feature space (an approximate faiss
   IVF index: no all-pairs distance matrix), above a quantile.
 
+Multi-label data (``task="multilabel"``: each image's ``labels`` set): the probabilities are
+per-label (one-vs-rest logistic regressions, k-fold out-of-fold, averaged with the kNN vote of the
+neighbours' label sets), and cleanlab's multi-label filter
+(``cleanlab.filter.find_label_issues(..., multi_label=True)``) flags the images whose set looks
+wrong, ranked by cleanlab's multi-label label quality score (per-label self-confidence, aggregated
+by an exponential moving average over the worst labels). Per-label filtering
+(``cleanlab.multilabel_classification.filter.find_multilabel_issues_per_class``) tells which labels
+look wrong: ``extra_labels`` (given but likely absent) and ``missing_labels`` (likely present but
+not given); ``label`` and ``suggested_label`` are the given and suggested sets, ``|``-joined.
+
 Why PCA + logistic regression + kNN: the audit must cover 70k images in minutes on 2 CPU cores,
 before any model is trained. PCA of the grey pixels is a learned (unsupervised) linear feature
 space (32 components keep most of Fashion-MNIST's variance); the linear model and the kNN vote
@@ -41,6 +51,7 @@ from PIL import Image
 from components.config import AuditConfig
 from components.errors import DataError
 from components.image_stats import displayed, duplicate_sets, grey_pixels, hex_to_uint64, near_duplicate_pairs
+from components.validation import label_set
 
 logger = logging.getLogger(__name__)
 
@@ -50,10 +61,14 @@ CLIP_DISAGREEMENT = "clip_disagreement"
 """One more ledger signal, recorded by the CLIP baseline stage: see :func:`clip_disagreement_issues`."""
 ISSUE_COLUMNS: tuple[str, ...] = (
     "image_id", "issue", "split", "label", "suggested_label", "score", "rank", "group", "path",
+    "missing_labels", "extra_labels",
 )  # fmt: skip
 """``score``: label quality (0..1, low = likely wrong) for label errors, the kNN distance for
 outliers, the set size for near-duplicates; ``rank``: 1 = worst within the issue type;
-``group``: the near-duplicate set's id (its smallest image_id), else empty."""
+``group``: the near-duplicate set's id (its smallest image_id), else empty. Multi-label data:
+``label`` / ``suggested_label`` are ``|``-joined label sets, ``missing_labels`` / ``extra_labels``
+(``|``-joined, else empty) the labels suspected absent from / wrongly in the given set."""
+LABEL_SEPARATOR = "|"
 
 
 @dataclass(frozen=True)
@@ -68,33 +83,89 @@ class AuditResult:
 # Features
 
 
-def load_grey(paths: Sequence[Path], *, side: int, workers: int = 4) -> np.ndarray:
-    """(N, side * side) float32 in 0..1: each image as displayed, grey, resized to side x side."""
+def load_grey(paths: Sequence[Path], *, side: int, width: int | None = None, workers: int = 4) -> np.ndarray:
+    """(N, side * width) float32 in 0..1: each image as displayed, grey, resized to side (rows) x
+    width (columns; default ``side``)."""
+    width = side if width is None else width
 
     def one(path: Path) -> np.ndarray:
         with Image.open(path) as im:
             im.load()
             grey = Image.fromarray(np.rint(grey_pixels(displayed(im))).astype(np.uint8), mode="L")
-        if grey.size != (side, side):
-            grey = grey.resize((side, side), Image.Resampling.BILINEAR)
+        if grey.size != (width, side):
+            grey = grey.resize((width, side), Image.Resampling.BILINEAR)
         return np.asarray(grey, dtype=np.uint8).reshape(-1)
 
-    out = np.empty((len(paths), side * side), dtype=np.uint8)
+    out = np.empty((len(paths), side * width), dtype=np.uint8)
     with ThreadPoolExecutor(max_workers=workers) as pool:  # decoding releases the GIL
         for i, arr in enumerate(pool.map(one, paths, chunksize=256)):
             out[i] = arr
     return out.astype(np.float32) / 255.0
 
 
-def learn_features(pixels: np.ndarray, *, cfg: AuditConfig) -> np.ndarray:
-    """pixels (N, D) -> (N, F) float32: whitened PCA (``features: pca``) or the pixels themselves."""
-    if cfg.features == "pixels":
+def resolve_features(features: str, task: str) -> str:
+    """``auto`` -> ``patches`` for multi-label data (objects anywhere in the image), else ``pca``."""
+    if features != "auto":
+        return features
+    return "patches" if task == "multilabel" else "pca"
+
+
+def learn_features(pixels: np.ndarray, *, cfg: AuditConfig, kind: str | None = None) -> np.ndarray:
+    """pixels (N, D) -> (N, F) float32: whitened PCA (``pca``) or the pixels themselves (``pixels``).
+    kind: the resolved feature kind (default ``cfg.features``; ``auto`` means ``pca`` here)."""
+    kind = resolve_features(cfg.features, "singlelabel") if kind is None else kind
+    if kind == "pixels":
         return pixels - pixels.mean(axis=0, keepdims=True)
     from sklearn.decomposition import PCA
 
     k = min(cfg.pca_components, pixels.shape[0] - 1, pixels.shape[1])
     pca = PCA(n_components=k, whiten=True, svd_solver="randomized", random_state=cfg.seed)
     return pca.fit_transform(pixels).astype(np.float32)
+
+
+def patch_features(pixels: np.ndarray, *, height: int, cfg: AuditConfig) -> np.ndarray:
+    """pixels (N, height * W) grey 0..1 -> (N, 2 * cfg.patch_dictionary) float32, standardised.
+
+    A single-layer patch-dictionary network (Coates, Lee & Ng 2011): k-means centroids of
+    contrast-normalised ``patch_size``-square patches (a sample of them) are the filters; each
+    image's response to a centroid is the cosine of every contrast-normalised patch with it, shifted
+    by 0.25 and rectified, then max- and mean-pooled over the whole image. Global pooling makes the
+    features translation invariant: a multi-label image's objects may sit anywhere, which PCA of
+    aligned pixels cannot follow (on two-item Fashion-MNIST canvases: out-of-fold mAP ~0.7 vs ~0.4).
+    """
+    import torch
+    import torch.nn.functional as F
+    from sklearn.cluster import MiniBatchKMeans
+
+    k, n_dict = cfg.patch_size, cfg.patch_dictionary
+    x = torch.from_numpy(np.ascontiguousarray(pixels, dtype=np.float32)).view(len(pixels), 1, height, -1)
+    if min(x.shape[2:]) < k:
+        raise DataError(
+            f"audit.image_side {height} is smaller than audit.patch_size {k}: raise it or use pca"
+        )
+    rng = np.random.default_rng(cfg.seed)
+    sample = x[np.sort(rng.choice(len(x), size=min(len(x), 1000), replace=False))]
+    patches = F.unfold(sample, k).transpose(1, 2).reshape(-1, k * k).numpy()
+    patches = patches[rng.choice(len(patches), size=min(len(patches), 20_000), replace=False)]
+    patches = patches[patches.std(axis=1) > 0.05]  # flat background says nothing
+    if len(patches) < n_dict:
+        raise DataError(
+            f"too few textured {k}x{k} patches ({len(patches)}) for {n_dict} patch features: use pca"
+        )
+    patches = (patches - patches.mean(axis=1, keepdims=True)) / (patches.std(axis=1, keepdims=True) + 0.1)
+    km = MiniBatchKMeans(n_dict, random_state=cfg.seed, n_init=1, batch_size=2048).fit(patches)
+    centres = km.cluster_centers_ / (np.linalg.norm(km.cluster_centers_, axis=1, keepdims=True) + 1e-6)
+    weight = torch.from_numpy(centres.astype(np.float32)).view(n_dict, 1, k, k)
+    out = []
+    with torch.inference_mode():
+        for chunk in x.split(512):
+            mean = F.avg_pool2d(chunk, k, stride=1)
+            var = (F.avg_pool2d(chunk * chunk, k, stride=1) - mean * mean).clamp_min(0)
+            resp = F.conv2d(chunk, weight) - mean * weight.sum(dim=(1, 2, 3)).view(1, -1, 1, 1)
+            act = torch.relu(resp / (torch.sqrt(var * k * k) + 0.1 * k) - 0.25)
+            out.append(torch.cat([act.amax(dim=(2, 3)), act.mean(dim=(2, 3))], dim=1))
+    feats = torch.cat(out).numpy()
+    return ((feats - feats.mean(axis=0)) / (feats.std(axis=0) + 1e-6)).astype(np.float32)
 
 
 # --------------------------------------------------------------------------------------------
@@ -127,6 +198,68 @@ def out_of_fold_probs(features: np.ndarray, labels: np.ndarray, *, cfg: AuditCon
             probs[np.ix_(held_idx, model.classes_)] = model.predict_proba(features[held_idx])
     probs = np.clip(probs, 1e-6, None)
     return probs / probs.sum(axis=1, keepdims=True)
+
+
+def out_of_fold_probs_multilabel(features: np.ndarray, y: np.ndarray, *, cfg: AuditConfig) -> np.ndarray:
+    """(N, K) per-label probabilities (rows need not sum to 1), each row from models that never saw it.
+
+    y: (N, K) 0/1 indicator. k-fold (k = ``cfg.folds``), one logistic regression per label and fold
+    (one-vs-rest); a label that is constant in a fold's training part gets that constant there.
+    """
+    import warnings
+
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import KFold
+    from threadpoolctl import threadpool_limits
+
+    folds = max(2, min(cfg.folds, len(y)))
+    probs = np.zeros(y.shape, dtype=np.float64)
+    splitter = KFold(n_splits=folds, shuffle=True, random_state=cfg.seed)
+    with warnings.catch_warnings(), threadpool_limits(limits=1, user_api="blas"):
+        warnings.simplefilter("ignore")  # convergence warnings: the probabilities still rank
+        for train_idx, held_idx in splitter.split(features):
+            for k in range(y.shape[1]):
+                target = y[train_idx, k]
+                if target.min() == target.max():
+                    probs[held_idx, k] = float(target[0])
+                    continue
+                model = LogisticRegression(max_iter=cfg.max_iter, C=1.0)
+                model.fit(features[train_idx], target)
+                probs[held_idx, k] = model.predict_proba(features[held_idx])[:, 1]
+    return np.clip(probs, 1e-6, 1 - 1e-6)
+
+
+def knn_probs_multilabel(dist: np.ndarray, idx: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Leave-one-out kNN vote per label, weighted by 1 / distance: (N, K), the weighted share of
+    neighbours that carry each label (the label prevalence where a row has no neighbours)."""
+    valid = idx >= 0
+    weights = np.where(valid, 1.0 / (dist.astype(np.float64) + 1e-6), 0.0)  # (N, k)
+    votes = np.einsum("nk,nkc->nc", weights, y[np.where(valid, idx, 0)].astype(np.float64))
+    total = weights.sum(axis=1, keepdims=True)
+    prior = np.broadcast_to(y.mean(axis=0, keepdims=True), votes.shape)
+    return np.clip(np.where(total > 0, votes / np.where(total > 0, total, 1), prior), 1e-6, 1 - 1e-6)
+
+
+def multilabel_label_issues(
+    label_lists: list[list[int]], probs: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """cleanlab's multi-label filter on out-of-fold per-label probabilities (N, K): (ranked indices
+    of images whose label set looks wrong, worst first; label quality score (N,) in 0..1; per-label
+    issue mask (N, K) bool: the label's presence/absence in the given set looks wrong)."""
+    from cleanlab.filter import find_label_issues
+    from cleanlab.multilabel_classification.filter import find_multilabel_issues_per_class
+    from cleanlab.multilabel_classification.rank import get_label_quality_scores
+
+    quality = get_label_quality_scores(label_lists, probs, method="self_confidence")
+    ranked = find_label_issues(
+        label_lists, probs, multi_label=True, return_indices_ranked_by="self_confidence", n_jobs=1
+    )
+    per_label = find_multilabel_issues_per_class(label_lists, probs, n_jobs=1)
+    return (
+        np.asarray(ranked, dtype=np.int64),
+        np.asarray(quality, dtype=np.float64),
+        np.asarray(per_label, dtype=bool),
+    )
 
 
 def label_issues(labels: np.ndarray, probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -209,16 +342,28 @@ def embedding_duplicate_pairs(dist: np.ndarray, idx: np.ndarray, *, ratio: float
 
 
 def audit(
-    rows: pd.DataFrame, *, data_dir: Path, classes: Sequence[str], cfg: AuditConfig, progress: bool = False
+    rows: pd.DataFrame,
+    *,
+    data_dir: Path,
+    classes: Sequence[str],
+    cfg: AuditConfig,
+    progress: bool = False,
+    task: str = "singlelabel",
 ) -> AuditResult:
-    """Audit manifest ``rows`` (columns image_id, path, label, split, phash); see the module doc."""
+    """Audit manifest ``rows`` (columns image_id, path, label, split, phash; ``labels`` for
+    ``task="multilabel"``); see the module doc."""
     rows = rows[rows["split"].isin(cfg.splits)].reset_index(drop=True)
     if len(rows) < 2:
         raise DataError(f"the audit needs at least 2 images in splits {list(cfg.splits)}, got {len(rows)}")
+    multilabel = task == "multilabel"
+    sets: list[list[str]] = []
+    if multilabel:
+        sets = [label_set(v) for v in rows["labels"]]
+        rows = rows.assign(label=[LABEL_SEPARATOR.join(s) for s in sets])  # issue rows show the whole set
     timings: dict[str, float] = {}
     t = time.perf_counter()
-    pixels = load_grey([Path(data_dir) / p for p in rows["path"]], side=cfg.image_side)
-    features = learn_features(pixels, cfg=cfg)
+    kind = resolve_features(cfg.features, task)
+    features = _features(rows, data_dir, kind, cfg)
     timings["features_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -227,17 +372,12 @@ def audit(
     timings["neighbours_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    present = [c for c in classes if c in set(rows["label"])]
-    index_of = {c: i for i, c in enumerate(present)}
-    labels = rows["label"].map(index_of).to_numpy(dtype=np.int64)
-    oof_accuracy = None
-    if len(present) >= 2:
-        probs = (
-            out_of_fold_probs(features, labels, cfg=cfg) + knn_probs(dist, idx, labels, len(present))
-        ) / 2
-        ranked, quality = label_issues(labels, probs)
-        oof_accuracy = float((probs.argmax(axis=1) == labels).mean())
-        frames.append(_label_error_rows(rows, ranked, quality, probs.argmax(axis=1), present))
+    if multilabel:
+        errors, fit = _multilabel_errors(rows, sets, features, dist, idx, classes, cfg)
+    else:
+        errors, fit = _single_label_errors(rows, features, dist, idx, classes, cfg)
+    if errors is not None:
+        frames.append(errors)
     timings["label_errors_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -255,26 +395,118 @@ def audit(
         .reset_index(drop=True)
     )
     counts = issues["issue"].value_counts()
+    occurrences = pd.Series([c for s in sets for c in s] if multilabel else rows["label"], dtype=object)
     summary = {
         "audited": len(rows),
         "splits": list(cfg.splits),
         "issues": {t: int(counts.get(t, 0)) for t in ISSUE_TYPES},
         "label_error_rate": int(counts.get("label_error", 0)) / len(rows),
         "class_counts": {
-            c: int(n) for c, n in rows["label"].value_counts().reindex(list(classes), fill_value=0).items()
+            c: int(n) for c, n in occurrences.value_counts().reindex(list(classes), fill_value=0).items()
         },
-        "oof_accuracy": oof_accuracy,
+        **fit,
         "folds": cfg.folds,
-        "features": f"{cfg.features}{cfg.pca_components if cfg.features == 'pca' else ''}",
+        "features": kind
+        + {"pca": str(cfg.pca_components), "patches": str(cfg.patch_dictionary)}.get(kind, ""),
         **{k: round(v, 3) for k, v in timings.items()},
     }
     logger.info(
-        "audit of %d images: %s (out-of-fold accuracy %s)", len(rows), summary["issues"], oof_accuracy
+        "audit of %d images: %s (out-of-fold accuracy %s, mAP %s)",
+        len(rows),
+        summary["issues"],
+        fit.get("oof_accuracy"),
+        fit.get("oof_map"),
     )
     return AuditResult(issues=issues, summary=summary)
 
 
-def _issue_rows(sel: pd.DataFrame, issue: str, *, score: np.ndarray, suggested: Any = "") -> pd.DataFrame:
+def _features(rows: pd.DataFrame, data_dir: Path, kind: str, cfg: AuditConfig) -> np.ndarray:
+    """(N, F) features of ``kind`` (pca / pixels: square images; patches: the median aspect kept)."""
+    paths = [Path(data_dir) / p for p in rows["path"]]
+    if kind != "patches":
+        return learn_features(load_grey(paths, side=cfg.image_side), cfg=cfg, kind=kind)
+    aspect = pd.to_numeric(rows.get("aspect"), errors="coerce").median() if "aspect" in rows else np.nan
+    width = max(cfg.patch_size, round(cfg.image_side * (float(aspect) if aspect == aspect else 1.0)))
+    return patch_features(load_grey(paths, side=cfg.image_side, width=width), height=cfg.image_side, cfg=cfg)
+
+
+def _single_label_errors(
+    rows: pd.DataFrame,
+    features: np.ndarray,
+    dist: np.ndarray,
+    idx: np.ndarray,
+    classes: Sequence[str],
+    cfg: AuditConfig,
+) -> tuple[pd.DataFrame | None, dict[str, Any]]:
+    """(label-error rows or None when fewer than 2 classes have images, {oof_accuracy})."""
+    present = [c for c in classes if c in set(rows["label"])]
+    index_of = {c: i for i, c in enumerate(present)}
+    labels = rows["label"].map(index_of).to_numpy(dtype=np.int64)
+    if len(present) < 2:
+        return None, {"oof_accuracy": None}
+    probs = (out_of_fold_probs(features, labels, cfg=cfg) + knn_probs(dist, idx, labels, len(present))) / 2
+    ranked, quality = label_issues(labels, probs)
+    oof_accuracy = float((probs.argmax(axis=1) == labels).mean())
+    return _label_error_rows(rows, ranked, quality, probs.argmax(axis=1), present), {
+        "oof_accuracy": oof_accuracy
+    }
+
+
+def _multilabel_errors(
+    rows: pd.DataFrame,
+    sets: list[list[str]],
+    features: np.ndarray,
+    dist: np.ndarray,
+    idx: np.ndarray,
+    classes: Sequence[str],
+    cfg: AuditConfig,
+) -> tuple[pd.DataFrame | None, dict[str, Any]]:
+    """(label-error rows naming the suspected missing / extra labels, or None when fewer than 2
+    labels occur; {task, oof_accuracy: None, oof_map (mean out-of-fold AP over the labels),
+    label_cardinality, suspected_missing, suspected_extra (label counts over the flagged images)})."""
+    from components.multilabel import label_matrix, mean_average_precision
+
+    occurring = {c for s in sets for c in s}
+    present = [c for c in classes if c in occurring]
+    fit: dict[str, Any] = {"task": "multilabel", "oof_accuracy": None, "oof_map": None,
+                           "label_cardinality": float(np.mean([len(s) for s in sets]))}  # fmt: skip
+    if len(present) < 2:
+        return None, fit
+    y = label_matrix([[c for c in s if c in set(present)] for s in sets], present)
+    probs = (out_of_fold_probs_multilabel(features, y, cfg=cfg) + knn_probs_multilabel(dist, idx, y)) / 2
+    label_lists = [[int(k) for k in np.flatnonzero(row)] for row in y]
+    ranked, quality, per_label = multilabel_label_issues(label_lists, probs)
+    fit["oof_map"] = mean_average_precision(y, probs)
+    given = y[ranked].astype(bool)
+    flagged = per_label[ranked]
+    fallback = ~flagged.any(axis=1)  # flagged as a whole but by no single label: name the worst one
+    worst = np.argmin(np.where(given, probs[ranked], 1 - probs[ranked]), axis=1)
+    flagged[fallback, worst[fallback]] = True
+    extra, missing = flagged & given, flagged & ~given
+    suggested = (given & ~extra) | missing
+    names = np.asarray(present, dtype=object)
+
+    def joined(mask: np.ndarray) -> list[str]:
+        return [LABEL_SEPARATOR.join(names[m]) for m in mask]
+
+    fit["suspected_missing"] = int(missing.sum())
+    fit["suspected_extra"] = int(extra.sum())
+    frame = _issue_rows(
+        rows.iloc[ranked], "label_error", score=quality[ranked], suggested=joined(suggested),
+        missing=joined(missing), extra=joined(extra),
+    )  # fmt: skip
+    return frame, fit
+
+
+def _issue_rows(
+    sel: pd.DataFrame,
+    issue: str,
+    *,
+    score: np.ndarray,
+    suggested: Any = "",
+    missing: Any = "",
+    extra: Any = "",
+) -> pd.DataFrame:
     """Rows of :data:`ISSUE_COLUMNS` for the manifest rows ``sel``, already in rank order."""
     return pd.DataFrame(
         {
@@ -287,7 +519,10 @@ def _issue_rows(sel: pd.DataFrame, issue: str, *, score: np.ndarray, suggested: 
             "rank": np.arange(1, len(sel) + 1),
             "group": "",
             "path": sel["path"].to_numpy(),
-        }
+            "missing_labels": missing,
+            "extra_labels": extra,
+        },
+        columns=list(ISSUE_COLUMNS),
     )
 
 
@@ -295,15 +530,20 @@ def clip_disagreement_issues(disagreements: pd.DataFrame, manifest: pd.DataFrame
     """The baseline's ``disagreements.csv`` rows (CLIP confidently predicts another class than the
     label) as ledger issues: ``suggested_label`` is CLIP's class, ``score`` the probability CLIP
     gives the given label (low = likely wrong, like cleanlab's label quality), rank 1 = most
-    confident disagreement."""
+    confident disagreement. Multi-label tables also carry ``missing_labels`` / ``extra_labels``."""
     if disagreements.empty:
         return pd.DataFrame(columns=list(ISSUE_COLUMNS))
     rows = disagreements.sort_values(["confidence", "image_id"], ascending=[False, True], kind="stable")
     paths = manifest.drop_duplicates("image_id").set_index("image_id")["path"]
     sel = rows.assign(path=paths.reindex(rows["image_id"]).fillna("").to_numpy())
+    changes = {
+        key: sel[col].fillna("").astype(str).to_numpy()
+        for key, col in (("missing", "missing_labels"), ("extra", "extra_labels"))
+        if col in sel.columns
+    }
     return _issue_rows(
         sel, CLIP_DISAGREEMENT, score=sel["label_probability"].to_numpy(dtype=float),
-        suggested=sel["clip_label"].to_numpy(),
+        suggested=sel["clip_label"].to_numpy(), **changes,
     )  # fmt: skip
 
 
@@ -336,7 +576,10 @@ def _duplicate_rows(rows: pd.DataFrame, sets: list[np.ndarray]) -> pd.DataFrame:
             "rank": [rank for *_, rank in members],
             "group": [group for _, group, _, _ in members],
             "path": sel["path"].to_numpy(),
-        }
+            "missing_labels": "",
+            "extra_labels": "",
+        },
+        columns=list(ISSUE_COLUMNS),
     )
 
 
@@ -392,7 +635,8 @@ def write_audit_report(
     errors = issues[issues["issue"] == "label_error"].head(gallery)
     cards = "".join(
         f'<div class="c"><img src="{_thumb_uri(Path(data_dir) / r.path)}" alt=""><br>given <b>{e(str(r.label))}</b>'
-        f"<br>suggested <b>{e(str(r.suggested_label))}</b><br>quality {r.score:.3f}<br><code>{e(r.image_id[:10])}</code></div>"
+        f"<br>suggested <b>{e(str(r.suggested_label))}</b>{_set_changes(r)}<br>quality {r.score:.3f}"
+        f"<br><code>{e(r.image_id[:10])}</code></div>"
         for r in errors.itertuples()
     )
     dups = issues[issues["issue"] == "near_duplicate"]
@@ -424,6 +668,21 @@ data version <code>{e(str(ledger.get("data_version", "")))}</code>, compared wit
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(page)
     return path
+
+
+def _set_changes(row: Any) -> str:
+    """Multi-label: the suspected missing (+) and extra (-) labels of an issue row, as HTML."""
+    import html
+
+    parts = [
+        f"<br>{sign} {html.escape(str(value))}"
+        for sign, value in (
+            ("+", getattr(row, "missing_labels", "")),
+            ("&minus;", getattr(row, "extra_labels", "")),
+        )
+        if isinstance(value, str) and value
+    ]
+    return "".join(parts)
 
 
 def _validation_table(outcomes: Sequence[dict[str, Any]]) -> str:

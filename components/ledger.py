@@ -15,7 +15,8 @@ and outliers; the CLIP baseline records ``clip_disagreement`` (images whose labe
 contradicts) under the same data version, and neither wipes or resolves the other's rows.
 Files under the ledger folder: ``ledger.parquet`` (every version's rows, resolved ones included),
 ``issues.csv`` (this version: open and resolved), ``relabel_queue.csv`` (open label errors, worst
-first, with the suggested label: what a person should look at) and ``diff.json`` (the counts).
+first, with the suggested label, and for multi-label data the suspected missing / extra labels:
+what a person should look at) and ``diff.json`` (the counts).
 """
 
 from __future__ import annotations
@@ -35,7 +36,11 @@ KEY = ["image_id", "issue"]
 LEDGER_COLUMNS: tuple[str, ...] = (
     "data_version", "image_id", "issue", "status", "resolution", "first_seen", "previous_version",
     "split", "label", "suggested_label", "score", "rank", "group", "path", "recorded_at",
+    "missing_labels", "extra_labels",
 )  # fmt: skip
+"""Multi-label data: ``label`` / ``suggested_label`` are ``|``-joined label sets and
+``missing_labels`` / ``extra_labels`` the labels suspected absent from / wrongly in the set (empty
+for single-label data; absent from ledgers written before multi-label support, read as empty)."""
 STATUSES: tuple[str, ...] = ("new", "persisting", "resolved")
 
 
@@ -159,7 +164,8 @@ def _export(rows: pd.DataFrame, folder: Path) -> dict[str, str]:
         "score", kind="stable"
     )
     cols = ["image_id", "path", "split", "label", "suggested_label", "score", "status", "first_seen"]
-    queue.loc[:, cols].rename(columns={"label": "given_label", "score": "label_quality"}).to_csv(
-        queue_csv, index=False
-    )
+    cols += ["missing_labels", "extra_labels"]
+    queue.reindex(columns=cols).fillna({"missing_labels": "", "extra_labels": ""}).rename(
+        columns={"label": "given_label", "score": "label_quality"}
+    ).to_csv(queue_csv, index=False)
     return {"issues": str(issues_csv), "relabel_queue": str(queue_csv)}

@@ -55,6 +55,19 @@ def gate_rows(gates: dict[str, Any]) -> list[dict[str, Any]]:
     ]
 
 
+def headline(evaluated: dict[str, Any]) -> tuple[str, float | None]:
+    """The headline test metric of an evaluate result: ``accuracy``, or ``mAP`` for multi-label models."""
+    if evaluated.get("task") == "multilabel" or evaluated.get("accuracy") is None:
+        return "mAP", evaluated.get("mAP")
+    return "accuracy", evaluated["accuracy"]
+
+
+def headline_text(evaluated: dict[str, Any]) -> str:
+    """``test accuracy 0.9214`` / ``test mAP 0.8123``."""
+    name, value = headline(evaluated)
+    return f"test {name} {'-' if value is None else f'{value:.4f}'}"
+
+
 def gate_markdown(evaluated: dict[str, Any], *, run_ref: str) -> str:
     """The gate verdict of an evaluate result (``run_evaluate``) as a Prefect markdown artifact."""
     gates = evaluated["gates"]
@@ -64,7 +77,7 @@ def gate_markdown(evaluated: dict[str, Any], *, run_ref: str) -> str:
         "",
         f"**{evaluated['verdict']}**",
         "",
-        f"- test accuracy: **{evaluated['accuracy']:.4f}** (temperature {evaluated['temperature']:.3f})",
+        f"- {headline_text(evaluated)} (temperature {evaluated['temperature']:.3f})",
         f"- {run_ref}",
         f"- gate report: `{evaluated['report_html']}`",
         "",

@@ -18,7 +18,7 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from components.checkpoint import Predictor
+from components.checkpoint import Predictor, probabilities
 from components.errors import DataError
 
 logger = logging.getLogger(__name__)
@@ -71,18 +71,20 @@ def predict_batches(
     )  # fmt: skip
     with torch.inference_mode():
         for x, errors in loader:
-            logits = predictor.model(x)
-            yield torch.softmax(logits / predictor.spec.temperature, dim=1).numpy(), list(errors)
+            yield probabilities(predictor.model(x), predictor.spec).numpy(), list(errors)
 
 
 def _frame(
-    paths: list[Path], probs: np.ndarray, errors: list[str], classes: tuple[str, ...], top_k: int
+    paths: list[Path], probs: np.ndarray, errors: list[str], predictor: Predictor, top_k: int
 ) -> pd.DataFrame:
+    classes = predictor.spec.classes
     order = np.argsort(-probs, axis=1)[:, :top_k]
     ok = [not e for e in errors]
+    sets = predictor.label_sets(probs)
     return pd.DataFrame(
         {
             "path": [str(p) for p in paths],
+            "labels": [s if good else [] for s, good in zip(sets, ok, strict=True)],
             "label": [classes[o[0]] if good else None for o, good in zip(order, ok, strict=True)],
             "score": [float(r[o[0]]) if good else None for r, o, good in zip(probs, order, ok, strict=True)],
             "top_k_labels": [
@@ -117,7 +119,7 @@ def predict_to_parquet(
     classes = predictor.spec.classes
     k = min(top_k, len(classes))
     schema = pa.schema(
-        [("path", pa.string()), ("label", pa.string()), ("score", pa.float64()),
+        [("path", pa.string()), ("labels", pa.list_(pa.string())), ("label", pa.string()), ("score", pa.float64()),
          ("top_k_labels", pa.list_(pa.string())), ("top_k_probs", pa.list_(pa.float64())),
          ("probabilities", pa.list_(pa.float32())), ("error", pa.string())]
     )  # fmt: skip
@@ -125,7 +127,7 @@ def predict_to_parquet(
     done = failed = 0
     try:
         for probs, errors in predict_batches(predictor, paths, batch_size=batch_size, workers=workers):
-            frame = _frame(paths[done : done + len(errors)], probs, errors, classes, k)
+            frame = _frame(paths[done : done + len(errors)], probs, errors, predictor, k)
             writer.write_table(pa.Table.from_pandas(frame, schema=schema, preserve_index=False))
             done, failed = done + len(errors), failed + sum(1 for e in errors if e)
             if on_batch:

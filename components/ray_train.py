@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
+import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
@@ -33,7 +34,7 @@ from components.data import (
     cache_key,
     cached_split_array,
     decoded_size,
-    encode_labels,
+    encode_targets,
     split_rows,
 )
 from components.engine import (
@@ -45,7 +46,7 @@ from components.engine import (
     worker_init_fn,
 )
 from components.errors import ConfigError
-from components.imbalance import BalancedDistributedSampler, class_counts, create_loss
+from components.imbalance import BalancedDistributedSampler, class_counts, create_loss, create_multilabel_loss
 from components.manifest import read_exclusions, read_manifest
 from components.models import (
     create_classifier,
@@ -146,10 +147,9 @@ def _allreduce(values: dict[str, float], device: torch.device) -> dict[str, floa
     return dict(zip(keys, t.tolist(), strict=True))
 
 
-def train_targets(ds: Dataset) -> list[int]:
-    """Class index per item of an InMemoryDataset or ManifestDataset."""
-    targets = ds.targets  # type: ignore[attr-defined]
-    return [int(t) for t in targets]
+def train_targets(ds: Dataset) -> np.ndarray:
+    """Targets of an InMemoryDataset or ManifestDataset: class indices (N,), or (N, K) multi-hot."""
+    return np.asarray(ds.targets)  # type: ignore[attr-defined]
 
 
 def _use_cache(config: dict[str, Any], rows: int, in_chans: int, side: int) -> bool:
@@ -170,7 +170,7 @@ def _split_dataset(
     """One split as a Dataset: decoded once (``InMemoryDataset``) when the cache allows, else per item."""
     rows = split_rows(manifest, split)
     paths = [Path(config["data_dir"]) / p for p in rows["path"]]
-    targets = encode_labels(rows["label"].tolist(), config["classes"])
+    targets = encode_targets(rows, config["classes"], config.get("task", "singlelabel"))
     in_chans, side = data_config["input_size"][0], data_config["input_size"][-1]
     mode = image_mode(config["in_chans"])
     if _use_cache(config, len(paths), in_chans, side):
@@ -317,7 +317,10 @@ def _build_model(config: dict[str, Any]) -> tuple[nn.Module, ModelSpec]:
     )  # fmt: skip
     set_finetune_mode(model, config["finetune"])
     data_config = resolve_data_config(model, input_size=config["input_size"])
-    spec = ModelSpec(config["model"], tuple(config["classes"]), config["in_chans"], data_config)
+    spec = ModelSpec(
+        config["model"], tuple(config["classes"]), config["in_chans"], data_config,
+        task=config.get("task", "singlelabel"),
+    )  # fmt: skip
     return model, spec
 
 
@@ -351,14 +354,22 @@ def _step_options(config: dict[str, Any], model: nn.Module, device: torch.device
     )
 
 
-def _loss_fn(config: dict[str, Any], opts: StepOptions, train_targets: Sequence[int] = ()) -> nn.Module:
-    """The training loss; ``train_targets`` (the train split's class indices) give the class counts
-    that class weights and logit adjustment need."""
+def _loss_fn(config: dict[str, Any], opts: StepOptions, train_targets: Any = ()) -> nn.Module:
+    """The training loss; ``train_targets`` (the train split's class indices, or its multi-hot
+    matrix) give the class counts that class weights and logit adjustment need."""
+    targets = np.asarray(train_targets)
+    if config.get("task") == "multilabel":
+        return create_multilabel_loss(
+            config.get("loss", "ce"), targets.sum(axis=0).tolist() if targets.size else [0] * len(config["classes"]),
+            len(targets), weight_scheme=config.get("class_weights"), focal_gamma=config.get("focal_gamma", 2.0),
+            asl=(config.get("asl_gamma_neg", 4.0), config.get("asl_gamma_pos", 1.0), config.get("asl_clip", 0.05)),
+            label_smoothing=config["label_smoothing"],
+        )  # fmt: skip
     if opts.mixup is not None:
         from timm.loss import SoftTargetCrossEntropy
 
         return SoftTargetCrossEntropy()  # mixup already smoothed the targets
-    counts = class_counts(train_targets, len(config["classes"])).tolist()
+    counts = class_counts(targets.astype(np.int64), len(config["classes"])).tolist()
     return create_loss(
         config.get("loss", "ce"), counts, weight_scheme=config.get("class_weights"),
         focal_gamma=config.get("focal_gamma", 2.0), tau=config.get("logit_adjust_tau", 1.0),
@@ -402,7 +413,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     )
     events_file = config.get("worker_events")
     _note_worker_event(events_file, rank, phase="start", start_epoch=start_epoch)
-    loss_fn, eval_loss = _loss_fn(config, opts, train_targets(train_loader.dataset)), nn.CrossEntropyLoss()
+    loss_fn = _loss_fn(config, opts, train_targets(train_loader.dataset))
+    eval_loss = nn.BCEWithLogitsLoss() if config.get("task") == "multilabel" else nn.CrossEntropyLoss()
     progress = config.get("progress_queue") if rank == 0 else None
     n_batches = len(train_loader)
     every = max(1, n_batches // 50)
@@ -494,11 +506,13 @@ def fit(
     out_dir: Path,
     max_failures: int = 0,
     show_progress: bool = True,
+    callbacks: Sequence[Any] = (),
 ) -> FitResult:
     """Run ``train_loop_per_worker`` on a TorchTrainer; copy the final model into ``out_dir``.
 
     ``use_gpu=None`` means auto: GPUs when the cluster has them. Re-running with the same
-    ``run_name`` and ``storage_path`` resumes from the latest checkpoint.
+    ``run_name`` and ``storage_path`` resumes from the latest checkpoint. ``callbacks`` go to the
+    run config (e.g. Ray Tune's report callback when a sweep trial runs this trainer).
     """
     import ray.train
     from ray.train.torch import TorchTrainer
@@ -520,6 +534,7 @@ def fit(
             storage_path=str(storage_path.resolve()),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
             failure_config=ray.train.FailureConfig(max_failures=max_failures),
+            callbacks=list(callbacks) or None,
         ),
     )
     done = threading.Event()

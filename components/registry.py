@@ -156,6 +156,7 @@ def gate_summary(tags: dict[str, str]) -> dict[str, Any]:
         "passed": tags.get("gates_passed") == "true",
         "failed": failed,
         "test_accuracy": tags.get("test_accuracy"),
+        "test_mAP": tags.get("test_mAP"),
     }
 
 

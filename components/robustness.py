@@ -219,6 +219,8 @@ class RobustnessReport:
 
     ``relative_robustness`` = mean corruption accuracy / clean accuracy (1.0: no loss);
     ``family_relative[f]`` = the family's mean accuracy over severities / clean accuracy.
+    With ``metric`` other than ``accuracy`` (multi-label: ``mAP``) every "accuracy" field holds
+    that metric instead.
     """
 
     n: int
@@ -231,17 +233,19 @@ class RobustnessReport:
     worst_family: str
     seed: int
     seconds: float
+    metric: str = "accuracy"
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     def rows(self) -> list[dict[str, Any]]:
-        """Long format for CSV / ``dvc plots``: family, severity, accuracy, relative."""
+        """Long format for CSV / ``dvc plots``: family, severity, the metric (column ``accuracy`` or
+        ``mAP``), relative."""
         return [
             {
                 "family": fam,
                 "severity": s,
-                "accuracy": acc,
+                self.metric: acc,
                 "relative": acc / self.clean_accuracy if self.clean_accuracy else 0.0,
             }
             for fam, accs in self.accuracy.items()
@@ -258,12 +262,18 @@ def corruption_sweep(
     families: Sequence[str] = FAMILIES,
     seed: int = 0,
     workers: int | None = None,
+    score: Callable[[np.ndarray, np.ndarray], float] | None = None,
+    metric: str = "accuracy",
 ) -> RobustnessReport:
     """Run every family x severity over ``batches`` and count correct top-1 predictions.
 
     batches: (x, y) with x (B, C, H, W) at the model's input size, un-normalised, uint8 or float
     in [0, 1], and y (B,) class indices; mean/std: the model's normalisation (``data_config``),
     applied after corrupting, exactly as the eval transform does.
+
+    score: instead of top-1 accuracy, ``score(logits (N, K), targets (N, ...))`` over all images of
+    each (family, severity) — e.g. mAP for a multi-label model, whose y are (B, C) indicator rows —
+    reported under the name ``metric``.
 
     Work is split into (batch, family) units run by ``workers`` threads (default: torch's thread
     count), each with one intra-op thread: a small CNN's convolutions scale poorly across threads
@@ -281,11 +291,13 @@ def corruption_sweep(
     if not data or sum(int(y.shape[0]) for _, y in data) == 0:
         raise ValueError("no images to run the corruption sweep on")
 
-    def n_correct(x: torch.Tensor, y: torch.Tensor) -> int:
+    def n_correct(x: torch.Tensor, y: torch.Tensor) -> Any:
         x = ((x - m) / s).contiguous(memory_format=torch.channels_last)
+        if score is not None:  # keep the logits: the metric is computed over all batches at once
+            return fast(x).float().numpy()
         return int((fast(x).argmax(1) == y).sum())
 
-    def unit(b: int, fam: str | None) -> tuple[str | None, list[int]]:
+    def unit(b: int, fam: str | None) -> tuple[str | None, list[Any]]:
         x, y = _as_float(data[b][0]), data[b][1]
         with torch.inference_mode():
             if fam is None:
@@ -301,6 +313,8 @@ def corruption_sweep(
             results = list(pool.map(lambda job: unit(*job), jobs))
     finally:
         torch.set_num_threads(threads)
+    if score is not None:
+        return _scored(results, data, families, score=score, metric=metric, seed=seed, t0=t0)
     clean = sum(counts[0] for fam, counts in results if fam is None)
     correct = {f: [0] * len(SEVERITIES) for f in families}
     for fam, counts in results:
@@ -316,13 +330,44 @@ def corruption_sweep(
     )
 
 
+def _scored(
+    results: list[tuple[str | None, list[Any]]],
+    data: list[tuple[torch.Tensor, torch.Tensor]],
+    families: Sequence[str],
+    *,
+    score: Callable[[np.ndarray, np.ndarray], float],
+    metric: str,
+    seed: int,
+    t0: float,
+) -> RobustnessReport:
+    """Summaries of a scored sweep: results hold each (batch, family) unit's logits, in job order
+    (batch-major), so concatenating a family's entries keeps the batches' order."""
+    import time
+
+    targets = torch.cat([y for _, y in data]).numpy()
+    clean = np.concatenate([out[0] for fam, out in results if fam is None])
+    table = {
+        f: [float(score(np.concatenate([out[k] for fam, out in results if fam == f]), targets))
+            for k in range(len(SEVERITIES))]
+        for f in families
+    }  # fmt: skip
+    return summarise(table, clean_accuracy=float(score(clean, targets)), n=len(targets), seed=seed,
+                     seconds=time.perf_counter() - t0, metric=metric)  # fmt: skip
+
+
 def _as_float(x: torch.Tensor) -> torch.Tensor:
     """uint8 images -> float in [0, 1]; float images are taken as already in [0, 1]."""
     return x.float().div_(255.0) if x.dtype == torch.uint8 else x.float()
 
 
 def summarise(
-    accuracy: dict[str, list[float]], *, clean_accuracy: float, n: int, seed: int = 0, seconds: float = 0.0
+    accuracy: dict[str, list[float]],
+    *,
+    clean_accuracy: float,
+    n: int,
+    seed: int = 0,
+    seconds: float = 0.0,
+    metric: str = "accuracy",
 ) -> RobustnessReport:
     """Summaries of a family -> per-severity accuracy table (see :class:`RobustnessReport`)."""
     if not accuracy:
@@ -341,9 +386,10 @@ def summarise(
         worst_family=worst,
         seed=seed,
         seconds=float(seconds),
+        metric=metric,
     )
     logger.info(
-        "corruption sweep on %d images: clean %.4f, mean corrupted %.4f (relative %.3f), worst %s %.3f",
-        n, clean_accuracy, mca, report.relative_robustness, worst, rel[worst],
+        "corruption sweep on %d images: clean %s %.4f, mean corrupted %.4f (relative %.3f), worst %s %.3f",
+        n, metric, clean_accuracy, mca, report.relative_robustness, worst, rel[worst],
     )  # fmt: skip
     return report

@@ -116,15 +116,18 @@ def check_limits(images: list[bytes], limits: ServeLimits) -> None:
 
 
 def predictions(predictor: Predictor, images: list[bytes], *, top_k: int) -> list[dict[str, Any]]:
-    """Images -> one record each: label, score, top_k [{label, probability}], probabilities."""
+    """Images -> one record each: labels (the predicted label set: every label at or above its
+    threshold for a multi-label model, else the top class), label, score (the most probable class),
+    top_k [{label, probability}], probabilities."""
     probs = predictor.predict_proba(images)
     classes = predictor.spec.classes
     k = min(top_k, len(classes))
     out = []
-    for row in probs:
+    for row, labels in zip(probs, predictor.label_sets(probs), strict=True):
         order = np.argsort(-row)[:k]
         out.append(
             {
+                "labels": labels,
                 "label": classes[int(order[0])],
                 "score": float(row[order[0]]),
                 "top_k": [{"label": classes[int(j)], "probability": float(row[j])} for j in order],
@@ -137,7 +140,9 @@ def predictions(predictor: Predictor, images: list[bytes], *, top_k: int) -> lis
 def create_app(predictor: Predictor, *, model_uri: str, limits: ServeLimits = ServeLimits()) -> FastAPI:
     """The FastAPI application serving ``predictor``."""
     app = FastAPI(title="imgflow model server", version="1")
-    info = {"status": "ok", "model": model_uri, "classes": list(predictor.spec.classes)}
+    spec = predictor.spec
+    info = {"status": "ok", "model": model_uri, "task": spec.task, "classes": list(spec.classes),
+            "thresholds": list(spec.thresholds) if spec.thresholds else None}  # fmt: skip
 
     @app.exception_handler(RequestError)
     async def _bad_request(_: Request, exc: RequestError) -> JSONResponse:

@@ -97,7 +97,9 @@ def run_validate(params: Params) -> dict[str, Any]:
     if not paths.data.manifest.exists():
         raise DataError(f"no manifest at {paths.data.manifest}: run `imgflow ingest` first")
     info = DatasetInfo.load(paths.data.dataset)
-    report = validate_manifest(read_manifest(paths.data.manifest), classes=info.classes, cfg=params.validate_)
+    report = validate_manifest(
+        read_manifest(paths.data.manifest), classes=info.classes, cfg=params.validate_, task=info.task
+    )
     json_path, html_path = write_validation_report(report, paths.out("validate"))
     # Deterministic verdict (no timestamps): what the train stage depends on in dvc.yaml.
     _write_json(
@@ -110,6 +112,8 @@ def run_validate(params: Params) -> dict[str, Any]:
         "report_html": str(html_path),
         "warnings": [o.name for o in report.warnings()],
     }
+    if report.summary:  # multi-label: mean labels per image of each split
+        result["label_cardinality"] = report.summary["label_cardinality"]
     if report.warnings():
         logger.warning("data validation warnings:\n%s", report.summary_text())
     if not report.success:
@@ -141,9 +145,8 @@ def run_audit(params: Params, *, progress: bool = True) -> dict[str, Any]:
         raise DataError(f"no manifest at {paths.data.manifest}: run `imgflow ingest` first")
     manifest = read_manifest(paths.data.manifest)
     version = data_version(paths.data.manifest)
-    result = audit(
-        manifest, data_dir=paths.data.root, classes=DatasetInfo.load(paths.data.dataset).classes, cfg=cfg
-    )
+    info = DatasetInfo.load(paths.data.dataset)
+    result = audit(manifest, data_dir=paths.data.root, classes=info.classes, cfg=cfg, task=info.task)
     out = paths.out("audit")
     diff = update_ledger(
         result.issues,
@@ -175,7 +178,8 @@ def run_audit(params: Params, *, progress: bool = True) -> dict[str, Any]:
     )
     metrics = {f"issues_{k}": v for k, v in result.summary["issues"].items()}
     metrics |= {f"ledger_{k}": v for k, v in diff.totals.items()}
-    metrics |= {k: result.summary[k] for k in ("label_error_rate", "oof_accuracy", "audited")}
+    scalars = ("label_error_rate", "oof_accuracy", "oof_map", "label_cardinality", "audited")
+    metrics |= {k: result.summary[k] for k in scalars if result.summary.get(k) is not None}
     tracking.log_metrics(run.run_id, metrics)
     tracking.log_artifacts(
         run.run_id, [out / "summary.json", report, *map(Path, diff.files.values())], artifact_path="audit"
@@ -221,13 +225,15 @@ def run_baseline(params: Params) -> dict[str, Any]:
                 f"{cb.WEIGHTS_UNAVAILABLE}: {e}", model=cfg.model, pretrained=cfg.pretrained
             )
         else:
+            info = DatasetInfo.load(paths.data.dataset)
             record, disagreements = cb.run_baselines(
                 encoder,
                 read_manifest(paths.data.manifest),
-                DatasetInfo.load(paths.data.dataset).classes,
+                info.classes,
                 data_dir=params.project.data_dir,
                 cache=EmbeddingCache(paths.state / "embeddings", encoder.key),
                 cfg=cfg,
+                task=info.task,
             )
     files = cb.write_baseline(record, disagreements, paths.out("baseline"))
     if disagreements is not None:
@@ -245,7 +251,8 @@ def run_baseline(params: Params) -> dict[str, Any]:
 def _record_disagreements(params: Params, disagreements: Any) -> dict[str, Any]:
     """CLIP's confident disagreements with the labels go into the label-quality ledger (issue
     ``clip_disagreement``, this data version), next to the audit's findings; this version's rows
-    and the diff against the previous version are exported to ``outputs/baseline/ledger/``."""
+    and the diff against the previous version are exported to ``outputs/baseline/ledger/``.
+    Multi-label rows name the labels CLIP finds missing / extra (ledger columns of those names)."""
     from datetime import UTC, datetime
 
     from components.label_quality import CLIP_DISAGREEMENT, clip_disagreement_issues
@@ -266,8 +273,9 @@ def _record_disagreements(params: Params, disagreements: Any) -> dict[str, Any]:
 
 
 def _log_baseline_runs(params: Params, record: dict[str, Any], files: dict[str, Path]) -> dict[str, str]:
-    """One finished MLflow run per baseline (metrics named like the trained model's ``test_*``), or
-    one run saying why the baseline was skipped. Returns kind -> run id."""
+    """One finished MLflow run per baseline (metrics named like the trained model's ``test_*``:
+    ``test_accuracy``..., or for multi-label data ``test_mAP``, ``test_micro_f1``, ``test_ap_<label>``...),
+    or one run saying why the baseline was skipped. Returns kind -> run id."""
     from components.evaluation import flat_metrics
     from components.provenance import git_commit
 
@@ -284,6 +292,7 @@ def _log_baseline_runs(params: Params, record: dict[str, Any], files: dict[str, 
         "git_commit": git_commit(),
         "params_hash": params.fingerprint(),
         "dataset_source": params.ingest.source,
+        "task": str(record.get("task", "singlelabel")),
     }
     common = {"params": params.to_dict(), "tracking_uri": uri, "artifact_path": "baseline"}
     if record["status"] != "ok":
@@ -447,10 +456,17 @@ def run_register(params: Params, *, raise_on_gate_failure: bool = True) -> dict[
     evaluation = _read_json(paths.out("evaluate") / "metrics.json", hint="run `imgflow evaluate` first")
     tracking, _ = _tracking(params)
     with tempfile.TemporaryDirectory(prefix="imgflow-register-") as tmp:
-        # The served model carries the temperature fitted by evaluate (calibrated probabilities);
-        # a copy, because outputs/train/model is the train stage's DVC output.
+        # The served model carries the temperature fitted by evaluate (calibrated probabilities) and,
+        # multi-label, the per-label thresholds tuned on val; a copy, because outputs/train/model is
+        # the train stage's DVC output.
         model_dir = Path(shutil.copytree(paths.out("train") / "model", Path(tmp) / "model"))
-        with_temperature(model_dir, float(gates_json.get("temperature", 1.0)))
+        spec = with_temperature(
+            model_dir, float(gates_json.get("temperature", 1.0)), gates_json.get("thresholds")
+        )
+        if spec.multilabel and spec.thresholds is None:
+            raise DataError(
+                "a multi-label model needs the thresholds evaluate tunes: re-run `imgflow evaluate`"
+            )
         model_uri = tracking.log_pyfunc_model(
             run["run_id"],
             model_dir=model_dir,
@@ -464,7 +480,8 @@ def run_register(params: Params, *, raise_on_gate_failure: bool = True) -> dict[
         "training_run_id": run["run_id"],
         "gates_passed": str(gates.passed).lower(),
         "failed_gates": ",".join(g.name for g in gates.failed()),
-        "test_accuracy": f"{evaluation['accuracy']:.4f}",
+        **_headline_tags(evaluation),
+        "task": spec.task,
         "temperature": f"{float(gates_json.get('temperature', 1.0)):.4f}",
         "gate_verdicts": json.dumps({g["name"]: g["status"] for g in gates_json.get("gates", [])})[:4900],
     }
@@ -484,6 +501,13 @@ def run_register(params: Params, *, raise_on_gate_failure: bool = True) -> dict[
     if not gates.passed and raise_on_gate_failure:
         raise GatesFailedError(gate_failure_message(result))
     return result
+
+
+def _headline_tags(evaluation: dict[str, Any]) -> dict[str, str]:
+    """``test_accuracy`` (single-label) or ``test_mAP`` (multi-label) for the version's tags."""
+    if evaluation.get("accuracy") is not None:
+        return {"test_accuracy": f"{evaluation['accuracy']:.4f}"}
+    return {"test_mAP": f"{evaluation['mAP']:.4f}"} if evaluation.get("mAP") is not None else {}
 
 
 def _evaluated_against(params: Params) -> Any:

@@ -177,9 +177,11 @@ def _as_bytes(value: Any) -> bytes:
 
 
 class ImageClassifierModel(PythonModel):
-    """MLflow pyfunc: ``DataFrame{image: bytes|base64}`` -> ``DataFrame{label, score, probabilities}``.
+    """MLflow pyfunc: ``DataFrame{image: bytes|base64}`` -> ``DataFrame{labels, label, score, probabilities}``.
 
-    Probabilities are in the spec's class order and temperature-scaled when a temperature was fitted.
+    ``labels``: the predicted label set (multi-label: every label at or above its tuned threshold,
+    possibly none; single-label: the top class). Probabilities are in the spec's class order,
+    temperature-scaled (softmax, or a sigmoid per label for multi-label models).
     """
 
     def load_context(self, context: Any) -> None:
@@ -200,6 +202,7 @@ class ImageClassifierModel(PythonModel):
         top = probs.argmax(axis=1)
         return pd.DataFrame(
             {
+                "labels": self.predictor.label_sets(probs),
                 "label": [classes[i] for i in top],
                 "score": probs[range(len(top)), top].astype(float),
                 "probabilities": [row.astype(float).tolist() for row in probs],
@@ -340,8 +343,23 @@ def alias_provenance(name: str, alias: str) -> dict[str, str] | None:
     client = MlflowClient()
     mv = with_retries(lambda: client.get_model_version(name, version), what=f"read {name} v{version}")
     run_id = str(mv.run_id or "")
-    run_tags = dict(with_retries(lambda: client.get_run(run_id), what="read run").data.tags) if run_id else {}
-    return {**dict(mv.tags or {}), **run_tags, "version": str(version), "run_id": run_id}
+    return {**dict(mv.tags or {}), **_run_tags(client, run_id), "version": str(version), "run_id": run_id}
+
+
+def _run_tags(client: MlflowClient, run_id: str) -> dict[str, str]:
+    """A run's tags; ``{"training_run_missing": "true"}`` when the run was deleted (or garbage-
+    collected): its provenance cannot be proven, so the retrain check treats the champion as stale."""
+    if not run_id:
+        return {"training_run_missing": "true"}
+    try:
+        run = client.get_run(run_id)
+        return (
+            {"training_run_missing": "true"} if run.info.lifecycle_stage == "deleted" else dict(run.data.tags)
+        )
+    except MlflowException as e:
+        if e.get_http_status_code() == 404 or e.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return {"training_run_missing": "true"}
+    return dict(with_retries(lambda: client.get_run(run_id), what=f"read run {run_id}").data.tags)
 
 
 def download_model_dir(model_uri: str, dst: Path) -> Path:

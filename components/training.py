@@ -45,6 +45,26 @@ def resolve_pretrained_file(cfg: TrainConfig, *, weights_dir: Path) -> Path | No
     return shipped.resolve() if shipped else None
 
 
+def check_task_options(cfg: TrainConfig, task: str) -> None:
+    """Options that only one task supports get a clear ConfigError (the task comes from the data)."""
+    if task == "multilabel":
+        wrong = {
+            "loss=logit_adjusted": cfg.loss == "logit_adjusted",
+            "sampler=balanced": cfg.sampler == "balanced",
+            "mixup/cutmix": cfg.mixup > 0 or cfg.cutmix > 0,
+            "class_weights=effective": cfg.class_weights == "effective",
+        }
+        if bad := [k for k, v in wrong.items() if v]:
+            raise ConfigError(
+                f"the dataset is multi-label but train.{', train.'.join(bad)} is single-label only: use "
+                "loss ce|focal|asymmetric, class_weights null|inverse|sqrt_inverse, sampler random"
+            )
+    elif cfg.loss == "asymmetric":
+        raise ConfigError(
+            "train.loss=asymmetric is for multi-label datasets: use ce, focal or logit_adjusted"
+        )
+
+
 def loop_config(
     cfg: TrainConfig, data: DataPaths, *, seed: int, weights_dir: Path, exclude_file: Path | None = None
 ) -> dict[str, Any]:
@@ -52,8 +72,10 @@ def loop_config(
     if not data.manifest.exists():
         raise DataError(f"no manifest at {data.manifest}: run `imgflow ingest` first")
     info = DatasetInfo.load(data.dataset)
+    check_task_options(cfg, info.task)
     pretrained_file = resolve_pretrained_file(cfg, weights_dir=weights_dir)
     return {
+        "task": info.task,
         "manifest": str(data.manifest.resolve()),
         "data_dir": str(data.root.resolve()),
         "classes": list(info.classes),
@@ -89,6 +111,9 @@ def loop_config(
         "loss": cfg.loss,
         "focal_gamma": cfg.focal_gamma,
         "logit_adjust_tau": cfg.logit_adjust_tau,
+        "asl_gamma_neg": cfg.asl_gamma_neg,
+        "asl_gamma_pos": cfg.asl_gamma_pos,
+        "asl_clip": cfg.asl_clip,
         "class_weights": cfg.class_weights,
         "sampler": cfg.sampler,
         "exclude_file": str(exclude_file.resolve()) if exclude_file else None,

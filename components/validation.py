@@ -9,6 +9,14 @@ only. Besides the manifest's own columns, the suite runs over derived columns (p
 such as ``is_dark``, the near-duplicate partner in another split found with a multi-index hash
 search) and over a small class-count table (per class and split), so class balance, quality
 fractions and leakage are plain GE expectations with the offending rows named.
+
+Multi-label manifests (``task="multilabel"``: ``labels`` holds each image's label set) are checked
+on label *occurrences*: an image with two labels counts for both in the class-count table (presence
+per split, minimum per label and split, imbalance per label), every label of a set must be a
+declared class, and two more checks cover the sets themselves: ``label_cardinality`` (no image
+without labels, at most ``max_labels_per_image``) and ``cardinality_shift`` (each split's mean
+labels per image within ``max_cardinality_ratio`` of the train split's, from a per-split table).
+The report's ``summary`` carries the label cardinality and per-label counts of each split.
 :func:`write_validation_report` saves it as ``report.json`` and a self-contained ``report.html``.
 
 Every GE call lives in this module, against the GE 1.x API (ephemeral context, fluent pandas
@@ -25,7 +33,7 @@ import json
 import logging
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -87,6 +95,9 @@ class ValidationReport:
     n_rows: int
     ge_result: dict[str, Any]
     """The raw GE validation result (``ExpectationSuiteValidationResult.to_json_dict()``)."""
+    summary: dict[str, Any] = field(default_factory=dict)
+    """Multi-label only (else empty): ``task``, ``label_cardinality`` (split -> mean labels per image,
+    ``all`` included) and ``label_counts`` (split -> label -> images carrying it)."""
 
     def failed(self) -> list[ExpectationOutcome]:
         """Failed expectations, errors and warnings."""
@@ -103,7 +114,9 @@ class ValidationReport:
         failed, errors, warns = self.failed(), self.errors(), self.warnings()
         n = len(self.outcomes)
         if not failed:
-            return f"Manifest validation PASSED: all {n} expectations met ({self.n_rows} rows)."
+            return f"Manifest validation PASSED: all {n} expectations met ({self.n_rows} rows)." + (
+                f"\n{self._cardinality_text()}" if self.summary else ""
+            )
         if not errors:
             lines = [
                 f"Manifest validation PASSED with {len(warns)} warning(s): {n - len(warns)} of {n} "
@@ -125,16 +138,27 @@ class ValidationReport:
                 lines.append(
                     f"    ... {len(o.examples) - len(shown)} more examples in report.json / report.html"
                 )
+        if self.summary:
+            lines.append(self._cardinality_text())
         return "\n".join(lines)
+
+    def _cardinality_text(self) -> str:
+        card = self.summary.get("label_cardinality", {})
+        return "Label cardinality (mean labels per image): " + ", ".join(
+            f"{split} {value:.3f}" for split, value in card.items() if value is not None
+        )
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-safe: ``json.loads(json.dumps(r.to_dict())) == r.to_dict()``."""
-        return {
+        out = {
             "success": self.success,
             "n_rows": self.n_rows,
             "outcomes": [o.to_dict() for o in self.outcomes],
             "ge_result": self.ge_result,
         }
+        if self.summary:
+            out["summary"] = self.summary
+        return out
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> ValidationReport:
@@ -148,6 +172,7 @@ class ValidationReport:
             outcomes=outcomes,
             n_rows=int(raw["n_rows"]),
             ge_result=raw["ge_result"],
+            summary=dict(raw.get("summary") or {}),
         )
 
 
@@ -174,17 +199,23 @@ class _Spec:
     check: str = "schema"
     """Key of ``validate.severity``."""
     table: str = "manifest"
-    """Which frame it runs on: ``manifest`` (with derived columns) or ``class_counts``."""
+    """Which frame it runs on: ``manifest`` (with derived columns), ``class_counts``, and for
+    multi-label data ``label_rows`` (one row per image and label) or ``cardinality`` (per split)."""
 
 
-def _suite_specs(classes: Sequence[str], cfg: ValidateConfig) -> list[_Spec]:
+def _suite_specs(classes: Sequence[str], cfg: ValidateConfig, task: str = "singlelabel") -> list[_Spec]:
     """The whole suite, in report order."""
+    multilabel = task == "multilabel"
     return (
-        _schema_specs(classes, cfg) + _image_specs(cfg) + _balance_specs(classes, cfg) + _leakage_specs(cfg)
+        _schema_specs(classes, cfg, multilabel=multilabel)
+        + (_label_set_specs(classes, cfg) if multilabel else [])
+        + _image_specs(cfg)
+        + _balance_specs(classes, cfg, multilabel=multilabel)
+        + _leakage_specs(cfg)
     )
 
 
-def _schema_specs(classes: Sequence[str], cfg: ValidateConfig) -> list[_Spec]:
+def _schema_specs(classes: Sequence[str], cfg: ValidateConfig, *, multilabel: bool = False) -> list[_Spec]:
     specs = [
         _Spec(
             "manifest_not_empty",
@@ -257,13 +288,48 @@ def _schema_specs(classes: Sequence[str], cfg: ValidateConfig) -> list[_Spec]:
             f"class_present_in_{split}",
             "ExpectColumnDistinctValuesToContainSet",
             {"column": "label", "value_set": list(classes), "row_condition": ("split", split)},
-            f"each of the {len(classes)} declared classes has at least one image in the {split} split",
+            f"each of the {len(classes)} declared classes has at least one image in the {split} split"
+            + (" (among all labels of each image)" if multilabel else ""),
             _missing_classes(split),
             "class_presence",
+            "label_rows" if multilabel else "manifest",
         )
         for split in cfg.required_splits
     ]
     return specs
+
+
+def _label_set_specs(classes: Sequence[str], cfg: ValidateConfig) -> list[_Spec]:
+    """Multi-label only: every label of a set is declared, set sizes, cardinality across splits."""
+    most = cfg.max_labels_per_image
+    return [
+        _Spec(
+            "labels_in_class_set",
+            "ExpectColumnValuesToBeNull",
+            {"column": "unknown_label"},
+            f"every label of every image's label set is one of the {len(classes)} declared classes",
+            _row_examples,
+            "unknown_labels",
+        ),
+        _Spec(
+            "labels_not_empty",
+            "ExpectColumnValuesToBeBetween",
+            {"column": "n_labels", "min_value": 1, **({"max_value": most} if most else {})},
+            "every image carries at least one label" + (f" and at most {most}" if most else ""),
+            _row_examples,
+            "label_cardinality",
+        ),
+        _Spec(
+            "label_cardinality_across_splits",
+            "ExpectColumnValuesToBeBetween",
+            {"column": "ratio_to_train", "max_value": cfg.max_cardinality_ratio},
+            f"each split's mean labels per image is within {cfg.max_cardinality_ratio:g}x of the train "
+            "split's (either way)",
+            _cardinality_rows,
+            "cardinality_shift",
+            "cardinality",
+        ),
+    ]
 
 
 def _image_specs(cfg: ValidateConfig) -> list[_Spec]:
@@ -305,8 +371,10 @@ def _image_specs(cfg: ValidateConfig) -> list[_Spec]:
     return specs
 
 
-def _balance_specs(classes: Sequence[str], cfg: ValidateConfig) -> list[_Spec]:
-    """Class balance, on the class-count table (one row per class, in total and per split)."""
+def _balance_specs(classes: Sequence[str], cfg: ValidateConfig, *, multilabel: bool = False) -> list[_Spec]:
+    """Class balance, on the class-count table (one row per class, in total and per split); for
+    multi-label data the counts are label occurrences (images carrying the label)."""
+    images = "images carrying it" if multilabel else "images"
     return [
         _Spec(
             "enough_classes",
@@ -315,12 +383,13 @@ def _balance_specs(classes: Sequence[str], cfg: ValidateConfig) -> list[_Spec]:
             f"at least {cfg.min_classes} classes have images (a classifier needs two)",
             _observed,
             "class_count",
+            "label_rows" if multilabel else "manifest",
         ),
         _Spec(
             "min_per_class",
             "ExpectColumnValuesToBeBetween",
             {"column": "count", "min_value": cfg.min_per_class, "row_condition": ("scope", "total")},
-            f"every declared class has at least {cfg.min_per_class} images over all splits",
+            f"every declared class has at least {cfg.min_per_class} {images} over all splits",
             _count_rows,
             "min_per_class",
             "class_counts",
@@ -333,7 +402,7 @@ def _balance_specs(classes: Sequence[str], cfg: ValidateConfig) -> list[_Spec]:
                 "min_value": cfg.min_per_class_per_split,
                 "row_condition": ("scope", "split"),
             },
-            f"every declared class has at least {cfg.min_per_class_per_split} images in each of "
+            f"every declared class has at least {cfg.min_per_class_per_split} {images} in each of "
             f"{', '.join(cfg.required_splits)}",
             _count_rows,
             "min_per_class_per_split",
@@ -347,7 +416,12 @@ def _balance_specs(classes: Sequence[str], cfg: ValidateConfig) -> list[_Spec]:
                 "max_value": cfg.max_imbalance_ratio,
                 "row_condition": ("scope", "total"),
             },
-            f"the largest class has at most {cfg.max_imbalance_ratio:g}x the images of any other class",
+            (
+                f"the most frequent label occurs in at most {cfg.max_imbalance_ratio:g}x the images of any "
+                "other label"
+                if multilabel
+                else f"the largest class has at most {cfg.max_imbalance_ratio:g}x the images of any other class"
+            ),
             _count_rows,
             "imbalance",
             "class_counts",
@@ -460,6 +534,17 @@ def _count_rows(result: dict[str, Any], df: pd.DataFrame) -> tuple[int, list[dic
     return count, out
 
 
+def _cardinality_rows(result: dict[str, Any], df: pd.DataFrame) -> tuple[int, list[dict[str, Any]]]:
+    """Every split's row of the cardinality table (passing or not: the report shows the
+    cardinality), the offending ones first."""
+    count = int(result.get("unexpected_count") or 0)
+    bad = set(result.get("partial_unexpected_index_list") or [])
+    rows = [
+        {k: _jsonable(r[k]) for k in CARDINALITY_COLUMNS} for label, r in df.iterrows() if label in bad
+    ] + [{k: _jsonable(r[k]) for k in CARDINALITY_COLUMNS} for label, r in df.iterrows() if label not in bad]
+    return count, rows[:MAX_EXAMPLES]
+
+
 def _duplicate_ids(result: dict[str, Any], df: pd.DataFrame) -> tuple[int, list[dict[str, Any]]]:
     """One example per duplicated image_id, naming the splits (and paths) it occurs in."""
     count = int(result.get("unexpected_count") or 0)
@@ -523,19 +608,32 @@ def _format_example(example: dict[str, Any]) -> str:
 # ---------------------------------------------------------------------------------------------
 
 
-def validate_manifest(df: pd.DataFrame, *, classes: Sequence[str], cfg: ValidateConfig) -> ValidationReport:
+def validate_manifest(
+    df: pd.DataFrame, *, classes: Sequence[str], cfg: ValidateConfig, task: str = "singlelabel"
+) -> ValidationReport:
     """Validate a manifest (columns of :data:`components.manifest.MANIFEST_COLUMNS`) with GE.
 
-    df: (N, 11) manifest as read by ``read_manifest``; N may be 0 (the report then fails).
-    classes: the declared class set (``dataset.json``'s classes). Never raises on bad data: every
+    df: (N, 19) manifest as read by ``read_manifest``; N may be 0 (the report then fails).
+    classes: the declared class set (``dataset.json``'s classes). task: ``dataset.json``'s task;
+    ``multilabel`` checks the ``labels`` sets (see the module doc). Never raises on bad data: every
     problem becomes a failed outcome, a missing column included.
     """
     classes = [str(c) for c in classes]
     if not classes:
         raise DataError("no classes given to validate the manifest against: pass the dataset's class names")
-    specs = _suite_specs(classes, cfg)
+    if task not in ("singlelabel", "multilabel"):
+        raise DataError(f"unknown task {task!r}: dataset.json's task must be singlelabel or multilabel")
+    specs = _suite_specs(classes, cfg, task)
     start = time.perf_counter()
-    frames = {"manifest": with_derived_columns(df, cfg), "class_counts": class_count_table(df, classes, cfg)}
+    frames = {
+        "manifest": with_derived_columns(df, cfg, classes=classes if task == "multilabel" else None),
+        "class_counts": class_count_table(df, classes, cfg, task=task),
+    }
+    summary: dict[str, Any] = {}
+    if task == "multilabel":
+        frames["label_rows"] = label_rows_table(df)
+        frames["cardinality"] = cardinality_table(df, cfg)
+        summary = label_summary(frames["label_rows"], frames["cardinality"], classes)
     ge_result = _run_suite(frames, specs)
     results = _results_by_name(ge_result)
     severity = {**DEFAULT_SEVERITY, **cfg.severity}
@@ -547,6 +645,7 @@ def validate_manifest(df: pd.DataFrame, *, classes: Sequence[str], cfg: Validate
         outcomes=outcomes,
         n_rows=len(df),
         ge_result=ge_result,
+        summary=summary,
     )
     logger.info(
         "manifest validation %s: %d/%d expectations met, %d rows, %.2f s",
@@ -559,12 +658,21 @@ def validate_manifest(df: pd.DataFrame, *, classes: Sequence[str], cfg: Validate
     return report
 
 
-def with_derived_columns(df: pd.DataFrame, cfg: ValidateConfig) -> pd.DataFrame:
+def with_derived_columns(
+    df: pd.DataFrame, cfg: ValidateConfig, *, classes: Sequence[str] | None = None
+) -> pd.DataFrame:
     """The manifest plus per-row flags the suite checks: ``is_dark``, ``is_bright``, ``is_blurry``
     (0/1 floats: their mean is the fraction) and ``near_dup_in_other_split`` (the image_id of a
-    near-duplicate in another split, else null). A flag whose source column is missing is left
-    out, so its expectation fails naming the column."""
+    near-duplicate in another split, else null). With ``classes`` (multi-label data) also
+    ``n_labels`` (size of the label set) and ``unknown_label`` (the first label of the set that is
+    not a declared class, else null). A flag whose source column is missing is left out, so its
+    expectation fails naming the column."""
     out = df.copy()
+    if classes is not None and "labels" in df.columns:
+        known = set(classes)
+        sets = [label_set(v) for v in df["labels"]]
+        out["n_labels"] = np.asarray([len(s) for s in sets], dtype=np.int64)
+        out["unknown_label"] = [next((lab for lab in s if lab not in known), None) for s in sets]
     if "brightness" in df.columns:
         brightness = pd.to_numeric(df["brightness"], errors="coerce")
         out["is_dark"] = (brightness < cfg.dark_below).astype(float)
@@ -604,11 +712,82 @@ def near_duplicate_partners(
     return out
 
 
-def class_count_table(df: pd.DataFrame, classes: Sequence[str], cfg: ValidateConfig) -> pd.DataFrame:
-    """One row per declared class in total (``scope`` total) and per required split (``scope``
-    split): ``count``, and ``imbalance`` = largest class count / this count (null when 0)."""
-    labels = df["label"] if "label" in df.columns else pd.Series([], dtype=object)
+def label_set(value: Any) -> list[str]:
+    """A manifest ``labels`` cell (list, numpy array from parquet, or null) as a list of str."""
+    if value is None or (not isinstance(value, list | tuple | np.ndarray) and pd.isna(value)):
+        return []
+    return [str(v) for v in value]
+
+
+def label_rows_table(df: pd.DataFrame) -> pd.DataFrame:
+    """Multi-label: one row per (image, label) of the ``labels`` sets: image_id, split, label."""
+    if "labels" not in df.columns:
+        return pd.DataFrame({"image_id": [], "split": [], "label": []}, dtype=object)
+    ids = df["image_id"] if "image_id" in df.columns else pd.Series(range(len(df))).astype(str)
     splits = df["split"] if "split" in df.columns else pd.Series([None] * len(df))
+    rows = [
+        (image_id, split, lab)
+        for image_id, split, value in zip(ids, splits, df["labels"], strict=True)
+        for lab in label_set(value)
+    ]
+    return pd.DataFrame(rows, columns=["image_id", "split", "label"], dtype=object)
+
+
+CARDINALITY_COLUMNS: tuple[str, ...] = ("split", "images", "label_cardinality", "ratio_to_train")
+
+
+def cardinality_table(df: pd.DataFrame, cfg: ValidateConfig) -> pd.DataFrame:
+    """Multi-label: one row per required split (train first): images, ``label_cardinality`` (mean
+    labels per image) and ``ratio_to_train`` (the larger of split/train and train/split; null when
+    either split is empty or has no labels)."""
+    sizes = pd.Series(
+        [len(label_set(v)) for v in df["labels"]] if "labels" in df.columns else [], dtype=float
+    )
+    splits = df["split"].reset_index(drop=True) if "split" in df.columns else pd.Series([], dtype=object)
+    usable = len(sizes) > 0 and len(splits) == len(sizes)
+    mean = sizes.groupby(splits).mean() if usable else pd.Series(dtype=float)
+    count = splits.value_counts()
+    reference = mean.get("train")
+    order = list(dict.fromkeys(["train", *cfg.required_splits]))
+    rows = []
+    for split in order:
+        m = mean.get(split)
+        ok = m is not None and reference is not None and m > 0 and reference > 0
+        ratio = max(m / reference, reference / m) if ok else None
+        rows.append({"split": split, "images": int(count.get(split, 0)), "label_cardinality": m,
+                     "ratio_to_train": ratio})  # fmt: skip
+    table = pd.DataFrame(rows, columns=list(CARDINALITY_COLUMNS))
+    return table.astype({"images": "int64", "label_cardinality": "float64", "ratio_to_train": "float64"})
+
+
+def label_summary(
+    label_rows: pd.DataFrame, cardinality: pd.DataFrame, classes: Sequence[str]
+) -> dict[str, Any]:
+    """The report's multi-label summary: cardinality per split (and overall), label counts per split."""
+    total_images = int(cardinality["images"].sum())
+    card: dict[str, Any] = {
+        str(r["split"]): _jsonable(r["label_cardinality"]) for r in cardinality.to_dict("records")
+    }
+    card["all"] = len(label_rows) / total_images if total_images else None
+    counts = label_rows.groupby(["split", "label"]).size() if len(label_rows) else pd.Series(dtype=int)
+    per_split = {
+        str(split): {c: int(counts.get((split, c), 0)) for c in classes} for split in cardinality["split"]
+    }
+    return {"task": "multilabel", "label_cardinality": card, "label_counts": per_split}
+
+
+def class_count_table(
+    df: pd.DataFrame, classes: Sequence[str], cfg: ValidateConfig, *, task: str = "singlelabel"
+) -> pd.DataFrame:
+    """One row per declared class in total (``scope`` total) and per required split (``scope``
+    split): ``count``, and ``imbalance`` = largest class count / this count (null when 0).
+    Multi-label: counts are label occurrences (an image with two labels counts for both)."""
+    if task == "multilabel":
+        occurrences = label_rows_table(df)
+        labels, splits = occurrences["label"], occurrences["split"]
+    else:
+        labels = df["label"] if "label" in df.columns else pd.Series([], dtype=object)
+        splits = df["split"] if "split" in df.columns else pd.Series([None] * len(df))
     total = labels.value_counts()
     per_split = pd.Series(list(zip(splits, labels, strict=True)), dtype=object).value_counts()
     largest = max((int(total.get(c, 0)) for c in classes), default=0)
@@ -788,6 +967,7 @@ def render_html(report: ValidationReport) -> str:
 <h1>Manifest validation <span class="verdict {css}">{verdict}</span></h1>
 <p>{e(str(report.n_rows))} rows; {len(report.outcomes) - failed} of {len(report.outcomes)} expectations met,
 {failed} failed ({len(report.warnings())} of them warnings only).</p>
+{_html_label_summary(report.summary)}
 <table><thead><tr><th>Expectation</th><th>Expected</th><th>Status</th><th>Unexpected</th>
 <th>Examples</th></tr></thead>
 <tbody>
@@ -795,6 +975,32 @@ def render_html(report: ValidationReport) -> str:
 </tbody></table>
 </body></html>
 """
+
+
+def _html_label_summary(summary: dict[str, Any]) -> str:
+    """Multi-label: label cardinality and per-label counts, one column per split."""
+    if not summary:
+        return ""
+    e = html.escape
+    card = summary.get("label_cardinality", {})
+    counts = summary.get("label_counts", {})
+    splits = list(counts)
+    head = "".join(f"<th>{e(s)}</th>" for s in splits)
+    card_row = "".join(f"<td>{_cell(_rounded(card.get(s)))}</td>" for s in splits)
+    labels = list(dict.fromkeys(lab for per in counts.values() for lab in per))
+    rows = "".join(
+        f"<tr><td>{e(lab)}</td>" + "".join(f"<td>{counts[s].get(lab, 0)}</td>" for s in splits) + "</tr>"
+        for lab in labels
+    )
+    return (
+        f"<h2>Labels (multi-label)</h2><p>Mean labels per image over all splits: "
+        f"{_cell(_rounded(card.get('all')))}.</p>"
+        f"<table><tr><th></th>{head}</tr><tr><td><b>labels per image</b></td>{card_row}</tr>{rows}</table>"
+    )
+
+
+def _rounded(value: Any) -> Any:
+    return round(value, 3) if isinstance(value, float) else value
 
 
 def _html_row(o: ExpectationOutcome) -> str:

@@ -111,10 +111,11 @@ def ingest(
 
     def human(r: dict[str, Any]) -> str:
         lines = [
-            f"ingested {r['ingested']} of {r['seen']} images from {r['source']}; quarantined {r['quarantined']}"
+            f"ingested {r['ingested']} of {r['seen']} images from {r['source']}; quarantined {r['quarantined']}",
+            f"  task: {r['task']}{' (detected from the label sets)' if r['task_detected'] else ''}",
         ]
         lines += [f"  {reason}: {n}" for reason, n in sorted(r["reasons"].items())]
-        lines += [f"  {split}: {sum(c.values())} images" for split, c in sorted(r["counts"].items())]
+        lines += [f"  {split}: {n} images" for split, n in sorted((r.get("images") or {}).items())]
         lines += [
             f"manifest {r['manifest']} (data version {r['data_version']})",
             f"quarantine list {r['quarantine']}",
@@ -122,6 +123,47 @@ def ingest(
         return "\n".join(lines)
 
     _emit(result, as_json, human)
+
+
+@app.command("make-composites")
+def make_composites(
+    out: Annotated[Path, typer.Argument(help="Folder to write images/<split>/*.png and labels.csv into.")],
+    train: Annotated[int, typer.Option(help="Canvases drawn from the official train images.")] = 6000,
+    test: Annotated[int, typer.Option(help="Canvases drawn from the official test images.")] = 1000,
+    two_item_fraction: Annotated[float, typer.Option(help="Share of canvases holding two items.")] = 0.7,
+    seed: Annotated[int, typer.Option(help="Random seed (same seed, same dataset).")] = 0,
+    fashion_mnist_dir: Annotated[
+        Path, typer.Option(help="Folder with the four Fashion-MNIST *-ubyte.gz files.")
+    ] = Path("/usr/share/datasets/fashion-mnist"),
+    params: Annotated[
+        Path, typer.Option("--params", help="Base params file for OUT/params.yaml (absent: defaults).")
+    ] = Path("params.yaml"),
+    as_json: JsonOpt = False,
+) -> None:
+    """Build a real multi-label dataset: 56x56 canvases with one or two Fashion-MNIST items (distinct
+    classes), labelled with every item, e.g. ``Bag|Sneaker``. Writes ``OUT/labels.csv``
+    (path,labels,split; test canvases hold only official test images) and ``OUT/params.yaml`` (the
+    base params with the composites' source, data/output folders, 56-pixel input and model name), so
+    ``imgflow pipeline --params OUT/params.yaml`` runs the multi-label pipeline from this folder."""
+    from rich.progress import Progress
+
+    from components.composites import make_composites as build
+    from components.composites import write_composite_params
+
+    def body() -> dict[str, Any]:
+        with Progress(disable=as_json, transient=True) as bar:
+            task = bar.add_task("composites", total=train + test)
+            csv_path = build(out, fashion_mnist_dir=fashion_mnist_dir, per_split={"train": train, "test": test},
+                             two_item_fraction=two_item_fraction, seed=seed,
+                             on_progress=lambda n: bar.advance(task, n))  # fmt: skip
+        params_path = write_composite_params(params, out)
+        return {"csv": str(csv_path), "train": train, "test": test, "params": str(params_path)}
+
+    result = _run(body, as_json=as_json)
+    _emit(result, as_json, lambda r: (
+        f"wrote {r['train'] + r['test']} canvases; labels {r['csv']}\n"
+        f"run the multi-label pipeline on them: imgflow pipeline --params {r['params']}"
+    ))  # fmt: skip
 
 
 @app.command()
@@ -196,6 +238,60 @@ def train(
     )
 
 
+def _tune_summary(r: dict[str, Any]) -> str:
+    best, metric = r["best"], r["metric"]
+    lines = [
+        f"best of {len(r['trials'])} trials: {metric} {best[metric]:.4f} ({r['mode']}), trial {best['trial']} "
+        f"(MLflow run {best['run_id']}, parent run {r['run_id']})"
+    ]
+    lines += [
+        f"  train.{k} = {v:.4g}" if isinstance(v, float) else f"  train.{k} = {v}"
+        for k, v in best["train"].items()
+    ]
+    if r["trials_failed"]:
+        lines.append(f"{r['trials_failed']} trial(s) failed: see {r['trials_csv']}")
+    lines += [
+        f"best params  {r['best_params']}",
+        f"trials       {r['trials_csv']} (plot {r['plot']})",
+        f"train with   imgflow train --params {r['best_params']}",
+    ]
+    return "\n".join(lines)
+
+
+@app.command()
+def tune(
+    params: ParamsOpt = Path("params.yaml"),
+    set_: SetOpt = None,
+    num_samples: Annotated[
+        int | None, typer.Option("--num-samples", min=1, help="Trials to run (default: tune.num_samples).")
+    ] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Hyper-parameter sweep with Ray Tune; writes the best config as a params file.
+
+    Each trial trains tune.epochs epochs exactly as `imgflow train` does (Ray
+    Train, same data and seed) with train values drawn from tune.search_space,
+    e.g. lr: {loguniform: [0.001, 0.01]}, batch_size: {choice: [128, 256]}
+    (choice | grid | uniform | loguniform | randint). Trials are ranked by
+    tune.metric (default val_loss) at their last epoch; tune.scheduler: asha
+    stops trailing trials early.
+
+    MLflow: a parent run "tune" and one child run per trial (its train params
+    and per-epoch metrics; the best one tagged best_trial=true).
+
+    Files: tune.out (default outputs/tune/best_params.yaml: the full params
+    with the best values), trials.csv, trials.json and trials.png beside it.
+    Then: imgflow train --params outputs/tune/best_params.yaml
+    """
+    from components.tune import run_tune
+
+    result = _run(
+        lambda: run_tune(_params(params, set_), num_samples=num_samples, progress=not as_json),
+        as_json=as_json,
+    )
+    _emit(result, as_json, _tune_summary)
+
+
 @app.command()
 def evaluate(
     params: ParamsOpt = Path("params.yaml"),
@@ -215,13 +311,14 @@ def evaluate(
     severities), slices, champion comparison, CLIP baselines and gates (written to outputs/evaluate,
     logged to MLflow)."""
     from components.evaluation import GateReport
+    from components.notify import headline_text
     from components.stages import run_evaluate
 
     result = _run(lambda: run_evaluate(_params(params, set_), model_uri=model), as_json=as_json)
 
     def human(r: dict[str, Any]) -> str:
         return (
-            f"test accuracy {r['accuracy']:.4f}, temperature {r['temperature']:.3f}\n"
+            f"{headline_text(r)}, temperature {r['temperature']:.3f}\n"
             f"{GateReport.from_dict(r['gates']).summary_text()}\ngate report: {r['report_html']}"
         )
 
@@ -246,6 +343,8 @@ def register(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None, as_js
 
 
 def _pipeline_summary(r: dict[str, Any]) -> str:
+    from components.notify import headline_text
+
     reg, tr, ev = r["register"], r["train"], r["evaluate"]
     uri = tr["tracking_uri"]
     ui = f"mlflow ui --backend-store-uri {uri} --host 127.0.0.1" if uri.startswith("sqlite") else uri
@@ -254,7 +353,7 @@ def _pipeline_summary(r: dict[str, Any]) -> str:
             f"data version   {r['ingest']['data_version']} ({r['ingest']['ingested']} images)",
             f"MLflow run     {tr['run_id']}",
             *([f"CLIP baseline  {_baseline_line(r['baseline'])}"] if r.get("baseline") else []),
-            f"test accuracy  {ev['accuracy']:.4f}  (gates {'passed' if ev['gates_passed'] else 'FAILED'})",
+            f"{headline_text(ev):<23}  (gates {'passed' if ev['gates_passed'] else 'FAILED'})",
             f"registered     {reg['name']} version {reg['version']}, aliases: {', '.join(reg['aliases'])}",
             f"load it with   mlflow.pyfunc.load_model('models:/{reg['name']}@{reg['aliases'][-1]}')",
             f"MLflow UI      {ui}",
@@ -379,9 +478,9 @@ def models(
     def human(rs: list[dict[str, Any]]) -> str:
         if not rs:
             return "no registered versions yet: run `imgflow pipeline`"
-        lines = [f"{'version':>7}  {'aliases':<22} {'test_acc':>8}  gates   data_version"]
+        lines = [f"{'version':>7}  {'aliases':<22} {'acc/mAP':>8}  gates   data_version"]
         for v in rs:
-            acc = v["metrics"].get("test_accuracy")
+            acc = v["metrics"].get("test_accuracy", v["metrics"].get("test_mAP"))
             lines.append(
                 f"{v['version']:>7}  {','.join(v['aliases']) or '-':<22} {'-' if acc is None else f'{acc:.4f}':>8}  "
                 f"{'pass' if v['gates_passed'] else 'FAIL':<6}  {v['tags'].get('data_version', '')}"
@@ -499,7 +598,8 @@ def predict(
     set_: SetOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Batch inference: label, score, top-k and calibrated probabilities per image into Parquet,
+    """Batch inference: the predicted label set (multi-label models: every label at or above its tuned
+    threshold), label, score, top-k and calibrated probabilities per image into Parquet,
     streamed batch by batch (predict.batch_size, predict.workers) so memory stays flat. An image
     that cannot be decoded gets its error in the `error` column."""
     from components.stages import run_predict

@@ -9,6 +9,7 @@ from typing import Any
 from prefect import flow, get_run_logger
 
 from components.config import load_params
+from components.notify import headline
 from tasks import stages
 
 UP_TO_DATE = "up to date"
@@ -85,7 +86,7 @@ def _tell_verdict(params: Any, registered: dict[str, Any], evaluated: dict[str, 
         "version": version,
         "aliases": registered["aliases"],
         "mlflow_run_id": registered["run_id"],
-        "test_accuracy": evaluated["accuracy"],
+        "test_" + headline(evaluated)[0]: headline(evaluated)[1],
         "verdict": evaluated["verdict"],
         "failed_gates": registered["failed_gates"],
         "report_html": evaluated["report_html"],

@@ -135,7 +135,7 @@ def evaluate(params: Params) -> dict[str, Any]:
         description=result["verdict"],
     )
     create_table_artifact(notify_lib.gate_rows(result["gates"]), key="gate-table", description="every gate")
-    get_run_logger().info("test accuracy %.4f; gates passed: %s", result["accuracy"], result["gates_passed"])
+    get_run_logger().info("%s; gates passed: %s", notify_lib.headline_text(result), result["gates_passed"])
     return result
 
 

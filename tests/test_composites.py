@@ -26,7 +26,7 @@ def test_composites_hold_real_items_with_all_labels(tmp_path: Path) -> None:
         labels = r["labels"].split("|")
         assert len(set(labels)) == len(labels)  # two items of a canvas are distinct classes
         img = np.asarray(Image.open(tmp_path / r["path"]))
-        assert img.shape == (40, 64) and img.max() > 100  # a real item is on it
+        assert img.shape == (56, 56) and img.max() > 100  # a real item is on it
         ink = np.flatnonzero(img.sum(axis=0))
         if len(labels) == 2:  # one item per half
             assert img[:, :32].sum() > 0 and img[:, 32:].sum() > 0

@@ -333,7 +333,11 @@ def test_write_evaluation_writes_all_files(tmp_path: Path, metrics: dict) -> Non
     with paths["per_class"].open(newline="") as f:
         rows = list(csv.DictReader(f))
     assert [r["class"] for r in rows] == CLASSES
-    assert list(rows[0]) == ["class", "precision", "recall", "recall_lower", "recall_upper", "f1", "support"]
+    assert list(rows[0]) == ["class", "precision", "recall", "recall_lower", "recall_upper", "f1", "support",
+                             "roc_auc", "pr_auc"]  # fmt: skip
+    assert float(rows[0]["roc_auc"]) == pytest.approx(5 / 8) and float(rows[0]["pr_auc"]) == pytest.approx(
+        0.7
+    )
     assert float(rows[1]["precision"]) == pytest.approx(2 / 3)
     assert int(rows[2]["support"]) == 2
 
@@ -378,3 +382,52 @@ def test_plot_training_curves_writes_png(tmp_path: Path) -> None:
     assert width > height  # two panels side by side
     with pytest.raises(ValueError, match="empty"):
         plot_training_curves([], tmp_path / "none.png")
+
+
+def test_one_vs_rest_auc_by_hand_and_against_sklearn(metrics: dict) -> None:
+    from sklearn.metrics import average_precision_score, roc_auc_score
+
+    # cat vs rest: positives score 0.7, 0.2; negatives 0.1, 0.4, 0.3, 0.5. ROC-AUC: 0.7 beats all
+    # four, 0.2 beats one -> 5/8. AP: ranked 0.7 (pos), 0.5, 0.4, 0.3, 0.2 (pos) -> (1 + 2/5) / 2.
+    cat = metrics["per_class"][0]
+    assert cat["roc_auc"] == pytest.approx(5 / 8) and cat["pr_auc"] == pytest.approx(0.7)
+    onehot = np.eye(3)[Y_TRUE]
+    for i, row in enumerate(metrics["per_class"]):
+        assert row["roc_auc"] == pytest.approx(roc_auc_score(onehot[:, i], PROBS[:, i]))
+        assert row["pr_auc"] == pytest.approx(average_precision_score(onehot[:, i], PROBS[:, i]))
+    assert metrics["macro_roc_auc"] == pytest.approx(np.mean([r["roc_auc"] for r in metrics["per_class"]]))
+    flat = flat_metrics(metrics)
+    assert flat["roc_auc_cat"] == pytest.approx(5 / 8) and "macro_pr_auc" in flat
+    # a class absent from the test set has no AUC (not a made-up 0 or 0.5)
+    absent = compute_metrics(np.array([0, 1, 0, 1]), np.full((4, 3), 1 / 3), CLASSES)
+    assert absent["per_class"][2]["roc_auc"] is None and absent["per_class"][2]["pr_auc"] is None
+    assert "roc_auc_bird" not in flat_metrics(absent)
+
+
+def test_roc_and_pr_curves_files_agree_with_the_areas(tmp_path: Path) -> None:
+    from sklearn.metrics import roc_auc_score
+
+    from components.evaluation import one_vs_rest_curves, write_curves
+
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 3, 3000)
+    logits = np.eye(3)[y] * 1.5 + rng.normal(0, 1, (3000, 3))
+    probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    curves = one_vs_rest_curves(np.eye(3)[y], probs, CLASSES)
+    for c in curves["roc"]:
+        i = CLASSES.index(c["class"])
+        assert c["auc"] == pytest.approx(roc_auc_score(y == i, probs[:, i]))
+        assert len(c["fpr"]) <= 200 and (c["fpr"][0], c["tpr"][-1]) == (0.0, 1.0)  # thinned, ends kept
+        assert np.trapezoid(c["tpr"], c["fpr"]) == pytest.approx(c["auc"], abs=0.01)
+    paths = write_curves(curves, tmp_path)
+    for kind, header in (("roc", "class,fpr,tpr"), ("pr", "class,recall,precision")):
+        lines = paths[f"{kind}_curves_csv"].read_text().splitlines()
+        assert lines[0] == header and {line.split(",")[0] for line in lines[1:]} == set(CLASSES)
+        assert len(lines) - 1 <= 3 * 200
+        _assert_png(paths[f"{kind}_curves"])
+    assert {p.name for p in paths.values()} == {
+        "roc_curves.csv",
+        "roc_curves.png",
+        "pr_curves.csv",
+        "pr_curves.png",
+    }

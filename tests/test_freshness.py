@@ -3,6 +3,7 @@ real (sqlite) MLflow registry."""
 
 from __future__ import annotations
 
+import subprocess
 from pathlib import Path
 
 import mlflow
@@ -11,7 +12,7 @@ import pytest
 from components import tracking
 from components.config import load_params
 from components.freshness import decide, training_fingerprint
-from tests.conftest import write_small_params
+from tests.conftest import BIN, write_small_params
 
 
 @pytest.fixture()
@@ -68,3 +69,15 @@ def test_alias_provenance_merges_version_and_training_run_tags(tmp_path: Path) -
         got["gates_passed"],
     ) == ("1", run.run_id, "d1", "p1", "true")
     assert not decide(data_version="d1", training_params_hash="p1", champion=got).retrain
+
+    # someone deletes the champion's training run, then garbage-collects it: retrain, never an error
+    client.delete_run(run.run_id)
+    deleted = tracking.alias_provenance("m", tracking.CHAMPION)
+    assert deleted is not None and deleted["training_run_missing"] == "true"
+    verdict = decide(data_version="d1", training_params_hash="p1", champion=deleted)
+    assert verdict.retrain and f"training run {run.run_id} is gone" in verdict.reason
+    gc = subprocess.run([str(BIN / "mlflow"), "gc", "--backend-store-uri", uri, "--run-ids", run.run_id],
+                        capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert gc.returncode == 0, gc.stderr
+    gone = tracking.alias_provenance("m", tracking.CHAMPION)
+    assert gone is not None and gone["training_run_missing"] == "true" and gone["gates_passed"] == "true"

@@ -248,3 +248,36 @@ def test_registered_model_reports_get_their_own_folder_and_the_sweep_sample_is_s
     picked = sweep_sample(targets, 32, 0)
     assert np.bincount(targets[picked]).tolist() == [20, 10, 2] and np.all(np.diff(picked) > 0)
     assert np.array_equal(picked, sweep_sample(targets, 32, 0))  # fixed seed
+
+
+def test_single_label_report_has_curves_no_thresholds_and_lists_multilabel_gates(
+    tmp_path: Path, evidence: Evidence
+) -> None:
+    from dataclasses import replace
+
+    from components.evaluation import one_vs_rest_curves
+
+    rng = np.random.default_rng(1)
+    y = np.repeat([0, 1, 2], 50)
+    probs = rng.dirichlet(np.ones(3), 150) * 0.5 + np.eye(3)[y] * 0.5
+    ev = replace(evidence, curves=one_vs_rest_curves(np.eye(3)[y], probs, CLASSES))
+    gates = build_gates(GatesConfig(min_accuracy=0.5, min_class_recall=0.5), ev)
+    assert {n for n, _ in gates.not_applicable} == {
+        "min_map",
+        "min_label_ap",
+        "max_map_drop",
+        "max_label_ap_drop",
+    }
+    assert not any(g.name.startswith(("min_map", "min_label_ap")) for g in gates.gates)
+    paths = write_report(ev, gates, tmp_path, context={})
+    gates_json = json.loads(paths["gates"].read_text())
+    assert gates_json["thresholds"] is None and "task" not in json.loads(paths["metrics"].read_text())
+    html = paths["report_html"].read_text()
+    assert html.count("data:image/png;base64,") == 6  # + ROC and PR curves
+    assert (
+        html.index("Per class")
+        < html.index("ROC and precision-recall curves")
+        < html.index("Confusion matrix")
+    )
+    assert "PR-AUC (AP)" in html and "min_map (multi-label only" in html
+    assert paths["roc_curves_csv"].read_text().startswith("class,fpr,tpr\n")

@@ -61,3 +61,26 @@ def test_label_without_positives_keeps_default() -> None:
     assert b.threshold == 0.5 and not b.reached
     with pytest.raises(ValueError, match="target"):
         tune_thresholds(y, y.astype(float), ["a", "b"], rule="precision")
+
+
+def test_fast_average_precision_matches_sklearn_with_ties_and_bootstrap_weights() -> None:
+    from sklearn.metrics import average_precision_score
+
+    from components.multilabel import average_precision, weighted_average_precision
+
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        n = int(rng.integers(5, 80))
+        y = (rng.random(n) < 0.4).astype(int)
+        scores = np.round(rng.random(n), 1)  # many ties
+        if not y.any():
+            assert average_precision(y, scores) is None
+            continue
+        assert average_precision(y, scores) == pytest.approx(average_precision_score(y, scores), abs=1e-12)
+        idx = rng.integers(0, n, n)  # a bootstrap resample = each image weighted by its draw count
+        weights = np.bincount(idx, minlength=n)[None, :]
+        (got,) = weighted_average_precision(y, scores, weights)
+        if y[idx].any():
+            assert got == pytest.approx(average_precision_score(y[idx], scores[idx]), abs=1e-12)
+        else:
+            assert np.isnan(got)

@@ -651,8 +651,7 @@ def write_audit_report(
     )
     page = f"""<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>Label audit</title>
 <style>{_CSS}</style></head><body><h1>Label-quality audit</h1>
-<p>{result.summary["audited"]} images audited (splits {e(", ".join(result.summary["splits"]))}); out-of-sample
-accuracy of the audit model {result.summary["oof_accuracy"] if result.summary["oof_accuracy"] is None else f"{result.summary['oof_accuracy']:.3f}"};
+<p>{result.summary["audited"]} images audited (splits {e(", ".join(result.summary["splits"]))}); {_model_quality(result.summary)};
 data version <code>{e(str(ledger.get("data_version", "")))}</code>, compared with
 <code>{e(str(ledger.get("previous_version") or "none"))}</code>.</p>
 <table><tr><th>issue</th><th>count</th></tr>{counts}</table>
@@ -668,6 +667,17 @@ data version <code>{e(str(ledger.get("data_version", "")))}</code>, compared wit
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(page)
     return path
+
+
+def _model_quality(summary: dict[str, Any]) -> str:
+    """How well the audit model separates the labels: out-of-fold accuracy, or mAP (multi-label)."""
+    if summary.get("task") == "multilabel":
+        value, what = summary.get("oof_map"), "out-of-fold mAP"
+        card = summary.get("label_cardinality")
+        what = f"{card:.2f} labels per image; {what}" if card is not None else what
+    else:
+        value, what = summary.get("oof_accuracy"), "out-of-sample accuracy"
+    return f"{what} of the audit model {'n/a' if value is None else f'{value:.3f}'}"
 
 
 def _set_changes(row: Any) -> str:

@@ -20,6 +20,7 @@ import csv
 import json
 import logging
 import math
+import os
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -127,35 +128,37 @@ def _trial_loop_config(config: Mapping[str, Any], setup: TrialSetup) -> tuple[Tr
 
 
 def run_trial(config: dict[str, Any], *, setup: TrialSetup) -> None:
-    """Tune function trainable: the Ray Train driver of one training run with the trial's values.
-
-    The TorchTrainer is built as :func:`components.ray_train.fit` builds it, plus Tune's report
-    callback (``fit`` takes no callbacks yet); the per-worker loop is ``imgflow train``'s own.
-    """
-    import ray.train
+    """Tune function trainable: :func:`components.ray_train.fit` (the same driver and per-worker loop
+    as ``imgflow train``) with the trial's values, plus Tune's report callback."""
     import ray.tune
-    from ray.train.torch import TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from components.ray_train import train_loop_per_worker
+    from components.ray_train import fit
 
+    _name_the_cluster_for_train()
     cfg, loop = _trial_loop_config(config, setup)
-    report: Any = TuneReportCallback()  # a Train V2 UserCallback (ray.train's stubs still list V1's type)
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config=loop,
-        scaling_config=ray.train.ScalingConfig(
-            num_workers=cfg.workers, use_gpu=setup.use_gpu, resources_per_worker={"CPU": cfg.cpus_per_worker}
-        ),
-        run_config=ray.train.RunConfig(
-            name=ray.tune.get_context().get_trial_id(),  # stable: a restarted trial resumes its run
-            storage_path=str(setup.storage_path),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1),
-            failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
-            callbacks=[report],
-        ),
-    )
-    trainer.fit()
+    trial_id = ray.tune.get_context().get_trial_id()  # stable: a restarted trial resumes its run
+    fit(
+        loop, workers=cfg.workers, cpus_per_worker=cfg.cpus_per_worker, use_gpu=setup.use_gpu,
+        storage_path=setup.storage_path, run_name=trial_id, out_dir=setup.storage_path / trial_id / "model",
+        max_failures=cfg.max_failures, show_progress=False, callbacks=[TuneReportCallback()],
+    )  # fmt: skip
+
+
+def _name_the_cluster_for_train() -> None:
+    """Put this cluster's address in ``RAY_ADDRESS`` for the trial's Train controller.
+
+    When ASHA stops a trial, its driver (this process) dies and takes the Train controller with it.
+    Ray Train V2 then frees the workers' placement group from a helper actor that finds the cluster
+    by scanning the machine for Ray processes. With a second Ray instance on the machine that scan
+    fails, the CPUs stay reserved, and the next trials wait forever. Ray Train propagates the
+    variables in its list to the controller, and the controller's children inherit them.
+    """
+    import ray
+    from ray.train.v2._internal import constants
+
+    os.environ.setdefault("RAY_ADDRESS", ray.get_runtime_context().gcs_address)
+    constants.ENV_VARS_TO_PROPAGATE.add("RAY_ADDRESS")  # this trial's process only
 
 
 # --------------------------------------------------------------------------- live record (MLflow + display)
@@ -246,10 +249,14 @@ class SweepRecorder:
         record = self.trials[trial_id]
         if record.status != "RUNNING":
             return
+        if status == "FINISHED" and len(record.history) < self.setup.epochs:
+            status = "STOPPED"  # by ASHA (or train.early_stopping_patience) before tune.epochs
         record.status, record.error = status, error
         if error:
             self.tracking.set_tags(record.run_id, {"error": error[:4000]})
-        self.tracking.end_run(record.run_id, status="FINISHED" if status == "FINISHED" else "FAILED")
+        self.tracking.end_run(
+            record.run_id, status={"ERROR": "FAILED", "STOPPED": "FINISHED"}.get(status, status)
+        )
         self.progress.advance(self.bar)
 
 
@@ -550,8 +557,7 @@ def run_tune(params: Params, *, num_samples: int | None = None, progress: bool =
 
     spec, setup = _resolve(params, num_samples)
     _trial_loop_config({"train": {}}, setup)  # task options, pretrained weights: fail (or convert) once, here
-    tracking_mod.configure(params.register_.tracking_uri, state_dir=params.project.state_dir)
-    uri = tracking_mod.resolve_tracking_uri(params.register_.tracking_uri, state_dir=params.project.state_dir)
+    uri = tracking_mod.configure(params.register_.tracking_uri, state_dir=params.project.state_dir)
     parent = _parent_run(params, spec, tracking_mod, uri)
     started = ray_train.init_ray()
     t0 = time.perf_counter()

@@ -21,7 +21,8 @@ app = typer.Typer(
     name="imgflow",
     help=(
         "Raw labelled images -> validated data -> Ray-trained timm model -> gated, registered MLflow model.\n\n"
-        "Stages: ingest, validate, baseline (CLIP), train, evaluate, register; `pipeline` runs them all as one Prefect flow. "
+        "Stages: ingest, validate, audit, baseline (CLIP), train, evaluate, register; `pipeline` runs them all as one Prefect flow. "
+        "`tune` sweeps train params with Ray Tune; `make-composites` builds a multi-label dataset. "
         "Parameters come from params.yaml (one section per stage); override any with --set section.key=value."
     ),
     no_args_is_help=True,

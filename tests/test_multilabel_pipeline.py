@@ -81,3 +81,29 @@ def test_batch_prediction_writes_label_sets(composites_run: dict) -> None:
     preds = pd.read_parquet(project / "preds.parquet")
     assert len(preds) == 300 and preds["error"].isna().all()
     assert preds["labels"].map(len).between(0, 10).all() and (preds["labels"].map(len) == 2).any()
+
+
+@pytest.mark.e2e
+def test_served_model_answers_with_label_sets(composites_run: dict, tmp_path: Path) -> None:
+    from fastapi.testclient import TestClient
+
+    from components.config import load_params
+    from components.serving import create_app
+    from components.stages import load_predictor
+
+    project = composites_run["project"]
+    assert composites_run["proc"].returncode == 0
+    # the test runs elsewhere than the project folder: point at the project's registry
+    params = load_params(project / "comp" / "params.yaml", [f"project.state_dir={project / '.imgflow'}"])
+    predictor, uri = load_predictor(params, None, tmp_path)
+    assert predictor.spec.multilabel and predictor.spec.thresholds is not None
+    client = TestClient(create_app(predictor, model_uri=uri))
+    health = client.get("/health").json()
+    assert health["task"] == "multilabel" and len(health["thresholds"]) == 10
+    test = pd.read_csv(project / "comp" / "labels.csv").query("split == 'test'").head(8)
+    files = [("file", (Path(p).name, (project / "comp" / p).read_bytes(), "image/png")) for p in test["path"]]
+    r = client.post("/predict", files=files)
+    assert r.status_code == 200, r.text
+    rows = r.json()["predictions"]
+    assert len(rows) == 8 and all(set(row["labels"]) <= set(health["classes"]) for row in rows)
+    assert all(len(row["probabilities"]) == 10 for row in rows)

@@ -8,13 +8,23 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 from mlflow import MlflowClient
 
 from components.config import Params, TrainConfig, TuneConfig, load_params
 from components.errors import ConfigError
 from components.stages import run_ingest
-from components.tune import check_search_space, ray_search_space
+from components.tune import (
+    SweepRecorder,
+    TrialSetup,
+    best_params,
+    best_trial,
+    check_search_space,
+    plot_trials,
+    ray_search_space,
+    trial_table,
+)
 from tests.conftest import REPO, run_cli, write_small_params
 
 # Every range and choice excludes the value write_small_params trains with (lr 0.005, batch_size 32,
@@ -106,6 +116,91 @@ def test_cli_refuses_a_bad_search_space_before_starting_ray(tmp_path: Path) -> N
     proc = run_cli("tune", "--set", "tune.search_space.lr={gauss: [0.1, 1]}", cwd=tmp_path, timeout=120)
     assert proc.returncode == 2, proc.stderr
     assert "unknown distribution 'gauss'" in proc.stderr and not (tmp_path / ".imgflow").exists()
+
+
+class _FakeTracking:
+    """Records what the recorder asks of the MLflow adapter."""
+
+    def __init__(self) -> None:
+        self.runs: dict[str, dict] = {}
+
+    def start_run(self, experiment_id: str, *, run_name: str, params: dict, tags: dict, tracking_uri: str):
+        run_id = f"run-{len(self.runs) + 1}"
+        self.runs[run_id] = {
+            "name": run_name,
+            "params": params,
+            "tags": dict(tags),
+            "metrics": [],
+            "status": None,
+        }
+        return type("Run", (), {"run_id": run_id})()
+
+    def log_metrics(self, run_id: str, metrics: dict, *, step: int | None = None) -> None:
+        self.runs[run_id]["metrics"].append((step, metrics))
+
+    def set_tags(self, run_id: str, tags: dict) -> None:
+        self.runs[run_id]["tags"].update(tags)
+
+    def end_run(self, run_id: str, status: str = "FINISHED") -> None:
+        self.runs[run_id]["status"] = status
+
+
+def test_recorder_turns_trial_events_into_child_runs_and_rows(tmp_path: Path) -> None:
+    tracking = _FakeTracking()
+    setup = TrialSetup(train=TrainConfig(), epochs=2, data_dir=tmp_path, weights_dir=tmp_path,
+                       storage_path=tmp_path, seed=0, use_gpu=False)  # fmt: skip
+    recorder = SweepRecorder(tracking=tracking, experiment_id="1", parent_run_id="parent", tracking_uri="x",
+                             setup=setup, metric="val_loss", total=3, show=False)  # fmt: skip
+    epoch = {"train_loss": 1.0, "val_accuracy": 0.5, "lr": 0.01, "finished_at": 1e9, "stopped_early": False}
+    with recorder:
+        recorder.start("a", {"train": {"lr": np.float64(0.007), "batch_size": np.int64(16)}})
+        recorder.start("b", {"train": {"lr": 0.002, "batch_size": 24}})
+        for e, (la, lb) in enumerate([(1.5, 1.4), (0.9, 1.1)]):
+            recorder.result("a", {**epoch, "epoch": e, "val_loss": la, "checkpoint_path": f"/ckpt/a{e}"})
+            if e == 0:
+                recorder.result("b", {**epoch, "epoch": e, "val_loss": lb})
+        recorder.finish("a", {}, status="FINISHED")
+        recorder.finish("b", {}, status="FINISHED")  # one epoch of two: stopped by ASHA
+        recorder.finish("c", {"train": {"lr": 0.05, "batch_size": 16}}, status="ERROR", error="boom")
+    a, b, c = (recorder.trials[t] for t in "abc")
+    assert (a.status, b.status, c.status) == ("FINISHED", "STOPPED", "ERROR")
+    assert [tracking.runs[r.run_id]["status"] for r in (a, b, c)] == ["FINISHED", "FINISHED", "FAILED"]
+    run_a = tracking.runs[a.run_id]
+    assert run_a["tags"]["mlflow.parentRunId"] == "parent" and run_a["tags"]["trial_id"] == "a"
+    assert run_a["params"]["sampled"] == {"lr": 0.007, "batch_size": 16}  # numpy scalars made plain
+    assert run_a["params"]["train"]["epochs"] == 2 and run_a["params"]["train"]["lr"] == 0.007
+    step, logged = run_a["metrics"][1]
+    assert (
+        step == 1
+        and logged["val_loss"] == 0.9
+        and not {"epoch", "finished_at", "stopped_early"} & set(logged)
+    )
+    assert a.checkpoint == "/ckpt/a1" and tracking.runs[c.run_id]["tags"]["error"] == "boom"
+
+    records = [a, b, c]
+    best = best_trial(records, metric="val_loss", mode="min")
+    assert best is a and best_trial(records, metric="val_loss", mode="max") is b
+    rows = trial_table(records, metric="val_loss", best=best)
+    assert [(r["trial"], r["status"], r["epochs"], r["best"]) for r in rows] == [
+        (1, "FINISHED", 2, True), (2, "STOPPED", 1, False), (3, "ERROR", 0, False),
+    ]  # fmt: skip
+    assert rows[0]["train.lr"] == 0.007 and rows[2]["error"] == "boom" and rows[2]["val_loss"] is None
+    tuned = best_params(Params(), best.sampled)
+    assert tuned["train"]["lr"] == 0.007 and tuned["train"]["batch_size"] == 16
+    assert tuned["train"]["epochs"] == Params().train.epochs and tuned["tune"] == Params().to_dict()["tune"]
+    png = plot_trials(records, tmp_path / "trials.png", metric="val_loss", best=best)
+    assert png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_sweep_where_every_trial_failed_says_why() -> None:
+    tracking, setup = _FakeTracking(), TrialSetup(TrainConfig(), 1, Path(), Path(), Path(), 0, False)
+    recorder = SweepRecorder(tracking=tracking, experiment_id="1", parent_run_id="p", tracking_uri="x",
+                             setup=setup, metric="val_loss", total=1, show=False)  # fmt: skip
+    recorder.finish("a", {"train": {}}, status="ERROR", error="ConfigError: unknown model 'resnet'")
+    with pytest.raises(
+        RuntimeError, match="no trial of the sweep reported val_loss: ConfigError: unknown model"
+    ):
+        best_trial(list(recorder.trials.values()), metric="val_loss", mode="min")
 
 
 # --------------------------------------------------------------------------- a real sweep

@@ -926,6 +926,19 @@ def summarize(record: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def summary_line(summary: Mapping[str, Any]) -> str:
+    """One line for people (CLI, Prefect log) from :func:`summarize`'s result."""
+    if summary["status"] != "ok":
+        return str(summary["reason"])
+    metric = "mAP" if summary.get("task") == MULTILABEL else "accuracy"
+    zero_shot, probe = summary.get(f"zero_shot_{metric}"), summary.get(f"linear_probe_{metric}")
+    return (
+        f"{summary['model']}/{summary['pretrained']}: zero-shot {metric} "
+        f"{'-' if zero_shot is None else f'{zero_shot:.4f}'}, linear probe "
+        f"{'-' if probe is None else f'{probe:.4f}'}; {summary['disagreements']} confident label disagreements"
+    )
+
+
 def write_baseline(
     record: dict[str, Any], disagreements: pd.DataFrame | None, out_dir: Path
 ) -> dict[str, Path]:

@@ -415,13 +415,12 @@ def baseline_scalars(baseline: dict[str, Any] | None) -> dict[str, float]:
     """Headline metrics of the CLIP baselines, named to sit next to the trained model's ``test_*``
     in the same MLflow run: ``baseline_zeroshot_test_accuracy``, ``baseline_linearprobe_test_macro_f1``."""
     out: dict[str, float] = {}
+    multilabel = (baseline or {}).get("task") == "multilabel"
+    keys = ("mAP", "micro_f1", "macro_f1") if multilabel else ("accuracy", "macro_f1", "balanced_accuracy")
     for kind, name in (("zero_shot", "zeroshot"), ("linear_probe", "linearprobe")):
         m = (baseline or {}).get(kind)
         if m:
-            out |= {
-                f"baseline_{name}_test_{k}": float(m[k])
-                for k in ("accuracy", "macro_f1", "balanced_accuracy")
-            }
+            out |= {f"baseline_{name}_test_{k}": float(m[k]) for k in keys if m.get(k) is not None}
     return out
 
 

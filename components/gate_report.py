@@ -267,12 +267,7 @@ def _drop_gate(name: str, row: dict[str, Any], margin: float, version: str, leve
 
 
 def _zero_shot_gates(ev: Evidence, margin: float, level: Any) -> list[GateResult]:
-    if ev.multilabel:
-        message = (
-            f"{NOT_APPLICABLE}: the CLIP zero-shot comparison is single-label; this gate was not checked"
-        )
-        return [GateResult(ZERO_SHOT_GATE, False, 0.0, margin, message, level=level,
-                           explanation=f"{message}: with no comparable result it does not pass.")]  # fmt: skip
+    """Trained vs CLIP zero-shot: accuracy and per-class recall, or (multi-label) mAP and per-label AP."""
     out = []
     for gate in check_beats_baseline(ev.metrics, ev.baseline, margin=margin):
         if is_not_applicable(gate):
@@ -326,25 +321,30 @@ def report_dict(ev: Evidence, gates: GateReport, *, context: Mapping[str, Any]) 
 
 
 def baseline_comparison(metrics: Mapping[str, Any], record: Mapping[str, Any] | None) -> dict[str, Any]:
-    """Trained vs CLIP zero-shot vs linear probe: overall accuracy (and images) of each, and each
-    class's recall side by side. ``status``: ``ok``, ``skipped``, ``disabled`` or ``not run``."""
-    if is_multilabel(metrics):
-        return {
-            "status": NOT_APPLICABLE,
-            "reason": "the CLIP baselines are compared with single-label models only",
-        }
+    """Trained vs CLIP zero-shot vs linear probe: the overall metric (accuracy, or mAP for multi-label
+    models) and images of each, and each class's recall (each label's AP) side by side.
+    ``status``: ``ok``, ``skipped``, ``disabled``, ``not run`` or not applicable (another task)."""
     if record is None:
         return {
             "status": "not run",
             "reason": "the baseline stage has not run (no outputs/baseline/baseline.json)",
         }
+    multilabel = is_multilabel(metrics)
+    if record.get("status") == "ok" and (record.get("task") == "multilabel") != multilabel:
+        return {
+            "status": NOT_APPLICABLE,
+            "reason": "the baselines were run for the other task (single/multi-label)",
+        }
+    metric, per, rows, name = (
+        ("mAP", "ap", "per_label", "label") if multilabel else ("accuracy", "recall", "per_class", "class")
+    )
     out: dict[str, Any] = {k: record.get(k) for k in ("status", "reason", "model", "pretrained")}
+    out |= {"metric": metric, "per_metric": per}
     kinds = {"trained": metrics, **{k: record.get(k) for k in ("zero_shot", "linear_probe")}}
-    out["overall"] = {k: {"accuracy": m["accuracy"], "n": m["n"]} for k, m in kinds.items() if m}
-    recall = {k: {r["class"]: r["recall"] for r in m["per_class"]} for k, m in kinds.items() if m}
+    out["overall"] = {k: {metric: m[metric], "n": m["n"]} for k, m in kinds.items() if m}
+    values = {k: {r[name]: r[per] for r in m[rows]} for k, m in kinds.items() if m}
     out["per_class"] = [
-        {"class": row["class"], **{k: recall[k].get(row["class"]) for k in recall}}
-        for row in metrics["per_class"]
+        {"class": row[name], **{k: values[k].get(row[name]) for k in values}} for row in metrics[rows]
     ]
     return out
 
@@ -691,13 +691,15 @@ def _baseline_html(b: Mapping[str, Any] | None) -> str:
             "No zero-shot comparison; the zero-shot gate, if enabled, is not applicable and does not pass.</p>"
         )
     kinds = list(b["overall"])
+    metric, per = b.get("metric", "accuracy"), b.get("per_metric", "recall")
     overall = _table(["", *[_KIND_NAMES[k] for k in kinds]],
-                     [["accuracy", *[_num(b["overall"][k]["accuracy"]) for k in kinds]],
+                     [[metric, *[_num(b["overall"][k][metric]) for k in kinds]],
                       ["test images", *[str(b["overall"][k]["n"]) for k in kinds]]])  # fmt: skip
     rows = [[r["class"], *[_num(r.get(k)) for k in kinds]] for r in b["per_class"]]
+    title = "AP per label" if per == "ap" else "Recall per class"
     return (
         f"{head}<p>{_e(b.get('model'))} / {_e(b.get('pretrained'))}, on the test split.</p>" + overall
-        + "<h3>Recall per class</h3>" + _table(["class", *[_KIND_NAMES[k] for k in kinds]], rows)
+        + f"<h3>{title}</h3>" + _table(["class", *[_KIND_NAMES[k] for k in kinds]], rows)
     )  # fmt: skip
 
 

@@ -196,14 +196,9 @@ def audit(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None, as_json:
 
 
 def _baseline_line(r: dict[str, Any]) -> str:
-    if r["status"] != "ok":
-        return str(r["reason"])
-    probe = r["linear_probe_accuracy"]
-    return (
-        f"{r['model']}/{r['pretrained']}: zero-shot accuracy {r['zero_shot_accuracy']:.4f}, "
-        f"linear probe {'-' if probe is None else f'{probe:.4f}'}; {r['disagreements']} confident label "
-        "disagreements"
-    )
+    from components.clip_baseline import summary_line
+
+    return summary_line(r)
 
 
 @app.command()

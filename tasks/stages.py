@@ -93,13 +93,9 @@ def baseline(params: Params) -> dict[str, Any]:
     """Zero-shot + linear-probe CLIP baselines; without weights it is skipped, not failed."""
     result = stages.run_baseline(params)
     log = get_run_logger()
-    if result["status"] == "ok":
-        log.info(
-            "CLIP baseline %s/%s: zero-shot accuracy %.4f, linear probe %s",
-            result["model"], result["pretrained"], result["zero_shot_accuracy"], result["linear_probe_accuracy"],
-        )  # fmt: skip
-    else:
-        log.warning("CLIP baseline %s", result["reason"])
+    from components.clip_baseline import summary_line
+
+    (log.info if result["status"] == "ok" else log.warning)("CLIP baseline %s", summary_line(result))
     return result
 
 

@@ -138,7 +138,9 @@ def test_report_files_carry_thresholds_and_per_label_rows(tmp_path: Path) -> Non
     html = paths["report_html"].read_text()
     assert html.index('id="verdict"') < html.index("FAILED: 4 of") < html.index("Per label")
     assert f"{CAR_AP:.4f}" in html and "0.3500" in html and "min_accuracy (single-label only" in html
-    assert json.loads(paths["report_json"].read_text())["baseline"]["status"] == "not applicable"
+    assert (
+        json.loads(paths["report_json"].read_text())["baseline"]["status"] == "not run"
+    )  # no baseline stage
 
 
 def test_champion_of_another_task_is_not_applicable_and_does_not_pass() -> None:
@@ -290,3 +292,20 @@ def test_label_ap_gate_fails_for_the_labels_below_a_stricter_threshold(multilabe
     failed = set(result["gates"]["failed"])
     assert below and failed == {f"min_label_ap[{label}]" for label in below}
     assert not result["gates_passed"] and result["verdict"].startswith("FAILED")
+
+
+def test_clip_baselines_are_compared_per_label_for_multilabel_models() -> None:
+    from components.gate_report import baseline_comparison
+
+    def metrics(ap_a: float, ap_b: float) -> dict:
+        return {"task": "multilabel", "mAP": (ap_a + ap_b) / 2, "n": 40,
+                "per_label": [{"label": "a", "ap": ap_a}, {"label": "b", "ap": ap_b}]}  # fmt: skip
+
+    record = {"status": "ok", "task": "multilabel", "model": "m", "pretrained": "p",
+              "zero_shot": metrics(0.5, 0.7), "linear_probe": None}  # fmt: skip
+    got = baseline_comparison(metrics(0.9, 0.6), record)
+    assert got["metric"] == "mAP" and got["overall"]["zero_shot"]["mAP"] == pytest.approx(0.6)
+    assert got["per_class"] == [{"class": "a", "trained": 0.9, "zero_shot": 0.5},
+                                {"class": "b", "trained": 0.6, "zero_shot": 0.7}]  # fmt: skip
+    single = {**record, "task": None}
+    assert baseline_comparison(metrics(0.9, 0.6), single)["status"] == "not applicable"

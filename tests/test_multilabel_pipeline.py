@@ -55,6 +55,7 @@ def test_pipeline_on_composites_registers_a_model_that_predicts_label_sets(compo
 
     # the registered pyfunc returns label sets (thresholds and temperature travel with it)
     mlflow.set_tracking_uri(f"sqlite:///{project / '.imgflow' / 'mlflow.db'}")
+    mlflow.set_registry_uri(f"sqlite:///{project / '.imgflow' / 'mlflow.db'}")
     name = composites_run["params"]["register"]["model_name"]
     model = mlflow.pyfunc.load_model(f"models:/{name}@champion")
     labels = pd.read_csv(project / "comp" / "labels.csv")

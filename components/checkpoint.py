@@ -37,6 +37,9 @@ class ModelSpec:
     temperature: float = 1.0
     thresholds: tuple[float, ...] | None = None
     """Multi-label: per-label decision thresholds (tuned on val by evaluate), in class order."""
+    tta: str = "none"
+    """Test-time augmentation of every prediction: ``none`` or ``hflip`` (average of the logits of
+    the image and its mirror image)."""
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -75,11 +78,30 @@ def load_spec(model_dir: Path) -> ModelSpec:
     return ModelSpec.from_dict(json.loads((Path(model_dir) / SPEC_FILE).read_text()))
 
 
+class FlipTTA(nn.Module):
+    """Logits averaged over the image and its horizontal mirror (flipped by a gather, which exports
+    to ONNX)."""
+
+    def __init__(self, model: nn.Module, width: int) -> None:
+        super().__init__()
+        self.model = model
+        self.reverse: torch.Tensor
+        self.register_buffer("reverse", torch.arange(width - 1, -1, -1), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (self.model(x) + self.model(x.index_select(3, self.reverse))) / 2
+
+
 def load_classifier(model_dir: Path) -> tuple[nn.Module, ModelSpec]:
-    """Rebuild the model from its spec and load the weights (safetensors: no code execution)."""
+    """Rebuild the model from its spec and load the weights (safetensors: no code execution); with
+    ``spec.tta == "hflip"`` the model predicts through :class:`FlipTTA`."""
     spec = load_spec(model_dir)
     model = create_classifier(spec.model, spec.num_classes, in_chans=spec.in_chans, pretrained=False)
     model.load_state_dict(load_file(str(Path(model_dir) / WEIGHTS_FILE)))
+    if spec.tta == "hflip":
+        model = FlipTTA(model, int(spec.data_config["input_size"][-1]))
+    elif spec.tta != "none":
+        raise DataError(f"{model_dir}: unknown test-time augmentation {spec.tta!r} (none | hflip)")
     return model.eval(), spec
 
 

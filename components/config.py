@@ -178,7 +178,7 @@ class AuditConfig(_Section):
 
 
 class TrainConfig(_Section):
-    model: str = "imgflow_cnn"
+    model: str = "imgflow_cnn_avgmax"
     """Any timm model name (``timm.list_models()``), or imgflow's own ``imgflow_cnn``."""
     pretrained: bool = False
     """Start from ImageNet weights: timm's hub when online, ``pretrained_file``, or (for
@@ -187,13 +187,14 @@ class TrainConfig(_Section):
     """Local weights file (.safetensors/.pth state dict) for ``pretrained``; loaded with weights_only."""
     finetune: Literal["full", "linear"] = "full"
     """``linear``: freeze the backbone (BatchNorm statistics too), train only the classifier head."""
-    epochs: int = Field(default=10, ge=1)
-    batch_size: int = Field(default=128, ge=1)
+    epochs: int = Field(default=16, ge=1)
+    batch_size: int = Field(default=64, ge=1)
+    """Images per step per worker (the global batch is workers x batch_size)."""
     lr: float = Field(default=3e-3, gt=0)
     weight_decay: float = Field(default=0.05, ge=0)
     optimizer: Literal["adamw", "sgd"] = "adamw"
     warmup_epochs: int = Field(default=0, ge=0)
-    label_smoothing: float = Field(default=0.0, ge=0, lt=1)
+    label_smoothing: float = Field(default=0.1, ge=0, lt=1)
     hflip: float = Field(default=0.5, ge=0, le=1)
     """Horizontal-flip probability of the training transform."""
     scale: tuple[float, float] = (0.85, 1.0)
@@ -215,13 +216,19 @@ class TrainConfig(_Section):
     cache_max_gb: float = Field(default=4.0, gt=0)
     deterministic: bool = False
     amp: Literal["auto", "bf16", "fp16", "off"] = "auto"
-    """Mixed precision on GPU (auto: bf16 where supported, else fp16); always off on CPU."""
+    """Mixed precision. GPU: auto = bf16 where supported, else fp16. CPU: auto/bf16 = bf16 autocast
+    when the CPU has native bf16 (AVX512-BF16/AMX), else full precision; fp16 is GPU only."""
     channels_last: bool = True
     """Channels-last memory format (faster convolutions on GPUs, and for small CNNs on CPU too)."""
     compile: bool = False
     """``torch.compile`` the model."""
     ema_decay: float | None = Field(default=None, gt=0, lt=1)
     """Keep an exponential moving average of the weights (e.g. 0.999); evaluated and saved instead."""
+    tta: Literal["none", "hflip"] = "none"
+    """Test-time augmentation recorded in the model: ``hflip`` predicts the average logits of each
+    image and its mirror image (evaluation, serving, batch prediction, ONNX; twice the compute)."""
+    random_erasing: float = Field(default=0.0, ge=0, le=1)
+    """Probability of timm's random erasing per training image (a random rectangle of noise)."""
     mixup: float = Field(default=0.0, ge=0)
     """Mixup alpha (0: off)."""
     cutmix: float = Field(default=0.0, ge=0)

@@ -253,6 +253,7 @@ class InMemoryDataset(Dataset):
         train: bool = False,
         hflip: float = 0.5,
         scale: tuple[float, float] = (0.85, 1.0),
+        random_erasing: float = 0.0,
         paths: Sequence[Path] | None = None,
     ) -> None:
         if len(images) != len(targets) or (paths is not None and len(paths) != len(targets)):
@@ -264,6 +265,11 @@ class InMemoryDataset(Dataset):
         self.mean = torch.tensor(list(mean)[:c], dtype=torch.float32).view(1, c, 1, 1) * 255.0
         self.std = torch.tensor(list(std)[:c], dtype=torch.float32).view(1, c, 1, 1) * 255.0
         self.train, self.hflip, self.scale = train, hflip, scale
+        self.erase = None
+        if train and random_erasing > 0:  # timm's random erasing, on the normalised batch
+            from timm.data.random_erasing import RandomErasing
+
+            self.erase = RandomErasing(probability=random_erasing, mode="pixel", device="cpu")
 
     def __len__(self) -> int:
         return len(self.targets)
@@ -276,6 +282,8 @@ class InMemoryDataset(Dataset):
         x = (torch.from_numpy(raw).float() - self.mean) / self.std
         if self.train:
             x = random_resized_crop_flip(x, scale=self.scale, hflip=self.hflip)
+            if self.erase is not None:
+                x = self.erase(x)
         return x, self.targets[torch.from_numpy(idx)]
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, Any]:

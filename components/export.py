@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from components.checkpoint import Predictor
+from components.checkpoint import ModelSpec, Predictor, probabilities
 from components.errors import DataError
 
 logger = logging.getLogger(__name__)
@@ -25,13 +25,14 @@ INPUT_NAME, OUTPUT_NAME = "image", "probabilities"
 
 
 class _Calibrated(nn.Module):
-    def __init__(self, model: nn.Module, temperature: float) -> None:
+    """The model with its served head: temperature-scaled softmax, or sigmoids for multi-label."""
+
+    def __init__(self, model: nn.Module, spec: ModelSpec) -> None:
         super().__init__()
-        self.model = model
-        self.temperature = float(temperature)
+        self.model, self.spec = model, spec
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.softmax(self.model(x) / self.temperature, dim=1)
+        return probabilities(self.model(x), self.spec)
 
 
 @dataclass(frozen=True)
@@ -53,7 +54,7 @@ class Parity:
 def export_onnx(predictor: Predictor, out: Path, *, opset: int = 17) -> Path:
     """Write ``out`` (.onnx) with a dynamic batch axis; returns it."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    module = _Calibrated(predictor.model, predictor.spec.temperature).eval()
+    module = _Calibrated(predictor.model, predictor.spec).eval()
     example = torch.zeros(1, *predictor.spec.data_config["input_size"])
     # The TorchScript-based exporter: no onnxscript dependency, and these models are plain convnets.
     torch.onnx.export(
@@ -89,7 +90,7 @@ def check_parity(predictor: Predictor, path: Path, images: list[bytes], *, toler
         raise DataError("the parity check needs real images; none of those given could be decoded")
     x = torch.stack(tensors)
     with torch.inference_mode():
-        ref = torch.softmax(predictor.model(x) / predictor.spec.temperature, dim=1).numpy()
+        ref = probabilities(predictor.model(x), predictor.spec).numpy()
     got = onnx_probabilities(onnx_session(path), x.numpy())
     diff = float(np.abs(ref - got).max())
     agree = float(np.mean(ref.argmax(1) == got.argmax(1)))

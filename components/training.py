@@ -93,6 +93,8 @@ def loop_config(
         "label_smoothing": cfg.label_smoothing,
         "hflip": cfg.hflip,
         "scale": list(cfg.scale),
+        "random_erasing": cfg.random_erasing,
+        "tta": cfg.tta,
         "loader_workers": cfg.loader_workers,
         "cache": cfg.cache,
         "cache_max_gb": cfg.cache_max_gb,

@@ -14,7 +14,7 @@ from tests.conftest import REPO
 
 def test_repo_params_load_and_match_defaults() -> None:
     p = load_params(REPO / "params.yaml")
-    assert p.train.model == "imgflow_cnn" and p.ingest.source == "fashion-mnist"
+    assert p.train.model == "imgflow_cnn_avgmax" and p.ingest.source == "fashion-mnist"
     assert p.validate_.allowed_modes == ("L", "RGB") and p.register_.model_name == "imgflow-fashion-mnist"
 
 

@@ -98,3 +98,16 @@ def test_cache_policy_respects_memory_limit() -> None:
     assert not _use_cache({"cache": "off", "cache_max_gb": 100.0}, 10, 1, 28)
     with pytest.raises(ConfigError, match="cache_max_gb"):
         _use_cache({"cache": "memory", "cache_max_gb": 0.001}, 60_000, 3, 224)
+
+
+def test_random_erasing_blanks_a_rectangle_of_training_batches_only() -> None:
+    x, y = fmnist_arrays(n=64)
+    images = x[:, None]
+    plain = InMemoryDataset(images, y, mean=[0.5], std=[0.5], train=True, hflip=0.0, scale=(1.0, 1.0))
+    erased = InMemoryDataset(images, y, mean=[0.5], std=[0.5], train=True, hflip=0.0, scale=(1.0, 1.0),
+                             random_erasing=1.0)  # fmt: skip
+    a, b = plain.__getitems__(list(range(64)))[0], erased.__getitems__(list(range(64)))[0]
+    changed = (a != b).flatten(1).float().mean(1)
+    assert bool((changed > 0.01).all()) and bool((changed < 0.5).all())  # every image, one rectangle
+    evaluated = InMemoryDataset(images, y, mean=[0.5], std=[0.5], random_erasing=1.0)
+    assert torch.equal(evaluated.__getitems__([0, 1])[0], plain.__getitems__([0, 1])[0])

@@ -87,3 +87,31 @@ def test_onnx_export_matches_pytorch_and_is_attached(
     assert version.tags["onnx_model"] == f"runs:/{run.run_id}/onnx/model.onnx"
     names = [f.path for f in MlflowClient().list_artifacts(run.run_id, "onnx")]
     assert "onnx/model.onnx" in names and "onnx/model.parity.json" in names
+
+
+def test_flip_tta_averages_the_mirror_image_everywhere_and_exports_to_onnx(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    import shutil
+    from dataclasses import replace
+
+    import torch
+
+    from components.checkpoint import FlipTTA, load_classifier, load_spec
+    from components.export import check_parity, export_onnx
+
+    model_dir = Path(shutil.copytree(tiny_model_dir, tmp_path / "tta"))
+    spec = replace(load_spec(model_dir), tta="hflip")
+    (model_dir / "model.json").write_text(json.dumps(spec.to_dict()))
+    plain, _ = load_classifier(tiny_model_dir)
+    tta, loaded = load_classifier(model_dir)
+    assert isinstance(tta, FlipTTA) and loaded.tta == "hflip"
+    x = torch.randn(4, 1, 28, 28)
+    with torch.inference_mode():
+        want = (plain(x) + plain(x.flip(3))) / 2
+        assert torch.allclose(tta(x), want, atol=1e-5)
+        assert torch.allclose(tta(x.flip(3)), tta(x), atol=1e-5)  # mirror-invariant predictions
+    predictor = Predictor.from_dir(model_dir)
+    images = [png_bytes(a) for a in fmnist_arrays("t10k", 16)[0]]
+    parity = check_parity(predictor, export_onnx(predictor, tmp_path / "tta.onnx"), images)
+    assert parity.passed and parity.labels_agree == 1.0

@@ -164,3 +164,29 @@ def test_amp_channels_last_epoch_on_cuda() -> None:
     assert sums["count"] == 256 and np.isfinite(sums["loss_sum"])
     assert seen and set(seen) == {amp}
     assert all(p.dtype == torch.float32 for p in model.parameters())  # master weights stay fp32
+
+
+def test_cpu_bf16_autocast_where_the_cpu_has_it() -> None:
+    """On a CPU with native bf16 (AVX512-BF16/AMX) amp=auto trains the forward in bf16 with fp32 master
+    weights; elsewhere (or amp=off) in full precision."""
+    from components.ray_train import _amp_dtype, cpu_has_native_bf16
+
+    cpu = torch.device("cpu")
+    assert _amp_dtype({"amp": "off"}, cpu) is None and _amp_dtype({"amp": "fp16"}, cpu) is None
+    amp = _amp_dtype({"amp": "auto"}, cpu)
+    assert amp == (torch.bfloat16 if cpu_has_native_bf16() else None)
+    if amp is None:
+        pytest.skip("this CPU has no native bf16")
+    seed_everything(0)
+    model = create_classifier("imgflow_cnn", 10, in_chans=1).to(memory_format=torch.channels_last)
+    seen: list[torch.dtype] = []
+    model.get_classifier().register_forward_hook(lambda _m, _i, out: seen.append(out.dtype))
+    x, y = fmnist_arrays("train", 256)
+    loader = DataLoader(_Arrays(x, y, create_image_transform(resolve_data_config(model), is_training=True)),
+                        batch_size=64)  # fmt: skip
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    opts = StepOptions(amp_dtype=amp, channels_last=True)
+    sums = train_one_epoch(model, loader, opt, nn.CrossEntropyLoss(), device=cpu, opts=opts)
+    assert sums["count"] == 256 and np.isfinite(sums["loss_sum"])
+    assert seen and set(seen) == {torch.bfloat16}
+    assert all(p.dtype == torch.float32 for p in model.parameters())

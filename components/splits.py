@@ -45,6 +45,19 @@ def _order_key(seed: int, image_id: str) -> str:
     return hashlib.sha256(f"{seed}:{image_id}".encode()).hexdigest()
 
 
+def _check_split_args(image_ids: Sequence[str], labels: Sequence[object], val_fraction: float,
+                      test_fraction: float) -> None:  # fmt: skip
+    if len(image_ids) != len(labels):
+        raise ValueError(f"{len(image_ids)} image_ids but {len(labels)} labels")
+    if len(set(image_ids)) != len(image_ids):
+        raise ValueError("image_ids must be unique (deduplicate byte-identical images first)")
+    if not (0 <= val_fraction < 1 and 0 <= test_fraction < 1 and val_fraction + test_fraction < 1):
+        raise ValueError(
+            f"val_fraction={val_fraction}, test_fraction={test_fraction}: each must be in [0, 1) "
+            "and their sum < 1"
+        )
+
+
 def assign_splits(
     image_ids: Sequence[str],
     labels: Sequence[str],
@@ -60,15 +73,7 @@ def assign_splits(
     next ``val`` to val, the rest to train. The result depends only on the (image_id, label)
     pairs and the seed, never on input order. ``image_ids`` must be unique.
     """
-    if len(image_ids) != len(labels):
-        raise ValueError(f"{len(image_ids)} image_ids but {len(labels)} labels")
-    if len(set(image_ids)) != len(image_ids):
-        raise ValueError("image_ids must be unique (deduplicate byte-identical images first)")
-    if not (0 <= val_fraction < 1 and 0 <= test_fraction < 1 and val_fraction + test_fraction < 1):
-        raise ValueError(
-            f"val_fraction={val_fraction}, test_fraction={test_fraction}: each must be in [0, 1) "
-            "and their sum < 1"
-        )
+    _check_split_args(image_ids, labels, val_fraction, test_fraction)
     by_class: dict[str, list[int]] = defaultdict(list)
     for row, label in enumerate(labels):
         by_class[label].append(row)
@@ -101,15 +106,7 @@ def assign_multilabel_splits(
     """
     from iterstrat.ml_stratifiers import IterativeStratification
 
-    if len(image_ids) != len(label_sets):
-        raise ValueError(f"{len(image_ids)} image_ids but {len(label_sets)} label sets")
-    if len(set(image_ids)) != len(image_ids):
-        raise ValueError("image_ids must be unique (deduplicate byte-identical images first)")
-    if not (0 <= val_fraction < 1 and 0 <= test_fraction < 1 and val_fraction + test_fraction < 1):
-        raise ValueError(
-            f"val_fraction={val_fraction}, test_fraction={test_fraction}: each must be in [0, 1) "
-            "and their sum < 1"
-        )
+    _check_split_args(image_ids, label_sets, val_fraction, test_fraction)
     import numpy as np
 
     order = sorted(range(len(image_ids)), key=lambda r: _order_key(seed, image_ids[r]))

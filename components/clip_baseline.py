@@ -538,13 +538,19 @@ def fit_linear_probe(
         c = 1.0 if C is None else C
         logger.info("linear probe: C=%g (no validation images)", c)
         return LinearProbe(model=fit(c), C=c, val_accuracy=None)
-    scored = []
-    for c in PROBE_C_GRID if C is None else (C,):
-        model = fit(c)
-        scored.append((float((model.predict(normalize(x_val)) == y_val).mean()), -c, model))
-    acc, neg_c, model = max(scored, key=lambda t: t[:2])  # ties: the stronger regularisation
-    logger.info("linear probe: C=%g (val accuracy %.4f)", -neg_c, acc)
-    return LinearProbe(model=model, C=-neg_c, val_accuracy=acc)
+    model, c, acc = _sweep_c(fit, lambda m: float((m.predict(normalize(x_val)) == y_val).mean()), C)
+    logger.info("linear probe: C=%g (val accuracy %.4f)", c, acc)
+    return LinearProbe(model=model, C=c, val_accuracy=acc)
+
+
+def _sweep_c(
+    fit: Callable[[float], Any], score: Callable[[Any], float], C: float | None
+) -> tuple[Any, float, float]:
+    """(model, C, val score) of the best C in :data:`PROBE_C_GRID` (or just ``C``); ties go to the
+    stronger regularisation (the smaller C)."""
+    scored = [(score(model), -c, model) for c in (PROBE_C_GRID if C is None else (C,)) for model in (fit(c),)]
+    value, neg_c, model = max(scored, key=lambda t: t[:2])
+    return model, -neg_c, value
 
 
 @dataclass(frozen=True)
@@ -606,13 +612,11 @@ def fit_multilabel_probe(
         c = 1.0 if C is None else C
         logger.info("multi-label linear probe: C=%g (no validation labels)", c)
         return fit(c)
-    scored = []
-    for c in PROBE_C_GRID if C is None else (C,):
-        probe = fit(c)
-        scored.append((float(mean_average_precision(y_val, probe.predict_proba(x_val))), -c, probe))
-    val_map, neg_c, best = max(scored, key=lambda t: t[:2])  # ties: the stronger regularisation
-    logger.info("multi-label linear probe: C=%g (val mAP %.4f)", -neg_c, val_map)
-    return MultilabelProbe(models=best.models, C=-neg_c, val_map=val_map)
+    best, c, val_map = _sweep_c(
+        fit, lambda p: float(mean_average_precision(y_val, p.predict_proba(x_val))), C
+    )
+    logger.info("multi-label linear probe: C=%g (val mAP %.4f)", c, val_map)
+    return MultilabelProbe(models=best.models, C=c, val_map=val_map)
 
 
 # --------------------------------------------------------------------------- the stage's work

@@ -139,7 +139,7 @@ def test_predictor_returns_label_sets_at_the_tuned_thresholds() -> None:
     assert np.allclose(probs, torch.sigmoid(torch.tensor([[0.1, 2.0, -1.0], [3.0, 2.5, -3.0]])).numpy())
     predictor = Predictor.__new__(Predictor)
     predictor.spec = spec
-    # row 0: a 0.52 >= 0.5, b 0.88 < 0.9, c 0.27 >= 0.2 -> {c?} ordered by probability: a, c
+    # row 0: a 0.52 >= 0.5, b 0.88 < 0.9, c 0.27 >= 0.2 -> {a, c}, ordered by probability
     assert predictor.label_sets(probs) == [["a", "c"], ["a", "b"]]
     single = ModelSpec("imgflow_cnn", ("a", "b"), 1, {"input_size": (1, 28, 28)}, temperature=2.0)
     p = probabilities(torch.tensor([[0.0, 2.0]]), single)

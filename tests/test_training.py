@@ -190,3 +190,29 @@ def test_cpu_bf16_autocast_where_the_cpu_has_it() -> None:
     assert sums["count"] == 256 and np.isfinite(sums["loss_sum"])
     assert seen and set(seen) == {torch.bfloat16}
     assert all(p.dtype == torch.float32 for p in model.parameters())
+
+
+def test_progress_events_reach_the_driver_in_order_and_throttled() -> None:
+    """Rank 0's progress goes through a real Ray queue actor: the first batch event, each epoch's last
+    batch and every epoch event arrive, in order; the batch events in between are throttled."""
+    from ray.util.queue import Queue
+
+    from components import ray_train as rt
+
+    started = rt.init_ray(num_cpus=1)
+    try:
+        queue = Queue(actor_options={"num_cpus": 0})
+        sender = rt._ProgressSender(queue, interval_s=3600)
+        for epoch in range(2):
+            for i in range(50):
+                sender.batch(epoch, i, 50, loss=float(i))
+            sender.send({"type": "epoch", "epoch": epoch})
+        events = [queue.get(timeout=60) for _ in range(5)]
+        assert queue.empty()
+        rt._ProgressSender(None).send({"type": "epoch", "epoch": 0})  # ranks > 0 have no queue: a no-op
+    finally:
+        if started:
+            rt.shutdown_ray()
+    assert [(e["type"], e["epoch"], e.get("batch")) for e in events] == [
+        ("batch", 0, 1), ("batch", 0, 50), ("epoch", 0, None), ("batch", 1, 50), ("epoch", 1, None),
+    ]  # fmt: skip

@@ -172,6 +172,11 @@ def _try_create_lock(client: MlflowClient, lock: str, tags: dict[str, str]) -> b
     except MlflowException as e:
         if e.error_code == "RESOURCE_ALREADY_EXISTS" or "already exists" in str(e):
             return False
+        if _missing(e):
+            # The holder released the lock while our create was in flight: MLflow's SQL store
+            # answers a duplicate insert by looking the model up, and that lookup found nothing.
+            # Taken a moment ago, free now: the caller's loop tries again.
+            return False
         raise
 
 

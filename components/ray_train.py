@@ -71,6 +71,10 @@ WORKER_EVENTS_ENV = "IMGFLOW_WORKER_EVENTS"
 epoch) when it starts and after its second batch of each epoch: how a test (or an operator) finds
 a worker's PID mid-epoch and sees a restart from a checkpoint. The file must be on storage the
 workers share with the driver (always true for the local runtime)."""
+LEAN_RUNTIME_ENV = "IMGFLOW_RAY_LEAN"
+"""Set by ``init_ray`` (and inherited by every Ray process it starts) when it starts a local
+runtime without the dashboard: nothing can read Ray's state API there, so the parts of Ray Train
+that only feed or poll it are left out (see ``_lean_trainer_class``)."""
 
 
 # --------------------------------------------------------------------------- runtime
@@ -95,16 +99,25 @@ def init_ray(*, address: str | None = None, num_cpus: int | None = None) -> bool
     address = address or os.environ.get("RAY_ADDRESS") or None
     if address:
         logger.info("connecting to the Ray cluster at %s", address)
+        os.environ.pop(LEAN_RUNTIME_ENV, None)  # a cluster runs Ray Train in full
         ray.init(address=address, log_to_driver=True)
         return True
     # A runtime this process starts is one node that nobody drains: Ray Train's preemption watcher
     # (one more actor process, ~200 MB, polling every 5 s) has nothing to watch. Clusters keep it.
     os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+    dashboard = os.environ.get(RAY_DASHBOARD_ENV, "0") == "1"
+    if dashboard:
+        os.environ.pop(LEAN_RUNTIME_ENV, None)
+    else:
+        # No dashboard, no state API: the task-state events every Ray process reports each second
+        # would have no reader (they cost ~11% of Ray's own CPU while training, measured).
+        os.environ.setdefault("RAY_task_events_report_interval_ms", "0")
+        os.environ[LEAN_RUNTIME_ENV] = "1"
     ray.init(
         num_cpus=num_cpus or os.cpu_count() or 1,
         _node_ip_address="127.0.0.1",
         dashboard_host="127.0.0.1",
-        include_dashboard=os.environ.get(RAY_DASHBOARD_ENV, "0") == "1",
+        include_dashboard=dashboard,
         log_to_driver=True,
     )
     return True
@@ -505,6 +518,38 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 # --------------------------------------------------------------------------- driver
 
 
+def _lean_trainer_class() -> type:
+    """``TorchTrainer`` without the two helper actors a lean local runtime (``LEAN_RUNTIME_ENV``)
+    cannot use, each one more process polling while training on a small machine.
+
+    - The placement-group cleaner removes a crashed controller's placement group on a long-lived
+      cluster. It asks the state API whether the controller lives, once a second; with no dashboard
+      every ask fails and logs a warning to the console, and the runtime's shutdown (which imgflow
+      always does) removes every placement group anyway.
+    - The datasets callback starts a ``DatasetManager`` actor to shard Ray Datasets; imgflow's
+      loaders read the manifest themselves and the trainer gets no datasets.
+    """
+    from ray.train.torch import TorchTrainer
+    from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
+    from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
+
+    class LeanTorchTrainer(TorchTrainer):
+        def _create_default_callbacks(self) -> list[Any]:
+            unused: tuple[type, ...] = (PlacementGroupCleanerCallback,)
+            if not self.datasets:
+                unused += (DatasetsCallback,)
+            defaults = super()._create_default_callbacks()  # type: ignore[misc]  # Train V2 (default)
+            return [cb for cb in defaults if not isinstance(cb, unused)]
+
+    return LeanTorchTrainer
+
+
+def _trainer_class() -> type:
+    from ray.train.torch import TorchTrainer
+
+    return _lean_trainer_class() if os.environ.get(LEAN_RUNTIME_ENV) == "1" else TorchTrainer
+
+
 @dataclass(frozen=True)
 class FitResult:
     model_dir: Path
@@ -559,7 +604,6 @@ def fit(
     run config (e.g. Ray Tune's report callback when a sweep trial runs this trainer).
     """
     import ray.train
-    from ray.train.torch import TorchTrainer
     from ray.util.queue import Queue
 
     gpu = cluster_has_gpus() if use_gpu is None else use_gpu
@@ -567,7 +611,7 @@ def fit(
     events = Queue(actor_options={"num_cpus": 0})
     config = dict(loop_config, use_gpu=gpu, threads=cpus_per_worker, progress_queue=events,
                   worker_events=os.environ.get(WORKER_EVENTS_ENV))  # fmt: skip
-    trainer = TorchTrainer(
+    trainer = _trainer_class()(
         train_loop_per_worker,
         train_loop_config=config,
         scaling_config=ray.train.ScalingConfig(

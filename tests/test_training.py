@@ -216,3 +216,31 @@ def test_progress_events_reach_the_driver_in_order_and_throttled() -> None:
     assert [(e["type"], e["epoch"], e.get("batch")) for e in events] == [
         ("batch", 0, 1), ("batch", 0, 50), ("epoch", 0, None), ("batch", 1, 50), ("epoch", 1, None),
     ]  # fmt: skip
+
+
+def test_lean_local_trainer_leaves_out_only_the_helpers_it_cannot_use(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A local runtime without the dashboard (``LEAN_RUNTIME_ENV``) trains without Ray Train's
+    placement-group cleaner and, when given no Ray Datasets, without its dataset manager; every other
+    default callback stays. A cluster (or a dashboard) gets the stock ``TorchTrainer``."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from components import ray_train as rt
+
+    def callbacks(trainer_cls: type, **kw: object) -> set[str]:
+        trainer = trainer_cls(lambda _c: None, scaling_config=ray.train.ScalingConfig(num_workers=1), **kw)
+        return {type(cb).__name__ for cb in trainer._create_default_callbacks()}
+
+    monkeypatch.delenv(rt.LEAN_RUNTIME_ENV, raising=False)
+    assert rt._trainer_class() is TorchTrainer
+    stock = callbacks(TorchTrainer)
+    assert {"PlacementGroupCleanerCallback", "DatasetsCallback"} <= stock
+
+    monkeypatch.setenv(rt.LEAN_RUNTIME_ENV, "1")
+    lean = rt._trainer_class()
+    assert issubclass(lean, TorchTrainer) and lean is not TorchTrainer
+    assert callbacks(lean) == stock - {"PlacementGroupCleanerCallback", "DatasetsCallback"}
+    with_data = callbacks(lean, datasets={"train": ray.data.from_items([{"x": 1}])})
+    assert with_data == stock - {"PlacementGroupCleanerCallback"}

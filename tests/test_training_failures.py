@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import ray
 
 from components import ray_train
 from components.config import Params, load_params
@@ -109,6 +110,11 @@ def test_killed_worker_restarts_from_checkpoint_and_model_is_registered(
         killer.join()
 
     assert len(killed) == 1, "worker 1 was never seen inside an epoch after a checkpoint"
+    # The module's runtime is local without a dashboard: the lean trainer ran (and recovered).
+    assert os.environ.get(ray_train.LEAN_RUNTIME_ENV) == "1"
+    actors = {a["ActorClassName"] for a in ray._private.state.actors().values()}
+    assert "TrainController" in actors
+    assert not actors & {"PlacementGroupCleaner", "DatasetManager"}, actors
     killed_pid, killed_epoch = killed[0]
     starts = [e for e in _events(events) if e["phase"] == "start"]
     assert sorted(e["start_epoch"] for e in starts)[:2] == [0, 0] and len(starts) == 4

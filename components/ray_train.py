@@ -8,6 +8,7 @@ PyTorch steps in :mod:`components.engine`.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -16,6 +17,7 @@ import shutil
 import tempfile
 import threading
 import time
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -128,6 +130,7 @@ def shutdown_ray() -> None:
 
     if ray.is_initialized():
         ray.shutdown()
+    os.environ.pop(LEAN_RUNTIME_ENV, None)  # whatever this process connects to next is not lean
 
 
 def cluster_has_gpus() -> bool:
@@ -423,13 +426,59 @@ def _should_stop(history: list[dict[str, Any]], patience: int | None) -> bool:
     return len(history) - 1 - best >= patience
 
 
+class ProgressFile:
+    """Progress events as JSON lines in a file, read back in order: the channel of a lean local
+    runtime, whose workers write to the driver's disk. It offers what the driver and rank 0 use of
+    ``ray.util.queue.Queue`` (``put_nowait``, ``get``, ``empty``) without the queue's actor process:
+    every Ray actor's main thread wakes ~100 times a second to check for signals (measured), and on a
+    small machine each wake-up takes a core from training.
+    """
+
+    def __init__(self, path: str | Path, poll_s: float = 0.2) -> None:
+        self.path, self.poll_s = str(path), poll_s
+        self._offset, self._pending = 0, deque[dict[str, Any]]()
+
+    def put_nowait(self, event: dict[str, Any]) -> None:
+        try:
+            with open(self.path, "a", encoding="utf-8") as f:  # one writer (rank 0), whole lines
+                f.write(json.dumps(event) + "\n")
+        except OSError as e:  # a progress display never stops training
+            logger.warning("progress event not written to %s: %s", self.path, e)
+
+    def _read_new(self) -> None:
+        try:
+            with open(self.path, "rb") as f:
+                f.seek(self._offset)
+                chunk = f.read()
+        except FileNotFoundError:
+            return
+        complete = chunk[: chunk.rfind(b"\n") + 1]  # a line being written waits for the next read
+        self._offset += len(complete)
+        self._pending.extend(json.loads(line) for line in complete.splitlines() if line.strip())
+
+    def get(self, block: bool = True, timeout: float | None = None) -> dict[str, Any]:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            self._read_new()
+            if self._pending:
+                return self._pending.popleft()
+            if not block or (deadline is not None and time.monotonic() >= deadline):
+                raise queue_mod.Empty
+            time.sleep(self.poll_s)
+
+    def empty(self) -> bool:
+        self._read_new()
+        return not self._pending
+
+
 class _ProgressSender:
     """Rank 0's progress events for the driver's display, cheap enough to leave on.
 
     Batch events are throttled to at most one per ``interval_s``, plus each epoch's last batch: a
-    ``put`` waits for the queue actor (a fire-and-forget call would not: but the queue is an async
-    actor, which runs calls out of order), and one per 2% of an epoch cost ~10% of the steps on 2
-    busy cores. No queue (ranks > 0): a no-op.
+    Ray queue's ``put`` waits for the queue actor (a fire-and-forget call would not: but the queue
+    is an async actor, which runs calls out of order), and one per 2% of an epoch cost ~10% of the
+    steps on 2 busy cores. ``queue``: a ``ray.util.queue.Queue`` or a ``ProgressFile``; None (ranks
+    > 0): a no-op.
     """
 
     def __init__(self, queue: Any, interval_s: float = 0.5) -> None:
@@ -584,6 +633,17 @@ def _render_progress(events: Any, done: threading.Event, epochs: int, show: bool
                 )
 
 
+def _progress_channel(stack: contextlib.ExitStack) -> Any:
+    """Where rank 0 sends progress: a ``ProgressFile`` in a lean local runtime (its workers share this
+    disk; removed when ``stack`` closes), else a Ray queue (workers may be on other machines)."""
+    if os.environ.get(LEAN_RUNTIME_ENV) == "1":
+        tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="imgflow-progress-"))
+        return ProgressFile(Path(tmp) / "progress.jsonl")
+    from ray.util.queue import Queue
+
+    return Queue(actor_options={"num_cpus": 0})
+
+
 def fit(
     loop_config: dict[str, Any],
     *,
@@ -604,39 +664,39 @@ def fit(
     run config (e.g. Ray Tune's report callback when a sweep trial runs this trainer).
     """
     import ray.train
-    from ray.util.queue import Queue
 
     gpu = cluster_has_gpus() if use_gpu is None else use_gpu
     _check_resources(workers, cpus_per_worker, gpu)
-    events = Queue(actor_options={"num_cpus": 0})
-    config = dict(loop_config, use_gpu=gpu, threads=cpus_per_worker, progress_queue=events,
-                  worker_events=os.environ.get(WORKER_EVENTS_ENV))  # fmt: skip
-    trainer = _trainer_class()(
-        train_loop_per_worker,
-        train_loop_config=config,
-        scaling_config=ray.train.ScalingConfig(
-            num_workers=workers, use_gpu=gpu, resources_per_worker={"CPU": cpus_per_worker}
-        ),
-        run_config=ray.train.RunConfig(
-            name=run_name,
-            storage_path=str(storage_path.resolve()),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
-            failure_config=ray.train.FailureConfig(max_failures=max_failures),
-            callbacks=list(callbacks) or None,
-        ),
-    )
-    done = threading.Event()
-    renderer = threading.Thread(
-        target=_render_progress, args=(events, done, loop_config["epochs"], show_progress), daemon=True
-    )
-    renderer.start()
-    t0 = time.perf_counter()
-    try:
-        result = trainer.fit()
-    finally:
-        done.set()
-        renderer.join(timeout=10)
-    seconds = time.perf_counter() - t0
+    with contextlib.ExitStack() as stack:
+        events = _progress_channel(stack)
+        config = dict(loop_config, use_gpu=gpu, threads=cpus_per_worker, progress_queue=events,
+                      worker_events=os.environ.get(WORKER_EVENTS_ENV))  # fmt: skip
+        trainer = _trainer_class()(
+            train_loop_per_worker,
+            train_loop_config=config,
+            scaling_config=ray.train.ScalingConfig(
+                num_workers=workers, use_gpu=gpu, resources_per_worker={"CPU": cpus_per_worker}
+            ),
+            run_config=ray.train.RunConfig(
+                name=run_name,
+                storage_path=str(storage_path.resolve()),
+                checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+                failure_config=ray.train.FailureConfig(max_failures=max_failures),
+                callbacks=list(callbacks) or None,
+            ),
+        )
+        done = threading.Event()
+        renderer = threading.Thread(
+            target=_render_progress, args=(events, done, loop_config["epochs"], show_progress), daemon=True
+        )
+        renderer.start()
+        t0 = time.perf_counter()
+        try:
+            result = trainer.fit()
+        finally:
+            done.set()
+            renderer.join(timeout=10)
+        seconds = time.perf_counter() - t0
     if result.checkpoint is None:
         raise RuntimeError(f"Ray Train finished without a checkpoint (error: {result.error})")
     with result.checkpoint.as_directory() as d:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -192,30 +193,62 @@ def test_cpu_bf16_autocast_where_the_cpu_has_it() -> None:
     assert all(p.dtype == torch.float32 for p in model.parameters())
 
 
+def _send_two_epochs(channel: object) -> list[dict]:
+    from components import ray_train as rt
+
+    sender = rt._ProgressSender(channel, interval_s=3600)
+    for epoch in range(2):
+        for i in range(50):
+            sender.batch(epoch, i, 50, loss=float(i))
+        sender.send({"type": "epoch", "epoch": epoch})
+    events = [channel.get(timeout=60) for _ in range(5)]  # type: ignore[attr-defined]
+    assert channel.empty()  # type: ignore[attr-defined]
+    return events
+
+
+_EXPECTED_EVENTS = [
+    ("batch", 0, 1), ("batch", 0, 50), ("epoch", 0, None), ("batch", 1, 50), ("epoch", 1, None),
+]  # fmt: skip
+
+
 def test_progress_events_reach_the_driver_in_order_and_throttled() -> None:
-    """Rank 0's progress goes through a real Ray queue actor: the first batch event, each epoch's last
-    batch and every epoch event arrive, in order; the batch events in between are throttled."""
+    """Rank 0's progress goes through a real Ray queue actor (a cluster's channel): the first batch
+    event, each epoch's last batch and every epoch event arrive, in order; the batch events in between
+    are throttled."""
     from ray.util.queue import Queue
 
     from components import ray_train as rt
 
     started = rt.init_ray(num_cpus=1)
     try:
-        queue = Queue(actor_options={"num_cpus": 0})
-        sender = rt._ProgressSender(queue, interval_s=3600)
-        for epoch in range(2):
-            for i in range(50):
-                sender.batch(epoch, i, 50, loss=float(i))
-            sender.send({"type": "epoch", "epoch": epoch})
-        events = [queue.get(timeout=60) for _ in range(5)]
-        assert queue.empty()
+        assert os.environ.get(rt.LEAN_RUNTIME_ENV) == "1"  # a local runtime without the dashboard
+        events = _send_two_epochs(Queue(actor_options={"num_cpus": 0}))
         rt._ProgressSender(None).send({"type": "epoch", "epoch": 0})  # ranks > 0 have no queue: a no-op
     finally:
         if started:
             rt.shutdown_ray()
-    assert [(e["type"], e["epoch"], e.get("batch")) for e in events] == [
-        ("batch", 0, 1), ("batch", 0, 50), ("epoch", 0, None), ("batch", 1, 50), ("epoch", 1, None),
-    ]  # fmt: skip
+    assert not started or rt.LEAN_RUNTIME_ENV not in os.environ  # the next runtime decides afresh
+    assert [(e["type"], e["epoch"], e.get("batch")) for e in events] == _EXPECTED_EVENTS
+
+
+def test_progress_file_is_a_queue_without_an_actor(tmp_path: Path) -> None:
+    """A lean local runtime's channel: same order and throttling as the queue; a line still being
+    written is not read; nothing is read twice; an empty channel times out as a queue does."""
+    import queue
+
+    from components.ray_train import ProgressFile
+
+    channel = ProgressFile(tmp_path / "progress.jsonl", poll_s=0.01)
+    with pytest.raises(queue.Empty):
+        channel.get(timeout=0.05)  # no file yet
+    events = _send_two_epochs(channel)
+    assert [(e["type"], e["epoch"], e.get("batch")) for e in events] == _EXPECTED_EVENTS
+    with open(channel.path, "a") as f:
+        f.write('{"type": "epoch", "ep')  # rank 0 mid-write
+    assert channel.empty()
+    with open(channel.path, "a") as f:
+        f.write('och": 2}\n')
+    assert channel.get(timeout=1) == {"type": "epoch", "epoch": 2} and channel.empty()
 
 
 def test_lean_local_trainer_leaves_out_only_the_helpers_it_cannot_use(

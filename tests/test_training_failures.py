@@ -90,7 +90,11 @@ def _kill_worker_mid_epoch(
 
 
 def test_killed_worker_restarts_from_checkpoint_and_model_is_registered(
-    tmp_path: Path, data_dir: Path, ray_runtime: None, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path,
+    data_dir: Path,
+    ray_runtime: None,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     events = tmp_path / "worker-events.jsonl"
     monkeypatch.setenv(ray_train.WORKER_EVENTS_ENV, str(events))
@@ -104,7 +108,7 @@ def test_killed_worker_restarts_from_checkpoint_and_model_is_registered(
     )
     killer.start()
     try:
-        result = run_train(params, progress=False)
+        result = run_train(params, progress=True)
     finally:
         stop.set()
         killer.join()
@@ -115,6 +119,9 @@ def test_killed_worker_restarts_from_checkpoint_and_model_is_registered(
     actors = {a["ActorClassName"] for a in ray._private.state.actors().values()}
     assert "TrainController" in actors
     assert not actors & {"PlacementGroupCleaner", "DatasetManager"}, actors
+    # Rank 0's progress reached the console through the lean runtime's progress file, across the restart.
+    console = capsys.readouterr().out
+    assert all(f"epoch {n}/4: train_loss" in console for n in range(1, 5)), console
     killed_pid, killed_epoch = killed[0]
     starts = [e for e in _events(events) if e["phase"] == "start"]
     assert sorted(e["start_epoch"] for e in starts)[:2] == [0, 0] and len(starts) == 4

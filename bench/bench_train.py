@@ -9,10 +9,11 @@ per-epoch report and checkpoint), and the shipped layout (``train.workers`` x
 global batch. Figures: steady-state epoch throughput (epoch 1 excluded), the fixed start-up cost of
 Ray, peak RSS of the driver and everything it started, accuracy, wall time.
 
-Why the like-for-like ratio is not ~1.0 on 2 cores: the Ray runtime's own processes (GCS, raylet,
-the Train controller and its helper actors, the dashboard) use ~0.1 of a core while training, and
-with every core running an OpenMP thread each of their wake-ups stalls the whole team at the next
-barrier. With one thread on two cores the same comparison measures ~1.0x.
+Like for like, three Ray runs each between two plain runs, the median ratio is the figure: single
+ratios on a shared 2-core box swing by +-15%. What Ray still costs there: its own processes (GCS,
+raylet, the dashboard agent, the Train controller and its helper actors, each actor waking ~100 times
+a second) and, with every core running an OpenMP thread, each wake-up stalls the whole team at the
+next barrier. With one thread on two cores the same comparison measures ~1.0x.
 """
 
 from __future__ import annotations

@@ -257,6 +257,7 @@ def test_lean_local_trainer_leaves_out_only_the_helpers_it_cannot_use(
     """A local runtime without the dashboard (``LEAN_RUNTIME_ENV``) trains without Ray Train's
     placement-group cleaner and, when given no Ray Datasets, without its dataset manager; every other
     default callback stays. A cluster (or a dashboard) gets the stock ``TorchTrainer``."""
+    import ray
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -275,5 +276,7 @@ def test_lean_local_trainer_leaves_out_only_the_helpers_it_cannot_use(
     lean = rt._trainer_class()
     assert issubclass(lean, TorchTrainer) and lean is not TorchTrainer
     assert callbacks(lean) == stock - {"PlacementGroupCleanerCallback", "DatasetsCallback"}
-    with_data = callbacks(lean, datasets={"train": ray.data.from_items([{"x": 1}])})
+    # A dataset factory (called only when training starts): a real Ray Dataset would start Ray here.
+    with_data = callbacks(lean, datasets={"train": lambda: None})
     assert with_data == stock - {"PlacementGroupCleanerCallback"}
+    assert not ray.is_initialized()  # building trainers started no runtime behind the suite's back

@@ -76,7 +76,8 @@ workers share with the driver (always true for the local runtime)."""
 LEAN_RUNTIME_ENV = "IMGFLOW_RAY_LEAN"
 """Set by ``init_ray`` (and inherited by every Ray process it starts) when it starts a local
 runtime without the dashboard: nothing can read Ray's state API there, so the parts of Ray Train
-that only feed or poll it are left out (see ``_lean_trainer_class``)."""
+that only feed or poll it are left out, and progress travels through a file rather than a queue
+actor (see ``_lean_trainer_class`` and ``_progress_channel``)."""
 
 
 # --------------------------------------------------------------------------- runtime

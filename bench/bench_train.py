@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import statistics
 import tempfile
 import threading
 import time
@@ -172,7 +171,7 @@ def _compare(
     mid = sorted(range(repeats), key=lambda i: ratios[i])[repeats // 2]  # the median run (odd repeats)
     ray, before = rays[mid], plain[mid]
     return {
-        "ratio": statistics.median(ratios),
+        "ratio": ratios[mid],
         "ratios": ratios,
         "ray_images_per_s": ray_tp[mid],
         "plain_images_per_s": (plain_tp[mid] + plain_tp[mid + 1]) / 2,

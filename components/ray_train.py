@@ -9,6 +9,7 @@ PyTorch steps in :mod:`components.engine`.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -568,6 +569,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 # --------------------------------------------------------------------------- driver
 
 
+@functools.cache
 def _lean_trainer_class() -> type:
     """``TorchTrainer`` without the two helper actors a lean local runtime (``LEAN_RUNTIME_ENV``)
     cannot use, each one more process polling while training on a small machine.

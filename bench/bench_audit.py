@@ -15,10 +15,10 @@ from typing import Any
 
 import numpy as np
 
-from components.config import AuditConfig
-from components.ingest import ingest
-from components.label_quality import audit, load_grey
-from components.manifest import DataPaths, DatasetInfo, read_manifest
+from components.core.config import AuditConfig
+from components.data.ingest import ingest
+from components.data.manifest import DataPaths, DatasetInfo, read_manifest
+from components.quality.label_quality import audit, load_grey
 
 TARGET_S = 300.0
 

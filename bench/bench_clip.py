@@ -17,8 +17,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from components.clip_baseline import create_clip, embed_images, encode_image_batches, resolve_device
-from components.embeddings import EmbeddingCache
+from components.baseline.clip_baseline import create_clip, embed_images, encode_image_batches, resolve_device
+from components.baseline.embeddings import EmbeddingCache
 
 MODEL = "ViT-B-32"
 TARGET_RATIO = 0.9

@@ -22,13 +22,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from components.calibration import calibrate, softmax_t
-from components.checkpoint import load_classifier
-from components.config import Params
-from components.evaluation import compute_metrics
-from components.gate_report import Evidence, build_gates, write_report
-from components.models import create_classifier
-from components.robustness import corruption_sweep, prepare_for_inference, resolve_families
+from components.core.config import Params
+from components.evaluate.calibration import calibrate, softmax_t
+from components.evaluate.evaluation import compute_metrics
+from components.evaluate.gate_report import Evidence, build_gates, write_report
+from components.evaluate.robustness import corruption_sweep, prepare_for_inference, resolve_families
+from components.model.checkpoint import load_classifier
+from components.model.models import create_classifier
 
 FM = Path("/usr/share/datasets/fashion-mnist")
 TARGET_S = 180.0

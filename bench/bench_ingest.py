@@ -11,8 +11,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from components.ingest import ingest
-from components.sources import encode_png, fashion_mnist_paths, load_fashion_mnist
+from components.data.ingest import ingest
+from components.data.sources import encode_png, fashion_mnist_paths, load_fashion_mnist
 
 
 def run(*, quick: bool = False) -> dict[str, Any]:

@@ -17,12 +17,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from components import tracking
-from components.checkpoint import ModelSpec, Predictor, save_classifier
-from components.export import export_onnx, onnx_probabilities, onnx_session
-from components.models import create_classifier, resolve_data_config
-from components.sources import encode_png, fashion_mnist_paths, load_fashion_mnist
-from components.stages import _pip_requirements
+from components.data.sources import encode_png, fashion_mnist_paths, load_fashion_mnist
+from components.model.checkpoint import ModelSpec, Predictor, save_classifier
+from components.model.export import export_onnx, onnx_probabilities, onnx_session
+from components.model.models import create_classifier, resolve_data_config
+from components.pipeline.stages import _pip_requirements
+from components.registry import tracking
 
 CLASSES = tuple(f"c{i}" for i in range(10))
 

@@ -20,9 +20,9 @@ from typing import Any
 import httpx
 import numpy as np
 
-from components.checkpoint import ModelSpec, save_classifier
-from components.models import create_classifier, resolve_data_config
-from components.sources import encode_png, fashion_mnist_paths, load_fashion_mnist
+from components.data.sources import encode_png, fashion_mnist_paths, load_fashion_mnist
+from components.model.checkpoint import ModelSpec, save_classifier
+from components.model.models import create_classifier, resolve_data_config
 
 
 def _payloads(n: int) -> list[dict[str, Any]]:

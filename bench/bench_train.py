@@ -1,7 +1,7 @@
 """Orchestration overhead of Ray Train vs a plain single-process PyTorch loop, measured in one run.
 
 Both paths train the same model on the same real Fashion-MNIST subset for the same epochs with the
-same torch threads, through the same engine steps (``components.engine``) and the same model,
+same torch threads, through the same engine steps (``components.train.engine``) and the same model,
 loader and optimiser builders the Ray worker uses. Two comparisons: one Ray worker holding all the
 threads (the only difference is the orchestration: the Ray runtime, the TorchTrainer controller, the
 per-epoch report and checkpoint), and the shipped layout (``train.workers`` x
@@ -28,9 +28,9 @@ from typing import Any
 
 import psutil
 
-from components.config import TrainConfig
-from components.ingest import ingest
-from components.manifest import DataPaths
+from components.core.config import TrainConfig
+from components.data.ingest import ingest
+from components.data.manifest import DataPaths
 
 FMNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 
@@ -83,8 +83,8 @@ def _plain_loop(config: dict[str, Any], threads: int) -> dict[str, Any]:
     import torch
     from torch import nn
 
-    from components import ray_train as rt
-    from components.engine import eval_sums, seed_everything, train_one_epoch
+    from components.train import ray_train as rt
+    from components.train.engine import eval_sums, seed_everything, train_one_epoch
 
     t_start = time.perf_counter()
     torch.set_num_threads(threads)
@@ -118,7 +118,7 @@ def _plain_fresh(config: dict[str, Any], threads: int) -> dict[str, Any]:
 
 
 def _ray_fit(config: dict[str, Any], *, workers: int, threads: int, storage: Path) -> dict[str, Any]:
-    from components import ray_train as rt
+    from components.train import ray_train as rt
 
     t0 = time.perf_counter()
     started = rt.init_ray(num_cpus=workers * threads)
@@ -141,7 +141,7 @@ def _steady_images_per_s(history: list[dict[str, Any]]) -> float:
 
 def _warm_decode_cache(config: dict[str, Any]) -> None:
     """Decode the images once before timing, so neither path pays the shared decode cache."""
-    from components import ray_train as rt
+    from components.train import ray_train as rt
 
     _model, spec = rt._build_model(config)
     rt._build_loaders(dict(config, use_gpu=False), spec.data_config)
@@ -197,7 +197,7 @@ def _ratio_figure(name: str, value: float) -> dict[str, Any]:
 
 
 def run(*, quick: bool = False) -> dict[str, Any]:
-    from components.training import loop_config
+    from components.train.training import loop_config
 
     per_class, epochs = (300, 3) if quick else (1000, 6)
     threads = min(2, os.cpu_count() or 1)

@@ -78,7 +78,7 @@ def _run(fn: Callable[[], Any], *, as_json: bool = False) -> Any:
     With ``--json`` everything the body prints (libraries' chatter included) goes to stderr, so
     stdout holds only the JSON result.
     """
-    from components.errors import ImgflowError
+    from components.core.errors import ImgflowError
 
     try:
         with contextlib.redirect_stdout(sys.stderr) if as_json else contextlib.nullcontext():
@@ -89,7 +89,7 @@ def _run(fn: Callable[[], Any], *, as_json: bool = False) -> Any:
 
 
 def _params(params: Path, overrides: list[str] | None) -> Any:
-    from components.config import load_params
+    from components.core.config import load_params
 
     return load_params(params, overrides or [])
 
@@ -105,7 +105,7 @@ def ingest(
     as_json: JsonOpt = False,
 ) -> None:
     """Read a source into the content-addressed store, manifest (data version) and quarantine list."""
-    from components.stages import run_ingest
+    from components.pipeline.stages import run_ingest
 
     overrides = list(set_ or []) + ([f"ingest.source={source}"] if source else [])
     result = _run(lambda: run_ingest(_params(params, overrides), progress=not as_json), as_json=as_json)
@@ -148,8 +148,8 @@ def make_composites(
     ``imgflow pipeline --params OUT/params.yaml`` runs the multi-label pipeline from this folder."""
     from rich.progress import Progress
 
-    from components.composites import make_composites as build
-    from components.composites import write_composite_params
+    from components.data.composites import make_composites as build
+    from components.data.composites import write_composite_params
 
     def body() -> dict[str, Any]:
         with Progress(disable=as_json, transient=True) as bar:
@@ -170,7 +170,7 @@ def make_composites(
 @app.command()
 def validate(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None, as_json: JsonOpt = False) -> None:
     """Great Expectations suite over the manifest; exit code 4 and a report when it fails."""
-    from components.stages import run_validate
+    from components.pipeline.stages import run_validate
 
     result = _run(lambda: run_validate(_params(params, set_)), as_json=as_json)
     _emit(result, as_json, lambda r: f"data validation passed; report {r['report_html']}")
@@ -180,7 +180,7 @@ def validate(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None, as_js
 def audit(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None, as_json: JsonOpt = False) -> None:
     """Label-quality audit: suspected label errors (cleanlab), near-duplicate sets, outliers; the
     issue ledger compares them with the previous data version (new / persisting / resolved)."""
-    from components.stages import run_audit
+    from components.pipeline.stages import run_audit
 
     result = _run(lambda: run_audit(_params(params, set_)), as_json=as_json)
 
@@ -196,7 +196,7 @@ def audit(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None, as_json:
 
 
 def _baseline_line(r: dict[str, Any]) -> str:
-    from components.clip_baseline import summary_line
+    from components.baseline.clip_baseline import summary_line
 
     return summary_line(r)
 
@@ -208,7 +208,7 @@ def baseline(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None, as_js
     Weights: a pretrained tag (downloaded when online) or a local checkpoint (baseline.pretrained);
     with none to be had the baseline is recorded as skipped (exit code 0).
     """
-    from components.stages import run_baseline
+    from components.pipeline.stages import run_baseline
 
     result = _run(lambda: run_baseline(_params(params, set_)), as_json=as_json)
     _emit(result, as_json, lambda r: f"CLIP baseline {_baseline_line(r)}\nresults in {r['out_dir']}")
@@ -224,7 +224,7 @@ def train(
     as_json: JsonOpt = False,
 ) -> None:
     """Train the timm model with Ray Train (local Ray on 127.0.0.1, or $RAY_ADDRESS); log to MLflow."""
-    from components.stages import run_train
+    from components.pipeline.stages import run_train
 
     result = _run(
         lambda: run_train(_params(params, set_), progress=not as_json, resume=resume), as_json=as_json
@@ -279,7 +279,7 @@ def tune(
     with the best values), trials.csv, trials.json and trials.png beside it.
     Then: imgflow train --params outputs/tune/best_params.yaml
     """
-    from components.tune import run_tune
+    from components.train.tune import run_tune
 
     result = _run(
         lambda: run_tune(_params(params, set_), num_samples=num_samples, progress=not as_json),
@@ -306,9 +306,9 @@ def evaluate(
     """Gate report: test metrics, confusion matrix, calibration, robustness (11 corruption families x 5
     severities), slices, champion comparison, CLIP baselines and gates (written to outputs/evaluate,
     logged to MLflow)."""
-    from components.evaluation import GateReport
-    from components.notify import headline_text
-    from components.stages import run_evaluate
+    from components.evaluate.evaluation import GateReport
+    from components.pipeline.notify import headline_text
+    from components.pipeline.stages import run_evaluate
 
     result = _run(lambda: run_evaluate(_params(params, set_), model_uri=model), as_json=as_json)
 
@@ -325,7 +325,7 @@ def evaluate(
 def register(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None, as_json: JsonOpt = False) -> None:
     """Register the model: alias candidate; challenger and (register.auto_promote) champion only if the
     gates passed, else exit code 3. Alias moves are serialized and logged (`imgflow models history`)."""
-    from components.stages import gate_failure_message, run_register
+    from components.pipeline.stages import gate_failure_message, run_register
 
     result = _run(lambda: run_register(_params(params, set_), raise_on_gate_failure=False), as_json=as_json)
     _emit(
@@ -339,7 +339,7 @@ def register(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None, as_js
 
 
 def _pipeline_summary(r: dict[str, Any]) -> str:
-    from components.notify import headline_text
+    from components.pipeline.notify import headline_text
 
     reg, tr, ev = r["register"], r["train"], r["evaluate"]
     uri = tr["tracking_uri"]
@@ -377,7 +377,7 @@ def pipeline(
     on the same data version (manifest md5) with the same training params; --force retrains anyway.
     Runs without a Prefect server (ephemeral) or against the one $PREFECT_API_URL names.
     """
-    from components.stages import gate_failure_message
+    from components.pipeline.stages import gate_failure_message
 
     _params(params, set_)  # fail fast on bad params, before Prefect starts
 
@@ -423,7 +423,7 @@ def deploy(
     is installed and this folder is reachable). Each run retrains only when the data or the training
     params changed since the champion. prefect.yaml declares the same deployment for `prefect deploy`.
     """
-    from components.errors import ConfigError
+    from components.core.errors import ConfigError
 
     _params(params, set_)  # fail fast on bad params
 
@@ -464,7 +464,7 @@ def models(
     ctx: typer.Context, params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None, as_json: JsonOpt = False
 ) -> None:
     """Registered versions with aliases, key test metrics and gate results."""
-    from components.stages import list_models
+    from components.pipeline.stages import list_models
 
     if ctx.invoked_subcommand is not None:
         return
@@ -491,7 +491,7 @@ def models_history(
     params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None, as_json: JsonOpt = False
 ) -> None:
     """The append-only promotion log: every alias move with who, when, why, from -> to and the gates."""
-    from components.stages import promotion_history
+    from components.pipeline.stages import promotion_history
 
     rows = _run(lambda: promotion_history(_params(params, set_)), as_json=as_json)
 
@@ -527,7 +527,7 @@ def promote(
     A version whose gates failed is refused unless --force --reason "...". Exit code 5 when another
     promotion holds the lock too long.
     """
-    from components.stages import run_promote
+    from components.pipeline.stages import run_promote
 
     result = _run(
         lambda: run_promote(_params(params, set_), version, to=to, force=force, reason=reason),
@@ -545,7 +545,7 @@ def rollback(
     as_json: JsonOpt = False,
 ) -> None:
     """Move champion back to the previous champion (each call goes one step further back)."""
-    from components.stages import run_rollback
+    from components.pipeline.stages import run_rollback
 
     result = _run(lambda: run_rollback(_params(params, set_), reason=reason), as_json=as_json)
     _emit(result, as_json, lambda r: f"champion: version {r['from']} -> {r['to']} (rolled back)")
@@ -571,7 +571,7 @@ def serve(
     """Serve predictions over HTTP: POST /invocations (MLflow scoring JSON, base64 images),
     POST /predict (multipart image files), GET /health. Answers top-k labels with calibrated
     probabilities; bad input gets a 4xx with a message."""
-    from components.stages import run_serve
+    from components.pipeline.stages import run_serve
 
     _run(lambda: run_serve(_params(params, set_), model=model, host=host, port=port))
 
@@ -598,7 +598,7 @@ def predict(
     threshold), label, score, top-k and calibrated probabilities per image into Parquet,
     streamed batch by batch (predict.batch_size, predict.workers) so memory stays flat. An image
     that cannot be decoded gets its error in the `error` column."""
-    from components.stages import run_predict
+    from components.pipeline.stages import run_predict
 
     result = _run(
         lambda: run_predict(_params(params, set_), source, out=out, model=model, progress=not as_json),
@@ -630,8 +630,8 @@ def export(
 ) -> None:
     """Export the model to ONNX (probabilities with the fitted temperature), check parity with
     PyTorch on real images (max abs difference <= 1e-4) and attach the file to the registered version."""
-    from components.errors import ConfigError
-    from components.stages import run_export
+    from components.core.errors import ConfigError
+    from components.pipeline.stages import run_export
 
     def body() -> dict[str, Any]:
         if format_ != "onnx":

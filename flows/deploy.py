@@ -34,7 +34,7 @@ def ensure_process_pool(name: str) -> bool:
             client.create_work_pool(WorkPoolCreate(name=name, type="process", base_job_template=template))
             return True
     if pool.type != "process":
-        from components.errors import ConfigError
+        from components.core.errors import ConfigError
 
         raise ConfigError(
             f"work pool {name!r} exists with type {pool.type!r}; pass a process pool (--work-pool)"
@@ -58,7 +58,7 @@ def deploy_pipeline(
     ``$PREFECT_API_URL`` with a cron schedule; returns its id, schedule and how to run it."""
     from prefect.schedules import Cron
 
-    from components.errors import ConfigError
+    from components.core.errors import ConfigError
     from flows.pipeline import pipeline
 
     try:

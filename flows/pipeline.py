@@ -8,8 +8,8 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 
-from components.config import load_params
-from components.notify import headline
+from components.core.config import load_params
+from components.pipeline.notify import headline
 from tasks import stages
 
 UP_TO_DATE = "up to date"
@@ -17,7 +17,7 @@ UP_TO_DATE = "up to date"
 
 def _announce_failure(_flow: Any, flow_run: Any, state: Any) -> None:
     """on_failure hook: post ``run_failed`` (the params are re-read from the run's parameters)."""
-    from components import notify as notify_lib
+    from components.pipeline import notify as notify_lib
 
     log = logging.getLogger("imgflow.pipeline")
     try:

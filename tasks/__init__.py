@@ -1,1 +1,1 @@
-"""Thin Prefect @task wrappers over ``components.stages``: retry, caching and logging policy only."""
+"""Thin Prefect @task wrappers over ``components.pipeline.stages``: retry, caching and logging policy only."""

@@ -17,10 +17,10 @@ from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
-from components import notify as notify_lib
-from components import stages
-from components.config import Params
-from components.errors import DataUnavailableError, ImgflowError, TrackingError
+from components.core.config import Params
+from components.core.errors import DataUnavailableError, ImgflowError, TrackingError
+from components.pipeline import notify as notify_lib
+from components.pipeline import stages
 
 WEBHOOK_ENV = "IMGFLOW_WEBHOOK_URL"
 TRANSIENT = (TrackingError, DataUnavailableError, notify_lib.NotifyError)
@@ -93,7 +93,7 @@ def baseline(params: Params) -> dict[str, Any]:
     """Zero-shot + linear-probe CLIP baselines; without weights it is skipped, not failed."""
     result = stages.run_baseline(params)
     log = get_run_logger()
-    from components.clip_baseline import summary_line
+    from components.baseline.clip_baseline import summary_line
 
     (log.info if result["status"] == "ok" else log.warning)("CLIP baseline %s", summary_line(result))
     return result

@@ -206,8 +206,8 @@ def train_tiny_model(out_dir: Path, *, n: int = 2000, epochs: int = 2, seed: int
     model folder (``model.safetensors`` + ``model.json``) through the product's own preprocessing."""
     import torch
 
-    from components.checkpoint import ModelSpec, Predictor, save_classifier
-    from components.models import create_classifier, resolve_data_config
+    from components.model.checkpoint import ModelSpec, Predictor, save_classifier
+    from components.model.models import create_classifier, resolve_data_config
 
     torch.manual_seed(seed)
     model = create_classifier("imgflow_cnn", len(FMNIST_CLASSES), in_chans=1)

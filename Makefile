@@ -48,6 +48,7 @@ lint: setup  ## ruff (lint + format check) and mypy on components/
 	$(BIN)/ruff check components tasks flows tests bench
 	$(BIN)/ruff format --check components tasks flows tests bench
 	$(BIN)/mypy
+	$(BIN)/lint-imports
 
 format: setup  ## apply ruff's fixes and formatting
 	$(BIN)/ruff check --fix components tasks flows tests bench

@@ -24,11 +24,11 @@ import torch
 
 from components.core.config import Params
 from components.evaluate.calibration import calibrate, softmax_t
-from components.evaluate.evaluation import compute_metrics
 from components.evaluate.gate_report import Evidence, build_gates, write_report
 from components.evaluate.robustness import corruption_sweep, prepare_for_inference, resolve_families
 from components.model.checkpoint import load_classifier
 from components.model.models import create_classifier
+from components.task.metrics import compute_metrics
 
 FM = Path("/usr/share/datasets/fashion-mnist")
 TARGET_S = 180.0

@@ -306,7 +306,7 @@ def evaluate(
     """Gate report: test metrics, confusion matrix, calibration, robustness (11 corruption families x 5
     severities), slices, champion comparison, CLIP baselines and gates (written to outputs/evaluate,
     logged to MLflow)."""
-    from components.evaluate.evaluation import GateReport
+    from components.evaluate.gates import GateReport
     from components.pipeline.notify import headline_text
     from components.pipeline.stages import run_evaluate
 

@@ -16,14 +16,14 @@ so the gate and the result readers cost nothing to the stages that only need tho
   second baseline), its ``C`` picked on the validation split.
 * Image features go through :class:`components.baseline.embeddings.EmbeddingCache`: each image is encoded
   once per (model, weights).
-* Metrics are :func:`components.evaluate.evaluation.compute_metrics` dicts, the same as the trained model's.
+* Metrics are :func:`components.task.metrics.compute_metrics` dicts, the same as the trained model's.
 * Multi-label data (``task="multilabel"``): zero-shot scores each label on its own, a sigmoid of
   ``logit_scale * (cos(image, label text) - the image's mean cos over all labels)`` (the per-image
   centring is what the softmax ignores anyway; it removes each image's overall similarity offset so
   one threshold per label fits every image), with per-label thresholds tuned on the val split
-  (:func:`components.evaluate.multilabel.tune_thresholds`, best F1); the linear probe is one logistic
+  (:func:`components.task.multilabel.tune_thresholds`, best F1); the linear probe is one logistic
   regression per label (one-vs-rest) on the frozen features, ``C`` picked by val mAP, thresholds
-  tuned on val the same way. Metrics are :func:`components.evaluate.multilabel.multilabel_metrics` dicts
+  tuned on val the same way. Metrics are :func:`components.task.multilabel.multilabel_metrics` dicts
   (mAP, micro/macro F1, subset accuracy, Hamming loss, per label AP / P / R / F1 / threshold).
   Disagreements are labels CLIP contradicts confidently: given but scored absent (``extra_labels``)
   or not given but scored present (``missing_labels``). Confidence is a calibrated probability of
@@ -49,7 +49,7 @@ tuned on val), ``threshold_split`` and ``threshold_images`` (where and on how ma
 ``zero_shot_scoring`` (the formula), ``zero_shot_calibration`` (``slope`` and per-label
 ``intercepts`` of the disagreements' Platt scaling, or null without val labels), ``linear_probe_val_map``. metrics.json holds
 ``zero_shot_mAP``, ``zero_shot_micro_f1``, ``zero_shot_ap_<label>``, ... (see
-:func:`components.evaluate.evaluation.flat_metrics`); per_class.csv has class, support, ``<kind>_ap``,
+:func:`components.task.metrics.flat_metrics`); per_class.csv has class, support, ``<kind>_ap``,
 ``<kind>_f1``, ``<kind>_threshold``; disagreements.csv has ``label`` / ``clip_label`` as ``|``-joined
 sets plus ``missing_labels`` and ``extra_labels``.
 """
@@ -71,7 +71,8 @@ import pandas as pd
 from components.baseline.embeddings import EmbeddingCache
 from components.core.errors import ConfigError, DataError, DataUnavailableError
 from components.data.manifest import file_digest
-from components.evaluate.evaluation import GateResult, compute_metrics, flat_metrics
+from components.evaluate.gates import GateResult
+from components.task.metrics import compute_metrics, flat_metrics
 
 if TYPE_CHECKING:
     import torch
@@ -591,7 +592,7 @@ def fit_multilabel_probe(
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    from components.evaluate.multilabel import mean_average_precision
+    from components.task.multilabel import mean_average_precision
 
     if not (y_train.any(axis=0) & ~y_train.all(axis=0)).any():
         raise DataError("the linear probe needs training images with and without some label")
@@ -789,7 +790,7 @@ def _multilabel_result(
     y: np.ndarray, probs: np.ndarray, role: np.ndarray, classes: Sequence[str]
 ) -> tuple[dict[str, Any], list[float]]:
     """(multilabel_metrics on the eval rows with thresholds tuned on the val rows, the thresholds)."""
-    from components.evaluate.multilabel import multilabel_metrics, tune_thresholds
+    from components.task.multilabel import multilabel_metrics, tune_thresholds
 
     val, ev = role == "val", role == "eval"
     thresholds = [t.threshold for t in tune_thresholds(y[val], probs[val], classes)]

@@ -84,7 +84,7 @@ def encode_labels(labels: Sequence[str], classes: Sequence[str]) -> list[int]:
 
 def encode_label_sets(label_sets: Sequence[Sequence[str]], classes: Sequence[str]) -> np.ndarray:
     """Label sets -> (N, C) int8 indicator matrix in ``classes`` order; an unknown name is a DataError."""
-    from components.evaluate.multilabel import label_matrix
+    from components.task.multilabel import label_matrix
 
     known = set(classes)
     unknown = sorted({lab for labels in label_sets for lab in labels if lab not in known})

@@ -8,7 +8,7 @@ multinomial is the exact bootstrap of the paired difference, in microseconds.
 
 Multi-label models are compared on mAP and on each label's AP (:func:`compare_multilabel`): AP is
 not a mean over images, so each resample (a multinomial count per image) is scored for both models
-with :func:`components.evaluate.multilabel.weighted_average_precision`.
+with :func:`components.task.multilabel.weighted_average_precision`.
 """
 
 from __future__ import annotations
@@ -121,7 +121,7 @@ def compare_multilabel(
     "confidence", "n_boot", "metric": "mAP"}`` with :class:`NonInferiority` dicts (plus ``label``);
     labels without a positive test image are left out.
     """
-    from components.evaluate.multilabel import weighted_average_precision
+    from components.task.multilabel import weighted_average_precision
 
     y = np.asarray(y_true)
     n, n_labels = y.shape

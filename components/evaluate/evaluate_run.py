@@ -116,7 +116,7 @@ def sweep_sample(targets: np.ndarray, max_images: int | None, seed: int) -> np.n
 
     targets: (N,) class indices, or (N, K) 0/1 rows (multi-label: stratified by each image's first label).
     """
-    from components.evaluate.multilabel import first_label
+    from components.task.multilabel import first_label
 
     targets = np.asarray(targets)
     if targets.ndim == 2:
@@ -247,7 +247,7 @@ class _Measured:
 
 def _singlelabel_measures(params: Params, spec: Any, test: SplitOutput, val: SplitOutput | None) -> _Measured:
     from components.evaluate.calibration import calibrate, softmax_t
-    from components.evaluate.evaluation import compute_metrics, one_vs_rest_curves
+    from components.task.metrics import compute_metrics, one_vs_rest_curves
 
     ev_cfg = params.evaluate
     fit = ev_cfg.temperature_scaling and val is not None
@@ -266,8 +266,8 @@ def _singlelabel_measures(params: Params, spec: Any, test: SplitOutput, val: Spl
 def _multilabel_measures(params: Params, spec: Any, test: SplitOutput, val: SplitOutput | None) -> _Measured:
     """T fitted on val (BCE), then thresholds tuned on val's scaled probabilities, then test metrics."""
     from components.evaluate.calibration import calibrate_multilabel, sigmoid_t
-    from components.evaluate.evaluation import one_vs_rest_curves
-    from components.evaluate.multilabel import multilabel_metrics, predict_sets, tune_thresholds
+    from components.task.metrics import one_vs_rest_curves
+    from components.task.multilabel import multilabel_metrics, predict_sets, tune_thresholds
 
     ev_cfg = params.evaluate
     fit = ev_cfg.temperature_scaling and val is not None
@@ -296,8 +296,8 @@ def _multilabel_measures(params: Params, spec: Any, test: SplitOutput, val: Spli
 
 
 def _robustness(params: Params, model: Any, spec: Any, test: SplitOutput) -> Any:
-    from components.evaluate.multilabel import mean_average_precision
     from components.evaluate.robustness import corruption_sweep, resolve_families
+    from components.task.multilabel import mean_average_precision
 
     assert test.kept is not None and test.kept_targets is not None
     size = params.evaluate.robustness.batch_size

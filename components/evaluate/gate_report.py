@@ -1,7 +1,7 @@
 """The gate report: every gate from the evidence of one evaluation, as JSON, CSV, PNG and HTML.
 
 :func:`build_gates` turns the evidence (test metrics, calibration, robustness sweep, slices,
-champion comparison) into one :class:`~components.evaluate.evaluation.GateReport` using the thresholds
+champion comparison) into one :class:`~components.evaluate.gates.GateReport` using the thresholds
 and levels of ``params.yaml``'s ``gates:``. :func:`write_report` writes the evaluate stage's
 files; ``report.html`` is self-contained (plots inlined as base64), verdict first.
 
@@ -33,18 +33,16 @@ from components.baseline.clip_baseline import (
 )
 from components.core.config import BaselineConfig, GatesConfig
 from components.evaluate.calibration import CalibrationReport
-from components.evaluate.evaluation import (
+from components.evaluate.gates import (
     GateReport,
     GateResult,
     _level,
-    flat_metrics,
-    is_multilabel,
     make_gate,
     metric_gates,
-    most_confused,
     multilabel_metric_gates,
 )
 from components.evaluate.robustness import SEVERITIES, RobustnessReport
+from components.task.metrics import flat_metrics, is_multilabel, most_confused
 
 logger = logging.getLogger(__name__)
 
@@ -64,7 +62,7 @@ class Evidence:
     """The baseline stage's ``baseline.json`` record (CLIP zero-shot and linear probe), or None
     when that stage has not run."""
     curves: dict[str, Any] | None = None
-    """One-vs-rest ROC and PR curves (:func:`components.evaluate.evaluation.one_vs_rest_curves`)."""
+    """One-vs-rest ROC and PR curves (:func:`components.task.metrics.one_vs_rest_curves`)."""
 
     @property
     def multilabel(self) -> bool:
@@ -393,8 +391,8 @@ def write_report(
     (multi-label: per-label decision thresholds in class order; None for single-label).
     metrics.json (scalars) also says ``task: multilabel`` for a multi-label model.
     """
-    from components.evaluate.evaluation import write_curves, write_evaluation
     from components.evaluate.plots import plot_reliability_diagram, plot_robustness_heatmap
+    from components.evaluate.writers import write_curves, write_evaluation
 
     out_dir = Path(out_dir)
     paths = write_evaluation(ev.metrics, gates, out_dir)

@@ -168,7 +168,7 @@ def plot_curves(curves: Sequence[Mapping[str, Any]], path: Path, *, kind: str) -
     """All classes' one-vs-rest ROC (``kind="roc"``: ``fpr``/``tpr``) or precision-recall (``"pr"``:
     ``recall``/``precision``) curves in one figure, each labelled with its area; save as PNG.
 
-    curves: :func:`components.evaluate.evaluation.one_vs_rest_curves` entries of that kind (may be empty: the
+    curves: :func:`components.task.metrics.one_vs_rest_curves` entries of that kind (may be empty: the
     figure then says that no class had the images to draw one).
     """
     if kind not in _CURVE_AXES:

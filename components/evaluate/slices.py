@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 
 from components.core.errors import ConfigError
-from components.evaluate.evaluation import wilson_interval
+from components.task.metrics import wilson_interval
 
 logger = logging.getLogger(__name__)
 

@@ -277,7 +277,7 @@ def _log_baseline_runs(params: Params, record: dict[str, Any], files: dict[str, 
     ``test_accuracy``..., or for multi-label data ``test_mAP``, ``test_micro_f1``, ``test_ap_<label>``...),
     or one run saying why the baseline was skipped. Returns kind -> run id."""
     from components.core.provenance import git_commit
-    from components.evaluate.evaluation import flat_metrics
+    from components.task.metrics import flat_metrics
 
     tracking, uri = _tracking(params)
     exp_id = tracking.ensure_experiment(
@@ -446,7 +446,7 @@ def run_register(params: Params, *, raise_on_gate_failure: bool = True) -> dict[
     import shutil
     import tempfile
 
-    from components.evaluate.evaluation import GateReport
+    from components.evaluate.gates import GateReport
     from components.model.checkpoint import with_temperature
 
     paths = StagePaths(params)

@@ -470,7 +470,7 @@ def _multilabel_errors(
     """(label-error rows naming the suspected missing / extra labels, or None when fewer than 2
     labels occur; {task, oof_accuracy: None, oof_map (mean out-of-fold AP over the labels),
     label_cardinality, suspected_missing, suspected_extra (label counts over the flagged images)})."""
-    from components.evaluate.multilabel import label_matrix, mean_average_precision
+    from components.task.multilabel import label_matrix, mean_average_precision
 
     occurring = {c for s in sets for c in s}
     present = [c for c in classes if c in occurring]

@@ -25,8 +25,8 @@ from components.baseline import clip_baseline as cb
 from components.baseline.embeddings import EmbeddingCache, cache_dir_for
 from components.core.config import params_from_dict
 from components.core.errors import ConfigError
-from components.evaluate.evaluation import compute_metrics
 from components.pipeline.stages import run_baseline, run_ingest
+from components.task.metrics import compute_metrics
 from tests.conftest import REPO
 
 TINY = "imgflow-test-tiny-clip"
@@ -518,7 +518,7 @@ def test_multilabel_zero_shot_scores_each_label_with_a_centred_sigmoid() -> None
 def test_multilabel_zero_shot_per_label_ap_is_far_above_prevalence(tiny_clip: dict) -> None:
     """Two shapes per image, the tiny CLIP trained on single shapes: each label is scored on its own,
     thresholds are tuned on half the images, metrics on the other half."""
-    from components.evaluate.multilabel import label_matrix, multilabel_metrics, tune_thresholds
+    from components.task.multilabel import label_matrix, multilabel_metrics, tune_thresholds
 
     rng = np.random.default_rng(5)
     sets = _pairs(240, rng)

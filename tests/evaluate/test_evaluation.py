@@ -1,4 +1,5 @@
-"""Unit tests of components.evaluate.evaluation and components.evaluate.plots on hand-computed fixtures."""
+"""Unit tests of components.task.metrics, components.evaluate.gates, .writers and .plots on hand-computed
+fixtures."""
 
 from __future__ import annotations
 
@@ -12,19 +13,10 @@ import pytest
 from PIL import Image
 
 from components.core.errors import ConfigError
-from components.evaluate.evaluation import (
-    GateReport,
-    GateResult,
-    check_gates,
-    compute_metrics,
-    flat_metrics,
-    make_gate,
-    most_confused,
-    slug,
-    wilson_interval,
-    write_evaluation,
-)
+from components.evaluate.gates import GateReport, GateResult, check_gates, make_gate
 from components.evaluate.plots import plot_confusion_matrix, plot_training_curves
+from components.evaluate.writers import write_evaluation
+from components.task.metrics import compute_metrics, flat_metrics, most_confused, slug, wilson_interval
 
 CLASSES = ["cat", "dog", "bird"]
 
@@ -407,7 +399,8 @@ def test_one_vs_rest_auc_by_hand_and_against_sklearn(metrics: dict) -> None:
 def test_roc_and_pr_curves_files_agree_with_the_areas(tmp_path: Path) -> None:
     from sklearn.metrics import roc_auc_score
 
-    from components.evaluate.evaluation import one_vs_rest_curves, write_curves
+    from components.evaluate.writers import write_curves
+    from components.task.metrics import one_vs_rest_curves
 
     rng = np.random.default_rng(0)
     y = rng.integers(0, 3, 3000)

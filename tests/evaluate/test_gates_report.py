@@ -13,10 +13,10 @@ from components.core.config import GatesConfig, SliceSpec
 from components.core.errors import ConfigError
 from components.evaluate.calibration import calibrate
 from components.evaluate.champion import compare, paired_bootstrap
-from components.evaluate.evaluation import compute_metrics
 from components.evaluate.gate_report import Evidence, build_gates, write_report
 from components.evaluate.robustness import summarise
 from components.evaluate.slices import slice_table
+from components.task.metrics import compute_metrics
 
 CLASSES = ["a", "b", "c"]
 
@@ -255,7 +255,7 @@ def test_single_label_report_has_curves_no_thresholds_and_lists_multilabel_gates
 ) -> None:
     from dataclasses import replace
 
-    from components.evaluate.evaluation import one_vs_rest_curves
+    from components.task.metrics import one_vs_rest_curves
 
     rng = np.random.default_rng(1)
     y = np.repeat([0, 1, 2], 50)

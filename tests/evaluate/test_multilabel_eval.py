@@ -20,9 +20,10 @@ from components.evaluate.calibration import (
     sigmoid_t,
 )
 from components.evaluate.champion import compare_multilabel
-from components.evaluate.evaluation import GateReport, most_confused
 from components.evaluate.gate_report import Evidence, build_gates, write_report
-from components.evaluate.multilabel import label_confusion, multilabel_metrics
+from components.evaluate.gates import GateReport
+from components.task.metrics import most_confused
+from components.task.multilabel import label_confusion, multilabel_metrics
 from tests.conftest import FMNIST_DIR, write_small_params
 
 LABELS = ["cat", "dog", "car"]
@@ -111,7 +112,7 @@ def test_multilabel_gates_fail_the_weak_label_and_list_single_label_gates_as_not
 
 
 def test_report_files_carry_thresholds_and_per_label_rows(tmp_path: Path) -> None:
-    from components.evaluate.evaluation import one_vs_rest_curves
+    from components.task.metrics import one_vs_rest_curves
 
     metrics = _metrics((0.5, 0.5, 0.35))
     ev = Evidence(metrics=metrics, curves=one_vs_rest_curves(Y, PROBS, LABELS))

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from components.core.config import load_params
-from components.evaluate.evaluation import GateReport, GateResult
+from components.evaluate.gates import GateReport, GateResult
 from components.pipeline import notify
 from tests.conftest import run_cli, write_small_params
 

@@ -24,7 +24,7 @@ from sklearn.metrics import (
     roc_auc_score,
 )
 
-from components.evaluate.evaluation import wilson_interval
+from components.task.metrics import wilson_interval
 
 ThresholdRule = Literal["f1", "precision", "recall"]
 

@@ -1,11 +1,11 @@
-"""Multi-label metrics and thresholds against hand-computed fixtures."""
+"""components.task.multilabel: multi-label metrics and thresholds against hand-computed fixtures."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from components.evaluate.multilabel import label_matrix, multilabel_metrics, predict_sets, tune_thresholds
+from components.task.multilabel import label_matrix, multilabel_metrics, predict_sets, tune_thresholds
 
 CLASSES = ["cat", "dog", "car"]
 
@@ -66,7 +66,7 @@ def test_label_without_positives_keeps_default() -> None:
 def test_fast_average_precision_matches_sklearn_with_ties_and_bootstrap_weights() -> None:
     from sklearn.metrics import average_precision_score
 
-    from components.evaluate.multilabel import average_precision, weighted_average_precision
+    from components.task.multilabel import average_precision, weighted_average_precision
 
     rng = np.random.default_rng(0)
     for _ in range(50):

@@ -1,0 +1,382 @@
+"""Quality gates over a model's test metrics: :class:`GateResult`, :class:`GateReport`, :func:`make_gate`.
+
+A gate compares one measured number (or its confidence bound) with a threshold from
+``params.yaml``'s ``gates:``; :func:`check_gates` / :func:`metric_gates` build the single-label
+metric gates (accuracy, each class's recall on its Wilson lower bound) and
+:func:`multilabel_metric_gates` the multi-label ones (mAP, each label's AP and recall). The metrics
+themselves come from :mod:`components.task.metrics`; the report files from
+:mod:`components.evaluate.writers`; every other gate (calibration, robustness, slices, champion,
+zero-shot baseline) is assembled in :mod:`components.evaluate.gate_report`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, replace
+from typing import Any, Literal
+
+from components.core.errors import ConfigError
+from components.task.metrics import wilson_interval
+
+# Gates compare ``value >= threshold``; this absorbs float noise such as 0.1 * 3 != 0.3.
+_GATE_EPS = 1e-12
+
+ACCURACY_GATE = "min_accuracy"
+CLASS_RECALL_GATE = "min_class_recall"
+MAP_GATE = "min_map"
+LABEL_AP_GATE = "min_label_ap"
+
+GateLevel = Literal["error", "warn"]
+
+
+@dataclass(frozen=True)
+class GateResult:
+    """One quality gate and its outcome.
+
+    ``value`` is the point estimate, ``bound`` the statistic actually compared with ``threshold``
+    when it is a confidence bound (None: the value itself is compared). A failed ``warn`` gate is
+    reported but does not block promotion; a failed ``error`` gate does.
+    """
+
+    name: str
+    """e.g. ``min_accuracy``, ``min_class_recall[Shirt]``, ``max_ece``."""
+    passed: bool
+    value: float
+    threshold: float
+    message: str
+    """What was measured against what, e.g. ``recall of 'Shirt' 0.58 < 0.60``."""
+    level: GateLevel = "error"
+    bound: float | None = None
+    comparison: Literal[">=", "<="] = ">="
+    explanation: str = ""
+    """The result in plain words: what the gate protects against and what this result means."""
+
+    @property
+    def blocking(self) -> bool:
+        """Failed and at level ``error``: the model must not be promoted."""
+        return not self.passed and self.level == "error"
+
+    @property
+    def status(self) -> str:
+        return "pass" if self.passed else ("FAIL" if self.level == "error" else "warn")
+
+
+@dataclass(frozen=True)
+class GateReport:
+    """All gates of one evaluation; ``passed`` only if there is at least one gate and no failed
+    ``error`` gate (failed ``warn`` gates are reported, not blocking).
+
+    ``not_applicable``: (gate name, why) of the configured gates that do not apply to this model at
+    all (a single-label gate on a multi-label model and vice versa); listed, neither passed nor failed.
+    """
+
+    passed: bool
+    gates: tuple[GateResult, ...]
+    not_applicable: tuple[tuple[str, str], ...] = ()
+
+    def __post_init__(self) -> None:
+        expected = bool(self.gates) and not any(g.blocking for g in self.gates)
+        if self.passed != expected:
+            raise ValueError(
+                f"GateReport.passed={self.passed} contradicts its gates (expected {expected}: "
+                "a report passes only with at least one gate and no failed error gate)"
+            )
+
+    @classmethod
+    def of(cls, gates: Sequence[GateResult], *, not_applicable: Sequence[tuple[str, str]] = ()) -> GateReport:
+        gates = tuple(gates)
+        return cls(passed=bool(gates) and not any(g.blocking for g in gates), gates=gates,
+                   not_applicable=tuple((str(n), str(r)) for n, r in not_applicable))  # fmt: skip
+
+    def failed(self) -> list[GateResult]:
+        """The gates that block promotion (failed, level ``error``), in report order."""
+        return [g for g in self.gates if g.blocking]
+
+    def warnings(self) -> list[GateResult]:
+        """The ``warn`` gates that did not pass."""
+        return [g for g in self.gates if not g.passed and g.level == "warn"]
+
+    def verdict(self) -> str:
+        """One sentence: the decision first, then why."""
+        n = len(self.gates)
+        if not self.gates:
+            return "NOT PROMOTABLE: no gate was checked, so nothing shows the model is good enough."
+        warn = f"; {len(self.warnings())} warning(s)" if self.warnings() else ""
+        if self.passed:
+            return f"PASSED: all {n} blocking gates hold{warn}. The model may be promoted to champion."
+        names = ", ".join(g.name for g in self.failed())
+        return f"FAILED: {len(self.failed())} of {n} gates failed ({names}){warn}. The model must not be promoted."
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able form (``gates.json``); :meth:`from_dict` reads it back."""
+        return {
+            "passed": self.passed,
+            "verdict": self.verdict(),
+            "failed": [g.name for g in self.failed()],
+            "warnings": [g.name for g in self.warnings()],
+            "gates": [{**asdict(g), "status": g.status} for g in self.gates],
+            "not_applicable": [{"name": n, "reason": r} for n, r in self.not_applicable],
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> GateReport:
+        """Inverse of :meth:`to_dict` (derived keys are not read)."""
+        gates = tuple(
+            GateResult(
+                name=str(g["name"]),
+                passed=bool(g["passed"]),
+                value=float(g["value"]),
+                threshold=float(g["threshold"]),
+                message=str(g["message"]),
+                level=g.get("level", "error"),
+                bound=None if g.get("bound") is None else float(g["bound"]),
+                comparison=g.get("comparison", ">="),
+                explanation=str(g.get("explanation", "")),
+            )
+            for g in d["gates"]
+        )
+        not_applicable = tuple((str(n["name"]), str(n["reason"])) for n in d.get("not_applicable", []))
+        return cls(passed=bool(d["passed"]), gates=gates, not_applicable=not_applicable)
+
+    def summary_text(self) -> str:
+        """The verdict, then one line per gate (``ok``/``FAIL``/``warn``), e.g. for logs and the CLI."""
+        lines = [self.verdict()]
+        lines += [f"{'ok  ' if g.passed else g.status:4}  {g.name}: {g.message}" for g in self.gates]
+        return "\n".join(lines)
+
+
+def make_gate(
+    name: str,
+    what: str,
+    value: float,
+    threshold: float,
+    *,
+    level: GateLevel = "error",
+    bound: float | None = None,
+    bound_name: str = "",
+    comparison: Literal[">=", "<="] = ">=",
+    explanation: str = "",
+) -> GateResult:
+    """Compare ``bound`` (or ``value`` when there is no bound) with ``threshold``.
+
+    The message shows both numbers with enough decimals that a failure never reads as equal.
+    """
+    compared = value if bound is None else bound
+    if comparison == ">=":
+        passed = compared >= threshold - _GATE_EPS
+        op = ">=" if passed else "<"
+    else:
+        passed = compared <= threshold + _GATE_EPS
+        op = "<=" if passed else ">"
+    v, t = _format_pair(compared, threshold)
+    if bound is None:
+        message = f"{what} {v} {op} {t}"
+    else:
+        message = f"{what} {value:.4f}, {bound_name or 'bound'} {v} {op} {t}"
+    return GateResult(
+        name=name,
+        passed=passed,
+        value=float(value),
+        threshold=float(threshold),
+        message=message,
+        level=level,
+        bound=None if bound is None else float(bound),
+        comparison=comparison,
+        explanation=explanation,
+    )
+
+
+def _check_threshold(name: str, threshold: float) -> None:
+    if not 0.0 <= threshold <= 1.0:
+        raise ConfigError(f"gates.{name} must be within [0, 1], got {threshold}; fix params.yaml")
+
+
+def check_gates(
+    metrics: dict[str, Any],
+    *,
+    min_accuracy: float,
+    min_class_recall: float,
+    confidence: float = 0.95,
+    levels: Mapping[str, str] | None = None,
+) -> GateReport:
+    """Gate a model on overall accuracy and on every class's recall (metrics-only gates).
+
+    metrics: a :func:`compute_metrics` dict. The class-recall gate compares the **Wilson lower
+    bound** of each class's recall (at ``confidence``) with the threshold, so a class with few
+    test images cannot pass by luck; a class with no test images fails its gate.
+    levels: gate name -> ``error`` | ``warn`` | ``off`` (default ``error``).
+    """
+    return GateReport.of(
+        metric_gates(
+            metrics,
+            min_accuracy=min_accuracy,
+            min_class_recall=min_class_recall,
+            confidence=confidence,
+            levels=levels or {},
+        )
+    )
+
+
+def metric_gates(
+    metrics: dict[str, Any],
+    *,
+    min_accuracy: float,
+    min_class_recall: float,
+    confidence: float,
+    levels: Mapping[str, str],
+) -> list[GateResult]:
+    """The accuracy gate and one recall gate per class (see :func:`check_gates`)."""
+    _check_threshold(ACCURACY_GATE, min_accuracy)
+    _check_threshold(CLASS_RECALL_GATE, min_class_recall)
+    gates: list[GateResult] = []
+    if levels.get(ACCURACY_GATE, "error") != "off":
+        acc = float(metrics["accuracy"])
+        gates.append(
+            make_gate(
+                ACCURACY_GATE,
+                "accuracy",
+                acc,
+                min_accuracy,
+                level=_level(levels, ACCURACY_GATE),
+                explanation=(
+                    f"The model labels {acc:.1%} of the {metrics['n']} test images correctly; "
+                    f"at least {min_accuracy:.1%} is required."
+                ),
+            )
+        )
+    if levels.get(CLASS_RECALL_GATE, "error") != "off":
+        level = _level(levels, CLASS_RECALL_GATE)
+        gates += [
+            _class_recall_gate(row, min_class_recall, confidence, level) for row in metrics["per_class"]
+        ]
+    return gates
+
+
+def _level(levels: Mapping[str, str], name: str) -> GateLevel:
+    level = levels.get(name, "error")
+    if level not in ("error", "warn"):
+        raise ConfigError(f"gates.levels.{name} must be error, warn or off, got {level!r}")
+    return "warn" if level == "warn" else "error"
+
+
+def _class_recall_gate(
+    row: dict[str, Any], threshold: float, confidence: float, level: GateLevel
+) -> GateResult:
+    """Recall gate of one class on its Wilson lower bound; row: one ``per_class`` entry."""
+    cls = str(row["class"])
+    name = f"{CLASS_RECALL_GATE}[{cls}]"
+    support = int(row["support"])
+    if support == 0:
+        message = (
+            f"no test images for class '{cls}': its recall cannot be checked against "
+            f"{threshold:.2f}; add test images of this class or drop it from the label set"
+        )
+        return GateResult(
+            name=name, passed=False, value=0.0, threshold=threshold, message=message, level=level, bound=0.0,
+            explanation=f"Nothing was measured for '{cls}', and a gate never passes on no evidence.",
+        )  # fmt: skip
+    hits = int(round(float(row["recall"]) * support))
+    lower, _ = wilson_interval(hits, support, confidence=confidence)
+    gate = make_gate(
+        name,
+        f"recall of '{cls}'",
+        float(row["recall"]),
+        threshold,
+        level=level,
+        bound=lower,
+        bound_name=f"{confidence:.0%} lower bound",
+    )
+    verdict = "is" if gate.passed else "is NOT"
+    explanation = (
+        f"{hits} of {support} '{cls}' test images are recognised ({float(row['recall']):.1%}). "
+        f"With {confidence:.0%} confidence the true recall is at least {lower:.1%}, which {verdict} "
+        f"above the required {threshold:.1%}."
+    )
+    return replace(gate, explanation=explanation)
+
+
+def multilabel_metric_gates(
+    metrics: dict[str, Any],
+    *,
+    min_map: float,
+    min_label_ap: float,
+    min_class_recall: float,
+    confidence: float,
+    levels: Mapping[str, str],
+) -> list[GateResult]:
+    """Gates of a multi-label model's test metrics: mAP, each label's AP, and each label's recall
+    over its positives at the tuned threshold (Wilson lower bound, as ``min_class_recall``)."""
+    for name, value in (
+        (MAP_GATE, min_map),
+        (LABEL_AP_GATE, min_label_ap),
+        (CLASS_RECALL_GATE, min_class_recall),
+    ):
+        _check_threshold(name, value)
+    rows = metrics["per_label"]
+    gates: list[GateResult] = []
+    if levels.get(MAP_GATE, "error") != "off":
+        gates.append(_map_gate(metrics, min_map, _level(levels, MAP_GATE)))
+    if levels.get(LABEL_AP_GATE, "error") != "off":
+        gates += [_label_ap_gate(row, min_label_ap, _level(levels, LABEL_AP_GATE)) for row in rows]
+    if levels.get(CLASS_RECALL_GATE, "error") != "off":
+        level = _level(levels, CLASS_RECALL_GATE)
+        gates += [_label_recall_gate(row, min_class_recall, confidence, level) for row in rows]
+    return gates
+
+
+def _map_gate(metrics: Mapping[str, Any], threshold: float, level: GateLevel) -> GateResult:
+    value = metrics["mAP"]
+    if value is None:
+        return GateResult(MAP_GATE, False, 0.0, threshold, "no label has a positive test image: mAP "
+                          "cannot be checked; add test images", level=level,
+                          explanation="Nothing was measured, and a gate never passes on no evidence.")  # fmt: skip
+    n_labels = sum(r["ap"] is not None for r in metrics["per_label"])
+    gate = make_gate(MAP_GATE, "mAP", value, threshold, level=level)
+    return replace(gate, explanation=(
+        f"Averaged over the {n_labels} labels present in the {metrics['n']} test images, the model ranks "
+        f"images showing a label above those without it with an average precision of {value:.1%}; "
+        f"at least {threshold:.1%} is required."
+    ))  # fmt: skip
+
+
+def _label_ap_gate(row: Mapping[str, Any], threshold: float, level: GateLevel) -> GateResult:
+    label = str(row["label"])
+    name = f"{LABEL_AP_GATE}[{label}]"
+    if row["ap"] is None:
+        return GateResult(name, False, 0.0, threshold, f"no test image shows '{label}': its AP cannot be "
+                          f"checked against {threshold:.2f}; add test images with this label", level=level,
+                          explanation=f"Nothing was measured for '{label}', and a gate never passes on no evidence.")  # fmt: skip
+    gate = make_gate(name, f"AP of '{label}'", row["ap"], threshold, level=level)
+    verdict = "reaches" if gate.passed else "does NOT reach"
+    return replace(gate, explanation=(
+        f"Over the {row['support']} test images showing '{label}' the average precision is {row['ap']:.1%}, "
+        f"which {verdict} the required {threshold:.1%}."
+    ))  # fmt: skip
+
+
+def _label_recall_gate(
+    row: Mapping[str, Any], threshold: float, confidence: float, level: GateLevel
+) -> GateResult:
+    gate = _class_recall_gate({"class": row["label"], "recall": row["recall"], "support": row["support"]},
+                              threshold, confidence, level)  # fmt: skip
+    if row["support"] == 0:
+        return gate
+    label, hits = row["label"], int(round(float(row["recall"]) * row["support"]))
+    verdict = "is" if gate.passed else "is NOT"
+    return replace(gate, explanation=(
+        f"At its threshold {row['threshold']:.3f}, '{label}' is predicted on {hits} of the {row['support']} "
+        f"test images that show it ({row['recall']:.1%}). With {confidence:.0%} confidence the true recall "
+        f"is at least {gate.bound:.1%}, which {verdict} above the required {threshold:.1%}."
+    ))  # fmt: skip
+
+
+def _format_pair(value: float, threshold: float) -> tuple[str, str]:
+    """Both with the same decimals: at least 2, enough to show the threshold exactly (up to 6), and
+    more where fewer would print a failing 0.598 as '0.60 < 0.60'."""
+    start = next((d for d in range(2, 7) if float(f"{threshold:.{d}f}") == threshold), 6)
+    for digits in range(start, 7):
+        v, t = f"{value:.{digits}f}", f"{threshold:.{digits}f}"
+        if v != t or math.isclose(value, threshold, abs_tol=_GATE_EPS):
+            return v, t
+    return f"{value:.6g}", f"{threshold:.6g}"

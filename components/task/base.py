@@ -37,6 +37,9 @@ class Task:
     headline: ClassVar[str]
     """The one number that sums a model up: ``accuracy`` or ``mAP``."""
     target_dtype: ClassVar[type[np.generic]]
+    activation: ClassVar[str]
+    """The output activation, ``softmax`` (one class) or ``sigmoid`` (one per label): it picks the
+    family of training losses (``components.train.imbalance``)."""
 
     def __repr__(self) -> str:
         return f"<Task {self.name}>"
@@ -106,6 +109,7 @@ class SingleLabel(Task):
     title = "single-label"
     headline = "accuracy"
     target_dtype = np.int64
+    activation = "softmax"
 
     def _encode(self, label_sets: Sequence[Sequence[str]], index: dict[str, int], k: int) -> np.ndarray:
         if bad := [list(s) for s in label_sets if len(s) != 1][:5]:
@@ -143,6 +147,7 @@ class MultiLabel(Task):
     title = "multi-label"
     headline = "mAP"
     target_dtype = np.int8
+    activation = "sigmoid"
 
     def _encode(self, label_sets: Sequence[Sequence[str]], index: dict[str, int], k: int) -> np.ndarray:
         y = np.zeros((len(label_sets), k), dtype=np.int8)

@@ -43,6 +43,8 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from components.core.errors import DataError
+
 MANIFEST_SCHEMA = pa.schema(
     [
         ("image_id", pa.string()),
@@ -138,6 +140,13 @@ def write_manifest(df: pd.DataFrame, path: Path) -> None:
 
 def read_manifest(path: Path) -> pd.DataFrame:
     return pq.read_table(path).to_pandas()
+
+
+def require_manifest(paths: DataPaths) -> Path:
+    """The manifest's path; a DataError saying to run ingest first when there is none yet."""
+    if not paths.manifest.exists():
+        raise DataError(f"no manifest at {paths.manifest}: run `imgflow ingest` first")
+    return paths.manifest
 
 
 def data_version(path: Path) -> str:

@@ -16,14 +16,11 @@ from __future__ import annotations
 import base64
 import csv
 import html
-import json
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
-
-import numpy as np
 
 from components.baseline.clip_baseline import (
     NOT_APPLICABLE,
@@ -32,6 +29,7 @@ from components.baseline.clip_baseline import (
     is_not_applicable,
 )
 from components.core.config import BaselineConfig, GatesConfig
+from components.core.jsonio import write_json
 from components.evaluate.calibration import CalibrationReport
 from components.evaluate.gates import (
     GateReport,
@@ -396,7 +394,7 @@ def write_report(
 
     out_dir = Path(out_dir)
     paths = write_evaluation(ev.metrics, gates, out_dir)
-    _write_json({**all_scalars(ev), **({"task": "multilabel"} if ev.multilabel else {})}, paths["metrics"])
+    write_json(paths["metrics"], {**all_scalars(ev), **({"task": "multilabel"} if ev.multilabel else {})})
     gates_json = {
         **gates.to_dict(),
         "temperature": ev.calibration.temperature if ev.calibration else 1.0,
@@ -405,7 +403,7 @@ def write_report(
     if ev.multilabel:
         gates_json["task"] = "multilabel"
         gates_json["threshold_rule"] = (ev.metrics.get("threshold_tuning") or {}).get("rule")
-    _write_json(gates_json, paths["gates"])
+    write_json(paths["gates"], gates_json)
     if ev.curves is not None:
         paths |= write_curves(ev.curves, out_dir)
     if ev.calibration is not None:
@@ -433,7 +431,7 @@ def write_report(
     if ev.slices is not None:
         paths["slices"] = _write_csv(out_dir / "slices.csv", ev.slices)
     data = report_dict(ev, gates, context=context)
-    paths["report_json"] = _write_json(data, out_dir / "report.json")
+    paths["report_json"] = write_json(out_dir / "report.json", data)
     paths["report_html"] = out_dir / "report.html"
     paths["report_html"].write_text(render_html(data, images=paths), encoding="utf-8")
     logger.info("gate report: %s", paths["report_html"])
@@ -443,19 +441,6 @@ def write_report(
 def _bin_row(b: Any) -> dict[str, Any]:
     return {"lower": b.lower, "upper": b.upper, "count": b.count, "confidence": b.confidence,
             "accuracy": b.accuracy}  # fmt: skip
-
-
-def _write_json(obj: Any, path: Path) -> Path:
-    path.write_text(
-        json.dumps(obj, indent=2, allow_nan=False, default=_json_default) + "\n", encoding="utf-8"
-    )
-    return path
-
-
-def _json_default(o: Any) -> Any:
-    if isinstance(o, np.generic):
-        return o.item()
-    raise TypeError(f"not JSON-serialisable: {type(o).__name__}")
 
 
 def _write_csv(path: Path, rows: Sequence[dict[str, Any]]) -> Path:

@@ -23,7 +23,6 @@ F1, support, threshold) and the confusion matrix is :func:`components.task.multi
 from __future__ import annotations
 
 import csv
-import json
 import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -31,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from components.core.jsonio import write_json
 from components.evaluate.gates import GateReport
 from components.task.metrics import class_names, flat_metrics, is_multilabel
 
@@ -75,10 +75,10 @@ def write_evaluation(metrics: dict[str, Any], gates: GateReport, out_dir: Path) 
         ("missed label", "falsely predicted label (diagonal: hits)") if multilabel else ("true", "predicted")
     )
     paths = {
-        "metrics": _write_json(flat_metrics(metrics), out_dir / "metrics.json"),
-        "evaluation": _write_json(metrics, out_dir / "evaluation.json"),
+        "metrics": write_json(out_dir / "metrics.json", flat_metrics(metrics)),
+        "evaluation": write_json(out_dir / "evaluation.json", metrics),
         "per_class": _write_per_class_csv(metrics, out_dir / "per_class.csv"),
-        "gates": _write_json(gates.to_dict(), out_dir / "gates.json"),
+        "gates": write_json(out_dir / "gates.json", gates.to_dict()),
         "confusion_matrix": plot_confusion_matrix(
             np.asarray(metrics["confusion_matrix"]),
             classes,
@@ -97,12 +97,6 @@ def write_evaluation(metrics: dict[str, Any], gates: GateReport, out_dir: Path) 
     }
     logger.info("wrote evaluation to %s (gates %s)", out_dir, "passed" if gates.passed else "FAILED")
     return paths
-
-
-def _write_json(obj: Any, path: Path) -> Path:
-    # allow_nan=False: NaN/Infinity are not JSON and would break `dvc metrics show`.
-    path.write_text(json.dumps(obj, indent=2, allow_nan=False) + "\n", encoding="utf-8")
-    return path
 
 
 _PER_CLASS_COLUMNS = ("class", "precision", "recall", "recall_lower", "recall_upper", "f1", "support",

@@ -9,9 +9,9 @@ from pathlib import Path
 from typing import Any
 
 from components.core.config import TrainConfig
-from components.core.errors import ConfigError, DataError
+from components.core.errors import ConfigError
 from components.data.datasets import grey_dataset
-from components.data.manifest import DataPaths, DatasetInfo, read_manifest
+from components.data.manifest import DataPaths, DatasetInfo, read_manifest, require_manifest
 from components.model.models import shipped_weights_file
 
 logger = logging.getLogger(__name__)
@@ -69,8 +69,7 @@ def loop_config(
     cfg: TrainConfig, data: DataPaths, *, seed: int, weights_dir: Path, exclude_file: Path | None = None
 ) -> dict[str, Any]:
     """The plain dict each Ray worker receives (paths and numbers only, no tensors)."""
-    if not data.manifest.exists():
-        raise DataError(f"no manifest at {data.manifest}: run `imgflow ingest` first")
+    require_manifest(data)
     info = DatasetInfo.load(data.dataset)
     check_task_options(cfg, info.task)
     pretrained_file = resolve_pretrained_file(cfg, weights_dir=weights_dir)

@@ -32,7 +32,7 @@ from pydantic import ValidationError
 
 from components.core.config import Params, TrainConfig
 from components.core.errors import ConfigError, DataError
-from components.data.manifest import DataPaths
+from components.data.manifest import DataPaths, require_manifest
 
 logger = logging.getLogger(__name__)
 
@@ -501,8 +501,7 @@ def _resolve(params: Params, num_samples: int | None) -> tuple[SweepSpec, TrialS
     """
     cfg, project = params.tune, params.project
     data = DataPaths(project.data_dir.resolve())
-    if not data.manifest.exists():
-        raise DataError(f"no manifest at {data.manifest}: run `imgflow ingest` first")
+    require_manifest(data)
     epochs = cfg.epochs or params.train.epochs
     if cfg.scheduler == "asha" and cfg.grace_period > epochs:
         raise ConfigError(

@@ -15,7 +15,7 @@ export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 90
 export HF_HUB_OFFLINE := 1
 PIP_FILTER := grep -v "^WARNING: Location" || true
 
-.PHONY: help setup data demo test test-all lint format bench clean
+.PHONY: help setup data demo test test-all lint docs format bench clean
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
 
@@ -49,6 +49,9 @@ lint: setup  ## ruff (lint + format check) and mypy on components/
 	$(BIN)/ruff format --check components tasks flows tests bench
 	$(BIN)/mypy
 	$(BIN)/lint-imports
+
+docs: setup  ## build the user guide (MkDocs Material) into site/, failing on any warning
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict  # not --quiet: it hides the warnings --strict fails on
 
 format: setup  ## apply ruff's fixes and formatting
 	$(BIN)/ruff check --fix components tasks flows tests bench

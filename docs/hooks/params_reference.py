@@ -55,8 +55,10 @@ def _section(key: str, cls: type[BaseModel], comments: dict[str, str], *, level:
         yaml_key = field.alias or name
         if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
             nested.append((f"{key}.{yaml_key}", field.annotation))
-            lines.append(f"| `{yaml_key}` | section | see [`{key}.{yaml_key}`](#{_anchor(key, yaml_key)}) | "
-                         f"{source.doc(name) or comments.get(f'{key}.{yaml_key}', '')} |")
+            lines.append(
+                f"| `{yaml_key}` | section | see [`{key}.{yaml_key}`](#{_anchor(key, yaml_key)}) | "
+                f"{source.doc(name) or comments.get(f'{key}.{yaml_key}', '')} |"
+            )
             continue
         default = _yaml(field.get_default(call_default_factory=True))
         if len(default) > LONG_DEFAULT:
@@ -100,7 +102,9 @@ class _FieldSource:
         if literal:
             choices = [c.strip().strip("'\"") for c in literal.group(1).split(",")]
             return " · ".join(f"`{c}`" for c in choices)
-        text = re.sub(r"Literal\[(.*?)\]", lambda m: re.sub(r"['\"]", "", m.group(1)).replace(", ", "/"), text)
+        text = re.sub(
+            r"Literal\[(.*?)\]", lambda m: re.sub(r"['\"]", "", m.group(1)).replace(", ", "/"), text
+        )
         return " or ".join(f"`{part.strip()}`" for part in text.replace("None", "null").split("|"))
 
     def doc(self, name: str) -> str:

@@ -19,6 +19,7 @@ next barrier. With one thread on two cores the same comparison measures ~1.0x.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import tempfile
 import threading
@@ -31,6 +32,7 @@ import psutil
 from components.core.config import TrainConfig
 from components.data.ingest import ingest
 from components.data.manifest import DataPaths
+from components.train.recipe import TrainRecipe
 
 FMNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 
@@ -78,57 +80,57 @@ class PeakRss:
         self._sample()
 
 
-def _plain_loop(config: dict[str, Any], threads: int) -> dict[str, Any]:
+def _plain_loop(recipe: TrainRecipe, threads: int) -> dict[str, Any]:
     """The Ray worker's loop without Ray: same builders, same engine steps, one process."""
     import torch
     from torch import nn
 
-    from components.train import ray_train as rt
+    from components.train import torch_recipe as tr
     from components.train.engine import eval_sums, seed_everything, train_one_epoch
 
     t_start = time.perf_counter()
     torch.set_num_threads(threads)
-    config = dict(config, use_gpu=False, threads=threads)
-    model, spec = rt._build_model(config)
-    seed_everything(config["seed"])
-    train_loader, val_loader = rt._build_loaders(config, spec.data_config)
+    model, spec = tr.build_model(recipe)
+    seed_everything(recipe.seed)
+    train_loader, val_loader = tr.build_loaders(recipe, spec.data_config)
     device = torch.device("cpu")
-    optimizer, scheduler = rt._make_optimizer(model, config, len(train_loader))
-    opts = rt._step_options(config, model, device)
-    loss_fn = rt._loss_fn(config, opts)
+    optimizer, scheduler = tr.build_optimizer(model, recipe, len(train_loader))
+    opts = tr.build_step_options(recipe, model, device)
+    loss_fn = tr.build_train_loss(recipe, opts)
     epochs = []
-    for epoch in range(config["epochs"]):
+    for epoch in range(recipe.epochs):
         t0 = time.perf_counter()
-        tr = train_one_epoch(model, train_loader, optimizer, loss_fn, device=device, scheduler=scheduler,
-                             start_step=epoch * len(train_loader), opts=opts)  # fmt: skip
+        sums = train_one_epoch(model, train_loader, optimizer, loss_fn, device=device, scheduler=scheduler,
+                               start_step=epoch * len(train_loader), opts=opts)  # fmt: skip
         seconds = time.perf_counter() - t0
         va = eval_sums(model, val_loader, nn.CrossEntropyLoss(), device=device)
-        epochs.append(rt._epoch_metrics(epoch, tr, va, optimizer.param_groups[0]["lr"], seconds))
+        epochs.append(tr.epoch_metrics(epoch, sums, va, optimizer.param_groups[0]["lr"], seconds))
     return {"history": epochs, "wall_s": time.perf_counter() - t_start}
 
 
-def _plain_fresh(config: dict[str, Any], threads: int) -> dict[str, Any]:
+def _plain_fresh(recipe: TrainRecipe, threads: int) -> dict[str, Any]:
     """``_plain_loop`` in a fresh interpreter, as a Ray worker is one: the first training run in a
     process is ~6% slower (oneDNN primitive caches, allocator), so both sides pay it alike."""
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
     with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
-        return pool.submit(_plain_loop, config, threads).result()
+        return pool.submit(_plain_loop, recipe, threads).result()
 
 
-def _ray_fit(config: dict[str, Any], *, workers: int, threads: int, storage: Path) -> dict[str, Any]:
-    from components.train import ray_train as rt
+def _ray_fit(recipe: TrainRecipe, *, workers: int, threads: int, storage: Path) -> dict[str, Any]:
+    from components.train import ray_adapter
+    from components.train.training import fit as ray_fit
 
     t0 = time.perf_counter()
-    started = rt.init_ray(num_cpus=workers * threads)
+    started = ray_adapter.init_ray(num_cpus=workers * threads)
     init_s = time.perf_counter() - t0
     try:
-        fit = rt.fit(config, workers=workers, cpus_per_worker=threads, use_gpu=False, storage_path=storage,
-                     run_name="bench", out_dir=storage / "model", show_progress=False)  # fmt: skip
+        fit = ray_fit(recipe, workers=workers, cpus_per_worker=threads, use_gpu=False, storage_path=storage,
+                      run_name="bench", out_dir=storage / "model", show_progress=False)  # fmt: skip
     finally:
         if started:
-            rt.shutdown_ray()
+            ray_adapter.shutdown_ray()
     return {"history": fit.history, "wall_s": time.perf_counter() - t0, "init_s": init_s}
 
 
@@ -139,16 +141,16 @@ def _steady_images_per_s(history: list[dict[str, Any]]) -> float:
     return images / (history[-1]["finished_at"] - history[0]["finished_at"])
 
 
-def _warm_decode_cache(config: dict[str, Any]) -> None:
+def _warm_decode_cache(recipe: TrainRecipe) -> None:
     """Decode the images once before timing, so neither path pays the shared decode cache."""
-    from components.train import ray_train as rt
+    from components.train import torch_recipe as tr
 
-    _model, spec = rt._build_model(config)
-    rt._build_loaders(dict(config, use_gpu=False), spec.data_config)
+    _model, spec = tr.build_model(recipe)
+    tr.build_loaders(recipe, spec.data_config)
 
 
 def _compare(
-    config: dict[str, Any], *, workers: int, threads: int, storage: Path, repeats: int = 1
+    recipe: TrainRecipe, *, workers: int, threads: int, storage: Path, repeats: int = 1
 ) -> dict[str, Any]:
     """Plain loop, Ray Train, plain loop again (``repeats`` Ray runs, each between two plain runs);
     each Ray run is compared with the mean of the plain runs either side of it (on a shared machine
@@ -156,15 +158,15 @@ def _compare(
     the figure is the median of those ratios. The plain loop uses all ``workers x threads`` threads
     and the global batch."""
     total = workers * threads
-    plain_config = dict(config, batch_size=config["batch_size"] * workers)
+    plain_recipe = dataclasses.replace(recipe, batch_size=recipe.batch_size * workers)
     with PeakRss() as plain_mem:
-        plain = [_plain_fresh(plain_config, total)]
+        plain = [_plain_fresh(plain_recipe, total)]
     rays, ray_peak = [], 0
     for i in range(repeats):
         with PeakRss() as mem:
-            rays.append(_ray_fit(config, workers=workers, threads=threads, storage=storage / f"run{i}"))
+            rays.append(_ray_fit(recipe, workers=workers, threads=threads, storage=storage / f"run{i}"))
         ray_peak = max(ray_peak, mem.peak)
-        plain.append(_plain_fresh(plain_config, total))
+        plain.append(_plain_fresh(plain_recipe, total))
     plain_tp = [_steady_images_per_s(p["history"]) for p in plain]
     ray_tp = [_steady_images_per_s(r["history"]) for r in rays]
     ratios = [tp / ((plain_tp[i] + plain_tp[i + 1]) / 2) for i, tp in enumerate(ray_tp)]
@@ -197,7 +199,7 @@ def _ratio_figure(name: str, value: float) -> dict[str, Any]:
 
 
 def run(*, quick: bool = False) -> dict[str, Any]:
-    from components.train.training import loop_config
+    from components.train.recipe import build_recipe
 
     per_class, epochs = (300, 3) if quick else (1000, 6)
     threads = min(2, os.cpu_count() or 1)
@@ -207,19 +209,19 @@ def run(*, quick: bool = False) -> dict[str, Any]:
         ingest("fashion-mnist", data_dir=root / "data", max_per_class=per_class, fashion_mnist_dir=FMNIST_DIR,
                progress=False)  # fmt: skip
         cfg = TrainConfig(epochs=epochs, workers=1, cpus_per_worker=threads)
-        config = loop_config(cfg, DataPaths(root / "data"), seed=0, weights_dir=root / "weights")
-        _warm_decode_cache(config)
+        recipe = build_recipe(cfg, DataPaths(root / "data"), seed=0, weights_dir=root / "weights")
+        _warm_decode_cache(recipe)
         # Like for like: one Ray worker holding every thread vs the plain loop on the same threads.
         # Three Ray runs, each between two plain runs; the median ratio is the figure.
         one = _compare(
-            config, workers=1, threads=threads, storage=root / "ray-one", repeats=1 if quick else 3
+            recipe, workers=1, threads=threads, storage=root / "ray-one", repeats=1 if quick else 3
         )
         # The shipped layout (train.workers x train.cpus_per_worker, DDP) vs the plain loop on as many
         # threads with the same global batch: what a user of the defaults pays for Ray.
         layout = (default.workers, default.cpus_per_worker)
         dflt = None
         if layout != (1, threads) and layout[0] * layout[1] <= (os.cpu_count() or 1):
-            dflt = _compare(config, workers=layout[0], threads=layout[1], storage=root / "ray-default")
+            dflt = _compare(recipe, workers=layout[0], threads=layout[1], storage=root / "ray-default")
     figures: list[dict[str, Any]] = [
         _ratio_figure("steady_throughput_ratio", one["ratio"]),
         {"name": "steady_throughput_ratio_lowest", "value": min(one["ratios"]), "unit": "x"},

@@ -94,6 +94,13 @@ def _params(params: Path, overrides: list[str] | None) -> Any:
     return load_params(params, overrides or [])
 
 
+def _ray_options(*, verbose: bool = False) -> Any:
+    """Which Ray to use and what it shows: RAY_ADDRESS, IMGFLOW_RAY_DASHBOARD, IMGFLOW_WORKER_EVENTS."""
+    from components.train.ray_adapter import RayOptions
+
+    return RayOptions.from_env(os.environ, verbose=verbose)
+
+
 @app.command()
 def ingest(
     source: Annotated[
@@ -227,7 +234,10 @@ def train(
     from components.pipeline.stages import run_train
 
     result = _run(
-        lambda: run_train(_params(params, set_), progress=not as_json, resume=resume), as_json=as_json
+        lambda: run_train(
+            _params(params, set_), progress=not as_json, resume=resume, ray_options=_ray_options()
+        ),
+        as_json=as_json,
     )
     _emit(
         result, as_json, lambda r: f"trained: val_accuracy {r['val_accuracy']:.4f}; MLflow run {r['run_id']}"
@@ -279,10 +289,12 @@ def tune(
     with the best values), trials.csv, trials.json and trials.png beside it.
     Then: imgflow train --params outputs/tune/best_params.yaml
     """
-    from components.train.tune import run_tune
+    from components.pipeline.tuning import run_tune
 
     result = _run(
-        lambda: run_tune(_params(params, set_), num_samples=num_samples, progress=not as_json),
+        lambda: run_tune(
+            _params(params, set_), num_samples=num_samples, progress=not as_json, ray_options=_ray_options()
+        ),
         as_json=as_json,
     )
     _emit(result, as_json, _tune_summary)

@@ -105,7 +105,9 @@ def baseline(params: Params) -> dict[str, Any]:
     cache_policy=NO_CACHE,
 )
 def train(params: Params) -> dict[str, Any]:
-    result = stages.run_train(params, progress=True)
+    from components.train.ray_adapter import RayOptions
+
+    result = stages.run_train(params, progress=True, ray_options=RayOptions.from_env(os.environ))
     get_run_logger().info(
         "trained: val_accuracy %.4f (MLflow run %s)", result["val_accuracy"], result["run_id"]
     )

@@ -13,13 +13,16 @@ import time
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from components.core.config import Params
 from components.core.errors import DataError, GatesFailedError, ValidationFailedError
 from components.data.manifest import DataPaths, DatasetInfo, data_version, read_exclusions, read_manifest
+
+if TYPE_CHECKING:
+    from components.train.ray_adapter import RayOptions
 
 logger = logging.getLogger(__name__)
 
@@ -324,8 +327,13 @@ def _tracking(params: Params) -> tuple[Any, str]:
     return tracking, uri
 
 
-def run_train(params: Params, *, progress: bool = True, resume: bool = False) -> dict[str, Any]:
-    """Train through Ray Train and log the run (params, provenance, per-epoch metrics) to MLflow."""
+def run_train(
+    params: Params, *, progress: bool = True, resume: bool = False, ray_options: RayOptions | None = None
+) -> dict[str, Any]:
+    """Train through Ray Train and log the run (params, provenance, per-epoch metrics) to MLflow.
+
+    ``ray_options``: a Ray cluster to use, the local dashboard, verbose Ray lines (entry points read
+    them from the environment: ``RayOptions.from_env``); None: a quiet local runtime."""
     from components.core.provenance import git_commit
     from components.evaluate.plots import plot_training_curves
     from components.pipeline.freshness import training_fingerprint
@@ -377,6 +385,7 @@ def run_train(params: Params, *, progress: bool = True, resume: bool = False) ->
             weights_dir=paths.state / "weights",
             exclude_file=exclude,
             show_progress=progress,
+            ray_options=ray_options,
         )
     except BaseException:
         tracking.end_run(run.run_id, status="FAILED")

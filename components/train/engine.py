@@ -5,7 +5,6 @@ Kept free of Ray so the per-worker loop stays thin (Made-With-ML's train_step/ev
 
 from __future__ import annotations
 
-import os
 import random
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -17,12 +16,14 @@ from torch import nn
 
 
 def seed_everything(seed: int, rank: int = 0) -> None:
-    """Seed Python, NumPy and torch; each data-parallel rank gets its own stream."""
+    """Seed Python, NumPy and torch; each data-parallel rank gets its own stream.
+
+    ``PYTHONHASHSEED`` is left alone: it only reaches processes started after it is set, and a
+    component does not change its process's environment."""
     s = seed + rank
     random.seed(s)
     np.random.seed(s % (2**32))
     torch.manual_seed(s)
-    os.environ["PYTHONHASHSEED"] = str(s)
 
 
 def worker_init_fn(worker_id: int) -> None:
@@ -51,6 +52,16 @@ def count_correct(logits: torch.Tensor, y: torch.Tensor) -> int:
     if y.ndim == 2:
         return int(((logits > 0) == (y > 0.5)).all(dim=1).sum())
     return int((logits.argmax(1) == y).sum())
+
+
+def allreduce_sums(values: dict[str, float], device: torch.device) -> dict[str, float]:
+    """Sum scalar counters over all data-parallel workers (no-op without a process group)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return values
+    keys = sorted(values)
+    t = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=device)
+    torch.distributed.all_reduce(t)
+    return dict(zip(keys, t.tolist(), strict=True))
 
 
 def _freeze_frozen_batchnorm(model: nn.Module) -> None:

@@ -5,7 +5,8 @@ adjustment"). Multi-label tasks use timm's asymmetric loss (``timm.loss.Asymmetr
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
@@ -174,3 +175,59 @@ def create_loss(
         n = np.asarray(counts, dtype=np.float64)
         return LogitAdjustedLoss(n / n.sum(), tau=tau, label_smoothing=label_smoothing)
     raise ValueError(f"unknown loss {kind!r}: use ce, focal or logit_adjusted")
+
+
+@dataclass(frozen=True)
+class LossChoice:
+    """``train.loss`` and its knobs (see ``TrainConfig``); one set for both task kinds."""
+
+    kind: str
+    class_weights: WeightScheme | None
+    focal_gamma: float
+    logit_adjust_tau: float
+    asl: tuple[float, float, float]
+    """(gamma_neg, gamma_pos, clip) of the asymmetric loss."""
+    label_smoothing: float
+
+
+def _softmax_training_loss(
+    choice: LossChoice, targets: np.ndarray, num_classes: int, *, soft: bool
+) -> nn.Module:
+    """One class per image: ``targets`` (N,) class indices give the class counts."""
+    if soft:
+        from timm.loss import SoftTargetCrossEntropy
+
+        return SoftTargetCrossEntropy()  # mixup/cutmix already smoothed the targets
+    counts = class_counts(targets.astype(np.int64), num_classes).tolist()
+    return create_loss(
+        choice.kind, counts, weight_scheme=choice.class_weights, focal_gamma=choice.focal_gamma,
+        tau=choice.logit_adjust_tau, label_smoothing=choice.label_smoothing,
+    )  # fmt: skip
+
+
+def _sigmoid_training_loss(
+    choice: LossChoice, targets: np.ndarray, num_classes: int, *, soft: bool
+) -> nn.Module:
+    """One sigmoid per label: ``targets`` (N, K) multi-hot give each label's positives."""
+    positives = targets.sum(axis=0).tolist() if targets.size else [0] * num_classes
+    return create_multilabel_loss(
+        choice.kind, positives, len(targets), weight_scheme=choice.class_weights,
+        focal_gamma=choice.focal_gamma, asl=choice.asl, label_smoothing=choice.label_smoothing,
+    )  # fmt: skip
+
+
+_TRAINING_LOSSES: dict[str, Callable[..., nn.Module]] = {
+    "softmax": _softmax_training_loss,
+    "sigmoid": _sigmoid_training_loss,
+}
+
+
+def create_training_loss(
+    activation: str, choice: LossChoice, targets: Sequence[int] | np.ndarray, num_classes: int, *, soft: bool
+) -> nn.Module:
+    """The training loss for a task's output ``activation`` (``Task.activation``: softmax | sigmoid).
+
+    ``targets``: the train split's class indices (N,) or multi-hot rows (N, K), whose counts class
+    weights and logit adjustment need; ``soft``: the batches carry soft targets (mixup/cutmix).
+    """
+    return _TRAINING_LOSSES[activation](choice, np.asarray(targets), num_classes, soft=soft)

@@ -1,124 +1,109 @@
-"""Training: turns the train config + the ingested data into a Ray Train run and a model folder."""
+"""Training: turns the train config + the ingested data into a Ray Train run and a model folder.
+
+The driver side: :func:`train` builds the :class:`~components.train.recipe.TrainRecipe`, starts
+(or joins) Ray and calls :func:`fit`, which runs the per-worker loop on a ``TorchTrainer``
+(through :mod:`components.train.ray_adapter`), draws rank 0's progress and copies the final model
+out of the last checkpoint.
+"""
 
 from __future__ import annotations
 
-import json
+import contextlib
 import logging
+import shutil
+import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from components.core.config import TrainConfig
-from components.core.errors import ConfigError
-from components.data.datasets import grey_dataset
-from components.data.manifest import DataPaths, DatasetInfo, read_manifest, require_manifest
-from components.model.models import shipped_weights_file
+from components.core.jsonio import write_json
+from components.data.manifest import DataPaths
+from components.train import ray_adapter
+from components.train.progress import progress_display
+from components.train.ray_adapter import RayOptions
+from components.train.recipe import TrainRecipe, build_recipe
+from components.train.torch_recipe import MODEL_SUBDIR, read_history
+from components.train.worker import WorkerRun, train_loop_per_worker
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
+class FitResult:
+    model_dir: Path
+    history: list[dict[str, Any]]
+    run_path: str
+    seconds: float
+
+
+@dataclass(frozen=True)
 class TrainResult:
+    """A finished training: the model folder, every epoch's record, the last one, the wall time and
+    the Ray Train run's folder."""
+
     model_dir: Path
     history: list[dict[str, Any]]
     final: dict[str, Any]
     seconds: float
     ray_run: str
 
-
-def resolve_in_chans(cfg: TrainConfig, data: DataPaths) -> int:
-    """1 for an all-grey dataset with no explicit ``train.in_chans``, else 3 (or the explicit value)."""
-    if cfg.in_chans is not None:
-        return cfg.in_chans
-    return 1 if grey_dataset(read_manifest(data.manifest)) else 3
-
-
-def resolve_pretrained_file(cfg: TrainConfig, *, weights_dir: Path) -> Path | None:
-    """The local weights file for ``train.pretrained``: explicit, shipped in a package, or None (hub)."""
-    if not cfg.pretrained:
-        return None
-    if cfg.pretrained_file is not None:
-        if not cfg.pretrained_file.is_file():
-            raise ConfigError(f"train.pretrained_file {cfg.pretrained_file} does not exist")
-        return cfg.pretrained_file.resolve()
-    shipped = shipped_weights_file(cfg.model, cache_dir=weights_dir)
-    return shipped.resolve() if shipped else None
-
-
-def check_task_options(cfg: TrainConfig, task: str) -> None:
-    """Options that only one task supports get a clear ConfigError (the task comes from the data)."""
-    if task == "multilabel":
-        wrong = {
-            "loss=logit_adjusted": cfg.loss == "logit_adjusted",
-            "sampler=balanced": cfg.sampler == "balanced",
-            "mixup/cutmix": cfg.mixup > 0 or cfg.cutmix > 0,
-            "class_weights=effective": cfg.class_weights == "effective",
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "model_dir": str(self.model_dir),
+            "history": [dict(h) for h in self.history],
+            "final": dict(self.final),
+            "seconds": self.seconds,
+            "ray_run": self.ray_run,
         }
-        if bad := [k for k, v in wrong.items() if v]:
-            raise ConfigError(
-                f"the dataset is multi-label but train.{', train.'.join(bad)} is single-label only: use "
-                "loss ce|focal|asymmetric, class_weights null|inverse|sqrt_inverse, sampler random"
-            )
-    elif cfg.loss == "asymmetric":
-        raise ConfigError(
-            "train.loss=asymmetric is for multi-label datasets: use ce, focal or logit_adjusted"
-        )
 
 
-def loop_config(
-    cfg: TrainConfig, data: DataPaths, *, seed: int, weights_dir: Path, exclude_file: Path | None = None
-) -> dict[str, Any]:
-    """The plain dict each Ray worker receives (paths and numbers only, no tensors)."""
-    require_manifest(data)
-    info = DatasetInfo.load(data.dataset)
-    check_task_options(cfg, info.task)
-    pretrained_file = resolve_pretrained_file(cfg, weights_dir=weights_dir)
-    return {
-        "task": info.task,
-        "manifest": str(data.manifest.resolve()),
-        "data_dir": str(data.root.resolve()),
-        "classes": list(info.classes),
-        "model": cfg.model,
-        "pretrained": cfg.pretrained,
-        "in_chans": resolve_in_chans(cfg, data),
-        "input_size": cfg.input_size,
-        "epochs": cfg.epochs,
-        "batch_size": cfg.batch_size,
-        "eval_batch_size": max(cfg.batch_size, 256),
-        "lr": cfg.lr,
-        "weight_decay": cfg.weight_decay,
-        "optimizer": cfg.optimizer,
-        "warmup_epochs": cfg.warmup_epochs,
-        "label_smoothing": cfg.label_smoothing,
-        "hflip": cfg.hflip,
-        "scale": list(cfg.scale),
-        "random_erasing": cfg.random_erasing,
-        "tta": cfg.tta,
-        "loader_workers": cfg.loader_workers,
-        "cache": cfg.cache,
-        "cache_max_gb": cfg.cache_max_gb,
-        "cache_dir": str((weights_dir.parent / "cache").resolve()),
-        "deterministic": cfg.deterministic,
-        "seed": seed,
-        "pretrained_file": str(pretrained_file) if pretrained_file else None,
-        "finetune": cfg.finetune,
-        "amp": cfg.amp,
-        "channels_last": cfg.channels_last,
-        "compile": cfg.compile,
-        "ema_decay": cfg.ema_decay,
-        "mixup": cfg.mixup,
-        "cutmix": cfg.cutmix,
-        "early_stopping_patience": cfg.early_stopping_patience,
-        "loss": cfg.loss,
-        "focal_gamma": cfg.focal_gamma,
-        "logit_adjust_tau": cfg.logit_adjust_tau,
-        "asl_gamma_neg": cfg.asl_gamma_neg,
-        "asl_gamma_pos": cfg.asl_gamma_pos,
-        "asl_clip": cfg.asl_clip,
-        "class_weights": cfg.class_weights,
-        "sampler": cfg.sampler,
-        "exclude_file": str(exclude_file.resolve()) if exclude_file else None,
-    }
+def fit(
+    recipe: TrainRecipe,
+    *,
+    workers: int,
+    cpus_per_worker: int,
+    use_gpu: bool | None,
+    storage_path: Path,
+    run_name: str,
+    out_dir: Path,
+    max_failures: int = 0,
+    show_progress: bool = True,
+    callbacks: Sequence[Any] = (),
+    worker_events: Path | None = None,
+    verbose: bool = False,
+) -> FitResult:
+    """Train ``recipe`` on ``workers`` Ray Train workers; copy the final model into ``out_dir``.
+
+    ``use_gpu=None`` means auto: GPUs when the cluster has them. Re-running with the same
+    ``run_name`` and ``storage_path`` resumes from the latest checkpoint. ``callbacks`` go to the
+    run config (e.g. Ray Tune's report callback when a sweep trial runs this trainer).
+    ``worker_events``: see ``ray_adapter.WORKER_EVENTS_ENV``; ``verbose``: Ray's per-rank lines
+    and one console line per epoch.
+    """
+    gpu = ray_adapter.cluster_has_gpus() if use_gpu is None else use_gpu
+    ray_adapter.check_resources(workers, cpus_per_worker, gpu)
+
+    def copy_out(checkpoint: Path) -> list[dict[str, Any]]:
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        shutil.copytree(checkpoint / MODEL_SUBDIR, out_dir)
+        return read_history(checkpoint)
+
+    with contextlib.ExitStack() as stack:
+        events = ray_adapter.progress_channel(stack)
+        run = WorkerRun(recipe=recipe, use_gpu=gpu, threads=cpus_per_worker, progress=events,
+                        worker_events=worker_events, verbose=verbose)  # fmt: skip
+        t0 = time.perf_counter()
+        with progress_display(events, epochs=recipe.epochs, show=show_progress, verbose=verbose):
+            done = ray_adapter.run_trainer(
+                train_loop_per_worker, run.loop_config(), workers=workers, cpus_per_worker=cpus_per_worker,
+                use_gpu=gpu, storage_path=storage_path, run_name=run_name, read_checkpoint=copy_out,
+                max_failures=max_failures, callbacks=callbacks, verbose=verbose,
+            )  # fmt: skip
+        seconds = time.perf_counter() - t0
+    return FitResult(model_dir=out_dir, history=done.checkpoint, run_path=done.path, seconds=seconds)
 
 
 def train(
@@ -132,20 +117,23 @@ def train(
     weights_dir: Path,
     exclude_file: Path | None = None,
     show_progress: bool = True,
+    ray_options: RayOptions | None = None,
 ) -> TrainResult:
     """Train with Ray Train; writes ``out_dir/model/`` (safetensors + spec) and ``history.json``.
 
     ``weights_dir`` caches converted pretrained weights (shipped packages, see ``models``);
-    ``exclude_file`` lists train images to leave out (the audit's suspected label errors).
+    ``exclude_file`` lists train images to leave out (the audit's suspected label errors);
+    ``ray_options``: which Ray (a cluster or a local runtime) and how much of it the console shows.
     """
-    from components.train import ray_train
-
-    config = loop_config(cfg, data, seed=seed, weights_dir=weights_dir, exclude_file=exclude_file)
+    options = ray_options or RayOptions()
+    recipe = build_recipe(cfg, data, seed=seed, weights_dir=weights_dir, exclude_file=exclude_file)
     use_gpu = {"auto": None, "true": True, "false": False}[cfg.use_gpu]
-    started = ray_train.init_ray()
+    started = ray_adapter.init_ray(
+        address=options.address, dashboard=options.dashboard, verbose=options.verbose
+    )
     try:
-        fit = ray_train.fit(
-            config,
+        fit_result = fit(
+            recipe,
             workers=cfg.workers,
             cpus_per_worker=cfg.cpus_per_worker,
             use_gpu=use_gpu,
@@ -154,13 +142,20 @@ def train(
             out_dir=out_dir / "model",
             max_failures=cfg.max_failures,
             show_progress=show_progress,
+            worker_events=options.worker_events,
+            verbose=options.verbose,
         )
     finally:
         if started:
-            ray_train.shutdown_ray()
-    (out_dir / "history.json").write_text(json.dumps(fit.history, indent=2) + "\n")
-    final = dict(fit.history[-1]) if fit.history else {}
-    logger.info("trained %s in %.1fs: %s", cfg.model, fit.seconds, final)
+            ray_adapter.shutdown_ray()
+    write_json(out_dir / "history.json", fit_result.history)
+    final = dict(fit_result.history[-1]) if fit_result.history else {}
+    logger.info(
+        "trained %s for %d epochs in %.1fs: val_accuracy %s", cfg.model, len(fit_result.history),
+        fit_result.seconds, f"{final['val_accuracy']:.4f}" if "val_accuracy" in final else "-",
+    )  # fmt: skip
+    logger.debug("last epoch: %s", final)
     return TrainResult(
-        model_dir=fit.model_dir, history=fit.history, final=final, seconds=fit.seconds, ray_run=fit.run_path
-    )
+        model_dir=fit_result.model_dir, history=fit_result.history, final=final, seconds=fit_result.seconds,
+        ray_run=fit_result.run_path,
+    )  # fmt: skip

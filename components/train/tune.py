@@ -3,36 +3,39 @@
 Composition (Ray 2.x with Train V2, the pattern Ray's "Hyperparameter Tuning with Ray Tune" guide
 documents): each Tune trial is a *function trainable* that acts as the driver of one
 ``TorchTrainer`` running the same per-worker loop as ``imgflow train``
-(:func:`components.train.ray_train.train_loop_per_worker`, fed by :func:`components.train.training.loop_config`).
+(:func:`components.train.training.fit` with the trial's :class:`~components.train.recipe.TrainRecipe`).
 Ray's ``TuneReportCallback`` forwards every epoch's report to Tune, so ASHA can stop trailing trials
-early. The trial itself only waits on its trainer: it reserves a little memory and no CPU
-(``tune.with_resources``), so the trainer's workers get the CPUs.
+early. The trial itself only waits on its trainer: it reserves a little memory and no CPU, so the
+trainer's workers get the CPUs. Every Ray call is in :mod:`components.train.ray_adapter`.
 
-MLflow: one parent run ``tune`` and one nested child run per trial (``mlflow.parentRunId``) with the
-trial's train params and per-epoch metrics, logged live from a Tune callback in this process; the
-best trial's run is tagged ``best_trial=true``. Files: the best config as a full params file, the
-trial table (JSON + CSV) and a plot of the metric per trial.
+Records: the caller passes a :class:`SweepLog` (``components.pipeline.tuning`` builds one over
+MLflow: a parent run ``tune`` and one nested child run per trial) that gets each trial's train
+params and per-epoch metrics, live from a Tune callback in this process; the best trial's record
+is tagged ``best_trial=true``. Files: the best config as a full params file, the trial table
+(JSON + CSV) and a plot of the metric per trial.
 """
 
 from __future__ import annotations
 
 import csv
-import json
 import logging
 import math
-import os
 import time
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import yaml
 from pydantic import ValidationError
 
 from components.core.config import Params, TrainConfig
 from components.core.errors import ConfigError, DataError
+from components.core.jsonio import write_json
 from components.data.manifest import DataPaths, require_manifest
+from components.train import ray_adapter
+from components.train.ray_adapter import RayOptions
+from components.train.recipe import TrainRecipe, build_recipe
 
 logger = logging.getLogger(__name__)
 
@@ -81,21 +84,8 @@ def check_search_space(train: TrainConfig, space: Mapping[str, Mapping[str, list
 
 
 def ray_search_space(space: Mapping[str, Mapping[str, list[Any]]]) -> dict[str, Any]:
-    """``tune.search_space`` as Ray Tune sampling domains (``randint``'s high is included)."""
-    from ray import tune
-
-    make: dict[str, Callable[[list[Any]], Any]] = {
-        "choice": tune.choice,
-        "grid": tune.grid_search,
-        "uniform": lambda a: tune.uniform(a[0], a[1]),
-        "loguniform": lambda a: tune.loguniform(a[0], a[1]),
-        "randint": lambda a: tune.randint(a[0], a[1] + 1),
-    }
-    out = {}
-    for key, distribution in space.items():
-        ((name, args),) = distribution.items()
-        out[key] = make[name](list(args))
-    return out
+    """``tune.search_space`` as Ray Tune sampling domains (see ``ray_adapter.tune_search_space``)."""
+    return ray_adapter.tune_search_space(space)
 
 
 # --------------------------------------------------------------------------- one trial
@@ -114,54 +104,56 @@ class TrialSetup:
     seed: int
     use_gpu: bool
     exclude_file: Path | None = None
+    worker_events: Path | None = None
+    """See ``ray_adapter.WORKER_EVENTS_ENV``."""
+    verbose: bool = False
+    """Ray Train's per-rank lines on the console."""
 
 
-def _trial_loop_config(config: Mapping[str, Any], setup: TrialSetup) -> tuple[TrainConfig, dict[str, Any]]:
-    from components.train.training import loop_config
-
-    cfg = trial_train_config(setup.train, config["train"], epochs=setup.epochs)
-    loop = loop_config(
+def trial_recipe(sampled: Mapping[str, Any], setup: TrialSetup) -> tuple[TrainConfig, TrainRecipe]:
+    """A trial's train config (``setup.train`` with its ``sampled`` values) and training recipe."""
+    cfg = trial_train_config(setup.train, sampled, epochs=setup.epochs)
+    recipe = build_recipe(
         cfg, DataPaths(setup.data_dir), seed=setup.seed, weights_dir=setup.weights_dir,
         exclude_file=setup.exclude_file,
     )  # fmt: skip
-    return cfg, {**loop, "use_gpu": setup.use_gpu, "threads": cfg.cpus_per_worker}
+    return cfg, recipe
 
 
 def run_trial(config: dict[str, Any], *, setup: TrialSetup) -> None:
-    """Tune function trainable: :func:`components.train.ray_train.fit` (the same driver and per-worker loop
-    as ``imgflow train``) with the trial's values, plus Tune's report callback."""
-    import ray.tune
-    from ray.tune.integration.ray_train import TuneReportCallback
+    """Tune function trainable: :func:`components.train.training.fit` (the same driver and per-worker
+    loop as ``imgflow train``) with the trial's values, plus Tune's report callback."""
+    from components.train.training import fit
 
-    from components.train.ray_train import fit
-
-    _name_the_cluster_for_train()
-    cfg, loop = _trial_loop_config(config, setup)
-    trial_id = ray.tune.get_context().get_trial_id()  # stable: a restarted trial resumes its run
+    ray_adapter.let_train_find_the_cluster()
+    cfg, recipe = trial_recipe(config["train"], setup)
+    trial_id = ray_adapter.trial_id()  # stable: a restarted trial resumes its run
     fit(
-        loop, workers=cfg.workers, cpus_per_worker=cfg.cpus_per_worker, use_gpu=setup.use_gpu,
+        recipe, workers=cfg.workers, cpus_per_worker=cfg.cpus_per_worker, use_gpu=setup.use_gpu,
         storage_path=setup.storage_path, run_name=trial_id, out_dir=setup.storage_path / trial_id / "model",
-        max_failures=cfg.max_failures, show_progress=False, callbacks=[TuneReportCallback()],
+        max_failures=cfg.max_failures, show_progress=False, callbacks=ray_adapter.trial_report_callbacks(),
+        worker_events=setup.worker_events, verbose=setup.verbose,
     )  # fmt: skip
 
 
-def _name_the_cluster_for_train() -> None:
-    """Put this cluster's address in ``RAY_ADDRESS`` for the trial's Train controller.
-
-    When ASHA stops a trial, its driver (this process) dies and takes the Train controller with it.
-    Ray Train V2 then frees the workers' placement group from a helper actor that finds the cluster
-    by scanning the machine for Ray processes. With a second Ray instance on the machine that scan
-    fails, the CPUs stay reserved, and the next trials wait forever. Ray Train propagates the
-    variables in its list to the controller, and the controller's children inherit them.
-    """
-    import ray
-    from ray.train.v2._internal import constants
-
-    os.environ.setdefault("RAY_ADDRESS", ray.get_runtime_context().gcs_address)
-    constants.ENV_VARS_TO_PROPAGATE.add("RAY_ADDRESS")  # this trial's process only
+# --------------------------------------------------------------------------- live record (log + display)
 
 
-# --------------------------------------------------------------------------- live record (MLflow + display)
+class SweepLog(Protocol):
+    """Where a sweep's records go: one record per trial under the sweep's own (parent) record. The
+    caller builds it (``components.pipeline.tuning``: nested MLflow runs); run ids are its ids."""
+
+    parent_run_id: str
+
+    def start_trial_run(self, *, run_name: str, params: dict[str, Any], tags: dict[str, str]) -> str: ...
+
+    def log_metrics(self, run_id: str, metrics: dict[str, float], *, step: int | None = None) -> None: ...
+
+    def set_tags(self, run_id: str, tags: dict[str, str]) -> None: ...
+
+    def log_artifacts(self, run_id: str, paths: Sequence[Path], *, artifact_path: str) -> None: ...
+
+    def end_run(self, run_id: str, status: str = "FINISHED") -> None: ...
 
 
 @dataclass
@@ -181,19 +173,16 @@ class TrialRecord:
 
 
 class SweepRecorder:
-    """Turns Tune's trial events into nested MLflow runs and a quiet rich display (one line per epoch).
+    """Turns Tune's trial events into trial records (``log``) and a quiet rich display (one line per
+    epoch).
 
-    Plain Python: :func:`_tune_callback` forwards Ray's callback hooks to it.
+    Plain Python: ``ray_adapter.tune_callback`` forwards Ray's callback hooks to it.
     """
 
-    def __init__(
-        self, *, tracking: Any, experiment_id: str, parent_run_id: str, tracking_uri: str,
-        setup: TrialSetup, metric: str, total: int, show: bool,
-    ) -> None:  # fmt: skip
+    def __init__(self, *, log: SweepLog, setup: TrialSetup, metric: str, total: int, show: bool) -> None:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-        self.tracking, self.experiment_id, self.parent = tracking, experiment_id, parent_run_id
-        self.tracking_uri, self.setup, self.metric, self.show = tracking_uri, setup, metric, show
+        self.log, self.setup, self.metric, self.show = log, setup, metric, show
         self.trials: dict[str, TrialRecord] = {}
         columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
         self.progress = Progress(*columns, disable=not show, transient=False)
@@ -216,14 +205,12 @@ class SweepRecorder:
         sampled = {k: _plain(v) for k, v in dict(config.get("train", {})).items()}
         train = trial_train_config(self.setup.train, sampled, epochs=self.setup.epochs)
         number = len(self.trials) + 1
-        run = self.tracking.start_run(
-            self.experiment_id,
+        run_id = self.log.start_trial_run(
             run_name=f"tune-trial-{number}",
             params={"train": train.model_dump(mode="json"), "sampled": sampled},
-            tags={"mlflow.parentRunId": self.parent, "stage": "tune-trial", "trial_id": trial_id},
-            tracking_uri=self.tracking_uri,
+            tags={"stage": "tune-trial", "trial_id": trial_id},
         )
-        self.trials[trial_id] = TrialRecord(number, trial_id, sampled, run.run_id)
+        self.trials[trial_id] = TrialRecord(number, trial_id, sampled, run_id)
 
     def result(self, trial_id: str, result: Mapping[str, Any]) -> None:
         record = self.trials[trial_id]
@@ -232,7 +219,7 @@ class SweepRecorder:
         record.history.append({**row, "epoch": epoch})
         record.checkpoint = result.get("checkpoint_path") or record.checkpoint
         metrics = {k: v for k, v in row.items() if k not in _NOT_METRICS}
-        self.tracking.log_metrics(record.run_id, metrics, step=epoch)
+        self.log.log_metrics(record.run_id, metrics, step=epoch)
         if not self.show:
             return
         shown = ", ".join(f"{k} {_fmt(v)}" for k, v in record.sampled.items())
@@ -253,10 +240,8 @@ class SweepRecorder:
             status = "STOPPED"  # by ASHA (or train.early_stopping_patience) before tune.epochs
         record.status, record.error = status, error
         if error:
-            self.tracking.set_tags(record.run_id, {"error": error[:4000]})
-        self.tracking.end_run(
-            record.run_id, status={"ERROR": "FAILED", "STOPPED": "FINISHED"}.get(status, status)
-        )
+            self.log.set_tags(record.run_id, {"error": error[:4000]})
+        self.log.end_run(record.run_id, status={"ERROR": "FAILED", "STOPPED": "FINISHED"}.get(status, status))
         self.progress.advance(self.bar)
 
 
@@ -270,66 +255,17 @@ def _fmt(v: Any) -> str:
     return "-" if v is None else str(v)
 
 
-def _tune_callback(recorder: SweepRecorder) -> Any:
-    """A ``ray.tune.Callback`` forwarding trial events to ``recorder`` (runs in this process); the
-    results without Tune's own bookkeeping keys (iteration counters, timestamps, host, pid).
-
-    Tune pickles its run config (callbacks included) into the experiment folder: the recorder, with
-    its MLflow client and display, stays out of that copy.
-    """
-    from ray import tune
-    from ray.tune.result import AUTO_RESULT_KEYS
-
-    tune_keys = frozenset(AUTO_RESULT_KEYS) | {"done", "trial_id", "experiment_tag"}
-
-    class _Forward(tune.Callback):
-        def __init__(self, target: SweepRecorder | None) -> None:
-            self.target = target
-
-        def __getstate__(self) -> dict[str, Any]:
-            return {"target": None}
-
-        def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-            if self.target:
-                self.target.start(trial.trial_id, trial.config)
-
-        def on_trial_result(
-            self, iteration: int, trials: list, trial: Any, result: dict, **info: Any
-        ) -> None:
-            if self.target:
-                self.target.result(trial.trial_id, {k: v for k, v in result.items() if k not in tune_keys})
-
-        def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-            if self.target:
-                self.target.finish(trial.trial_id, trial.config, status="FINISHED")
-
-        def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-            if self.target:
-                self.target.finish(trial.trial_id, trial.config, status="ERROR", error=_trial_error(trial))
-
-    return _Forward(recorder)
-
-
-def _trial_error(trial: Any) -> str:
-    path = getattr(trial, "error_file", None)
-    if path and Path(path).exists():
-        return Path(path).read_text().strip().splitlines()[-1]
-    return "the trial failed (see the Ray logs)"
-
-
 # --------------------------------------------------------------------------- the sweep
 
 
 def _concurrency(wanted: int, train: TrainConfig, *, use_gpu: bool) -> int:
     """``wanted`` trials at once, fewer when the cluster cannot hold that many trainers side by side
     (extra trials would only sit in Ray Train's resource queue)."""
-    import ray
-
-    have = ray.cluster_resources()
+    have = ray_adapter.cluster_resources()
     need = train.workers * train.cpus_per_worker
-    fits = int(float(have.get("CPU", 0)) // need)
+    fits = int(have.get("CPU", 0.0) // need)
     if use_gpu:
-        fits = min(fits, int(float(have.get("GPU", 0)) // train.workers))
+        fits = min(fits, int(have.get("GPU", 0.0) // train.workers))
     if fits < 1:
         raise ConfigError(
             f"a trial needs train.workers ({train.workers}) x train.cpus_per_worker ({train.cpus_per_worker}) "
@@ -341,19 +277,6 @@ def _concurrency(wanted: int, train: TrainConfig, *, use_gpu: bool) -> int:
             "tune.max_concurrent_trials %d > %d trainers that fit at once: running %d", wanted, fits, fits
         )
     return min(wanted, fits)
-
-
-def _scheduler(grace_period: int, reduction_factor: float, *, kind: str, epochs: int) -> Any:
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
-
-    if kind == "fifo":
-        return FIFOScheduler()
-    return ASHAScheduler(
-        time_attr="training_iteration",
-        max_t=epochs,
-        grace_period=grace_period,
-        reduction_factor=reduction_factor,
-    )
 
 
 @dataclass(frozen=True)
@@ -375,34 +298,13 @@ class SweepSpec:
 
 def run_sweep(spec: SweepSpec, setup: TrialSetup, recorder: SweepRecorder) -> None:
     """Run the trials on the connected Ray runtime; every event goes to ``recorder``."""
-    from ray import tune
-    from ray.tune.search.basic_variant import BasicVariantGenerator
-
-    concurrent = _concurrency(spec.max_concurrent, setup.train, use_gpu=setup.use_gpu)
-    trainable = tune.with_resources(
-        tune.with_parameters(run_trial, setup=setup), {"cpu": 0, "memory": TRIAL_MEMORY_BYTES}
-    )
-    tuner = tune.Tuner(
-        trainable,
-        param_space={"train": ray_search_space(spec.space)},
-        tune_config=tune.TuneConfig(
-            metric=spec.metric,
-            mode=spec.mode,
-            num_samples=spec.num_samples,
-            scheduler=_scheduler(
-                spec.grace_period, spec.reduction_factor, kind=spec.scheduler, epochs=setup.epochs
-            ),
-            # max_concurrent here, not TuneConfig.max_concurrent_trials (which would drop random_state)
-            search_alg=BasicVariantGenerator(max_concurrent=concurrent, random_state=spec.seed),
-        ),
-        run_config=tune.RunConfig(
-            name=spec.name,
-            storage_path=str(spec.storage_path),
-            verbose=0,  # the recorder's display instead of Ray's trial tables
-            callbacks=[_tune_callback(recorder)],
-        ),
-    )
-    tuner.fit()
+    ray_adapter.run_tuner(
+        run_trial, trial_kwargs={"setup": setup}, trial_memory=TRIAL_MEMORY_BYTES, search_space=spec.space,
+        metric=spec.metric, mode=spec.mode, num_samples=spec.num_samples, scheduler=spec.scheduler,
+        max_t=setup.epochs, grace_period=spec.grace_period, reduction_factor=spec.reduction_factor,
+        max_concurrent=_concurrency(spec.max_concurrent, setup.train, use_gpu=setup.use_gpu),
+        seed=spec.seed, name=spec.name, storage_path=spec.storage_path, events=recorder,
+    )  # fmt: skip
 
 
 # --------------------------------------------------------------------------- results
@@ -454,7 +356,7 @@ def write_best_params(tree: dict[str, Any], path: Path, *, header: str) -> Path:
 def write_trial_table(rows: list[dict[str, Any]], out_dir: Path) -> tuple[Path, Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     json_path, csv_path = out_dir / TRIALS_JSON, out_dir / TRIALS_CSV
-    json_path.write_text(json.dumps(rows, indent=2, default=str) + "\n")
+    write_json(json_path, rows)
     columns = list(dict.fromkeys(k for row in rows for k in row))
     with csv_path.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=columns)
@@ -494,10 +396,14 @@ def plot_trials(records: list[TrialRecord], path: Path, *, metric: str, best: Tr
 # --------------------------------------------------------------------------- the stage
 
 
-def _resolve(params: Params, num_samples: int | None) -> tuple[SweepSpec, TrialSetup]:
+def prepare_sweep(
+    params: Params, num_samples: int | None = None, *, ray_options: RayOptions | None = None
+) -> tuple[SweepSpec, TrialSetup]:
     """Check everything a user can get wrong before Ray starts; absolute paths for the trials.
 
-    ``train.use_gpu: auto`` is left False here: :func:`run_tune` asks the cluster once Ray is up.
+    Builds one trial's recipe with the unswept values, so task options and pretrained weights fail
+    (or are converted) once, here. ``train.use_gpu: auto`` is left False: :func:`sweep` asks the
+    cluster once Ray is up.
     """
     cfg, project = params.tune, params.project
     data = DataPaths(project.data_dir.resolve())
@@ -519,64 +425,51 @@ def _resolve(params: Params, num_samples: int | None) -> tuple[SweepSpec, TrialS
         reduction_factor=cfg.reduction_factor, max_concurrent=cfg.max_concurrent_trials,
         seed=project.seed if cfg.seed is None else cfg.seed, name=name, storage_path=storage,
     )  # fmt: skip
+    options = ray_options or RayOptions()
     setup = TrialSetup(
         train=params.train, epochs=epochs, data_dir=data.root, weights_dir=(project.state_dir / "weights").resolve(),
         storage_path=storage / f"{name}-trainers", seed=project.seed, use_gpu=params.train.use_gpu == "true",
-        exclude_file=exclude.resolve() if exclude else None,
+        exclude_file=exclude.resolve() if exclude else None, worker_events=options.worker_events,
+        verbose=options.verbose,
     )  # fmt: skip
+    trial_recipe({}, setup)
     return spec, setup
 
 
-def _parent_run(params: Params, spec: SweepSpec, tracking: Any, uri: str) -> Any:
-    """The MLflow run ``tune`` the trials nest under: the resolved params and provenance."""
-    from components.core.provenance import git_commit
-    from components.data.manifest import data_version
-
-    exp_id = tracking.ensure_experiment(
-        params.register_.experiment, artifact_root=params.project.state_dir / "mlartifacts"
-    )
-    tags = {
-        "stage": "tune", "data_version": data_version(DataPaths(params.project.data_dir).manifest),
-        "git_commit": git_commit(), "params_hash": params.fingerprint(), "ray_tune_run": spec.name,
-        "search_space": json.dumps(spec.space, sort_keys=True),
-    }  # fmt: skip
-    return tracking.start_run(exp_id, run_name="tune", params=params.to_dict(), tags=tags, tracking_uri=uri)
-
-
-def run_tune(params: Params, *, num_samples: int | None = None, progress: bool = True) -> dict[str, Any]:
+def sweep(
+    params: Params,
+    spec: SweepSpec,
+    setup: TrialSetup,
+    log: SweepLog,
+    *,
+    progress: bool = True,
+    ray_options: RayOptions | None = None,
+) -> dict[str, Any]:
     """Sweep ``tune.search_space`` with Ray Tune; write the best params file, the trial table and plot.
 
     Each trial trains ``tune.epochs`` epochs exactly as ``imgflow train`` does (same loop, data, seed)
-    with its sampled train values. Returns the best trial, the table and where everything went.
+    with its sampled train values; ``log`` records every trial under ``log.parent_run_id`` and is
+    ended (the parent included) when the sweep succeeds. Returns the best trial, the table and where
+    everything went.
     """
-    from dataclasses import replace
-
-    from components.registry import tracking as tracking_mod
-    from components.train import ray_train
-
-    spec, setup = _resolve(params, num_samples)
-    _trial_loop_config({"train": {}}, setup)  # task options, pretrained weights: fail (or convert) once, here
-    uri = tracking_mod.configure(params.register_.tracking_uri, state_dir=params.project.state_dir)
-    parent = _parent_run(params, spec, tracking_mod, uri)
-    started = ray_train.init_ray()
+    options = ray_options or RayOptions()
+    started = ray_adapter.init_ray(
+        address=options.address, dashboard=options.dashboard, verbose=options.verbose
+    )
     t0 = time.perf_counter()
     try:
         if params.train.use_gpu == "auto":
-            setup = replace(setup, use_gpu=ray_train.cluster_has_gpus())
+            setup = replace(setup, use_gpu=ray_adapter.cluster_has_gpus())
         recorder = SweepRecorder(
-            tracking=tracking_mod, experiment_id=parent.experiment_id, parent_run_id=parent.run_id,
-            tracking_uri=uri, setup=setup, metric=spec.metric, total=spec.num_samples * _grid_size(spec.space),
+            log=log, setup=setup, metric=spec.metric, total=spec.num_samples * _grid_size(spec.space),
             show=progress,
         )  # fmt: skip
         with recorder:
             run_sweep(spec, setup, recorder)
-        summary = _finish(params, spec, list(recorder.trials.values()), parent, tracking_mod)
-    except BaseException:
-        tracking_mod.end_run(parent.run_id, status="FAILED")
-        raise
+        summary = _finish(params, spec, list(recorder.trials.values()), log)
     finally:
         if started:
-            ray_train.shutdown_ray()
+            ray_adapter.shutdown_ray()
     return {**summary, "seconds": time.perf_counter() - t0}
 
 
@@ -584,9 +477,7 @@ def _grid_size(space: Mapping[str, Mapping[str, list[Any]]]) -> int:
     return math.prod(len(args) for d in space.values() for name, args in d.items() if name == "grid")
 
 
-def _finish(
-    params: Params, spec: SweepSpec, records: list[TrialRecord], parent: Any, tracking: Any
-) -> dict[str, Any]:
+def _finish(params: Params, spec: SweepSpec, records: list[TrialRecord], log: SweepLog) -> dict[str, Any]:
     """Pick the best trial; write and log the best params, the trial table and the plot."""
     best = best_trial(records, metric=spec.metric, mode=spec.mode)
     out_file = params.tune.out or params.project.output_dir / "tune" / BEST_PARAMS_FILE
@@ -602,18 +493,18 @@ def _finish(
     json_path, csv_path = write_trial_table(rows, out_file.parent)
     plot = plot_trials(records, out_file.parent / TRIALS_PLOT, metric=spec.metric, best=best)
     for r in records:
-        tracking.set_tags(r.run_id, {"best_trial": str(r is best).lower()})
-    tracking.set_tags(parent.run_id, {"best_trial_id": best.trial_id, "best_run_id": best.run_id})
+        log.set_tags(r.run_id, {"best_trial": str(r is best).lower()})
+    parent = log.parent_run_id
+    log.set_tags(parent, {"best_trial_id": best.trial_id, "best_run_id": best.run_id})
     failed = sum(r.status == "ERROR" for r in records)
-    tracking.log_metrics(parent.run_id, {f"best_{spec.metric}": value or math.nan, "trials": len(records),
-                                         "trials_failed": failed})  # fmt: skip
-    tracking.log_artifacts(parent.run_id, [best_file, json_path, csv_path, plot], artifact_path="tune")
-    tracking.end_run(parent.run_id)
+    log.log_metrics(parent, {f"best_{spec.metric}": value or math.nan, "trials": len(records),
+                             "trials_failed": failed})  # fmt: skip
+    log.log_artifacts(parent, [best_file, json_path, csv_path, plot], artifact_path="tune")
+    log.end_run(parent)
     return {
         "best": {"trial": best.number, "trial_id": best.trial_id, "run_id": best.run_id, spec.metric: value,
                  "train": best.sampled, "checkpoint": best.checkpoint},
         "metric": spec.metric, "mode": spec.mode, "trials": rows, "trials_failed": failed,
         "best_params": str(best_file), "trials_json": str(json_path), "trials_csv": str(csv_path),
-        "plot": str(plot), "run_id": parent.run_id, "tracking_uri": parent.tracking_uri,
-        "experiment_id": parent.experiment_id, "ray_tune_run": str(spec.storage_path / spec.name),
+        "plot": str(plot), "run_id": parent, "ray_tune_run": str(spec.storage_path / spec.name),
     }  # fmt: skip

@@ -21,7 +21,7 @@ from components.data.datasets import (
 )
 from components.core.errors import ConfigError
 from components.model.models import create_classifier, create_image_transform, resolve_data_config
-from components.train.ray_train import _use_cache
+from components.train.torch_recipe import use_cache
 from tests.conftest import fmnist_arrays
 
 
@@ -93,11 +93,11 @@ def test_cache_file_is_written_once_and_memory_mapped(png_split, tmp_path: Path)
 
 
 def test_cache_policy_respects_memory_limit() -> None:
-    assert _use_cache({"cache": "auto", "cache_max_gb": 1.0}, 60_000, 1, 28)
-    assert not _use_cache({"cache": "auto", "cache_max_gb": 0.001}, 60_000, 1, 28)
-    assert not _use_cache({"cache": "off", "cache_max_gb": 100.0}, 10, 1, 28)
+    assert use_cache(60_000, 1, 28, cache="auto", max_gb=1.0)
+    assert not use_cache(60_000, 1, 28, cache="auto", max_gb=0.001)
+    assert not use_cache(10, 1, 28, cache="off", max_gb=100.0)
     with pytest.raises(ConfigError, match="cache_max_gb"):
-        _use_cache({"cache": "memory", "cache_max_gb": 0.001}, 60_000, 3, 224)
+        use_cache(60_000, 3, 224, cache="memory", max_gb=0.001)
 
 
 def test_random_erasing_blanks_a_rectangle_of_training_batches_only() -> None:

@@ -22,7 +22,7 @@ from components.train.imbalance import create_multilabel_loss
 from components.data.ingest import ingest
 from components.data.manifest import DataPaths, DatasetInfo, read_manifest
 from components.data.splits import assign_multilabel_splits
-from components.train.training import check_task_options
+from components.task import get_task
 from tests.conftest import FMNIST_DIR, fmnist_arrays, png_bytes
 
 
@@ -117,12 +117,12 @@ def test_multilabel_losses_are_bce_focal_and_asl_with_positive_weights() -> None
 
 
 def test_single_label_only_options_are_refused_for_multilabel_data_and_vice_versa() -> None:
-    check_task_options(TrainConfig(loss="asymmetric", class_weights="inverse"), "multilabel")
+    get_task("multilabel").check_train_options(TrainConfig(loss="asymmetric", class_weights="inverse"))
     for bad in ({"loss": "logit_adjusted"}, {"sampler": "balanced"}, {"mixup": 0.2}):
         with pytest.raises(ConfigError, match="single-label only"):
-            check_task_options(TrainConfig(**bad), "multilabel")
+            get_task("multilabel").check_train_options(TrainConfig(**bad))
     with pytest.raises(ConfigError, match="for multi-label datasets"):
-        check_task_options(TrainConfig(loss="asymmetric"), "singlelabel")
+        get_task("singlelabel").check_train_options(TrainConfig(loss="asymmetric"))
 
 
 def test_subset_accuracy_counts_whole_label_sets() -> None:

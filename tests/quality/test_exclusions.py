@@ -10,8 +10,8 @@ from components.core.config import AuditConfig, TrainConfig, load_params
 from components.data.manifest import DataPaths, read_exclusions, read_manifest
 from components.pipeline.stages import run_ingest
 from components.quality.label_quality import write_exclusions
-from components.train.ray_train import _build_loaders
-from components.train.training import loop_config
+from components.train.recipe import build_recipe
+from components.train.torch_recipe import build_loaders
 from tests.conftest import write_small_params
 
 
@@ -41,12 +41,11 @@ def test_training_loader_leaves_excluded_images_out(tmp_path: Path) -> None:
     data = DataPaths(tmp_path / "data")
     train_ids = read_manifest(data.manifest).query("split == 'train'")["image_id"].tolist()
     pd.DataFrame({"image_id": train_ids[:3]}).to_csv(tmp_path / "excluded.csv", index=False)
-    config = loop_config(
+    recipe = build_recipe(
         TrainConfig(), data, seed=0, weights_dir=tmp_path, exclude_file=tmp_path / "excluded.csv"
     )
-    config |= {"use_gpu": False}
     data_config = {"input_size": (1, 28, 28), "mean": (0.5,), "std": (0.5,), "crop_pct": 1.0}
-    train_loader, val_loader = _build_loaders(config, data_config)
+    train_loader, val_loader = build_loaders(recipe, data_config)
     assert len(train_loader.dataset) == len(train_ids) - 3
     kept = {p.name.split(".")[0] for p in train_loader.dataset.paths}
     assert kept.isdisjoint(train_ids[:3])

@@ -18,16 +18,10 @@ from components.model.checkpoint import load_classifier
 from components.pipeline.stages import run_ingest
 from components.train.engine import StepOptions, predict_logits
 from components.train.imbalance import BalancedDistributedSampler, FocalLoss, LogitAdjustedLoss
-from components.train.ray_train import (
-    _build_loaders,
-    _loss_fn,
-    _split_dataset,
-    fit,
-    init_ray,
-    shutdown_ray,
-    train_targets,
-)
-from components.train.training import loop_config
+from components.train.ray_adapter import init_ray, shutdown_ray
+from components.train.recipe import TrainRecipe, build_recipe
+from components.train.torch_recipe import build_loaders, build_train_loss, split_dataset, train_targets
+from components.train.training import fit
 from tests.conftest import write_small_params
 
 DATA_CONFIG = {"input_size": (1, 28, 28), "mean": (0.5,), "std": (0.5,), "crop_pct": 1.0}
@@ -48,17 +42,17 @@ def imbalanced(tmp_path_factory: pytest.TempPathFactory) -> DataPaths:
 
 
 def _loaders(data: DataPaths, tmp_path: Path, **train: object):
-    config = loop_config(TrainConfig(**train), data, seed=0, weights_dir=tmp_path) | {"use_gpu": False}
-    return config, *_build_loaders(config, DATA_CONFIG)
+    recipe = build_recipe(TrainConfig(**train), data, seed=0, weights_dir=tmp_path)
+    return recipe, *build_loaders(recipe, DATA_CONFIG)
 
 
 def test_balanced_sampler_draws_the_minority_as_often_as_the_others(
     imbalanced: DataPaths, tmp_path: Path
 ) -> None:
-    config, plain, _ = _loaders(imbalanced, tmp_path)
-    config, balanced, _ = _loaders(imbalanced, tmp_path, sampler="balanced")
+    recipe, plain, _ = _loaders(imbalanced, tmp_path)
+    recipe, balanced, _ = _loaders(imbalanced, tmp_path, sampler="balanced")
     assert isinstance(balanced.sampler, BalancedDistributedSampler)
-    classes = config["classes"]
+    classes = recipe.classes
     targets = train_targets(balanced.dataset)
     k = len(classes)
     minority = classes.index(MINORITY)
@@ -77,20 +71,20 @@ def _epoch(sampler: BalancedDistributedSampler, epoch: int) -> list[int]:
 
 def test_loss_options_get_the_train_split_class_counts(imbalanced: DataPaths, tmp_path: Path) -> None:
     opts = StepOptions()
-    config, train, _ = _loaders(imbalanced, tmp_path, class_weights="inverse")
+    recipe, train, _ = _loaders(imbalanced, tmp_path, class_weights="inverse")
     targets = train_targets(train.dataset)
-    minority = config["classes"].index(MINORITY)
-    loss = _loss_fn(config, opts, targets)
+    minority = recipe.classes.index(MINORITY)
+    loss = build_train_loss(recipe, opts, targets)
     assert isinstance(loss, torch.nn.CrossEntropyLoss) and loss.weight is not None
     assert loss.weight[minority] == loss.weight.max() and loss.weight[minority] > 5 * loss.weight.min()
-    config, *_ = _loaders(imbalanced, tmp_path, loss="focal", focal_gamma=1.5)
-    focal = _loss_fn(config, opts, targets)
+    recipe, *_ = _loaders(imbalanced, tmp_path, loss="focal", focal_gamma=1.5)
+    focal = build_train_loss(recipe, opts, targets)
     assert isinstance(focal, FocalLoss) and focal.gamma == 1.5
-    config, *_ = _loaders(imbalanced, tmp_path, loss="logit_adjusted")
-    adjusted = _loss_fn(config, opts, targets)
+    recipe, *_ = _loaders(imbalanced, tmp_path, loss="logit_adjusted")
+    adjusted = build_train_loss(recipe, opts, targets)
     assert isinstance(adjusted, LogitAdjustedLoss)
     assert adjusted.offset.argmin() == minority  # the rarest class gets the most negative log-prior
-    plain = _loss_fn(_loaders(imbalanced, tmp_path)[0], opts, targets)
+    plain = build_train_loss(_loaders(imbalanced, tmp_path)[0], opts, targets)
     assert isinstance(plain, torch.nn.CrossEntropyLoss) and plain.weight is None
 
 
@@ -104,15 +98,15 @@ def test_imbalance_options_that_double_correct_are_refused(train: dict) -> None:
         TrainConfig(**train)
 
 
-def _test_recalls(model_dir: Path, config: dict, data: DataPaths) -> np.ndarray:
+def _test_recalls(model_dir: Path, recipe: TrainRecipe, data: DataPaths) -> np.ndarray:
     """Per-class recall of a trained model on the (balanced) test split."""
     model, spec = load_classifier(model_dir)
-    test = _split_dataset(read_manifest(data.manifest), "test", config, spec.data_config, train=False)
+    test = split_dataset(read_manifest(data.manifest), "test", recipe, spec.data_config, train=False)
     loader = DataLoader(test, batch_size=256, collate_fn=batch_collate)
     with torch.inference_mode():
         logits, y = predict_logits(model, loader, device=torch.device("cpu"))
     pred = logits.argmax(1)
-    return np.array([(pred[y == k] == k).mean() for k in range(len(config["classes"]))])
+    return np.array([(pred[y == k] == k).mean() for k in range(len(recipe.classes))])
 
 
 @pytest.mark.slow
@@ -133,14 +127,14 @@ def test_balanced_sampler_improves_minority_recall_in_real_training(tmp_path: Pa
     try:
         for sampler in ("random", "balanced"):
             cfg = TrainConfig(epochs=6, batch_size=64, workers=1, cpus_per_worker=2, sampler=sampler)
-            config = loop_config(cfg, data, seed=0, weights_dir=tmp_path / "weights")
-            fit(config, workers=1, cpus_per_worker=2, use_gpu=False, storage_path=tmp_path / "ray",
+            recipe = build_recipe(cfg, data, seed=0, weights_dir=tmp_path / "weights")
+            fit(recipe, workers=1, cpus_per_worker=2, use_gpu=False, storage_path=tmp_path / "ray",
                 run_name=f"imb-{sampler}", out_dir=tmp_path / sampler, show_progress=False)  # fmt: skip
-            recalls[sampler] = _test_recalls(tmp_path / sampler, config | {"use_gpu": False}, data)
+            recalls[sampler] = _test_recalls(tmp_path / sampler, recipe, data)
     finally:
         if started:
             shutdown_ray()
-    k = config["classes"].index(MINORITY)
+    k = recipe.classes.index(MINORITY)
     print({s: {"minority_recall": r[k], "balanced_accuracy": r.mean()} for s, r in recalls.items()})
     assert recalls["balanced"][k] > recalls["random"][k] + 0.1
     assert 0.1 < recalls["random"].mean() < 1 and 0.1 < recalls["balanced"].mean() < 1  # both really trained

@@ -21,7 +21,7 @@ from components.model.models import (
     shipped_weights_file,
 )
 from components.train.engine import StepOptions, eval_sums, seed_everything, train_one_epoch
-from components.train.ray_train import _should_stop
+from components.train.torch_recipe import should_stop
 from tests.conftest import fmnist_arrays
 
 
@@ -136,17 +136,17 @@ def test_mixup_and_ema_steps_run_and_move_the_average() -> None:
      ([1.0, 0.5, 0.6], None, False)],
 )  # fmt: skip
 def test_early_stopping_rule(losses: list[float], patience: int | None, stop: bool) -> None:
-    assert _should_stop([{"val_loss": v} for v in losses], patience) is stop
+    assert should_stop([{"val_loss": v} for v in losses], patience) is stop
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_amp_channels_last_epoch_on_cuda() -> None:
     """One AMP + channels-last epoch on the GPU: the forward runs in the autocast dtype, loss finite."""
-    from components.train.ray_train import _amp_dtype
+    from components.train.torch_recipe import amp_dtype
 
     device = torch.device("cuda")
-    amp = _amp_dtype({"amp": "auto"}, device)
+    amp = amp_dtype("auto", device)
     assert amp == (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
     seed_everything(0)
     model = create_classifier("imgflow_cnn", 10, in_chans=1).to(device, memory_format=torch.channels_last)
@@ -170,11 +170,11 @@ def test_amp_channels_last_epoch_on_cuda() -> None:
 def test_cpu_bf16_autocast_where_the_cpu_has_it() -> None:
     """On a CPU with native bf16 (AVX512-BF16/AMX) amp=auto trains the forward in bf16 with fp32 master
     weights; elsewhere (or amp=off) in full precision."""
-    from components.train.ray_train import _amp_dtype, cpu_has_native_bf16
+    from components.train.torch_recipe import amp_dtype, cpu_has_native_bf16
 
     cpu = torch.device("cpu")
-    assert _amp_dtype({"amp": "off"}, cpu) is None and _amp_dtype({"amp": "fp16"}, cpu) is None
-    amp = _amp_dtype({"amp": "auto"}, cpu)
+    assert amp_dtype("off", cpu) is None and amp_dtype("fp16", cpu) is None
+    amp = amp_dtype("auto", cpu)
     assert amp == (torch.bfloat16 if cpu_has_native_bf16() else None)
     if amp is None:
         pytest.skip("this CPU has no native bf16")
@@ -194,9 +194,9 @@ def test_cpu_bf16_autocast_where_the_cpu_has_it() -> None:
 
 
 def _send_two_epochs(channel: object) -> list[dict]:
-    from components.train import ray_train as rt
+    from components.train.progress import ProgressSender
 
-    sender = rt._ProgressSender(channel, interval_s=3600)
+    sender = ProgressSender(channel, interval_s=3600)
     for epoch in range(2):
         for i in range(50):
             sender.batch(epoch, i, 50, loss=float(i))
@@ -215,19 +215,23 @@ def test_progress_events_reach_the_driver_in_order_and_throttled() -> None:
     """Rank 0's progress goes through a real Ray queue actor (a cluster's channel): the first batch
     event, each epoch's last batch and every epoch event arrive, in order; the batch events in between
     are throttled."""
+    import ray
     from ray.util.queue import Queue
 
-    from components.train import ray_train as rt
+    from components.train import ray_adapter as ra
+    from components.train.progress import ProgressSender
 
-    started = rt.init_ray(num_cpus=1)
+    started = ra.init_ray(num_cpus=1)
     try:
-        assert os.environ.get(rt.LEAN_RUNTIME_ENV) == "1"  # a local runtime without the dashboard
+        assert os.environ.get(ra.LEAN_RUNTIME_ENV) == "1"  # a local runtime without the dashboard
+        # ra._start_local_ray's private argument still binds the runtime to loopback
+        assert ray.util.get_node_ip_address() == "127.0.0.1"
         events = _send_two_epochs(Queue(actor_options={"num_cpus": 0}))
-        rt._ProgressSender(None).send({"type": "epoch", "epoch": 0})  # ranks > 0 have no queue: a no-op
+        ProgressSender(None).send({"type": "epoch", "epoch": 0})  # ranks > 0 have no queue: a no-op
     finally:
         if started:
-            rt.shutdown_ray()
-    assert not started or rt.LEAN_RUNTIME_ENV not in os.environ  # the next runtime decides afresh
+            ra.shutdown_ray()
+    assert not started or ra.LEAN_RUNTIME_ENV not in os.environ  # the next runtime decides afresh
     assert [(e["type"], e["epoch"], e.get("batch")) for e in events] == _EXPECTED_EVENTS
 
 
@@ -236,7 +240,7 @@ def test_progress_file_is_a_queue_without_an_actor(tmp_path: Path) -> None:
     written is not read; nothing is read twice; an empty channel times out as a queue does."""
     import queue
 
-    from components.train.ray_train import ProgressFile
+    from components.train.progress import ProgressFile
 
     channel = ProgressFile(tmp_path / "progress.jsonl", poll_s=0.01)
     with pytest.raises(queue.Empty):
@@ -249,34 +253,3 @@ def test_progress_file_is_a_queue_without_an_actor(tmp_path: Path) -> None:
     with open(channel.path, "a") as f:
         f.write('och": 2}\n')
     assert channel.get(timeout=1) == {"type": "epoch", "epoch": 2} and channel.empty()
-
-
-def test_lean_local_trainer_leaves_out_only_the_helpers_it_cannot_use(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """A local runtime without the dashboard (``LEAN_RUNTIME_ENV``) trains without Ray Train's
-    placement-group cleaner and, when given no Ray Datasets, without its dataset manager; every other
-    default callback stays. A cluster (or a dashboard) gets the stock ``TorchTrainer``."""
-    import ray
-    import ray.train
-    from ray.train.torch import TorchTrainer
-
-    from components.train import ray_train as rt
-
-    def callbacks(trainer_cls: type, **kw: object) -> set[str]:
-        trainer = trainer_cls(lambda _c: None, scaling_config=ray.train.ScalingConfig(num_workers=1), **kw)
-        return {type(cb).__name__ for cb in trainer._create_default_callbacks()}
-
-    monkeypatch.delenv(rt.LEAN_RUNTIME_ENV, raising=False)
-    assert rt._trainer_class() is TorchTrainer
-    stock = callbacks(TorchTrainer)
-    assert {"PlacementGroupCleanerCallback", "DatasetsCallback"} <= stock
-
-    monkeypatch.setenv(rt.LEAN_RUNTIME_ENV, "1")
-    lean = rt._trainer_class()
-    assert issubclass(lean, TorchTrainer) and lean is not TorchTrainer
-    assert callbacks(lean) == stock - {"PlacementGroupCleanerCallback", "DatasetsCallback"}
-    # A dataset factory (called only when training starts): a real Ray Dataset would start Ray here.
-    with_data = callbacks(lean, datasets={"train": lambda: None})
-    assert with_data == stock - {"PlacementGroupCleanerCallback"}
-    assert not ray.is_initialized()  # building trainers started no runtime behind the suite's back

@@ -19,7 +19,8 @@ import ray
 
 from components.core.config import Params, load_params
 from components.pipeline.stages import run_evaluate, run_ingest, run_register, run_train
-from components.train import ray_train
+from components.train import ray_adapter
+from components.train.ray_adapter import RayOptions
 from tests.conftest import write_small_params
 
 
@@ -43,12 +44,12 @@ def ray_runtime():
     these sub-second epochs are registered before the next epoch is over."""
     os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = "0.5"
     try:
-        started = ray_train.init_ray(num_cpus=2)
+        started = ray_adapter.init_ray(num_cpus=2)
     finally:
         del os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"]
     yield
     if started:
-        ray_train.shutdown_ray()
+        ray_adapter.shutdown_ray()
 
 
 def _params(project: Path, data_dir: Path, *overrides: str) -> Params:
@@ -97,7 +98,6 @@ def test_killed_worker_restarts_from_checkpoint_and_model_is_registered(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     events = tmp_path / "worker-events.jsonl"
-    monkeypatch.setenv(ray_train.WORKER_EVENTS_ENV, str(events))
     params = _params(tmp_path, data_dir, "train.epochs=4", "train.max_failures=1")
     killed: list[tuple[int, int]] = []
     stop = threading.Event()
@@ -108,20 +108,22 @@ def test_killed_worker_restarts_from_checkpoint_and_model_is_registered(
     )
     killer.start()
     try:
-        result = run_train(params, progress=True)
+        result = run_train(params, progress=True, ray_options=RayOptions(worker_events=events, verbose=True))
     finally:
         stop.set()
         killer.join()
 
     assert len(killed) == 1, "worker 1 was never seen inside an epoch after a checkpoint"
     # The module's runtime is local without a dashboard: the lean trainer ran (and recovered).
-    assert os.environ.get(ray_train.LEAN_RUNTIME_ENV) == "1"
+    assert os.environ.get(ray_adapter.LEAN_RUNTIME_ENV) == "1"
     actors = {a["ActorClassName"] for a in ray._private.state.actors().values()}
     assert "TrainController" in actors
     assert not actors & {"PlacementGroupCleaner", "DatasetManager"}, actors
-    # Rank 0's progress reached the console through the lean runtime's progress file, across the restart.
+    # Rank 0's progress reached the console through the lean runtime's progress file, across the restart
+    # (verbose: one line per epoch).
     console = capsys.readouterr().out
     assert all(f"epoch {n}/4: train_loss" in console for n in range(1, 5)), console
+    assert "resuming after epoch" in console
     killed_pid, killed_epoch = killed[0]
     starts = [e for e in _events(events) if e["phase"] == "start"]
     assert sorted(e["start_epoch"] for e in starts)[:2] == [0, 0] and len(starts) == 4
@@ -137,12 +139,12 @@ def test_killed_worker_restarts_from_checkpoint_and_model_is_registered(
 
     history = json.loads((tmp_path / "outputs" / "train" / "history.json").read_text())
     assert [h["epoch"] for h in history] == [0, 1, 2, 3]  # each epoch once in the final history
-    assert result["val_accuracy"] > 0.3  # 10 classes: chance is 0.1
+    assert result.final["val_accuracy"] > 0.3  # 10 classes: chance is 0.1
 
     run_evaluate(params)
     registration = run_register(params, raise_on_gate_failure=False)
-    assert registration["version"] == "1" and "challenger" in registration["aliases"]
-    assert registration["run_id"] == result["run_id"]
+    assert registration.version == "1" and "challenger" in registration.aliases
+    assert registration.run_id == result.run_id
 
 
 _RUN_KEYS = ("epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr")
@@ -178,14 +180,18 @@ def test_same_seed_data_and_params_give_identical_metrics(two_runs: list[Path]) 
 
 @pytest.mark.slow
 def test_resume_continues_a_stopped_run_from_its_last_epoch(
-    two_runs: list[Path], data_dir: Path, monkeypatch: pytest.MonkeyPatch
+    two_runs: list[Path], data_dir: Path, capfd: pytest.CaptureFixture[str]
 ) -> None:
     project = two_runs[1]
     before = _history(project)
     run_before = json.loads((project / "outputs" / "train" / "run.json").read_text())
     events = project / "worker-events.jsonl"
-    monkeypatch.setenv(ray_train.WORKER_EVENTS_ENV, str(events))
-    result = run_train(_params(project, data_dir, "train.epochs=4"), progress=False, resume=True)
+    capfd.readouterr()
+    result = run_train(
+        _params(project, data_dir, "train.epochs=4"), progress=True, resume=True,
+        ray_options=RayOptions(worker_events=events),
+    )  # fmt: skip
+    console = "".join(capfd.readouterr())
 
     after = _history(project)
     assert [h["epoch"] for h in after] == [0, 1, 2, 3]
@@ -193,6 +199,11 @@ def test_resume_continues_a_stopped_run_from_its_last_epoch(
     starts = [e for e in _events(events) if e["phase"] == "start"]
     assert sorted(e["start_epoch"] for e in starts) == [2, 2]  # both ranks began at epoch 2
     assert {e["epoch"] for e in _events(events) if e["phase"] == "mid_epoch"} == {2, 3}
-    assert result["run_id"] == run_before["run_id"]  # the same MLflow run continues
+    assert result.run_id == run_before["run_id"]  # the same MLflow run continues
     # The cosine now spans 4 epochs: the 2-epoch run ended at the floor, epoch 2 is above it again.
     assert after[2]["lr"] > after[1]["lr"] > 0
+    # The default console: no per-rank Ray lines, no line per epoch; the progress bar ends on the
+    # last epoch, and the resume is said once (not once per rank).
+    assert "Reporting training result" not in console and "RayTrainWorker" not in console, console
+    assert "TrainController" not in console and ": train_loss" not in console, console
+    assert "epoch 4/4" in console and console.count("resuming after epoch 2") == 1, console

@@ -118,13 +118,15 @@ def test_cli_refuses_a_bad_search_space_before_starting_ray(tmp_path: Path) -> N
     assert "unknown distribution 'gauss'" in proc.stderr and not (tmp_path / ".imgflow").exists()
 
 
-class _FakeTracking:
-    """Records what the recorder asks of the MLflow adapter."""
+class _MemoryLog:
+    """A ``SweepLog`` kept in memory: what the recorder records (the MLflow one is
+    ``components.pipeline.tuning.MlflowSweepLog``, used by the real sweep below)."""
 
-    def __init__(self) -> None:
+    def __init__(self, parent_run_id: str = "parent") -> None:
+        self.parent_run_id = parent_run_id
         self.runs: dict[str, dict] = {}
 
-    def start_run(self, experiment_id: str, *, run_name: str, params: dict, tags: dict, tracking_uri: str):
+    def start_trial_run(self, *, run_name: str, params: dict, tags: dict) -> str:
         run_id = f"run-{len(self.runs) + 1}"
         self.runs[run_id] = {
             "name": run_name,
@@ -133,7 +135,7 @@ class _FakeTracking:
             "metrics": [],
             "status": None,
         }
-        return type("Run", (), {"run_id": run_id})()
+        return run_id
 
     def log_metrics(self, run_id: str, metrics: dict, *, step: int | None = None) -> None:
         self.runs[run_id]["metrics"].append((step, metrics))
@@ -141,16 +143,18 @@ class _FakeTracking:
     def set_tags(self, run_id: str, tags: dict) -> None:
         self.runs[run_id]["tags"].update(tags)
 
+    def log_artifacts(self, run_id: str, paths: list[Path], *, artifact_path: str) -> None:
+        self.runs[run_id].setdefault("artifacts", []).extend(paths)
+
     def end_run(self, run_id: str, status: str = "FINISHED") -> None:
         self.runs[run_id]["status"] = status
 
 
 def test_recorder_turns_trial_events_into_child_runs_and_rows(tmp_path: Path) -> None:
-    tracking = _FakeTracking()
+    tracking = _MemoryLog()
     setup = TrialSetup(train=TrainConfig(), epochs=2, data_dir=tmp_path, weights_dir=tmp_path,
                        storage_path=tmp_path, seed=0, use_gpu=False)  # fmt: skip
-    recorder = SweepRecorder(tracking=tracking, experiment_id="1", parent_run_id="parent", tracking_uri="x",
-                             setup=setup, metric="val_loss", total=3, show=False)  # fmt: skip
+    recorder = SweepRecorder(log=tracking, setup=setup, metric="val_loss", total=3, show=False)
     epoch = {"train_loss": 1.0, "val_accuracy": 0.5, "lr": 0.01, "finished_at": 1e9, "stopped_early": False}
     with recorder:
         recorder.start("a", {"train": {"lr": np.float64(0.007), "batch_size": np.int64(16)}})
@@ -166,7 +170,7 @@ def test_recorder_turns_trial_events_into_child_runs_and_rows(tmp_path: Path) ->
     assert (a.status, b.status, c.status) == ("FINISHED", "STOPPED", "ERROR")
     assert [tracking.runs[r.run_id]["status"] for r in (a, b, c)] == ["FINISHED", "FINISHED", "FAILED"]
     run_a = tracking.runs[a.run_id]
-    assert run_a["tags"]["mlflow.parentRunId"] == "parent" and run_a["tags"]["trial_id"] == "a"
+    assert run_a["tags"] == {"stage": "tune-trial", "trial_id": "a"}
     assert run_a["params"]["sampled"] == {"lr": 0.007, "batch_size": 16}  # numpy scalars made plain
     assert run_a["params"]["train"]["epochs"] == 2 and run_a["params"]["train"]["lr"] == 0.007
     step, logged = run_a["metrics"][1]
@@ -193,9 +197,8 @@ def test_recorder_turns_trial_events_into_child_runs_and_rows(tmp_path: Path) ->
 
 
 def test_a_sweep_where_every_trial_failed_says_why() -> None:
-    tracking, setup = _FakeTracking(), TrialSetup(TrainConfig(), 1, Path(), Path(), Path(), 0, False)
-    recorder = SweepRecorder(tracking=tracking, experiment_id="1", parent_run_id="p", tracking_uri="x",
-                             setup=setup, metric="val_loss", total=1, show=False)  # fmt: skip
+    tracking, setup = _MemoryLog(), TrialSetup(TrainConfig(), 1, Path(), Path(), Path(), 0, False)
+    recorder = SweepRecorder(log=tracking, setup=setup, metric="val_loss", total=1, show=False)
     recorder.finish("a", {"train": {}}, status="ERROR", error="ConfigError: unknown model 'resnet'")
     with pytest.raises(
         RuntimeError, match="no trial of the sweep reported val_loss: ConfigError: unknown model"

@@ -1,0 +1,133 @@
+"""The Ray adapter: every Ray import of the train package is in it, and each private Ray API it
+leans on still exists and still does what the adapter needs (these tests fail when Ray changes one).
+"""
+
+from __future__ import annotations
+
+import ast
+import inspect
+import logging
+from pathlib import Path
+
+import pytest
+
+from components.train import ray_adapter as ra
+from tests.conftest import REPO
+
+TRAIN_MODULES = sorted((REPO / "components" / "train").glob("*.py"))
+
+
+def _imported_modules(path: Path) -> set[str]:
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            names.add(node.module)
+    return names
+
+
+def test_only_the_adapter_imports_ray() -> None:
+    importers = {
+        p.name
+        for p in [*TRAIN_MODULES, REPO / "components" / "pipeline" / "tuning.py"]
+        if any(m == "ray" or m.startswith("ray.") for m in _imported_modules(p))
+    }
+    assert importers == {"ray_adapter.py"}
+
+
+def test_ray_options_come_from_the_environment_the_entry_point_passes() -> None:
+    env = {"RAY_ADDRESS": "10.0.0.5:6379", ra.RAY_DASHBOARD_ENV: "1", ra.WORKER_EVENTS_ENV: "/tmp/ev.jsonl"}
+    assert ra.RayOptions.from_env(env, verbose=True) == ra.RayOptions(
+        address="10.0.0.5:6379", dashboard=True, worker_events=Path("/tmp/ev.jsonl"), verbose=True
+    )
+    assert ra.RayOptions.from_env({}) == ra.RayOptions()
+    assert ra.RayOptions.from_env({"RAY_ADDRESS": "", ra.RAY_DASHBOARD_ENV: "0"}).address is None
+
+
+def test_quiet_ray_train_logging_is_a_public_run_setting() -> None:
+    """Ray Train V2 filters its own per-rank INFO lines (``Reporting training result ...``) by
+    ``RunConfig.logging_config``: the run config imgflow builds when not verbose."""
+    import ray.train
+
+    config = ray.train.RunConfig(logging_config=ray.train.LoggingConfig(log_level="WARNING"))
+    assert config.logging_config.log_level == "WARNING"
+
+
+# --------------------------------------------------------------------------- private Ray APIs
+
+
+def test_start_local_ray_private_node_address_argument() -> None:
+    """``_start_local_ray`` passes ``ray.init(_node_ip_address=...)`` (that the runtime really binds
+    127.0.0.1 is checked where a runtime runs: tests/train/test_training.py)."""
+    import ray
+
+    source = inspect.getsource(inspect.unwrap(ray.init))  # a keyword Ray pops from **kwargs
+    assert 'kwargs.pop("_node_ip_address"' in source
+
+
+def test_token_auth_notice_is_logged_where_the_adapter_quiets_it(caplog: pytest.LogCaptureFixture) -> None:
+    """Ray announces token authentication on the logger ``_quiet_token_auth_notice`` lowers; quiet,
+    the notice is gone; verbose (or after), it is back."""
+    import importlib
+
+    setup = importlib.import_module(ra._TOKEN_AUTH_LOGGER)
+    assert setup.logger.name == ra._TOKEN_AUTH_LOGGER
+
+    def notices() -> list[str]:
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            setup._warn_token_auth_enabled()
+        return [r.getMessage() for r in caplog.records if r.name == ra._TOKEN_AUTH_LOGGER]
+
+    with ra._quiet_token_auth_notice(True):
+        assert notices() == []
+    with ra._quiet_token_auth_notice(False):
+        assert any("Token authentication is enabled" in m for m in notices())
+    assert notices()
+
+
+def test_propagate_to_train_controller_private_list(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``_propagate_to_train_controller`` adds to the list Ray Train copies from the driver's
+    environment into its controller's (and the trainer still reads that list)."""
+    from ray.train.v2._internal import constants
+    from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
+
+    name = "IMGFLOW_TEST_PROPAGATED"
+    monkeypatch.setenv(name, "yes")
+    try:
+        ra._propagate_to_train_controller(name)
+        assert constants.get_env_vars_to_propagate()[name] == "yes"
+    finally:
+        constants.ENV_VARS_TO_PROPAGATE.discard(name)
+    assert "get_env_vars_to_propagate" in inspect.getsource(DataParallelTrainer)
+
+
+def test_lean_local_trainer_leaves_out_only_the_helpers_it_cannot_use(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Private API (``_lean_trainer_class``): a local runtime without the dashboard
+    (``LEAN_RUNTIME_ENV``) trains without Ray Train's placement-group cleaner and, when given no Ray
+    Datasets, without its dataset manager; every other default callback stays. A cluster (or a
+    dashboard) gets the stock ``TorchTrainer``."""
+    import ray
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    def callbacks(trainer_cls: type, **kw: object) -> set[str]:
+        trainer = trainer_cls(lambda _c: None, scaling_config=ray.train.ScalingConfig(num_workers=1), **kw)
+        return {type(cb).__name__ for cb in trainer._create_default_callbacks()}
+
+    monkeypatch.delenv(ra.LEAN_RUNTIME_ENV, raising=False)
+    assert ra.trainer_class() is TorchTrainer
+    stock = callbacks(TorchTrainer)
+    assert {"PlacementGroupCleanerCallback", "DatasetsCallback"} <= stock
+
+    monkeypatch.setenv(ra.LEAN_RUNTIME_ENV, "1")
+    lean = ra.trainer_class()
+    assert issubclass(lean, TorchTrainer) and lean is not TorchTrainer
+    assert callbacks(lean) == stock - {"PlacementGroupCleanerCallback", "DatasetsCallback"}
+    # A dataset factory (called only when training starts): a real Ray Dataset would start Ray here.
+    with_data = callbacks(lean, datasets={"train": lambda: None})
+    assert with_data == stock - {"PlacementGroupCleanerCallback"}
+    assert not ray.is_initialized()  # building trainers started no runtime behind the suite's back

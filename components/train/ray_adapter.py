@@ -318,6 +318,20 @@ def run_trainer(
 # --------------------------------------------------------------------------- inside a worker
 
 
+def configure_worker_logging(*, verbose: bool) -> None:
+    """Not ``verbose``: this worker logs warnings only.
+
+    ``RunConfig.logging_config`` (see :func:`run_trainer`) quiets the ``ray.train`` loggers, but Ray
+    Train 2.60 logs every rank's "Reporting training result N: TrainingReport(...)" on a logger named
+    after its source file (``logging.getLogger(__file__)``), which only the worker's root logger
+    (INFO, sent to the driver's console) governs. imgflow's own loggers follow the same switch.
+    """
+    level = logging.INFO if verbose else logging.WARNING
+    logging.getLogger("components").setLevel(level)
+    if not verbose:
+        logging.getLogger().setLevel(logging.WARNING)
+
+
 def worker_rank_and_world() -> tuple[int, int]:
     """This worker's rank and the number of workers."""
     import ray.train

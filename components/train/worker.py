@@ -9,7 +9,6 @@ report per epoch). Rank 0 writes the checkpoint and sends progress to the driver
 from __future__ import annotations
 
 import json
-import logging
 import os
 import tempfile
 import time
@@ -79,7 +78,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Runs on every Ray Train worker: the data-parallel training loop of ``config["run"]``."""
     run: WorkerRun = config[LOOP_CONFIG_KEY]
     recipe = run.recipe
-    logging.getLogger("components").setLevel(logging.INFO if run.verbose else logging.WARNING)
+    ray_adapter.configure_worker_logging(verbose=run.verbose)
     rank, world = ray_adapter.worker_rank_and_world()
     torch.set_num_threads(run.threads)
     set_deterministic(recipe.deterministic)

@@ -131,3 +131,24 @@ def test_lean_local_trainer_leaves_out_only_the_helpers_it_cannot_use(
     with_data = callbacks(lean, datasets={"train": lambda: None})
     assert with_data == stock - {"PlacementGroupCleanerCallback"}
     assert not ray.is_initialized()  # building trainers started no runtime behind the suite's back
+
+
+def test_quiet_workers_drop_ray_trains_per_rank_report_lines() -> None:
+    """Ray Train logs each rank's report on a logger named after its source file (outside
+    ``ray.train``, so ``LoggingConfig`` misses it): a quiet worker's root logger drops it; verbose
+    keeps today's lines. imgflow's own loggers follow the same switch."""
+    import ray.train.v2._internal.execution.context as ray_context
+
+    report_logger = ray_context.logger
+    root, ours = logging.getLogger(), logging.getLogger("components")
+    saved = root.level, ours.level
+    try:
+        root.setLevel(logging.INFO)  # what Ray Train sets in a worker
+        ra.configure_worker_logging(verbose=True)
+        assert report_logger.isEnabledFor(logging.INFO) and ours.isEnabledFor(logging.INFO)
+        ra.configure_worker_logging(verbose=False)
+        assert not report_logger.isEnabledFor(logging.INFO) and not ours.isEnabledFor(logging.INFO)
+        assert report_logger.isEnabledFor(logging.WARNING)
+    finally:
+        root.setLevel(saved[0])
+        ours.setLevel(saved[1])

@@ -7,10 +7,10 @@ Exit codes: 0 ok, 1 unexpected error, 2 bad input/params (message says what to f
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import sys
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
@@ -38,6 +38,12 @@ SetOpt = Annotated[
     ),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout (for scripts).")]
+VerboseOpt = Annotated[
+    bool,
+    typer.Option(
+        "--verbose", "-v", help="Show every log line and warning (Prefect, MLflow, Ray, the stages' detail)."
+    ),
+]
 
 ENV_DEFAULTS = {
     # Ray reads this at import: a single-node runtime binds 127.0.0.1 only.
@@ -53,6 +59,18 @@ ENV_DEFAULTS = {
     "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
 }
 
+QUIET_ENV = {
+    # Prefect's console shows warnings and errors only; its run logs still reach the API (the UI).
+    "PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL": "WARNING",
+    "MLFLOW_LOGGING_LEVEL": "WARNING",
+    # Child processes (Ray workers, Prefect's temporary server) print no Python warnings.
+    "PYTHONWARNINGS": "ignore",
+}
+"""Environment of the default (quiet) console; ``-v`` leaves it alone."""
+
+CONSOLE_LOGGER = "imgflow.console"
+"""The one line per stage (written by ``tasks.stages.report``)."""
+
 
 def _setup() -> None:
     for k, v in ENV_DEFAULTS.items():
@@ -60,19 +78,69 @@ def _setup() -> None:
     from rich.console import Console
     from rich.logging import RichHandler
 
+    # The root handler prints every library's log records (Prefect keeps it rather than installing
+    # its own console handler); ``_console`` sets what passes it.
     handler = RichHandler(console=Console(stderr=True), show_path=False)
     logging.basicConfig(level=logging.WARNING, format="%(message)s", handlers=[handler])
-    logging.getLogger("components").setLevel(logging.INFO)
+
+
+class _StderrLines(logging.Handler):
+    """Each record as one plain line on the current ``sys.stderr`` (looked up per line: rich's live
+    progress display redirects it and keeps the line above its bars)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            sys.stderr.write(self.format(record) + "\n")
+            sys.stderr.flush()
+        except Exception:
+            self.handleError(record)
+
+
+class _RunLogsOnlyErrors(logging.Filter):
+    """Quiet console: Prefect's flow- and task-run records below ERROR stay in the Prefect UI (the
+    tasks echo each stage's result to ``imgflow.console``; "Finished in state Completed()" is noise)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.ERROR or not record.name.startswith(RUN_LOGGERS)
+
+
+RUN_LOGGERS = ("prefect.flow_runs", "prefect.task_runs")
+
+
+def _console(verbose: bool) -> None:
+    """What the terminal shows. By default: one line per stage, progress bars, the final summary,
+    warnings and errors — no library's INFO lines nor Python warnings from libraries.
+    ``verbose``: everything, as the libraries log it (and the stages' INFO detail)."""
+    console = logging.getLogger(CONSOLE_LOGGER)
+    if not console.handlers:
+        console.addHandler(_StderrLines())
+        console.setLevel(logging.INFO)
+        console.propagate = False
+    logging.getLogger("components").setLevel(logging.INFO if verbose else logging.WARNING)
+    for handler in logging.getLogger().handlers:
+        handler.setLevel(logging.NOTSET if verbose else logging.WARNING)
+        if not verbose and not any(isinstance(f, _RunLogsOnlyErrors) for f in handler.filters):
+            handler.addFilter(_RunLogsOnlyErrors())
+    if verbose:
+        return
+    for k, v in QUIET_ENV.items():
+        os.environ.setdefault(k, v)
+    logging.getLogger("mlflow").setLevel(logging.WARNING)  # when mlflow was imported before the env was set
+    warnings.simplefilter("ignore")
+    warnings.filterwarnings("default", module=r"(components|tasks|flows)(\.|$)")
 
 
 def _emit(result: Any, as_json: bool, human: Callable[[Any], str]) -> None:
+    """The command's result: JSON of its record's ``to_dict()`` on stdout, or ``human(result)``."""
     if as_json:
-        typer.echo(json.dumps(result, indent=2, sort_keys=True, default=str))
+        from components.core.jsonio import dumps
+
+        typer.echo(dumps(result, sort_keys=True).rstrip("\n"))
     else:
         typer.echo(human(result))
 
 
-def _run(fn: Callable[[], Any], *, as_json: bool = False) -> Any:
+def _run(fn: Callable[[], Any], *, as_json: bool = False, verbose: bool = False) -> Any:
     """Run a command body; project errors become a clear message and their exit code.
 
     With ``--json`` everything the body prints (libraries' chatter included) goes to stderr, so
@@ -80,6 +148,7 @@ def _run(fn: Callable[[], Any], *, as_json: bool = False) -> Any:
     """
     from components.core.errors import ImgflowError
 
+    _console(verbose)
     try:
         with contextlib.redirect_stdout(sys.stderr) if as_json else contextlib.nullcontext():
             return fn()
@@ -89,16 +158,18 @@ def _run(fn: Callable[[], Any], *, as_json: bool = False) -> Any:
 
 
 def _params(params: Path, overrides: list[str] | None) -> Any:
+    """The resolved params, with what the environment supplies (``$MLFLOW_TRACKING_URI``)."""
     from components.core.config import load_params
+    from flows.environment import with_environment
 
-    return load_params(params, overrides or [])
+    return with_environment(load_params(params, overrides or []))
 
 
 def _ray_options(*, verbose: bool = False) -> Any:
     """Which Ray to use and what it shows: RAY_ADDRESS, IMGFLOW_RAY_DASHBOARD, IMGFLOW_WORKER_EVENTS."""
-    from components.train.ray_adapter import RayOptions
+    from flows.environment import ray_options
 
-    return RayOptions.from_env(os.environ, verbose=verbose)
+    return ray_options(verbose=verbose)
 
 
 @app.command()
@@ -110,24 +181,24 @@ def ingest(
     params: ParamsOpt = Path("params.yaml"),
     set_: SetOpt = None,
     as_json: JsonOpt = False,
+    verbose: VerboseOpt = False,
 ) -> None:
     """Read a source into the content-addressed store, manifest (data version) and quarantine list."""
     from components.pipeline.stages import run_ingest
 
     overrides = list(set_ or []) + ([f"ingest.source={source}"] if source else [])
-    result = _run(lambda: run_ingest(_params(params, overrides), progress=not as_json), as_json=as_json)
+    result = _run(
+        lambda: run_ingest(_params(params, overrides), progress=not as_json), as_json=as_json, verbose=verbose
+    )
 
-    def human(r: dict[str, Any]) -> str:
+    def human(r: Any) -> str:
         lines = [
-            f"ingested {r['ingested']} of {r['seen']} images from {r['source']}; quarantined {r['quarantined']}",
-            f"  task: {r['task']}{' (detected from the label sets)' if r['task_detected'] else ''}",
+            f"ingested {r.ingested} of {r.seen} images from {r.source}; quarantined {r.quarantined}",
+            f"  task: {r.task}{' (detected from the label sets)' if r.task_detected else ''}",
         ]
-        lines += [f"  {reason}: {n}" for reason, n in sorted(r["reasons"].items())]
-        lines += [f"  {split}: {n} images" for split, n in sorted((r.get("images") or {}).items())]
-        lines += [
-            f"manifest {r['manifest']} (data version {r['data_version']})",
-            f"quarantine list {r['quarantine']}",
-        ]
+        lines += [f"  {reason}: {n}" for reason, n in sorted(r.reasons.items())]
+        lines += [f"  {split}: {n} images" for split, n in sorted((r.images or {}).items())]
+        lines += [f"manifest {r.manifest} (data version {r.data_version})", f"quarantine list {r.quarantine}"]
         return "\n".join(lines)
 
     _emit(result, as_json, human)
@@ -147,6 +218,7 @@ def make_composites(
         Path, typer.Option("--params", help="Base params file for OUT/params.yaml (absent: defaults).")
     ] = Path("params.yaml"),
     as_json: JsonOpt = False,
+    verbose: VerboseOpt = False,
 ) -> None:
     """Build a real multi-label dataset: 56x56 canvases with one or two Fashion-MNIST items (distinct
     classes), labelled with every item, e.g. ``Bag|Sneaker``. Writes ``OUT/labels.csv``
@@ -167,7 +239,7 @@ def make_composites(
         params_path = write_composite_params(params, out)
         return {"csv": str(csv_path), "train": train, "test": test, "params": str(params_path)}
 
-    result = _run(body, as_json=as_json)
+    result = _run(body, as_json=as_json, verbose=verbose)
     _emit(result, as_json, lambda r: (
         f"wrote {r['train'] + r['test']} canvases; labels {r['csv']}\n"
         f"run the multi-label pipeline on them: imgflow pipeline --params {r['params']}"
@@ -175,50 +247,78 @@ def make_composites(
 
 
 @app.command()
-def validate(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None, as_json: JsonOpt = False) -> None:
+def validate(
+    params: ParamsOpt = Path("params.yaml"),
+    set_: SetOpt = None,
+    as_json: JsonOpt = False,
+    verbose: VerboseOpt = False,
+) -> None:
     """Great Expectations suite over the manifest; exit code 4 and a report when it fails."""
     from components.pipeline.stages import run_validate
 
-    result = _run(lambda: run_validate(_params(params, set_)), as_json=as_json)
-    _emit(result, as_json, lambda r: f"data validation passed; report {r['report_html']}")
+    result = _run(lambda: run_validate(_params(params, set_)), as_json=as_json, verbose=verbose)
+
+    def human(r: Any) -> str:
+        warned = f" with {len(r.warnings)} warning(s): {', '.join(r.warnings)}" if r.warnings else ""
+        return f"data validation passed{warned}; report {r.report_html}"
+
+    _emit(result, as_json, human)
 
 
 @app.command()
-def audit(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None, as_json: JsonOpt = False) -> None:
+def audit(
+    params: ParamsOpt = Path("params.yaml"),
+    set_: SetOpt = None,
+    as_json: JsonOpt = False,
+    verbose: VerboseOpt = False,
+) -> None:
     """Label-quality audit: suspected label errors (cleanlab), near-duplicate sets, outliers; the
     issue ledger compares them with the previous data version (new / persisting / resolved)."""
     from components.pipeline.stages import run_audit
 
-    result = _run(lambda: run_audit(_params(params, set_)), as_json=as_json)
+    result = _run(
+        lambda: run_audit(_params(params, set_), progress=not as_json), as_json=as_json, verbose=verbose
+    )
 
-    def human(r: dict[str, Any]) -> str:
-        ledger = r["ledger"]
-        lines = [f"audited {r['audited']} images (data version {r['data_version']})"]
-        lines += [f"  {issue}: {n}" for issue, n in r["issues"].items()]
-        lines.append(f"vs previous version {ledger['previous_version'] or '(none)'}: {ledger['totals']}")
-        lines += [f"relabel queue {ledger['files']['relabel_queue']}", f"report {r['report_html']}"]
+    def human(r: Any) -> str:
+        ledger = r.ledger
+        lines = [f"audited {r.audited} images (data version {r.data_version})"]
+        lines += [f"  {issue}: {n}" for issue, n in r.issues.items()]
+        lines.append(f"vs previous version {ledger.previous_version or '(none)'}: {ledger.totals}")
+        lines += [f"relabel queue {ledger.files['relabel_queue']}", f"report {r.report_html}"]
         return "\n".join(lines)
 
     _emit(result, as_json, human)
 
 
-def _baseline_line(r: dict[str, Any]) -> str:
-    from components.baseline.clip_baseline import summary_line
+def _baseline_line(r: Any) -> str:
+    """One line for a :class:`~components.pipeline.records.BaselineResult`."""
+    from components.baseline.records import summary_line
 
-    return summary_line(r)
+    return summary_line(r.summary)
 
 
 @app.command()
-def baseline(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None, as_json: JsonOpt = False) -> None:
+def baseline(
+    params: ParamsOpt = Path("params.yaml"),
+    set_: SetOpt = None,
+    as_json: JsonOpt = False,
+    verbose: VerboseOpt = False,
+) -> None:
     """Zero-shot and linear-probe CLIP baselines (open_clip) on the test split, each an MLflow run.
 
     Weights: a pretrained tag (downloaded when online) or a local checkpoint (baseline.pretrained);
     with none to be had the baseline is recorded as skipped (exit code 0).
     """
     from components.pipeline.stages import run_baseline
+    from flows.environment import behind_proxy
 
-    result = _run(lambda: run_baseline(_params(params, set_)), as_json=as_json)
-    _emit(result, as_json, lambda r: f"CLIP baseline {_baseline_line(r)}\nresults in {r['out_dir']}")
+    result = _run(
+        lambda: run_baseline(_params(params, set_), behind_proxy=behind_proxy()),
+        as_json=as_json,
+        verbose=verbose,
+    )
+    _emit(result, as_json, lambda r: f"CLIP baseline {_baseline_line(r)}\nresults in {r.out_dir}")
 
 
 @app.command()
@@ -229,19 +329,22 @@ def train(
         bool, typer.Option(help="Continue the last (stopped) run from its checkpoint.")
     ] = False,
     as_json: JsonOpt = False,
+    verbose: VerboseOpt = False,
 ) -> None:
     """Train the timm model with Ray Train (local Ray on 127.0.0.1, or $RAY_ADDRESS); log to MLflow."""
     from components.pipeline.stages import run_train
 
     result = _run(
         lambda: run_train(
-            _params(params, set_), progress=not as_json, resume=resume, ray_options=_ray_options()
+            _params(params, set_),
+            progress=not as_json,
+            resume=resume,
+            ray_options=_ray_options(verbose=verbose),
         ),
         as_json=as_json,
+        verbose=verbose,
     )
-    _emit(
-        result, as_json, lambda r: f"trained: val_accuracy {r['val_accuracy']:.4f}; MLflow run {r['run_id']}"
-    )
+    _emit(result, as_json, lambda r: f"trained: val_accuracy {r.val_accuracy:.4f}; MLflow run {r.run_id}")
 
 
 def _tune_summary(r: dict[str, Any]) -> str:
@@ -272,6 +375,7 @@ def tune(
         int | None, typer.Option("--num-samples", min=1, help="Trials to run (default: tune.num_samples).")
     ] = None,
     as_json: JsonOpt = False,
+    verbose: VerboseOpt = False,
 ) -> None:
     """Hyper-parameter sweep with Ray Tune; writes the best config as a params file.
 
@@ -293,9 +397,13 @@ def tune(
 
     result = _run(
         lambda: run_tune(
-            _params(params, set_), num_samples=num_samples, progress=not as_json, ray_options=_ray_options()
+            _params(params, set_),
+            num_samples=num_samples,
+            progress=not as_json,
+            ray_options=_ray_options(verbose=verbose),
         ),
         as_json=as_json,
+        verbose=verbose,
     )
     _emit(result, as_json, _tune_summary)
 
@@ -314,56 +422,66 @@ def evaluate(
         ),
     ] = None,
     as_json: JsonOpt = False,
+    verbose: VerboseOpt = False,
 ) -> None:
     """Gate report: test metrics, confusion matrix, calibration, robustness (11 corruption families x 5
     severities), slices, champion comparison, CLIP baselines and gates (written to outputs/evaluate,
     logged to MLflow)."""
-    from components.evaluate.gates import GateReport
     from components.pipeline.notify import headline_text
     from components.pipeline.stages import run_evaluate
 
-    result = _run(lambda: run_evaluate(_params(params, set_), model_uri=model), as_json=as_json)
+    result = _run(
+        lambda: run_evaluate(_params(params, set_), model_uri=model, progress=not as_json),
+        as_json=as_json,
+        verbose=verbose,
+    )
 
-    def human(r: dict[str, Any]) -> str:
+    def human(r: Any) -> str:
         return (
-            f"{headline_text(r)}, temperature {r['temperature']:.3f}\n"
-            f"{GateReport.from_dict(r['gates']).summary_text()}\ngate report: {r['report_html']}"
+            f"{headline_text(r)}, temperature {r.temperature:.3f}\n"
+            f"{r.gates.summary_text()}\ngate report: {r.report_html}"
         )
 
     _emit(result, as_json, human)
 
 
 @app.command()
-def register(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None, as_json: JsonOpt = False) -> None:
+def register(
+    params: ParamsOpt = Path("params.yaml"),
+    set_: SetOpt = None,
+    as_json: JsonOpt = False,
+    verbose: VerboseOpt = False,
+) -> None:
     """Register the model: alias candidate; challenger and (register.auto_promote) champion only if the
     gates passed, else exit code 3. Alias moves are serialized and logged (`imgflow models history`)."""
-    from components.pipeline.stages import gate_failure_message, run_register
+    from components.pipeline.stages import run_register
 
-    result = _run(lambda: run_register(_params(params, set_), raise_on_gate_failure=False), as_json=as_json)
-    _emit(
-        result,
-        as_json,
-        lambda r: f"registered {r['name']} version {r['version']} as {', '.join(r['aliases'])}",
+    result = _run(
+        lambda: run_register(_params(params, set_), raise_on_gate_failure=False),
+        as_json=as_json,
+        verbose=verbose,
     )
-    if not result["gates_passed"]:
-        typer.secho(f"imgflow: {gate_failure_message(result)}", err=True, fg=typer.colors.RED)
+    _emit(result, as_json, lambda r: f"registered {r.name} version {r.version} as {', '.join(r.aliases)}")
+    if not result.gates_passed:
+        typer.secho(f"imgflow: {result.failure_message()}", err=True, fg=typer.colors.RED)
         raise typer.Exit(3)
 
 
-def _pipeline_summary(r: dict[str, Any]) -> str:
+def _pipeline_summary(r: Any) -> str:
+    """The end of ``imgflow pipeline``: where the run, the model and the UI are."""
     from components.pipeline.notify import headline_text
 
-    reg, tr, ev = r["register"], r["train"], r["evaluate"]
-    uri = tr["tracking_uri"]
+    ing, reg, tr, ev = r.ingest, r.register, r.train, r.evaluate
+    uri = tr.tracking_uri
     ui = f"mlflow ui --backend-store-uri {uri} --host 127.0.0.1" if uri.startswith("sqlite") else uri
     return "\n".join(
         [
-            f"data version   {r['ingest']['data_version']} ({r['ingest']['ingested']} images)",
-            f"MLflow run     {tr['run_id']}",
-            *([f"CLIP baseline  {_baseline_line(r['baseline'])}"] if r.get("baseline") else []),
-            f"{headline_text(ev):<23}  (gates {'passed' if ev['gates_passed'] else 'FAILED'})",
-            f"registered     {reg['name']} version {reg['version']}, aliases: {', '.join(reg['aliases'])}",
-            f"load it with   mlflow.pyfunc.load_model('models:/{reg['name']}@{reg['aliases'][-1]}')",
+            f"data version   {ing.data_version} ({ing.ingested} images)",
+            f"MLflow run     {tr.run_id}",
+            *([f"CLIP baseline  {_baseline_line(r.baseline)}"] if r.baseline is not None else []),
+            f"{headline_text(ev):<23}  (gates {'passed' if ev.gates_passed else 'FAILED'})",
+            f"registered     {reg.name} version {reg.version}, aliases: {', '.join(reg.aliases)}",
+            f"load it with   mlflow.pyfunc.load_model('models:/{reg.name}@{reg.aliases[-1]}')",
             f"MLflow UI      {ui}",
         ]
     )
@@ -381,6 +499,7 @@ def pipeline(
         ),
     ] = False,
     as_json: JsonOpt = False,
+    verbose: VerboseOpt = False,
 ) -> None:
     """Run ingest -> retrain check -> validate -> audit -> baseline -> train -> evaluate -> register as
     one Prefect flow.
@@ -388,24 +507,30 @@ def pipeline(
     After ingest the run stops with "up to date" (exit code 0) when the registry's champion was trained
     on the same data version (manifest md5) with the same training params; --force retrains anyway.
     Runs without a Prefect server (ephemeral) or against the one $PREFECT_API_URL names.
+
+    The console shows one line per stage, progress bars and the summary; -v shows every library's
+    log lines and warnings too.
     """
-    from components.pipeline.stages import gate_failure_message
+    _run(lambda: _params(params, set_), verbose=verbose)  # fail fast on bad params, before Prefect starts
 
-    _params(params, set_)  # fail fast on bad params, before Prefect starts
-
-    def body() -> dict[str, Any]:
+    def body() -> Any:
         from flows.pipeline import pipeline as pipeline_flow
 
-        return pipeline_flow(params_path=str(params), overrides=list(set_ or []), force=force)
+        return pipeline_flow(
+            params_path=str(params),
+            overrides=list(set_ or []),
+            force=force,
+            progress=not as_json,
+            verbose=verbose,
+        )
 
-    result = _run(body, as_json=as_json)
-    if result.get("status") == "up to date":
-        fresh = result["freshness"]
-        _emit(result, as_json, lambda r: f"up to date: {fresh['reason']} (use --force to retrain)")
+    result = _run(body, as_json=as_json, verbose=verbose)
+    if result.register is None:  # up to date: nothing was trained
+        _emit(result, as_json, lambda r: f"up to date: {r.freshness.reason} (use --force to retrain)")
         return
     _emit(result, as_json, _pipeline_summary)
-    if not result["register"]["gates_passed"]:
-        typer.secho(f"imgflow: {gate_failure_message(result['register'])}", err=True, fg=typer.colors.RED)
+    if not result.register.gates_passed:
+        typer.secho(f"imgflow: {result.register.failure_message()}", err=True, fg=typer.colors.RED)
         raise typer.Exit(3)
 
 
@@ -427,6 +552,7 @@ def deploy(
         bool, typer.Option("--force", help="Scheduled runs retrain even when nothing changed.")
     ] = False,
     as_json: JsonOpt = False,
+    verbose: VerboseOpt = False,
 ) -> None:
     """Create (or update) a Prefect deployment of the pipeline with a cron schedule on the Prefect
     server at $PREFECT_API_URL, for this project folder (the current directory).
@@ -437,7 +563,7 @@ def deploy(
     """
     from components.core.errors import ConfigError
 
-    _params(params, set_)  # fail fast on bad params
+    _run(lambda: _params(params, set_), verbose=verbose)  # fail fast on bad params
 
     def body() -> dict[str, Any]:
         from prefect.settings import PREFECT_API_URL
@@ -460,7 +586,7 @@ def deploy(
             f"work pool {r['work_pool']}\nstart a worker:  {r['worker']}\nrun it now:      {r['run_now']}"
         )
 
-    _emit(_run(body, as_json=as_json), as_json, human)
+    _emit(_run(body, as_json=as_json, verbose=verbose), as_json, human)
 
 
 models_app = typer.Typer(
@@ -473,15 +599,19 @@ app.add_typer(models_app, name="models")
 
 @models_app.callback(invoke_without_command=True)
 def models(
-    ctx: typer.Context, params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None, as_json: JsonOpt = False
+    ctx: typer.Context,
+    params: ParamsOpt = Path("params.yaml"),
+    set_: SetOpt = None,
+    as_json: JsonOpt = False,
+    verbose: VerboseOpt = False,
 ) -> None:
     """Registered versions with aliases, key test metrics and gate results."""
-    from components.pipeline.stages import list_models
+    from components.pipeline.models import list_models
 
     if ctx.invoked_subcommand is not None:
         return
 
-    rows = _run(lambda: list_models(_params(params, set_)), as_json=as_json)
+    rows = _run(lambda: list_models(_params(params, set_)), as_json=as_json, verbose=verbose)
 
     def human(rs: list[dict[str, Any]]) -> str:
         if not rs:
@@ -500,12 +630,15 @@ def models(
 
 @models_app.command("history")
 def models_history(
-    params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None, as_json: JsonOpt = False
+    params: ParamsOpt = Path("params.yaml"),
+    set_: SetOpt = None,
+    as_json: JsonOpt = False,
+    verbose: VerboseOpt = False,
 ) -> None:
     """The append-only promotion log: every alias move with who, when, why, from -> to and the gates."""
-    from components.pipeline.stages import promotion_history
+    from components.pipeline.models import promotion_history
 
-    rows = _run(lambda: promotion_history(_params(params, set_)), as_json=as_json)
+    rows = _run(lambda: promotion_history(_params(params, set_)), as_json=as_json, verbose=verbose)
 
     def human(rs: list[dict[str, Any]]) -> str:
         if not rs:
@@ -533,20 +666,22 @@ def promote(
     params: ParamsOpt = Path("params.yaml"),
     set_: SetOpt = None,
     as_json: JsonOpt = False,
+    verbose: VerboseOpt = False,
 ) -> None:
     """Point an alias (default champion) at a version, under the promotion lock, logged.
 
     A version whose gates failed is refused unless --force --reason "...". Exit code 5 when another
     promotion holds the lock too long.
     """
-    from components.pipeline.stages import run_promote
+    from components.pipeline.models import run_promote
 
     result = _run(
         lambda: run_promote(_params(params, set_), version, to=to, force=force, reason=reason),
         as_json=as_json,
+        verbose=verbose,
     )
-    _emit(result, as_json, lambda r: f"{r['alias']}: version {r['from'] or '-'} -> {r['to']}"
-          + ("" if r["changed"] else " (already there)"))  # fmt: skip
+    _emit(result, as_json, lambda r: f"{r.alias}: version {r.from_version or '-'} -> {r.to_version}"
+          + ("" if r.changed else " (already there)"))  # fmt: skip
 
 
 @app.command()
@@ -555,12 +690,15 @@ def rollback(
     params: ParamsOpt = Path("params.yaml"),
     set_: SetOpt = None,
     as_json: JsonOpt = False,
+    verbose: VerboseOpt = False,
 ) -> None:
     """Move champion back to the previous champion (each call goes one step further back)."""
-    from components.pipeline.stages import run_rollback
+    from components.pipeline.models import run_rollback
 
-    result = _run(lambda: run_rollback(_params(params, set_), reason=reason), as_json=as_json)
-    _emit(result, as_json, lambda r: f"champion: version {r['from']} -> {r['to']} (rolled back)")
+    result = _run(
+        lambda: run_rollback(_params(params, set_), reason=reason), as_json=as_json, verbose=verbose
+    )
+    _emit(result, as_json, lambda r: f"champion: version {r.from_version} -> {r.to_version} (rolled back)")
 
 
 @app.command()
@@ -579,13 +717,14 @@ def serve(
     port: Annotated[int | None, typer.Option("--port", help="Port (default serve.port).")] = None,
     params: ParamsOpt = Path("params.yaml"),
     set_: SetOpt = None,
+    verbose: VerboseOpt = False,
 ) -> None:
     """Serve predictions over HTTP: POST /invocations (MLflow scoring JSON, base64 images),
     POST /predict (multipart image files), GET /health. Answers top-k labels with calibrated
     probabilities; bad input gets a 4xx with a message."""
-    from components.pipeline.stages import run_serve
+    from components.pipeline.models import run_serve
 
-    _run(lambda: run_serve(_params(params, set_), model=model, host=host, port=port))
+    _run(lambda: run_serve(_params(params, set_), model=model, host=host, port=port), verbose=verbose)
 
 
 @app.command()
@@ -605,19 +744,21 @@ def predict(
     params: ParamsOpt = Path("params.yaml"),
     set_: SetOpt = None,
     as_json: JsonOpt = False,
+    verbose: VerboseOpt = False,
 ) -> None:
     """Batch inference: the predicted label set (multi-label models: every label at or above its tuned
     threshold), label, score, top-k and calibrated probabilities per image into Parquet,
     streamed batch by batch (predict.batch_size, predict.workers) so memory stays flat. An image
     that cannot be decoded gets its error in the `error` column."""
-    from components.pipeline.stages import run_predict
+    from components.pipeline.models import run_predict
 
     result = _run(
         lambda: run_predict(_params(params, set_), source, out=out, model=model, progress=not as_json),
         as_json=as_json,
+        verbose=verbose,
     )
-    _emit(result, as_json, lambda r: f"predicted {r['images']} images ({r['failed']} unreadable) with "
-          f"{r['model']} in {r['seconds']:.1f}s ({r['images_per_s']:.0f} img/s) -> {r['out']}")  # fmt: skip
+    _emit(result, as_json, lambda r: f"predicted {r.images} images ({r.failed} unreadable) with "
+          f"{r.model} in {r.seconds:.1f}s ({r.images_per_s:.0f} img/s) -> {r.out}")  # fmt: skip
 
 
 @app.command()
@@ -639,21 +780,22 @@ def export(
     params: ParamsOpt = Path("params.yaml"),
     set_: SetOpt = None,
     as_json: JsonOpt = False,
+    verbose: VerboseOpt = False,
 ) -> None:
     """Export the model to ONNX (probabilities with the fitted temperature), check parity with
     PyTorch on real images (max abs difference <= 1e-4) and attach the file to the registered version."""
     from components.core.errors import ConfigError
-    from components.pipeline.stages import run_export
+    from components.pipeline.models import run_export
 
-    def body() -> dict[str, Any]:
+    def body() -> Any:
         if format_ != "onnx":
             raise ConfigError(f"unknown export format {format_!r}: only 'onnx' is supported")
         return run_export(_params(params, set_), model=model, out=out, images=images)
 
-    result = _run(body, as_json=as_json)
-    _emit(result, as_json, lambda r: f"exported {r['model']} -> {r['onnx']}; parity: max abs diff "
-          f"{r['parity']['max_abs_diff']:.2e} on {r['parity']['images']} images"
-          + (f"; attached to version {r['attached_to']['version']}" if r.get("attached_to") else ""))  # fmt: skip
+    result = _run(body, as_json=as_json, verbose=verbose)
+    _emit(result, as_json, lambda r: f"exported {r.model} -> {r.onnx}; parity: max abs diff "
+          f"{r.parity.max_abs_diff:.2e} on {r.parity.images} images"
+          + (f"; attached to version {r.attached_to['version']}" if r.attached_to else ""))  # fmt: skip
 
 
 def main() -> None:

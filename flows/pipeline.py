@@ -6,13 +6,13 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from prefect import flow, get_run_logger
+from prefect import flow
 
-from components.core.config import load_params
+from components.core.config import Params, load_params
 from components.pipeline.notify import headline
+from components.pipeline.records import UP_TO_DATE, Evaluation, PipelineResult, RegisterResult
+from flows.environment import behind_proxy, ray_options, with_environment
 from tasks import stages
-
-UP_TO_DATE = "up to date"
 
 
 def _announce_failure(_flow: Any, flow_run: Any, state: Any) -> None:
@@ -40,58 +40,60 @@ def _announce_failure(_flow: Any, flow_run: Any, state: Any) -> None:
 
 @flow(name="imgflow-pipeline", on_failure=[_announce_failure])
 def pipeline(
-    params_path: str = "params.yaml", overrides: list[str] | None = None, force: bool = False
-) -> dict[str, Any]:
+    params_path: str = "params.yaml",
+    overrides: list[str] | None = None,
+    force: bool = False,
+    progress: bool = True,
+    verbose: bool = False,
+) -> PipelineResult:
     """Raw images to a registered (and, if the gates pass, champion) model.
 
     Stops after ingest with ``status: up to date`` when the champion was already trained on this
-    data version with these training params; ``force`` retrains anyway.
+    data version with these training params; ``force`` retrains anyway. ``progress``: progress bars
+    for the long steps; ``verbose``: Ray's own lines on the console too.
     """
-    params = load_params(params_path, overrides or [])
-    ingested = stages.ingest(params)
+    params = with_environment(load_params(params_path, overrides or []))
+    ingested = stages.ingest(params, progress)
     fresh = stages.check_freshness(params, force)
-    if not fresh["retrain"]:
-        _tell(params, "up_to_date", f"{fresh['model_name']} is {UP_TO_DATE}: {fresh['reason']}", fresh)
-        return {"status": UP_TO_DATE, "ingest": ingested, "freshness": fresh}
+    if not fresh.retrain:
+        _tell(params, "up_to_date", f"{fresh.model_name} is {UP_TO_DATE}: {fresh.reason}", fresh.to_dict())
+        return PipelineResult(status=UP_TO_DATE, ingest=ingested, freshness=fresh)
     stages.validate(params)
-    audited = stages.audit(params) if params.audit.enabled else None
-    baseline = stages.baseline(params)  # never fails for want of weights: then it is "skipped"
-    trained = stages.train(params)
-    evaluated = stages.evaluate(params)
+    audited = stages.audit(params, progress) if params.audit.enabled else None
+    baseline = stages.baseline(params, behind_proxy())  # never fails for want of weights: then "skipped"
+    trained = stages.train(params, progress, ray_options(verbose=verbose))
+    evaluated = stages.evaluate(params, progress)
     registered = stages.register(params)
     _tell_verdict(params, registered, evaluated)
-    return {
-        "status": "trained",
-        "ingest": ingested,
-        "freshness": fresh,
-        "audit": audited,
-        "baseline": baseline,
-        "train": trained,
-        "evaluate": evaluated,
-        "register": registered,
-    }
+    return PipelineResult(
+        status="trained", ingest=ingested, freshness=fresh, audit=audited, baseline=baseline,
+        train=trained, evaluate=evaluated, register=registered,
+    )  # fmt: skip
 
 
-def _tell(params: Any, event: str, summary: str, details: dict[str, Any]) -> None:
+def _tell(params: Params, event: str, summary: str, details: dict[str, Any]) -> None:
     """Post to the webhook; a webhook that stays down is logged, it does not fail the run."""
     state = stages.notify(params, event, summary, details, return_state=True)
     if state.is_failed():
-        get_run_logger().warning("webhook notification %s failed: %s", event, state.message)
+        stages.report(
+            "notify", f"webhook notification {event} failed: {state.message}", level=logging.WARNING
+        )
 
 
-def _tell_verdict(params: Any, registered: dict[str, Any], evaluated: dict[str, Any]) -> None:
-    name, version = registered["name"], registered["version"]
+def _tell_verdict(params: Params, registered: RegisterResult, evaluated: Evaluation) -> None:
+    name, version = registered.name, registered.version
+    metric, value = headline(evaluated)
     details = {
         "model": name,
         "version": version,
-        "aliases": registered["aliases"],
-        "mlflow_run_id": registered["run_id"],
-        "test_" + headline(evaluated)[0]: headline(evaluated)[1],
-        "verdict": evaluated["verdict"],
-        "failed_gates": registered["failed_gates"],
-        "report_html": evaluated["report_html"],
+        "aliases": list(registered.aliases),
+        "mlflow_run_id": registered.run_id,
+        f"test_{metric}": value,
+        "verdict": evaluated.verdict,
+        "failed_gates": list(registered.failed_gates),
+        "report_html": str(evaluated.report_html),
     }
-    if registered["gates_passed"]:
+    if registered.gates_passed:
         _tell(params, "promoted", f"{name} v{version} passed its gates and is champion", details)
     else:
-        _tell(params, "gate_failed", f"{name} v{version} FAILED its gates: {evaluated['verdict']}", details)
+        _tell(params, "gate_failed", f"{name} v{version} FAILED its gates: {evaluated.verdict}", details)

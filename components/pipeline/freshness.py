@@ -63,6 +63,8 @@ class Freshness:
     champion_version: str | None = None
     champion_run_id: str | None = None
     forced: bool = False
+    model_name: str = ""
+    """The registered model whose champion was compared."""
 
     @property
     def status(self) -> str:
@@ -78,6 +80,7 @@ def decide(
     training_params_hash: str,
     champion: dict[str, str] | None,
     force: bool = False,
+    model_name: str = "",
 ) -> Freshness:
     """Compare the current data version and training fingerprint with the champion's tags.
 
@@ -91,6 +94,7 @@ def decide(
         data_version=data_version,
         training_params_hash=training_params_hash,
         forced=force,
+        model_name=model_name,
     )
     if champion is None:
         return base

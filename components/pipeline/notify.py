@@ -8,11 +8,15 @@ strings into artifacts.
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 
 from components.core.errors import ImgflowError
+
+if TYPE_CHECKING:
+    from components.pipeline.freshness import Freshness
+    from components.pipeline.records import Evaluation, RegisterResult
 
 logger = logging.getLogger(__name__)
 
@@ -55,72 +59,69 @@ def gate_rows(gates: dict[str, Any]) -> list[dict[str, Any]]:
     ]
 
 
-def headline(evaluated: dict[str, Any]) -> tuple[str, float | None]:
+def headline(evaluated: Evaluation) -> tuple[str, float | None]:
     """The headline test metric of an evaluate result: ``accuracy``, or ``mAP`` for multi-label models."""
-    if evaluated.get("task") == "multilabel" or evaluated.get("accuracy") is None:
-        return "mAP", evaluated.get("mAP")
-    return "accuracy", evaluated["accuracy"]
+    return evaluated.headline, evaluated.value
 
 
-def headline_text(evaluated: dict[str, Any]) -> str:
+def headline_text(evaluated: Evaluation) -> str:
     """``test accuracy 0.9214`` / ``test mAP 0.8123``."""
     name, value = headline(evaluated)
     return f"test {name} {'-' if value is None else f'{value:.4f}'}"
 
 
-def gate_markdown(evaluated: dict[str, Any], *, run_ref: str) -> str:
+def gate_markdown(evaluated: Evaluation, *, run_ref: str) -> str:
     """The gate verdict of an evaluate result (``run_evaluate``) as a Prefect markdown artifact."""
-    gates = evaluated["gates"]
-    head = "PASSED" if evaluated["gates_passed"] else "FAILED"
+    head = "PASSED" if evaluated.gates_passed else "FAILED"
     lines = [
         f"# Gate verdict: {head}",
         "",
-        f"**{evaluated['verdict']}**",
+        f"**{evaluated.verdict}**",
         "",
-        f"- {headline_text(evaluated)} (temperature {evaluated['temperature']:.3f})",
+        f"- {headline_text(evaluated)} (temperature {evaluated.temperature:.3f})",
         f"- {run_ref}",
-        f"- gate report: `{evaluated['report_html']}`",
+        f"- gate report: `{evaluated.report_html}`",
         "",
         "| gate | status | value | threshold | level |",
         "|---|---|---|---|---|",
     ]
     lines += [
         f"| {r['gate']} | {r['status']} | {r['value']} | {r['threshold']} | {r['level']} |"
-        for r in gate_rows(gates)
+        for r in gate_rows(evaluated.gates.to_dict())
     ]
     return "\n".join(lines)
 
 
-def registration_markdown(registered: dict[str, Any], *, run_ref: str) -> str:
-    aliases = ", ".join(registered["aliases"])
+def registration_markdown(registered: RegisterResult, *, run_ref: str) -> str:
+    aliases = ", ".join(registered.aliases)
     lines = [
-        f"# Registered {registered['name']} version {registered['version']}",
+        f"# Registered {registered.name} version {registered.version}",
         "",
         f"- aliases: **{aliases}**",
-        f"- load: `mlflow.pyfunc.load_model('models:/{registered['name']}/{registered['version']}')`",
+        f"- load: `mlflow.pyfunc.load_model('models:/{registered.name}/{registered.version}')`",
         f"- {run_ref}",
     ]
-    if not registered["gates_passed"]:
+    if not registered.gates_passed:
         lines += [
             "",
             "Not promoted to champion; failed gates:",
-            *[f"- {m}" for m in registered["failed_gates"]],
+            *[f"- {m}" for m in registered.failed_gates],
         ]
     return "\n".join(lines)
 
 
-def freshness_markdown(check: dict[str, Any]) -> str:
+def freshness_markdown(check: Freshness) -> str:
     """The retrain check (``run_check_freshness``) as a Prefect markdown artifact."""
-    title = "Up to date: nothing to retrain" if not check["retrain"] else "Retraining"
+    title = "Up to date: nothing to retrain" if not check.retrain else "Retraining"
     return "\n".join(
         [
             f"# {title}",
             "",
-            f"**{check['reason']}**",
+            f"**{check.reason}**",
             "",
-            f"- model: `{check['model_name']}`, champion version: {check.get('champion_version') or '-'}",
-            f"- data version: `{check['data_version']}`",
-            f"- training params hash: `{check['training_params_hash']}`",
+            f"- model: `{check.model_name}`, champion version: {check.champion_version or '-'}",
+            f"- data version: `{check.data_version}`",
+            f"- training params hash: `{check.training_params_hash}`",
             "- rerun with `imgflow pipeline --force` (or the flow parameter `force: true`) to retrain anyway",
         ]
     )

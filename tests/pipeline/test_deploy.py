@@ -114,10 +114,10 @@ def test_pipeline_again_with_nothing_changed_is_up_to_date(
     monkeypatch.chdir(project)
     from components.pipeline.stages import run_check_freshness
 
-    assert run_check_freshness(load_params("params.yaml"))["retrain"] is False
+    assert run_check_freshness(load_params("params.yaml")).retrain is False
     epochs = run_check_freshness(load_params("params.yaml", ["train.epochs=1"]))
-    assert epochs["retrain"] and epochs["reason"].startswith("changed since champion: training params")
-    assert run_check_freshness(load_params("params.yaml"), force=True)["reason"] == "forced (--force)"
+    assert epochs.retrain and epochs.reason.startswith("changed since champion: training params")
+    assert run_check_freshness(load_params("params.yaml"), force=True).reason == "forced (--force)"
 
 
 # --------------------------------------------------------------------------- must show: scheduled runs

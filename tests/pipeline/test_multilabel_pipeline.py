@@ -89,7 +89,7 @@ def test_served_model_answers_with_label_sets(composites_run: dict, tmp_path: Pa
     from fastapi.testclient import TestClient
 
     from components.core.config import load_params
-    from components.pipeline.stages import load_predictor
+    from components.pipeline.models import load_predictor
     from components.serve.serving import create_app
 
     project = composites_run["project"]
@@ -97,7 +97,7 @@ def test_served_model_answers_with_label_sets(composites_run: dict, tmp_path: Pa
     # the test runs elsewhere than the project folder: point at the project's registry
     params = load_params(project / "comp" / "params.yaml", [f"project.state_dir={project / '.imgflow'}"])
     predictor, uri = load_predictor(params, None, tmp_path)
-    assert predictor.spec.multilabel and predictor.spec.thresholds is not None
+    assert predictor.spec.task.name == "multilabel" and predictor.spec.thresholds is not None
     client = TestClient(create_app(predictor, model_uri=uri))
     health = client.get("/health").json()
     assert health["task"] == "multilabel" and len(health["thresholds"]) == 10

@@ -13,6 +13,7 @@ import pytest
 from components.core.config import load_params
 from components.evaluate.gates import GateReport, GateResult
 from components.pipeline import notify
+from components.pipeline.records import Evaluation
 from tests.conftest import run_cli, write_small_params
 
 
@@ -100,10 +101,11 @@ def test_notify_task_uses_params_then_env_and_only_listed_events(
 
 def test_failed_run_posts_run_failed(webhook_listener: dict, tmp_path: Path) -> None:
     """A real flow run (ephemeral Prefect: the shared server's run list stays the e2e test's) fails in
-    ingest; the flow's on_failure hook posts; the user's error is not retried."""
+    ingest; the flow's on_failure hook posts; the user's error is not retried (-v: Prefect's INFO lines,
+    where a retry would be announced, are on the console)."""
     write_small_params(tmp_path, ingest={"source": f"imagefolder:{tmp_path / 'no-such-folder'}"})
     proc = run_cli(
-        "pipeline", cwd=tmp_path, env={"IMGFLOW_WEBHOOK_URL": webhook_listener["url"]}, timeout=300
+        "pipeline", "-v", cwd=tmp_path, env={"IMGFLOW_WEBHOOK_URL": webhook_listener["url"]}, timeout=300
     )
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert (
@@ -114,15 +116,23 @@ def test_failed_run_posts_run_failed(webhook_listener: dict, tmp_path: Path) -> 
     assert post["text"].startswith("imgflow: pipeline run ") and post["flow_run_id"]
 
 
+def _evaluation(gates: GateReport) -> Evaluation:
+    return Evaluation(
+        task="singlelabel", headline="accuracy", value=0.42, accuracy=0.42, gates=gates, temperature=1.2,
+        thresholds=None, report_html=Path("outputs/evaluate/report.html"),
+        report_json=Path("outputs/evaluate/report.json"), out_dir=Path("outputs/evaluate"), run_id="abc123",
+        seconds=3.0,
+    )  # fmt: skip
+
+
 def test_gate_markdown_shows_the_verdict_each_gate_and_the_run() -> None:
-    evaluated = {"gates": _gates(failing=True), "gates_passed": False, "accuracy": 0.42, "temperature": 1.2,
-                 "report_html": "outputs/evaluate/report.html"}  # fmt: skip
-    evaluated["verdict"] = evaluated["gates"]["verdict"]
+    evaluated = _evaluation(GateReport.from_dict(_gates(failing=True)))
     ref = notify.mlflow_run_ref("http://127.0.0.1:5000", "1", "abc123")
     assert ref == "[MLflow run abc123](http://127.0.0.1:5000/#/experiments/1/runs/abc123)"
     md = notify.gate_markdown(evaluated, run_ref=ref)
     assert md.startswith("# Gate verdict: FAILED") and "(min_accuracy)" in md and ref in md
-    rows = notify.gate_rows(evaluated["gates"])
+    assert "test accuracy 0.4200 (temperature 1.200)" in md and "`outputs/evaluate/report.html`" in md
+    rows = notify.gate_rows(evaluated.gates.to_dict())
     assert [(r["gate"], r["status"], r["threshold"]) for r in rows] == [
         ("min_accuracy", "FAIL", ">= 0.9"), ("max_ece", "pass", "<= 0.03"),
     ]  # fmt: skip

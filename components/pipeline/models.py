@@ -1,0 +1,168 @@
+"""The commands around registered models, after the pipeline: list them, move aliases (promote,
+rollback) and read the promotion log, serve one over HTTP, predict a folder in batch, export to ONNX.
+
+Glue like :mod:`components.pipeline.stages`: the registry, serving and export packages do the work.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from components.core.config import Params
+from components.core.errors import DataError
+from components.core.jsonio import write_json
+from components.data.manifest import read_manifest
+from components.pipeline.context import StagePaths, connect_tracking, registry_options, registry_retry
+from components.pipeline.records import AliasMove, ExportResult, PredictionResult
+
+# --------------------------------------------------------------------------- registry
+
+
+def list_models(params: Params) -> list[dict[str, Any]]:
+    """Every registered version of ``register.model_name``, newest first (aliases, tags, test metrics)."""
+    from components.registry import tracking
+
+    connect_tracking(params)
+    return list(tracking.list_versions(params.register_.model_name))
+
+
+def run_promote(
+    params: Params, version: str, *, to: str = "champion", force: bool = False, reason: str | None = None
+) -> AliasMove:
+    """``imgflow promote``: point ``to`` at ``version`` (gates must have passed unless forced)."""
+    from components.registry import registry
+
+    connect_tracking(params)
+    entry = registry.promote(params.register_.model_name, version, to=to, force=force, reason=reason,
+                             **registry_options(params))  # fmt: skip
+    return AliasMove.from_entry(entry)
+
+
+def run_rollback(params: Params, *, reason: str | None = None) -> AliasMove:
+    """``imgflow rollback``: the previous champion becomes champion again."""
+    from components.registry import registry
+
+    connect_tracking(params)
+    entry = registry.rollback(params.register_.model_name, reason=reason, **registry_options(params))
+    return AliasMove.from_entry(entry)
+
+
+def promotion_history(params: Params) -> list[dict[str, Any]]:
+    """The append-only promotion log, oldest first."""
+    from components.registry import registry
+
+    connect_tracking(params)
+    return list(registry.read_log(params.register_.model_name, retry=registry_retry(params)))
+
+
+# --------------------------------------------------------------------------- serving, batch prediction
+
+
+def resolve_model_uri(params: Params, model: str | None) -> str:
+    """``--model`` if given (a registry URI or a local model folder), else the champion."""
+    return model or params.serve.model or f"models:/{params.register_.model_name}@champion"
+
+
+def load_predictor(params: Params, model: str | None, tmp: Path, **kwargs: Any) -> tuple[Any, str]:
+    """A Predictor for ``model`` (registry/run URI, or a folder holding model.json) and its URI."""
+    from components.model.checkpoint import SPEC_FILE, Predictor
+    from components.registry import tracking
+
+    uri = resolve_model_uri(params, model)
+    if (Path(uri) / SPEC_FILE).exists():
+        return Predictor.from_dir(Path(uri), **kwargs), uri
+    connect_tracking(params)
+    return Predictor.from_dir(tracking.download_model_dir(uri, tmp / "served"), **kwargs), uri
+
+
+def run_serve(
+    params: Params, *, model: str | None = None, host: str | None = None, port: int | None = None
+) -> None:
+    """``imgflow serve``: the HTTP scoring server (blocks until interrupted)."""
+    import tempfile
+
+    from components.serve import serving
+
+    cfg = params.serve
+    with tempfile.TemporaryDirectory(prefix="imgflow-serve-") as tmp:
+        predictor, uri = load_predictor(params, model, Path(tmp))
+        limits = serving.ServeLimits(
+            top_k=cfg.top_k, max_image_bytes=cfg.max_image_bytes, max_batch=cfg.max_batch
+        )
+        app = serving.create_app(predictor, model_uri=uri, limits=limits)
+        serving.serve(app, host=host or cfg.host, port=port or cfg.port)
+
+
+def run_predict(
+    params: Params, source: Path, *, out: Path, model: str | None = None, progress: bool = True
+) -> PredictionResult:
+    """``imgflow predict``: batch inference over a folder or CSV into a Parquet file, streaming."""
+    import tempfile
+
+    from tqdm import tqdm
+
+    from components.serve.predict import list_inputs, predict_to_parquet
+
+    cfg = params.predict
+    paths = list_inputs(source)
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="imgflow-predict-") as tmp:
+        predictor, uri = load_predictor(params, model, Path(tmp))
+        with tqdm(total=len(paths), unit="img", disable=not progress, desc="predict") as bar:
+            result = predict_to_parquet(predictor, paths, out, batch_size=cfg.batch_size, workers=cfg.workers,
+                                        top_k=cfg.top_k, on_batch=bar.update)  # fmt: skip
+    return PredictionResult(
+        images=int(result["images"]), failed=int(result["failed"]), out=Path(result["out"]),
+        classes=tuple(result["classes"]), model=uri, seconds=time.perf_counter() - t0,
+    )  # fmt: skip
+
+
+# --------------------------------------------------------------------------- export
+
+
+def _parity_images(params: Params, images: Path | None, limit: int = 256) -> list[bytes]:
+    """Real images for the export parity check: ``images`` (folder/CSV), else the test split."""
+    from components.serve.predict import list_inputs
+
+    if images is not None:
+        return [p.read_bytes() for p in list_inputs(images)[:limit]]
+    manifest_path = StagePaths(params).data.manifest
+    if not manifest_path.exists():
+        raise DataError("no images for the parity check: pass --images <folder|csv> or run `imgflow ingest`")
+    test = read_manifest(manifest_path).query("split == 'test'").head(limit)
+    return [(params.project.data_dir / p).read_bytes() for p in test["path"]]
+
+
+def run_export(
+    params: Params, *, model: str | None = None, out: Path | None = None, images: Path | None = None
+) -> ExportResult:
+    """``imgflow export --format onnx``: ONNX file + parity check; attached to the registered version."""
+    import tempfile
+
+    from components.model.export import check_parity, export_onnx
+    from components.registry import tracking
+
+    out = out or params.project.output_dir / "export" / "model.onnx"
+    with tempfile.TemporaryDirectory(prefix="imgflow-export-") as tmp:
+        predictor, uri = load_predictor(params, model, Path(tmp))
+        export_onnx(predictor, out)
+        parity = check_parity(predictor, out, _parity_images(params, images))
+    result = ExportResult(model=uri, onnx=out, parity=parity)
+    report = write_json(out.with_suffix(".parity.json"), result, sort_keys=True)
+    if not parity.passed:
+        raise DataError(
+            f"ONNX parity check failed: max abs probability difference {parity.max_abs_diff:.2e} > "
+            f"{parity.tolerance:.0e} on {parity.images} images; the file was not attached ({out})"
+        )
+    connect_tracking(params)
+    version = tracking.resolve_model_version(uri)
+    if version is None:
+        return result
+    name, number, run_id = version
+    tracking.attach_to_version(name, number, run_id, [out, report], artifact_path="onnx",
+                               tags={"onnx_model": f"runs:/{run_id}/onnx/{out.name}",
+                                     "onnx_parity_max_abs_diff": f"{parity.max_abs_diff:.3e}"})  # fmt: skip
+    attached = {"name": name, "version": number, "artifact": f"runs:/{run_id}/onnx/{out.name}"}
+    return ExportResult(model=uri, onnx=out, parity=parity, attached_to=attached)

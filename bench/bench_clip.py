@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from components.baseline.clip_baseline import create_clip, embed_images, encode_image_batches, resolve_device
+from components.baseline.clip_model import create_clip, embed_images, encode_image_batches, resolve_device
 from components.baseline.embeddings import EmbeddingCache
 
 MODEL = "ViT-B-32"

@@ -12,7 +12,8 @@ Layout under ``root`` (e.g. ``.imgflow/embeddings``)::
         part-00000.npz      ids: (n,) str image_ids; features: (n, D) float32, as the encoder gave them
         part-00001.npz      one part per :meth:`EmbeddingCache.put`; written to a temp file, then renamed
 
-Features are stored unnormalised; callers normalise where their method needs it.
+Features are stored unnormalised; callers normalise where their method needs it (:func:`normalize`).
+:class:`MemoryCache` is the same interface without a disk.
 """
 
 from __future__ import annotations
@@ -26,6 +27,11 @@ from pathlib import Path
 import numpy as np
 
 logger = logging.getLogger(__name__)
+
+
+def normalize(x: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit L2 norm; x: (N, D). CLIP features are compared by direction only."""
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
 def cache_dir_for(root: Path, key: str) -> Path:
@@ -104,4 +110,17 @@ class EmbeddingCache:
         tmp.replace(path)
         index = self._load()
         self._parts.append(features)
+        index.update({str(i): (part, row) for row, i in enumerate(image_ids)})
+
+
+class MemoryCache(EmbeddingCache):
+    """The cache interface without a disk (an encoder run with no cache folder)."""
+
+    def __init__(self) -> None:
+        self.key, self._index, self._parts = "memory", {}, []
+
+    def put(self, image_ids: Sequence[str], features: np.ndarray) -> None:
+        index = self._load()
+        part = len(self._parts)
+        self._parts.append(np.asarray(features, np.float32))
         index.update({str(i): (part, row) for row, i in enumerate(image_ids)})

@@ -23,11 +23,12 @@ import numpy as np
 import torch
 
 from components.core.config import Params
-from components.evaluate.calibration import calibrate, softmax_t
+from components.evaluate.calibration import calibrate
 from components.evaluate.gate_report import Evidence, build_gates, write_report
 from components.evaluate.robustness import corruption_sweep, prepare_for_inference, resolve_families
 from components.model.checkpoint import load_classifier
 from components.model.models import create_classifier
+from components.task import get_task
 from components.task.metrics import compute_metrics
 
 FM = Path("/usr/share/datasets/fashion-mnist")
@@ -87,8 +88,9 @@ def run(*, quick: bool = False) -> dict[str, Any]:
     t0, cpu0 = time.perf_counter(), time.process_time()
     test_logits = _logits(model, test_x)
     val_logits = _logits(model, val_x)
-    cal = calibrate(val_logits, val_y, test_logits, test_y)
-    metrics = compute_metrics(test_y, softmax_t(test_logits, cal.temperature), classes)
+    task = get_task("singlelabel")
+    cal = calibrate(task, val_logits, val_y, test_logits, test_y, classes)
+    metrics = compute_metrics(test_y, task.probabilities(test_logits, temperature=cal.temperature), classes)
     rob, sweep_s = _sweep(model, test_x, test_y, n, params.evaluate.robustness.batch_size)
     ev = Evidence(metrics=metrics, calibration=cal, robustness=rob, slices=[], champion=None)
     with tempfile.TemporaryDirectory() as tmp:

@@ -19,6 +19,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from components.core.errors import DataError
+from components.task import MULTILABEL, SINGLELABEL, Task, get_task
 
 Targets = Sequence[int] | np.ndarray
 """Class indices (N,) for single-label tasks, or a 0/1 indicator matrix (N, C) for multi-label ones."""
@@ -51,17 +52,14 @@ class ManifestDataset(Dataset):
         self.transform = transform
         self.mode = mode
 
-    @property
-    def multilabel(self) -> bool:
-        return self.targets.ndim == 2
-
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, Any]:
         with Image.open(self.paths[i]) as img:
             x = self.transform(img.convert(self.mode))
-        return x, (self.targets[i] if self.multilabel else int(self.targets[i]))
+        # A class index as a plain int, a multi-hot row as its (C,) tensor.
+        return x, (self.targets[i] if self.targets.ndim == 2 else int(self.targets[i]))
 
 
 def split_rows(manifest: pd.DataFrame, split: str) -> pd.DataFrame:
@@ -75,30 +73,26 @@ def split_rows(manifest: pd.DataFrame, split: str) -> pd.DataFrame:
 
 def encode_labels(labels: Sequence[str], classes: Sequence[str]) -> list[int]:
     """Class names -> indices in ``classes`` order; an unknown name is a DataError."""
-    index = {c: i for i, c in enumerate(classes)}
-    unknown = sorted({lab for lab in labels if lab not in index})
-    if unknown:
-        raise DataError(f"labels not in the class list: {unknown[:10]}; re-run `imgflow ingest`")
-    return [index[lab] for lab in labels]
+    return get_task(SINGLELABEL).encode([[lab] for lab in labels], classes).tolist()
 
 
 def encode_label_sets(label_sets: Sequence[Sequence[str]], classes: Sequence[str]) -> np.ndarray:
     """Label sets -> (N, C) int8 indicator matrix in ``classes`` order; an unknown name is a DataError."""
-    from components.task.multilabel import label_matrix
-
-    known = set(classes)
-    unknown = sorted({lab for labels in label_sets for lab in labels if lab not in known})
-    if unknown:
-        raise DataError(f"labels not in the class list: {unknown[:10]}; re-run `imgflow ingest`")
-    return label_matrix(label_sets, classes)
+    return get_task(MULTILABEL).encode(label_sets, classes)
 
 
-def encode_targets(rows: pd.DataFrame, classes: Sequence[str], task: str) -> Targets:
-    """A split's targets: class indices from ``label`` (single-label), or the indicator matrix of the
-    ``labels`` sets (multi-label)."""
-    if task == "multilabel":
-        return encode_label_sets([list(v) for v in rows["labels"]], classes)
-    return encode_labels(rows["label"].tolist(), classes)
+def label_sets_of(rows: pd.DataFrame) -> list[list[str]]:
+    """Each manifest row's labels: its ``labels`` set (``[label]`` for a single-label dataset; older
+    manifests without that column: ``[label]``)."""
+    if "labels" not in rows:
+        return [[str(lab)] for lab in rows["label"]]
+    return [[str(lab) for lab in labels] for labels in rows["labels"]]
+
+
+def encode_targets(rows: pd.DataFrame, classes: Sequence[str], task: str | Task) -> Targets:
+    """A split's targets in the task's encoding (:meth:`components.task.Task.encode`): class indices
+    (single-label), or the indicator matrix of the label sets (multi-label)."""
+    return get_task(task).encode(label_sets_of(rows), classes)
 
 
 def dataset_for_split(
@@ -109,7 +103,7 @@ def dataset_for_split(
     classes: Sequence[str],
     transform: Callable[[Image.Image], torch.Tensor],
     mode: str,
-    task: str = "singlelabel",
+    task: str | Task = SINGLELABEL,
 ) -> ManifestDataset:
     rows = split_rows(manifest, split)
     return ManifestDataset(

@@ -38,8 +38,15 @@ from components.data.manifest import (
     data_version,
     write_manifest,
 )
-from components.data.sources import ImageInfo, Rejection, SourceItem, SourceListing, examine_image, list_source
-from components.data.splits import assign_multilabel_splits, assign_splits
+from components.data.sources import (
+    ImageInfo,
+    Rejection,
+    SourceItem,
+    SourceListing,
+    examine_image,
+    list_source,
+)
+from components.task import detect_task, get_task
 
 logger = logging.getLogger(__name__)
 
@@ -286,9 +293,9 @@ def _splits_for(
     kept: Sequence[_Candidate], *, val_fraction: float, test_fraction: float, seed: int, task: str
 ) -> list[str]:
     """Official ``val``/``test`` splits (Fashion-MNIST's test set, a CSV's ``split`` column) are kept as
-    they are; the other rows are assigned the splits the source does not define, stratified per
-    class (:func:`assign_splits`) or, for multi-label data, per label by iterative stratification
-    (:func:`assign_multilabel_splits`)."""
+    they are; the other rows are assigned the splits the source does not define, stratified the task's
+    way (:meth:`components.task.Task.assign_splits`: per class, or per label by iterative
+    stratification)."""
     official = {c.official_split for c in kept}
     out = [c.official_split or "train" for c in kept]
     rest = [i for i, c in enumerate(kept) if c.official_split not in ("val", "test")]
@@ -297,10 +304,7 @@ def _splits_for(
         "test_fraction": 0.0 if "test" in official else test_fraction,
     }
     ids = [kept[i].image_id for i in rest]
-    if task == "multilabel":
-        assigned = assign_multilabel_splits(ids, [kept[i].labels for i in rest], seed=seed, **fractions)
-    else:
-        assigned = assign_splits(ids, [kept[i].label for i in rest], seed=seed, **fractions)
+    assigned = get_task(task).assign_splits(ids, [kept[i].labels for i in rest], seed=seed, **fractions)
     for i, split in zip(rest, assigned, strict=True):
         out[i] = split
     return out
@@ -311,19 +315,16 @@ def resolve_task(
 ) -> tuple[str, list[_Candidate]]:
     """``auto``: multi-label when any image has several labels. A declared ``singlelabel`` task
     quarantines images with several labels (``multiple_labels``) rather than dropping labels."""
-    if task == "auto":
-        task = "multilabel" if any(len(c.labels) > 1 for c in candidates) else "singlelabel"
-    if task == "multilabel":
-        return task, list(candidates)
+    resolved = detect_task([c.labels for c in candidates]) if task == "auto" else get_task(task)
     kept = []
     for c in candidates:
-        if len(c.labels) > 1:
+        if not resolved.accepts(c.labels):
             reason = (f"multiple labels ({'|'.join(c.labels)}) in a single-label task: set ingest.task: "
                       "multilabel (or auto) to keep label sets")  # fmt: skip
             quarantine.add(_Rejected(c.source_path, c.label, "multiple_labels", reason, c.image_id))
         else:
             kept.append(c)
-    return task, kept
+    return resolved.name, kept
 
 
 def _manifest_frame(kept: Sequence[_Candidate], splits: Sequence[str], source: str) -> pd.DataFrame:

@@ -12,22 +12,26 @@ Temperature scaling divides the logits by one scalar ``T > 0`` fitted on the **v
 by minimising the negative log-likelihood; ``argmax`` (and so accuracy) is unchanged. The fitted
 ``T`` is stored in the model spec (``model.json``) so that the served model is calibrated too.
 
-Multi-label models score each label with a sigmoid: :func:`calibrate_multilabel` fits one ``T`` for
-``sigmoid(logits / T)`` by the mean binary cross-entropy on val, and reports calibration per label
-(*class-wise* ECE: the gap between each label's predicted probability and how often the label is
-really there, over probability bins) and its mean over labels.
+What a confidence statement is, and the loss ``T`` is fitted by, is the task's
+(:class:`components.task.Task`): a single-label model states the top label's probability and is
+fitted by the softmax NLL; a multi-label model scores each label with a sigmoid, is fitted by the
+mean binary cross-entropy, and is calibrated per label (*class-wise* ECE: the gap between each
+label's predicted probability and how often the label is really there, over probability bins),
+summarised by the mean over labels. :func:`calibrate` serves both.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
 from scipy.optimize import minimize_scalar
-from scipy.special import expit, log_softmax
+
+from components.task import Task, get_task
 
 logger = logging.getLogger(__name__)
 
@@ -113,52 +117,64 @@ def maximum_calibration_error(y_true: np.ndarray, probs: np.ndarray, *, n_bins: 
     return float(max(b.gap for b in reliability_bins(y_true, probs, n_bins=n_bins) if b.count))
 
 
-def calibration_metrics(y_true: np.ndarray, probs: np.ndarray, *, n_bins: int = 15) -> dict[str, float]:
-    """``ece`` (equal-width), ``ece_adaptive`` (equal-mass), ``mce``, ``nll``, ``mean_confidence``."""
-    conf, _ = _confidences(y_true, probs)
-    return {
-        "ece": expected_calibration_error(y_true, probs, n_bins=n_bins),
-        "ece_adaptive": expected_calibration_error(y_true, probs, n_bins=n_bins, adaptive=True),
-        "mce": maximum_calibration_error(y_true, probs, n_bins=n_bins),
-        "nll": nll_of_logits(np.log(np.clip(np.asarray(probs, dtype=np.float64), 1e-12, None)), y_true),
-        "mean_confidence": float(conf.mean()),
+def calibration_summary(
+    task: Task, y_true: np.ndarray, probs: np.ndarray, classes: Sequence[str], *, n_bins: int = 15
+) -> tuple[dict[str, float], list[dict[str, Any]] | None]:
+    """Calibration of one model's probabilities over the task's confidence statements
+    (:meth:`~components.task.Task.calibration_groups`): ``ece`` (equal-width) and ``ece_adaptive``
+    (equal-mass), averaged over the groups, ``mce`` (the worst group's), then the task's
+    :meth:`~components.task.Task.calibration_stats` (``nll``, mean confidence). Also one row per named
+    group (multi-label: per label ``label``, ``ece``, ``ece_adaptive``, ``mce``, ``mean_probability``,
+    ``positive_rate``), or None. y_true: the task's targets; probs: (N, K).
+    """
+    names, conf, outcome = task.calibration_groups(probs, y_true, classes)
+    groups = [
+        {"ece": _ece(_bins_of(c, o, n_bins=n_bins, adaptive=False)),
+         "ece_adaptive": _ece(_bins_of(c, o, n_bins=n_bins, adaptive=True)),
+         "mce": float(max(b.gap for b in _bins_of(c, o, n_bins=n_bins, adaptive=False) if b.count)),
+         "mean_probability": float(c.mean()), "positive_rate": float(o.mean())}
+        for c, o in zip(conf.T, outcome.T, strict=True)
+    ]  # fmt: skip
+    summary = {
+        "ece": float(np.mean([g["ece"] for g in groups])),
+        "ece_adaptive": float(np.mean([g["ece_adaptive"] for g in groups])),
+        "mce": max(float(g["mce"]) for g in groups),
+        **task.calibration_stats(probs, y_true),
     }
+    rows = None if names is None else [{"label": n, **g} for n, g in zip(names, groups, strict=True)]
+    return summary, rows
+
+
+def _ece(bins: list[ReliabilityBin]) -> float:
+    return float(sum(b.count * b.gap for b in bins) / sum(b.count for b in bins))
 
 
 # --------------------------------------------------------------------------- temperature scaling
 
 
-def nll_of_logits(logits: np.ndarray, y_true: np.ndarray, temperature: float = 1.0) -> float:
-    """Mean negative log-likelihood of softmax(logits / T). logits: (N, K); y_true: (N,)."""
-    z = np.asarray(logits, dtype=np.float64) / temperature
-    y = np.asarray(y_true, dtype=np.int64)
-    return float(-log_softmax(z, axis=1)[np.arange(y.size), y].mean())
+def fit_temperature(task: Task | str, logits: np.ndarray, y_true: np.ndarray) -> float:
+    """The T > 0 minimising the task's log-loss of its probabilities of ``logits / T`` on (validation)
+    data (:meth:`~components.task.Task.log_loss`: the softmax NLL, or the mean BCE per label).
 
-
-def fit_temperature(logits: np.ndarray, y_true: np.ndarray) -> float:
-    """The T > 0 minimising the NLL of softmax(logits / T) on (validation) data.
-
-    logits: (N, K) raw model outputs; y_true: (N,) class indices. One-dimensional and smooth in
-    log T, so a bounded Brent search is exact to ~1e-6 and needs no learning rate or iterations cap.
+    logits: (N, K) raw model outputs; y_true: the task's targets for the same N images. One T for all
+    classes keeps every ranking (argmax, and each label's AP), and a scalar fitted on a small val
+    split cannot over-fit. One-dimensional and smooth in log T, so a bounded Brent search is exact to
+    ~1e-6 and needs no learning rate or iterations cap.
     """
-    z = np.asarray(logits, dtype=np.float64)
-    y = np.asarray(y_true, dtype=np.int64)
-    if z.ndim != 2 or y.shape != (z.shape[0],) or z.shape[0] == 0:
-        raise ValueError(f"need logits (N, K) and y_true (N,) with N > 0, got {z.shape} and {y.shape}")
-    res = minimize_scalar(
-        lambda log_t: nll_of_logits(z, y, math.exp(log_t)),
-        bounds=_LOG_T_BOUNDS,
-        method="bounded",
-        options={"xatol": 1e-6},
-    )
+    task = get_task(task)
+    z, y = np.asarray(logits, dtype=np.float64), np.asarray(y_true)
+    if z.ndim != 2 or z.shape[0] == 0 or y.shape[0] != z.shape[0]:
+        raise ValueError(
+            f"need logits (N, K) and targets of the same N > 0 images, got {z.shape} and {y.shape}"
+        )
+
+    def loss(log_t: float) -> float:
+        return task.log_loss(z, y, temperature=math.exp(log_t))
+
+    res = minimize_scalar(loss, bounds=_LOG_T_BOUNDS, method="bounded", options={"xatol": 1e-6})
     temperature = float(math.exp(res.x))
-    logger.info("fitted temperature %.4f on %d samples", temperature, y.size)
+    logger.info("fitted %s temperature %.4f on %d samples", task.title, temperature, z.shape[0])
     return temperature
-
-
-def softmax_t(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
-    """logits: (N, K) -> probabilities (N, K) of softmax(logits / T), float64."""
-    return np.exp(log_softmax(np.asarray(logits, dtype=np.float64) / temperature, axis=1))
 
 
 @dataclass(frozen=True)
@@ -186,113 +202,26 @@ class CalibrationReport:
 
 
 def calibrate(
+    task: Task | str,
     val_logits: np.ndarray,
     val_y: np.ndarray,
     test_logits: np.ndarray,
     test_y: np.ndarray,
+    classes: Sequence[str],
     *,
     n_bins: int = 15,
     fit: bool = True,
 ) -> CalibrationReport:
-    """Fit T on the validation logits (or keep T = 1 with ``fit=False``); report test calibration."""
-    temperature = fit_temperature(val_logits, val_y) if fit else 1.0
-    before = softmax_t(test_logits)
-    after = softmax_t(test_logits, temperature)
-    return CalibrationReport(
-        temperature=temperature,
-        fitted_on="val" if fit else "none",
-        n_fit=int(np.asarray(val_y).size) if fit else 0,
-        n_bins=n_bins,
-        before=calibration_metrics(test_y, before, n_bins=n_bins),
-        after=calibration_metrics(test_y, after, n_bins=n_bins),
-        bins_before=reliability_bins(test_y, before, n_bins=n_bins),
-        bins_after=reliability_bins(test_y, after, n_bins=n_bins),
-    )
-
-
-# --------------------------------------------------------------------------- multi-label (sigmoid)
-
-
-def sigmoid_t(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
-    """logits: (N, C) -> per-label probabilities sigmoid(logits / T), float64."""
-    return np.asarray(expit(np.asarray(logits, dtype=np.float64) / temperature))
-
-
-def bce_of_logits(logits: np.ndarray, y_true: np.ndarray, temperature: float = 1.0) -> float:
-    """Mean binary cross-entropy of sigmoid(logits / T) over every (image, label). logits, y_true: (N, C)."""
-    z = np.asarray(logits, dtype=np.float64) / temperature
-    y = np.asarray(y_true, dtype=np.float64)
-    return float((np.logaddexp(0.0, z) - y * z).mean())
-
-
-def fit_temperature_sigmoid(logits: np.ndarray, y_true: np.ndarray) -> float:
-    """The T > 0 minimising the mean BCE of sigmoid(logits / T) on (validation) data; (N, C) each.
-
-    One T for all labels, like softmax temperature scaling: it keeps every label's ranking (and so
-    its AP), and a scalar fitted on a small val split cannot over-fit the way per-label ones can.
-    """
-    z, y = np.asarray(logits, dtype=np.float64), np.asarray(y_true, dtype=np.float64)
-    if z.ndim != 2 or y.shape != z.shape or z.shape[0] == 0:
-        raise ValueError(
-            f"need logits and y_true of the same shape (N, C), N > 0, got {z.shape} and {y.shape}"
-        )
-    res = minimize_scalar(lambda log_t: bce_of_logits(z, y, math.exp(log_t)), bounds=_LOG_T_BOUNDS,
-                          method="bounded", options={"xatol": 1e-6})  # fmt: skip
-    temperature = float(math.exp(res.x))
-    logger.info("fitted sigmoid temperature %.4f on %d samples", temperature, z.shape[0])
-    return temperature
-
-
-def label_calibration(
-    y_true: np.ndarray, probs: np.ndarray, classes: Any, *, n_bins: int = 15
-) -> tuple[dict[str, float], list[dict[str, Any]]]:
-    """Calibration of per-label probabilities. y_true, probs: (N, C).
-
-    Returns the means over labels (``ece``, ``ece_adaptive``, ``mce`` = the worst label's MCE, ``nll``
-    = mean BCE, ``mean_probability``, ``positive_rate``) and one row per label (``label``, ``ece``,
-    ``ece_adaptive``, ``mce``, ``mean_probability``, ``positive_rate``).
-    """
-    y, p = np.asarray(y_true, dtype=np.float64), np.asarray(probs, dtype=np.float64)
-    rows: list[dict[str, Any]] = []
-    for j, name in enumerate(classes):
-        bins = _bins_of(p[:, j], y[:, j], n_bins=n_bins, adaptive=False)
-        adaptive = _bins_of(p[:, j], y[:, j], n_bins=n_bins, adaptive=True)
-        rows.append({"label": str(name), "ece": _ece(bins), "ece_adaptive": _ece(adaptive),
-                     "mce": float(max(b.gap for b in bins if b.count)),
-                     "mean_probability": float(p[:, j].mean()), "positive_rate": float(y[:, j].mean())})  # fmt: skip
-    clipped = np.clip(p, 1e-12, 1 - 1e-12)
-    summary = {
-        "ece": float(np.mean([r["ece"] for r in rows])),
-        "ece_adaptive": float(np.mean([r["ece_adaptive"] for r in rows])),
-        "mce": max(float(r["mce"]) for r in rows),
-        "nll": float(-(y * np.log(clipped) + (1 - y) * np.log(1 - clipped)).mean()),
-        "mean_probability": float(p.mean()),
-        "positive_rate": float(y.mean()),
-    }
-    return summary, rows
-
-
-def _ece(bins: list[ReliabilityBin]) -> float:
-    return float(sum(b.count * b.gap for b in bins) / sum(b.count for b in bins))
-
-
-def calibrate_multilabel(
-    val_logits: np.ndarray,
-    val_y: np.ndarray,
-    test_logits: np.ndarray,
-    test_y: np.ndarray,
-    classes: Any,
-    *,
-    n_bins: int = 15,
-    fit: bool = True,
-) -> CalibrationReport:
-    """Fit T for the sigmoid on val by BCE (or keep T = 1 with ``fit=False``); report test calibration
-    per label and averaged. *_logits, *_y: (N, C)."""
-    temperature = fit_temperature_sigmoid(val_logits, val_y) if fit else 1.0
-    y = np.asarray(test_y, dtype=np.float64)
-    before, after = sigmoid_t(test_logits), sigmoid_t(test_logits, temperature)
-    summary_before, _ = label_calibration(y, before, classes, n_bins=n_bins)
-    summary_after, rows = label_calibration(y, after, classes, n_bins=n_bins)
+    """Fit T on the validation logits (or keep T = 1 with ``fit=False``); report the test split's
+    calibration before and after scaling (:func:`calibration_summary`). *_logits: (N, K); *_y: the
+    task's targets. The reliability bins pool every confidence statement (single-label: the top
+    label of each image; multi-label: every (image, label) probability)."""
+    task = get_task(task)
+    temperature = fit_temperature(task, val_logits, val_y) if fit else 1.0
+    before = task.probabilities(test_logits)
+    after = task.probabilities(test_logits, temperature=temperature)
+    summary_before, _ = calibration_summary(task, test_y, before, classes, n_bins=n_bins)
+    summary_after, rows = calibration_summary(task, test_y, after, classes, n_bins=n_bins)
     return CalibrationReport(
         temperature=temperature,
         fitted_on="val" if fit else "none",
@@ -300,8 +229,16 @@ def calibrate_multilabel(
         n_bins=n_bins,
         before=summary_before,
         after=summary_after,
-        bins_before=_bins_of(before.ravel(), y.ravel(), n_bins=n_bins, adaptive=False),
-        bins_after=_bins_of(after.ravel(), y.ravel(), n_bins=n_bins, adaptive=False),
-        task="multilabel",
+        bins_before=_pooled_bins(task, test_y, before, classes, n_bins=n_bins),
+        bins_after=_pooled_bins(task, test_y, after, classes, n_bins=n_bins),
+        task=task.name,
         per_label=rows,
     )
+
+
+def _pooled_bins(
+    task: Task, y_true: np.ndarray, probs: np.ndarray, classes: Sequence[str], *, n_bins: int
+) -> list[ReliabilityBin]:
+    """Equal-width reliability bins of every confidence statement together (the reliability diagram)."""
+    _, conf, outcome = task.calibration_groups(probs, y_true, classes)
+    return _bins_of(conf.ravel(), outcome.ravel(), n_bins=n_bins, adaptive=False)

@@ -1,9 +1,9 @@
 """Quality gates over a model's test metrics: :class:`GateResult`, :class:`GateReport`, :func:`make_gate`.
 
 A gate compares one measured number (or its confidence bound) with a threshold from
-``params.yaml``'s ``gates:``; :func:`check_gates` / :func:`metric_gates` build the single-label
-metric gates (accuracy, each class's recall on its Wilson lower bound) and
-:func:`multilabel_metric_gates` the multi-label ones (mAP, each label's AP and recall). The metrics
+``params.yaml``'s ``gates:``; :func:`accuracy_gate`, :func:`recall_gates` (each class's recall on its Wilson
+lower bound), :func:`map_gate` and :func:`label_ap_gates` are the gates on the test metrics; which of
+them apply is the task's (:attr:`components.task.Task.gates`). The metrics
 themselves come from :mod:`components.task.metrics`; the report files from
 :mod:`components.evaluate.writers`; every other gate (calibration, robustness, slices, champion,
 zero-shot baseline) is assembled in :mod:`components.evaluate.gate_report`.
@@ -192,79 +192,74 @@ def _check_threshold(name: str, threshold: float) -> None:
         raise ConfigError(f"gates.{name} must be within [0, 1], got {threshold}; fix params.yaml")
 
 
+def gate_level(levels: Mapping[str, str], name: str) -> GateLevel | None:
+    """The level of gate ``name`` from ``gates.levels`` (default ``error``); None when it is ``off``."""
+    level = levels.get(name, "error")
+    if level == "off":
+        return None
+    if level not in ("error", "warn"):
+        raise ConfigError(f"gates.levels.{name} must be error, warn or off, got {level!r}")
+    return "warn" if level == "warn" else "error"
+
+
 def check_gates(
-    metrics: dict[str, Any],
+    metrics: Mapping[str, Any],
     *,
     min_accuracy: float,
     min_class_recall: float,
     confidence: float = 0.95,
     levels: Mapping[str, str] | None = None,
 ) -> GateReport:
-    """Gate a model on overall accuracy and on every class's recall (metrics-only gates).
+    """Gate a single-label model on overall accuracy and on every class's recall (metrics-only gates).
 
-    metrics: a :func:`compute_metrics` dict. The class-recall gate compares the **Wilson lower
-    bound** of each class's recall (at ``confidence``) with the threshold, so a class with few
-    test images cannot pass by luck; a class with no test images fails its gate.
-    levels: gate name -> ``error`` | ``warn`` | ``off`` (default ``error``).
+    metrics: a :func:`~components.task.metrics.compute_metrics` dict. The class-recall gate compares
+    the **Wilson lower bound** of each class's recall (at ``confidence``) with the threshold, so a
+    class with few test images cannot pass by luck; a class with no test images fails its gate.
+    levels: gate name -> ``error`` | ``warn`` | ``off`` (default ``error``). The evaluate stage builds
+    every gate of a model's task in :func:`components.evaluate.gate_report.build_gates`.
     """
-    return GateReport.of(
-        metric_gates(
-            metrics,
-            min_accuracy=min_accuracy,
-            min_class_recall=min_class_recall,
-            confidence=confidence,
-            levels=levels or {},
-        )
-    )
-
-
-def metric_gates(
-    metrics: dict[str, Any],
-    *,
-    min_accuracy: float,
-    min_class_recall: float,
-    confidence: float,
-    levels: Mapping[str, str],
-) -> list[GateResult]:
-    """The accuracy gate and one recall gate per class (see :func:`check_gates`)."""
+    levels = levels or {}
     _check_threshold(ACCURACY_GATE, min_accuracy)
     _check_threshold(CLASS_RECALL_GATE, min_class_recall)
     gates: list[GateResult] = []
-    if levels.get(ACCURACY_GATE, "error") != "off":
-        acc = float(metrics["accuracy"])
-        gates.append(
-            make_gate(
-                ACCURACY_GATE,
-                "accuracy",
-                acc,
-                min_accuracy,
-                level=_level(levels, ACCURACY_GATE),
-                explanation=(
-                    f"The model labels {acc:.1%} of the {metrics['n']} test images correctly; "
-                    f"at least {min_accuracy:.1%} is required."
-                ),
-            )
-        )
-    if levels.get(CLASS_RECALL_GATE, "error") != "off":
-        level = _level(levels, CLASS_RECALL_GATE)
-        gates += [
-            _class_recall_gate(row, min_class_recall, confidence, level) for row in metrics["per_class"]
-        ]
-    return gates
+    if (level := gate_level(levels, ACCURACY_GATE)) is not None:
+        gates.append(accuracy_gate(metrics, min_accuracy, level=level))
+    if (level := gate_level(levels, CLASS_RECALL_GATE)) is not None:
+        gates += recall_gates(metrics["per_class"], min_class_recall, name_key="class", confidence=confidence,
+                              level=level)  # fmt: skip
+    return GateReport.of(gates)
 
 
-def _level(levels: Mapping[str, str], name: str) -> GateLevel:
-    level = levels.get(name, "error")
-    if level not in ("error", "warn"):
-        raise ConfigError(f"gates.levels.{name} must be error, warn or off, got {level!r}")
-    return "warn" if level == "warn" else "error"
+def accuracy_gate(metrics: Mapping[str, Any], threshold: float, *, level: GateLevel = "error") -> GateResult:
+    """Single-label: the share of test images labelled correctly against ``min_accuracy``."""
+    _check_threshold(ACCURACY_GATE, threshold)
+    acc = float(metrics["accuracy"])
+    return make_gate(
+        ACCURACY_GATE, "accuracy", acc, threshold, level=level,
+        explanation=(f"The model labels {acc:.1%} of the {metrics['n']} test images correctly; "
+                     f"at least {threshold:.1%} is required."),
+    )  # fmt: skip
 
 
-def _class_recall_gate(
-    row: dict[str, Any], threshold: float, confidence: float, level: GateLevel
+def recall_gates(
+    rows: Sequence[Mapping[str, Any]],
+    threshold: float,
+    *,
+    name_key: str,
+    confidence: float,
+    level: GateLevel = "error",
+) -> list[GateResult]:
+    """One recall gate per class (or label) on the Wilson lower bound of its recall at ``confidence``
+    (``min_class_recall``). rows: a metrics dict's per-class rows (``name_key`` names the class);
+    a row with a ``threshold`` is a label's recall at its decision threshold."""
+    _check_threshold(CLASS_RECALL_GATE, threshold)
+    return [_recall_gate(row, str(row[name_key]), threshold, confidence, level) for row in rows]
+
+
+def _recall_gate(
+    row: Mapping[str, Any], cls: str, threshold: float, confidence: float, level: GateLevel
 ) -> GateResult:
-    """Recall gate of one class on its Wilson lower bound; row: one ``per_class`` entry."""
-    cls = str(row["class"])
+    """Recall gate of one class on its Wilson lower bound."""
     name = f"{CLASS_RECALL_GATE}[{cls}]"
     support = int(row["support"])
     if support == 0:
@@ -276,56 +271,30 @@ def _class_recall_gate(
             name=name, passed=False, value=0.0, threshold=threshold, message=message, level=level, bound=0.0,
             explanation=f"Nothing was measured for '{cls}', and a gate never passes on no evidence.",
         )  # fmt: skip
-    hits = int(round(float(row["recall"]) * support))
+    recall = float(row["recall"])
+    hits = int(round(recall * support))
     lower, _ = wilson_interval(hits, support, confidence=confidence)
-    gate = make_gate(
-        name,
-        f"recall of '{cls}'",
-        float(row["recall"]),
-        threshold,
-        level=level,
-        bound=lower,
-        bound_name=f"{confidence:.0%} lower bound",
-    )
+    gate = make_gate(name, f"recall of '{cls}'", recall, threshold, level=level, bound=lower,
+                     bound_name=f"{confidence:.0%} lower bound")  # fmt: skip
     verdict = "is" if gate.passed else "is NOT"
-    explanation = (
-        f"{hits} of {support} '{cls}' test images are recognised ({float(row['recall']):.1%}). "
+    bound_text = (
         f"With {confidence:.0%} confidence the true recall is at least {lower:.1%}, which {verdict} "
         f"above the required {threshold:.1%}."
     )
-    return replace(gate, explanation=explanation)
+    if row.get("threshold") is not None:  # a label's recall depends on the threshold it was tuned to
+        return replace(gate, explanation=(
+            f"At its threshold {row['threshold']:.3f}, '{cls}' is predicted on {hits} of the {support} "
+            f"test images that show it ({recall:.1%}). {bound_text}"
+        ))  # fmt: skip
+    return replace(
+        gate,
+        explanation=f"{hits} of {support} '{cls}' test images are recognised ({recall:.1%}). {bound_text}",
+    )
 
 
-def multilabel_metric_gates(
-    metrics: dict[str, Any],
-    *,
-    min_map: float,
-    min_label_ap: float,
-    min_class_recall: float,
-    confidence: float,
-    levels: Mapping[str, str],
-) -> list[GateResult]:
-    """Gates of a multi-label model's test metrics: mAP, each label's AP, and each label's recall
-    over its positives at the tuned threshold (Wilson lower bound, as ``min_class_recall``)."""
-    for name, value in (
-        (MAP_GATE, min_map),
-        (LABEL_AP_GATE, min_label_ap),
-        (CLASS_RECALL_GATE, min_class_recall),
-    ):
-        _check_threshold(name, value)
-    rows = metrics["per_label"]
-    gates: list[GateResult] = []
-    if levels.get(MAP_GATE, "error") != "off":
-        gates.append(_map_gate(metrics, min_map, _level(levels, MAP_GATE)))
-    if levels.get(LABEL_AP_GATE, "error") != "off":
-        gates += [_label_ap_gate(row, min_label_ap, _level(levels, LABEL_AP_GATE)) for row in rows]
-    if levels.get(CLASS_RECALL_GATE, "error") != "off":
-        level = _level(levels, CLASS_RECALL_GATE)
-        gates += [_label_recall_gate(row, min_class_recall, confidence, level) for row in rows]
-    return gates
-
-
-def _map_gate(metrics: Mapping[str, Any], threshold: float, level: GateLevel) -> GateResult:
+def map_gate(metrics: Mapping[str, Any], threshold: float, *, level: GateLevel = "error") -> GateResult:
+    """Multi-label: mean average precision over the labels present in test against ``min_map``."""
+    _check_threshold(MAP_GATE, threshold)
     value = metrics["mAP"]
     if value is None:
         return GateResult(MAP_GATE, False, 0.0, threshold, "no label has a positive test image: mAP "
@@ -340,6 +309,14 @@ def _map_gate(metrics: Mapping[str, Any], threshold: float, level: GateLevel) ->
     ))  # fmt: skip
 
 
+def label_ap_gates(
+    rows: Sequence[Mapping[str, Any]], threshold: float, *, level: GateLevel = "error"
+) -> list[GateResult]:
+    """Multi-label: each label's average precision against ``min_label_ap``; rows: ``per_label``."""
+    _check_threshold(LABEL_AP_GATE, threshold)
+    return [_label_ap_gate(row, threshold, level) for row in rows]
+
+
 def _label_ap_gate(row: Mapping[str, Any], threshold: float, level: GateLevel) -> GateResult:
     label = str(row["label"])
     name = f"{LABEL_AP_GATE}[{label}]"
@@ -352,22 +329,6 @@ def _label_ap_gate(row: Mapping[str, Any], threshold: float, level: GateLevel) -
     return replace(gate, explanation=(
         f"Over the {row['support']} test images showing '{label}' the average precision is {row['ap']:.1%}, "
         f"which {verdict} the required {threshold:.1%}."
-    ))  # fmt: skip
-
-
-def _label_recall_gate(
-    row: Mapping[str, Any], threshold: float, confidence: float, level: GateLevel
-) -> GateResult:
-    gate = _class_recall_gate({"class": row["label"], "recall": row["recall"], "support": row["support"]},
-                              threshold, confidence, level)  # fmt: skip
-    if row["support"] == 0:
-        return gate
-    label, hits = row["label"], int(round(float(row["recall"]) * row["support"]))
-    verdict = "is" if gate.passed else "is NOT"
-    return replace(gate, explanation=(
-        f"At its threshold {row['threshold']:.3f}, '{label}' is predicted on {hits} of the {row['support']} "
-        f"test images that show it ({row['recall']:.1%}). With {confidence:.0%} confidence the true recall "
-        f"is at least {gate.bound:.1%}, which {verdict} above the required {threshold:.1%}."
     ))  # fmt: skip
 
 

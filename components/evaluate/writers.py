@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import csv
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +32,7 @@ import numpy as np
 
 from components.core.jsonio import write_json
 from components.evaluate.gates import GateReport
-from components.task.metrics import class_names, flat_metrics, is_multilabel
+from components.task import task_of
 
 logger = logging.getLogger(__name__)
 
@@ -67,15 +67,14 @@ def write_evaluation(metrics: dict[str, Any], gates: GateReport, out_dir: Path) 
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    classes = class_names(metrics)
-    multilabel = is_multilabel(metrics)
-    # Multi-label: shares of each label's positives (a missed label may be taken for several others).
-    totals = np.asarray([r["support"] for r in metrics["per_label"]]) if multilabel else None
-    labels = (
-        ("missed label", "falsely predicted label (diagonal: hits)") if multilabel else ("true", "predicted")
-    )
+    task = task_of(metrics)
+    classes = task.class_names(metrics)
+    # Rows as shares of each class's test images (multi-label: of each label's positives, as a missed
+    # label may be taken for several others; single-label these are the row sums).
+    totals = np.asarray([r["support"] for r in task.rows(metrics)])
+    labels = task.confusion_axes
     paths = {
-        "metrics": write_json(out_dir / "metrics.json", flat_metrics(metrics)),
+        "metrics": write_json(out_dir / "metrics.json", task.flat_metrics(metrics)),
         "evaluation": write_json(out_dir / "evaluation.json", metrics),
         "per_class": _write_per_class_csv(metrics, out_dir / "per_class.csv"),
         "gates": write_json(out_dir / "gates.json", gates.to_dict()),
@@ -99,20 +98,12 @@ def write_evaluation(metrics: dict[str, Any], gates: GateReport, out_dir: Path) 
     return paths
 
 
-_PER_CLASS_COLUMNS = ("class", "precision", "recall", "recall_lower", "recall_upper", "f1", "support",
-                      "roc_auc", "pr_auc")  # fmt: skip
-
-
-_PER_LABEL_COLUMNS = ("class", "ap", "roc_auc", "precision", "recall", "recall_lower", "recall_upper", "f1",
-                      "support", "threshold")  # fmt: skip
-
-
 def _write_per_class_csv(metrics: Mapping[str, Any], path: Path) -> Path:
-    """One row per class (multi-label: per label, its name in the ``class`` column too)."""
-    columns: Sequence[str] = _PER_CLASS_COLUMNS
-    rows = list(metrics["per_class"] if not is_multilabel(metrics) else [])
-    if is_multilabel(metrics):
-        columns, rows = _PER_LABEL_COLUMNS, [{"class": r["label"], **r} for r in metrics["per_label"]]
+    """One row per class (multi-label: per label, its name in the ``class`` column too), in the
+    task's columns (:attr:`components.task.Task.row_columns`)."""
+    task = task_of(metrics)
+    columns = task.row_columns
+    rows = [{"class": r[task.row_name], **r} for r in task.rows(metrics)]
     with path.open("w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
         writer.writeheader()

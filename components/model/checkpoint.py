@@ -9,7 +9,7 @@ from __future__ import annotations
 import io
 import json
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +21,7 @@ from torch import nn
 
 from components.core.errors import DataError
 from components.model.models import create_classifier, create_image_transform, image_mode
+from components.task import Task, get_task
 
 WEIGHTS_FILE = "model.safetensors"
 SPEC_FILE = "model.json"
@@ -32,8 +33,9 @@ class ModelSpec:
     classes: tuple[str, ...]
     in_chans: int
     data_config: dict[str, Any]
-    task: str = "singlelabel"
-    """``singlelabel`` (softmax over classes) or ``multilabel`` (a sigmoid per label)."""
+    task: Task = field(default_factory=lambda: get_task(None))
+    """What the model decides (:class:`components.task.Task`): single-label (softmax over classes) or
+    multi-label (a sigmoid per label). A task name is accepted too; model.json stores the name."""
     temperature: float = 1.0
     thresholds: tuple[float, ...] | None = None
     """Multi-label: per-label decision thresholds (tuned on val by evaluate), in class order."""
@@ -42,16 +44,17 @@ class ModelSpec:
     the image and its mirror image)."""
     extra: dict[str, Any] = field(default_factory=dict)
 
-    @property
-    def multilabel(self) -> bool:
-        return self.task == "multilabel"
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "task", get_task(self.task))  # a name (model.json, callers) -> the Task
 
     @property
     def num_classes(self) -> int:
         return len(self.classes)
 
     def to_dict(self) -> dict[str, Any]:
-        return json.loads(json.dumps(asdict(self)))
+        """JSON-able, as model.json stores it (the task by its name)."""
+        raw = {f.name: getattr(self, f.name) for f in fields(self)}
+        return json.loads(json.dumps({**raw, "task": self.task.name}))
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> ModelSpec:
@@ -165,24 +168,16 @@ class Predictor:
         return np.concatenate(out) if out else np.zeros((0, k), dtype=np.float32)
 
     def decide(self, probs: np.ndarray) -> np.ndarray:
-        """Multi-label: (N, K) 0/1, a label is predicted when its probability reaches its threshold."""
-        thresholds = self.spec.thresholds or (0.5,) * self.spec.num_classes
-        return (probs >= np.asarray(thresholds, dtype=probs.dtype)[None, :]).astype(np.int8)
+        """The spec's decision on (N, K) probabilities (:meth:`components.task.Task.decide`): (N,) class
+        indices, or (N, K) 0/1 with a label predicted when its probability reaches its threshold."""
+        return self.spec.task.decide(probs, thresholds=self.spec.thresholds)
 
     def label_sets(self, probs: np.ndarray) -> list[list[str]]:
         """The predicted labels per image, most probable first: every label at or above its threshold
         (multi-label; possibly none), or the single most probable class."""
-        classes = self.spec.classes
-        if not self.spec.multilabel:
-            return [[classes[int(i)]] for i in probs.argmax(axis=1)]
-        chosen = self.decide(probs)
-        return [
-            [classes[int(j)] for j in np.argsort(-row) if hit[j]]
-            for row, hit in zip(probs, chosen, strict=True)
-        ]
+        return self.spec.task.label_sets(probs, self.spec.classes, thresholds=self.spec.thresholds)
 
 
 def probabilities(logits: torch.Tensor, spec: ModelSpec) -> torch.Tensor:
-    """Temperature-scaled probabilities of a model's logits: softmax, or sigmoid for multi-label."""
-    scaled = logits.float() / spec.temperature
-    return torch.sigmoid(scaled) if spec.multilabel else torch.softmax(scaled, dim=1)
+    """Temperature-scaled probabilities of a model's logits: softmax, or a sigmoid per label."""
+    return spec.task.torch_probabilities(logits, temperature=spec.temperature)

@@ -141,7 +141,7 @@ def create_app(predictor: Predictor, *, model_uri: str, limits: ServeLimits = Se
     """The FastAPI application serving ``predictor``."""
     app = FastAPI(title="imgflow model server", version="1")
     spec = predictor.spec
-    info = {"status": "ok", "model": model_uri, "task": spec.task, "classes": list(spec.classes),
+    info = {"status": "ok", "model": model_uri, "task": spec.task.name, "classes": list(spec.classes),
             "thresholds": list(spec.thresholds) if spec.thresholds else None}  # fmt: skip
 
     @app.exception_handler(RequestError)

@@ -11,6 +11,15 @@ The package sits right above ``components.core`` so that every stage (data, trai
 evaluation, serving) can use it.
 """
 
-from components.task.base import MULTILABEL, SINGLELABEL, TASK_NAMES, Task, get_task
+from components.task.base import (
+    MULTILABEL,
+    SINGLELABEL,
+    TASK_NAMES,
+    Decision,
+    Task,
+    detect_task,
+    get_task,
+    task_of,
+)
 
-__all__ = ["MULTILABEL", "SINGLELABEL", "TASK_NAMES", "Task", "get_task"]
+__all__ = ["MULTILABEL", "SINGLELABEL", "TASK_NAMES", "Decision", "Task", "detect_task", "get_task", "task_of"]

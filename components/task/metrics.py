@@ -22,6 +22,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
+from scipy.special import log_softmax
 from scipy.stats import norm
 from sklearn.exceptions import UndefinedMetricWarning
 from sklearn.metrics import (
@@ -286,44 +287,7 @@ def wilson_interval(successes: int, n: int, *, confidence: float = 0.95) -> tupl
     return max(0.0, (centre - half) / denom), min(1.0, (centre + half) / denom)
 
 
-# --------------------------------------------------------------------------- reading a metrics dict
-
-
-def is_multilabel(metrics: Mapping[str, Any]) -> bool:
-    """True for a :func:`components.task.multilabel.multilabel_metrics` dict."""
-    return metrics.get("task") == "multilabel"
-
-
-def most_confused(metrics: dict[str, Any], *, k: int = 5) -> list[dict[str, Any]]:
-    """The ``k`` largest off-diagonal cells of the confusion matrix, most images first.
-
-    Each: ``true``, ``predicted`` (class names), ``count`` and ``share`` (of the true class's test
-    images). Cells with no image are left out, so a perfect model has none. Multi-label: ``true`` is
-    a label that was missed while ``predicted`` was predicted without being there (share: of the
-    test images showing the missed label).
-    """
-    cm = np.asarray(metrics["confusion_matrix"], dtype=np.int64)
-    classes = class_names(metrics)
-    off = cm.copy()
-    np.fill_diagonal(off, 0)
-    order = np.argsort(-off, axis=None, kind="stable")[:k]
-    rows = np.asarray([int(r["support"]) for r in class_rows(metrics)])
-    return [
-        {"true": classes[i], "predicted": classes[j], "count": int(off[i, j]),
-         "share": float(off[i, j] / rows[i]) if rows[i] else 0.0}
-        for i, j in (np.unravel_index(o, off.shape) for o in order)
-        if off[i, j] > 0
-    ]  # fmt: skip
-
-
-def class_rows(metrics: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """The per-class rows (single-label) or per-label rows (multi-label) of a metrics dict."""
-    return list(metrics["per_label"] if is_multilabel(metrics) else metrics["per_class"])
-
-
-def class_names(metrics: Mapping[str, Any]) -> list[str]:
-    key = "label" if is_multilabel(metrics) else "class"
-    return [str(row[key]) for row in class_rows(metrics)]
+# --------------------------------------------------------------------------- scalars and losses
 
 
 def slug(name: str) -> str:
@@ -331,46 +295,28 @@ def slug(name: str) -> str:
     return re.sub(r"[^a-z0-9]", "_", name.lower())
 
 
-def flat_metrics(metrics: dict[str, Any]) -> dict[str, float]:
-    """Scalars only, for MLflow and DVC: overall metrics plus ``recall_<slug>``/``f1_<slug>``.
+def flat_singlelabel(metrics: Mapping[str, Any]) -> dict[str, float]:
+    """Scalars of a :func:`compute_metrics` dict, for MLflow and DVC: overall metrics plus
+    ``recall_<slug>``/``f1_<slug>``.
 
     Class names that slug to the same string (``"a b"``, ``"a-b"``) get ``_<index>`` appended
     so no metric silently overwrites another. Also ``macro_roc_auc``/``macro_pr_auc`` and per class
-    ``roc_auc_<slug>``/``pr_auc_<slug>`` where defined. Multi-label: see :func:`_flat_multilabel`.
+    ``roc_auc_<slug>``/``pr_auc_<slug>`` where defined.
     """
-    if is_multilabel(metrics):
-        return _flat_multilabel(metrics)
     flat = {key: float(metrics[key]) for key in _SCALAR_KEYS}
     flat.update({key: float(v) for key, v in metrics.items() if re.fullmatch(r"top\d+_accuracy", key)})
     flat.update(
         {k: float(metrics[k]) for k in ("macro_roc_auc", "macro_pr_auc") if metrics.get(k) is not None}
     )
     flat["n"] = float(metrics["n"])
-    for s, row in _slugged(metrics["per_class"], "class"):
+    for s, row in slugged(metrics["per_class"], "class"):
         flat[f"recall_{s}"] = float(row["recall"])
         flat[f"f1_{s}"] = float(row["f1"])
         flat.update({f"{k}_{s}": float(row[k]) for k in ("roc_auc", "pr_auc") if row.get(k) is not None})
     return flat
 
 
-_MULTILABEL_SCALARS = (
-    "mAP", "macro_roc_auc", "micro_precision", "micro_recall", "micro_f1", "macro_precision", "macro_recall",
-    "macro_f1", "subset_accuracy", "hamming_loss", "label_cardinality", "predicted_cardinality", "n",
-)  # fmt: skip
-
-
-def _flat_multilabel(metrics: Mapping[str, Any]) -> dict[str, float]:
-    """Multi-label scalars: mAP, micro/macro P/R/F1, subset accuracy, Hamming loss, cardinalities, n,
-    and per label ``ap_``/``roc_auc_``/``precision_``/``recall_``/``f1_``/``threshold_<slug>``."""
-    flat = {k: float(metrics[k]) for k in _MULTILABEL_SCALARS if metrics.get(k) is not None}
-    for s, row in _slugged(metrics["per_label"], "label"):
-        for k in ("ap", "roc_auc", "precision", "recall", "f1", "threshold"):
-            if row.get(k) is not None:
-                flat[f"{k}_{s}"] = float(row[k])
-    return flat
-
-
-def _slugged(rows: Sequence[dict[str, Any]], key: str) -> list[tuple[str, dict[str, Any]]]:
+def slugged(rows: Sequence[Mapping[str, Any]], key: str) -> list[tuple[str, Mapping[str, Any]]]:
     """(unique slug, row) per row; a slug already taken gets ``_<index>`` appended."""
     seen: set[str] = set()
     out = []
@@ -381,3 +327,10 @@ def _slugged(rows: Sequence[dict[str, Any]], key: str) -> list[tuple[str, dict[s
         seen.add(s)
         out.append((s, row))
     return out
+
+
+def nll_of_logits(logits: np.ndarray, y_true: np.ndarray, temperature: float = 1.0) -> float:
+    """Mean negative log-likelihood of softmax(logits / T). logits: (N, K); y_true: (N,)."""
+    z = np.asarray(logits, dtype=np.float64) / temperature
+    y = np.asarray(y_true, dtype=np.int64)
+    return float(-log_softmax(z, axis=1)[np.arange(y.size), y].mean())

@@ -12,7 +12,7 @@ and the corruption sweep need thousands of times.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -24,7 +24,7 @@ from sklearn.metrics import (
     roc_auc_score,
 )
 
-from components.task.metrics import wilson_interval
+from components.task.metrics import slugged, wilson_interval
 
 ThresholdRule = Literal["f1", "precision", "recall"]
 
@@ -234,3 +234,30 @@ def mean_average_precision(y: np.ndarray, scores: np.ndarray) -> float:
     aps = [average_precision(y[:, j], scores[:, j]) for j in range(y.shape[1])]
     known = [a for a in aps if a is not None]
     return float(np.mean(known)) if known else 0.0
+
+
+# --------------------------------------------------------------------------- scalars and losses
+
+_MULTILABEL_SCALARS = (
+    "mAP", "macro_roc_auc", "micro_precision", "micro_recall", "micro_f1", "macro_precision", "macro_recall",
+    "macro_f1", "subset_accuracy", "hamming_loss", "label_cardinality", "predicted_cardinality", "n",
+)  # fmt: skip
+
+
+def flat_multilabel(metrics: Mapping[str, Any]) -> dict[str, float]:
+    """Scalars of a :func:`multilabel_metrics` dict: mAP, micro/macro P/R/F1, subset accuracy, Hamming
+    loss, cardinalities, n, and per label ``ap_``/``roc_auc_``/``precision_``/``recall_``/``f1_``/
+    ``threshold_<slug>`` (slugs made unique as for single-label metrics)."""
+    flat = {k: float(metrics[k]) for k in _MULTILABEL_SCALARS if metrics.get(k) is not None}
+    for s, row in slugged(metrics["per_label"], "label"):
+        for k in ("ap", "roc_auc", "precision", "recall", "f1", "threshold"):
+            if row.get(k) is not None:
+                flat[f"{k}_{s}"] = float(row[k])
+    return flat
+
+
+def bce_of_logits(logits: np.ndarray, y_true: np.ndarray, temperature: float = 1.0) -> float:
+    """Mean binary cross-entropy of sigmoid(logits / T) over every (image, label). logits, y_true: (N, C)."""
+    z = np.asarray(logits, dtype=np.float64) / temperature
+    y = np.asarray(y_true, dtype=np.float64)
+    return float((np.logaddexp(0.0, z) - y * z).mean())

@@ -34,7 +34,7 @@ from components.data.sources import (
     inspect_image,
     read_idx,
 )
-from components.data.splits import split_quotas
+from components.task.splits import split_quotas
 
 FM_DIR = Path("/usr/share/datasets/fashion-mnist")
 needs_fm = pytest.mark.skipif(

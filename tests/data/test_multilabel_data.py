@@ -21,7 +21,7 @@ from components.core.errors import ConfigError, DataError
 from components.train.imbalance import create_multilabel_loss
 from components.data.ingest import ingest
 from components.data.manifest import DataPaths, DatasetInfo, read_manifest
-from components.data.splits import assign_multilabel_splits
+from components.task.splits import assign_multilabel_splits
 from components.task import get_task
 from tests.conftest import FMNIST_DIR, fmnist_arrays, png_bytes
 

@@ -10,10 +10,12 @@ from components.evaluate.calibration import (
     expected_calibration_error,
     fit_temperature,
     maximum_calibration_error,
-    nll_of_logits,
     reliability_bins,
-    softmax_t,
 )
+from components.task import get_task
+from components.task.metrics import nll_of_logits
+
+SINGLE = get_task("singlelabel")
 
 # Six predictions over 2 classes. Samples 0-3 have confidence 0.9 (3 of 4 right),
 # samples 4-5 confidence 0.6 (1 of 2 right).
@@ -49,7 +51,7 @@ def _overconfident(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Labels drawn from softmax(z): z is perfectly calibrated, 3 z is over-confident."""
     rng = np.random.default_rng(seed)
     z = rng.normal(0, 1.5, size=(n, 5))
-    p = softmax_t(z)
+    p = SINGLE.probabilities(z)
     y = np.array([rng.choice(5, p=row) for row in p])
     return 3.0 * z, y
 
@@ -57,13 +59,13 @@ def _overconfident(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
 def test_temperature_scaling_fixes_an_overconfident_model() -> None:
     val_logits, val_y = _overconfident(4000, seed=0)
     test_logits, test_y = _overconfident(4000, seed=1)
-    t = fit_temperature(val_logits, val_y)
+    t = fit_temperature(SINGLE, val_logits, val_y)
     assert t == pytest.approx(3.0, rel=0.1)  # the over-confidence factor is recovered
     # It is the NLL minimum.
     assert nll_of_logits(val_logits, val_y, t) < nll_of_logits(val_logits, val_y, t * 0.95)
     assert nll_of_logits(val_logits, val_y, t) < nll_of_logits(val_logits, val_y, t * 1.05)
 
-    report = calibrate(val_logits, val_y, test_logits, test_y, n_bins=15)
+    report = calibrate(SINGLE, val_logits, val_y, test_logits, test_y, ["a", "b", "c"], n_bins=15)
     assert report.temperature == pytest.approx(t)
     assert report.before["ece"] > 0.1  # badly over-confident
     assert report.after["ece"] < 0.03  # fixed on held-out data
@@ -71,18 +73,18 @@ def test_temperature_scaling_fixes_an_overconfident_model() -> None:
     assert report.after["ece_adaptive"] < report.before["ece_adaptive"]
     assert report.after["nll"] < report.before["nll"]
     # Scaling never changes the predicted class.
-    assert (softmax_t(test_logits, t).argmax(1) == test_logits.argmax(1)).all()
+    assert (SINGLE.probabilities(test_logits, temperature=t).argmax(1) == test_logits.argmax(1)).all()
 
 
 def test_no_fit_keeps_temperature_one() -> None:
     logits, y = _overconfident(200, seed=2)
-    report = calibrate(logits, y, logits, y, fit=False)
+    report = calibrate(SINGLE, logits, y, logits, y, ["a", "b"], fit=False)
     assert report.temperature == 1.0 and report.fitted_on == "none"
     assert report.before == report.after
 
 
 def test_bad_shapes_are_rejected() -> None:
     with pytest.raises(ValueError):
-        fit_temperature(np.zeros((3, 2)), np.zeros(4, dtype=int))
+        fit_temperature(SINGLE, np.zeros((3, 2)), np.zeros(4, dtype=int))
     with pytest.raises(ValueError):
         reliability_bins(Y, PROBS, n_bins=0)

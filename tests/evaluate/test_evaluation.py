@@ -16,7 +16,11 @@ from components.core.errors import ConfigError
 from components.evaluate.gates import GateReport, GateResult, check_gates, make_gate
 from components.evaluate.plots import plot_confusion_matrix, plot_training_curves
 from components.evaluate.writers import write_evaluation
-from components.task.metrics import compute_metrics, flat_metrics, most_confused, slug, wilson_interval
+from components.task import get_task
+from components.task.metrics import compute_metrics, slug, wilson_interval
+
+SINGLE = get_task("singlelabel")
+flat_metrics, most_confused = SINGLE.flat_metrics, SINGLE.most_confused
 
 CLASSES = ["cat", "dog", "bird"]
 

@@ -12,10 +12,12 @@ import pytest
 from components.core.config import GatesConfig, SliceSpec
 from components.core.errors import ConfigError
 from components.evaluate.calibration import calibrate
-from components.evaluate.champion import compare, paired_bootstrap
 from components.evaluate.gate_report import Evidence, build_gates, write_report
 from components.evaluate.robustness import summarise
 from components.evaluate.slices import slice_table
+from components.task import get_task
+from components.task.comparison import compare_predictions as compare
+from components.task.comparison import paired_bootstrap
 from components.task.metrics import compute_metrics
 
 CLASSES = ["a", "b", "c"]
@@ -65,7 +67,7 @@ def evidence() -> Evidence:
     rng = np.random.default_rng(0)
     y = np.repeat([0, 1, 2], 200)
     logits = np.eye(3)[y] * 4 + rng.normal(0, 1.5, size=(600, 3))
-    cal = calibrate(logits[::2], y[::2], logits[1::2], y[1::2])
+    cal = calibrate(get_task("singlelabel"), logits[::2], y[::2], logits[1::2], y[1::2], CLASSES)
     probs = np.exp(logits[1::2] / cal.temperature)
     probs /= probs.sum(1, keepdims=True)
     metrics = compute_metrics(y[1::2], probs, CLASSES, top_k=2)
@@ -152,7 +154,7 @@ def test_report_verdict_is_visible_in_headless_chromium(tmp_path: Path, evidence
     import importlib.util
 
     spec = importlib.util.spec_from_file_location(
-        "check_report", Path(__file__).parents[1] / "scripts/check_report.py"
+        "check_report", Path(__file__).parents[2] / "scripts/check_report.py"
     )
     assert spec is not None and spec.loader is not None
     check_report = importlib.util.module_from_spec(spec)
@@ -163,14 +165,14 @@ def test_report_verdict_is_visible_in_headless_chromium(tmp_path: Path, evidence
     paths = write_report(
         evidence, build_gates(GatesConfig(min_accuracy=0.99), evidence), tmp_path, context={}
     )
-    info = check_report.probe_verdict(paths["report_html"], chromium=chromium)
+    info = check_report.probe(paths["report_html"], chromium=chromium)
     assert check_report.check(info) == []
-    assert info["text"].startswith("FAILED")
+    assert info["verdict"]["text"].startswith("FAILED")
     # The checker can fail: a page whose verdict is hidden is caught.
     hidden = tmp_path / "hidden.html"
     hidden.write_text(paths["report_html"].read_text().replace("<style>", "<style>#verdict{display:none}"))
     assert any(
-        "not visible" in p for p in check_report.check(check_report.probe_verdict(hidden, chromium=chromium))
+        "not visible" in p for p in check_report.check(check_report.probe(hidden, chromium=chromium))
     )
 
 
@@ -238,7 +240,7 @@ def test_baseline_table_and_optional_zero_shot_gate(tmp_path: Path, evidence: Ev
 
 
 def test_registered_model_reports_get_their_own_folder_and_the_sweep_sample_is_stratified() -> None:
-    from components.evaluate.evaluate_run import model_slug, sweep_sample
+    from components.evaluate.stage import model_slug, sweep_sample
 
     assert model_slug("models:/imgflow-fashion-mnist@champion") == "imgflow-fashion-mnist@champion"
     assert model_slug("models:/imgflow/3") == "imgflow_3"

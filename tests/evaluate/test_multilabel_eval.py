@@ -12,21 +12,16 @@ import pytest
 import torch
 
 from components.core.config import GatesConfig, load_params
-from components.evaluate.calibration import (
-    bce_of_logits,
-    calibrate_multilabel,
-    fit_temperature_sigmoid,
-    label_calibration,
-    sigmoid_t,
-)
-from components.evaluate.champion import compare_multilabel
+from components.evaluate.calibration import calibrate, calibration_summary, fit_temperature
 from components.evaluate.gate_report import Evidence, build_gates, write_report
 from components.evaluate.gates import GateReport
-from components.task.metrics import most_confused
-from components.task.multilabel import label_confusion, multilabel_metrics
+from components.task import get_task
+from components.task.comparison import compare_average_precision as compare_multilabel
+from components.task.multilabel import bce_of_logits, label_confusion, multilabel_metrics
 from tests.conftest import FMNIST_DIR, write_small_params
 
 LABELS = ["cat", "dog", "car"]
+MULTI = get_task("multilabel")
 # 6 images; cat and dog are ranked perfectly, car is not (AP hand-computed below).
 Y = np.array([[1, 0, 1], [0, 1, 0], [1, 1, 0], [0, 0, 1], [1, 0, 0], [0, 1, 1]])
 PROBS = np.array(
@@ -63,7 +58,7 @@ def test_per_label_ap_recall_bounds_and_label_confusion_by_hand() -> None:
     cm = np.asarray(_metrics((0.5, 0.05, 0.5))["confusion_matrix"])
     assert cm[2, 1] == 1 and cm[2, 2] == 1 and cm.sum() - np.trace(cm) == 1
     assert label_confusion(Y, Y).tolist() == np.diag(Y.sum(axis=0)).tolist()
-    assert most_confused(_metrics((0.5, 0.05, 0.5))) == [
+    assert MULTI.most_confused(_metrics((0.5, 0.05, 0.5))) == [
         {"true": "car", "predicted": "dog", "count": 1, "share": pytest.approx(1 / 3)}
     ]
 
@@ -73,20 +68,20 @@ def test_sigmoid_temperature_fixes_an_overconfident_model_and_ece_is_per_label()
     y = (rng.random((4000, 3)) < 0.3).astype(np.int8)
     calibrated = np.where(y == 1, 1.0, -1.0) + rng.normal(0, 1.5, y.shape)  # a well-spread score
     logits = calibrated * 4.0  # the same ranking, four times over-confident
-    t = fit_temperature_sigmoid(logits[:2000], y[:2000])
+    t = fit_temperature(MULTI, logits[:2000], y[:2000])
     assert t > 2.0  # scaling the logits down is what lowers the BCE
     assert bce_of_logits(logits[2000:], y[2000:], t) < bce_of_logits(logits[2000:], y[2000:])
-    cal = calibrate_multilabel(logits[:2000], y[:2000], logits[2000:], y[2000:], ["a", "b", "c"])
+    cal = calibrate(MULTI, logits[:2000], y[:2000], logits[2000:], y[2000:], ["a", "b", "c"])
     assert cal.task == "multilabel" and cal.temperature == pytest.approx(t)
     assert cal.after["ece"] < cal.before["ece"] and len(cal.per_label or []) == 3
     assert cal.after["ece"] == pytest.approx(np.mean([r["ece"] for r in cal.per_label or []]))
     # hand-computed per-label ECE: label probabilities 0.8, 0.8 (one positive) and 0.1, 0.1 (none)
     # -> bins (0.7, 0.8]: gap |0.5 - 0.8| = 0.3 and (0.0, 0.1]: gap 0.1, each half the weight.
-    summary, rows = label_calibration(
-        np.array([[1], [0], [0], [0]]), np.array([[0.8], [0.8], [0.1], [0.1]]), ["x"], n_bins=10
+    summary, rows = calibration_summary(
+        MULTI, np.array([[1], [0], [0], [0]]), np.array([[0.8], [0.8], [0.1], [0.1]]), ["x"], n_bins=10
     )
-    assert rows[0]["ece"] == pytest.approx(0.5 * 0.3 + 0.5 * 0.1) == summary["ece"]
-    assert sigmoid_t(np.array([[0.0]]))[0, 0] == 0.5
+    assert rows is not None and rows[0]["ece"] == pytest.approx(0.5 * 0.3 + 0.5 * 0.1) == summary["ece"]
+    assert MULTI.probabilities(np.array([[0.0]]))[0, 0] == 0.5
 
 
 def test_multilabel_gates_fail_the_weak_label_and_list_single_label_gates_as_not_applicable() -> None:
@@ -205,7 +200,7 @@ def multilabel_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
     """Composites (300 train / 120 test canvases) ingested, trained, and evaluated once."""
     from components.data.composites import make_composites
     from components.data.ingest import ingest
-    from components.evaluate.evaluate_run import evaluate_trained
+    from components.pipeline.evaluation import evaluate_trained
     from components.pipeline.stages import StagePaths, run_evaluate
     from tests.evaluate.test_gates_champion import _new_training_run
 
@@ -225,7 +220,7 @@ def multilabel_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
         assert ingest(f"csv:{csv}", data_dir=params.project.data_dir).task == "multilabel"
         _train_multilabel_model(params, StagePaths(params).out("train") / "model")
         _new_training_run(params)
-        result = run_evaluate(params)
+        result = run_evaluate(params).to_dict()
         # the same model under a stricter label-AP gate, reported into a folder of its own
         strict = _strict_label_ap(result)
         params_strict = load_params(root / "params.yaml", [f"gates.min_label_ap={strict}"])

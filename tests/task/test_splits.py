@@ -7,7 +7,7 @@ from collections import Counter
 
 import pytest
 
-from components.data.splits import assign_splits, split_quotas
+from components.task.splits import assign_splits, split_quotas
 
 
 @pytest.mark.parametrize(

@@ -1,4 +1,8 @@
-"""Deterministic, stratified, order-independent train/val/test assignment."""
+"""Deterministic, stratified, order-independent train/val/test assignment.
+
+How a dataset is stratified is its task's (:meth:`components.task.Task.assign_splits`): per class with
+exact quotas (single-label), or by iterative stratification of the label sets (multi-label).
+"""
 
 from __future__ import annotations
 

@@ -1,0 +1,259 @@
+"""The evaluate stage's work on one local model: predict the test (and val) split, gather every piece
+of evidence, decide the gates and write the gate report.
+
+:func:`evaluate_model` evaluates the model in ``model_dir`` into ``out_dir`` and returns an
+:class:`Evaluated`: the stage's result (headline, verdict, temperature, thresholds, report paths)
+and what the caller logs to MLflow (scalars, files, tags). The registry and MLflow are the
+pipeline's business (:mod:`components.pipeline.evaluation`): it downloads a registered model or the
+champion and passes their folders and versions in (:class:`~components.evaluate.champion.Champion`).
+
+The evidence (:func:`gather_evidence`): test metrics with one-vs-rest ROC/PR curves, calibration
+(temperature fitted on val), the corruption sweep, slices, the champion re-evaluated on the same test
+images, and the CLIP baselines of ``outputs/baseline`` when that stage ran. What differs between
+single- and multi-label models is the task's (:class:`components.task.Task`): a multi-label model
+gets one sigmoid temperature fitted on val by BCE, per-label decision thresholds tuned on val
+(``evaluate.threshold_rule``/``threshold_target``) on the scaled probabilities, mAP and per-label
+metrics at those thresholds, corrupted mAP, slice subset accuracy, and mAP / per-label AP against a
+multi-label champion. The thresholds go into ``gates.json`` for register.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from components.core.config import Params
+from components.core.errors import DataError
+from components.data.manifest import DataPaths, read_manifest
+from components.evaluate.champion import Champion, champion_evidence
+from components.evaluate.predictions import SplitOutput, has_split, predict_split
+from components.task import Task, task_of
+
+REGISTERED_DIR = "models"
+"""Reports of ``evaluate --model`` go to ``<evaluate out>/models/<slug of the URI>/``."""
+
+
+def sweep_sample(strata: np.ndarray, max_images: int | None, seed: int) -> np.ndarray:
+    """Stratified fixed-seed sample of test indices for the corruption sweep (sorted).
+
+    strata: (N,) int, each image's stratum (:meth:`components.task.Task.strata`: its class, or its
+    first label for a multi-label model).
+    """
+    strata = np.asarray(strata)
+    n = len(strata)
+    if max_images is None or max_images >= n:
+        return np.arange(n)
+    rng = np.random.default_rng(seed)
+    picked = [
+        rng.choice(idx, size=max(1, round(max_images * len(idx) / n)), replace=False)
+        for idx in (np.flatnonzero(strata == c) for c in np.unique(strata))
+    ]
+    return np.sort(np.concatenate(picked))
+
+
+# --------------------------------------------------------------------------- evidence
+
+
+def gather_evidence(
+    params: Params,
+    model_dir: Path,
+    *,
+    champion: Champion | None = None,
+    own_version: str | None = None,
+    baseline: Any = None,
+) -> Any:
+    """Run every measurement of the evaluate stage on the model in ``model_dir``.
+
+    champion: the registry's champion (None: nothing to compare with); own_version: the registry
+    version of the evaluated model, if it is one; baseline: the baseline stage's ``baseline.json``
+    record (or None when it has not run).
+    """
+    from components.data.datasets import encode_targets, split_rows
+    from components.evaluate.gate_report import Evidence
+    from components.evaluate.slices import slice_table
+    from components.model.checkpoint import load_spec
+
+    ev_cfg, rob = params.evaluate, params.evaluate.robustness
+    spec = load_spec(model_dir)
+    task = spec.task
+    rows = split_rows(read_manifest(DataPaths(params.project.data_dir).manifest), "test")
+    targets = np.asarray(encode_targets(rows, spec.classes, task))
+    keep = sweep_sample(task.strata(targets), rob.max_images, params.project.seed) if rob.enabled else None
+    test, (model, spec) = predict_split(params, model_dir, "test", keep=keep)
+    # A fitted decision rule (multi-label thresholds) always needs val; else val only fits T.
+    want_val = task.fits_decision or ev_cfg.temperature_scaling
+    val = predict_split(params, model_dir, "val")[0] if want_val and has_split(params, "val") else None
+    measured = measure(params, task, spec.classes, test, val)
+    robustness = _robustness(params, model, spec, test) if rob.enabled else None
+    rows = rows.assign(
+        pixels=rows["width"] * rows["height"], **{k: pd.Series(v) for k, v in test.properties.items()}
+    )
+    slices = slice_table(rows, measured.correct, ev_cfg.slices, confidence=params.gates.confidence)
+    compared = (
+        champion_evidence(params, test, spec.classes, task, champion, own_version=own_version)
+        if ev_cfg.compare_champion
+        else {"status": "skipped", "reason": "evaluate.compare_champion is false"}
+    )
+    return Evidence(metrics=measured.metrics, calibration=measured.calibration, robustness=robustness,
+                    slices=slices, champion=compared, baseline=baseline, curves=measured.curves)  # fmt: skip
+
+
+@dataclass
+class Measured:
+    """Test metrics, calibration, ROC/PR curves and which test images are right (N,) bool (top-1, or
+    the whole label set for multi-label: what the slices count)."""
+
+    metrics: dict[str, Any]
+    calibration: Any
+    curves: dict[str, Any]
+    correct: np.ndarray
+
+
+def measure(
+    params: Params, task: Task, classes: tuple[str, ...], test: SplitOutput, val: SplitOutput | None
+) -> Measured:
+    """T fitted on val (the task's log-loss), then the task's decision rule fitted on val's scaled
+    probabilities (multi-label thresholds), then the test metrics at that rule."""
+    from components.evaluate.calibration import calibrate
+    from components.task.metrics import one_vs_rest_curves
+
+    ev_cfg = params.evaluate
+    fit = ev_cfg.temperature_scaling and val is not None
+    fit_on = val if fit and val is not None else test
+    cal = calibrate(task, fit_on.logits, fit_on.targets, test.logits, test.targets, classes,
+                    n_bins=ev_cfg.calibration_bins, fit=fit)  # fmt: skip
+    decision = task.fit_decision(
+        None if val is None else val.targets,
+        None if val is None else task.probabilities(val.logits, temperature=cal.temperature),
+        classes, rule=ev_cfg.threshold_rule, target=ev_cfg.threshold_target,
+    )  # fmt: skip
+    probs = task.probabilities(test.logits, temperature=cal.temperature)
+    metrics = task.metrics(test.targets, probs, classes, thresholds=decision.thresholds, top_k=ev_cfg.top_k,
+                           confidence=params.gates.confidence)  # fmt: skip
+    curves = one_vs_rest_curves(task.one_hot(test.targets, len(classes)), probs, classes)
+    correct = task.correct(probs, test.targets, thresholds=decision.thresholds)
+    return Measured(decision.annotate(metrics), cal, curves, correct)
+
+
+def _robustness(params: Params, model: Any, spec: Any, test: SplitOutput) -> Any:
+    """The corruption sweep on the kept test images, scored by the task's headline (top-1 accuracy,
+    or mAP: both straight from the logits)."""
+    from components.evaluate.robustness import corruption_sweep, resolve_families
+
+    assert test.kept is not None and test.kept_targets is not None
+    size = params.evaluate.robustness.batch_size
+    return corruption_sweep(
+        model,
+        zip(test.kept.split(size), test.kept_targets.split(size), strict=True),
+        mean=spec.data_config["mean"],
+        std=spec.data_config["std"],
+        families=resolve_families(params.evaluate.robustness.families),
+        seed=params.project.seed,
+        score=spec.task.headline_of_scores,
+        metric=spec.task.headline,
+    )
+
+
+# --------------------------------------------------------------------------- the stage
+
+
+@dataclass(frozen=True)
+class Evaluated:
+    """What evaluating one model produced: the stage's result and what the caller logs to MLflow."""
+
+    result: dict[str, Any]
+    """task, accuracy, <headline>, gates_passed, verdict, gates, temperature, thresholds, report_html,
+    report_json, out_dir, run_id, seconds (what ``imgflow evaluate --json`` prints)."""
+    scalars: dict[str, float]
+    """Test metrics, calibration, robustness and ``evaluate_seconds`` (logged with the ``test_`` prefix)."""
+    baseline_scalars: dict[str, float]
+    """The CLIP baselines' headline metrics (:func:`baseline_scalars`), logged as they are."""
+    files: tuple[Path, ...]
+    """The report files (logged under ``evaluate/``)."""
+    tags: dict[str, str]
+    """``gates_passed``, ``task``, ``baseline_status``."""
+
+
+def model_slug(model_uri: str) -> str:
+    """Folder name of a model URI: ``models:/imgflow@champion`` -> ``imgflow@champion``."""
+    rest = re.sub(r"^[a-z]+:/+", "", model_uri)
+    return re.sub(r"[^A-Za-z0-9@._-]+", "_", rest).strip("_") or "model"
+
+
+def trained_model_dir(params: Params) -> Path:
+    """The train stage's ``outputs/train/model``; a DataError when there is no trained model yet."""
+    model_dir = params.project.output_dir / "train" / "model"
+    if not (model_dir / "model.json").exists():
+        raise DataError(f"no trained model in {model_dir}: run `imgflow train` first")
+    return model_dir
+
+
+def evaluate_model(
+    params: Params,
+    model_dir: Path,
+    *,
+    out_dir: Path,
+    run_id: str,
+    context: dict[str, Any],
+    champion: Champion | None = None,
+    own_version: str | None = None,
+) -> Evaluated:
+    """Evaluate the model in ``model_dir``: evidence, gates, the report in ``out_dir``.
+
+    run_id: the MLflow run the caller logs the result into (named in the result); context: what the
+    report says about the model (``model``, ``training run``, ``data version``...).
+    """
+    from components.baseline.records import read_baseline
+    from components.evaluate.gate_report import all_scalars, build_gates, write_report
+
+    t0 = time.perf_counter()
+    baseline = read_baseline(params.project.output_dir / "baseline")
+    evidence = gather_evidence(
+        params, model_dir, champion=champion, own_version=own_version, baseline=baseline
+    )
+    gates = build_gates(params.gates, evidence, baseline=params.baseline)
+    seconds = time.perf_counter() - t0
+    files = write_report(evidence, gates, out_dir, context={**context, "seconds": round(seconds, 1)})
+    task = evidence.task
+    headline, value = evidence.headline
+    result = {
+        "task": task.name,
+        "accuracy": evidence.metrics.get("accuracy"),
+        headline: value,
+        "gates_passed": gates.passed,
+        "verdict": gates.verdict(),
+        "gates": gates.to_dict(),
+        "temperature": evidence.calibration.temperature if evidence.calibration else 1.0,
+        "thresholds": evidence.thresholds,
+        "report_html": str(files["report_html"]),
+        "report_json": str(files["report_json"]),
+        "out_dir": str(out_dir),
+        "run_id": run_id,
+        "seconds": seconds,
+    }
+    return Evaluated(
+        result=result,
+        scalars={**all_scalars(evidence), "evaluate_seconds": seconds},
+        baseline_scalars=baseline_scalars(baseline),
+        files=tuple(files.values()),
+        tags={"gates_passed": str(gates.passed).lower(), "task": task.name,
+              "baseline_status": str((baseline or {}).get("status", "not run"))},
+    )  # fmt: skip
+
+
+def baseline_scalars(baseline: dict[str, Any] | None) -> dict[str, float]:
+    """Headline metrics of the CLIP baselines, named to sit next to the trained model's ``test_*``
+    in the same MLflow run: ``baseline_zeroshot_test_accuracy``, ``baseline_linearprobe_test_macro_f1``."""
+    out: dict[str, float] = {}
+    keys = task_of(baseline or {}).summary_keys
+    for kind, name in (("zero_shot", "zeroshot"), ("linear_probe", "linearprobe")):
+        m = (baseline or {}).get(kind)
+        if m:
+            out |= {f"baseline_{name}_test_{k}": float(m[k]) for k in keys if m.get(k) is not None}
+    return out

@@ -48,6 +48,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
+from components.core import report as kit
 from components.core.config import AuditConfig
 from components.core.errors import DataError
 from components.data.image_stats import (
@@ -58,6 +59,7 @@ from components.data.image_stats import (
     near_duplicate_pairs,
 )
 from components.quality.validation import label_set
+from components.task import get_task
 
 logger = logging.getLogger(__name__)
 
@@ -590,11 +592,10 @@ def _duplicate_rows(rows: pd.DataFrame, sets: list[np.ndarray]) -> pd.DataFrame:
 
 
 # --------------------------------------------------------------------------------------------
-# The HTML report
+# The HTML report (drawn with the report kit, components.core.report)
 
 
 def _thumb_uri(path: Path, *, side: int = 64) -> str:
-    import base64
     import io
 
     try:
@@ -606,13 +607,14 @@ def _thumb_uri(path: Path, *, side: int = 64) -> str:
     shown.thumbnail((side, side))
     buf = io.BytesIO()
     shown.save(buf, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+    return kit.data_uri(buf.getvalue())
 
 
-_CSS = """body{font-family:system-ui,sans-serif;margin:2em;color:#222} table{border-collapse:collapse}
-td,th{border:1px solid #ccc;padding:.3em .6em;text-align:left} .g{display:flex;flex-wrap:wrap;gap:.6em}
-.c{border:1px solid #ddd;padding:.4em;font-size:.8em;width:9em} .c img{image-rendering:pixelated;width:64px}
-.bar{background:#1565c0;height:.8em;display:inline-block}"""
+def _thumb(path: Path, *, title: str = "") -> kit.Html:
+    """An inlined thumbnail (nothing when the file is gone: no broken picture)."""
+    uri = _thumb_uri(path)
+    hover = f' title="{kit.esc(title)}"' if title else ""
+    return kit.Html(f'<img src="{uri}"{hover} alt="">' if uri else "")
 
 
 def write_audit_report(
@@ -627,108 +629,118 @@ def write_audit_report(
     """A self-contained page: the data-validation results (``validation``: the validation report's
     outcomes as dicts), counts, ledger diff, class balance, and thumbnails of the top suspected
     label errors (given vs suggested label) and of the largest near-duplicate sets."""
-    import html
-
-    e = html.escape
-    issues = result.issues
-    counts = "".join(f"<tr><td>{e(k)}</td><td>{v}</td></tr>" for k, v in result.summary["issues"].items())
-    diff = "".join(
-        f"<tr><td>{e(issue)}</td>"
-        + "".join(f"<td>{c[s]}</td>" for s in ("new", "persisting", "resolved"))
-        + "</tr>"
-        for issue, c in ledger.get("counts", {}).items()
+    summary, issues = result.summary, result.issues
+    intro = kit.paragraph(kit.join([
+        f"{summary['audited']} images audited (splits {', '.join(summary['splits'])}); {_model_quality(summary)}; "
+        "data version ", kit.code(ledger.get("data_version", "")), ", compared with ",
+        kit.code(ledger.get("previous_version") or "none"), ".",
+    ]))  # fmt: skip
+    page = kit.page(
+        "Label audit",
+        heading="Label-quality audit",
+        top=[intro, kit.table(["issue", "count"], list(summary["issues"].items()))],
+        sections=[
+            _validation_table(validation),
+            kit.section("Since the previous data version", _ledger_table(ledger)),
+            kit.section("Class balance", _balance_table(summary.get("class_counts", {}))),
+            kit.section("Top suspected label errors", _error_cards(issues, Path(data_dir), gallery)),
+            kit.section("Largest near-duplicate sets", _duplicate_cards(issues, Path(data_dir), gallery)),
+        ],
     )
-    errors = issues[issues["issue"] == "label_error"].head(gallery)
-    cards = "".join(
-        f'<div class="c"><img src="{_thumb_uri(Path(data_dir) / r.path)}" alt=""><br>given <b>{e(str(r.label))}</b>'
-        f"<br>suggested <b>{e(str(r.suggested_label))}</b>{_set_changes(r)}<br>quality {r.score:.3f}"
-        f"<br><code>{e(r.image_id[:10])}</code></div>"
-        for r in errors.itertuples()
-    )
-    dups = issues[issues["issue"] == "near_duplicate"]
-    sets = "".join(
-        '<div class="c" style="width:auto">'
-        + "".join(
-            f'<img src="{_thumb_uri(Path(data_dir) / r.path)}" title="{e(str(r.split))} / {e(str(r.label))}" alt="">'
-            for r in grp.head(6).itertuples()
-        )
-        + f"<br>{len(grp)} images, splits {e(', '.join(sorted(set(grp['split']))))}</div>"
-        for _, grp in list(dups.groupby("rank", sort=True))[: max(1, gallery // 3)]
-    )
-    page = f"""<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>Label audit</title>
-<style>{_CSS}</style></head><body><h1>Label-quality audit</h1>
-<p>{result.summary["audited"]} images audited (splits {e(", ".join(result.summary["splits"]))}); {_model_quality(result.summary)};
-data version <code>{e(str(ledger.get("data_version", "")))}</code>, compared with
-<code>{e(str(ledger.get("previous_version") or "none"))}</code>.</p>
-<table><tr><th>issue</th><th>count</th></tr>{counts}</table>
-{_validation_table(validation)}
-<h2>Since the previous data version</h2>
-<table><tr><th>issue</th><th>new</th><th>persisting</th><th>resolved</th></tr>{diff}</table>
-<h2>Class balance</h2>{_balance_table(result.summary.get("class_counts", {}))}
-<h2>Top suspected label errors</h2><div class="g">{cards}</div>
-<h2>Largest near-duplicate sets</h2><div class="g">{sets}</div>
-</body></html>
-"""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(page)
     return path
 
 
+def _ledger_table(ledger: dict[str, Any]) -> kit.Html:
+    """Issue counts against the previous data version: new, persisting, resolved."""
+    states = ("new", "persisting", "resolved")
+    rows = [[issue, *[c[s] for s in states]] for issue, c in ledger.get("counts", {}).items()]
+    return kit.table(["issue", *states], rows)
+
+
+def _error_cards(issues: pd.DataFrame, data_dir: Path, gallery: int) -> kit.Html:
+    """The top suspected label errors: thumbnail, given and suggested label, quality score."""
+    errors = issues[issues["issue"] == "label_error"].head(gallery)
+    return kit.gallery(
+        kit.join([_thumb(data_dir / r.path), kit.Html("<br>given <b>"), r.label, kit.Html("</b><br>suggested <b>"),
+                  r.suggested_label, kit.Html("</b>"), _set_changes(r), kit.Html("<br>"), f"quality {r.score:.3f}",
+                  kit.Html("<br>"), kit.code(r.image_id[:10])])
+        for r in errors.itertuples()
+    )  # fmt: skip
+
+
+def _duplicate_cards(issues: pd.DataFrame, data_dir: Path, gallery: int) -> kit.Html:
+    """The largest near-duplicate sets, up to six thumbnails each (hover: split / label)."""
+    dups = issues[issues["issue"] == "near_duplicate"]
+    return kit.gallery(
+        (
+            kit.join([*(_thumb(data_dir / r.path, title=f"{r.split} / {r.label}") for r in grp.head(6).itertuples()),
+                      kit.Html("<br>"), f"{len(grp)} images, splits {', '.join(sorted(set(grp['split'])))}"])
+            for _, grp in list(dups.groupby("rank", sort=True))[: max(1, gallery // 3)]
+        ),
+        wide=True,
+    )  # fmt: skip
+
+
 def _model_quality(summary: dict[str, Any]) -> str:
     """How well the audit model separates the labels: out-of-fold accuracy, or mAP (multi-label)."""
-    if summary.get("task") == "multilabel":
-        value, what = summary.get("oof_map"), "out-of-fold mAP"
-        card = summary.get("label_cardinality")
-        what = f"{card:.2f} labels per image; {what}" if card is not None else what
-    else:
-        value, what = summary.get("oof_accuracy"), "out-of-sample accuracy"
+    task = get_task(summary.get("task"))
+    value = summary.get(f"oof_{task.headline.lower()}")  # oof_accuracy | oof_map
+    what = f"out-of-fold {task.headline}"
+    if (card := summary.get("label_cardinality")) is not None:
+        what = f"{card:.2f} labels per image; {what}"
     return f"{what} of the audit model {'n/a' if value is None else f'{value:.3f}'}"
 
 
-def _set_changes(row: Any) -> str:
+def _set_changes(row: Any) -> kit.Html:
     """Multi-label: the suspected missing (+) and extra (-) labels of an issue row, as HTML."""
-    import html
-
     parts = [
-        f"<br>{sign} {html.escape(str(value))}"
+        kit.join([kit.Html(f"<br>{sign} "), value])
         for sign, value in (
             ("+", getattr(row, "missing_labels", "")),
             ("&minus;", getattr(row, "extra_labels", "")),
         )
         if isinstance(value, str) and value
     ]
-    return "".join(parts)
+    return kit.join(parts)
 
 
-def _validation_table(outcomes: Sequence[dict[str, Any]]) -> str:
-    """The data-validation outcomes (one row per expectation), failed ones first."""
-    import html
-
+def _validation_table(outcomes: Sequence[dict[str, Any]]) -> kit.Section:
+    """The data-validation outcomes (one row per expectation): failures first, then warnings."""
+    title = "Data validation"
     if not outcomes:
-        return "<h2>Data validation</h2><p>No validation report found: run <code>imgflow validate</code>.</p>"
-    rows = "".join(
-        f"<tr><td>{'ok' if o['success'] else 'FAILED'}</td><td>{html.escape(str(o['name']))}</td>"
-        f"<td>{o.get('unexpected_count', 0)}</td><td>{html.escape(str(o.get('description', '')))}</td></tr>"
-        for o in sorted(outcomes, key=lambda o: bool(o["success"]))
-    )
-    return (
-        "<h2>Data validation</h2><table><tr><th></th><th>expectation</th><th>rows</th><th>what</th></tr>"
-        f"{rows}</table>"
-    )
+        return kit.section(title, kit.paragraph(kit.join(
+            ["No validation report found: run ", kit.code("imgflow validate"), "."]
+        )))  # fmt: skip
+    ordered = sorted(outcomes, key=lambda o: list(_OUTCOME_WORDS).index(_outcome_kind(o)))
+    kinds = [_outcome_kind(o) for o in ordered]
+    rows = [[kit.badge(_OUTCOME_WORDS[k], k), o["name"], o.get("unexpected_count", 0), o.get("description", "")]
+            for o, k in zip(ordered, kinds, strict=True)]  # fmt: skip
+    return kit.section(
+        title,
+        kit.table(["", "expectation", "rows", "what"], rows,
+                  row_classes=[None if kind == "pass" else kind for kind in kinds]),
+    )  # fmt: skip
 
 
-def _balance_table(counts: dict[str, int]) -> str:
-    import html
+# Badge words, in table order: failures first, then warnings.
+_OUTCOME_WORDS = {"fail": "FAILED", "warn": "WARNING", "pass": "ok"}
 
+
+def _outcome_kind(outcome: dict[str, Any]) -> str:
+    """pass, warn (failed, but the expectation's severity is ``warn``) or fail, as in the validation report."""
+    if outcome["success"]:
+        return "pass"
+    return "warn" if outcome.get("severity") == "warn" else "fail"
+
+
+def _balance_table(counts: dict[str, int]) -> kit.Html:
     if not counts:
-        return ""
+        return kit.Html("")
     top = max(counts.values()) or 1
-    rows = "".join(
-        f'<tr><td>{html.escape(c)}</td><td>{n}</td><td><span class="bar" style="width:{200 * n / top:.0f}px"></span></td></tr>'
-        for c, n in counts.items()
-    )
-    return f"<table><tr><th>class</th><th>images</th><th></th></tr>{rows}</table>"
+    return kit.table(["class", "images", ""], [[c, n, kit.bar(n, top)] for c, n in counts.items()])
 
 
 EXCLUDED_FILE = "excluded.csv"

@@ -28,7 +28,6 @@ nothing is written to disk by GE, and its progress bars are off.
 
 from __future__ import annotations
 
-import html
 import json
 import logging
 import time
@@ -40,10 +39,12 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from components.core import report as kit
 from components.core.config import DEFAULT_SEVERITY, ValidateConfig
 from components.core.errors import DataError
 from components.data.image_stats import hex_to_uint64, near_duplicate_pairs
 from components.data.manifest import MANIFEST_COLUMNS, SPLITS
+from components.task import MULTILABEL, SINGLELABEL, Task, get_task
 
 logger = logging.getLogger(__name__)
 
@@ -203,19 +204,24 @@ class _Spec:
     multi-label data ``label_rows`` (one row per image and label) or ``cardinality`` (per split)."""
 
 
-def _suite_specs(classes: Sequence[str], cfg: ValidateConfig, task: str = "singlelabel") -> list[_Spec]:
-    """The whole suite, in report order."""
-    multilabel = task == "multilabel"
+def _suite_specs(classes: Sequence[str], cfg: ValidateConfig, task: str | Task = SINGLELABEL) -> list[_Spec]:
+    """The whole suite, in report order; label sets are checked where the task has them."""
+    task = get_task(task)
     return (
-        _schema_specs(classes, cfg, multilabel=multilabel)
-        + (_label_set_specs(classes, cfg) if multilabel else [])
+        _schema_specs(classes, cfg, task=task)
+        + (_label_set_specs(classes, cfg) if task.several_labels else [])
         + _image_specs(cfg)
-        + _balance_specs(classes, cfg, multilabel=multilabel)
+        + _balance_specs(classes, cfg, task=task)
         + _leakage_specs(cfg)
     )
 
 
-def _schema_specs(classes: Sequence[str], cfg: ValidateConfig, *, multilabel: bool = False) -> list[_Spec]:
+def _label_table(task: Task) -> str:
+    """The frame a label count runs on: one row per image, or per (image, label) for label sets."""
+    return "label_rows" if task.several_labels else "manifest"
+
+
+def _schema_specs(classes: Sequence[str], cfg: ValidateConfig, *, task: Task) -> list[_Spec]:
     specs = [
         _Spec(
             "manifest_not_empty",
@@ -289,10 +295,10 @@ def _schema_specs(classes: Sequence[str], cfg: ValidateConfig, *, multilabel: bo
             "ExpectColumnDistinctValuesToContainSet",
             {"column": "label", "value_set": list(classes), "row_condition": ("split", split)},
             f"each of the {len(classes)} declared classes has at least one image in the {split} split"
-            + (" (among all labels of each image)" if multilabel else ""),
+            + (" (among all labels of each image)" if task.several_labels else ""),
             _missing_classes(split),
             "class_presence",
-            "label_rows" if multilabel else "manifest",
+            _label_table(task),
         )
         for split in cfg.required_splits
     ]
@@ -371,10 +377,10 @@ def _image_specs(cfg: ValidateConfig) -> list[_Spec]:
     return specs
 
 
-def _balance_specs(classes: Sequence[str], cfg: ValidateConfig, *, multilabel: bool = False) -> list[_Spec]:
+def _balance_specs(classes: Sequence[str], cfg: ValidateConfig, *, task: Task) -> list[_Spec]:
     """Class balance, on the class-count table (one row per class, in total and per split); for
     multi-label data the counts are label occurrences (images carrying the label)."""
-    images = "images carrying it" if multilabel else "images"
+    images = "images carrying it" if task.several_labels else "images"
     return [
         _Spec(
             "enough_classes",
@@ -383,7 +389,7 @@ def _balance_specs(classes: Sequence[str], cfg: ValidateConfig, *, multilabel: b
             f"at least {cfg.min_classes} classes have images (a classifier needs two)",
             _observed,
             "class_count",
-            "label_rows" if multilabel else "manifest",
+            _label_table(task),
         ),
         _Spec(
             "min_per_class",
@@ -419,7 +425,7 @@ def _balance_specs(classes: Sequence[str], cfg: ValidateConfig, *, multilabel: b
             (
                 f"the most frequent label occurs in at most {cfg.max_imbalance_ratio:g}x the images of any "
                 "other label"
-                if multilabel
+                if task.several_labels
                 else f"the largest class has at most {cfg.max_imbalance_ratio:g}x the images of any other class"
             ),
             _count_rows,
@@ -609,7 +615,7 @@ def _format_example(example: dict[str, Any]) -> str:
 
 
 def validate_manifest(
-    df: pd.DataFrame, *, classes: Sequence[str], cfg: ValidateConfig, task: str = "singlelabel"
+    df: pd.DataFrame, *, classes: Sequence[str], cfg: ValidateConfig, task: str | Task = SINGLELABEL
 ) -> ValidationReport:
     """Validate a manifest (columns of :data:`components.data.manifest.MANIFEST_COLUMNS`) with GE.
 
@@ -621,16 +627,15 @@ def validate_manifest(
     classes = [str(c) for c in classes]
     if not classes:
         raise DataError("no classes given to validate the manifest against: pass the dataset's class names")
-    if task not in ("singlelabel", "multilabel"):
-        raise DataError(f"unknown task {task!r}: dataset.json's task must be singlelabel or multilabel")
+    task = get_task(task)  # an unknown name is a DataError
     specs = _suite_specs(classes, cfg, task)
     start = time.perf_counter()
     frames = {
-        "manifest": with_derived_columns(df, cfg, classes=classes if task == "multilabel" else None),
+        "manifest": with_derived_columns(df, cfg, classes=classes if task.several_labels else None),
         "class_counts": class_count_table(df, classes, cfg, task=task),
     }
     summary: dict[str, Any] = {}
-    if task == "multilabel":
+    if task.several_labels:  # the label-set tables and the report's label summary
         frames["label_rows"] = label_rows_table(df)
         frames["cardinality"] = cardinality_table(df, cfg)
         summary = label_summary(frames["label_rows"], frames["cardinality"], classes)
@@ -773,16 +778,16 @@ def label_summary(
     per_split = {
         str(split): {c: int(counts.get((split, c), 0)) for c in classes} for split in cardinality["split"]
     }
-    return {"task": "multilabel", "label_cardinality": card, "label_counts": per_split}
+    return {"task": MULTILABEL, "label_cardinality": card, "label_counts": per_split}
 
 
 def class_count_table(
-    df: pd.DataFrame, classes: Sequence[str], cfg: ValidateConfig, *, task: str = "singlelabel"
+    df: pd.DataFrame, classes: Sequence[str], cfg: ValidateConfig, *, task: str | Task = SINGLELABEL
 ) -> pd.DataFrame:
     """One row per declared class in total (``scope`` total) and per required split (``scope``
     split): ``count``, and ``imbalance`` = largest class count / this count (null when 0).
     Multi-label: counts are label occurrences (an image with two labels counts for both)."""
-    if task == "multilabel":
+    if get_task(task).several_labels:
         occurrences = label_rows_table(df)
         labels, splits = occurrences["label"], occurrences["split"]
     else:
@@ -941,61 +946,45 @@ def write_validation_report(report: ValidationReport, out_dir: Path) -> tuple[Pa
     return json_path, html_path
 
 
-_CSS = """
-body { font-family: system-ui, sans-serif; margin: 2em; color: #222; }
-h1 { font-size: 1.4em; } .verdict { padding: .4em .8em; border-radius: 4px; color: #fff; }
-.pass { background: #2e7d32; } .fail { background: #c62828; } .warn { background: #ef6c00; }
-table { border-collapse: collapse; width: 100%; margin-top: 1em; }
-th, td { border: 1px solid #ccc; padding: .35em .6em; text-align: left; vertical-align: top; }
-th { background: #f3f3f3; } tr.failed td { background: #fdecea; } tr.warned td { background: #fff4e5; }
-td.status { font-weight: bold; } code { font-size: .9em; }
-table.ex { margin: 0; width: auto; font-size: .85em; } table.ex td, table.ex th { padding: .15em .4em; }
-"""
-
-
 def render_html(report: ValidationReport) -> str:
-    """A self-contained page: verdict, then one table row per expectation with example rows."""
-    e = html.escape
-    verdict, css = ("PASSED", "pass") if report.success else ("FAILED", "fail")
+    """A self-contained page (report kit): verdict, then one table row per expectation with example rows."""
+    verdict, kind = ("PASSED", "pass") if report.success else ("FAILED", "fail")
     if report.success and report.warnings():
-        verdict, css = f"PASSED with {len(report.warnings())} warning(s)", "warn"
-    failed = len(report.failed())
-    rows = "\n".join(_html_row(o) for o in report.outcomes)
-    return f"""<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8"><title>Manifest validation: {verdict}</title>
-<style>{_CSS}</style></head><body>
-<h1>Manifest validation <span class="verdict {css}">{verdict}</span></h1>
-<p>{e(str(report.n_rows))} rows; {len(report.outcomes) - failed} of {len(report.outcomes)} expectations met,
-{failed} failed ({len(report.warnings())} of them warnings only).</p>
-{_html_label_summary(report.summary)}
-<table><thead><tr><th>Expectation</th><th>Expected</th><th>Status</th><th>Unexpected</th>
-<th>Examples</th></tr></thead>
-<tbody>
-{rows}
-</tbody></table>
-</body></html>
-"""
+        verdict, kind = f"PASSED with {len(report.warnings())} warning(s)", "warn"
+    outcomes, failed = report.outcomes, len(report.failed())
+    summary = (
+        f"{report.n_rows} rows; {len(outcomes) - failed} of {len(outcomes)} expectations met, {failed} failed "
+        f"({len(report.warnings())} of them warnings only)."
+    )
+    table = kit.table(
+        ["Expectation", "Expected", "Status", "Unexpected", "Examples"],
+        [_html_row(o) for o in outcomes],
+        row_classes=[_ROW_KINDS[_status(o)] for o in outcomes],
+    )
+    return kit.page(
+        f"Manifest validation: {verdict}",
+        heading="Manifest validation",
+        top=[kit.verdict_banner(verdict, kind), kit.paragraph(summary)],
+        sections=[_html_label_summary(report.summary), kit.section("Expectations", table)],
+    )
 
 
-def _html_label_summary(summary: dict[str, Any]) -> str:
+def _html_label_summary(summary: dict[str, Any]) -> kit.Section | None:
     """Multi-label: label cardinality and per-label counts, one column per split."""
     if not summary:
-        return ""
-    e = html.escape
+        return None
     card = summary.get("label_cardinality", {})
     counts = summary.get("label_counts", {})
     splits = list(counts)
-    head = "".join(f"<th>{e(s)}</th>" for s in splits)
-    card_row = "".join(f"<td>{_cell(_rounded(card.get(s)))}</td>" for s in splits)
     labels = list(dict.fromkeys(lab for per in counts.values() for lab in per))
-    rows = "".join(
-        f"<tr><td>{e(lab)}</td>" + "".join(f"<td>{counts[s].get(lab, 0)}</td>" for s in splits) + "</tr>"
-        for lab in labels
-    )
-    return (
-        f"<h2>Labels (multi-label)</h2><p>Mean labels per image over all splits: "
-        f"{_cell(_rounded(card.get('all')))}.</p>"
-        f"<table><tr><th></th>{head}</tr><tr><td><b>labels per image</b></td>{card_row}</tr>{rows}</table>"
+    rows = [
+        [kit.Html("<b>labels per image</b>"), *[_cell(_rounded(card.get(s))) for s in splits]],
+        *[[lab, *[counts[s].get(lab, 0) for s in splits]] for lab in labels],
+    ]
+    return kit.section(
+        "Labels (multi-label)",
+        kit.paragraph(f"Mean labels per image over all splits: {_cell(_rounded(card.get('all')))}."),
+        kit.table(["", *splits], rows),
     )
 
 
@@ -1003,28 +992,28 @@ def _rounded(value: Any) -> Any:
     return round(value, 3) if isinstance(value, float) else value
 
 
-def _html_row(o: ExpectationOutcome) -> str:
-    e = html.escape
-    status = "PASSED" if o.success else ("WARNING" if o.severity == "warn" else "FAILED")
-    css = "passed" if o.success else ("warned" if o.severity == "warn" else "failed")
-    return (
-        f'<tr class="{css}"><td><b>{e(o.name)}</b><br>'
-        f"<code>{e(o.expectation)}</code><br>check {e(o.check)} ({e(o.severity)})</td><td>{e(o.description)}</td>"
-        f'<td class="status">{status}</td><td>{o.unexpected_count}</td>'
-        f"<td>{_html_examples(o.examples)}</td></tr>"
-    )
+# status -> (badge colour, row tint)
+_STATUS_KINDS = {"PASSED": "pass", "WARNING": "warn", "FAILED": "fail"}
+_ROW_KINDS = {"PASSED": None, "WARNING": "warn", "FAILED": "fail"}
 
 
-def _html_examples(examples: tuple[dict[str, Any], ...]) -> str:
+def _status(o: ExpectationOutcome) -> str:
+    return "PASSED" if o.success else ("WARNING" if o.severity == "warn" else "FAILED")
+
+
+def _html_row(o: ExpectationOutcome) -> list[object]:
+    name = kit.join([kit.Html("<b>"), o.name, kit.Html("</b><br>"), kit.code(o.expectation),
+                     kit.Html("<br>"), f"check {o.check} ({o.severity})"])  # fmt: skip
+    status = _status(o)
+    return [name, o.description, kit.badge(status, _STATUS_KINDS[status]), o.unexpected_count,
+            _html_examples(o.examples)]  # fmt: skip
+
+
+def _html_examples(examples: tuple[dict[str, Any], ...]) -> kit.Html:
     if not examples:
-        return ""
-    e = html.escape
+        return kit.Html("")
     keys = list(dict.fromkeys(k for ex in examples for k in ex))
-    head = "".join(f"<th>{e(k)}</th>" for k in keys)
-    body = "".join(
-        "<tr>" + "".join(f"<td>{e(_cell(ex.get(k)))}</td>" for k in keys) + "</tr>" for ex in examples
-    )
-    return f'<table class="ex"><tr>{head}</tr>{body}</table>'
+    return kit.table(keys, [[_cell(ex.get(k)) for k in keys] for ex in examples], compact=True)
 
 
 def _cell(value: Any) -> str:

@@ -13,9 +13,7 @@ applicable (and vice versa), never as passed.
 
 from __future__ import annotations
 
-import base64
 import csv
-import html
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -28,6 +26,7 @@ from components.baseline.clip_baseline import (
     check_beats_baseline,
     is_not_applicable,
 )
+from components.core import report as kit
 from components.core.config import BaselineConfig, GatesConfig
 from components.core.jsonio import write_json
 from components.evaluate.calibration import CalibrationReport
@@ -40,6 +39,7 @@ from components.evaluate.gates import (
     multilabel_metric_gates,
 )
 from components.evaluate.robustness import SEVERITIES, RobustnessReport
+from components.task import Task, get_task
 from components.task.metrics import flat_metrics, is_multilabel, most_confused
 
 logger = logging.getLogger(__name__)
@@ -453,167 +453,127 @@ def _write_csv(path: Path, rows: Sequence[dict[str, Any]]) -> Path:
 
 
 # --------------------------------------------------------------------------- HTML
-
-_CSS = """
-body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
-#verdict{padding:1em 1.2em;border-radius:6px;font-size:1.3em;font-weight:600;color:#fff}
-#verdict.pass{background:#1e7b34} #verdict.fail{background:#b3261e}
-table{border-collapse:collapse;margin:.6em 0 1.4em;font-size:.92em} td,th{border:1px solid #ccc;padding:.3em .6em}
-th{background:#f3f3f3;text-align:left} td.num{text-align:right;font-variant-numeric:tabular-nums}
-.pass{color:#1e7b34;font-weight:600} .FAIL{color:#b3261e;font-weight:700} .warn{color:#b26a00;font-weight:700}
-img{max-width:100%;border:1px solid #eee} .muted{color:#666}
-"""
-
-
-def _e(v: Any) -> str:
-    return html.escape(str(v))
-
-
-def _num(v: Any, digits: int = 4) -> str:
-    return "" if v is None else f"{float(v):.{digits}f}"
-
-
-def _table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    head = "".join(f"<th>{_e(h)}</th>" for h in headers)
-    body = "".join(
-        "<tr>" + "".join(f'<td class="num">{_e(c)}</td>' if isinstance(c, str) and _is_numeric(c)
-                         else f"<td>{c if isinstance(c, _Raw) else _e(c)}</td>" for c in row) + "</tr>"
-        for row in rows
-    )  # fmt: skip
-    return f"<table><tr>{head}</tr>{body}</table>"
-
-
-class _Raw(str):
-    """Already-escaped HTML for a table cell."""
-
-
-def _is_numeric(s: str) -> bool:
-    try:
-        float(s)
-    except ValueError:
-        return False
-    return True
-
-
-def _img(path: Path | None, alt: str) -> str:
-    if path is None or not Path(path).exists():
-        return ""
-    data = base64.b64encode(Path(path).read_bytes()).decode("ascii")
-    return f'<p><img alt="{_e(alt)}" src="data:image/png;base64,{data}"></p>'
+# The page is drawn with the report kit (components.core.report): one stylesheet for every report.
 
 
 def render_html(data: Mapping[str, Any], *, images: Mapping[str, Path]) -> str:
     """A self-contained page: verdict, gates in plain words, then the evidence."""
     ok = data["passed"]
-    multilabel = data.get("task") == "multilabel"
-    parts = [
-        f'<div id="verdict" class="{"pass" if ok else "fail"}">{_e(data["verdict"])}</div>',
+    task = get_task(data.get("task"))
+    cal = data.get("calibration")
+    sections = [
         _context_html(data["context"]),
-        "<h2>Gates</h2>",
-        _table(
-            ["gate", "result", "level", "value", "bound", "threshold", "in plain words"],
-            [
-                [
-                    g["name"],
-                    _Raw(f'<span class="{_e(g["status"])}">{_e(_status_text(g))}</span>'),
-                    g["level"],
-                    _num(g["value"]),
-                    _num(g["bound"]),
-                    f"{g['comparison']} {_num(g['threshold'])}",
-                    g["explanation"] or g["message"],
-                ]
-                for g in data["gates"]
-            ],
-        ),  # fmt: skip
-        _not_applicable_html(data.get("not_applicable") or []),
-        _per_label_html(data["metrics"], data.get("calibration"))
-        if multilabel
-        else _per_class_html(data["metrics"]),
+        _gates_html(data["gates"], data.get("not_applicable") or []),
+        _METRICS_HTML[task.row_name](data["metrics"], cal),
         _curves_html(images),
-        _confusion_html(data.get("confused_pairs") or [], images, multilabel=multilabel),
+        _confusion_html(data.get("confused_pairs") or [], images, task=task),
         _baseline_html(data.get("baseline")),
-        _calibration_html(data.get("calibration"), images),
+        _calibration_html(cal, images),
         _robustness_html(data.get("robustness"), images),
-        _slices_html(data.get("slices"), multilabel=multilabel),
+        _slices_html(data.get("slices"), task=task),
         _champion_html(data.get("champion")),
     ]
-    title = f"imgflow gate report: {'PASSED' if ok else 'FAILED'}"
-    return (
-        f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{title}</title>'
-        f"<style>{_CSS}</style></head><body><h1>Gate report</h1>{''.join(parts)}</body></html>\n"
+    return kit.page(
+        f"imgflow gate report: {'PASSED' if ok else 'FAILED'}",
+        heading="Gate report",
+        top=[kit.verdict_banner(data["verdict"], "pass" if ok else "fail")],
+        sections=sections,
     )
+
+
+_STATUS_KINDS = {"pass": "pass", "FAIL": "fail", "warn": "warn"}
+
+
+def _gates_html(
+    gates: Sequence[Mapping[str, Any]], not_applicable: Sequence[Mapping[str, Any]]
+) -> kit.Section:
+    rows = [
+        [g["name"], kit.badge(_status_text(g), _STATUS_KINDS[g["status"]]), g["level"], kit.num(g["value"]),
+         kit.num(g["bound"]), f"{g['comparison']} {kit.num(g['threshold'])}", g["explanation"] or g["message"]]
+        for g in gates
+    ]  # fmt: skip
+    table = kit.table(
+        ["gate", "result", "level", "value", "bound", "threshold", "in plain words"],
+        rows,
+        row_classes=[None if g["status"] == "pass" else _STATUS_KINDS[g["status"]] for g in gates],
+    )
+    return kit.section("Gates", table, _not_applicable_html(not_applicable))
 
 
 def _status_text(g: Mapping[str, Any]) -> str:
     return f"{g['status']} (not applicable)" if str(g["message"]).startswith(NOT_APPLICABLE) else g["status"]
 
 
-def _context_html(ctx: Mapping[str, Any]) -> str:
-    if not ctx:
-        return ""
-    return "<h2>Model</h2>" + _table(["", ""], [[k, v] for k, v in ctx.items()])
+def _context_html(ctx: Mapping[str, Any]) -> kit.Section | None:
+    return kit.section("Model", kit.key_values(ctx)) if ctx else None
 
 
-def _not_applicable_html(items: Sequence[Mapping[str, Any]]) -> str:
+def _not_applicable_html(items: Sequence[Mapping[str, Any]]) -> kit.Html:
     if not items:
-        return ""
-    listed = "; ".join(f"{_e(i['name'])} ({_e(i['reason'])})" for i in items)
-    return f"<p class='muted'>Not applicable to this model, neither passed nor failed: {listed}.</p>"
+        return kit.Html("")
+    listed = "; ".join(f"{i['name']} ({i['reason']})" for i in items)
+    return kit.note(f"Not applicable to this model, neither passed nor failed: {listed}.")
 
 
-def _per_class_html(m: Mapping[str, Any]) -> str:
+def _per_class_html(m: Mapping[str, Any], cal: Mapping[str, Any] | None = None) -> kit.Section:
+    num = kit.num
     top_k = next((k for k in m if k.startswith("top") and k.endswith("_accuracy")), None)
-    summary = _table(
+    summary = kit.table(
         ["accuracy", *([top_k.replace("_", " ")] if top_k else []), "balanced accuracy", "macro F1",
          "weighted F1", "macro ROC-AUC", "macro PR-AUC", "NLL", "Brier", "images"],
-        [[_num(m["accuracy"]), *([_num(m[top_k])] if top_k else []), _num(m["balanced_accuracy"]),
-          _num(m["macro_f1"]), _num(m["weighted_f1"]), _num(m.get("macro_roc_auc")), _num(m.get("macro_pr_auc")),
-          _num(m["nll"]), _num(m["brier"]), str(m["n"])]],
+        [[num(m["accuracy"]), *([num(m[top_k])] if top_k else []), num(m["balanced_accuracy"]),
+          num(m["macro_f1"]), num(m["weighted_f1"]), num(m.get("macro_roc_auc")), num(m.get("macro_pr_auc")),
+          num(m["nll"]), num(m["brier"]), str(m["n"])]],
     )  # fmt: skip
-    rows = [[r["class"], _num(r["precision"]), _num(r["recall"]), _num(r.get("recall_lower")),
-             _num(r["f1"]), _num(r.get("roc_auc")), _num(r.get("pr_auc")), str(r["support"])]
+    rows = [[r["class"], num(r["precision"]), num(r["recall"]), num(r.get("recall_lower")),
+             num(r["f1"]), num(r.get("roc_auc")), num(r.get("pr_auc")), str(r["support"])]
             for r in m["per_class"]]  # fmt: skip
     bound = f"recall {m.get('confidence', 0.95):.0%} lower bound"
-    return (
-        "<h2>Test metrics</h2>" + summary + "<h3>Per class</h3>"
-        + _table(["class", "precision", "recall", bound, "F1", "ROC-AUC (one vs rest)", "PR-AUC (AP)", "support"],
-                 rows)
-    )  # fmt: skip
+    headers = ["class", "precision", "recall", bound, "F1", "ROC-AUC (one vs rest)", "PR-AUC (AP)", "support"]
+    return kit.section("Test metrics", summary, kit.subheading("Per class"), kit.table(headers, rows))
 
 
 _RULES = {"f1": "maximise each label's F1", "precision": "reach precision {t} (the most recall at it)",
           "recall": "reach recall {t} (the most precision at it)"}  # fmt: skip
 
 
-def _per_label_html(m: Mapping[str, Any], cal: Mapping[str, Any] | None) -> str:
-    summary = _table(
+def _per_label_html(m: Mapping[str, Any], cal: Mapping[str, Any] | None) -> kit.Section:
+    num = kit.num
+    summary = kit.table(
         ["mAP", "macro ROC-AUC", "micro F1", "macro F1", "micro precision", "micro recall", "subset accuracy",
          "Hamming loss", "labels per image (true)", "labels per image (predicted)", "images"],
-        [[_num(m["mAP"]), _num(m.get("macro_roc_auc")), _num(m["micro_f1"]), _num(m["macro_f1"]),
-          _num(m["micro_precision"]), _num(m["micro_recall"]), _num(m["subset_accuracy"]), _num(m["hamming_loss"]),
-          _num(m["label_cardinality"], 3), _num(m["predicted_cardinality"], 3), str(m["n"])]],
+        [[num(m["mAP"]), num(m.get("macro_roc_auc")), num(m["micro_f1"]), num(m["macro_f1"]),
+          num(m["micro_precision"]), num(m["micro_recall"]), num(m["subset_accuracy"]), num(m["hamming_loss"]),
+          num(m["label_cardinality"], 3), num(m["predicted_cardinality"], 3), str(m["n"])]],
     )  # fmt: skip
     tuning = m.get("threshold_tuning") or {}
     rule = _RULES.get(str(tuning.get("rule")), "default 0.5").format(t=tuning.get("target"))
     where = (
-        f"tuned on the {_e(tuning.get('fitted_on'))} split ({tuning.get('n_fit')} images) to {_e(rule)}"
+        f"tuned on the {tuning.get('fitted_on')} split ({tuning.get('n_fit')} images) to {rule}"
         if tuning.get("fitted_on") not in (None, "none")
         else "not tuned (no validation split): 0.5 for every label"
     )
     ece = {r["label"]: r["ece"] for r in (cal or {}).get("per_label") or []}
     val = {r["label"]: r for r in tuning.get("per_label") or []}
-    rows = [[r["label"], _num(r["ap"]), _num(r.get("roc_auc")), _num(r["threshold"]), _num(r["precision"]),
-             _num(r["recall"]), _num(r.get("recall_lower")), _num(r["f1"]), str(r["support"]), _num(ece.get(r["label"])),
+    rows = [[r["label"], num(r["ap"]), num(r.get("roc_auc")), num(r["threshold"]), num(r["precision"]),
+             num(r["recall"]), num(r.get("recall_lower")), num(r["f1"]), str(r["support"]), num(ece.get(r["label"])),
              _target_text(val.get(r["label"]))]
             for r in m["per_label"]]  # fmt: skip
     bound = f"recall {m.get('confidence', 0.95):.0%} lower bound"
-    return (
-        "<h2>Test metrics (multi-label)</h2>" + summary
-        + f"<p>Decision thresholds: {where}. The registered model predicts a label when its probability "
-        "reaches the label's threshold.</p><h3>Per label</h3>"
-        + _table(["label", "AP", "ROC-AUC", "threshold", "precision", "recall", bound, "F1", "support",
-                  "ECE", "val precision / recall at the threshold"], rows)
+    headers = ["label", "AP", "ROC-AUC", "threshold", "precision", "recall", bound, "F1", "support", "ECE",
+               "val precision / recall at the threshold"]  # fmt: skip
+    return kit.section(
+        "Test metrics (multi-label)",
+        summary,
+        kit.paragraph(f"Decision thresholds: {where}. The registered model predicts a label when its "
+                      "probability reaches the label's threshold."),
+        kit.subheading("Per label"),
+        kit.table(headers, rows),
     )  # fmt: skip
+
+
+# The metrics section of a task whose model outputs are classes / labels (Task.row_name).
+_METRICS_HTML = {"class": _per_class_html, "label": _per_label_html}
 
 
 def _target_text(row: Mapping[str, Any] | None) -> str:
@@ -626,134 +586,163 @@ def _target_text(row: Mapping[str, Any] | None) -> str:
     return text if row.get("reached", True) else text + " (target not reached: best F1 used)"
 
 
-def _curves_html(images: Mapping[str, Path]) -> str:
+def _curves_html(images: Mapping[str, Path]) -> kit.Section | None:
     if images.get("roc_curves") is None and images.get("pr_curves") is None:
-        return ""
-    return (
-        "<h2>ROC and precision-recall curves</h2><p>One class against the rest; the legend gives each "
-        "curve's area (ROC-AUC, average precision).</p>"
-        + _img(images.get("roc_curves"), "one-vs-rest ROC curves")
-        + _img(images.get("pr_curves"), "precision-recall curves")
+        return None
+    return kit.section(
+        "ROC and precision-recall curves",
+        kit.paragraph("One class against the rest; the legend gives each curve's area (ROC-AUC, average "
+                      "precision)."),
+        kit.figures(
+            kit.figure(images.get("roc_curves"), alt="one-vs-rest ROC curves",
+                       caption="ROC: up and to the left is better; the dashed line is chance."),
+            kit.figure(images.get("pr_curves"), alt="precision-recall curves",
+                       caption="Precision-recall: up and to the right is better."),
+        ),
     )  # fmt: skip
 
 
+# Headers of the most-confused pairs and what a cell of the matrix counts, by Task.row_name.
+_CONFUSION_WORDS = {
+    "class": (("true class", "predicted as", "images", "share of the true class"), ""),
+    "label": (
+        ("missed label", "predicted instead", "images", "share of the label's images"),
+        "A cell counts the test images where the row's label was missed while the column's label was "
+        "predicted without being there; the diagonal counts each label's hits.",
+    ),
+}
+
+
 def _confusion_html(
-    pairs: Sequence[Mapping[str, Any]], images: Mapping[str, Path], *, multilabel: bool = False
-) -> str:
-    rows = [[p["true"], p["predicted"], str(p["count"]), _num(p["share"], 3)] for p in pairs]
-    headers = (
-        ["missed label", "predicted instead", "images", "share of the label's images"]
-        if multilabel
-        else ["true class", "predicted as", "images", "share of the true class"]
-    )
-    table = (
-        _table(headers, rows)
-        if rows
-        else "<p class='muted'>No test image was confused with another class.</p>"
-    )
-    intro = (
-        "<p>A cell counts the test images where the row's label was missed while the column's label was "
-        "predicted without being there; the diagonal counts each label's hits.</p>"
-        if multilabel
-        else ""
-    )
-    return (
-        "<h2>Confusion matrix</h2>" + intro + "<h3>Most confused pairs</h3>" + table
-        + _img(images.get("confusion_matrix"), "confusion matrix (counts)")
-        + _img(images.get("confusion_matrix_normalized"), "confusion matrix (share of each true class)")
+    pairs: Sequence[Mapping[str, Any]], images: Mapping[str, Path], *, task: Task
+) -> kit.Section:
+    headers, intro = _CONFUSION_WORDS[task.row_name]
+    rows = [[p["true"], p["predicted"], str(p["count"]), kit.num(p["share"], 3)] for p in pairs]
+    table = kit.table(headers, rows) if rows else kit.note("No test image was confused with another class.")
+    return kit.section(
+        "Confusion matrix",
+        kit.paragraph(intro) if intro else "",
+        kit.subheading("Most confused pairs"),
+        table,
+        kit.figures(
+            kit.figure(images.get("confusion_matrix"), alt="confusion matrix (counts)",
+                       caption="Counts of test images."),
+            kit.figure(images.get("confusion_matrix_normalized"),
+                       alt="confusion matrix (share of each true class)", caption="Each row as shares of its images."),
+        ),
     )  # fmt: skip
 
 
 _KIND_NAMES = {"trained": "trained model", "zero_shot": "CLIP zero-shot", "linear_probe": "CLIP linear probe"}
 
 
-def _baseline_html(b: Mapping[str, Any] | None) -> str:
+def _baseline_html(b: Mapping[str, Any] | None) -> kit.Section | None:
     if not b:
-        return ""
-    head = "<h2>CLIP baselines</h2>"
+        return None
+    title = "CLIP baselines"
     if b["status"] != "ok":
         reason = str(b.get("reason") or "")
         why = reason if reason.startswith(str(b["status"])) else f"{b['status']}: {reason}"
-        return (
-            f"{head}<p class='muted'>Baseline {_e(why)}. "
-            "No zero-shot comparison; the zero-shot gate, if enabled, is not applicable and does not pass.</p>"
-        )
+        return kit.section(title, kit.note(
+            f"Baseline {why}. No zero-shot comparison; the zero-shot gate, if enabled, is not applicable "
+            "and does not pass."
+        ))  # fmt: skip
     kinds = list(b["overall"])
     metric, per = b.get("metric", "accuracy"), b.get("per_metric", "recall")
-    overall = _table(["", *[_KIND_NAMES[k] for k in kinds]],
-                     [[metric, *[_num(b["overall"][k][metric]) for k in kinds]],
-                      ["test images", *[str(b["overall"][k]["n"]) for k in kinds]]])  # fmt: skip
-    rows = [[r["class"], *[_num(r.get(k)) for k in kinds]] for r in b["per_class"]]
-    title = "AP per label" if per == "ap" else "Recall per class"
-    return (
-        f"{head}<p>{_e(b.get('model'))} / {_e(b.get('pretrained'))}, on the test split.</p>" + overall
-        + f"<h3>{title}</h3>" + _table(["class", *[_KIND_NAMES[k] for k in kinds]], rows)
-    )  # fmt: skip
-
-
-def _calibration_html(cal: Mapping[str, Any] | None, images: Mapping[str, Path]) -> str:
-    if not cal:
-        return ""
-    rows = [[k, _num(cal["before"][k]), _num(cal["after"][k])] for k in cal["before"]]
-    multilabel = cal.get("task") == "multilabel"
-    per_label = ""
-    if multilabel:
-        per_label = "<h3>Per label (after scaling)</h3>" + _table(
-            ["label", "ECE", "adaptive ECE", "MCE", "mean probability", "positive rate"],
-            [[r["label"], _num(r["ece"]), _num(r["ece_adaptive"]), _num(r["mce"]), _num(r["mean_probability"]),
-              _num(r["positive_rate"])] for r in cal.get("per_label") or []],
-        )  # fmt: skip
-    how = (
-        "divides its logits by T before each label's sigmoid. Below: means over the labels (ECE per label: "
-        "predicted probability against how often the label is really there; NLL: binary cross-entropy)"
-        if multilabel
-        else "divides its logits by T"
+    overall = kit.table(["", *[_KIND_NAMES[k] for k in kinds]],
+                        [[metric, *[kit.num(b["overall"][k][metric]) for k in kinds]],
+                         ["test images", *[str(b["overall"][k]["n"]) for k in kinds]]])  # fmt: skip
+    rows = [[r["class"], *[kit.num(r.get(k)) for k in kinds]] for r in b["per_class"]]
+    return kit.section(
+        title,
+        kit.paragraph(f"{b.get('model')} / {b.get('pretrained')}, on the test split."),
+        overall,
+        kit.subheading("AP per label" if per == "ap" else "Recall per class"),
+        kit.table(["class", *[_KIND_NAMES[k] for k in kinds]], rows),
     )
-    return (
-        f"<h2>Calibration</h2><p>Temperature T = {cal['temperature']:.4f}, fitted on the "
-        f"{_e(cal['fitted_on'])} split ({cal['n_fit']} images); the registered model {how}.</p>"
-        + _table(["test metric", "before scaling", "after scaling"], rows) + per_label
-        + _img(images.get("reliability"), "reliability diagram")
+
+
+# How the registered model applies the temperature, by Task.row_name.
+_CALIBRATION_HOW = {
+    "class": "divides its logits by T",
+    "label": "divides its logits by T before each label's sigmoid. Below: means over the labels (ECE per label: "
+    "predicted probability against how often the label is really there; NLL: binary cross-entropy)",
+}
+
+
+def _calibration_html(cal: Mapping[str, Any] | None, images: Mapping[str, Path]) -> kit.Section | None:
+    if not cal:
+        return None
+    task = get_task(cal.get("task"))
+    rows = [[k, kit.num(cal["before"][k]), kit.num(cal["after"][k])] for k in cal["before"]]
+    return kit.section(
+        "Calibration",
+        kit.paragraph(f"Temperature T = {cal['temperature']:.4f}, fitted on the {cal['fitted_on']} split "
+                      f"({cal['n_fit']} images); the registered model {_CALIBRATION_HOW[task.row_name]}."),
+        kit.table(["test metric", "before scaling", "after scaling"], rows),
+        _calibration_per_label(cal.get("per_label")),
+        kit.figure(images.get("reliability"), alt="reliability diagram",
+                   caption="Bars below the dashed diagonal: the model states more confidence than it earns."),
     )  # fmt: skip
 
 
-def _robustness_html(r: Mapping[str, Any] | None, images: Mapping[str, Path]) -> str:
+def _calibration_per_label(rows: Sequence[Mapping[str, Any]] | None) -> kit.Html:
+    """Multi-label calibration has one row per label (single-label has none)."""
+    if rows is None:
+        return kit.Html("")
+    num = kit.num
+    return kit.join([kit.subheading("Per label (after scaling)"), kit.table(
+        ["label", "ECE", "adaptive ECE", "MCE", "mean probability", "positive rate"],
+        [[r["label"], num(r["ece"]), num(r["ece_adaptive"]), num(r["mce"]), num(r["mean_probability"]),
+          num(r["positive_rate"])] for r in rows],
+    )])  # fmt: skip
+
+
+def _robustness_html(r: Mapping[str, Any] | None, images: Mapping[str, Path]) -> kit.Section | None:
     if not r:
-        return ""
-    rows = [[fam, *[_num(a, 3) for a in accs], _num(r["family_relative"][fam], 3)]
+        return None
+    rows = [[fam, *[kit.num(a, 3) for a in accs], kit.num(r["family_relative"][fam], 3)]
             for fam, accs in r["accuracy"].items()]  # fmt: skip
     m = r.get("metric", "accuracy")
-    return (
-        f"<h2>Robustness</h2><p>{r['n']} test images, seed {r['seed']}: clean {_e(m)} "
-        f"{r['clean_accuracy']:.4f}, mean corruption {_e(m)} {r['mean_corruption_accuracy']:.4f}, "
-        f"relative robustness {r['relative_robustness']:.3f}; worst family {_e(r['worst_family'])}.</p>"
-        + _table(["family", *[f"severity {s}" for s in SEVERITIES], "relative"], rows)
-        + _img(images.get("robustness"), "robustness heatmap")
+    return kit.section(
+        "Robustness",
+        kit.paragraph(f"{r['n']} test images, seed {r['seed']}: clean {m} {r['clean_accuracy']:.4f}, mean "
+                      f"corruption {m} {r['mean_corruption_accuracy']:.4f}, relative robustness "
+                      f"{r['relative_robustness']:.3f}; worst family {r['worst_family']}."),
+        kit.table(["family", *[f"severity {s}" for s in SEVERITIES], "relative"], rows),
+        kit.figure(images.get("robustness"), alt="robustness heatmap",
+                   caption=f"Each cell: the {m} under one corruption family (row) at one severity (column)."),
     )  # fmt: skip
 
 
-def _slices_html(slices: Sequence[Mapping[str, Any]] | None, *, multilabel: bool = False) -> str:
+def _slices_html(slices: Sequence[Mapping[str, Any]] | None, *, task: Task) -> kit.Section | None:
     if slices is None:
-        return ""
-    rows = [[s["slice"], str(s["n"]), _num(s["accuracy"]), _num(s["accuracy_lower"])] for s in slices]
-    what = "subset accuracy" if multilabel else "accuracy"
-    note = "<p>Subset accuracy: the share of images whose whole label set is right.</p>" if multilabel else ""
-    return "<h2>Slices</h2>" + note + _table(["slice", "images", what, "lower bound"], rows)
+        return None
+    rows = [[s["slice"], str(s["n"]), kit.num(s["accuracy"]), kit.num(s["accuracy_lower"])] for s in slices]
+    return kit.section(
+        "Slices",
+        kit.paragraph(f"{task.correct_name.capitalize()}: the share of images that {task.correct_phrase}."),
+        kit.table(["slice", "images", task.correct_name, "lower bound"], rows),
+    )
 
 
-def _champion_html(champ: Mapping[str, Any] | None) -> str:
+def _champion_html(champ: Mapping[str, Any] | None) -> kit.Section | None:
     if not champ:
-        return ""
+        return None
+    title = "Champion comparison"
     if champ.get("status") != "compared":
-        return f"<h2>Champion comparison</h2><p class='muted'>{_e(champ.get('reason', 'not compared'))}</p>"
+        return kit.section(title, kit.note(champ.get("reason", "not compared")))
     comp = champ["comparison"]
     parts = [comp["mAP"], *comp["per_label"]] if "mAP" in comp else [comp["accuracy"], *comp["per_class"]]
-    rows = [[r["what"], _num(r["challenger"]), _num(r["champion"]), _num(r["difference"]),
-             _num(r["lower"]), _num(-r["margin"]), "yes" if r["passed"] else "NO"]
+    num = kit.num
+    rows = [[r["what"], num(r["challenger"]), num(r["champion"]), num(r["difference"]), num(r["lower"]),
+             num(-r["margin"]), kit.badge("yes", "pass") if r["passed"] else kit.badge("NO", "fail")]
             for r in parts]  # fmt: skip
-    return (
-        f"<h2>Champion comparison</h2><p>Champion: {_e(champ.get('uri'))} (version {_e(champ.get('version'))}), "
-        f"re-evaluated on the same test images; paired bootstrap ({comp['n_boot']} resamples, "
-        f"{comp['confidence']:.0%} one-sided).</p>"
-        + _table(["metric", "challenger", "champion", "difference", "lower bound", "allowed", "non-inferior"], rows)
+    return kit.section(
+        title,
+        kit.paragraph(f"Champion: {champ.get('uri')} (version {champ.get('version')}), re-evaluated on the same "
+                      f"test images; paired bootstrap ({comp['n_boot']} resamples, {comp['confidence']:.0%} "
+                      "one-sided)."),
+        kit.table(["metric", "challenger", "champion", "difference", "lower bound", "allowed", "non-inferior"],
+                  rows, row_classes=[None if r["passed"] else "fail" for r in parts]),
     )  # fmt: skip

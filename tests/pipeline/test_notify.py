@@ -108,6 +108,7 @@ def test_failed_run_posts_run_failed(webhook_listener: dict, tmp_path: Path) -> 
         "pipeline", "-v", cwd=tmp_path, env={"IMGFLOW_WEBHOOK_URL": webhook_listener["url"]}, timeout=300
     )
     assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Beginning flow run" in proc.stderr  # -v: Prefect's INFO lines are shown
     assert (
         "Finished in state Failed" in proc.stderr and "Retry 1/2 will start" not in proc.stderr
     )  # not retried

@@ -46,6 +46,23 @@ def test_pipeline_prints_run_version_and_ui(done: dict) -> None:
     assert "champion" in out and "mlflow ui --backend-store-uri sqlite:///" in out
 
 
+STAGES = ("ingest", "check", "validate", "audit", "baseline", "train", "evaluate", "register")
+
+
+def test_console_is_one_line_per_stage_without_library_noise(done: dict) -> None:
+    """The default console: a line per stage, progress bars and the summary; no Python warnings
+    from libraries (UserWarning, FutureWarning...), no per-rank Ray report lines, no Prefect INFO."""
+    proc = done["proc"]
+    lines = (proc.stdout + proc.stderr).rstrip("\n").split("\n")  # a bar's redraws (\r) are one line
+    assert not [line for line in lines if "Warning" in line]
+    assert not [line for line in lines if "Reporting training result" in line]
+    assert not [line for line in lines if "Finished in state" in line or "Beginning flow run" in line]
+    for stage in STAGES:
+        assert len([line for line in lines if line.startswith(f"{stage:<9} ")]) == 1, (stage, lines)
+    assert "corruption sweep" in proc.stderr  # the long steps draw a progress bar
+    assert len(lines) <= 30, "\n".join(lines)
+
+
 def test_flow_run_is_recorded_by_the_prefect_server(done: dict) -> None:
     # Runs of deployments (tests/pipeline/test_deploy.py schedules some on the same server) are not this run.
     no_deployment = {"flow_runs": {"deployment_id": {"is_null_": True}}}

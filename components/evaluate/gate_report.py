@@ -5,10 +5,10 @@ champion comparison) into one :class:`~components.evaluate.gates.GateReport` usi
 and levels of ``params.yaml``'s ``gates:``. :func:`write_report` writes the evaluate stage's
 files; ``report.html`` is self-contained (plots inlined as base64), verdict first.
 
-A multi-label model (``metrics["task"] == "multilabel"``) is gated on mAP, each label's AP and
-recall at its tuned threshold, the mean per-label ECE, corrupted / clean mAP, slice subset accuracy
-and mAP / per-label AP against the champion; the single-label-only gates are listed as not
-applicable (and vice versa), never as passed.
+Which gates apply is the model's task's (:attr:`components.task.Task.gates`): a multi-label model is
+gated on mAP, each label's AP and recall at its tuned threshold, the mean per-label ECE, corrupted /
+clean mAP, slice subset accuracy and mAP / per-label AP against the champion; the gates of the
+other task are listed as not applicable, never as passed.
 """
 
 from __future__ import annotations
@@ -20,27 +20,29 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from components.baseline.clip_baseline import (
+from components.core import report as kit
+from components.core.config import BaselineConfig, GatesConfig
+from components.core.jsonio import write_json
+from components.evaluate.baseline_gate import (
     NOT_APPLICABLE,
     ZERO_SHOT_GATE,
     check_beats_baseline,
     is_not_applicable,
 )
-from components.core import report as kit
-from components.core.config import BaselineConfig, GatesConfig
-from components.core.jsonio import write_json
 from components.evaluate.calibration import CalibrationReport
 from components.evaluate.gates import (
+    GateLevel,
     GateReport,
     GateResult,
-    _level,
+    accuracy_gate,
+    gate_level,
+    label_ap_gates,
     make_gate,
-    metric_gates,
-    multilabel_metric_gates,
+    map_gate,
+    recall_gates,
 )
 from components.evaluate.robustness import SEVERITIES, RobustnessReport
-from components.task import Task, get_task
-from components.task.metrics import flat_metrics, is_multilabel, most_confused
+from components.task import TASK_NAMES, Task, get_task, task_of
 
 logger = logging.getLogger(__name__)
 
@@ -63,19 +65,19 @@ class Evidence:
     """One-vs-rest ROC and PR curves (:func:`components.task.metrics.one_vs_rest_curves`)."""
 
     @property
-    def multilabel(self) -> bool:
-        return is_multilabel(self.metrics)
+    def task(self) -> Task:
+        """The model's task, as its metrics say (:func:`components.task.task_of`)."""
+        return task_of(self.metrics)
 
     @property
     def thresholds(self) -> list[float] | None:
         """Multi-label: the per-label decision thresholds in class order (None: single-label)."""
-        return [float(r["threshold"]) for r in self.metrics["per_label"]] if self.multilabel else None
+        return self.task.thresholds_of(self.metrics)
 
     @property
     def headline(self) -> tuple[str, float | None]:
         """The one number of the run: (``accuracy``, value) or (``mAP``, value)."""
-        key = "mAP" if self.multilabel else "accuracy"
-        return key, self.metrics.get(key)
+        return self.task.headline, self.metrics.get(self.task.headline)
 
 
 # --------------------------------------------------------------------------- gates
@@ -89,38 +91,46 @@ def build_gates(cfg: GatesConfig, ev: Evidence, *, baseline: BaselineConfig | No
     not run) that gate is *not applicable* and does not pass (level from ``gates.levels``).
     """
     levels: Mapping[str, str] = cfg.levels
-    other: tuple[str, ...]
-    if ev.multilabel:
-        gates = multilabel_metric_gates(
-            ev.metrics, min_map=cfg.min_map, min_label_ap=cfg.min_label_ap,
-            min_class_recall=cfg.min_class_recall, confidence=cfg.confidence, levels=levels,
-        )  # fmt: skip
-        builders, other, why = _MULTILABEL_BUILDERS, SINGLE_LABEL_GATES, "single-label only"
-    else:
-        gates = metric_gates(
-            ev.metrics,
-            min_accuracy=cfg.min_accuracy,
-            min_class_recall=cfg.min_class_recall,
-            confidence=cfg.confidence,
-            levels=levels,
-        )
-        builders, other, why = _GATE_BUILDERS, MULTILABEL_GATES, "multi-label only"
-    for name, builder in builders.items():
-        if levels.get(name, "error") != "off":
-            gates += builder(cfg, ev, _level(levels, name))
-    if baseline is not None and baseline.gate and levels.get(ZERO_SHOT_GATE, "error") != "off":
-        gates += _zero_shot_gates(ev, baseline.gate_margin, _level(levels, ZERO_SHOT_GATE))
-    task = "multi-label" if ev.multilabel else "single-label"
-    not_applicable = [(name, f"{why}: this is a {task} model") for name in other
-                      if levels.get(name, "error") != "off"]  # fmt: skip
+    task = ev.task
+    gates: list[GateResult] = []
+    for name in task.gates:
+        if (level := gate_level(levels, name)) is not None:
+            gates += _BUILDERS[name](cfg, ev, level)
+    if baseline is not None and baseline.gate and (level := gate_level(levels, ZERO_SHOT_GATE)) is not None:
+        gates += _zero_shot_gates(ev, baseline.gate_margin, level)
+    not_applicable = [
+        (name, f"{other.title} only: this is a {task.title} model")
+        for other, name in _other_tasks_gates(task)
+        if levels.get(name, "error") != "off"
+    ]
     report = GateReport.of(gates, not_applicable=not_applicable)
     if not report.passed:
         logger.warning("gates failed: %s", ", ".join(g.name for g in report.failed()))
     return report
 
 
-SINGLE_LABEL_GATES = ("min_accuracy", "max_accuracy_drop", "max_class_recall_drop")
-MULTILABEL_GATES = ("min_map", "min_label_ap", "max_map_drop", "max_label_ap_drop")
+def _other_tasks_gates(task: Task) -> list[tuple[Task, str]]:
+    """(other task, gate name) of the gates only another task has, in that task's order."""
+    others = [get_task(name) for name in TASK_NAMES if get_task(name) is not task]
+    return [(other, name) for other in others for name in other.gates if name not in task.gates]
+
+
+def _accuracy_gate(cfg: GatesConfig, ev: Evidence, level: GateLevel) -> list[GateResult]:
+    return [accuracy_gate(ev.metrics, cfg.min_accuracy, level=level)]
+
+
+def _recall_gates(cfg: GatesConfig, ev: Evidence, level: GateLevel) -> list[GateResult]:
+    task = ev.task
+    return recall_gates(task.rows(ev.metrics), cfg.min_class_recall, name_key=task.row_name,
+                        confidence=cfg.confidence, level=level)  # fmt: skip
+
+
+def _map_gate(cfg: GatesConfig, ev: Evidence, level: GateLevel) -> list[GateResult]:
+    return [map_gate(ev.metrics, cfg.min_map, level=level)]
+
+
+def _label_ap_gates(cfg: GatesConfig, ev: Evidence, level: GateLevel) -> list[GateResult]:
+    return label_ap_gates(ev.task.rows(ev.metrics), cfg.min_label_ap, level=level)
 
 
 def _ece_gate(cfg: GatesConfig, ev: Evidence, level: Any) -> list[GateResult]:
@@ -129,11 +139,11 @@ def _ece_gate(cfg: GatesConfig, ev: Evidence, level: Any) -> list[GateResult]:
     cal = ev.calibration
     after, before = cal.after["ece"], cal.before["ece"]
     scaled = cal.fitted_on != "none"
-    what = "mean per-label ECE" if cal.task == "multilabel" else "ECE"
+    what = get_task(cal.task).calibration_name
     gate = make_gate("max_ece", f"{what} after temperature scaling" if scaled else what, after, cfg.max_ece,
                      level=level, comparison="<=")  # fmt: skip
-    if cal.task == "multilabel":
-        return [replace(gate, explanation=_multilabel_ece_text(cal, cfg.max_ece, passed=gate.passed))]
+    if cal.per_label is not None:  # class-wise calibration: say which label is worst
+        return [replace(gate, explanation=_per_label_ece_text(cal, cfg.max_ece, passed=gate.passed))]
     how = (
         f"After dividing the logits by T = {cal.temperature:.3f} (fitted on {cal.n_fit} validation images) "
         f"the confidence the model states differs from its real hit rate by {after:.2%} on average "
@@ -145,7 +155,7 @@ def _ece_gate(cfg: GatesConfig, ev: Evidence, level: Any) -> list[GateResult]:
     return [replace(gate, explanation=f"{how}{tail} the allowed {cfg.max_ece:.2%}.")]
 
 
-def _multilabel_ece_text(cal: CalibrationReport, allowed: float, *, passed: bool) -> str:
+def _per_label_ece_text(cal: CalibrationReport, allowed: float, *, passed: bool) -> str:
     scaled = cal.fitted_on != "none"
     how = (
         f"After dividing the logits by T = {cal.temperature:.3f} (fitted on {cal.n_fit} validation images)"
@@ -194,8 +204,7 @@ def _family_gates(cfg: GatesConfig, ev: Evidence, level: Any) -> list[GateResult
 
 def _slice_gates(cfg: GatesConfig, ev: Evidence, level: Any) -> list[GateResult]:
     out = []
-    what = "subset accuracy" if ev.multilabel else "accuracy"
-    right = "get their whole label set right" if ev.multilabel else "are right"
+    what, right = ev.task.correct_name, ev.task.correct_phrase
     for row in ev.slices or []:
         gate = make_gate(f"min_slice_accuracy[{row['slice']}]", f"{what} on {row['slice']}",
                          row["accuracy"], cfg.min_slice_accuracy, level=level, bound=row["accuracy_lower"],
@@ -280,19 +289,18 @@ def _zero_shot_gates(ev: Evidence, margin: float, level: Any) -> list[GateResult
     return out
 
 
-_GATE_BUILDERS = {
+# Every gate by its name in ``params.yaml``; a model gets those its task lists (Task.gates), in that order.
+_BUILDERS: dict[str, Any] = {
+    "min_accuracy": _accuracy_gate,
+    "min_map": _map_gate,
+    "min_label_ap": _label_ap_gates,
+    "min_class_recall": _recall_gates,
     "max_ece": _ece_gate,
     "min_relative_robustness": _robustness_gates,
     "min_family_robustness": _family_gates,
     "min_slice_accuracy": _slice_gates,
     "max_accuracy_drop": _champion_accuracy_gate,
     "max_class_recall_drop": _champion_class_gates,
-}
-_MULTILABEL_BUILDERS = {
-    "max_ece": _ece_gate,
-    "min_relative_robustness": _robustness_gates,
-    "min_family_robustness": _family_gates,
-    "min_slice_accuracy": _slice_gates,
     "max_map_drop": _champion_map_gate,
     "max_label_ap_drop": _champion_label_gates,
 }
@@ -306,7 +314,7 @@ def report_dict(ev: Evidence, gates: GateReport, *, context: Mapping[str, Any]) 
     return {
         "verdict": gates.verdict(),
         "passed": gates.passed,
-        "task": "multilabel" if ev.multilabel else "singlelabel",
+        "task": ev.task.name,
         "context": dict(context),
         "gates": gates.to_dict()["gates"],
         "not_applicable": gates.to_dict()["not_applicable"],
@@ -316,7 +324,7 @@ def report_dict(ev: Evidence, gates: GateReport, *, context: Mapping[str, Any]) 
         "robustness": ev.robustness.to_dict() if ev.robustness else None,
         "slices": ev.slices,
         "champion": ev.champion,
-        "confused_pairs": most_confused(ev.metrics),
+        "confused_pairs": ev.task.most_confused(ev.metrics),
         "baseline": baseline_comparison(ev.metrics, ev.baseline),
     }
 
@@ -330,15 +338,13 @@ def baseline_comparison(metrics: Mapping[str, Any], record: Mapping[str, Any] | 
             "status": "not run",
             "reason": "the baseline stage has not run (no outputs/baseline/baseline.json)",
         }
-    multilabel = is_multilabel(metrics)
-    if record.get("status") == "ok" and (record.get("task") == "multilabel") != multilabel:
+    task = task_of(metrics)
+    if record.get("status") == "ok" and task_of(record) is not task:
         return {
             "status": NOT_APPLICABLE,
             "reason": "the baselines were run for the other task (single/multi-label)",
         }
-    metric, per, rows, name = (
-        ("mAP", "ap", "per_label", "label") if multilabel else ("accuracy", "recall", "per_class", "class")
-    )
+    metric, per, rows, name = task.headline, task.part_metric, task.rows_key, task.row_name
     out: dict[str, Any] = {k: record.get(k) for k in ("status", "reason", "model", "pretrained")}
     out |= {"metric": metric, "per_metric": per}
     kinds = {"trained": metrics, **{k: record.get(k) for k in ("zero_shot", "linear_probe")}}
@@ -352,7 +358,7 @@ def baseline_comparison(metrics: Mapping[str, Any], record: Mapping[str, Any] | 
 
 def all_scalars(ev: Evidence) -> dict[str, float]:
     """Flat scalars for MLflow and ``dvc metrics``: test metrics plus calibration and robustness."""
-    flat = flat_metrics(ev.metrics)
+    flat = ev.task.flat_metrics(ev.metrics)
     if ev.calibration is not None:
         flat["temperature"] = ev.calibration.temperature
         flat.update({f"{k}_before_scaling": v for k, v in ev.calibration.before.items()})
@@ -394,14 +400,13 @@ def write_report(
 
     out_dir = Path(out_dir)
     paths = write_evaluation(ev.metrics, gates, out_dir)
-    write_json(paths["metrics"], {**all_scalars(ev), **({"task": "multilabel"} if ev.multilabel else {})})
-    gates_json = {
+    write_json(paths["metrics"], ev.task.tagged(all_scalars(ev)))
+    gates_json = ev.task.tagged({
         **gates.to_dict(),
         "temperature": ev.calibration.temperature if ev.calibration else 1.0,
         "thresholds": ev.thresholds,
-    }
-    if ev.multilabel:
-        gates_json["task"] = "multilabel"
+    })  # fmt: skip
+    if ev.task.fits_decision:  # the rule the thresholds were tuned by, recorded with them
         gates_json["threshold_rule"] = (ev.metrics.get("threshold_tuning") or {}).get("rule")
     write_json(paths["gates"], gates_json)
     if ev.curves is not None:
@@ -413,11 +418,7 @@ def write_report(
             [{"stage": stage, **_bin_row(b)} for stage, bins in (("before", cal.bins_before), ("after", cal.bins_after))
              for b in bins],
         )  # fmt: skip
-        axes = (
-            ("predicted probability", "observed frequency")
-            if cal.task == "multilabel"
-            else ("confidence", "accuracy")
-        )
+        axes = get_task(cal.task).reliability_axes
         paths["reliability"] = plot_reliability_diagram(
             cal.bins_before, cal.bins_after if cal.fitted_on != "none" else None,
             out_dir / "reliability.png", temperature=cal.temperature, axis_labels=axes,

@@ -51,6 +51,7 @@ from PIL import Image
 from components.core import report as kit
 from components.core.config import AuditConfig
 from components.core.errors import DataError
+from components.core.progress import progress_bar
 from components.data.image_stats import (
     displayed,
     duplicate_sets,
@@ -59,7 +60,7 @@ from components.data.image_stats import (
     near_duplicate_pairs,
 )
 from components.quality.validation import label_set
-from components.task import get_task
+from components.task import MULTILABEL, SINGLELABEL, Task, get_task
 
 logger = logging.getLogger(__name__)
 
@@ -105,23 +106,27 @@ def load_grey(paths: Sequence[Path], *, side: int, width: int | None = None, wor
         return np.asarray(grey, dtype=np.uint8).reshape(-1)
 
     out = np.empty((len(paths), side * width), dtype=np.uint8)
-    with ThreadPoolExecutor(max_workers=workers) as pool:  # decoding releases the GIL
+    with (
+        ThreadPoolExecutor(max_workers=workers) as pool,  # decoding releases the GIL
+        progress_bar(len(paths), description="audit: reading images") as advance,  # when a person watches
+    ):
         for i, arr in enumerate(pool.map(one, paths, chunksize=256)):
             out[i] = arr
+            advance(1)
     return out.astype(np.float32) / 255.0
 
 
-def resolve_features(features: str, task: str) -> str:
+def resolve_features(features: str, task: str | Task) -> str:
     """``auto`` -> ``patches`` for multi-label data (objects anywhere in the image), else ``pca``."""
     if features != "auto":
         return features
-    return "patches" if task == "multilabel" else "pca"
+    return "patches" if get_task(task).several_labels else "pca"
 
 
 def learn_features(pixels: np.ndarray, *, cfg: AuditConfig, kind: str | None = None) -> np.ndarray:
     """pixels (N, D) -> (N, F) float32: whitened PCA (``pca``) or the pixels themselves (``pixels``).
     kind: the resolved feature kind (default ``cfg.features``; ``auto`` means ``pca`` here)."""
-    kind = resolve_features(cfg.features, "singlelabel") if kind is None else kind
+    kind = resolve_features(cfg.features, SINGLELABEL) if kind is None else kind
     if kind == "pixels":
         return pixels - pixels.mean(axis=0, keepdims=True)
     from sklearn.decomposition import PCA
@@ -356,18 +361,16 @@ def audit(
     classes: Sequence[str],
     cfg: AuditConfig,
     progress: bool = False,
-    task: str = "singlelabel",
+    task: str | Task = SINGLELABEL,
 ) -> AuditResult:
     """Audit manifest ``rows`` (columns image_id, path, label, split, phash; ``labels`` for
     ``task="multilabel"``); see the module doc."""
     rows = rows[rows["split"].isin(cfg.splits)].reset_index(drop=True)
     if len(rows) < 2:
         raise DataError(f"the audit needs at least 2 images in splits {list(cfg.splits)}, got {len(rows)}")
-    multilabel = task == "multilabel"
-    sets: list[list[str]] = []
-    if multilabel:
-        sets = [label_set(v) for v in rows["labels"]]
-        rows = rows.assign(label=[LABEL_SEPARATOR.join(s) for s in sets])  # issue rows show the whole set
+    task = get_task(task)
+    sets = [label_set(v) for v in rows["labels"]] if task.several_labels else [[lab] for lab in rows["label"]]
+    rows = rows.assign(label=[LABEL_SEPARATOR.join(s) for s in sets])  # issue rows show the whole set
     timings: dict[str, float] = {}
     t = time.perf_counter()
     kind = resolve_features(cfg.features, task)
@@ -380,10 +383,7 @@ def audit(
     timings["neighbours_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    if multilabel:
-        errors, fit = _multilabel_errors(rows, sets, features, dist, idx, classes, cfg)
-    else:
-        errors, fit = _single_label_errors(rows, features, dist, idx, classes, cfg)
+    errors, fit = _LABEL_ERRORS[task.activation](rows, sets, features, dist, idx, classes, cfg)
     if errors is not None:
         frames.append(errors)
     timings["label_errors_s"] = time.perf_counter() - t
@@ -403,7 +403,7 @@ def audit(
         .reset_index(drop=True)
     )
     counts = issues["issue"].value_counts()
-    occurrences = pd.Series([c for s in sets for c in s] if multilabel else rows["label"], dtype=object)
+    occurrences = pd.Series([c for s in sets for c in s], dtype=object)
     summary = {
         "audited": len(rows),
         "splits": list(cfg.splits),
@@ -440,6 +440,7 @@ def _features(rows: pd.DataFrame, data_dir: Path, kind: str, cfg: AuditConfig) -
 
 def _single_label_errors(
     rows: pd.DataFrame,
+    sets: list[list[str]],
     features: np.ndarray,
     dist: np.ndarray,
     idx: np.ndarray,
@@ -476,7 +477,7 @@ def _multilabel_errors(
 
     occurring = {c for s in sets for c in s}
     present = [c for c in classes if c in occurring]
-    fit: dict[str, Any] = {"task": "multilabel", "oof_accuracy": None, "oof_map": None,
+    fit: dict[str, Any] = {"task": MULTILABEL, "oof_accuracy": None, "oof_map": None,
                            "label_cardinality": float(np.mean([len(s) for s in sets]))}  # fmt: skip
     if len(present) < 2:
         return None, fit
@@ -504,6 +505,11 @@ def _multilabel_errors(
         missing=joined(missing), extra=joined(extra),
     )  # fmt: skip
     return frame, fit
+
+
+# The audit model is the task's kind of model (Task.activation): one softmax over the classes (cleanlab's
+# label issues), or one sigmoid per label (cleanlab's multi-label issues, naming missing / extra labels).
+_LABEL_ERRORS = {"softmax": _single_label_errors, "sigmoid": _multilabel_errors}
 
 
 def _issue_rows(

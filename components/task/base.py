@@ -89,6 +89,9 @@ class Task:
     """(x, y) axis labels of the reliability diagram."""
     confusion_axes: ClassVar[tuple[str, str]]
     """(rows, columns) axis labels of the confusion matrix (see :meth:`metrics`)."""
+    several_labels: ClassVar[bool]
+    """True when an image carries a set of labels: a class's count is its label occurrences, label
+    checks run on one row per (image, label), and the objects may be anywhere in the image."""
 
     def __repr__(self) -> str:
         return f"<Task {self.name}>"
@@ -318,6 +321,7 @@ class SingleLabel(Task):
     calibration_name = "ECE"
     reliability_axes = ("confidence", "accuracy")
     confusion_axes = ("true", "predicted")
+    several_labels = False
 
     def tagged(self, record: Mapping[str, Any]) -> dict[str, Any]:
         return dict(record)
@@ -463,6 +467,7 @@ class MultiLabel(Task):
     calibration_name = "mean per-label ECE"
     reliability_axes = ("predicted probability", "observed frequency")
     confusion_axes = ("missed label", "falsely predicted label (diagonal: hits)")
+    several_labels = True
 
     def tagged(self, record: Mapping[str, Any]) -> dict[str, Any]:
         return {**record, "task": self.name}

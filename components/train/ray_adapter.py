@@ -27,7 +27,7 @@ import tempfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 from components.core.errors import ConfigError
 from components.train.progress import ProgressFile
@@ -259,11 +259,11 @@ def trainer_class() -> type:
 
 
 @dataclass(frozen=True)
-class TrainerRun:
+class TrainerRun(Generic[T]):
     """A finished Ray Train run: what ``read_checkpoint`` returned for its last checkpoint, and the
     run's folder under the storage path."""
 
-    checkpoint: Any
+    checkpoint: T
     path: str
 
 
@@ -280,7 +280,7 @@ def run_trainer(
     max_failures: int = 0,
     callbacks: Sequence[Any] = (),
     verbose: bool = False,
-) -> TrainerRun:
+) -> TrainerRun[T]:
     """Run ``loop(loop_config)`` on ``workers`` Ray Train workers; ``read_checkpoint`` reads the last
     checkpoint's folder (it is gone once this returns).
 

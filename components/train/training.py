@@ -40,14 +40,15 @@ class FitResult:
 
 @dataclass(frozen=True)
 class TrainResult:
-    """A finished training: the model folder, every epoch's record, the last one, the wall time and
-    the Ray Train run's folder."""
+    """A finished training: the model folder, every epoch's record, the last one, the wall time, the
+    Ray Train run's folder and the recipe it trained."""
 
     model_dir: Path
     history: list[dict[str, Any]]
     final: dict[str, Any]
     seconds: float
     ray_run: str
+    recipe: TrainRecipe
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -56,6 +57,7 @@ class TrainResult:
             "final": dict(self.final),
             "seconds": self.seconds,
             "ray_run": self.ray_run,
+            "recipe": self.recipe.to_dict(),
         }
 
 
@@ -157,5 +159,5 @@ def train(
     logger.debug("last epoch: %s", final)
     return TrainResult(
         model_dir=fit_result.model_dir, history=fit_result.history, final=final, seconds=fit_result.seconds,
-        ray_run=fit_result.run_path,
+        ray_run=fit_result.run_path, recipe=recipe,
     )  # fmt: skip

@@ -83,11 +83,6 @@ def check_search_space(train: TrainConfig, space: Mapping[str, Mapping[str, list
                 ) from None
 
 
-def ray_search_space(space: Mapping[str, Mapping[str, list[Any]]]) -> dict[str, Any]:
-    """``tune.search_space`` as Ray Tune sampling domains (see ``ray_adapter.tune_search_space``)."""
-    return ray_adapter.tune_search_space(space)
-
-
 # --------------------------------------------------------------------------- one trial
 
 

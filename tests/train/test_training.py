@@ -253,3 +253,33 @@ def test_progress_file_is_a_queue_without_an_actor(tmp_path: Path) -> None:
     with open(channel.path, "a") as f:
         f.write('och": 2}\n')
     assert channel.get(timeout=1) == {"type": "epoch", "epoch": 2} and channel.empty()
+
+
+def _draw(tmp_path: Path, *, verbose: bool) -> None:
+    """Rank 0's events of a run resumed after epoch 1 of 3, drawn as the driver draws them."""
+    import threading
+
+    from components.train.progress import ProgressFile, render_progress
+
+    channel = ProgressFile(tmp_path / f"progress-{verbose}.jsonl", poll_s=0.01)
+    channel.put_nowait({"type": "start", "start_epoch": 1})
+    for epoch in (1, 2):
+        channel.put_nowait({"type": "batch", "epoch": epoch, "batch": 4, "total": 4, "loss": 0.5})
+        channel.put_nowait({"type": "epoch", "epoch": epoch, "train_loss": 0.5, "val_loss": 0.25 * epoch,
+                            "val_accuracy": 0.5 + 0.1 * epoch, "epoch_seconds": 1.0})  # fmt: skip
+    done = threading.Event()
+    done.set()  # drain what is there, then stop
+    render_progress(channel, done, epochs=3, show=True, verbose=verbose)
+
+
+def test_progress_display_is_one_bar_by_default_and_a_line_per_epoch_when_verbose(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _draw(tmp_path, verbose=False)
+    quiet = capsys.readouterr().out
+    assert "resuming after epoch 1" in quiet and "epoch 3/3 · val_loss 0.5000 val_acc 0.7000" in quiet
+    assert ": train_loss" not in quiet and "epochs" not in quiet
+    _draw(tmp_path, verbose=True)
+    verbose = capsys.readouterr().out
+    assert "epoch 2/3: train_loss 0.5000 val_loss 0.2500" in verbose  # (rich wraps at 80 columns)
+    assert "epoch 3/3: train_loss 0.5000 val_loss 0.5000" in verbose and "epochs" in verbose

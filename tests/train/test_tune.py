@@ -15,6 +15,7 @@ from mlflow import MlflowClient
 from components.core.config import Params, TrainConfig, TuneConfig, load_params
 from components.core.errors import ConfigError
 from components.pipeline.stages import run_ingest
+from components.train.ray_adapter import tune_search_space
 from components.train.tune import (
     SweepRecorder,
     TrialSetup,
@@ -22,7 +23,6 @@ from components.train.tune import (
     best_trial,
     check_search_space,
     plot_trials,
-    ray_search_space,
     trial_table,
 )
 from tests.conftest import REPO, run_cli, write_small_params
@@ -103,7 +103,7 @@ def test_ray_domains_stay_within_the_declared_ranges() -> None:
             "batch_size": {"choice": [16, 24]},
         }  # fmt: skip
     ).search_space
-    domains = ray_search_space(space)
+    domains = tune_search_space(space)
     assert domains["optimizer"] == {"grid_search": ["adamw", "sgd"]}
     lrs = [domains["lr"].sample() for _ in range(200)]
     assert all(1e-3 <= v <= 1e-2 for v in lrs) and min(lrs) < 2e-3 < 5e-3 < max(lrs)  # log scale

@@ -19,7 +19,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from components.core.errors import DataError
-from components.task import MULTILABEL, SINGLELABEL, Task, get_task
+from components.task import SINGLELABEL, Task, get_task
 
 Targets = Sequence[int] | np.ndarray
 """Class indices (N,) for single-label tasks, or a 0/1 indicator matrix (N, C) for multi-label ones."""
@@ -69,16 +69,6 @@ def split_rows(manifest: pd.DataFrame, split: str) -> pd.DataFrame:
             f"the manifest has no {split!r} images: re-run `imgflow ingest` or check split params"
         )
     return rows.reset_index(drop=True)
-
-
-def encode_labels(labels: Sequence[str], classes: Sequence[str]) -> list[int]:
-    """Class names -> indices in ``classes`` order; an unknown name is a DataError."""
-    return get_task(SINGLELABEL).encode([[lab] for lab in labels], classes).tolist()
-
-
-def encode_label_sets(label_sets: Sequence[Sequence[str]], classes: Sequence[str]) -> np.ndarray:
-    """Label sets -> (N, C) int8 indicator matrix in ``classes`` order; an unknown name is a DataError."""
-    return get_task(MULTILABEL).encode(label_sets, classes)
 
 
 def label_sets_of(rows: pd.DataFrame) -> list[list[str]]:

@@ -15,9 +15,10 @@ confusion_matrix_normalized.png  each true class's row as shares (recall on the 
 ``roc_curves.csv`` (class, fpr, tpr), ``pr_curves.csv`` (class, recall, precision), at most ~200 points
 per class, and ``roc_curves.png`` / ``pr_curves.png`` (all classes in one figure each).
 
-A multi-label evaluation (:func:`components.task.multilabel.multilabel_metrics`, ``task: multilabel``)
-writes the same files: per_class.csv holds one row per label (AP, ROC-AUC, precision, recall,
-F1, support, threshold) and the confusion matrix is :func:`components.task.multilabel.label_confusion`.
+A multi-label evaluation (:meth:`Task.metrics <components.task.Task.metrics>`, ``task: multilabel``)
+writes the same files: per_class.csv holds one row per label (AP, ROC-AUC, precision, recall, F1,
+support, threshold) and the confusion matrix counts which label was missed while which was wrongly
+predicted (hits on the diagonal).
 """
 
 from __future__ import annotations

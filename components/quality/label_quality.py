@@ -473,19 +473,18 @@ def _multilabel_errors(
     """(label-error rows naming the suspected missing / extra labels, or None when fewer than 2
     labels occur; {task, oof_accuracy: None, oof_map (mean out-of-fold AP over the labels),
     label_cardinality, suspected_missing, suspected_extra (label counts over the flagged images)})."""
-    from components.task.multilabel import label_matrix, mean_average_precision
-
+    task = get_task(MULTILABEL)
     occurring = {c for s in sets for c in s}
     present = [c for c in classes if c in occurring]
-    fit: dict[str, Any] = {"task": MULTILABEL, "oof_accuracy": None, "oof_map": None,
+    fit: dict[str, Any] = {"task": task.name, "oof_accuracy": None, "oof_map": None,
                            "label_cardinality": float(np.mean([len(s) for s in sets]))}  # fmt: skip
     if len(present) < 2:
         return None, fit
-    y = label_matrix([[c for c in s if c in set(present)] for s in sets], present)
+    y = task.encode([[c for c in s if c in set(present)] for s in sets], present)
     probs = (out_of_fold_probs_multilabel(features, y, cfg=cfg) + knn_probs_multilabel(dist, idx, y)) / 2
     label_lists = [[int(k) for k in np.flatnonzero(row)] for row in y]
     ranked, quality, per_label = multilabel_label_issues(label_lists, probs)
-    fit["oof_map"] = mean_average_precision(y, probs)
+    fit["oof_map"] = task.headline_of_scores(probs, y)  # mAP
     given = y[ranked].astype(bool)
     flagged = per_label[ranked]
     fallback = ~flagged.any(axis=1)  # flagged as a whole but by no single label: name the worst one

@@ -12,17 +12,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from components.model.checkpoint import ModelSpec, Predictor, probabilities
-from components.data.composites import make_composites
 from components.core.config import TrainConfig
-from components.data.datasets import InMemoryDataset, encode_label_sets
-from components.train.engine import count_correct
 from components.core.errors import ConfigError, DataError
-from components.train.imbalance import create_multilabel_loss
+from components.data.composites import make_composites
+from components.data.datasets import InMemoryDataset
 from components.data.ingest import ingest
 from components.data.manifest import DataPaths, DatasetInfo, read_manifest
-from components.task.splits import assign_multilabel_splits
+from components.model.checkpoint import ModelSpec, Predictor, probabilities
 from components.task import get_task
+from components.task.splits import assign_multilabel_splits
+from components.train.engine import count_correct
+from components.train.imbalance import create_multilabel_loss
 from tests.conftest import FMNIST_DIR, fmnist_arrays, png_bytes
 
 
@@ -89,10 +89,10 @@ def test_iterative_stratification_is_order_independent_and_balanced_per_label() 
 
 
 def test_multi_hot_targets_flow_through_the_in_memory_dataset() -> None:
-    y = encode_label_sets([["b"], ["a", "c"], []], ["a", "b", "c"])
+    y = get_task("multilabel").encode([["b"], ["a", "c"], []], ["a", "b", "c"])
     assert y.tolist() == [[0, 1, 0], [1, 0, 1], [0, 0, 0]]
     with pytest.raises(DataError, match="not in the class list"):
-        encode_label_sets([["z"]], ["a"])
+        get_task("multilabel").encode([["z"]], ["a"])
     ds = InMemoryDataset(np.zeros((3, 1, 4, 4), np.uint8), y, mean=[0.5], std=[0.5])
     _, targets = ds.__getitems__([1, 2])
     assert targets.dtype == torch.float32 and targets.tolist() == [[1, 0, 1], [0, 0, 0]]

@@ -32,6 +32,7 @@ import torchvision.transforms.v2.functional as F
 from torch import nn
 
 from components.core.errors import ConfigError
+from components.core.progress import progress_bar
 
 logger = logging.getLogger(__name__)
 
@@ -309,8 +310,14 @@ def corruption_sweep(
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        with ThreadPoolExecutor(n_workers, thread_name_prefix="imgflow-sweep") as pool:
-            results = list(pool.map(lambda job: unit(*job), jobs))
+        with (
+            ThreadPoolExecutor(n_workers, thread_name_prefix="imgflow-sweep") as pool,
+            progress_bar(len(jobs), description="corruption sweep") as advance,  # when a person watches
+        ):
+            results = []
+            for result in pool.map(lambda job: unit(*job), jobs):
+                results.append(result)
+                advance(1)
     finally:
         torch.set_num_threads(threads)
     if score is not None:

@@ -143,9 +143,10 @@ def run_audit(params: Params, *, progress: bool = True) -> AuditSummary:
     manifest = read_manifest(manifest_path)
     version = data_version(manifest_path)
     info = DatasetInfo.load(paths.data.dataset)
-    result = audit(
-        manifest, data_dir=paths.data.root, classes=info.classes, cfg=cfg, task=info.task, progress=progress
-    )
+    with showing_progress(progress):  # the bar of reading the images
+        result = audit(
+            manifest, data_dir=paths.data.root, classes=info.classes, cfg=cfg, task=info.task, progress=progress
+        )
     out = paths.out("audit")
     diff = update_ledger(
         result.issues,

@@ -78,12 +78,12 @@ def test_worse_challenger_is_not_promoted_and_champion_stays(project) -> None:
 
     # 1. The first model: no champion yet, gates pass, it becomes champion.
     _new_training_run(params)
-    first = run_evaluate(params)
+    first = run_evaluate(params).to_dict()
     assert first["gates_passed"], first["verdict"]
     report = json.loads(Path(first["report_json"]).read_text())
     assert report["champion"]["status"] == "none"
     assert first["temperature"] != 1.0  # fitted on val
-    reg1 = run_register(params)
+    reg1 = run_register(params).to_dict()
     assert "champion" in reg1["aliases"]
     # The registered model serves calibrated probabilities: its spec holds the fitted temperature,
     # while the train stage's output (a DVC out) is left untouched.
@@ -97,7 +97,7 @@ def test_worse_challenger_is_not_promoted_and_champion_stays(project) -> None:
         model.get_classifier().bias[TROUSER] = -1e4
     save_classifier(model.state_dict(), spec, model_dir)
     _new_training_run(params)
-    second = run_evaluate(params)
+    second = run_evaluate(params).to_dict()
     failed = second["gates"]["failed"]
     assert not second["gates_passed"]
     assert "max_class_recall_drop[Trouser]" in failed
@@ -105,7 +105,7 @@ def test_worse_challenger_is_not_promoted_and_champion_stays(project) -> None:
     gate = next(g for g in second["gates"]["gates"] if g["name"] == "max_class_recall_drop[Trouser]")
     assert gate["value"] < -0.5 and gate["bound"] < gate["value"] and "champion" in gate["explanation"]
 
-    reg2 = run_register(params, raise_on_gate_failure=False)
+    reg2 = run_register(params, raise_on_gate_failure=False).to_dict()
     assert reg2["gates_passed"] is False and "champion" not in reg2["aliases"]
     assert (
         tracking.alias_version(params.register_.model_name, "champion") == reg1["version"] != reg2["version"]
@@ -115,7 +115,7 @@ def test_worse_challenger_is_not_promoted_and_champion_stays(project) -> None:
     html = Path(second["report_html"]).read_text()
     assert html.index("FAILED") < html.index("<h2>Gates</h2>") < html.index("Champion comparison")
     assert "data:image/png;base64," in html  # self-contained: plots inlined
-    again = run_evaluate(params, model_uri=f"models:/{params.register_.model_name}@champion")
+    again = run_evaluate(params, model_uri=f"models:/{params.register_.model_name}@champion").to_dict()
     assert again["accuracy"] == pytest.approx(first["accuracy"])
     assert json.loads(Path(again["report_json"]).read_text())["champion"]["status"] == "skipped"
     # ... into a folder of its own: the pipeline's report is left as it was

@@ -251,9 +251,9 @@ def test_stages_pass_the_task_through(
     raw["validate"].update(min_per_class=4, max_dark_fraction=0.1)
     raw["audit"].update(action="exclude", splits=["train"])
     params = params_from_dict(raw)
-    validated = run_validate(params)
+    validated = run_validate(params).to_dict()
     assert validated["success"] and 1.5 < validated["label_cardinality"]["all"] < 1.9
-    audited = run_audit(params, progress=False)
+    audited = run_audit(params, progress=False).to_dict()
     assert audited["task"] == "multilabel" and audited["features"] == "patches128"
     assert audited["oof_map"] > 0.5 and "label_error" in audited["ledger"]["counts"]
     excluded = pd.read_csv(tmp_path / "outputs" / "audit" / "excluded.csv")

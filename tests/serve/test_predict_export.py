@@ -14,7 +14,8 @@ from mlflow import MlflowClient
 from components.core.config import load_params
 from components.core.errors import DataError
 from components.model.checkpoint import Predictor
-from components.pipeline.stages import _pip_requirements, run_export
+from components.pipeline.models import run_export
+from components.pipeline.stages import _pip_requirements
 from components.registry import tracking
 from components.serve.predict import list_inputs
 from tests.conftest import FMNIST_CLASSES, fmnist_arrays, png_bytes, run_cli
@@ -79,7 +80,7 @@ def test_onnx_export_matches_pytorch_and_is_attached(
     params = load_params(
         "params.yaml", [f"register.tracking_uri={uri}", f"project.output_dir={tmp_path / 'out'}"]
     )
-    result = run_export(params, model="models:/export-test@champion", images=image_folder)
+    result = run_export(params, model="models:/export-test@champion", images=image_folder).to_dict()
     parity = result["parity"]
     assert parity["images"] == 40 and parity["max_abs_diff"] <= 1e-4 and parity["labels_agree"] == 1.0
     assert result["attached_to"]["version"] == "1"

@@ -59,6 +59,25 @@ def test_saved_model_round_trips_without_pickle(tmp_path: Path) -> None:
     np.testing.assert_allclose(probs, ref, atol=1e-6)
 
 
+def test_spec_holds_a_task_and_model_json_its_name(tmp_path: Path) -> None:
+    import json
+
+    from components.task import get_task
+
+    model = create_classifier("imgflow_cnn", 3, in_chans=1).eval()
+    spec = ModelSpec("imgflow_cnn", ("a", "b", "c"), 1, resolve_data_config(model), task="multilabel",
+                     thresholds=(0.5, 0.2, 0.9))  # fmt: skip
+    assert spec.task is get_task("multilabel") and ModelSpec("m", ("a",), 1, {}).task is get_task("singlelabel")
+    save_classifier(model.state_dict(), spec, tmp_path)
+    assert json.loads((tmp_path / "model.json").read_text())["task"] == "multilabel"
+    _, loaded = load_classifier(tmp_path)
+    assert loaded == spec and loaded.task is get_task("multilabel")
+    predictor = Predictor(model, loaded)
+    probs = np.array([[0.6, 0.3, 0.95], [0.1, 0.1, 0.1]])
+    assert predictor.decide(probs).tolist() == [[1, 1, 1], [0, 0, 0]]
+    assert predictor.label_sets(probs) == [["c", "a", "b"], []]
+
+
 def test_decode_image_rejects_non_images() -> None:
     with pytest.raises(DataError, match="empty input"):
         decode_image(b"", mode="L")

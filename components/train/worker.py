@@ -12,6 +12,7 @@ import json
 import os
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -19,9 +20,11 @@ from typing import Any, cast
 import torch
 from torch import nn
 
+from components.model.checkpoint import ModelSpec
 from components.task import get_task
 from components.train import ray_adapter
 from components.train.engine import (
+    StepOptions,
     allreduce_sums,
     eval_sums,
     seed_everything,
@@ -74,18 +77,30 @@ def note_worker_event(path: Path | None, rank: int, **fields: Any) -> None:
             f.write(json.dumps({"rank": rank, "pid": os.getpid(), "time": time.time(), **fields}) + "\n")
 
 
-def train_loop_per_worker(config: dict[str, Any]) -> None:
-    """Runs on every Ray Train worker: the data-parallel training loop of ``config["run"]``."""
-    run: WorkerRun = config[LOOP_CONFIG_KEY]
-    recipe = run.recipe
-    ray_adapter.configure_worker_logging(verbose=run.verbose)
-    rank, world = ray_adapter.worker_rank_and_world()
-    torch.set_num_threads(run.threads)
+@dataclass
+class _Training:
+    """One worker's model, loaders, optimiser and losses, prepared for data-parallel training."""
+
+    model: nn.Module
+    spec: ModelSpec
+    train_loader: Any
+    val_loader: Any
+    optimizer: Any
+    scheduler: Any
+    opts: StepOptions
+    loss_fn: nn.Module
+    eval_loss: nn.Module
+    device: torch.device
+
+
+def _prepare(recipe: TrainRecipe, *, rank: int, world: int, pin_memory: bool) -> _Training:
+    """Build the recipe's torch objects and hand the model and loaders to Ray Train (device, DDP,
+    sharding: a balanced sampler is sharded already)."""
     set_deterministic(recipe.deterministic)
     model, spec = build_model(recipe)
     seed_everything(recipe.seed, rank)
     train_loader, val_loader = build_loaders(
-        recipe, spec.data_config, world=world, rank=rank, pin_memory=run.use_gpu
+        recipe, spec.data_config, world=world, rank=rank, pin_memory=pin_memory
     )
     balanced = isinstance(train_loader.sampler, BalancedDistributedSampler)
     train_loader = ray_adapter.prepare_loader(train_loader, add_dist_sampler=not balanced)
@@ -98,47 +113,65 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         model = cast(nn.Module, torch.compile(model))
     optimizer, scheduler = build_optimizer(model, recipe, len(train_loader))
     opts = build_step_options(recipe, model, device)
+    loss_fn = build_train_loss(recipe, opts, train_targets(train_loader.dataset))
+    eval_loss = get_task(recipe.task).eval_loss()
+    return _Training(
+        model, spec, train_loader, val_loader, optimizer, scheduler, opts, loss_fn, eval_loss, device
+    )
+
+
+def _train_epoch(t: _Training, epoch: int, on_batch: Callable[[int, float], None]) -> dict[str, Any]:
+    """One epoch on this worker's shard, evaluated on val; the epoch record summed over all workers."""
+    sampler: Any = getattr(t.train_loader, "sampler", None)
+    if hasattr(sampler, "set_epoch"):  # distributed or balanced: new draws each epoch
+        sampler.set_epoch(epoch)
+    t0 = time.perf_counter()
+    tr = train_one_epoch(
+        t.model, t.train_loader, t.optimizer, t.loss_fn, device=t.device, scheduler=t.scheduler,
+        start_step=epoch * len(t.train_loader), on_batch=on_batch, opts=t.opts,
+    )  # fmt: skip
+    seconds = time.perf_counter() - t0
+    evaluated = t.opts.ema.module if t.opts.ema is not None else t.model
+    va = eval_sums(evaluated, t.val_loader, t.eval_loss, device=t.device)
+    tr = allreduce_sums({k: tr[k] for k in ("loss_sum", "correct", "count")}, t.device)
+    va = allreduce_sums(va, t.device)
+    return epoch_metrics(epoch, tr, va, t.optimizer.param_groups[0]["lr"], seconds)
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """Runs on every Ray Train worker: the data-parallel training loop of ``config["run"]``."""
+    run: WorkerRun = config[LOOP_CONFIG_KEY]
+    recipe = run.recipe
+    ray_adapter.configure_worker_logging(verbose=run.verbose)
+    rank, world = ray_adapter.worker_rank_and_world()
+    torch.set_num_threads(run.threads)
+    t = _prepare(recipe, rank=rank, world=world, pin_memory=run.use_gpu)
     start_epoch, history = 0, list[dict[str, Any]]()
     with ray_adapter.latest_checkpoint() as checkpoint:
         if checkpoint is not None:
             start_epoch, history = restore_state(
-                checkpoint, model, optimizer, scheduler, opts.ema, steps_per_epoch=len(train_loader)
+                checkpoint, t.model, t.optimizer, t.scheduler, t.opts.ema, steps_per_epoch=len(t.train_loader)
             )
     note_worker_event(run.worker_events, rank, phase="start", start_epoch=start_epoch)
-    loss_fn = build_train_loss(recipe, opts, train_targets(train_loader.dataset))
-    eval_loss = get_task(recipe.task).eval_loss()
     progress = ProgressSender(run.progress if rank == 0 else None)
     progress.send({"type": "start", "start_epoch": start_epoch})
-    n_batches = len(train_loader)
+    n_batches = len(t.train_loader)
 
     for epoch in range(start_epoch, recipe.epochs):
-        sampler: Any = getattr(train_loader, "sampler", None)
-        if hasattr(sampler, "set_epoch"):  # distributed or balanced: new draws each epoch
-            sampler.set_epoch(epoch)
 
         def on_batch(i: int, loss: float, _epoch: int = epoch) -> None:
             if i == 1:
                 note_worker_event(run.worker_events, rank, phase="mid_epoch", epoch=_epoch)
             progress.batch(_epoch, i, n_batches, loss)
 
-        t0 = time.perf_counter()
-        tr = train_one_epoch(
-            model, train_loader, optimizer, loss_fn, device=device, scheduler=scheduler,
-            start_step=epoch * n_batches, on_batch=on_batch, opts=opts,
-        )  # fmt: skip
-        seconds = time.perf_counter() - t0
-        evaluated = opts.ema.module if opts.ema is not None else model
-        va = eval_sums(evaluated, val_loader, eval_loss, device=device)
-        tr = allreduce_sums({k: tr[k] for k in ("loss_sum", "correct", "count")}, device)
-        va = allreduce_sums(va, device)
-        metrics = epoch_metrics(epoch, tr, va, optimizer.param_groups[0]["lr"], seconds)
+        metrics = _train_epoch(t, epoch, on_batch)
         history.append(metrics)
         stop = should_stop(history, recipe.early_stopping_patience)
         metrics["stopped_early"] = stop
         progress.send({"type": "epoch", **metrics})
         with tempfile.TemporaryDirectory() as tmp:
             if rank == 0:
-                save_state(Path(tmp), model, optimizer, scheduler, epoch, history, spec, opts.ema)
+                save_state(Path(tmp), t.model, t.optimizer, t.scheduler, epoch, history, t.spec, t.opts.ema)
             ray_adapter.report(metrics, checkpoint_dir=Path(tmp) if rank == 0 else None)
         if stop:
             break

@@ -20,7 +20,6 @@ from components.task import get_task
 from components.task.metrics import compute_metrics, slug, wilson_interval
 
 SINGLE = get_task("singlelabel")
-flat_metrics, most_confused = SINGLE.flat_metrics, SINGLE.most_confused
 
 CLASSES = ["cat", "dog", "bird"]
 
@@ -279,7 +278,7 @@ def test_gate_report_cannot_pass_without_gates_or_with_a_failed_gate() -> None:
 
 def test_flat_metrics_are_scalars_with_class_slugs() -> None:
     m = compute_metrics(Y_TRUE, PROBS, ["T-shirt/top", "Ankle boot", "Ankle-boot"], top_k=2)
-    flat = flat_metrics(m)
+    flat = SINGLE.flat_metrics(m)
     assert all(type(v) is float for v in flat.values())
     assert flat["accuracy"] == pytest.approx(4 / 6)
     assert flat["top2_accuracy"] == pytest.approx(5 / 6)
@@ -320,7 +319,7 @@ def test_write_evaluation_writes_all_files(tmp_path: Path, metrics: dict) -> Non
     assert all(p.parent == out for p in paths.values())
 
     flat = json.loads(paths["metrics"].read_text())
-    assert flat == flat_metrics(metrics)
+    assert flat == SINGLE.flat_metrics(metrics)
     assert all(isinstance(v, int | float) and not isinstance(v, bool) for v in flat.values())
 
     assert json.loads(paths["evaluation"].read_text()) == metrics
@@ -345,13 +344,14 @@ def test_write_evaluation_writes_all_files(tmp_path: Path, metrics: dict) -> Non
 def test_most_confused_pairs_from_the_hand_computed_matrix(metrics: dict) -> None:
     # off-diagonal cells of EXPECTED_CM: cat->dog 1 (of 2 cats), bird->cat 1 (of 2 birds); ties keep
     # row-major order; empty cells are never listed
-    assert most_confused(metrics) == [
+    assert SINGLE.most_confused(metrics) == [
         {"true": "cat", "predicted": "dog", "count": 1, "share": 0.5},
         {"true": "bird", "predicted": "cat", "count": 1, "share": 0.5},
     ]
-    assert most_confused(metrics, k=1) == [{"true": "cat", "predicted": "dog", "count": 1, "share": 0.5}]
+    top = SINGLE.most_confused(metrics, k=1)
+    assert top == [{"true": "cat", "predicted": "dog", "count": 1, "share": 0.5}]
     perfect = compute_metrics(Y_TRUE, np.eye(3)[Y_TRUE], CLASSES)
-    assert most_confused(perfect) == []
+    assert SINGLE.most_confused(perfect) == []
 
 
 def test_plot_confusion_matrix_handles_empty_rows_and_rejects_bad_shape(tmp_path: Path) -> None:
@@ -392,12 +392,12 @@ def test_one_vs_rest_auc_by_hand_and_against_sklearn(metrics: dict) -> None:
         assert row["roc_auc"] == pytest.approx(roc_auc_score(onehot[:, i], PROBS[:, i]))
         assert row["pr_auc"] == pytest.approx(average_precision_score(onehot[:, i], PROBS[:, i]))
     assert metrics["macro_roc_auc"] == pytest.approx(np.mean([r["roc_auc"] for r in metrics["per_class"]]))
-    flat = flat_metrics(metrics)
+    flat = SINGLE.flat_metrics(metrics)
     assert flat["roc_auc_cat"] == pytest.approx(5 / 8) and "macro_pr_auc" in flat
     # a class absent from the test set has no AUC (not a made-up 0 or 0.5)
     absent = compute_metrics(np.array([0, 1, 0, 1]), np.full((4, 3), 1 / 3), CLASSES)
     assert absent["per_class"][2]["roc_auc"] is None and absent["per_class"][2]["pr_auc"] is None
-    assert "roc_auc_bird" not in flat_metrics(absent)
+    assert "roc_auc_bird" not in SINGLE.flat_metrics(absent)
 
 
 def test_roc_and_pr_curves_files_agree_with_the_areas(tmp_path: Path) -> None:

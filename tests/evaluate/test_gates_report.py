@@ -16,8 +16,7 @@ from components.evaluate.gate_report import Evidence, build_gates, write_report
 from components.evaluate.robustness import summarise
 from components.evaluate.slices import slice_table
 from components.task import get_task
-from components.task.comparison import compare_predictions as compare
-from components.task.comparison import paired_bootstrap
+from components.task.comparison import compare_predictions, paired_bootstrap
 from components.task.metrics import compute_metrics
 
 CLASSES = ["a", "b", "c"]
@@ -44,7 +43,7 @@ def test_compare_flags_the_class_that_got_worse() -> None:
     champ = y.copy()
     chal = y.copy()
     chal[100:160] = 2  # class b: 40 of 100 right instead of 100
-    comp = compare(y, chal, champ, CLASSES, margin=0.01, class_margin=0.05)
+    comp = compare_predictions(y, chal, champ, CLASSES, margin=0.01, class_margin=0.05)
     assert not comp["accuracy"]["passed"]
     assert [r["class"] for r in comp["per_class"] if not r["passed"]] == ["b"]
 
@@ -72,7 +71,7 @@ def evidence() -> Evidence:
     probs /= probs.sum(1, keepdims=True)
     metrics = compute_metrics(y[1::2], probs, CLASSES, top_k=2)
     rob = summarise({"noise": [0.9, 0.8, 0.7, 0.6, 0.5], "blur": [0.9] * 5}, clean_accuracy=0.9, n=300)
-    comp = compare(y, y, y, CLASSES, margin=0.01, class_margin=0.05)
+    comp = compare_predictions(y, y, y, CLASSES, margin=0.01, class_margin=0.05)
     slices = [
         {
             "slice": "source = x",

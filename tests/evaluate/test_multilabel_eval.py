@@ -16,7 +16,7 @@ from components.evaluate.calibration import calibrate, calibration_summary, fit_
 from components.evaluate.gate_report import Evidence, build_gates, write_report
 from components.evaluate.gates import GateReport
 from components.task import get_task
-from components.task.comparison import compare_average_precision as compare_multilabel
+from components.task.comparison import compare_average_precision
 from components.task.multilabel import bce_of_logits, label_confusion, multilabel_metrics
 from tests.conftest import FMNIST_DIR, write_small_params
 
@@ -155,11 +155,12 @@ def test_compare_multilabel_flags_the_label_that_got_worse() -> None:
     rng = np.random.default_rng(1)
     y = (rng.random((600, 3)) < 0.3).astype(np.int8)
     champion = y * 2.0 + rng.normal(0, 1.0, y.shape)
-    same = compare_multilabel(y, champion, champion, LABELS, margin=0.01, label_margin=0.05, n_boot=300)
+    margins = {"margin": 0.01, "label_margin": 0.05, "n_boot": 300}
+    same = compare_average_precision(y, champion, champion, LABELS, **margins)
     assert same["mAP"]["difference"] == 0.0 and same["mAP"]["passed"]
     worse = champion.copy()
     worse[:, 1] = rng.normal(0, 1.0, 600)  # dog: random scores, AP falls to the base rate
-    comp = compare_multilabel(y, worse, champion, LABELS, margin=0.01, label_margin=0.05, n_boot=300)
+    comp = compare_average_precision(y, worse, champion, LABELS, **margins)
     assert not comp["mAP"]["passed"] and comp["mAP"]["lower"] < comp["mAP"]["difference"] < -0.1
     assert [r["label"] for r in comp["per_label"] if not r["passed"]] == ["dog"]
 

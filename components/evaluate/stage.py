@@ -23,7 +23,7 @@ import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -34,6 +34,10 @@ from components.data.manifest import DataPaths, read_manifest
 from components.evaluate.champion import Champion, champion_evidence
 from components.evaluate.predictions import SplitOutput, has_split, predict_split
 from components.task import Task, task_of
+
+if TYPE_CHECKING:
+    from components.evaluate.calibration import CalibrationReport
+    from components.evaluate.gate_report import Evidence
 
 REGISTERED_DIR = "models"
 """Reports of ``evaluate --model`` go to ``<evaluate out>/models/<slug of the URI>/``."""
@@ -67,7 +71,7 @@ def gather_evidence(
     champion: Champion | None = None,
     own_version: str | None = None,
     baseline: Any = None,
-) -> Any:
+) -> Evidence:
     """Run every measurement of the evaluate stage on the model in ``model_dir``.
 
     champion: the registry's champion (None: nothing to compare with); own_version: the registry
@@ -110,7 +114,7 @@ class Measured:
     the whole label set for multi-label: what the slices count)."""
 
     metrics: dict[str, Any]
-    calibration: Any
+    calibration: CalibrationReport
     curves: dict[str, Any]
     correct: np.ndarray
 

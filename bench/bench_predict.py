@@ -49,7 +49,6 @@ def _timed(fns: list[Any], batches: list[list[bytes]]) -> list[float]:
 
 
 def run(*, quick: bool = False) -> dict[str, Any]:
-    import mlflow
     import pandas as pd
 
     n, batch = (1024, 128) if quick else (8192, 256)
@@ -66,7 +65,7 @@ def run(*, quick: bool = False) -> dict[str, Any]:
         model_uri = tracking.log_pyfunc_model(
             run_.run_id, model_dir=model_dir, example_image=images[0], pip_requirements=_pip_requirements()
         )
-        pyfunc = mlflow.pyfunc.load_model(model_uri)
+        pyfunc = tracking.load_pyfunc(model_uri)  # models from code: nothing unpickled
         predictor = Predictor.from_dir(model_dir, batch_size=batch)
         session = onnx_session(export_onnx(predictor, root / "model.onnx"))
 

@@ -11,8 +11,13 @@ Every alias move imgflow makes happens under a **promotion lock** and is appende
 registered model is atomic in every MLflow backend (a unique name in the database, behind the
 REST server too), so exactly one of several concurrent creators succeeds; the others wait and
 retry. The lock carries a token and an expiry, so a holder that died cannot block promotion
-forever. The log is one registered-model tag per entry (``promotion_log.000001`` -> JSON: who,
-what, when, why, from -> to, gate summary), written only while holding the lock, never rewritten.
+forever. The log (:mod:`components.registry.promotion_log`) is one MLflow run per entry in the
+experiment ``<name>-promotions`` (who, what, when, why, from -> to, gate summary), written only
+while holding the lock, never rewritten.
+
+:func:`register_version` is what the register stage calls: it registers a version with Markdown
+descriptions (:mod:`components.registry.cards`), moves ``candidate``/``challenger``, promotes when
+allowed and returns a :class:`Registration`.
 
 A promotion may name the champion it expects to replace (``expected_from``): registration's
 automatic promotion passes the champion the model was evaluated against, so when two pipeline
@@ -23,29 +28,29 @@ stays ``challenger`` and is told to re-evaluate.
 from __future__ import annotations
 
 import getpass
-import json
 import logging
 import socket
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, TypeVar
+from typing import Any
 
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
 from components.core.errors import ImgflowError, TrackingError
-from components.registry.tracking import with_retries
+from components.registry import cards, promotion_log, tracking
+from components.registry.cards import ModelCard
+from components.registry.tracking import Retry
 
 logger = logging.getLogger(__name__)
 
-T = TypeVar("T")
 CANDIDATE, CHALLENGER, CHAMPION = "candidate", "challenger", "champion"
 ALIASES = (CANDIDATE, CHALLENGER, CHAMPION)
-LOG_PREFIX = "promotion_log."
+LOG_PREFIX = promotion_log.LEGACY_PREFIX
 LOCK_SUFFIX = ".promotion-lock"
 
 
@@ -66,17 +71,6 @@ class _Any:
 
 ANY: Any = _Any()
 """``expected_from=ANY``: promote whatever the alias points at now."""
-
-
-@dataclass(frozen=True)
-class Retry:
-    """How registry calls retry when the tracking server does not answer."""
-
-    attempts: int = 3
-    backoff_s: float = 1.0
-
-    def call(self, fn: Callable[[], T], what: str) -> T:
-        return with_retries(fn, what=what, attempts=self.attempts, backoff_s=self.backoff_s)
 
 
 def default_actor() -> str:
@@ -143,10 +137,9 @@ def _version_tags(client: MlflowClient, name: str, version: str, retry: Retry) -
 def read_log(
     name: str, *, client: MlflowClient | None = None, retry: Retry = Retry()
 ) -> list[dict[str, Any]]:
-    """The promotion log, oldest first (empty when the model does not exist)."""
-    tags = _model_tags(client or MlflowClient(), name, retry) or {}
-    keys = sorted(k for k in tags if k.startswith(LOG_PREFIX))
-    return [json.loads(tags[k]) for k in keys]
+    """The promotion log, oldest first (empty when the model does not exist); old registries' tag
+    entries included (see :mod:`components.registry.promotion_log`)."""
+    return promotion_log.read(client or MlflowClient(), name, retry)
 
 
 def gate_summary(tags: dict[str, str]) -> dict[str, Any]:
@@ -247,15 +240,6 @@ def _assert_held(client: MlflowClient, name: str, token: str, retry: Retry) -> N
 # --------------------------------------------------------------------------- alias moves
 
 
-def _append_log(client: MlflowClient, name: str, entry: dict[str, Any], retry: Retry) -> dict[str, Any]:
-    """Add ``entry`` as the next ``promotion_log.NNNNNN`` tag (caller holds the lock)."""
-    seq = len(read_log(name, client=client, retry=retry)) + 1
-    entry = {"seq": seq, **entry}
-    key = f"{LOG_PREFIX}{seq:06d}"
-    retry.call(lambda: client.set_registered_model_tag(name, key, json.dumps(entry, sort_keys=True)), key)
-    return entry
-
-
 def _move(
     client: MlflowClient,
     name: str,
@@ -276,7 +260,7 @@ def _move(
     retry.call(lambda: client.set_registered_model_alias(name, alias, version), f"set alias {alias}")
     entry = {"action": action, "alias": alias, "from": previous, "to": version, "who": actor,
              "when": _now(), "why": reason, "forced": forced, "gates": gates}  # fmt: skip
-    return _append_log(client, name, entry, retry)
+    return promotion_log.append(client, name, entry, retry)
 
 
 def record_registration(
@@ -411,3 +395,109 @@ def aliases(name: str, *, retry: Retry = Retry()) -> dict[str, str | None]:
     """Where each stage alias points now."""
     client = MlflowClient()
     return {a: alias_target(client, name, a, retry) for a in ALIASES}
+
+
+# --------------------------------------------------------------------------- registration
+
+
+@dataclass(frozen=True)
+class Registration:
+    """What registering one model version did: the register stage's record (``registration.json``).
+
+    ``aliases``: the aliases on the version afterwards; ``failed_gates``: what each blocking failed
+    gate measured; ``promotion_tried``: the gates passed and ``auto_promote`` was on;
+    ``promoted``: the version became champion now; ``previous``: what the champion alias pointed at
+    before (when promotion was tried); ``conflict``: why another promotion won (the version stays
+    challenger and should be re-evaluated against the new champion).
+    """
+
+    name: str
+    version: str
+    model_uri: str
+    run_id: str
+    aliases: tuple[str, ...]
+    gates_passed: bool
+    failed_gates: tuple[str, ...] = ()
+    promotion_tried: bool = False
+    promoted: bool = False
+    previous: str | None = None
+    conflict: str | None = None
+
+    @property
+    def champion_uri(self) -> str:
+        return f"models:/{self.name}@{CHAMPION}"
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON form: ``registration.json`` and the pipeline's result (keys as before the record)."""
+        promotion: dict[str, Any] = {"promoted": self.promoted}
+        if self.conflict is not None:
+            promotion["conflict"] = self.conflict
+        elif self.promotion_tried:
+            promotion["from"] = self.previous
+        return {
+            "name": self.name,
+            "version": self.version,
+            "aliases": list(self.aliases),
+            "model_uri": self.model_uri,
+            "run_id": self.run_id,
+            "champion_uri": self.champion_uri,
+            "promotion": promotion,
+            "gates_passed": self.gates_passed,
+            "failed_gates": list(self.failed_gates),
+        }
+
+
+def register_version(
+    model_uri: str,
+    *,
+    name: str,
+    run_id: str,
+    tags: dict[str, str],
+    card: ModelCard,
+    auto_promote: bool,
+    expected_from: Any = ANY,
+    actor: str | None = None,
+    lock_timeout_s: float = 60.0,
+    retry: Retry = Retry(),
+) -> Registration:
+    """Register ``model_uri`` (logged in training run ``run_id``) as a new version of ``name``.
+
+    The version gets ``tags`` (machine-readable: gate verdict, data version, ...) and a Markdown
+    description made from ``card``; the model's description is rewritten for this latest version.
+    ``candidate`` (and ``challenger`` when the gates passed) move forward; when the gates passed and
+    ``auto_promote`` is on, the version becomes ``champion`` -- unless the champion is no longer
+    ``expected_from`` (the version it was evaluated against): then it stays challenger and the
+    record's ``conflict`` says why.
+    """
+    client, actor = MlflowClient(), actor or default_actor()
+    log_experiment = promotion_log.ensure_experiment(client, name, retry)
+    reg = tracking.register(model_uri, name=name, run_id=run_id, tags=tags, aliases=(),
+                            attempts=retry.attempts, backoff_s=retry.backoff_s)  # fmt: skip
+    version = reg.version
+    run_experiment = tracking.run_experiment_id(run_id, retry=retry)
+    tracking.set_descriptions(
+        name,
+        model=cards.model_description(name, version, card, promotions_experiment_id=log_experiment),
+        version=(version, cards.version_description(name, version, card, run_id=run_id,
+                                                    experiment_id=run_experiment)),
+        retry=retry,
+    )  # fmt: skip
+    opts: dict[str, Any] = {"actor": actor, "lock_timeout_s": lock_timeout_s, "retry": retry}
+    record_registration(name, version, gates_passed=card.gates_passed, **opts)
+    tried = card.gates_passed and auto_promote
+    promoted, previous, conflict = False, None, None
+    if tried:
+        try:
+            entry = promote(name, version, reason="gates passed at registration", expected_from=expected_from,
+                            **opts)  # fmt: skip
+            promoted, previous = bool(entry["changed"]), entry["from"]
+        except PromotionConflictError as e:
+            logger.warning("version %s stays challenger: %s", version, e)
+            conflict = str(e)
+    now = aliases(name, retry=retry)
+    return Registration(
+        name=name, version=version, model_uri=model_uri, run_id=run_id,
+        aliases=tuple(sorted(a for a, v in now.items() if v == version)), gates_passed=card.gates_passed,
+        failed_gates=card.failed_gates, promotion_tried=tried, promoted=promoted, previous=previous,
+        conflict=conflict,
+    )  # fmt: skip

@@ -1,17 +1,19 @@
-"""MLflow adapter: every MLflow call in imgflow lives here.
+"""MLflow adapter: runs, metrics, artifacts, the logged pyfunc and registry versions.
 
-Runs, metrics and artifacts; the registered pyfunc model (raw image bytes in, labels and
-probabilities out); registry versions, tags and aliases.
+Every MLflow call of imgflow lives in this package (``components.registry``): this module holds
+runs, metrics and artifacts, the registered pyfunc model (raw image bytes in, labels and
+probabilities out; logged as *models from code*, see :mod:`components.registry.pyfunc_model`) and
+registry versions, tags, aliases and descriptions; :mod:`components.registry.registry` the
+promotion rules and :mod:`components.registry.promotion_log` the promotion log.
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
+import json
 import logging
-import os
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -21,8 +23,9 @@ import mlflow
 import pandas as pd
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param
+from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
-from mlflow.pyfunc import PythonModel
+from mlflow.utils.mlflow_tags import MLFLOW_MODEL_VERSIONS
 
 from components.core.errors import DataError, TrackingError
 
@@ -37,10 +40,10 @@ IMAGE_COLUMN = "image"
 
 
 def resolve_tracking_uri(tracking_uri: str | None, *, state_dir: Path) -> str:
-    """Explicit URI, else ``$MLFLOW_TRACKING_URI``, else a sqlite store under ``state_dir``."""
-    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
-    if uri:
-        return uri
+    """``tracking_uri`` (``register.tracking_uri``; entry points fill it from ``$MLFLOW_TRACKING_URI``
+    when unset), else a sqlite store under ``state_dir``."""
+    if tracking_uri:
+        return tracking_uri
     state_dir.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{(state_dir / 'mlflow.db').resolve()}"
 
@@ -68,6 +71,17 @@ def with_retries(fn: Callable[[], T], *, what: str, attempts: int = 3, backoff_s
     raise TrackingError(
         f"MLflow call failed ({what}): {last}. Is the tracking server at the configured URI up?"
     )
+
+
+@dataclass(frozen=True)
+class Retry:
+    """How registry calls retry when the tracking server does not answer."""
+
+    attempts: int = 3
+    backoff_s: float = 1.0
+
+    def call(self, fn: Callable[[], T], what: str) -> T:
+        return with_retries(fn, what=what, attempts=self.attempts, backoff_s=self.backoff_s)
 
 
 def ensure_experiment(name: str, *, artifact_root: Path | None = None) -> str:
@@ -162,81 +176,70 @@ def _is_number(v: Any) -> bool:
 # --------------------------------------------------------------------------- the served model
 
 
-def _as_bytes(value: Any) -> bytes:
-    """A cell of the ``image`` column: raw bytes, or base64 text (JSON clients)."""
-    if isinstance(value, bytes | bytearray | memoryview):
-        return bytes(value)
-    if isinstance(value, str):
-        try:
-            return base64.b64decode(value, validate=True)
-        except (binascii.Error, ValueError) as e:
-            raise DataError(
-                "the image column holds text that is not base64: send file bytes or base64"
-            ) from e
-    raise DataError(f"the image column holds {type(value).__name__}: send file bytes or base64 text")
-
-
-class ImageClassifierModel(PythonModel):
-    """MLflow pyfunc: ``DataFrame{image: bytes|base64}`` -> ``DataFrame{labels, label, score, probabilities}``.
-
-    ``labels``: the predicted label set (multi-label: every label at or above its tuned threshold,
-    possibly none; single-label: the top class). Probabilities are in the spec's class order,
-    temperature-scaled (softmax, or a sigmoid per label for multi-label models).
-    """
-
-    def load_context(self, context: Any) -> None:
-        from components.model.checkpoint import Predictor
-
-        self.predictor = Predictor.from_dir(Path(context.artifacts["model_dir"]))
-
-    # No type hints: MLflow would derive a (wrong) schema from them.
-    def predict(self, context, model_input, params=None):
-        if isinstance(model_input, pd.DataFrame):
-            if IMAGE_COLUMN not in model_input.columns:
-                raise DataError(f"input needs an {IMAGE_COLUMN!r} column of image bytes (or base64)")
-            cells = model_input[IMAGE_COLUMN].tolist()
-        else:
-            cells = list(model_input)
-        probs = self.predictor.predict_proba([_as_bytes(c) for c in cells])
-        classes = self.predictor.spec.classes
-        top = probs.argmax(axis=1)
-        return pd.DataFrame(
-            {
-                "labels": self.predictor.label_sets(probs),
-                "label": [classes[i] for i in top],
-                "score": probs[range(len(top)), top].astype(float),
-                "probabilities": [row.astype(float).tolist() for row in probs],
-            }
-        )
+PYFUNC_MODEL_FILE = Path(__file__).with_name("pyfunc_model.py")
+"""The models-from-code file MLflow runs to build the served model (see that module)."""
 
 
 def log_pyfunc_model(
     run_id: str, *, model_dir: Path, example_image: bytes, pip_requirements: list[str]
 ) -> str:
-    """Log the pyfunc into ``run_id``; returns its model URI (for registration)."""
+    """Log the pyfunc into ``run_id`` as *models from code*; returns its model URI (for registration).
+
+    The model is :data:`PYFUNC_MODEL_FILE` (run, not unpickled, on load), ``model_dir`` (weights +
+    ``model.json``) its artifact and the ``components`` package its code.
+    """
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, Schema
 
-    components_dir = Path(__file__).resolve().parent
+    components_dir = Path(__file__).resolve().parents[1]
     signature = ModelSignature(inputs=Schema([ColSpec("binary", IMAGE_COLUMN)]))
-    with mlflow.start_run(run_id=run_id):
+    # Object-dtype column labels: MLflow compares them with a range when it saves the example,
+    # which pandas 3 deprecates (a warning) for its default string labels.
+    example = pd.DataFrame({IMAGE_COLUMN: [example_image]}, columns=pd.Index([IMAGE_COLUMN], dtype=object))
+    # An active run (not Model.log(run_id=...)): the logged model then lands in the run's experiment
+    # and under its artifact root, not in the Default experiment.
+    with mlflow.start_run(run_id=run_id), _without_info("mlflow.pyfunc", "Validating input example"):
         info = mlflow.pyfunc.log_model(
             name="model",
-            python_model=ImageClassifierModel(),
+            python_model=str(PYFUNC_MODEL_FILE),
             artifacts={"model_dir": str(model_dir)},
             code_paths=[str(components_dir)],
             signature=signature,
-            input_example=pd.DataFrame({IMAGE_COLUMN: [example_image]}),
+            input_example=example,
             pip_requirements=pip_requirements,
         )
     return str(info.model_uri)
+
+
+class _DropInfo(logging.Filter):
+    def __init__(self, prefix: str) -> None:
+        super().__init__()
+        self.prefix = prefix
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.levelno <= logging.INFO and record.getMessage().startswith(self.prefix))
+
+
+@contextmanager
+def _without_info(logger_name: str, prefix: str) -> Iterator[None]:
+    """Drop one INFO message of an MLflow logger while the block runs: with a signature and an
+    input example (both needed: without the example MLflow warns) MLflow announces that it checks
+    the one against the other on every registration -- a line of console noise, not a warning."""
+    target, drop = logging.getLogger(logger_name), _DropInfo(prefix)
+    target.addFilter(drop)
+    try:
+        yield
+    finally:
+        target.removeFilter(drop)
 
 
 # --------------------------------------------------------------------------- registry
 
 
 @dataclass(frozen=True)
-class Registration:
+class RegisteredVersion:
+    """One model version as :func:`register` created it (promotion: :mod:`components.registry.registry`)."""
+
     name: str
     version: str
     aliases: tuple[str, ...]
@@ -261,20 +264,97 @@ def register(
     run_id: str,
     tags: dict[str, str],
     aliases: Iterable[str],
+    description: str | None = None,
     attempts: int = 3,
     backoff_s: float = 1.0,
-) -> Registration:
-    """Register a new version with ``tags`` and point ``aliases`` at it (promotion goes through
-    :mod:`components.registry.registry`, which moves aliases under its lock; pass ``aliases=()`` there)."""
+) -> RegisteredVersion:
+    """Register a new version with ``tags`` (and a Markdown ``description``) and point ``aliases``
+    at it (promotion goes through :func:`components.registry.registry.register_version`, which
+    moves aliases under its lock and passes ``aliases=()`` here).
+
+    The client calls ``mlflow.register_model`` makes, without its two progress lines on stderr.
+    """
     client = MlflowClient()
     retry = partial(with_retries, attempts=attempts, backoff_s=backoff_s)
-    mv = retry(lambda: mlflow.register_model(model_uri, name, tags=tags), what="register model")
+    retry(lambda: _ensure_registered_model(client, name), what=f"create registered model {name}")
+    model_id = _logged_model_id(model_uri)
+    # await_creation_for=0: the waiting call logs "Waiting up to 300 seconds" even for a version
+    # that is ready at once (open-source MLflow); _ready waits only for one that is not.
+    mv = retry(
+        lambda: client.create_model_version(name, model_uri, run_id=run_id, tags=tags,
+                                            description=description, model_id=model_id, await_creation_for=0),
+        what="register model",
+    )  # fmt: skip
+    mv = _ready(client, mv, retry=retry)
+    if model_id is not None:
+        _link_logged_model(client, model_id, name, str(mv.version))
     aliases = tuple(aliases)
     for alias in aliases:
         retry(partial(client.set_registered_model_alias, name, alias, mv.version), what=f"set alias {alias}")
-    return Registration(
+    return RegisteredVersion(
         name=name, version=str(mv.version), aliases=aliases, model_uri=model_uri, run_id=run_id
     )
+
+
+def _ready(client: MlflowClient, mv: ModelVersion, *, retry: Callable[..., ModelVersion],
+           timeout_s: float = 300.0) -> ModelVersion:  # fmt: skip
+    """``mv`` once its status is READY (a registry that copies files asynchronously starts at
+    PENDING_REGISTRATION); TrackingError when it fails or stays pending."""
+    deadline = time.monotonic() + timeout_s
+    while mv.status == "PENDING_REGISTRATION" and time.monotonic() < deadline:
+        time.sleep(1.0)
+        mv = retry(partial(client.get_model_version, mv.name, mv.version), what=f"read version {mv.version}")
+    if mv.status != "READY":
+        raise TrackingError(f"{mv.name} version {mv.version} is {mv.status}: {mv.status_message or 'no reason given'}")
+    return mv
+
+
+def _ensure_registered_model(client: MlflowClient, name: str) -> None:
+    try:
+        client.create_registered_model(name)
+    except MlflowException as e:
+        if e.error_code not in ("RESOURCE_ALREADY_EXISTS", "ALREADY_EXISTS"):
+            raise
+
+
+def _logged_model_id(model_uri: str) -> str | None:
+    """``models:/m-<id>`` (what ``log_model`` returns in MLflow 3) -> ``m-<id>``; else None."""
+    rest = model_uri.removeprefix("models:/")
+    return rest if rest != model_uri and rest.startswith("m-") and "/" not in rest else None
+
+
+def _link_logged_model(client: MlflowClient, model_id: str, name: str, version: str) -> None:
+    """Record the version on its logged model (the ``mlflow.modelVersions`` tag the UI reads to show
+    "registered versions" on the logged model's page), as ``mlflow.register_model`` does; a tracking
+    server records it itself, a local store does not."""
+    try:
+        tags = client.get_logged_model(model_id).tags or {}
+        versions = json.loads(tags.get(MLFLOW_MODEL_VERSIONS, "[]"))
+        if any(v.get("name") == name and str(v.get("version")) == version for v in versions):
+            return
+        versions.append({"name": name, "version": version})
+        client.set_logged_model_tags(model_id, {MLFLOW_MODEL_VERSIONS: json.dumps(versions)})
+    except MlflowException as e:  # a link for the UI only: the version itself is registered
+        logger.warning("could not link logged model %s to %s version %s: %s", model_id, name, version, e)
+
+
+def set_descriptions(name: str, *, model: str | None = None, version: tuple[str, str] | None = None,
+                     retry: Retry | None = None) -> None:  # fmt: skip
+    """Write the registered model's Markdown description and/or one version's (``(version, text)``)."""
+    client, retry = MlflowClient(), retry or Retry()
+    if model is not None:
+        retry.call(lambda: client.update_registered_model(name, description=model), f"describe {name}")
+    if version is not None:
+        number, text = version
+        retry.call(
+            lambda: client.update_model_version(name, number, description=text), f"describe {name} v{number}"
+        )
+
+
+def run_experiment_id(run_id: str, *, retry: Retry | None = None) -> str:
+    """The experiment a run belongs to (links into the MLflow UI need it)."""
+    client, retry = MlflowClient(), retry or Retry()
+    return str(retry.call(lambda: client.get_run(run_id), f"read run {run_id}").info.experiment_id)
 
 
 def list_versions(name: str) -> list[dict[str, Any]]:

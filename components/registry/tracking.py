@@ -305,7 +305,9 @@ def _ready(client: MlflowClient, mv: ModelVersion, *, retry: Callable[..., Model
         time.sleep(1.0)
         mv = retry(partial(client.get_model_version, mv.name, mv.version), what=f"read version {mv.version}")
     if mv.status != "READY":
-        raise TrackingError(f"{mv.name} version {mv.version} is {mv.status}: {mv.status_message or 'no reason given'}")
+        raise TrackingError(
+            f"{mv.name} version {mv.version} is {mv.status}: {mv.status_message or 'no reason given'}"
+        )
     return mv
 
 

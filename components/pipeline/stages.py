@@ -145,7 +145,12 @@ def run_audit(params: Params, *, progress: bool = True) -> AuditSummary:
     info = DatasetInfo.load(paths.data.dataset)
     with showing_progress(progress):  # the bar of reading the images
         result = audit(
-            manifest, data_dir=paths.data.root, classes=info.classes, cfg=cfg, task=info.task, progress=progress
+            manifest,
+            data_dir=paths.data.root,
+            classes=info.classes,
+            cfg=cfg,
+            task=info.task,
+            progress=progress,
         )
     out = paths.out("audit")
     diff = update_ledger(

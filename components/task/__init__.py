@@ -22,4 +22,13 @@ from components.task.base import (
     task_of,
 )
 
-__all__ = ["MULTILABEL", "SINGLELABEL", "TASK_NAMES", "Decision", "Task", "detect_task", "get_task", "task_of"]
+__all__ = [
+    "MULTILABEL",
+    "SINGLELABEL",
+    "TASK_NAMES",
+    "Decision",
+    "Task",
+    "detect_task",
+    "get_task",
+    "task_of",
+]

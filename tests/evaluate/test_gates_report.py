@@ -170,9 +170,7 @@ def test_report_verdict_is_visible_in_headless_chromium(tmp_path: Path, evidence
     # The checker can fail: a page whose verdict is hidden is caught.
     hidden = tmp_path / "hidden.html"
     hidden.write_text(paths["report_html"].read_text().replace("<style>", "<style>#verdict{display:none}"))
-    assert any(
-        "not visible" in p for p in check_report.check(check_report.probe(hidden, chromium=chromium))
-    )
+    assert any("not visible" in p for p in check_report.check(check_report.probe(hidden, chromium=chromium)))
 
 
 def _zero_shot_record(metrics: dict, *, recall_drop: dict[str, float]) -> dict:

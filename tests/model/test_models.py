@@ -67,7 +67,9 @@ def test_spec_holds_a_task_and_model_json_its_name(tmp_path: Path) -> None:
     model = create_classifier("imgflow_cnn", 3, in_chans=1).eval()
     spec = ModelSpec("imgflow_cnn", ("a", "b", "c"), 1, resolve_data_config(model), task="multilabel",
                      thresholds=(0.5, 0.2, 0.9))  # fmt: skip
-    assert spec.task is get_task("multilabel") and ModelSpec("m", ("a",), 1, {}).task is get_task("singlelabel")
+    assert spec.task is get_task("multilabel") and ModelSpec("m", ("a",), 1, {}).task is get_task(
+        "singlelabel"
+    )
     save_classifier(model.state_dict(), spec, tmp_path)
     assert json.loads((tmp_path / "model.json").read_text())["task"] == "multilabel"
     _, loaded = load_classifier(tmp_path)

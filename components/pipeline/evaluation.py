@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import tempfile
 from pathlib import Path
-from typing import Any
 
 from components.core.config import Params
 from components.data.manifest import DataPaths, data_version
@@ -26,19 +25,15 @@ from components.pipeline.context import experiment_id
 from components.pipeline.records import Evaluation
 
 
-def evaluate_trained(params: Params, *, run: dict[str, Any], out_dir: Path) -> Evaluation:
-    """Evaluate ``outputs/train/model`` into its training run (``run``: ``outputs/train/run.json``)."""
+def evaluate_trained(params: Params, *, run_id: str, data_version: str | None, out_dir: Path) -> Evaluation:
+    """Evaluate ``outputs/train/model`` into its training run ``run_id`` (from ``outputs/train/run.json``)."""
     model_dir = trained_model_dir(params)
-    context = {
-        "model": str(model_dir),
-        "training run": run["run_id"],
-        "data version": run.get("data_version"),
-    }
+    context = {"model": str(model_dir), "training run": run_id, "data version": data_version}
     with tempfile.TemporaryDirectory(prefix="imgflow-eval-") as tmp:
         champion = find_champion(params, Path(tmp), own_version=None)
-        evaluated = evaluate_model(params, model_dir, out_dir=out_dir, run_id=run["run_id"], context=context,
+        evaluated = evaluate_model(params, model_dir, out_dir=out_dir, run_id=run_id, context=context,
                                    champion=champion)  # fmt: skip
-    log_evaluation(evaluated, run["run_id"])
+    log_evaluation(evaluated, run_id)
     return Evaluation.from_dict(evaluated.result)
 
 

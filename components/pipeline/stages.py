@@ -485,7 +485,8 @@ def run_evaluate(params: Params, *, model_uri: str | None = None, progress: bool
     with showing_progress(progress):  # the corruption sweep's bar
         if model_uri is None:
             run = read_json(paths.run_file, hint="run `imgflow train` first")
-            return evaluate_trained(params, run=run, out_dir=paths.out("evaluate"))
+            return evaluate_trained(params, run_id=run["run_id"], data_version=run.get("data_version"),
+                                    out_dir=paths.out("evaluate"))  # fmt: skip
         return evaluate_registered(params, model_uri, out_root=paths.out("evaluate"))
 
 

@@ -226,7 +226,9 @@ def multilabel_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
         strict = _strict_label_ap(result)
         params_strict = load_params(root / "params.yaml", [f"gates.min_label_ap={strict}"])
         run = json.loads(StagePaths(params).run_file.read_text())
-        strict_result = evaluate_trained(params_strict, run=run, out_dir=root / "strict").to_dict()
+        strict_result = evaluate_trained(
+            params_strict, run_id=run["run_id"], data_version=run.get("data_version"), out_dir=root / "strict"
+        ).to_dict()
         classes = json.loads((params.project.data_dir / "dataset.json").read_text())["classes"]
     return {
         "root": root,

@@ -44,6 +44,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from components.core.errors import DataError
+from components.core.jsonio import write_json
 
 MANIFEST_SCHEMA = pa.schema(
     [
@@ -113,7 +114,7 @@ class DatasetInfo:
     """split -> class -> number of images."""
 
     def save(self, path: Path) -> None:
-        path.write_text(json.dumps(asdict(self), indent=2, sort_keys=True) + "\n")
+        write_json(path, asdict(self), sort_keys=True)
 
     @classmethod
     def load(cls, path: Path) -> DatasetInfo:

@@ -20,6 +20,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from components.core.errors import DataError
+from components.core.jsonio import write_json
 from components.model.models import create_classifier, create_image_transform, image_mode
 from components.task import Task, get_task
 
@@ -73,7 +74,7 @@ def save_classifier(state_dict: dict[str, torch.Tensor], spec: ModelSpec, out_di
     out_dir.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
     save_file(tensors, str(out_dir / WEIGHTS_FILE))
-    (out_dir / SPEC_FILE).write_text(json.dumps(spec.to_dict(), indent=2) + "\n")
+    write_json(out_dir / SPEC_FILE, spec.to_dict())
     return out_dir
 
 
@@ -121,7 +122,7 @@ def with_temperature(
         temperature=float(temperature),
         thresholds=tuple(float(t) for t in thresholds) if thresholds is not None else spec.thresholds,
     )
-    (Path(model_dir) / SPEC_FILE).write_text(json.dumps(spec.to_dict(), indent=2) + "\n")
+    write_json(Path(model_dir) / SPEC_FILE, spec.to_dict())
     return spec
 
 

@@ -21,7 +21,6 @@ what a person should look at) and ``diff.json`` (the counts).
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -29,6 +28,8 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+
+from components.core.jsonio import write_json
 
 logger = logging.getLogger(__name__)
 
@@ -152,7 +153,7 @@ def update_ledger(
     diff = LedgerDiff(
         data_version, prev_version, counts, totals, {"ledger": str(folder / "ledger.parquet"), **files}
     )
-    (export_dir / "diff.json").write_text(json.dumps(diff.to_dict(), indent=2, sort_keys=True) + "\n")
+    write_json(export_dir / "diff.json", diff.to_dict(), sort_keys=True)
     logger.info("issue ledger for data version %s (vs %s): %s", data_version, prev_version, totals)
     return diff
 

@@ -42,6 +42,7 @@ import pandas as pd
 from components.core import report as kit
 from components.core.config import DEFAULT_SEVERITY, ValidateConfig
 from components.core.errors import DataError
+from components.core.jsonio import write_json
 from components.data.image_stats import hex_to_uint64, near_duplicate_pairs
 from components.data.manifest import MANIFEST_COLUMNS, SPLITS
 from components.task import MULTILABEL, SINGLELABEL, Task, get_task
@@ -941,7 +942,7 @@ def write_validation_report(report: ValidationReport, out_dir: Path) -> tuple[Pa
     out_dir.mkdir(parents=True, exist_ok=True)
     json_path = out_dir / "report.json"
     html_path = out_dir / "report.html"
-    json_path.write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+    write_json(json_path, report.to_dict())
     html_path.write_text(render_html(report))
     return json_path, html_path
 

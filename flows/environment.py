@@ -6,9 +6,9 @@ the components below never read environment variables themselves.
 - ``$HTTPS_PROXY`` / ``$https_proxy`` / ``$ALL_PROXY``: a proxy stands between imgflow and the
   hub, so the CLIP baseline does not judge the hub unreachable by a direct probe;
 - ``$RAY_ADDRESS``, ``$IMGFLOW_RAY_DASHBOARD``, ``$IMGFLOW_WORKER_EVENTS``: which Ray to use and
-  what it shows (:class:`components.train.ray_adapter.RayOptions`).
-
-The webhook URL (``$IMGFLOW_WEBHOOK_URL``) is read by the notify task (``tasks.stages.webhook_url``).
+  what it shows (:class:`components.train.ray_adapter.RayOptions`);
+- ``$IMGFLOW_WEBHOOK_URL``: where the notify task posts when ``notify.webhook_url`` is unset (passed
+  to the task as a value, not folded into the params, so it is never logged with them).
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ if TYPE_CHECKING:
 
 TRACKING_URI_ENV = "MLFLOW_TRACKING_URI"
 PROXY_ENVS = ("HTTPS_PROXY", "https_proxy", "ALL_PROXY")
+WEBHOOK_ENV = "IMGFLOW_WEBHOOK_URL"
 
 
 def with_environment(params: Params, environ: Mapping[str, str] = os.environ) -> Params:
@@ -34,6 +35,11 @@ def with_environment(params: Params, environ: Mapping[str, str] = os.environ) ->
         return params
     register = params.register_.model_copy(update={"tracking_uri": uri})
     return params.model_copy(update={"register_": register})
+
+
+def webhook_url(params: Params, environ: Mapping[str, str] = os.environ) -> str | None:
+    """Where notifications go: ``notify.webhook_url``, else ``$IMGFLOW_WEBHOOK_URL``; None: nowhere."""
+    return params.notify.webhook_url or environ.get(WEBHOOK_ENV) or None
 
 
 def behind_proxy(environ: Mapping[str, str] = os.environ) -> bool:

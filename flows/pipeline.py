@@ -11,7 +11,7 @@ from prefect import flow
 from components.core.config import Params, load_params
 from components.pipeline.notify import headline
 from components.pipeline.records import UP_TO_DATE, Evaluation, PipelineResult, RegisterResult
-from flows.environment import behind_proxy, ray_options, with_environment
+from flows.environment import behind_proxy, ray_options, webhook_url, with_environment
 from tasks import stages
 
 
@@ -23,7 +23,7 @@ def _announce_failure(_flow: Any, flow_run: Any, state: Any) -> None:
     try:
         p = flow_run.parameters
         params = load_params(p.get("params_path", "params.yaml"), p.get("overrides") or [])
-        url = stages.webhook_url(params)
+        url = webhook_url(params)
         if url is None or "run_failed" not in params.notify.events:
             return
         payload = notify_lib.build_payload(
@@ -53,10 +53,13 @@ def pipeline(
     for the long steps; ``verbose``: Ray's own lines on the console too.
     """
     params = with_environment(load_params(params_path, overrides or []))
+    url = webhook_url(params)
     ingested = stages.ingest(params, progress)
     fresh = stages.check_freshness(params, force)
     if not fresh.retrain:
-        _tell(params, "up_to_date", f"{fresh.model_name} is {UP_TO_DATE}: {fresh.reason}", fresh.to_dict())
+        _tell(
+            params, url, "up_to_date", f"{fresh.model_name} is {UP_TO_DATE}: {fresh.reason}", fresh.to_dict()
+        )
         return PipelineResult(status=UP_TO_DATE, ingest=ingested, freshness=fresh)
     stages.validate(params)
     audited = stages.audit(params, progress) if params.audit.enabled else None
@@ -64,23 +67,23 @@ def pipeline(
     trained = stages.train(params, progress, ray_options(verbose=verbose))
     evaluated = stages.evaluate(params, progress)
     registered = stages.register(params)
-    _tell_verdict(params, registered, evaluated)
+    _tell_verdict(params, url, registered, evaluated)
     return PipelineResult(
         status="trained", ingest=ingested, freshness=fresh, audit=audited, baseline=baseline,
         train=trained, evaluate=evaluated, register=registered,
     )  # fmt: skip
 
 
-def _tell(params: Params, event: str, summary: str, details: dict[str, Any]) -> None:
-    """Post to the webhook; a webhook that stays down is logged, it does not fail the run."""
-    state = stages.notify(params, event, summary, details, return_state=True)
+def _tell(params: Params, url: str | None, event: str, summary: str, details: dict[str, Any]) -> None:
+    """Post to the webhook at ``url``; a webhook that stays down is logged, it does not fail the run."""
+    state = stages.notify(params, url, event, summary, details, return_state=True)
     if state.is_failed():
         stages.report(
             "notify", f"webhook notification {event} failed: {state.message}", level=logging.WARNING
         )
 
 
-def _tell_verdict(params: Params, registered: RegisterResult, evaluated: Evaluation) -> None:
+def _tell_verdict(params: Params, url: str | None, registered: RegisterResult, evaluated: Evaluation) -> None:
     name, version = registered.name, registered.version
     metric, value = headline(evaluated)
     details = {
@@ -94,6 +97,6 @@ def _tell_verdict(params: Params, registered: RegisterResult, evaluated: Evaluat
         "report_html": str(evaluated.report_html),
     }
     if registered.gates_passed:
-        _tell(params, "promoted", f"{name} v{version} passed its gates and is champion", details)
+        _tell(params, url, "promoted", f"{name} v{version} passed its gates and is champion", details)
     else:
-        _tell(params, "gate_failed", f"{name} v{version} FAILED its gates: {evaluated.verdict}", details)
+        _tell(params, url, "gate_failed", f"{name} v{version} FAILED its gates: {evaluated.verdict}", details)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from typing import TYPE_CHECKING, Any
 
 from prefect import get_run_logger, task
@@ -40,7 +39,6 @@ if TYPE_CHECKING:
     )
     from components.train.ray_adapter import RayOptions
 
-WEBHOOK_ENV = "IMGFLOW_WEBHOOK_URL"
 TRANSIENT = (TrackingError, DataUnavailableError, notify_lib.NotifyError)
 """Project errors that are I/O (a server or the network), worth a retry; any other ImgflowError is
 the user's input (bad path, bad params, failed validation) and a retry cannot fix it."""
@@ -195,11 +193,6 @@ def register(params: Params) -> RegisterResult:
     return result
 
 
-def webhook_url(params: Params) -> str | None:
-    """``notify.webhook_url``, else ``$IMGFLOW_WEBHOOK_URL`` (read here: components never read env)."""
-    return params.notify.webhook_url or os.environ.get(WEBHOOK_ENV) or None
-
-
 @task(
     name="notify-webhook",
     task_run_name="notify-webhook [{event}]",
@@ -208,9 +201,9 @@ def webhook_url(params: Params) -> str | None:
     retry_condition_fn=retry_on_io,
     retry_delay_seconds=5,
 )
-def notify(params: Params, event: str, summary: str, details: dict[str, Any]) -> int | None:
-    """POST the event to the webhook when one is configured and ``notify.events`` lists it."""
-    url = webhook_url(params)
+def notify(params: Params, url: str | None, event: str, summary: str, details: dict[str, Any]) -> int | None:
+    """POST the event to ``url`` (the entry point's ``flows.environment.webhook_url``) when there is
+    one and ``notify.events`` lists the event."""
     if url is None or event not in params.notify.events:
         return None
     payload = notify_lib.build_payload(event, summary=summary, **details)

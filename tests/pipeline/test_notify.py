@@ -79,20 +79,23 @@ def test_post_webhook_errors_name_the_problem(webhook_listener: dict) -> None:
 
 
 def test_notify_task_uses_params_then_env_and_only_listed_events(
-    webhook_listener: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    webhook_listener: dict, tmp_path: Path
 ) -> None:
-    from tasks.stages import WEBHOOK_ENV
+    """The entry point's ``webhook_url`` (params, else ``$IMGFLOW_WEBHOOK_URL``) is what the task posts to."""
+    from flows.environment import WEBHOOK_ENV, webhook_url
     from tasks.stages import notify as notify_task
 
     params = load_params(write_small_params(tmp_path))
-    monkeypatch.delenv(WEBHOOK_ENV, raising=False)
-    assert notify_task.fn(params, "gate_failed", "no url anywhere", {}) is None
-    monkeypatch.setenv(WEBHOOK_ENV, webhook_listener["url"])
-    assert notify_task.fn(params, "gate_failed", "from env", {"version": "2"}) == 204
-    assert notify_task.fn(params, "promoted", "not in notify.events", {}) is None
+    assert webhook_url(params, {}) is None
+    assert notify_task.fn(params, webhook_url(params, {}), "gate_failed", "no url anywhere", {}) is None
+    from_env = webhook_url(params, {WEBHOOK_ENV: webhook_listener["url"]})
+    assert from_env == webhook_listener["url"]
+    assert notify_task.fn(params, from_env, "gate_failed", "from env", {"version": "2"}) == 204
+    assert notify_task.fn(params, from_env, "promoted", "not in notify.events", {}) is None
     own = load_params(tmp_path / "params.yaml", [f"notify.webhook_url={webhook_listener['url']}?p=1"])
-    monkeypatch.setenv(WEBHOOK_ENV, "http://127.0.0.1:9/never-used")
-    assert notify_task.fn(own, "run_failed", "params win over env", {}) == 204
+    url = webhook_url(own, {WEBHOOK_ENV: "http://127.0.0.1:9/never-used"})
+    assert url == f"{webhook_listener['url']}?p=1"  # params win over the environment
+    assert notify_task.fn(own, url, "run_failed", "params win over env", {}) == 204
     assert [p["text"] for p in webhook_listener["posts"]] == [
         "imgflow: from env",
         "imgflow: params win over env",

@@ -171,13 +171,14 @@ class Evaluation:
     def from_dict(cls, raw: Mapping[str, Any]) -> Evaluation:
         """From what :mod:`components.evaluate.evaluate_run` returns (the keys of :meth:`to_dict`)."""
         from components.evaluate.gates import GateReport
+        from components.task import task_of
 
-        headline = "mAP" if "mAP" in raw else "accuracy"  # evaluate returns the headline under its name
+        task = task_of(raw)  # evaluate returns the task's headline under its name
         thresholds = raw.get("thresholds")
         return cls(
             task=str(raw["task"]),
-            headline=headline,
-            value=raw.get(headline),
+            headline=task.headline,
+            value=task.headline_value(raw),
             accuracy=raw.get("accuracy"),
             gates=GateReport.from_dict(raw["gates"]),
             temperature=float(raw["temperature"]),

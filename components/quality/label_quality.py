@@ -59,7 +59,6 @@ from components.data.image_stats import (
     hex_to_uint64,
     near_duplicate_pairs,
 )
-from components.quality.validation import label_set
 from components.task import MULTILABEL, SINGLELABEL, Task, get_task
 
 logger = logging.getLogger(__name__)
@@ -120,7 +119,7 @@ def resolve_features(features: str, task: str | Task) -> str:
     """``auto`` -> ``patches`` for multi-label data (objects anywhere in the image), else ``pca``."""
     if features != "auto":
         return features
-    return "patches" if get_task(task).several_labels else "pca"
+    return get_task(task).audit_features
 
 
 def learn_features(pixels: np.ndarray, *, cfg: AuditConfig, kind: str | None = None) -> np.ndarray:
@@ -369,7 +368,7 @@ def audit(
     if len(rows) < 2:
         raise DataError(f"the audit needs at least 2 images in splits {list(cfg.splits)}, got {len(rows)}")
     task = get_task(task)
-    sets = [label_set(v) for v in rows["labels"]] if task.several_labels else [[lab] for lab in rows["label"]]
+    sets = task.manifest_label_sets(rows)
     rows = rows.assign(label=[LABEL_SEPARATOR.join(s) for s in sets])  # issue rows show the whole set
     timings: dict[str, float] = {}
     t = time.perf_counter()

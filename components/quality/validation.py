@@ -45,7 +45,7 @@ from components.core.errors import DataError
 from components.core.jsonio import write_json
 from components.data.image_stats import hex_to_uint64, near_duplicate_pairs
 from components.data.manifest import MANIFEST_COLUMNS, SPLITS
-from components.task import MULTILABEL, SINGLELABEL, Task, get_task
+from components.task import MULTILABEL, SINGLELABEL, Task, get_task, label_set
 
 logger = logging.getLogger(__name__)
 
@@ -219,7 +219,7 @@ def _suite_specs(classes: Sequence[str], cfg: ValidateConfig, task: str | Task =
 
 def _label_table(task: Task) -> str:
     """The frame a label count runs on: one row per image, or per (image, label) for label sets."""
-    return "label_rows" if task.several_labels else "manifest"
+    return task.label_table
 
 
 def _schema_specs(classes: Sequence[str], cfg: ValidateConfig, *, task: Task) -> list[_Spec]:
@@ -296,7 +296,7 @@ def _schema_specs(classes: Sequence[str], cfg: ValidateConfig, *, task: Task) ->
             "ExpectColumnDistinctValuesToContainSet",
             {"column": "label", "value_set": list(classes), "row_condition": ("split", split)},
             f"each of the {len(classes)} declared classes has at least one image in the {split} split"
-            + (" (among all labels of each image)" if task.several_labels else ""),
+            + task.label_scope,
             _missing_classes(split),
             "class_presence",
             _label_table(task),
@@ -381,7 +381,7 @@ def _image_specs(cfg: ValidateConfig) -> list[_Spec]:
 def _balance_specs(classes: Sequence[str], cfg: ValidateConfig, *, task: Task) -> list[_Spec]:
     """Class balance, on the class-count table (one row per class, in total and per split); for
     multi-label data the counts are label occurrences (images carrying the label)."""
-    images = "images carrying it" if task.several_labels else "images"
+    images = task.counted_images
     return [
         _Spec(
             "enough_classes",
@@ -423,12 +423,7 @@ def _balance_specs(classes: Sequence[str], cfg: ValidateConfig, *, task: Task) -
                 "max_value": cfg.max_imbalance_ratio,
                 "row_condition": ("scope", "total"),
             },
-            (
-                f"the most frequent label occurs in at most {cfg.max_imbalance_ratio:g}x the images of any "
-                "other label"
-                if task.several_labels
-                else f"the largest class has at most {cfg.max_imbalance_ratio:g}x the images of any other class"
-            ),
+            task.imbalance_rule(cfg.max_imbalance_ratio),
             _count_rows,
             "imbalance",
             "class_counts",
@@ -716,13 +711,6 @@ def near_duplicate_partners(
     for x, (_, y) in best.items():
         out[x] = str(image_ids[y])
     return out
-
-
-def label_set(value: Any) -> list[str]:
-    """A manifest ``labels`` cell (list, numpy array from parquet, or null) as a list of str."""
-    if value is None or (not isinstance(value, list | tuple | np.ndarray) and pd.isna(value)):
-        return []
-    return [str(v) for v in value]
 
 
 def label_rows_table(df: pd.DataFrame) -> pd.DataFrame:

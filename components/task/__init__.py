@@ -19,6 +19,7 @@ from components.task.base import (
     Task,
     detect_task,
     get_task,
+    label_set,
     task_of,
 )
 
@@ -30,5 +31,6 @@ __all__ = [
     "Task",
     "detect_task",
     "get_task",
+    "label_set",
     "task_of",
 ]

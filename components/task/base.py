@@ -92,9 +92,29 @@ class Task:
     several_labels: ClassVar[bool]
     """True when an image carries a set of labels: a class's count is its label occurrences, label
     checks run on one row per (image, label), and the objects may be anywhere in the image."""
+    label_column: ClassVar[str]
+    """The manifest column holding an image's label(s): ``label`` (one class) or ``labels`` (its set)."""
+    label_table: ClassVar[str]
+    """The validation frame with one row per label occurrence: ``manifest`` (one label per image) or
+    ``label_rows`` (one row per image and label)."""
+    label_scope: ClassVar[str]
+    """Appended to a rule about an image's label: ``""`` or ``" (among all labels of each image)"``."""
+    counted_images: ClassVar[str]
+    """What a class's image count counts, in words: ``images`` or ``images carrying it``."""
+    audit_features: ClassVar[str]
+    """The label audit's features for ``audit.features: auto``: ``pca`` of the whole image, or
+    ``patches`` (multi-label: the objects may be anywhere in the image)."""
 
     def __repr__(self) -> str:
         return f"<Task {self.name}>"
+
+    def manifest_label_sets(self, rows: Any) -> list[list[str]]:
+        """Each manifest row's labels, read from :attr:`label_column` of ``rows`` (a DataFrame)."""
+        raise NotImplementedError
+
+    def imbalance_rule(self, ratio: float) -> str:
+        """The class-imbalance rule in words, for a largest/smallest count ratio of at most ``ratio``."""
+        raise NotImplementedError
 
     def tagged(self, record: Mapping[str, Any]) -> dict[str, Any]:
         """``record`` with this task's ``task`` key where the stored form carries one: multi-label files
@@ -322,9 +342,20 @@ class SingleLabel(Task):
     reliability_axes = ("confidence", "accuracy")
     confusion_axes = ("true", "predicted")
     several_labels = False
+    label_column = "label"
+    label_table = "manifest"
+    label_scope = ""
+    counted_images = "images"
+    audit_features = "pca"
 
     def tagged(self, record: Mapping[str, Any]) -> dict[str, Any]:
         return dict(record)
+
+    def manifest_label_sets(self, rows: Any) -> list[list[str]]:
+        return [[lab] for lab in rows[self.label_column]]
+
+    def imbalance_rule(self, ratio: float) -> str:
+        return f"the largest class has at most {ratio:g}x the images of any other class"
 
     def _encode(self, label_sets: Sequence[Sequence[str]], index: dict[str, int], k: int) -> np.ndarray:
         if bad := [list(s) for s in label_sets if len(s) != 1][:5]:
@@ -468,9 +499,20 @@ class MultiLabel(Task):
     reliability_axes = ("predicted probability", "observed frequency")
     confusion_axes = ("missed label", "falsely predicted label (diagonal: hits)")
     several_labels = True
+    label_column = "labels"
+    label_table = "label_rows"
+    label_scope = " (among all labels of each image)"
+    counted_images = "images carrying it"
+    audit_features = "patches"
 
     def tagged(self, record: Mapping[str, Any]) -> dict[str, Any]:
         return {**record, "task": self.name}
+
+    def manifest_label_sets(self, rows: Any) -> list[list[str]]:
+        return [label_set(v) for v in rows[self.label_column]]
+
+    def imbalance_rule(self, ratio: float) -> str:
+        return f"the most frequent label occurs in at most {ratio:g}x the images of any other label"
 
     def _encode(self, label_sets: Sequence[Sequence[str]], index: dict[str, int], k: int) -> np.ndarray:
         y = np.zeros((len(label_sets), k), dtype=np.int8)
@@ -631,6 +673,15 @@ class MultiLabel(Task):
                 f"the dataset is multi-label but train.{', train.'.join(bad)} is single-label only: use "
                 "loss ce|focal|asymmetric, class_weights null|inverse|sqrt_inverse, sampler random"
             )
+
+
+def label_set(value: Any) -> list[str]:
+    """A manifest ``labels`` cell (list, numpy array from parquet, or null) as a list of str."""
+    import pandas as pd  # only where manifests are read (serving and training need no pandas here)
+
+    if value is None or (not isinstance(value, list | tuple | np.ndarray) and pd.isna(value)):
+        return []
+    return [str(v) for v in value]
 
 
 _TASKS: dict[str, Task] = {t.name: t for t in (SingleLabel(), MultiLabel())}

@@ -24,6 +24,22 @@ def test_get_task_names_and_unknown():
         get_task("multiclass")
 
 
+def test_manifest_label_sets_and_the_label_words_of_each_task():
+    """What the quality checks ask the task: where a row's labels are, how to read them, what to say."""
+    import pandas as pd
+
+    single, multi = get_task(SINGLELABEL), get_task(MULTILABEL)
+    rows = pd.DataFrame({"label": ["dog", "cat"], "labels": [np.array(["dog", "fox"]), None]})
+    assert single.manifest_label_sets(rows) == [["dog"], ["cat"]]
+    assert multi.manifest_label_sets(rows) == [["dog", "fox"], []]  # a null cell is an empty set
+    assert (single.label_column, multi.label_column) == ("label", "labels")
+    assert (single.label_table, multi.label_table) == ("manifest", "label_rows")
+    assert (single.audit_features, multi.audit_features) == ("pca", "patches")
+    assert single.label_scope == "" and "all labels" in multi.label_scope
+    assert single.imbalance_rule(5.0).startswith("the largest class has at most 5x")
+    assert multi.imbalance_rule(2.5).startswith("the most frequent label occurs in at most 2.5x")
+
+
 def test_encode_targets_and_unknown_labels():
     single, multi = get_task(SINGLELABEL), get_task(MULTILABEL)
     assert single.encode([["dog"], ["cat"]], CLASSES).tolist() == [1, 0]

@@ -4,15 +4,18 @@
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prefect import flow
 
 from components.core.config import Params, load_params
 from components.pipeline.notify import headline
-from components.pipeline.records import UP_TO_DATE, Evaluation, PipelineResult, RegisterResult
+from components.pipeline.records import UP_TO_DATE, Evaluation, PipelineResult
 from flows.environment import behind_proxy, ray_options, webhook_url, with_environment
 from tasks import stages
+
+if TYPE_CHECKING:
+    from components.registry.registry import Registration
 
 
 def _announce_failure(_flow: Any, flow_run: Any, state: Any) -> None:
@@ -83,7 +86,7 @@ def _tell(params: Params, url: str | None, event: str, summary: str, details: di
         )
 
 
-def _tell_verdict(params: Params, url: str | None, registered: RegisterResult, evaluated: Evaluation) -> None:
+def _tell_verdict(params: Params, url: str | None, registered: Registration, evaluated: Evaluation) -> None:
     name, version = registered.name, registered.version
     metric, value = headline(evaluated)
     details = {

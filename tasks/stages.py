@@ -33,10 +33,10 @@ if TYPE_CHECKING:
         AuditSummary,
         BaselineResult,
         Evaluation,
-        RegisterResult,
         TrainedRun,
         ValidationResult,
     )
+    from components.registry.registry import Registration
     from components.train.ray_adapter import RayOptions
 
 TRANSIENT = (TrackingError, DataUnavailableError, notify_lib.NotifyError)
@@ -180,7 +180,7 @@ def evaluate(params: Params, progress: bool = False) -> Evaluation:
     # (register.retries / retry_backoff_s); re-running the whole task after a partial success
     # would register a second version of the same run.
 )
-def register(params: Params) -> RegisterResult:
+def register(params: Params) -> Registration:
     result = stages.run_register(params, raise_on_gate_failure=False)
     create_markdown_artifact(
         notify_lib.registration_markdown(result, run_ref=_run_ref(params, result.run_id)),

@@ -16,7 +16,8 @@ from components.core.errors import ImgflowError
 
 if TYPE_CHECKING:
     from components.pipeline.freshness import Freshness
-    from components.pipeline.records import Evaluation, RegisterResult
+    from components.pipeline.records import Evaluation
+    from components.registry.registry import Registration
 
 logger = logging.getLogger(__name__)
 
@@ -92,7 +93,7 @@ def gate_markdown(evaluated: Evaluation, *, run_ref: str) -> str:
     return "\n".join(lines)
 
 
-def registration_markdown(registered: RegisterResult, *, run_ref: str) -> str:
+def registration_markdown(registered: Registration, *, run_ref: str) -> str:
     aliases = ", ".join(registered.aliases)
     lines = [
         f"# Registered {registered.name} version {registered.version}",

@@ -209,67 +209,6 @@ class Evaluation:
 
 
 @dataclass(frozen=True)
-class Promotion:
-    """What registration did to ``champion``: promoted (from which version), or why not."""
-
-    promoted: bool = False
-    attempted: bool = False
-    """True when the gates passed and ``register.auto_promote`` asked for the promotion."""
-    from_version: str | None = None
-    conflict: str | None = None
-    """Another promotion moved ``champion`` since evaluate compared against it: the version stays challenger."""
-
-    def to_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"promoted": self.promoted}
-        if self.conflict is not None:
-            out["conflict"] = self.conflict
-        elif self.attempted:
-            out["from"] = self.from_version
-        return out
-
-
-@dataclass(frozen=True)
-class RegisterResult:
-    """The register stage: the new registry version, the aliases it holds now, and the gates."""
-
-    registration: Registration
-    aliases: tuple[str, ...]
-    promotion: Promotion
-    gates_passed: bool
-    failed_gates: tuple[str, ...]
-    """One message per failed gate (what was measured against which threshold)."""
-
-    @property
-    def name(self) -> str:
-        return self.registration.name
-
-    @property
-    def version(self) -> str:
-        return self.registration.version
-
-    @property
-    def run_id(self) -> str:
-        return self.registration.run_id
-
-    def failure_message(self) -> str:
-        """Why the version was not promoted (for the error and the webhook), when a gate failed."""
-        lines = "\n".join(f"  - {m}" for m in self.failed_gates)
-        return (
-            f"model version {self.version} registered as 'candidate' but NOT promoted to "
-            f"'champion': {len(self.failed_gates)} gate(s) failed:\n{lines}"
-        )
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            **self.registration.to_dict(),
-            "aliases": list(self.aliases),
-            "promotion": self.promotion.to_dict(),
-            "gates_passed": self.gates_passed,
-            "failed_gates": list(self.failed_gates),
-        }
-
-
-@dataclass(frozen=True)
 class AliasMove:
     """``imgflow promote`` / ``rollback``: an alias moved (or was already there)."""
 
@@ -359,7 +298,7 @@ class PipelineResult:
     baseline: BaselineResult | None = None
     train: TrainedRun | None = None
     evaluate: Evaluation | None = None
-    register: RegisterResult | None = None
+    register: Registration | None = None
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {

@@ -42,8 +42,6 @@ from components.pipeline.records import (
     AuditSummary,
     BaselineResult,
     Evaluation,
-    Promotion,
-    RegisterResult,
     TrainedRun,
     ValidationResult,
 )
@@ -54,6 +52,7 @@ if TYPE_CHECKING:
     from components.data.ingest import IngestSummary
     from components.pipeline.freshness import Freshness
     from components.quality.ledger import LedgerDiff
+    from components.registry.registry import Registration
     from components.train.ray_adapter import RayOptions
 
 logger = logging.getLogger(__name__)
@@ -503,7 +502,7 @@ def _example_image(params: Params) -> bytes:
     return (params.project.data_dir / row["path"]).read_bytes()
 
 
-def run_register(params: Params, *, raise_on_gate_failure: bool = True) -> RegisterResult:
+def run_register(params: Params, *, raise_on_gate_failure: bool = True) -> Registration:
     """Register the model: alias ``candidate`` always, ``challenger`` when the gates passed, and
     ``champion`` when they passed and ``register.auto_promote`` (see :mod:`components.registry.registry`).
 
@@ -564,14 +563,10 @@ def run_register(params: Params, *, raise_on_gate_failure: bool = True) -> Regis
                                     card=card, auto_promote=params.register_.auto_promote,
                                     expected_from=_evaluated_against(params), **registry_options(params))  # fmt: skip
     tracking.end_run(run["run_id"])
-    promotion = Promotion(promoted=reg.promoted, attempted=reg.promotion_tried, from_version=reg.previous,
-                          conflict=reg.conflict)  # fmt: skip
-    result = RegisterResult(registration=reg, aliases=reg.aliases, promotion=promotion,
-                            gates_passed=reg.gates_passed, failed_gates=reg.failed_gates)  # fmt: skip
-    write_json(paths.out("register") / "registration.json", result, sort_keys=True)
+    write_json(paths.out("register") / "registration.json", reg, sort_keys=True)
     if not gates.passed and raise_on_gate_failure:
-        raise GatesFailedError(result.failure_message())
-    return result
+        raise GatesFailedError(reg.failure_message())
+    return reg
 
 
 def _headline_tags(evaluation: dict[str, Any]) -> dict[str, str]:

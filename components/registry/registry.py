@@ -427,6 +427,14 @@ class Registration:
     def champion_uri(self) -> str:
         return f"models:/{self.name}@{CHAMPION}"
 
+    def failure_message(self) -> str:
+        """Why the version was not promoted (for the error and the webhook), when a gate failed."""
+        lines = "\n".join(f"  - {m}" for m in self.failed_gates)
+        return (
+            f"model version {self.version} registered as 'candidate' but NOT promoted to "
+            f"'champion': {len(self.failed_gates)} gate(s) failed:\n{lines}"
+        )
+
     def to_dict(self) -> dict[str, Any]:
         """JSON form: ``registration.json`` and the pipeline's result (keys as before the record)."""
         promotion: dict[str, Any] = {"promoted": self.promoted}

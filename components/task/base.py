@@ -129,9 +129,9 @@ class Task:
         unknown = sorted({lab for labels in label_sets for lab in labels if lab not in known})
         if unknown:
             raise DataError(f"labels not in the class list: {unknown[:10]}; re-run `imgflow ingest`")
-        return self._encode(label_sets, {c: i for i, c in enumerate(classes)}, len(classes))
+        return self._encode(label_sets, classes)
 
-    def _encode(self, label_sets: Sequence[Sequence[str]], index: dict[str, int], k: int) -> np.ndarray:
+    def _encode(self, label_sets: Sequence[Sequence[str]], classes: Sequence[str]) -> np.ndarray:
         raise NotImplementedError
 
     def one_hot(self, targets: np.ndarray, k: int) -> np.ndarray:
@@ -357,9 +357,10 @@ class SingleLabel(Task):
     def imbalance_rule(self, ratio: float) -> str:
         return f"the largest class has at most {ratio:g}x the images of any other class"
 
-    def _encode(self, label_sets: Sequence[Sequence[str]], index: dict[str, int], k: int) -> np.ndarray:
+    def _encode(self, label_sets: Sequence[Sequence[str]], classes: Sequence[str]) -> np.ndarray:
         if bad := [list(s) for s in label_sets if len(s) != 1][:5]:
             raise DataError(f"a single-label task needs exactly one label per image, got {bad}")
+        index = {c: i for i, c in enumerate(classes)}
         return np.asarray([index[s[0]] for s in label_sets], dtype=np.int64)
 
     def one_hot(self, targets: np.ndarray, k: int) -> np.ndarray:
@@ -514,11 +515,10 @@ class MultiLabel(Task):
     def imbalance_rule(self, ratio: float) -> str:
         return f"the most frequent label occurs in at most {ratio:g}x the images of any other label"
 
-    def _encode(self, label_sets: Sequence[Sequence[str]], index: dict[str, int], k: int) -> np.ndarray:
-        y = np.zeros((len(label_sets), k), dtype=np.int8)
-        for row, labels in enumerate(label_sets):
-            y[row, [index[lab] for lab in labels]] = 1
-        return y
+    def _encode(self, label_sets: Sequence[Sequence[str]], classes: Sequence[str]) -> np.ndarray:
+        from components.task.multilabel import label_matrix
+
+        return label_matrix(label_sets, classes)
 
     def one_hot(self, targets: np.ndarray, k: int) -> np.ndarray:
         return np.asarray(targets, dtype=np.int8)
@@ -553,7 +553,9 @@ class MultiLabel(Task):
         cut = np.asarray(thresholds if thresholds is not None else (0.5,) * probs.shape[1], dtype=probs.dtype)
         if cut.shape != (probs.shape[1],):
             raise ValueError(f"{cut.size} thresholds for {probs.shape[1]} labels")
-        return (probs >= cut[None, :]).astype(np.int8)
+        from components.task.multilabel import predict_sets
+
+        return predict_sets(probs, cut)
 
     def strata(self, targets: np.ndarray) -> np.ndarray:
         from components.task.multilabel import first_label

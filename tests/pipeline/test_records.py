@@ -16,9 +16,9 @@ from components.pipeline.records import (
     AliasMove,
     Evaluation,
     PipelineResult,
-    Promotion,
     ValidationResult,
 )
+from components.registry.registry import Registration
 
 
 def _evaluate_result(**extra: object) -> dict:
@@ -65,12 +65,17 @@ def test_validation_result_names_its_warnings_and_adds_cardinality_only_for_mult
 
 
 def test_promotion_keys_say_what_happened() -> None:
-    assert Promotion().to_dict() == {"promoted": False}  # gates failed or auto_promote off
-    assert Promotion(promoted=True, attempted=True, from_version=None).to_dict() == {
+    def promotion(**kw: object) -> dict[str, object]:
+        reg = Registration(name="m", version="2", model_uri="runs:/r/model", run_id="r", aliases=("candidate",),
+                           gates_passed=True, **kw)  # fmt: skip
+        return reg.to_dict()["promotion"]
+
+    assert promotion() == {"promoted": False}  # gates failed or auto_promote off
+    assert promotion(promoted=True, promotion_tried=True, previous=None) == {
         "promoted": True,
         "from": None,
     }
-    lost = Promotion(attempted=True, conflict="champion moved").to_dict()
+    lost = promotion(promotion_tried=True, conflict="champion moved")
     assert lost == {"promoted": False, "conflict": "champion moved"}
 
 

@@ -246,16 +246,6 @@ class RegisteredVersion:
     model_uri: str
     run_id: str
 
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "version": self.version,
-            "aliases": list(self.aliases),
-            "model_uri": self.model_uri,
-            "run_id": self.run_id,
-            "champion_uri": f"models:/{self.name}@{CHAMPION}",
-        }
-
 
 def register(
     model_uri: str,

@@ -97,7 +97,7 @@ def tune_thresholds(
     return out
 
 
-def predict_sets(probs: np.ndarray, thresholds: Sequence[float]) -> np.ndarray:
+def predict_sets(probs: np.ndarray, thresholds: Sequence[float] | np.ndarray) -> np.ndarray:
     """(N, C) 0/1 predictions: probability >= the label's threshold."""
     return (probs >= np.asarray(thresholds, dtype=probs.dtype)[None, :]).astype(np.int8)
 

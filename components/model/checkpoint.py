@@ -19,7 +19,7 @@ from PIL import Image, UnidentifiedImageError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from components.core.errors import DataError
+from components.core.errors import ConfigError, DataError
 from components.core.jsonio import write_json
 from components.model.models import create_classifier, create_image_transform, image_mode
 from components.task import Task, get_task
@@ -141,8 +141,11 @@ def decode_image(data: bytes, *, mode: str) -> Image.Image:
 class Predictor:
     """Batched inference from raw image bytes, with the spec's preprocessing and temperature."""
 
-    def __init__(self, model: nn.Module, spec: ModelSpec, *, batch_size: int = 256) -> None:
-        self.model = model.eval()
+    def __init__(
+        self, model: nn.Module, spec: ModelSpec, *, batch_size: int = 256, device: str = "cpu"
+    ) -> None:
+        self.device = resolve_device(device)
+        self.model = model.eval().to(self.device)
         self.spec = spec
         self.batch_size = batch_size
         self.mode = image_mode(spec.in_chans)
@@ -163,8 +166,9 @@ class Predictor:
         (multi-label) one sigmoid per label."""
         out = []
         for i in range(0, len(images), self.batch_size):
-            logits = self.model(self.preprocess(images[i : i + self.batch_size]))
-            out.append(probabilities(logits, self.spec).numpy())
+            x = self.preprocess(images[i : i + self.batch_size]).to(self.device, non_blocking=True)
+            logits = self.model(x).float()
+            out.append(probabilities(logits, self.spec).cpu().numpy())
         k = self.spec.num_classes
         return np.concatenate(out) if out else np.zeros((0, k), dtype=np.float32)
 
@@ -177,6 +181,16 @@ class Predictor:
         """The predicted labels per image, most probable first: every label at or above its threshold
         (multi-label; possibly none), or the single most probable class."""
         return self.spec.task.label_sets(probs, self.spec.classes, thresholds=self.spec.thresholds)
+
+
+def resolve_device(device: str) -> torch.device:
+    """``"cpu"``, ``"cuda"``, ``"cuda:N"`` or ``"auto"`` (the first GPU when CUDA is available, else the CPU)."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    resolved = torch.device(device)
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {device!r}: CUDA is not available on this machine")
+    return resolved
 
 
 def probabilities(logits: torch.Tensor, spec: ModelSpec) -> torch.Tensor:

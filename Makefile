@@ -15,7 +15,7 @@ export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 90
 export HF_HUB_OFFLINE := 1
 PIP_FILTER := grep -v "^WARNING: Location" || true
 
-.PHONY: help setup data demo test test-all lint docs format bench clean
+.PHONY: help setup data demo test test-all test-gpu lint docs format bench clean
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
 
@@ -43,6 +43,10 @@ test: setup data  ## run the default test suite (no slow tests)
 
 test-all: setup data  ## run every test, slow ones included
 	$(BIN)/python -m pytest -m "not gpu"
+
+test-gpu: setup data  ## the GPU path on a CUDA machine: gpu-marked tests, then the GPU benchmark (bench/results/gpu.json)
+	$(BIN)/python -m pytest -m gpu -p no:cacheprovider
+	$(BIN)/python -m bench gpu
 
 lint: setup  ## ruff (lint + format check) and mypy on components/
 	$(BIN)/ruff check components tasks flows tests bench

@@ -80,8 +80,9 @@ class PeakRss:
         self._sample()
 
 
-def _plain_loop(recipe: TrainRecipe, threads: int) -> dict[str, Any]:
-    """The Ray worker's loop without Ray: same builders, same engine steps, one process."""
+def _plain_loop(recipe: TrainRecipe, threads: int, device_name: str = "cpu") -> dict[str, Any]:
+    """The Ray worker's loop without Ray: same builders, same engine steps, one process, on
+    ``device_name`` (``cuda``: the model and batches on the GPU, pinned loaders, as a GPU worker)."""
     import torch
     from torch import nn
 
@@ -92,8 +93,11 @@ def _plain_loop(recipe: TrainRecipe, threads: int) -> dict[str, Any]:
     torch.set_num_threads(threads)
     model, spec = tr.build_model(recipe)
     seed_everything(recipe.seed)
-    train_loader, val_loader = tr.build_loaders(recipe, spec.data_config)
-    device = torch.device("cpu")
+    device = torch.device(device_name)
+    train_loader, val_loader = tr.build_loaders(recipe, spec.data_config, pin_memory=device.type == "cuda")
+    model = model.to(device)
+    if recipe.channels_last:
+        model = model.to(memory_format=torch.channels_last)
     optimizer, scheduler = tr.build_optimizer(model, recipe, len(train_loader))
     opts = tr.build_step_options(recipe, model, device)
     loss_fn = tr.build_train_loss(recipe, opts)
@@ -108,17 +112,19 @@ def _plain_loop(recipe: TrainRecipe, threads: int) -> dict[str, Any]:
     return {"history": epochs, "wall_s": time.perf_counter() - t_start}
 
 
-def _plain_fresh(recipe: TrainRecipe, threads: int) -> dict[str, Any]:
+def _plain_fresh(recipe: TrainRecipe, threads: int, device_name: str = "cpu") -> dict[str, Any]:
     """``_plain_loop`` in a fresh interpreter, as a Ray worker is one: the first training run in a
     process is ~6% slower (oneDNN primitive caches, allocator), so both sides pay it alike."""
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
     with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
-        return pool.submit(_plain_loop, recipe, threads).result()
+        return pool.submit(_plain_loop, recipe, threads, device_name).result()
 
 
-def _ray_fit(recipe: TrainRecipe, *, workers: int, threads: int, storage: Path) -> dict[str, Any]:
+def _ray_fit(
+    recipe: TrainRecipe, *, workers: int, threads: int, storage: Path, use_gpu: bool = False
+) -> dict[str, Any]:
     from components.train import ray_adapter
     from components.train.training import fit as ray_fit
 
@@ -126,7 +132,7 @@ def _ray_fit(recipe: TrainRecipe, *, workers: int, threads: int, storage: Path) 
     started = ray_adapter.init_ray(num_cpus=workers * threads)
     init_s = time.perf_counter() - t0
     try:
-        fit = ray_fit(recipe, workers=workers, cpus_per_worker=threads, use_gpu=False, storage_path=storage,
+        fit = ray_fit(recipe, workers=workers, cpus_per_worker=threads, use_gpu=use_gpu, storage_path=storage,
                       run_name="bench", out_dir=storage / "model", show_progress=False)  # fmt: skip
     finally:
         if started:
@@ -150,7 +156,7 @@ def _warm_decode_cache(recipe: TrainRecipe) -> None:
 
 
 def _compare(
-    recipe: TrainRecipe, *, workers: int, threads: int, storage: Path, repeats: int = 1
+    recipe: TrainRecipe, *, workers: int, threads: int, storage: Path, repeats: int = 1, gpu: bool = False
 ) -> dict[str, Any]:
     """Plain loop, Ray Train, plain loop again (``repeats`` Ray runs, each between two plain runs);
     each Ray run is compared with the mean of the plain runs either side of it (on a shared machine
@@ -158,15 +164,18 @@ def _compare(
     the figure is the median of those ratios. The plain loop uses all ``workers x threads`` threads
     and the global batch."""
     total = workers * threads
+    device = "cuda" if gpu else "cpu"
     plain_recipe = dataclasses.replace(recipe, batch_size=recipe.batch_size * workers)
     with PeakRss() as plain_mem:
-        plain = [_plain_fresh(plain_recipe, total)]
+        plain = [_plain_fresh(plain_recipe, total, device)]
     rays, ray_peak = [], 0
     for i in range(repeats):
         with PeakRss() as mem:
-            rays.append(_ray_fit(recipe, workers=workers, threads=threads, storage=storage / f"run{i}"))
+            rays.append(
+                _ray_fit(recipe, workers=workers, threads=threads, storage=storage / f"run{i}", use_gpu=gpu)
+            )
         ray_peak = max(ray_peak, mem.peak)
-        plain.append(_plain_fresh(plain_recipe, total))
+        plain.append(_plain_fresh(plain_recipe, total, device))
     plain_tp = [_steady_images_per_s(p["history"]) for p in plain]
     ray_tp = [_steady_images_per_s(r["history"]) for r in rays]
     ratios = [tp / ((plain_tp[i] + plain_tp[i + 1]) / 2) for i, tp in enumerate(ray_tp)]

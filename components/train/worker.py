@@ -152,7 +152,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             start_epoch, history = restore_state(
                 checkpoint, t.model, t.optimizer, t.scheduler, t.opts.ema, steps_per_epoch=len(t.train_loader)
             )
-    note_worker_event(run.worker_events, rank, phase="start", start_epoch=start_epoch)
+    note_worker_event(
+        run.worker_events, rank, phase="start", start_epoch=start_epoch, device=str(t.device),
+        amp=str(t.opts.amp_dtype),
+    )  # fmt: skip
     progress = ProgressSender(run.progress if rank == 0 else None)
     progress.send({"type": "start", "start_epoch": start_epoch})
     n_batches = len(t.train_loader)

@@ -1,0 +1,225 @@
+"""One forward pass per (data version, model, layer): embeddings cached on disk beside the data.
+
+Every consumer of features (drift, OOD, the audit, few-shot classes) reads them from here, so a data
+version is embedded once per model and layer, not once per consumer. Layout, under the data dir::
+
+    embeddings/<data_version>/<model_hash>/<layer>.npy    (N, D) float32, rows in manifest order
+    embeddings/<data_version>/<model_hash>/<layer>.json   ids, splits, layer, model name, shape
+
+The entry of a data version outlives its manifest (it is no DVC output): after a re-ingest, the
+previous version's embeddings under the champion are still there to compare against (drift).
+Writes are atomic (the .npy through a temporary file and a rename, the sidecar through
+``write_json``) and serialised by a file lock, so concurrent consumers compute an entry once and
+never read half of one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import uuid
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from PIL import Image
+from torch import nn
+
+from components.core.errors import DataError
+from components.core.jsonio import write_json
+from components.data.manifest import DataPaths, data_version, read_manifest, require_manifest
+from components.model.checkpoint import SPEC_FILE, WEIGHTS_FILE, ModelSpec, load_classifier
+from components.model.features import DEFAULT_LAYER, check_layer, extract_features
+from components.model.models import create_image_transform, image_mode
+
+logger = logging.getLogger(__name__)
+
+STORE_DIR = "embeddings"
+
+
+@dataclass(frozen=True)
+class Embeddings:
+    """The features of a data version's images under one model at one layer."""
+
+    vectors: np.ndarray
+    """(N, D) float32, one row per image, in the order of ``ids``."""
+    ids: tuple[str, ...]
+    """image_id (content hash) of each row."""
+    splits: tuple[str, ...]
+    """The split of each row (train / val / test)."""
+    layer: str
+    model_hash: str
+    data_version: str
+
+    def split(self, name: str) -> np.ndarray:
+        """(n, D) rows of one split; a DataError when the data version has none."""
+        mask = np.asarray(self.splits) == name
+        if not mask.any():
+            raise DataError(f"data version {self.data_version} has no {name!r} images to compare")
+        return self.vectors[mask]
+
+    def rows(self, ids: Sequence[str]) -> np.ndarray:
+        """(len(ids), D) rows of the given image ids, in that order; a DataError naming a missing id."""
+        index = {image_id: i for i, image_id in enumerate(self.ids)}
+        missing = [i for i in ids if i not in index]
+        if missing:
+            raise DataError(
+                f"{len(missing)} image ids are not in data version {self.data_version}: {missing[:3]}"
+            )
+        return self.vectors[[index[i] for i in ids]]
+
+
+def model_hash(model_dir: Path) -> str:
+    """16 hex digits identifying a trained model's features: its weights file and the spec fields that
+    change what a layer sees (timm name, input channels, preprocessing). The temperature, thresholds
+    and test-time augmentation do not change the features and so do not change the hash."""
+    model_dir = Path(model_dir)
+    h = hashlib.sha256()
+    with open(model_dir / WEIGHTS_FILE, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    spec = json.loads((model_dir / SPEC_FILE).read_text())
+    identity = {k: spec.get(k) for k in ("model", "in_chans", "data_config")}
+    h.update(json.dumps(identity, sort_keys=True).encode())
+    return h.hexdigest()[:16]
+
+
+def entry_dir(data_dir: Path, data_version_: str, model_hash_: str) -> Path:
+    """Where the embeddings of one (data version, model) pair live."""
+    return Path(data_dir) / STORE_DIR / data_version_ / model_hash_
+
+
+def load_cached(data_dir: Path, *, data_version_: str, model_hash_: str, layer: str) -> Embeddings | None:
+    """The stored entry, or None when it was never computed (or is incomplete)."""
+    base = entry_dir(data_dir, data_version_, model_hash_)
+    vectors_file, sidecar = base / f"{check_layer(layer)}.npy", base / f"{layer}.json"
+    if not (vectors_file.exists() and sidecar.exists()):
+        return None
+    meta = json.loads(sidecar.read_text())
+    vectors = np.load(vectors_file, mmap_mode="r")
+    if vectors.shape[0] != len(meta["ids"]):
+        logger.warning("embedding store entry %s is inconsistent (%d rows, %d ids): recomputing",
+                       base, vectors.shape[0], len(meta["ids"]))  # fmt: skip
+        return None
+    return Embeddings(
+        vectors=vectors,
+        ids=tuple(meta["ids"]),
+        splits=tuple(meta["splits"]),
+        layer=layer,
+        model_hash=model_hash_,
+        data_version=data_version_,
+    )
+
+
+def embed_manifest(
+    data_dir: Path,
+    model_dir: Path,
+    *,
+    layer: str = DEFAULT_LAYER,
+    batch_size: int = 256,
+    device: str = "cpu",
+) -> Embeddings:
+    """The embeddings of every image of the data dir's current manifest under the model in
+    ``model_dir`` at ``layer``: from the store, or computed once (one pass, progress bar) and stored."""
+    paths = DataPaths(Path(data_dir))
+    version = data_version(require_manifest(paths))
+    mhash = model_hash(model_dir)
+    check_layer(layer)
+    cached = load_cached(data_dir, data_version_=version, model_hash_=mhash, layer=layer)
+    if cached is not None:
+        return cached
+    from filelock import FileLock
+
+    base = entry_dir(data_dir, version, mhash)
+    base.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(base / f"{layer}.lock")):
+        cached = load_cached(data_dir, data_version_=version, model_hash_=mhash, layer=layer)
+        if cached is not None:  # another process computed it while we waited
+            return cached
+        manifest = read_manifest(paths.manifest)
+        model, spec = load_classifier(Path(model_dir))
+        vectors = embed_files(
+            model, spec, [paths.root / p for p in manifest["path"]],
+            layer=layer, batch_size=batch_size, device=device,
+        )  # fmt: skip
+        _write_entry(base, layer, vectors, manifest, spec=spec, version=version, mhash=mhash)
+    logger.info("embedded %d images of data version %s at %s (model %s)", len(vectors), version, layer, mhash)
+    stored = load_cached(data_dir, data_version_=version, model_hash_=mhash, layer=layer)
+    assert stored is not None  # just written
+    return stored
+
+
+def _write_entry(
+    base: Path,
+    layer: str,
+    vectors: np.ndarray,
+    manifest: pd.DataFrame,
+    *,
+    spec: ModelSpec,
+    version: str,
+    mhash: str,
+) -> None:
+    """The .npy (temporary file + rename), then the sidecar (atomic): a reader needs both."""
+    target = base / f"{layer}.npy"
+    tmp = base / f".{layer}.{uuid.uuid4().hex[:12]}.tmp.npy"
+    try:
+        np.save(tmp, vectors.astype(np.float32, copy=False))
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    sidecar: dict[str, Any] = {
+        "data_version": version,
+        "model_hash": mhash,
+        "model": spec.model,
+        "layer": layer,
+        "shape": list(vectors.shape),
+        "ids": [str(i) for i in manifest["image_id"]],
+        "splits": [str(s) for s in manifest["split"]],
+    }
+    write_json(base / f"{layer}.json", sidecar)
+
+
+def embed_files(
+    model: nn.Module,
+    spec: ModelSpec,
+    files: Sequence[Path],
+    *,
+    layer: str = DEFAULT_LAYER,
+    batch_size: int = 256,
+    device: str = "cpu",
+) -> np.ndarray:
+    """(N, D) features of image files, preprocessed as the model predicts (its spec's transform)."""
+    transform = create_image_transform(spec.data_config, is_training=False)
+    mode = image_mode(spec.in_chans)
+
+    def batches() -> Iterator[torch.Tensor]:
+        for i in range(0, len(files), batch_size):
+            images = []
+            for f in files[i : i + batch_size]:
+                with Image.open(f) as img:
+                    images.append(transform(img.convert(mode)))
+            yield torch.stack(images)
+
+    return extract_features(
+        model, batches(), layer=layer, batch_size=batch_size, device=device,
+        total=len(files), description=f"embedding {len(files)} images ({layer})",
+    )  # fmt: skip
+
+
+def embed_tensors(
+    model: nn.Module,
+    x: torch.Tensor,
+    *,
+    layer: str = DEFAULT_LAYER,
+    batch_size: int = 256,
+    device: str = "cpu",
+) -> np.ndarray:
+    """(N, D) features of already preprocessed images x: (N, C, H, W) (a production batch)."""
+    return extract_features(model, x, layer=layer, batch_size=batch_size, device=device)

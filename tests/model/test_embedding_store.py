@@ -1,0 +1,102 @@
+"""The embedding store: one pass per (data version, model, layer), cached beside the data and reused."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from components.core.errors import DataError
+from components.data.manifest import DataPaths, data_version, write_manifest
+from components.model import embedding_store
+from components.model.checkpoint import load_classifier
+from components.model.embedding_store import embed_files, embed_manifest, model_hash
+from tests.conftest import FMNIST_CLASSES, fmnist_arrays, png_bytes
+
+
+def write_data_dir(root: Path, images: np.ndarray, labels: np.ndarray, splits: list[str]) -> DataPaths:
+    """A minimal data dir: PNGs in the content store and a manifest listing them."""
+    paths = DataPaths(root)
+    rows = []
+    for img, lab, split in zip(images, labels, splits, strict=True):
+        data = png_bytes(img)
+        sha = hashlib.sha256(data).hexdigest()
+        rel = f"store/{sha[:2]}/{sha}.png"
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(data)
+        rows.append({"image_id": sha, "path": rel, "label": FMNIST_CLASSES[int(lab)], "labels": [FMNIST_CLASSES[int(lab)]],
+                     "width": 28, "height": 28, "mode": "L", "bytes": len(data), "split": split,
+                     "source": "test", "source_path": sha})  # fmt: skip
+    write_manifest(pd.DataFrame(rows), paths.manifest)
+    return paths
+
+
+@pytest.fixture()
+def data_dir(tmp_path: Path) -> DataPaths:
+    x, y = fmnist_arrays("t10k", 12)
+    return write_data_dir(tmp_path / "data", x, y, ["train"] * 8 + ["test"] * 4)
+
+
+def test_one_pass_then_reused(
+    data_dir: DataPaths, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    first = embed_manifest(data_dir.root, tiny_model_dir, layer="pooled_last", batch_size=5)
+    version, mhash = data_version(data_dir.manifest), model_hash(tiny_model_dir)
+    entry = data_dir.root / "embeddings" / version / mhash
+    sidecar = json.loads((entry / "pooled_last.json").read_text())
+    assert first.vectors.shape == (12, 64) and sidecar["shape"] == [12, 64]
+    assert sidecar["layer"] == "pooled_last" and sidecar["model"] == "imgflow_cnn"
+    assert list(first.ids) == sidecar["ids"] and first.split("train").shape == (8, 64)
+    # The rows are the model's features of those files, in manifest order.
+    model, spec = load_classifier(tiny_model_dir)
+    manifest = pd.read_parquet(data_dir.manifest)
+    direct = embed_files(model, spec, [data_dir.root / p for p in manifest["path"]], layer="pooled_last")
+    np.testing.assert_allclose(first.vectors, direct, rtol=1e-5, atol=1e-5)
+    assert not list(entry.glob("*.tmp*"))  # atomic writes leave no temporary files
+
+    # A second consumer reads the stored entry: no forward pass at all.
+    def no_pass(*_a: object, **_k: object) -> np.ndarray:
+        raise AssertionError("the store computed an entry it already had")
+
+    monkeypatch.setattr(embedding_store, "embed_files", no_pass)
+    again = embed_manifest(data_dir.root, tiny_model_dir, layer="pooled_last")
+    np.testing.assert_array_equal(np.asarray(again.vectors), np.asarray(first.vectors))
+    np.testing.assert_array_equal(again.rows(list(first.ids[:2])), first.vectors[:2])
+
+
+def test_layers_and_data_versions_are_separate_entries(data_dir: DataPaths, tiny_model_dir: Path) -> None:
+    pooled = embed_manifest(data_dir.root, tiny_model_dir, layer="pooled_last")
+    pre = embed_manifest(data_dir.root, tiny_model_dir, layer="pre_logits")
+    assert pooled.vectors.shape[1] == 64 and pre.vectors.shape[1] == 64  # imgflow_cnn: avg pool head
+    x, y = fmnist_arrays("t10k", 20)
+    write_data_dir(data_dir.root, x[12:], y[12:], ["train"] * 8)  # a new data version, same dir
+    newer = embed_manifest(data_dir.root, tiny_model_dir, layer="pooled_last")
+    assert newer.data_version != pooled.data_version and len(newer.ids) == 8
+    versions = sorted(p.name for p in (data_dir.root / "embeddings").iterdir())
+    assert versions == sorted([pooled.data_version, newer.data_version])  # the old entry is kept
+    with pytest.raises(DataError, match="no 'test' images"):
+        newer.split("test")
+
+
+def test_model_hash_ignores_temperature_but_not_weights(tiny_model_dir: Path, tmp_path: Path) -> None:
+    import shutil
+
+    from components.model.checkpoint import with_temperature
+
+    copy = Path(shutil.copytree(tiny_model_dir, tmp_path / "m"))
+    before = model_hash(copy)
+    with_temperature(copy, 1.7)
+    assert model_hash(copy) == before
+    raw = bytearray((copy / "model.safetensors").read_bytes())
+    raw[-1] ^= 1
+    (copy / "model.safetensors").write_bytes(bytes(raw))
+    assert model_hash(copy) != before
+
+
+def test_missing_manifest_is_a_clear_error(tmp_path: Path, tiny_model_dir: Path) -> None:
+    with pytest.raises(DataError, match="run `imgflow ingest` first"):
+        embed_manifest(tmp_path, tiny_model_dir)

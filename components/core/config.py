@@ -394,6 +394,7 @@ GATE_NAMES = (
     "min_label_ap",
     "max_map_drop",
     "max_label_ap_drop",
+    "min_adversarial_accuracy",  # only when set (evaluate.adversarial)
 )
 
 
@@ -425,6 +426,9 @@ class GatesConfig(_Section):
     """Multi-label non-inferiority margin vs the champion on mAP (paired bootstrap)."""
     max_label_ap_drop: float = Field(default=0.05, ge=0, le=1)
     """Multi-label non-inferiority margin vs the champion on each label's AP."""
+    min_adversarial_accuracy: float | None = Field(default=None, ge=0, le=1)
+    """Accuracy under the strongest attack of ``evaluate.adversarial`` (PGD at the largest epsilon);
+    None: the adversarial curve is reported, not gated."""
     levels: dict[str, Literal["error", "warn", "off"]] = Field(default_factory=dict)
     """Gate name -> ``error`` (blocks promotion, the default), ``warn`` (reported only) or ``off``."""
 
@@ -451,6 +455,24 @@ class RobustnessConfig(_Section):
     """Images per sweep unit (one family x 5 severities); units run side by side, one per thread."""
 
 
+class AdversarialConfig(_Section):
+    """FGSM and PGD (L-infinity, in the 0..1 pixel scale) on a class-stratified test sample."""
+
+    enabled: bool = True
+    epsilons: tuple[float, ...] = (0.0, 0.002, 0.005, 0.01, 0.02)
+    """Perturbation budgets in pixel units (1/255 ~ 0.0039); 0 is the clean accuracy of the sample."""
+    max_images: int = Field(default=500, ge=1)
+    pgd_steps: int = Field(default=10, ge=1)
+    seed: int = 0
+
+    @field_validator("epsilons")
+    @classmethod
+    def _valid_epsilons(cls, v: tuple[float, ...]) -> tuple[float, ...]:
+        if not v or any(e < 0 or e > 1 for e in v):
+            raise ValueError("evaluate.adversarial.epsilons: one or more budgets in [0, 1]")
+        return tuple(sorted(set(v)))
+
+
 class EvaluateConfig(_Section):
     batch_size: int = Field(default=512, ge=1)
     top_k: int = Field(default=5, ge=1)
@@ -458,6 +480,7 @@ class EvaluateConfig(_Section):
     temperature_scaling: bool = True
     """Fit a temperature on the val split (by NLL); the registered model serves scaled probabilities."""
     robustness: RobustnessConfig = RobustnessConfig()
+    adversarial: AdversarialConfig = AdversarialConfig()
     slices: tuple[SliceSpec, ...] = (
         SliceSpec(by="source"),
         SliceSpec(by="brightness", bins=(0.0, 0.15, 0.3, 0.45, 1.0)),
@@ -560,6 +583,21 @@ class PredictConfig(_Section):
     top_k: int = Field(default=3, ge=1)
 
 
+class DriftConfig(_Section):
+    """Data drift: a two-sample test (MMD, permutation p-value) on embeddings under the champion."""
+
+    enabled: bool = True
+    """Measure drift in the retrain check and the validation report when a champion exists."""
+    alpha: float = Field(default=0.05, gt=0, lt=1)
+    """Significance level: drifted when the p-value is below it (the false-alarm rate on same-distribution data)."""
+    layer: Literal["pooled_last", "pre_logits"] = "pooled_last"
+    """The champion's layer whose embeddings are compared (components.model.features)."""
+    permutations: int = Field(default=200, ge=19)
+    max_samples: int = Field(default=1000, ge=10)
+    """Rows per sample entering the test (seeded subsample): the cost grows with its square."""
+    seed: int = 0
+
+
 class NotifyConfig(_Section):
     """Where a failed gate or a failed run is announced (JSON POST); ``$IMGFLOW_WEBHOOK_URL`` if unset."""
 
@@ -587,6 +625,7 @@ class Params(_Section):
     serve: ServeConfig = ServeConfig()
     predict: PredictConfig = PredictConfig()
     notify: NotifyConfig = NotifyConfig()
+    drift: DriftConfig = DriftConfig()
 
     model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
 

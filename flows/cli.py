@@ -798,6 +798,63 @@ def export(
           + (f"; attached to version {r.attached_to['version']}" if r.attached_to else ""))  # fmt: skip
 
 
+ModelOpt = Annotated[
+    str | None,
+    typer.Option("--model", help="Registry/run URI or local model folder (default: the champion)."),
+]
+
+
+@app.command()
+def drift(
+    source: Annotated[
+        Path,
+        typer.Argument(
+            help="Production images: a folder (searched recursively), a CSV with a 'path' column, "
+            "or a predictions .parquet written by `imgflow predict`."
+        ),
+    ],
+    model: ModelOpt = None,
+    params: ParamsOpt = Path("params.yaml"),
+    set_: SetOpt = None,
+    as_json: JsonOpt = False,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Data drift: are these images from the distribution the model was trained on? A two-sample test
+    (MMD, permutation p-value at drift.alpha) on the model's embeddings (drift.layer) against its
+    training data; a seeded sample of drift.max_samples images is read. Unreadable files are listed
+    and skipped. Writes outputs/drift/report.json and logs an MLflow run."""
+    from components.pipeline.trust import run_drift
+
+    result = _run(
+        lambda: run_drift(_params(params, set_), source, model=model), as_json=as_json, verbose=verbose
+    )
+    _emit(result, as_json, lambda r: r.summary())
+
+
+@app.command()
+def explain(
+    images: Annotated[
+        list[Path], typer.Argument(help="Image files to explain (unreadable ones are reported).")
+    ],
+    model: ModelOpt = None,
+    out: Annotated[
+        Path, typer.Option("--out", help="Folder for the overlays (<image name>.gradcam.png).")
+    ] = Path("outputs/explain"),
+    params: ParamsOpt = Path("params.yaml"),
+    set_: SetOpt = None,
+    as_json: JsonOpt = False,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Grad-CAM heat maps: for each image, where the model looked for its top class, as a PNG overlay
+    (image | heat map over it). CNNs: the last conv layer; ViTs: the last block's patch tokens on the
+    model's patch grid."""
+    from components.pipeline.trust import run_explain
+
+    result = _run(lambda: run_explain(_params(params, set_), images, model=model, out=out),
+                  as_json=as_json, verbose=verbose)  # fmt: skip
+    _emit(result, as_json, lambda r: r.summary())
+
+
 def main() -> None:
     _setup()
     try:

@@ -16,10 +16,13 @@ ROC AUC of a logistic regression telling the two samples apart (0.5: indistingui
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
+
+from components.core import report as kit
 
 
 @dataclass(frozen=True)
@@ -175,3 +178,35 @@ def drift_test(
             subsample(reference, max_samples, rng), subsample(current, max_samples, rng), seed=seed
         )
     return replace(result, classifier_auc=auc, layer=layer, reference=reference_name, current=current_name)
+
+
+def drift_section(drift: Mapping[str, Any] | None, *, title: str = "Data drift") -> kit.Section | None:
+    """A report section for a drift test's ``to_dict()`` (``status: not measured`` with a reason is
+    shown as such); None when nothing was compared."""
+    if drift is None:
+        return None
+    if drift.get("status") == "not measured":
+        return kit.section(title, kit.badge("not measured", "warn"), kit.paragraph(drift.get("reason", "")))
+    drifted = bool(drift.get("drifted"))
+    verdict = kit.badge("drifted" if drifted else "no drift detected", "fail" if drifted else "pass")
+    auc = drift.get("classifier_auc")
+    rows = [
+        ("Compared", f"{drift.get('current', '')} vs {drift.get('reference', '')}"),
+        (
+            "Embeddings",
+            f"{drift.get('layer', '')} layer; {drift.get('n_current')} vs {drift.get('n_reference')} rows",
+        ),
+        ("MMD² (RBF, median bandwidth)", kit.num(drift.get("statistic"), 5)),
+        (
+            "Permutation p-value",
+            f"{kit.num(drift.get('p_value'), 4)} ({drift.get('permutations')} permutations)",
+        ),
+        ("Significance level (drift.alpha)", drift.get("alpha")),
+        ("Classifier two-sample AUC", kit.num(auc, 3) if auc is not None else "not computed"),
+    ]
+    explain = (
+        "A two-sample test on the model's embeddings: a p-value below alpha says the new images do not come "
+        "from the distribution the model was trained on. The classifier AUC is the effect size "
+        "(0.5: indistinguishable, 1.0: fully separable)."
+    )
+    return kit.section(title, verdict, kit.key_values(rows), kit.note(explain))

@@ -66,10 +66,26 @@ class Freshness:
     forced: bool = False
     model_name: str = ""
     """The registered model whose champion was compared."""
+    drift: dict[str, Any] | None = None
+    """When the data version changed: the drift test of the new data against the champion's training
+    data (``components.pipeline.trust.version_drift``), or why it was not measured."""
 
     @property
     def status(self) -> str:
         return "retrain" if self.retrain else "up to date"
+
+    def with_drift(self, drift: dict[str, Any] | None) -> Freshness:
+        """This verdict with the drift test attached; a drifted data version leads the reason."""
+        if drift is None:
+            return self
+        if drift.get("drifted"):
+            p = drift.get("p_value")
+            reason = f"data drifted: retrain (MMD p = {p:.4f}); {self.reason}"
+        elif drift.get("status") == "measured":
+            reason = f"{self.reason} (no drift detected: MMD p = {drift.get('p_value', float('nan')):.4f})"
+        else:
+            reason = f"{self.reason} (drift not measured: {drift.get('reason', '')})"
+        return replace(self, drift=drift, reason=reason)
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "status": self.status}

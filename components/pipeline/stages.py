@@ -106,7 +106,9 @@ def run_validate(params: Params) -> ValidationResult:
     report = validate_manifest(
         read_manifest(manifest), classes=info.classes, cfg=params.validate_, task=info.task
     )
-    json_path, html_path = write_validation_report(report, paths.out("validate"))
+    drift = _validation_drift(params)
+    json_path, html_path = write_validation_report(report, paths.out("validate"), extra={"drift": drift},
+                                                   extra_sections=[_drift_section(drift)])  # fmt: skip
     # Deterministic verdict (no timestamps): what the train stage depends on in dvc.yaml.
     write_json(
         paths.out("validate") / "passed.json",
@@ -124,6 +126,30 @@ def run_validate(params: Params) -> ValidationResult:
         warnings=tuple(o.name for o in report.warnings()),
         label_cardinality=report.summary["label_cardinality"] if report.summary else None,
     )
+
+
+def _validation_drift(params: Params) -> dict[str, Any] | None:
+    """The validation report's drift entry: this data version against the champion's training data
+    (:func:`components.pipeline.trust.version_drift`); None without a champion or a new data version."""
+    from components.core.errors import TrackingError
+    from components.pipeline.trust import version_drift
+    from components.registry import tracking
+
+    local_store = params.project.state_dir / "mlflow.db"
+    if not params.drift.enabled or (params.register_.tracking_uri is None and not local_store.exists()):
+        return None  # no registry yet, so no champion: nothing to compare with (and no store to create)
+    try:
+        connect_tracking(params)
+        champion = tracking.alias_provenance(params.register_.model_name, tracking.CHAMPION)
+        return version_drift(params, champion)
+    except (TrackingError, DataError) as e:
+        return {"status": "not measured", "reason": str(e)}
+
+
+def _drift_section(drift: dict[str, Any] | None) -> Any:
+    from components.evaluate.drift import drift_section
+
+    return drift_section(drift, title="Data drift vs the champion's training data")
 
 
 # --------------------------------------------------------------------------- 2a. label-quality audit
@@ -564,6 +590,10 @@ def run_register(params: Params, *, raise_on_gate_failure: bool = True) -> Regis
                                     expected_from=_evaluated_against(params), **registry_options(params))  # fmt: skip
     tracking.end_run(run["run_id"])
     write_json(paths.out("register") / "registration.json", reg, sort_keys=True)
+    if gates.passed:  # a possible champion: embed its training data now, the reference of later drift checks
+        from components.pipeline.trust import warm_reference
+
+        warm_reference(params, paths.out("train") / "model")
     if not gates.passed and raise_on_gate_failure:
         raise GatesFailedError(reg.failure_message())
     return reg
@@ -594,15 +624,19 @@ def run_check_freshness(params: Params, *, force: bool = False) -> Freshness:
     """After ingest: does the champion already come from this data version and these training params?
     ``retrain: False`` means a scheduled run can stop ("up to date"); see ``components.pipeline.freshness``."""
     from components.pipeline.freshness import decide, training_fingerprint
+    from components.pipeline.trust import version_drift
     from components.registry import tracking
 
     manifest = require_manifest(StagePaths(params).data)
     connect_tracking(params)
     name = params.register_.model_name
-    return decide(
+    champion = tracking.alias_provenance(name, tracking.CHAMPION)
+    verdict = decide(
         data_version=data_version(manifest),
         training_params_hash=training_fingerprint(params),
-        champion=tracking.alias_provenance(name, tracking.CHAMPION),
+        champion=champion,
         force=force,
         model_name=name,
     )
+    # A new data version: has it drifted from what the champion was trained on ("data drifted: retrain")?
+    return verdict if force else verdict.with_drift(version_drift(params, champion, log=True))

@@ -31,7 +31,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -924,18 +924,27 @@ def _snake_case(class_name: str) -> str:
 # ---------------------------------------------------------------------------------------------
 
 
-def write_validation_report(report: ValidationReport, out_dir: Path) -> tuple[Path, Path]:
-    """Write ``out_dir/report.json`` (``to_dict``, raw GE result included) and ``out_dir/report.html``."""
+def write_validation_report(
+    report: ValidationReport,
+    out_dir: Path,
+    *,
+    extra: Mapping[str, Any] | None = None,
+    extra_sections: Sequence[kit.Section | None] = (),
+) -> tuple[Path, Path]:
+    """Write ``out_dir/report.json`` (``to_dict``, raw GE result included) and ``out_dir/report.html``.
+
+    ``extra``: more top-level JSON entries and ``extra_sections`` more report sections, measured by
+    layers this package cannot import (the data-drift test on the champion's embeddings)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     json_path = out_dir / "report.json"
     html_path = out_dir / "report.html"
-    write_json(json_path, report.to_dict())
-    html_path.write_text(render_html(report))
+    write_json(json_path, {**report.to_dict(), **(extra or {})})
+    html_path.write_text(render_html(report, extra_sections=extra_sections))
     return json_path, html_path
 
 
-def render_html(report: ValidationReport) -> str:
+def render_html(report: ValidationReport, *, extra_sections: Sequence[kit.Section | None] = ()) -> str:
     """A self-contained page (report kit): verdict, then one table row per expectation with example rows."""
     verdict, kind = ("PASSED", "pass") if report.success else ("FAILED", "fail")
     if report.success and report.warnings():
@@ -954,7 +963,7 @@ def render_html(report: ValidationReport) -> str:
         f"Manifest validation: {verdict}",
         heading="Manifest validation",
         top=[kit.verdict_banner(verdict, kind), kit.paragraph(summary)],
-        sections=[_html_label_summary(report.summary), kit.section("Expectations", table)],
+        sections=[_html_label_summary(report.summary), kit.section("Expectations", table), *extra_sections],
     )
 
 

@@ -80,6 +80,7 @@ def write_small_params(project: Path, *, max_per_class: int = 30, epochs: int = 
         max_accuracy_drop=1.0, max_class_recall_drop=1.0,
     )  # fmt: skip
     params["evaluate"]["robustness"]["max_images"] = 200
+    params["evaluate"]["adversarial"].update(max_images=100, pgd_steps=5)
     params["register"]["model_name"] = "imgflow-test"
     for name, values in sections.items():
         params[name].update(values)

@@ -225,14 +225,15 @@ def build_gallery(
     return Gallery(tuple(items), layer)
 
 
-def gallery_section(data: Mapping[str, Any] | None, out_dir: Path) -> kit.Section | None:
-    """The gate report's "Explanations" section from :meth:`Gallery.to_dict` (overlays inlined)."""
+def gallery_section(data: Mapping[str, Any] | None, images: Mapping[str, Path]) -> kit.Section | None:
+    """The gate report's "Explanations" section from :meth:`Gallery.to_dict`, the overlays (the files
+    :meth:`Gallery.write` returned, by name) inlined."""
     if not data:
         return None
     if data.get("status") != "ok":
         return kit.section("Explanations", kit.note(data.get("reason", "not computed")))
     cards = [
-        kit.join([kit.figure(out_dir / "explanations" / e["file"], alt=f"Grad-CAM of test image {e['index']}"),
+        kit.join([kit.figure(images.get(f"explain_{Path(e['file']).stem}"), alt=f"Grad-CAM of test image {e['index']}"),
                   kit.paragraph(f"{e['group']}: true {e['true']}, predicted {e['predicted']} "
                                 f"({e['confidence']:.0%})")])
         for e in data["items"]

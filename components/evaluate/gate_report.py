@@ -23,6 +23,7 @@ from typing import Any
 from components.core import report as kit
 from components.core.config import BaselineConfig, GatesConfig
 from components.core.jsonio import write_json
+from components.evaluate.adversarial import adversarial_section, plot_curve
 from components.evaluate.baseline_gate import (
     NOT_APPLICABLE,
     ZERO_SHOT_GATE,
@@ -30,6 +31,7 @@ from components.evaluate.baseline_gate import (
     is_not_applicable,
 )
 from components.evaluate.calibration import CalibrationReport
+from components.evaluate.explain import Gallery, gallery_section
 from components.evaluate.gates import (
     GateLevel,
     GateReport,
@@ -63,6 +65,11 @@ class Evidence:
     when that stage has not run."""
     curves: dict[str, Any] | None = None
     """One-vs-rest ROC and PR curves (:func:`components.task.metrics.one_vs_rest_curves`)."""
+    adversarial: dict[str, Any] | None = None
+    """FGSM/PGD accuracy vs eps (:meth:`components.evaluate.adversarial.AdversarialReport.to_dict`), or
+    ``{"status": "skipped", "reason"}``."""
+    explanations: Gallery | None = None
+    """Grad-CAM overlays of the most confident errors and the most confused pairs."""
 
     @property
     def task(self) -> Task:
@@ -103,10 +110,28 @@ def build_gates(cfg: GatesConfig, ev: Evidence, *, baseline: BaselineConfig | No
         for other, name in _other_tasks_gates(task)
         if levels.get(name, "error") != "off"
     ]
+    gates += _adversarial_gates(cfg, ev, levels)
     report = GateReport.of(gates, not_applicable=not_applicable)
     if not report.passed:
         logger.warning("gates failed: %s", ", ".join(g.name for g in report.failed()))
     return report
+
+
+def _adversarial_gates(cfg: GatesConfig, ev: Evidence, levels: Mapping[str, str]) -> list[GateResult]:
+    """``min_adversarial_accuracy``, only when set and the adversarial curve was measured."""
+    name = "min_adversarial_accuracy"
+    adv = ev.adversarial or {}
+    level = gate_level(levels, name)
+    if cfg.min_adversarial_accuracy is None or "pgd" not in adv or level is None:
+        return []
+    eps, value = adv["epsilons"][-1], adv["pgd"][-1]
+    gate = make_gate(name, f"PGD accuracy at eps {eps:g}", value, cfg.min_adversarial_accuracy, level=level)
+    text = (
+        f"Under a {adv['pgd_steps']}-step PGD attack of at most {eps * 255:.2g}/255 per pixel the model classifies "
+        f"{value:.1%} of {adv['n']} test images correctly (clean: {adv['clean_accuracy']:.1%}); at least "
+        f"{cfg.min_adversarial_accuracy:.0%} is required."
+    )
+    return [replace(gate, explanation=text)]
 
 
 def _other_tasks_gates(task: Task) -> list[tuple[Task, str]]:
@@ -326,6 +351,8 @@ def report_dict(ev: Evidence, gates: GateReport, *, context: Mapping[str, Any]) 
         "champion": ev.champion,
         "confused_pairs": ev.task.most_confused(ev.metrics),
         "baseline": baseline_comparison(ev.metrics, ev.baseline),
+        "adversarial": ev.adversarial,
+        "explanations": ev.explanations.to_dict() if ev.explanations is not None else None,
     }
 
 
@@ -373,6 +400,9 @@ def all_scalars(ev: Evidence) -> dict[str, float]:
         flat.update({f"robustness_{f}": v for f, v in r.family_relative.items()})
     if ev.slices:
         flat["min_slice_accuracy"] = min(row["accuracy"] for row in ev.slices)
+    if ev.adversarial and "pgd" in ev.adversarial:
+        flat["adversarial_pgd_accuracy"] = ev.adversarial["pgd"][-1]
+        flat["adversarial_fgsm_accuracy"] = ev.adversarial["fgsm"][-1]
     comp = (ev.champion or {}).get("comparison")
     if comp:
         key = ev.headline[0]
@@ -431,6 +461,15 @@ def write_report(
         )  # fmt: skip
     if ev.slices is not None:
         paths["slices"] = _write_csv(out_dir / "slices.csv", ev.slices)
+    if ev.adversarial and "pgd" in ev.adversarial:
+        adv = ev.adversarial
+        paths["adversarial_csv"] = _write_csv(out_dir / "adversarial.csv", [
+            {"epsilon": e, "fgsm_accuracy": f, "pgd_accuracy": p}
+            for e, f, p in zip(adv["epsilons"], adv["fgsm"], adv["pgd"], strict=True)
+        ])  # fmt: skip
+        paths["adversarial"] = plot_curve(adv, out_dir / "adversarial.png")
+    if ev.explanations is not None:
+        paths |= ev.explanations.write(out_dir)
     data = report_dict(ev, gates, context=context)
     paths["report_json"] = write_json(out_dir / "report.json", data)
     paths["report_html"] = out_dir / "report.html"
@@ -468,9 +507,11 @@ def render_html(data: Mapping[str, Any], *, images: Mapping[str, Path]) -> str:
         _METRICS_HTML[task.row_name](data["metrics"], cal),
         _curves_html(images),
         _confusion_html(data.get("confused_pairs") or [], images, task=task),
+        gallery_section(data.get("explanations"), images),
         _baseline_html(data.get("baseline")),
         _calibration_html(cal, images),
         _robustness_html(data.get("robustness"), images),
+        adversarial_section(data.get("adversarial"), images),
         _slices_html(data.get("slices"), task=task),
         _champion_html(data.get("champion")),
     ]

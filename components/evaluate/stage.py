@@ -19,6 +19,7 @@ multi-label champion. The thresholds go into ``gates.json`` for register.
 
 from __future__ import annotations
 
+import logging
 import re
 import time
 from dataclasses import dataclass
@@ -29,7 +30,7 @@ import numpy as np
 import pandas as pd
 
 from components.core.config import Params
-from components.core.errors import DataError
+from components.core.errors import ConfigError, DataError
 from components.data.manifest import DataPaths, read_manifest
 from components.evaluate.champion import Champion, champion_evidence
 from components.evaluate.predictions import SplitOutput, has_split, predict_split
@@ -38,6 +39,8 @@ from components.task import Task, task_of
 if TYPE_CHECKING:
     from components.evaluate.calibration import CalibrationReport
     from components.evaluate.gate_report import Evidence
+
+logger = logging.getLogger(__name__)
 
 REGISTERED_DIR = "models"
 """Reports of ``evaluate --model`` go to ``<evaluate out>/models/<slug of the URI>/``."""
@@ -83,18 +86,23 @@ def gather_evidence(
     from components.evaluate.slices import slice_table
     from components.model.checkpoint import load_spec
 
-    ev_cfg, rob = params.evaluate, params.evaluate.robustness
+    ev_cfg, rob, adv = params.evaluate, params.evaluate.robustness, params.evaluate.adversarial
     spec = load_spec(model_dir)
     task = spec.task
     rows = split_rows(read_manifest(DataPaths(params.project.data_dir).manifest), "test")
     targets = np.asarray(encode_targets(rows, spec.classes, task))
-    keep = sweep_sample(task.strata(targets), rob.max_images, params.project.seed) if rob.enabled else None
+    # The corruption sweep's sample; the adversarial check draws its own smaller one from it.
+    size = rob.max_images if rob.enabled else adv.max_images
+    sampled = rob.enabled or adv.enabled
+    keep = sweep_sample(task.strata(targets), size, params.project.seed) if sampled else None
     test, (model, spec) = predict_split(params, model_dir, "test", keep=keep)
     # A fitted decision rule (multi-label thresholds) always needs val; else val only fits T.
     want_val = task.fits_decision or ev_cfg.temperature_scaling
     val = predict_split(params, model_dir, "val")[0] if want_val and has_split(params, "val") else None
     measured = measure(params, task, spec.classes, test, val)
     robustness = _robustness(params, model, spec, test) if rob.enabled else None
+    adversarial = _adversarial(params, model, spec, test) if adv.enabled else None
+    explanations = _explanations(params, model, spec, test, measured)
     rows = rows.assign(
         pixels=rows["width"] * rows["height"], **{k: pd.Series(v) for k, v in test.properties.items()}
     )
@@ -105,7 +113,8 @@ def gather_evidence(
         else {"status": "skipped", "reason": "evaluate.compare_champion is false"}
     )
     return Evidence(metrics=measured.metrics, calibration=measured.calibration, robustness=robustness,
-                    slices=slices, champion=compared, baseline=baseline, curves=measured.curves)  # fmt: skip
+                    slices=slices, champion=compared, baseline=baseline, curves=measured.curves,
+                    adversarial=adversarial, explanations=explanations)  # fmt: skip
 
 
 @dataclass
@@ -162,6 +171,49 @@ def _robustness(params: Params, model: Any, spec: Any, test: SplitOutput) -> Any
         score=spec.task.headline_of_scores,
         metric=spec.task.headline,
     )
+
+
+def _adversarial(params: Params, model: Any, spec: Any, test: SplitOutput) -> dict[str, Any]:
+    """FGSM/PGD accuracy vs eps on a class-stratified sample of the kept test images
+    (:mod:`components.evaluate.adversarial`); single-label models only."""
+    from components.evaluate.adversarial import adversarial_curve
+
+    cfg = params.evaluate.adversarial
+    if test.kept is None or test.kept_targets is None or test.kept_targets.ndim != 1:
+        return {"status": "skipped", "reason": "single-label models only (no one true class to attack)"}
+    pick = sweep_sample(test.kept_targets.numpy(), cfg.max_images, cfg.seed)
+    report = adversarial_curve(
+        model, test.kept[pick], test.kept_targets[pick], mean=spec.data_config["mean"],
+        std=spec.data_config["std"], epsilons=cfg.epsilons, pgd_steps=cfg.pgd_steps, seed=cfg.seed,
+    )  # fmt: skip
+    return report.to_dict()
+
+
+def _explanations(params: Params, model: Any, spec: Any, test: SplitOutput, measured: Measured) -> Any:
+    """Grad-CAM gallery of the most confident test errors and the most confused pairs
+    (:mod:`components.evaluate.explain`); single-label models only."""
+    import torch
+
+    from components.data.datasets import dataset_for_split
+    from components.evaluate.explain import Gallery, build_gallery, pick_examples
+    from components.model.models import create_image_transform, image_mode
+
+    if test.targets.ndim != 1:
+        return Gallery((), "", status="skipped", reason="single-label models only")
+    probs = spec.task.probabilities(test.logits, temperature=measured.calibration.temperature)
+    picks = pick_examples(probs, test.targets, spec.task.most_confused(measured.metrics, k=3), spec.classes)
+    ds = dataset_for_split(
+        read_manifest(DataPaths(params.project.data_dir).manifest), "test", data_dir=params.project.data_dir,
+        classes=spec.classes, transform=create_image_transform(spec.data_config, is_training=False),
+        mode=image_mode(spec.in_chans), task=spec.task,
+    )  # fmt: skip
+    cfg = spec.data_config
+    try:
+        return build_gallery(model, lambda rows: torch.stack([ds[i][0] for i in rows]), picks, probs=probs,
+                             targets=test.targets, classes=spec.classes, mean=cfg["mean"], std=cfg["std"])  # fmt: skip
+    except (ConfigError, RuntimeError) as e:  # evidence for people, not a gate: the report still gets written
+        logger.warning("no Grad-CAM gallery for this model: %s", e)
+        return Gallery((), "", status="skipped", reason=f"Grad-CAM failed on this model: {e}")
 
 
 # --------------------------------------------------------------------------- the stage

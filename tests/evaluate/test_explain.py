@@ -80,5 +80,5 @@ def test_gallery_of_confident_errors_and_confused_pairs(cnn: Predictor, tmp_path
                             classes=FMNIST_CLASSES, mean=(0.5,), std=(0.5,))  # fmt: skip
     files = gallery.write(tmp_path)
     assert len(files) == len(picks) and all(Image.open(p).format == "PNG" for p in files.values())
-    html = gallery_section(gallery.to_dict(), tmp_path)
+    html = gallery_section(gallery.to_dict(), files)
     assert html is not None and html.body.count("<img") == len(picks) and "data:image/png;base64" in html.body

@@ -111,16 +111,21 @@ def to_display(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> 
     return (x01[:, :3].permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
 
 
-def overlay(image: np.ndarray, cam: np.ndarray, *, side: int = 112, alpha: float = 0.5) -> Image.Image:
-    """The image and its heat map over it, side by side: image (H, W, 3) uint8, cam (H, W) in [0, 1]."""
+def heat_overlay(image: np.ndarray, cam: np.ndarray, *, side: int = 112, alpha: float = 0.5) -> Image.Image:
+    """The heat map (jet colours) blended over the image, ``side`` px square: image (H, W, 3) uint8,
+    cam (H, W) in [0, 1]."""
     from matplotlib import colormaps
 
     img = Image.fromarray(image).resize((side, side), Image.Resampling.NEAREST)
     heat = (colormaps["jet"](np.clip(cam, 0, 1))[..., :3] * 255).astype(np.uint8)
-    heat_img = Image.fromarray(heat).resize((side, side), Image.Resampling.BILINEAR)
+    return Image.blend(img, Image.fromarray(heat).resize((side, side), Image.Resampling.BILINEAR), alpha)
+
+
+def overlay(image: np.ndarray, cam: np.ndarray, *, side: int = 112, alpha: float = 0.5) -> Image.Image:
+    """The image and its heat map over it, side by side (what ``imgflow explain`` writes)."""
     canvas = Image.new("RGB", (2 * side + 4, side), "white")
-    canvas.paste(img, (0, 0))
-    canvas.paste(Image.blend(img, heat_img, alpha), (side + 4, 0))
+    canvas.paste(Image.fromarray(image).resize((side, side), Image.Resampling.NEAREST), (0, 0))
+    canvas.paste(heat_overlay(image, cam, side=side, alpha=alpha), (side + 4, 0))
     return canvas
 
 
@@ -145,7 +150,9 @@ class Explained:
     predicted: str
     confidence: float
     file: str
+    """The heat-map overlay's file name; the plain image is ``<stem>_image.png`` beside it."""
     png: bytes = field(repr=False, default=b"")
+    image_png: bytes = field(repr=False, default=b"")
 
     def to_dict(self) -> dict[str, Any]:
         return {"group": self.group, "index": self.index, "true": self.true, "predicted": self.predicted,
@@ -171,8 +178,11 @@ class Gallery:
         folder.mkdir(parents=True, exist_ok=True)
         paths = {}
         for e in self.items:
+            stem = Path(e.file).stem
             (folder / e.file).write_bytes(e.png)
-            paths[f"explain_{Path(e.file).stem}"] = folder / e.file
+            (folder / f"{stem}_image.png").write_bytes(e.image_png)
+            paths[f"explain_{stem}"] = folder / e.file
+            paths[f"explain_{stem}_image"] = folder / f"{stem}_image.png"
         return paths
 
 
@@ -190,9 +200,10 @@ def pick_examples(
         t, p = index.get(str(pair.get("true"))), index.get(str(pair.get("predicted")))
         if t is None or p is None:
             continue
-        rows = np.flatnonzero((targets == t) & (pred == p))
-        rows = rows[np.argsort(-conf[rows], kind="stable")][:per_pair]
-        picked += [(f"{classes[t]} -> {classes[p]}", int(i)) for i in rows]
+        cell = np.flatnonzero((targets == t) & (pred == p))
+        shown = {j for _, j in picked}  # each image once
+        fresh = [int(i) for i in cell[np.argsort(-conf[cell], kind="stable")] if int(i) not in shown]
+        picked += [(f"{classes[t]} -> {classes[p]}", i) for i in fresh[:per_pair]]
     return picked
 
 
@@ -220,9 +231,17 @@ def build_gallery(
     for k, ((group, i), cam, img) in enumerate(zip(picks, cams, shown, strict=True)):
         items.append(Explained(
             group=group, index=i, true=classes[int(targets[i])], predicted=classes[int(probs[i].argmax())],
-            confidence=float(probs[i].max()), file=f"{k:02d}_test{i}.png", png=png_bytes(overlay(img, cam)),
+            confidence=float(probs[i].max()), file=f"{k:02d}_test{i}.png", png=png_bytes(heat_overlay(img, cam)),
+            image_png=png_bytes(Image.fromarray(img)),
         ))  # fmt: skip
     return Gallery(tuple(items), layer)
+
+
+def _thumb(path: Path | None, alt: str) -> kit.Html:
+    """An inlined thumbnail (the kit's cards draw their images 64 px square, side by side)."""
+    if path is None or not Path(path).is_file():
+        return kit.Html("")
+    return kit.Html(f'<img alt="{kit.esc(alt)}" src="{kit.data_uri(Path(path).read_bytes())}">')
 
 
 def gallery_section(data: Mapping[str, Any] | None, images: Mapping[str, Path]) -> kit.Section | None:
@@ -233,7 +252,8 @@ def gallery_section(data: Mapping[str, Any] | None, images: Mapping[str, Path]) 
     if data.get("status") != "ok":
         return kit.section("Explanations", kit.note(data.get("reason", "not computed")))
     cards = [
-        kit.join([kit.figure(images.get(f"explain_{Path(e['file']).stem}"), alt=f"Grad-CAM of test image {e['index']}"),
+        kit.join([_thumb(images.get(f"explain_{Path(e['file']).stem}_image"), f"test image {e['index']}"),
+                  _thumb(images.get(f"explain_{Path(e['file']).stem}"), f"Grad-CAM of test image {e['index']}"),
                   kit.paragraph(f"{e['group']}: true {e['true']}, predicted {e['predicted']} "
                                 f"({e['confidence']:.0%})")])
         for e in data["items"]

@@ -367,7 +367,7 @@ def run_explain(params: Params, images: list[Path], *, model: str | None = None,
         resolved = _resolve_model(params, model, Path(tmp))
         predictor = Predictor.from_dir(resolved.model_dir)
     x, kept, bad = preprocess_each(predictor, [Path(p) for p in images])
-    written = []
+    written: list[dict[str, Any]] = []
     out.mkdir(parents=True, exist_ok=True)
     cfg = predictor.spec.data_config
     for start in range(0, len(kept), 64):

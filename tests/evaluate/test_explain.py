@@ -78,7 +78,12 @@ def test_gallery_of_confident_errors_and_confused_pairs(cnn: Predictor, tmp_path
     assert any("->" in g for g, _ in picks)
     gallery = build_gallery(cnn.model, lambda rows: batch[list(rows)], picks, probs=probs, targets=y,
                             classes=FMNIST_CLASSES, mean=(0.5,), std=(0.5,))  # fmt: skip
+    assert len({i for _, i in picks}) == len(picks)  # an image is shown once
     files = gallery.write(tmp_path)
-    assert len(files) == len(picks) and all(Image.open(p).format == "PNG" for p in files.values())
+    assert len(files) == 2 * len(picks) and all(Image.open(p).format == "PNG" for p in files.values())
     html = gallery_section(gallery.to_dict(), files)
-    assert html is not None and html.body.count("<img") == len(picks) and "data:image/png;base64" in html.body
+    assert (
+        html is not None
+        and html.body.count("<img") == 2 * len(picks)
+        and "data:image/png;base64" in html.body
+    )

@@ -10,6 +10,12 @@ fails after an hour of training because one per-class figure is undefined. Reade
 
 Writes are atomic (a temporary file in the same folder, then a rename): a reader — DVC, the next
 stage, a person with the file open — never sees half a file, also when the writer is killed.
+:func:`atomic_path` and :func:`atomic_write` do the same for any other file (CSV, Parquet, HTML);
+:func:`atomic_group` replaces several files as one (a redo journal completes a commit that a
+``kill -9`` cut between two renames, see :func:`complete_commits`). Temporary files carry their
+writer's PID, so :func:`remove_stale_temps` can delete those of dead writers and nothing ever reads
+one as data. Atomic against a crashed process, not a lost power supply (no fsync: that would cost
+every small write and the kernel keeps what a killed process wrote).
 """
 
 from __future__ import annotations
@@ -20,10 +26,11 @@ import json
 import math
 import os
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from datetime import date, datetime
 from pathlib import Path, PurePath
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 
@@ -82,17 +89,155 @@ def write_json(path: Path, obj: Any, *, sort_keys: bool = False) -> Path:
     """
     path = Path(path)
     text = dumps(obj, sort_keys=sort_keys)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # A unique name beside the target (same file system, so the rename is atomic), opened like
-    # any file so it gets the usual permissions (mkstemp would make it owner-only).
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
-    try:
+    with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
+    return path
+
+
+TEMP_SUFFIX = ".tmp"
+
+
+def temp_path(path: Path) -> Path:
+    """A fresh temporary name beside ``path`` (same file system, so a rename is atomic):
+    ``.<name>.<pid>.<random>.tmp`` — hidden, and naming the writer for :func:`remove_stale_temps`."""
+    return path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:12]}{TEMP_SUFFIX}")
+
+
+@contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """Yields a temporary path to write ``path``'s new content to (by any library: ``to_parquet``,
+    ``savefig``...); on success it replaces ``path`` in one rename, on an error it is deleted and
+    ``path`` keeps its old content. Parent folders are created."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Created like any file (the usual permissions; mkstemp would make it owner-only).
+    tmp = temp_path(path)
+    try:
+        yield tmp
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    return path
+
+
+@contextmanager
+def atomic_write(
+    path: Path, mode: str = "w", *, encoding: str | None = "utf-8", newline: str | None = None
+) -> Iterator[IO[Any]]:
+    """``open(path, mode)`` whose content appears at ``path`` only when the block ends without an
+    error (see :func:`atomic_path`). ``mode``: ``w`` or ``wb``."""
+    if mode not in ("w", "wb"):
+        raise ValueError(f"atomic_write writes whole files: mode 'w' or 'wb', not {mode!r}")
+    text_options = {} if "b" in mode else {"encoding": encoding, "newline": newline}
+    with atomic_path(path) as tmp, open(tmp, mode, **text_options) as f:
+        yield f
+
+
+def write_text_atomic(path: Path, text: str) -> Path:
+    """``path.write_text(text)`` (UTF-8), atomically; returns ``path``."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    return Path(path)
+
+
+# --------------------------------------------------------------------------- several files as one
+
+COMMIT_SUFFIX = ".commit.json"
+
+
+@contextmanager
+def atomic_group(targets: Sequence[Path], *, journal: Path) -> Iterator[list[Path]]:
+    """Replace several files as one: yields a temporary path per target (write each completely);
+    when the block ends without an error, a journal naming every (temporary, target) pair is
+    written (atomically), then each temporary file is renamed onto its target, then the journal is
+    deleted. A ``kill -9`` between two renames leaves the journal: :func:`complete_commits` on the
+    journal's folder finishes the renames, so readers never combine an old file with a new one.
+    ``journal``: ``<folder>/.<what>.commit.json`` (the name must end in ``.commit.json``).
+    On an error the temporary files are deleted and the targets keep their old content."""
+    if not journal.name.endswith(COMMIT_SUFFIX):
+        raise ValueError(f"a commit journal's name ends in {COMMIT_SUFFIX!r}: {journal}")
+    temps = [temp_path(Path(t)) for t in targets]
+    for t in targets:
+        Path(t).parent.mkdir(parents=True, exist_ok=True)
+    try:
+        yield temps
+        missing = [str(t) for t in temps if not t.exists()]
+        if missing:
+            raise FileNotFoundError(f"atomic_group: nothing was written to {missing}")
+        pairs = [[str(tmp.resolve()), str(Path(t).resolve())] for tmp, t in zip(temps, targets, strict=True)]
+        write_json(journal, {"replace": pairs})
+    except BaseException:
+        for tmp in temps:
+            tmp.unlink(missing_ok=True)
+        raise
+    _replay(journal, pairs)
+
+
+def _replay(journal: Path, pairs: Sequence[Sequence[str]]) -> None:
+    """Rename each temporary file that is still there onto its target, then drop the journal
+    (idempotent: a rename done before the crash is simply not repeated)."""
+    for tmp, target in pairs:
+        if Path(tmp).exists():
+            os.replace(tmp, target)
+    journal.unlink(missing_ok=True)
+
+
+def complete_commits(folder: Path) -> list[Path]:
+    """Finish every :func:`atomic_group` commit a killed process left half done in ``folder``;
+    returns the journals replayed. Call it before reading the folder's files (the project lock
+    does, for the data folder)."""
+    done = []
+    for journal in sorted(Path(folder).glob(f".*{COMMIT_SUFFIX}")):
+        try:
+            pairs = json.loads(journal.read_text(encoding="utf-8"))["replace"]
+        except (OSError, ValueError, KeyError, TypeError):
+            # Journals are written atomically: one that does not parse is not ours to trust.
+            continue
+        _replay(journal, pairs)
+        done.append(journal)
+    return done
+
+
+def remove_stale_temps(folder: Path, *, pattern: str = f".*{TEMP_SUFFIX}") -> int:
+    """Delete temporary files in ``folder`` (matching ``pattern``) whose writer (the PID in the
+    name, see :func:`temp_path`) is no longer running; returns how many. Files named by an
+    unfinished commit journal are kept: :func:`complete_commits` needs them."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return 0
+    pending = {tmp for j in folder.glob(f".*{COMMIT_SUFFIX}") for tmp, _ in _journal_pairs(j)}
+    removed = 0
+    for tmp in folder.glob(pattern):
+        pid = _writer_pid(tmp.name)
+        if pid is not None and not _alive(pid) and str(tmp.resolve()) not in pending:
+            tmp.unlink(missing_ok=True)
+            removed += 1
+    return removed
+
+
+def _journal_pairs(journal: Path) -> list[tuple[str, str]]:
+    try:
+        return [(str(a), str(b)) for a, b in json.loads(journal.read_text(encoding="utf-8"))["replace"]]
+    except (OSError, ValueError, KeyError, TypeError):
+        return []
+
+
+def _writer_pid(name: str) -> int | None:
+    """The PID in ``.<name>.<pid>.<random>.tmp`` (None when the name has none)."""
+    parts = name.removesuffix(TEMP_SUFFIX).split(".")
+    return int(parts[-2]) if len(parts) >= 3 and parts[-2].isdigit() else None
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # somebody else's process: alive
+    return True
 
 
 def read_json(path: Path, *, hint: str) -> Any:

@@ -1,7 +1,8 @@
 """``imgflow`` command line. Heavy libraries are imported inside commands so ``--help`` is instant.
 
 Exit codes: 0 ok, 1 unexpected error, 2 bad input/params (message says what to fix),
-3 the model failed its gates, 4 the data failed validation.
+3 the model failed its gates, 4 the data failed validation, 5 a promotion lost the registry's
+promotion lock, 6 another imgflow run holds this project's lock (``--wait`` to wait for it).
 """
 
 from __future__ import annotations
@@ -42,6 +43,16 @@ VerboseOpt = Annotated[
     bool,
     typer.Option(
         "--verbose", "-v", help="Show every log line and warning (Prefect, MLflow, Ray, the stages' detail)."
+    ),
+]
+WaitOpt = Annotated[
+    float,
+    typer.Option(
+        "--wait",
+        min=0,
+        help="When another imgflow run holds this project's lock, wait up to SECONDS for it "
+        "(default 0: exit at once with code 6, naming the run).",
+        metavar="SECONDS",
     ),
 ]
 
@@ -165,6 +176,23 @@ def _params(params: Path, overrides: list[str] | None) -> Any:
     return with_environment(load_params(params, overrides or []))
 
 
+def _locked(
+    command: str, params: Path, overrides: list[str] | None, wait: float, body: Callable[[Any], Any]
+) -> Callable[[], Any]:
+    """A command body that runs ``body(resolved params)`` holding the project lock: one writer per
+    project folder (:mod:`components.core.lock`); another run's lock is waited for up to ``wait``
+    seconds, then exit code 6 names it. Commits a killed run left half done are completed first."""
+
+    def run() -> Any:
+        from components.core.lock import project_lock
+
+        p = _params(params, overrides)
+        with project_lock(p.project.state_dir, command=command, wait_s=wait, complete=[p.project.data_dir]):
+            return body(p)
+
+    return run
+
+
 def _ray_options(*, verbose: bool = False) -> Any:
     """Which Ray to use and what it shows: RAY_ADDRESS, IMGFLOW_RAY_DASHBOARD, IMGFLOW_WORKER_EVENTS."""
     from flows.environment import ray_options
@@ -180,6 +208,7 @@ def ingest(
     ] = None,
     params: ParamsOpt = Path("params.yaml"),
     set_: SetOpt = None,
+    wait: WaitOpt = 0.0,
     as_json: JsonOpt = False,
     verbose: VerboseOpt = False,
 ) -> None:
@@ -187,9 +216,8 @@ def ingest(
     from components.pipeline.stages import run_ingest
 
     overrides = list(set_ or []) + ([f"ingest.source={source}"] if source else [])
-    result = _run(
-        lambda: run_ingest(_params(params, overrides), progress=not as_json), as_json=as_json, verbose=verbose
-    )
+    body = _locked("ingest", params, overrides, wait, lambda p: run_ingest(p, progress=not as_json))
+    result = _run(body, as_json=as_json, verbose=verbose)
 
     def human(r: Any) -> str:
         lines = [
@@ -250,13 +278,14 @@ def make_composites(
 def validate(
     params: ParamsOpt = Path("params.yaml"),
     set_: SetOpt = None,
+    wait: WaitOpt = 0.0,
     as_json: JsonOpt = False,
     verbose: VerboseOpt = False,
 ) -> None:
     """Great Expectations suite over the manifest; exit code 4 and a report when it fails."""
     from components.pipeline.stages import run_validate
 
-    result = _run(lambda: run_validate(_params(params, set_)), as_json=as_json, verbose=verbose)
+    result = _run(_locked("validate", params, set_, wait, run_validate), as_json=as_json, verbose=verbose)
 
     def human(r: Any) -> str:
         warned = f" with {len(r.warnings)} warning(s): {', '.join(r.warnings)}" if r.warnings else ""
@@ -269,6 +298,7 @@ def validate(
 def audit(
     params: ParamsOpt = Path("params.yaml"),
     set_: SetOpt = None,
+    wait: WaitOpt = 0.0,
     as_json: JsonOpt = False,
     verbose: VerboseOpt = False,
 ) -> None:
@@ -276,9 +306,8 @@ def audit(
     issue ledger compares them with the previous data version (new / persisting / resolved)."""
     from components.pipeline.stages import run_audit
 
-    result = _run(
-        lambda: run_audit(_params(params, set_), progress=not as_json), as_json=as_json, verbose=verbose
-    )
+    body = _locked("audit", params, set_, wait, lambda p: run_audit(p, progress=not as_json))
+    result = _run(body, as_json=as_json, verbose=verbose)
 
     def human(r: Any) -> str:
         ledger = r.ledger
@@ -302,6 +331,7 @@ def _baseline_line(r: Any) -> str:
 def baseline(
     params: ParamsOpt = Path("params.yaml"),
     set_: SetOpt = None,
+    wait: WaitOpt = 0.0,
     as_json: JsonOpt = False,
     verbose: VerboseOpt = False,
 ) -> None:
@@ -313,11 +343,8 @@ def baseline(
     from components.pipeline.stages import run_baseline
     from flows.environment import behind_proxy
 
-    result = _run(
-        lambda: run_baseline(_params(params, set_), behind_proxy=behind_proxy()),
-        as_json=as_json,
-        verbose=verbose,
-    )
+    body = _locked("baseline", params, set_, wait, lambda p: run_baseline(p, behind_proxy=behind_proxy()))
+    result = _run(body, as_json=as_json, verbose=verbose)
     _emit(result, as_json, lambda r: f"CLIP baseline {_baseline_line(r)}\nresults in {r.out_dir}")
 
 
@@ -328,22 +355,17 @@ def train(
     resume: Annotated[
         bool, typer.Option(help="Continue the last (stopped) run from its checkpoint.")
     ] = False,
+    wait: WaitOpt = 0.0,
     as_json: JsonOpt = False,
     verbose: VerboseOpt = False,
 ) -> None:
     """Train the timm model with Ray Train (local Ray on 127.0.0.1, or $RAY_ADDRESS); log to MLflow."""
     from components.pipeline.stages import run_train
 
-    result = _run(
-        lambda: run_train(
-            _params(params, set_),
-            progress=not as_json,
-            resume=resume,
-            ray_options=_ray_options(verbose=verbose),
-        ),
-        as_json=as_json,
-        verbose=verbose,
-    )
+    def body(p: Any) -> Any:
+        return run_train(p, progress=not as_json, resume=resume, ray_options=_ray_options(verbose=verbose))
+
+    result = _run(_locked("train", params, set_, wait, body), as_json=as_json, verbose=verbose)
     _emit(result, as_json, lambda r: f"trained: val_accuracy {r.val_accuracy:.4f}; MLflow run {r.run_id}")
 
 
@@ -374,6 +396,7 @@ def tune(
     num_samples: Annotated[
         int | None, typer.Option("--num-samples", min=1, help="Trials to run (default: tune.num_samples).")
     ] = None,
+    wait: WaitOpt = 0.0,
     as_json: JsonOpt = False,
     verbose: VerboseOpt = False,
 ) -> None:
@@ -395,16 +418,12 @@ def tune(
     """
     from components.pipeline.tuning import run_tune
 
-    result = _run(
-        lambda: run_tune(
-            _params(params, set_),
-            num_samples=num_samples,
-            progress=not as_json,
-            ray_options=_ray_options(verbose=verbose),
-        ),
-        as_json=as_json,
-        verbose=verbose,
-    )
+    def body(p: Any) -> Any:
+        return run_tune(
+            p, num_samples=num_samples, progress=not as_json, ray_options=_ray_options(verbose=verbose)
+        )
+
+    result = _run(_locked("tune", params, set_, wait, body), as_json=as_json, verbose=verbose)
     _emit(result, as_json, _tune_summary)
 
 
@@ -421,6 +440,7 @@ def evaluate(
             "outputs/evaluate/models/<name@alias>/ (the pipeline's outputs/evaluate is left alone).",
         ),
     ] = None,
+    wait: WaitOpt = 0.0,
     as_json: JsonOpt = False,
     verbose: VerboseOpt = False,
 ) -> None:
@@ -430,11 +450,10 @@ def evaluate(
     from components.pipeline.notify import headline_text
     from components.pipeline.stages import run_evaluate
 
-    result = _run(
-        lambda: run_evaluate(_params(params, set_), model_uri=model, progress=not as_json),
-        as_json=as_json,
-        verbose=verbose,
+    body = _locked(
+        "evaluate", params, set_, wait, lambda p: run_evaluate(p, model_uri=model, progress=not as_json)
     )
+    result = _run(body, as_json=as_json, verbose=verbose)
 
     def human(r: Any) -> str:
         return (
@@ -449,6 +468,7 @@ def evaluate(
 def register(
     params: ParamsOpt = Path("params.yaml"),
     set_: SetOpt = None,
+    wait: WaitOpt = 0.0,
     as_json: JsonOpt = False,
     verbose: VerboseOpt = False,
 ) -> None:
@@ -456,11 +476,8 @@ def register(
     gates passed, else exit code 3. Alias moves are serialized and logged (`imgflow models history`)."""
     from components.pipeline.stages import run_register
 
-    result = _run(
-        lambda: run_register(_params(params, set_), raise_on_gate_failure=False),
-        as_json=as_json,
-        verbose=verbose,
-    )
+    body = _locked("register", params, set_, wait, lambda p: run_register(p, raise_on_gate_failure=False))
+    result = _run(body, as_json=as_json, verbose=verbose)
     _emit(result, as_json, lambda r: f"registered {r.name} version {r.version} as {', '.join(r.aliases)}")
     if not result.gates_passed:
         typer.secho(f"imgflow: {result.failure_message()}", err=True, fg=typer.colors.RED)
@@ -498,6 +515,7 @@ def pipeline(
             help="Retrain even when the champion already comes from this data version and these params.",
         ),
     ] = False,
+    wait: WaitOpt = 0.0,
     as_json: JsonOpt = False,
     verbose: VerboseOpt = False,
 ) -> None:
@@ -513,9 +531,11 @@ def pipeline(
     """
     _run(lambda: _params(params, set_), verbose=verbose)  # fail fast on bad params, before Prefect starts
 
-    def body() -> Any:
+    def body(_p: Any) -> Any:
         from flows.pipeline import pipeline as pipeline_flow
 
+        # The flow takes the project lock too (scheduled runs); here it is taken first, so a
+        # locked project is reported before Prefect starts, and the flow re-enters it.
         return pipeline_flow(
             params_path=str(params),
             overrides=list(set_ or []),
@@ -524,7 +544,7 @@ def pipeline(
             verbose=verbose,
         )
 
-    result = _run(body, as_json=as_json, verbose=verbose)
+    result = _run(_locked("pipeline", params, set_, wait, body), as_json=as_json, verbose=verbose)
     if result.register is None:  # up to date: nothing was trained
         _emit(result, as_json, lambda r: f"up to date: {r.freshness.reason} (use --force to retrain)")
         return
@@ -665,6 +685,7 @@ def promote(
     reason: Annotated[str | None, typer.Option("--reason", help="Why; kept in the promotion log.")] = None,
     params: ParamsOpt = Path("params.yaml"),
     set_: SetOpt = None,
+    wait: WaitOpt = 0.0,
     as_json: JsonOpt = False,
     verbose: VerboseOpt = False,
 ) -> None:
@@ -675,11 +696,9 @@ def promote(
     """
     from components.pipeline.models import run_promote
 
-    result = _run(
-        lambda: run_promote(_params(params, set_), version, to=to, force=force, reason=reason),
-        as_json=as_json,
-        verbose=verbose,
-    )
+    body = _locked("promote", params, set_, wait,
+                   lambda p: run_promote(p, version, to=to, force=force, reason=reason))  # fmt: skip
+    result = _run(body, as_json=as_json, verbose=verbose)
     _emit(result, as_json, lambda r: f"{r.alias}: version {r.from_version or '-'} -> {r.to_version}"
           + ("" if r.changed else " (already there)"))  # fmt: skip
 
@@ -689,15 +708,15 @@ def rollback(
     reason: Annotated[str | None, typer.Option("--reason", help="Why; kept in the promotion log.")] = None,
     params: ParamsOpt = Path("params.yaml"),
     set_: SetOpt = None,
+    wait: WaitOpt = 0.0,
     as_json: JsonOpt = False,
     verbose: VerboseOpt = False,
 ) -> None:
     """Move champion back to the previous champion (each call goes one step further back)."""
     from components.pipeline.models import run_rollback
 
-    result = _run(
-        lambda: run_rollback(_params(params, set_), reason=reason), as_json=as_json, verbose=verbose
-    )
+    body = _locked("rollback", params, set_, wait, lambda p: run_rollback(p, reason=reason))
+    result = _run(body, as_json=as_json, verbose=verbose)
     _emit(result, as_json, lambda r: f"champion: version {r.from_version} -> {r.to_version} (rolled back)")
 
 
@@ -779,6 +798,7 @@ def export(
     ] = None,
     params: ParamsOpt = Path("params.yaml"),
     set_: SetOpt = None,
+    wait: WaitOpt = 0.0,
     as_json: JsonOpt = False,
     verbose: VerboseOpt = False,
 ) -> None:
@@ -787,12 +807,12 @@ def export(
     from components.core.errors import ConfigError
     from components.pipeline.models import run_export
 
-    def body() -> Any:
+    def body(p: Any) -> Any:
         if format_ != "onnx":
             raise ConfigError(f"unknown export format {format_!r}: only 'onnx' is supported")
-        return run_export(_params(params, set_), model=model, out=out, images=images)
+        return run_export(p, model=model, out=out, images=images)
 
-    result = _run(body, as_json=as_json, verbose=verbose)
+    result = _run(_locked("export", params, set_, wait, body), as_json=as_json, verbose=verbose)
     _emit(result, as_json, lambda r: f"exported {r.model} -> {r.onnx}; parity: max abs diff "
           f"{r.parity.max_abs_diff:.2e} on {r.parity.images} images"
           + (f"; attached to version {r.attached_to['version']}" if r.attached_to else ""))  # fmt: skip
@@ -816,6 +836,7 @@ def drift(
     model: ModelOpt = None,
     params: ParamsOpt = Path("params.yaml"),
     set_: SetOpt = None,
+    wait: WaitOpt = 0.0,
     as_json: JsonOpt = False,
     verbose: VerboseOpt = False,
 ) -> None:
@@ -825,9 +846,8 @@ def drift(
     and skipped. Writes outputs/drift/report.json and logs an MLflow run."""
     from components.pipeline.trust import run_drift
 
-    result = _run(
-        lambda: run_drift(_params(params, set_), source, model=model), as_json=as_json, verbose=verbose
-    )
+    body = _locked("drift", params, set_, wait, lambda p: run_drift(p, source, model=model))
+    result = _run(body, as_json=as_json, verbose=verbose)
     _emit(result, as_json, lambda r: r.summary())
 
 
@@ -842,6 +862,7 @@ def explain(
     ] = Path("outputs/explain"),
     params: ParamsOpt = Path("params.yaml"),
     set_: SetOpt = None,
+    wait: WaitOpt = 0.0,
     as_json: JsonOpt = False,
     verbose: VerboseOpt = False,
 ) -> None:
@@ -850,8 +871,8 @@ def explain(
     model's patch grid."""
     from components.pipeline.trust import run_explain
 
-    result = _run(lambda: run_explain(_params(params, set_), images, model=model, out=out),
-                  as_json=as_json, verbose=verbose)  # fmt: skip
+    body = _locked("explain", params, set_, wait, lambda p: run_explain(p, images, model=model, out=out))
+    result = _run(body, as_json=as_json, verbose=verbose)
     _emit(result, as_json, lambda r: r.summary())
 
 

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 from prefect import flow
 
 from components.core.config import Params, load_params
+from components.core.lock import project_lock
 from components.pipeline.notify import headline
 from components.pipeline.records import UP_TO_DATE, Evaluation, PipelineResult
 from flows.environment import behind_proxy, ray_options, webhook_url, with_environment
@@ -56,6 +57,13 @@ def pipeline(
     for the long steps; ``verbose``: Ray's own lines on the console too.
     """
     params = with_environment(load_params(params_path, overrides or []))
+    # One writer per project for the whole run (the CLI may hold it already: re-entrant).
+    with project_lock(params.project.state_dir, command="pipeline", complete=[params.project.data_dir]):
+        return _stages(params, force=force, progress=progress, verbose=verbose)
+
+
+def _stages(params: Params, *, force: bool, progress: bool, verbose: bool) -> PipelineResult:
+    """The flow's body: each stage in order, stopping after the retrain check when up to date."""
     url = webhook_url(params)
     ingested = stages.ingest(params, progress)
     fresh = stages.check_freshness(params, force)

@@ -6,6 +6,11 @@ its original bytes under ``store/<sha[:2]>/<sha256>.<ext>``, assigns stratified 
 ``manifest.parquet``, ``quarantine.csv`` (every item not kept, with the reason) and
 ``dataset.json`` under the data directory. Same inputs and options give a byte-identical manifest,
 hence the same :func:`components.data.manifest.data_version`.
+
+Crash consistency: stored images appear only by rename, and the manifest, the quarantine list and
+``dataset.json`` replace the previous three together (:func:`components.core.jsonio.atomic_group`),
+so a ``kill -9`` at any point leaves the previous data version whole (or completes the new one on
+the next run); the next run also deletes the temporary files a killed run left behind.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ import pandas as pd
 from PIL import Image
 
 from components.core.errors import ConfigError, DataError
+from components.core.jsonio import atomic_group, atomic_path, complete_commits, remove_stale_temps
 from components.data.image_stats import PixelSample, measure, phash_hex
 from components.data.manifest import (
     QUARANTINE_COLUMNS,
@@ -370,10 +376,33 @@ def write_quarantine(rows: Sequence[dict[str, str]], path: Path) -> None:
     writer = csv.DictWriter(buf, fieldnames=list(QUARANTINE_COLUMNS), lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(buf.getvalue(), encoding="utf-8")
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        tmp.write_text(buf.getvalue(), encoding="utf-8")
+
+
+COMMIT_JOURNAL = ".ingest.commit.json"
+
+
+def _commit(paths: DataPaths, manifest: pd.DataFrame, quarantine_rows: Sequence[dict[str, str]],
+            info: DatasetInfo) -> None:  # fmt: skip
+    """Replace the manifest, the quarantine list and dataset.json as one: a reader never pairs a new
+    manifest with an old quarantine list or class list (``ingested + quarantined = seen`` holds for
+    whatever it reads)."""
+    targets = [paths.manifest, paths.quarantine, paths.dataset]
+    with atomic_group(targets, journal=paths.root / COMMIT_JOURNAL) as temps:
+        write_manifest(manifest, temps[0])
+        write_quarantine(quarantine_rows, temps[1])
+        info.save(temps[2])
+
+
+def _recover(paths: DataPaths) -> None:
+    """Finish a commit a killed ingest left half done; delete the temporary files of dead writers."""
+    complete_commits(paths.root)
+    removed = remove_stale_temps(paths.root)
+    if paths.store.is_dir():
+        removed += sum(remove_stale_temps(folder) for folder in paths.store.iterdir() if folder.is_dir())
+    if removed:
+        logger.info("removed %d temporary files left by an interrupted ingest", removed)
 
 
 def _check_label_case(class_names: Sequence[str], *, declared: bool) -> None:
@@ -443,6 +472,7 @@ def ingest(
     if classes is not None:
         _check_label_case(classes, declared=True)
     paths = DataPaths(Path(data_dir))
+    _recover(paths)
     listing = list_source(
         source,
         max_per_class=max_per_class,
@@ -468,8 +498,8 @@ def ingest(
     )
     resolved_task, candidates = resolve_task(task, candidates, quarantine)
     kept = deduplicate(candidates, quarantine)
-    write_quarantine(quarantine.rows, paths.quarantine)
     if not kept:
+        write_quarantine(quarantine.rows, paths.quarantine)  # the reasons, beside the previous manifest
         raise DataError(
             f"no usable image in {source}: all {len(listing.items)} items were quarantined "
             f"({dict(quarantine.reasons) or 'the source lists no files'}); see {paths.quarantine}"
@@ -477,9 +507,9 @@ def ingest(
     splits = _splits_for(
         kept, val_fraction=val_fraction, test_fraction=test_fraction, seed=seed, task=resolved_task
     )
-    write_manifest(_manifest_frame(kept, splits, source), paths.manifest)
     counts = _counts(kept, splits, class_names)
-    DatasetInfo(classes=class_names, task=resolved_task, source=source, counts=counts).save(paths.dataset)
+    info = DatasetInfo(classes=class_names, task=resolved_task, source=source, counts=counts)
+    _commit(paths, _manifest_frame(kept, splits, source), quarantine.rows, info)
     summary = IngestSummary(
         source=source,
         seen=len(listing.items),

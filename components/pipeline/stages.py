@@ -13,7 +13,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
@@ -23,7 +26,7 @@ import yaml
 
 from components.core.config import Params
 from components.core.errors import DataError, GatesFailedError, ValidationFailedError
-from components.core.jsonio import read_json, write_json
+from components.core.jsonio import read_json, remove_stale_temps, write_json, write_text_atomic
 from components.core.progress import showing_progress
 from components.data.manifest import (
     DatasetInfo,
@@ -62,6 +65,42 @@ SERVING_REQUIREMENTS = ("torch", "torchvision", "timm", "safetensors", "pillow",
 
 def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="microseconds")
+
+
+INCOMPLETE_FILE = ".incomplete.json"
+"""Left in a stage's output folder while the stage rewrites it (see :func:`_rewriting`)."""
+
+
+@contextmanager
+def _rewriting(folder: Path, stage: str) -> Iterator[None]:
+    """Mark ``folder`` as being rewritten by ``stage`` until the block ends without an error.
+
+    Each file is written atomically, but a stage writes several: killed (or failed) half way, the
+    folder would hold new files beside old ones. The mark stays then, and the stages reading the
+    folder refuse it (:func:`_require_complete`) until ``stage`` has run to its end again."""
+    _mark_incomplete(folder, stage)
+    yield
+    _mark_complete(folder)
+
+
+def _mark_incomplete(folder: Path, stage: str) -> None:
+    write_json(folder / INCOMPLETE_FILE, {"stage": stage, "pid": os.getpid(), "started_at": _now()})
+    remove_stale_temps(folder)  # a killed run's temporary files: never read, so tidied away here
+
+
+def _mark_complete(folder: Path) -> None:
+    (folder / INCOMPLETE_FILE).unlink(missing_ok=True)
+
+
+def _require_complete(folder: Path, stage: str) -> None:
+    """A DataError when an interrupted ``stage`` left ``folder`` half rewritten (see :func:`_rewriting`)."""
+    marker = folder / INCOMPLETE_FILE
+    if marker.exists():
+        started = (read_json(marker, hint=f"run `imgflow {stage}` again") or {}).get("started_at", "?")
+        raise DataError(
+            f"{folder} is incomplete: `imgflow {stage}` (started {started}) stopped before it finished "
+            f"writing it; run `imgflow {stage}` again"
+        )
 
 
 # --------------------------------------------------------------------------- 1. ingest
@@ -160,8 +199,7 @@ def run_audit(params: Params, *, progress: bool = True) -> AuditSummary:
     ``project.state_dir``, across data versions) and logs an MLflow run. With ``audit.action: fail``
     raises ValidationFailedError (exit code 4) when the suspected label-error rate is too high,
     after everything is written."""
-    from components.quality.label_quality import EXCLUDED_FILE, ISSUE_TYPES, audit, write_exclusions
-    from components.quality.ledger import update_ledger
+    from components.quality.label_quality import audit
 
     paths, cfg = StagePaths(params), params.audit
     manifest_path = require_manifest(paths.data)
@@ -178,6 +216,25 @@ def run_audit(params: Params, *, progress: bool = True) -> AuditSummary:
             progress=progress,
         )
     out = paths.out("audit")
+    with _rewriting(out, "audit"):
+        summary = _record_audit(params, result, manifest, version, out)
+    if cfg.action == "fail" and summary.label_error_rate > cfg.max_issue_rate:
+        queue = summary.ledger.files["relabel_queue"]
+        raise ValidationFailedError(
+            f"label audit: {summary.label_error_rate:.1%} of the images are suspected label errors "
+            f"(audit.max_issue_rate {cfg.max_issue_rate:.1%}); relabel queue: {queue}"
+        )
+    return summary
+
+
+def _record_audit(
+    params: Params, result: Any, manifest: pd.DataFrame, version: str, out: Path
+) -> AuditSummary:
+    """The audit's ledger update, exclusions, summary, report and MLflow run."""
+    from components.quality.label_quality import EXCLUDED_FILE, ISSUE_TYPES, write_exclusions
+    from components.quality.ledger import update_ledger
+
+    paths, cfg = StagePaths(params), params.audit
     diff = update_ledger(
         result.issues,
         data_version=version,
@@ -195,18 +252,12 @@ def run_audit(params: Params, *, progress: bool = True) -> AuditSummary:
     )
     report = _write_audit_report(paths, result, diff)
     figures = result.summary
-    summary = AuditSummary(
+    return AuditSummary(
         data_version=version, audited=int(figures["audited"]), issues=figures["issues"],
         label_error_rate=float(figures["label_error_rate"]), ledger=diff, excluded=excluded,
         run_id=_log_audit_run(params, figures, version, report, diff), report_html=report,
         details={k: v for k, v in figures.items() if k not in ("audited", "issues", "label_error_rate")},
     )  # fmt: skip
-    if cfg.action == "fail" and summary.label_error_rate > cfg.max_issue_rate:
-        raise ValidationFailedError(
-            f"label audit: {summary.label_error_rate:.1%} of the images are suspected label errors "
-            f"(audit.max_issue_rate {cfg.max_issue_rate:.1%}); relabel queue: {diff.files['relabel_queue']}"
-        )
-    return summary
 
 
 def _write_audit_report(paths: StagePaths, result: Any, diff: LedgerDiff) -> Path:
@@ -391,6 +442,7 @@ def run_train(
     out = paths.out("train")
     out.mkdir(parents=True, exist_ok=True)
     require_manifest(paths.data)
+    _mark_incomplete(out, "train")  # run.json changes before the model does: see _rewriting
     uri = connect_tracking(params)
     previous = (
         read_json(paths.run_file, hint="run `imgflow train` first")
@@ -404,7 +456,7 @@ def run_train(
     )
     exclude = _exclusions(params)
     provenance = _provenance(params, exclude)
-    (out / "params.yaml").write_text(yaml.safe_dump(params.to_dict(), sort_keys=False))
+    write_text_atomic(out / "params.yaml", yaml.safe_dump(params.to_dict(), sort_keys=False))
     if previous:
         run = tracking.RunRef(previous["run_id"], previous["experiment_id"], uri)
     else:
@@ -438,6 +490,7 @@ def run_train(
         final={k: v for k, v in result.final.items() if k in ("val_accuracy", "val_loss", "train_loss", "train_accuracy")},
     )  # fmt: skip
     _log_training(paths, trained, result.history, exclude)
+    _mark_complete(out)
     return trained
 
 
@@ -446,6 +499,7 @@ def _exclusions(params: Params) -> Path | None:
     if params.audit.action != "exclude":
         return None
     exclude = StagePaths(params).out("audit") / "excluded.csv"
+    _require_complete(exclude.parent, "audit")
     if not exclude.exists():
         raise DataError(f"audit.action is 'exclude' but {exclude} is missing: run `imgflow audit` first")
     return exclude
@@ -509,9 +563,11 @@ def run_evaluate(params: Params, *, model_uri: str | None = None, progress: bool
     connect_tracking(params)
     with showing_progress(progress):  # the corruption sweep's bar
         if model_uri is None:
+            _require_complete(paths.out("train"), "train")
             run = read_json(paths.run_file, hint="run `imgflow train` first")
-            return evaluate_trained(params, run_id=run["run_id"], data_version=run.get("data_version"),
-                                    out_dir=paths.out("evaluate"))  # fmt: skip
+            with _rewriting(paths.out("evaluate"), "evaluate"):  # register reads these files together
+                return evaluate_trained(params, run_id=run["run_id"], data_version=run.get("data_version"),
+                                        out_dir=paths.out("evaluate"))  # fmt: skip
         return evaluate_registered(params, model_uri, out_root=paths.out("evaluate"))
 
 
@@ -544,6 +600,8 @@ def run_register(params: Params, *, raise_on_gate_failure: bool = True) -> Regis
     from components.task import get_task
 
     paths = StagePaths(params)
+    _require_complete(paths.out("train"), "train")
+    _require_complete(paths.out("evaluate"), "evaluate")
     run = read_json(paths.run_file, hint="run `imgflow train` first")
     gates_json = read_json(paths.out("evaluate") / "gates.json", hint="run `imgflow evaluate` first")
     gates = GateReport.from_dict(gates_json)

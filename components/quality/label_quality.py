@@ -51,6 +51,7 @@ from PIL import Image
 from components.core import report as kit
 from components.core.config import AuditConfig
 from components.core.errors import DataError
+from components.core.jsonio import atomic_path, write_text_atomic
 from components.core.progress import progress_bar
 from components.data.image_stats import (
     displayed,
@@ -651,10 +652,7 @@ def write_audit_report(
             kit.section("Largest near-duplicate sets", _duplicate_cards(issues, Path(data_dir), gallery)),
         ],
     )
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(page)
-    return path
+    return write_text_atomic(Path(path), page)
 
 
 def _ledger_table(ledger: dict[str, Any]) -> kit.Html:
@@ -760,6 +758,6 @@ def write_exclusions(issues: pd.DataFrame, manifest: pd.DataFrame, cfg: AuditCon
         cap = int(cfg.max_issue_rate * int((manifest["split"] == "train").sum()))
         suspects = issues[(issues["issue"] == "label_error") & (issues["split"] == "train")]
         rows = suspects.sort_values("score", kind="stable").head(cap).loc[:, columns]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    rows.to_csv(path, index=False)
+    with atomic_path(path) as tmp:  # the train stage reads it
+        rows.to_csv(tmp, index=False)
     return len(rows)

@@ -29,7 +29,7 @@ from typing import Any
 
 import pandas as pd
 
-from components.core.jsonio import write_json
+from components.core.jsonio import atomic_path, remove_stale_temps, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -131,6 +131,7 @@ def update_ledger(
     export_dir = Path(export_dir) if export_dir is not None else folder
     folder.mkdir(parents=True, exist_ok=True)
     export_dir.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(folder)  # what a killed audit was writing: never read, so just tidied away
     ledger = read_ledger(folder)
     owned = ledger["issue"].isin(list(issue_types)) if issue_types is not None else ledger["issue"].notna()
     prev_version = _previous_version(ledger, data_version)
@@ -143,7 +144,8 @@ def update_ledger(
     rows = rows.reindex(columns=list(LEDGER_COLUMNS))
     full = pd.concat([ledger.reindex(columns=list(LEDGER_COLUMNS)), rows], ignore_index=True)
     full = full.astype({"score": "float64", "rank": "float64"})
-    full.to_parquet(folder / "ledger.parquet", index=False)
+    with atomic_path(folder / "ledger.parquet") as tmp:  # the ledger spans versions: never half written
+        full.to_parquet(tmp, index=False)
     files = _export(rows, export_dir)
     counts = {
         issue: {s: int(((rows["issue"] == issue) & (rows["status"] == s)).sum()) for s in STATUSES}
@@ -160,13 +162,14 @@ def update_ledger(
 
 def _export(rows: pd.DataFrame, folder: Path) -> dict[str, str]:
     issues_csv, queue_csv = folder / "issues.csv", folder / "relabel_queue.csv"
-    rows.to_csv(issues_csv, index=False)
+    with atomic_path(issues_csv) as tmp:
+        rows.to_csv(tmp, index=False)
     queue = rows[(rows["issue"] == "label_error") & (rows["status"] != "resolved")].sort_values(
         "score", kind="stable"
     )
     cols = ["image_id", "path", "split", "label", "suggested_label", "score", "status", "first_seen"]
     cols += ["missing_labels", "extra_labels"]
-    queue.reindex(columns=cols).fillna({"missing_labels": "", "extra_labels": ""}).rename(
-        columns={"label": "given_label", "score": "label_quality"}
-    ).to_csv(queue_csv, index=False)
+    table = queue.reindex(columns=cols).fillna({"missing_labels": "", "extra_labels": ""})
+    with atomic_path(queue_csv) as tmp:
+        table.rename(columns={"label": "given_label", "score": "label_quality"}).to_csv(tmp, index=False)
     return {"issues": str(issues_csv), "relabel_queue": str(queue_csv)}

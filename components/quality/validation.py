@@ -42,7 +42,7 @@ import pandas as pd
 from components.core import report as kit
 from components.core.config import DEFAULT_SEVERITY, ValidateConfig
 from components.core.errors import DataError
-from components.core.jsonio import write_json
+from components.core.jsonio import write_json, write_text_atomic
 from components.data.image_stats import hex_to_uint64, near_duplicate_pairs
 from components.data.manifest import MANIFEST_COLUMNS, SPLITS
 from components.task import MULTILABEL, SINGLELABEL, Task, get_task, label_set
@@ -940,7 +940,7 @@ def write_validation_report(
     json_path = out_dir / "report.json"
     html_path = out_dir / "report.html"
     write_json(json_path, {**report.to_dict(), **(extra or {})})
-    html_path.write_text(render_html(report, extra_sections=extra_sections))
+    write_text_atomic(html_path, render_html(report, extra_sections=extra_sections))
     return json_path, html_path
 
 

@@ -11,9 +11,12 @@ Every alias move imgflow makes happens under a **promotion lock** and is appende
 registered model is atomic in every MLflow backend (a unique name in the database, behind the
 REST server too), so exactly one of several concurrent creators succeeds; the others wait and
 retry. The lock carries a token and an expiry, so a holder that died cannot block promotion
-forever. The log (:mod:`components.registry.promotion_log`) is one MLflow run per entry in the
+forever (one that died on this machine, e.g. ``kill -9``, is seen dead at once and its lock broken
+without waiting for the expiry). The log (:mod:`components.registry.promotion_log`) is one MLflow run per entry in the
 experiment ``<name>-promotions`` (who, what, when, why, from -> to, gate summary), written only
-while holding the lock, never rewritten.
+while holding the lock, never rewritten. Each move writes its log entry first and then sets the
+alias; a holder killed between the two leaves the move half done, and the next holder of the lock
+completes it (:func:`_complete_moves`), so the aliases always end up where the log says.
 
 :func:`register_version` is what the register stage calls: it registers a version with Markdown
 descriptions (:mod:`components.registry.cards`), moves ``candidate``/``challenger``, promotes when
@@ -29,6 +32,7 @@ from __future__ import annotations
 
 import getpass
 import logging
+import os
 import socket
 import time
 import uuid
@@ -36,6 +40,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from functools import partial
+from pathlib import Path
 from typing import Any
 
 from mlflow import MlflowClient
@@ -173,10 +179,34 @@ def _try_create_lock(client: MlflowClient, lock: str, tags: dict[str, str]) -> b
         raise
 
 
+def _process_space() -> str:
+    """Where a PID means one process: this kernel's boot and PID namespace ("" where unknown)."""
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        return f"{boot}:{os.stat('/proc/self/ns/pid').st_ino}"
+    except OSError:
+        return ""
+
+
+def _holder_dead(tags: dict[str, str]) -> bool:
+    """The lock's holder ran in this PID space and its process is gone (killed, crashed)."""
+    pid, space = tags.get("pid", ""), _process_space()
+    if not space or tags.get("pid_space") != space or not pid.isdigit() or int(pid) == os.getpid():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False  # another user's live process
+    return False
+
+
 def _break_if_stale(client: MlflowClient, lock: str, retry: Retry) -> None:
-    """Delete a lock whose holder's lease ran out (it died), unless it changed hands meanwhile."""
+    """Delete a lock whose holder's lease ran out or whose holder process is dead, unless it changed
+    hands meanwhile."""
     tags = _model_tags(client, lock, retry)
-    if tags is None or float(tags.get("expires", "inf")) > time.time():
+    if tags is None or (float(tags.get("expires", "inf")) > time.time() and not _holder_dead(tags)):
         return
     logger.warning("breaking a stale promotion lock held by %s", tags.get("owner", "?"))
     again = _model_tags(client, lock, retry)
@@ -211,7 +241,8 @@ def promotion_lock(
     """
     client = client or MlflowClient()
     lock, token = f"{name}{LOCK_SUFFIX}", uuid.uuid4().hex
-    tags = {"token": token, "owner": owner or default_actor(), "expires": f"{time.time() + ttl_s:.3f}"}
+    tags = {"token": token, "owner": owner or default_actor(), "expires": f"{time.time() + ttl_s:.3f}",
+            "pid": str(os.getpid()), "pid_space": _process_space()}  # fmt: skip
     deadline = time.monotonic() + timeout_s
     delay = 0.05
     while not retry.call(lambda: _try_create_lock(client, lock, tags), f"take {lock}"):
@@ -223,6 +254,7 @@ def promotion_lock(
         time.sleep(delay)
         delay = min(delay * 1.5, 1.0)
     try:
+        _complete_moves(client, name, retry)
         yield token
     finally:
         held = _model_tags(client, lock, retry)
@@ -238,6 +270,28 @@ def _assert_held(client: MlflowClient, name: str, token: str, retry: Retry) -> N
 
 
 # --------------------------------------------------------------------------- alias moves
+
+
+def _complete_moves(client: MlflowClient, name: str, retry: Retry) -> None:
+    """Under the lock: finish the alias moves a killed holder logged but did not apply.
+
+    :func:`_move` appends the log entry, then sets the alias. An alias that still points at its last
+    entry's ``from`` is such a half-done move: it is set to the entry's ``to``. An alias pointing
+    elsewhere was moved outside imgflow (the MLflow UI): that is left alone, with a warning."""
+    last: dict[str, dict[str, Any]] = {}
+    for entry in promotion_log.read(client, name, retry):
+        last[str(entry["alias"])] = entry
+    for alias, entry in last.items():
+        current, to = alias_target(client, name, alias, retry), str(entry["to"])
+        if current == to:
+            continue
+        if current != (str(entry["from"]) if entry.get("from") not in (None, "") else None):
+            logger.warning("%s of %s is version %s, the promotion log says %s (moved outside imgflow?)",
+                           alias, name, current, to)  # fmt: skip
+            continue
+        logger.warning("completing an interrupted move of %s: %s -> %s (log entry #%s)", alias, current,
+                       to, entry["seq"])  # fmt: skip
+        retry.call(partial(client.set_registered_model_alias, name, alias, to), f"set alias {alias}")
 
 
 def _move(
@@ -257,10 +311,13 @@ def _move(
     previous = alias_target(client, name, alias, retry)
     if previous == version:
         return None
-    retry.call(lambda: client.set_registered_model_alias(name, alias, version), f"set alias {alias}")
     entry = {"action": action, "alias": alias, "from": previous, "to": version, "who": actor,
              "when": _now(), "why": reason, "forced": forced, "gates": gates}  # fmt: skip
-    return promotion_log.append(client, name, entry, retry)
+    # The log first: killed before the alias is set, the next lock holder completes the move
+    # (_complete_moves); the other order would leave an alias move nobody logged.
+    entry = promotion_log.append(client, name, entry, retry)
+    retry.call(lambda: client.set_registered_model_alias(name, alias, version), f"set alias {alias}")
+    return entry
 
 
 def record_registration(
@@ -331,7 +388,8 @@ def promote(
         )
     with promotion_lock(name, client=client, owner=actor, timeout_s=lock_timeout_s, retry=retry) as token:
         current = alias_target(client, name, to, retry)
-        if expected_from is not ANY and current != (None if expected_from is None else str(expected_from)):
+        expected = None if expected_from is None else str(expected_from)
+        if expected_from is not ANY and current not in (expected, version):  # already there: no conflict
             raise PromotionConflictError(
                 f"{to} of {name} is version {current}, not {expected_from} as this promotion "
                 f"expected (another promotion won); re-evaluate version {version} against it"

@@ -10,7 +10,7 @@ fails after an hour of training because one per-class figure is undefined. Reade
 
 Writes are atomic (a temporary file in the same folder, then a rename): a reader — DVC, the next
 stage, a person with the file open — never sees half a file, also when the writer is killed.
-:func:`atomic_path` and :func:`atomic_write` do the same for any other file (CSV, Parquet, HTML);
+:func:`atomic_path` (and :func:`write_text_atomic`) do the same for any other file (CSV, Parquet, HTML);
 :func:`atomic_group` replaces several files as one (a redo journal completes a commit that a
 ``kill -9`` cut between two renames, see :func:`complete_commits`). Temporary files carry their
 writer's PID, so :func:`remove_stale_temps` can delete those of dead writers and nothing ever reads
@@ -30,7 +30,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import date, datetime
 from pathlib import Path, PurePath
-from typing import IO, Any
+from typing import Any
 
 import numpy as np
 
@@ -118,19 +118,6 @@ def atomic_path(path: Path) -> Iterator[Path]:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-
-
-@contextmanager
-def atomic_write(
-    path: Path, mode: str = "w", *, encoding: str | None = "utf-8", newline: str | None = None
-) -> Iterator[IO[Any]]:
-    """``open(path, mode)`` whose content appears at ``path`` only when the block ends without an
-    error (see :func:`atomic_path`). ``mode``: ``w`` or ``wb``."""
-    if mode not in ("w", "wb"):
-        raise ValueError(f"atomic_write writes whole files: mode 'w' or 'wb', not {mode!r}")
-    text_options = {} if "b" in mode else {"encoding": encoding, "newline": newline}
-    with atomic_path(path) as tmp, open(tmp, mode, **text_options) as f:
-        yield f
 
 
 def write_text_atomic(path: Path, text: str) -> Path:

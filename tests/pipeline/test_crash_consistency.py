@@ -131,6 +131,7 @@ def _ingest_kill_loop(project: Path, *, kills: int, seed: int) -> None:
         summary = json.loads(out)
         seen[spec] = summary["seen"]
     assert summary["quarantined"] > 0  # the folder's broken files and copies: both files matter
+    _kill_between_renames(project, FMNIST, seen)
     rng, killed = random.Random(seed), 0
     for i in range(kills):
         spec = sources[i % 2]
@@ -141,6 +142,41 @@ def _ingest_kill_loop(project: Path, *, kills: int, seed: int) -> None:
     _timed(project, "ingest", "--source", FMNIST)  # a normal re-run
     _check_data(project / "data", seen)
     assert not _temps(project / "data"), _temps(project / "data")
+
+
+KILL_ON_QUARANTINE_RENAME = """
+import os, signal, sys
+real_replace = os.replace
+
+def replace(src, dst, *args, **kwargs):
+    # the ingest commit renames the manifest, then the quarantine list: die between the two
+    if str(dst).endswith("quarantine.csv") and os.path.exists(os.path.join(os.path.dirname(dst), ".ingest.commit.json")):
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real_replace(src, dst, *args, **kwargs)
+
+os.replace = replace
+from flows.cli import main
+sys.argv = ["imgflow", "ingest", "--source", sys.argv[1]]
+main()
+"""
+
+
+def _kill_between_renames(project: Path, spec: str, seen: dict[str, int]) -> None:
+    """The narrowest window: ``kill -9`` after the new manifest is renamed into place and before the
+    quarantine list is. On disk the two disagree; the next locked command completes the commit."""
+    from components.core.lock import project_lock
+
+    env = dict(os.environ, PREFECT_HOME=str(project / ".prefect"), PYTHONPATH=str(REPO))
+    proc = subprocess.run([sys.executable, "-c", KILL_ON_QUARANTINE_RENAME, spec], cwd=project, env=env,
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+    data = project / "data"
+    assert (data / ".ingest.commit.json").exists()
+    assert set(read_manifest(data / "manifest.parquet")["source"]) == {spec}  # new
+    assert json.loads((data / "dataset.json").read_text())["source"] != spec  # still the old one
+    with project_lock(project / ".imgflow", command="validate", complete=[data]):
+        _check_data(data, seen)  # what every command sees: the new version, whole
+    assert json.loads((data / "dataset.json").read_text())["source"] == spec
 
 
 def test_ingest_killed_at_random_keeps_one_whole_data_version(tmp_path: Path) -> None:
@@ -189,7 +225,7 @@ def _audit_kill_loop(project: Path, *, kills: int, seed: int) -> None:
     marker = project / "outputs" / "audit" / INCOMPLETE
     for i in range(kills):
         # alternate the action: excluded.csv and summary.json differ between consecutive runs
-        action = ("exclude", "warn")[i % 2]
+        action = ("exclude", "report")[i % 2]
         proc = _start(project, "audit", "--set", f"audit.action={action}")
         # the interesting moments: once the audit starts writing (its folder is marked) until it ends
         killed.append(_kill_after(proc, rng.uniform(0.0, 1.5), when=marker.exists))

@@ -2,7 +2,8 @@
 
 Exit codes: 0 ok, 1 unexpected error, 2 bad input/params (message says what to fix),
 3 the model failed its gates, 4 the data failed validation, 5 a promotion lost the registry's
-promotion lock, 6 another imgflow run holds this project's lock (``--wait`` to wait for it).
+promotion lock, 6 another imgflow run holds this project's lock (``--wait`` to wait for it),
+7 the disk filled up while writing (the message names where).
 """
 
 from __future__ import annotations
@@ -166,6 +167,53 @@ def _run(fn: Callable[[], Any], *, as_json: bool = False, verbose: bool = False)
     except ImgflowError as e:
         typer.secho(f"imgflow: {e}", err=True, fg=typer.colors.RED)
         raise typer.Exit(e.exit_code) from None
+    except Exception as e:
+        full = _disk_full(e)
+        if full is None:
+            raise
+        typer.secho(f"imgflow: {_disk_full_message(full)}", err=True, fg=typer.colors.RED)
+        raise typer.Exit(DISK_FULL_EXIT) from None
+
+
+DISK_FULL_EXIT = 7
+_PROJECT_DIRS: list[Path] = []
+"""The folders the running command writes (set when its params are resolved): where to look for the
+full disk when the error names no file."""
+
+
+def _disk_full(error: BaseException) -> OSError | None:
+    """The "no space left" (ENOSPC, or EDQUOT: over quota) OSError in ``error`` or what caused it."""
+    import errno
+
+    seen: set[int] = set()
+    e: BaseException | None = error
+    while e is not None and id(e) not in seen:
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return e
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return None
+
+
+def _disk_full_message(error: OSError) -> str:
+    """``disk full: <path> (<free> free)`` and what to do: the file the error names, else the project
+    folder (or the temp folder) with the least free space."""
+    import shutil
+    import tempfile
+
+    def free(path: Path) -> int:
+        while not path.exists() and path != path.parent:
+            path = path.parent
+        return shutil.disk_usage(path).free
+
+    if error.filename:
+        where = Path(os.fsdecode(error.filename))
+    else:
+        where = min([*_PROJECT_DIRS, Path(tempfile.gettempdir())], key=free)
+    return (
+        f"disk full: {where.resolve()} ({free(where) // 1024} KiB free): {error.strerror}. The files in place "
+        "before this run are kept; free space there and run the command again."
+    )
 
 
 def _params(params: Path, overrides: list[str] | None) -> Any:
@@ -173,7 +221,9 @@ def _params(params: Path, overrides: list[str] | None) -> Any:
     from components.core.config import load_params
     from flows.environment import with_environment
 
-    return with_environment(load_params(params, overrides or []))
+    p = with_environment(load_params(params, overrides or []))
+    _PROJECT_DIRS[:] = [p.project.data_dir, p.project.output_dir, p.project.state_dir]
+    return p
 
 
 def _locked(
@@ -536,13 +586,17 @@ def pipeline(
 
         # The flow takes the project lock too (scheduled runs); here it is taken first, so a
         # locked project is reported before Prefect starts, and the flow re-enters it.
-        return pipeline_flow(
-            params_path=str(params),
-            overrides=list(set_ or []),
-            force=force,
-            progress=not as_json,
-            verbose=verbose,
-        )
+        try:
+            return pipeline_flow(
+                params_path=str(params),
+                overrides=list(set_ or []),
+                force=force,
+                progress=not as_json,
+                verbose=verbose,
+            )
+        except Exception as e:
+            _raise_if_prefect_down(e)
+            raise
 
     result = _run(_locked("pipeline", params, set_, wait, body), as_json=as_json, verbose=verbose)
     if result.register is None:  # up to date: nothing was trained
@@ -552,6 +606,40 @@ def pipeline(
     if not result.register.gates_passed:
         typer.secho(f"imgflow: {result.register.failure_message()}", err=True, fg=typer.colors.RED)
         raise typer.Exit(3)
+
+
+def _raise_if_prefect_down(error: BaseException) -> None:
+    """ImgflowError naming the Prefect API when ``error`` is a failure to reach it: at the start of a
+    run, or mid-run once the client's own retries (``PREFECT_CLIENT_MAX_RETRIES``, backoff 2, 4, 8 ...
+    seconds) are spent."""
+    import httpx
+    from prefect.settings import PREFECT_API_URL
+
+    from components.core.errors import ImgflowError
+
+    api = str(PREFECT_API_URL.value() or "").rstrip("/")
+    if not api:
+        return  # ephemeral: no server of the user's to be down
+    if isinstance(error, RuntimeError) and str(error).startswith("Failed to reach API"):
+        when = "is not answering"
+    elif isinstance(error, httpx.TransportError | httpx.HTTPStatusError) and _request_url(error).startswith(
+        api
+    ):
+        when = f"stopped answering during the run ({type(error).__name__}: {error})"
+    else:
+        return
+    raise ImgflowError(
+        f"the Prefect API at {api} {when}. Outputs of the stages that finished are kept; start the server "
+        "(or unset PREFECT_API_URL to run without one) and run `imgflow pipeline` again."
+    ) from error
+
+
+def _request_url(error: Any) -> str:
+    """The URL of the request an httpx error belongs to ('' when it has none)."""
+    try:
+        return str(error.request.url)
+    except RuntimeError:  # httpx raises when the error carries no request
+        return ""
 
 
 @app.command()

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
+from urllib.parse import urlsplit, urlunsplit
 
 import mlflow
 import pandas as pd
@@ -57,7 +58,14 @@ def configure(tracking_uri: str | None, *, state_dir: Path) -> str:
 
 
 def with_retries(fn: Callable[[], T], *, what: str, attempts: int = 3, backoff_s: float = 1.0) -> T:
-    """Call ``fn``; on connection-type failures retry with exponential backoff, then TrackingError."""
+    """Call ``fn``; on connection-type failures retry with exponential backoff, then TrackingError
+    naming the tracking URI.
+
+    Each attempt already carries the MLflow client's own HTTP retries (``MLFLOW_HTTP_REQUEST_MAX_RETRIES``,
+    default 7, backoff factor ``MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR``: about 4 minutes of a server that
+    refuses connections); these attempts add what that layer does not retry: a connection dropped
+    while the answer was being read (a server killed mid-request) or an error the server sent back.
+    """
     last: Exception | None = None
     for i in range(attempts):
         try:
@@ -67,10 +75,22 @@ def with_retries(fn: Callable[[], T], *, what: str, attempts: int = 3, backoff_s
             if isinstance(e, MlflowException) and e.get_http_status_code() in (400, 404, 409):
                 break  # a real refusal, not a transient failure
             if i < attempts - 1:
+                logger.warning("MLflow call failed (%s), retrying: %s", what, e)
                 time.sleep(backoff_s * 2**i)
+    uri = shown_uri(mlflow.get_tracking_uri())
     raise TrackingError(
-        f"MLflow call failed ({what}): {last}. Is the tracking server at the configured URI up?"
+        f"MLflow call failed ({what}) at {uri}: {last}. Is the tracking server at {uri} up? "
+        "Files already written locally are kept: run the command again once it answers."
     )
+
+
+def shown_uri(uri: str) -> str:
+    """``uri`` without a password (``http://user:secret@host`` -> ``http://user:***@host``), for messages."""
+    parts = urlsplit(uri)
+    if parts.password is None:
+        return uri
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return urlunsplit(parts._replace(netloc=netloc))
 
 
 @dataclass(frozen=True)
@@ -86,11 +106,12 @@ class Retry:
 
 def ensure_experiment(name: str, *, artifact_root: Path | None = None) -> str:
     """The experiment's id, created on first use (artifacts under ``artifact_root`` for local stores)."""
-    exp = mlflow.get_experiment_by_name(name)
+    exp = with_retries(lambda: mlflow.get_experiment_by_name(name), what=f"read experiment {name}")
     if exp is not None:
         return str(exp.experiment_id)
     location = artifact_root.resolve().as_uri() if artifact_root is not None else None
-    return str(mlflow.create_experiment(name, artifact_location=location))
+    return str(with_retries(lambda: mlflow.create_experiment(name, artifact_location=location),
+                            what=f"create experiment {name}"))  # fmt: skip
 
 
 # --------------------------------------------------------------------------- runs
@@ -133,15 +154,20 @@ def start_run(
     flat = {k: str(v)[:6000] for k, v in _flatten(params).items()}
     items = [Param(k, v) for k, v in sorted(flat.items())]
     for i in range(0, len(items), 100):
-        client.log_batch(run.info.run_id, params=items[i : i + 100])
+        batch = items[i : i + 100]
+        with_retries(partial(client.log_batch, run.info.run_id, params=batch), what="log params")
     return RunRef(run.info.run_id, experiment_id, tracking_uri or mlflow.get_tracking_uri())
 
 
 def log_metrics(run_id: str, metrics: dict[str, float], *, step: int | None = None, prefix: str = "") -> None:
+    """Log ``metrics`` (numbers only) at ``step``; a retried batch logs the same rows again, which the
+    stores keep once (same key, value, timestamp and step)."""
     now = int(time.time() * 1000)
     items = [Metric(f"{prefix}{k}", float(v), now, step or 0) for k, v in metrics.items() if _is_number(v)]
+    client = MlflowClient()
     for i in range(0, len(items), 500):
-        MlflowClient().log_batch(run_id, metrics=items[i : i + 500])
+        batch = items[i : i + 500]
+        with_retries(partial(client.log_batch, run_id, metrics=batch), what="log metrics")
 
 
 def log_history(run_id: str, history: Iterable[dict[str, Any]]) -> None:
@@ -154,19 +180,23 @@ def log_artifacts(run_id: str, paths: Iterable[Path], *, artifact_path: str | No
     client = MlflowClient()
     for p in paths:
         if p.is_dir():
-            client.log_artifacts(run_id, str(p), artifact_path=artifact_path)
+            log = partial(client.log_artifacts, run_id, str(p), artifact_path=artifact_path)
         elif p.exists():
-            client.log_artifact(run_id, str(p), artifact_path=artifact_path)
+            log = partial(client.log_artifact, run_id, str(p), artifact_path=artifact_path)
+        else:
+            continue
+        with_retries(log, what=f"log {p.name}")  # an upload is a PUT per file: safe to repeat
 
 
 def set_tags(run_id: str, tags: dict[str, str]) -> None:
     client = MlflowClient()
     for k, v in tags.items():
-        client.set_tag(run_id, k, str(v))
+        with_retries(partial(client.set_tag, run_id, k, str(v)), what=f"tag run {run_id}")
 
 
 def end_run(run_id: str, status: str = "FINISHED") -> None:
-    MlflowClient().set_terminated(run_id, status=status)
+    client = MlflowClient()
+    with_retries(partial(client.set_terminated, run_id, status=status), what=f"end run {run_id}")
 
 
 def _is_number(v: Any) -> bool:
@@ -196,19 +226,24 @@ def log_pyfunc_model(
     # Object-dtype column labels: MLflow compares them with a range when it saves the example,
     # which pandas 3 deprecates (a warning) for its default string labels.
     example = pd.DataFrame({IMAGE_COLUMN: [example_image]}, columns=pd.Index([IMAGE_COLUMN], dtype=object))
-    # An active run (not Model.log(run_id=...)): the logged model then lands in the run's experiment
-    # and under its artifact root, not in the Default experiment.
-    with mlflow.start_run(run_id=run_id), _without_info("mlflow.pyfunc", "Validating input example"):
-        info = mlflow.pyfunc.log_model(
-            name="model",
-            python_model=str(PYFUNC_MODEL_FILE),
-            artifacts={"model_dir": str(model_dir)},
-            code_paths=[str(components_dir)],
-            signature=signature,
-            input_example=example,
-            pip_requirements=pip_requirements,
-        )
-    return str(info.model_uri)
+
+    def log() -> str:
+        # An active run (not Model.log(run_id=...)): the logged model then lands in the run's experiment
+        # and under its artifact root, not in the Default experiment.
+        with mlflow.start_run(run_id=run_id), _without_info("mlflow.pyfunc", "Validating input example"):
+            info = mlflow.pyfunc.log_model(
+                name="model",
+                python_model=str(PYFUNC_MODEL_FILE),
+                artifacts={"model_dir": str(model_dir)},
+                code_paths=[str(components_dir)],
+                signature=signature,
+                input_example=example,
+                pip_requirements=pip_requirements,
+            )
+        return str(info.model_uri)
+
+    # A retry logs a fresh logged model; one an interrupted attempt left stays unregistered.
+    return with_retries(log, what="log the model")
 
 
 class _DropInfo(logging.Filter):

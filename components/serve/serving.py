@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hmac
 import json
 import logging
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -137,9 +139,29 @@ def predictions(predictor: Predictor, images: list[bytes], *, top_k: int) -> lis
     return out
 
 
-def create_app(predictor: Predictor, *, model_uri: str, limits: ServeLimits = ServeLimits()) -> FastAPI:
-    """The FastAPI application serving ``predictor``."""
+ScoreFn = Callable[[list[bytes]], Awaitable[list[dict[str, Any]]]]
+"""Scores a checked batch of images: one prediction record each (see :func:`predictions`)."""
+
+OPEN_PATHS = frozenset({"/health", "/ping"})
+"""Liveness answers without a token (load balancers and orchestrators probe them)."""
+
+
+def create_app(
+    predictor: Predictor,
+    *,
+    model_uri: str,
+    limits: ServeLimits = ServeLimits(),
+    score: ScoreFn | None = None,
+    token: str | None = None,
+) -> FastAPI:
+    """The FastAPI application serving ``predictor``.
+
+    ``score``: used instead of running :func:`predictions` in the thread pool (a Ray Serve
+    deployment routes it through its ``@serve.batch`` method). ``token``: when set, every path but
+    /health and /ping needs ``Authorization: Bearer <token>`` (401 otherwise)."""
     app = FastAPI(title="imgflow model server", version="1")
+    if token:
+        _require_token(app, token)
     spec = predictor.spec
     info = {"status": "ok", "model": model_uri, "task": spec.task.name, "classes": list(spec.classes),
             "thresholds": list(spec.thresholds) if spec.thresholds else None}  # fmt: skip
@@ -152,10 +174,14 @@ def create_app(predictor: Predictor, *, model_uri: str, limits: ServeLimits = Se
     async def _bad_image(_: Request, exc: DataError) -> JSONResponse:
         return JSONResponse({"error_code": "BAD_REQUEST", "message": str(exc)}, status_code=400)
 
+    async def _score_in_threadpool(images: list[bytes]) -> list[dict[str, Any]]:
+        return await run_in_threadpool(predictions, predictor, images, top_k=limits.top_k)
+
+    scorer = score or _score_in_threadpool
+
     async def _answer(images: list[bytes]) -> dict[str, Any]:
         check_limits(images, limits)
-        preds = await run_in_threadpool(predictions, predictor, images, top_k=limits.top_k)
-        return {"predictions": preds}
+        return {"predictions": await scorer(images)}
 
     @app.get("/health")
     @app.get("/ping")
@@ -182,6 +208,27 @@ def create_app(predictor: Predictor, *, model_uri: str, limits: ServeLimits = Se
         return await _answer(await _uploaded(request, limits))
 
     return app
+
+
+def _require_token(app: FastAPI, token: str) -> None:
+    """Every path but :data:`OPEN_PATHS` answers 401 unless the request carries ``token`` (constant-time compare)."""
+    expected = f"Bearer {token}".encode()
+
+    @app.middleware("http")
+    async def _check_token(request: Request, call_next: Any) -> Any:
+        if request.url.path in OPEN_PATHS:
+            return await call_next(request)
+        given = request.headers.get("authorization", "").encode("utf-8", "surrogateescape")
+        if not hmac.compare_digest(given, expected):
+            return JSONResponse(
+                {
+                    "error_code": "UNAUTHENTICATED",
+                    "message": "send the server's token as 'Authorization: Bearer <token>'",
+                },
+                status_code=401,
+                headers={"WWW-Authenticate": "Bearer"},
+            )
+        return await call_next(request)
 
 
 async def _json(request: Request, limits: ServeLimits) -> Any:

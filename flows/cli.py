@@ -620,12 +620,17 @@ def _raise_if_prefect_down(error: BaseException) -> None:
     api = str(PREFECT_API_URL.value() or "").rstrip("/")
     if not api:
         return  # ephemeral: no server of the user's to be down
-    if isinstance(error, RuntimeError) and str(error).startswith("Failed to reach API"):
-        when = "is not answering"
-    elif isinstance(error, httpx.TransportError | httpx.HTTPStatusError) and _request_url(error).startswith(
-        api
-    ):
-        when = f"stopped answering during the run ({type(error).__name__}: {error})"
+    seen: set[int] = set()
+    e: BaseException | None = error
+    while e is not None and id(e) not in seen:  # the engine may raise it while handling another error
+        if isinstance(e, RuntimeError) and str(e).startswith("Failed to reach API"):
+            when = "is not answering"
+            break
+        if isinstance(e, httpx.TransportError | httpx.HTTPStatusError) and _request_url(e).startswith(api):
+            when = f"stopped answering during the run ({type(e).__name__}: {e})"
+            break
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
     else:
         return
     raise ImgflowError(

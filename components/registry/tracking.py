@@ -394,7 +394,7 @@ def list_versions(name: str) -> list[dict[str, Any]]:
     except MlflowException as e:
         if e.get_http_status_code() == 404 or "RESOURCE_DOES_NOT_EXIST" in str(e):
             return []
-        raise TrackingError(f"cannot read the registry: {e}") from e
+        raise TrackingError(f"cannot read the registry at {shown_uri(mlflow.get_tracking_uri())}: {e}") from e
     alias_of: dict[str, list[str]] = {}
     for alias, version in (model.aliases or {}).items():
         alias_of.setdefault(str(version), []).append(alias)
@@ -436,7 +436,8 @@ def alias_version(name: str, alias: str) -> str | None:
             or e.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE")
         ):
             return None
-        raise TrackingError(f"cannot read alias {alias!r} of {name!r}: {e}") from e
+        uri = shown_uri(mlflow.get_tracking_uri())
+        raise TrackingError(f"cannot read alias {alias!r} of {name!r} at {uri}: {e}") from e
     return str(mv.version)
 
 

@@ -1,6 +1,7 @@
 """Data sources: list labelled raw images, and inspect image bytes.
 
-A source spec is one of ``fashion-mnist``, ``imagefolder:<dir>`` or ``csv:<file>``.
+A source spec is one of ``fashion-mnist``, ``imagefolder:<dir>``, ``csv:<file>`` or an image folder
+in object storage, ``s3://bucket/prefix`` (any fsspec URL; ``imagefolder:s3://...`` says the same).
 :func:`list_source` turns a spec into a :class:`SourceListing` (the classes the source declares
 and one :class:`SourceItem` per raw image, in a stable order). Items read their bytes lazily, so
 a large image folder is never held in memory at once. :func:`inspect_image` is the one place that
@@ -15,6 +16,7 @@ import hashlib
 import io
 import logging
 import os
+import re
 import struct
 import urllib.error
 import urllib.request
@@ -24,6 +26,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from http.client import HTTPException
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageFile, UnidentifiedImageError
@@ -34,7 +37,7 @@ from components.data.manifest import file_md5
 
 logger = logging.getLogger(__name__)
 
-SOURCE_FORMS = "'fashion-mnist', 'imagefolder:<dir>' or 'csv:<file>'"
+SOURCE_FORMS = "'fashion-mnist', 'imagefolder:<dir>', 'csv:<file>' or 's3://bucket/prefix' (an image folder)"
 
 FASHION_MNIST_CLASSES: tuple[str, ...] = (
     "T-shirt/top",
@@ -218,9 +221,19 @@ def parse_source(spec: str) -> tuple[str, str]:
     """``"imagefolder:/x"`` -> ``("imagefolder", "/x")``; raises ConfigError for an unknown form."""
     if spec == "fashion-mnist":
         return "fashion-mnist", ""
+    if is_object_uri(spec):
+        return "imagefolder", spec.rstrip("/")
     kind, sep, arg = spec.partition(":")
-    if sep and kind in ("imagefolder", "csv") and arg.strip():
-        return kind, str(Path(arg.strip()).expanduser())
+    arg = arg.strip()
+    if sep and kind == "csv" and is_object_uri(arg):
+        raise ConfigError(
+            f"data source {spec!r}: a CSV source must be a local file; for object storage give the image "
+            "folder itself, e.g. ingest.source=s3://bucket/prefix (one sub-folder per class)"
+        )
+    if sep and kind == "imagefolder" and is_object_uri(arg):
+        return kind, arg.rstrip("/")
+    if sep and kind in ("imagefolder", "csv") and arg:
+        return kind, str(Path(arg).expanduser())
     raise ConfigError(f"unknown data source {spec!r}: ingest.source must be {SOURCE_FORMS}")
 
 
@@ -254,6 +267,9 @@ def list_source(
     if kind == "fashion-mnist":
         paths = fashion_mnist_paths(fashion_mnist_dir, download=download, cache_dir=cache_dir)
         classes, items = FASHION_MNIST_CLASSES, list(fashion_mnist_items(paths, max_per_class=max_per_class))
+    elif kind == "imagefolder" and is_object_uri(arg):
+        classes, items = object_folder_items(arg)
+        items = cap_per_class(items, max_per_class)
     elif kind == "imagefolder":
         classes, items = imagefolder_items(Path(arg), allow_outside_root=allow_outside_root)
         items = cap_per_class(items, max_per_class)
@@ -358,6 +374,111 @@ def imagefolder_items(
             rel = path.relative_to(root).as_posix()
             items.append(SourceItem(rel, label, (label,), _file_reader(path), problem=found))
     return tuple(d.name for d in class_dirs), items
+
+
+# --------------------------------------------------------------------------------------------
+# s3://bucket/prefix (an image folder in object storage, any fsspec URL)
+
+_URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+OBJECT_STORE_TIMEOUTS: dict[str, Any] = {
+    "connect_timeout": 10,
+    "read_timeout": 60,
+    "retries": {"max_attempts": 3, "mode": "standard"},
+}
+"""botocore settings for ``s3://`` sources unless fsspec's config says otherwise: botocore's own
+defaults (60 s to connect, 5 legacy retries with back-off) make an unreachable endpoint look like a
+hang of several minutes."""
+
+
+def is_object_uri(arg: str) -> bool:
+    """``s3://bucket/prefix`` and other fsspec URLs (``gs://``, ``memory://``, ...), not local paths."""
+    return bool(_URI.match(arg))
+
+
+def _object_filesystem(uri: str) -> tuple[Any, str]:
+    """The fsspec filesystem and root path of ``uri``. Endpoint and credentials come from where the
+    filesystem's library looks (for S3: the standard ``AWS_*`` variables, ``~/.aws``, fsspec's config)."""
+    import fsspec
+    from fsspec.core import url_to_fs
+
+    protocol = uri.split("://", 1)[0].lower()
+    # A new instance per listing: fsspec's instance cache keys on the arguments only, so a long-lived
+    # process would otherwise keep the endpoint and credentials of its first listing.
+    options: dict[str, Any] = {"skip_instance_cache": True}
+    if protocol in ("s3", "s3a"):
+        configured = fsspec.config.conf.get("s3", {}).get("config_kwargs", {})
+        options["config_kwargs"] = {**OBJECT_STORE_TIMEOUTS, **configured}
+    try:
+        fs, root = url_to_fs(uri, **options)
+    except (ImportError, ValueError) as e:  # unknown protocol, or its driver is not installed
+        raise ConfigError(f"cannot open the data source {uri}: {e}") from e
+    return fs, str(root).rstrip("/")
+
+
+def _list_objects(fs: Any, root: str, uri: str) -> dict[str, dict[str, Any]]:
+    """Every object and inferred folder under ``root`` (path -> info); a DataError saying why when
+    the listing fails (missing bucket, access denied, unreachable endpoint)."""
+    where = "check the bucket and prefix, the endpoint (AWS_ENDPOINT_URL) and the credentials"
+    try:
+        fs.invalidate_cache(root)  # fsspec caches listings per process: list what is there now
+        found: dict[str, dict[str, Any]] = fs.find(root, withdirs=True, detail=True)
+    except FileNotFoundError as e:
+        raise DataError(f"object-store folder {uri} does not exist ({e}): {where}") from e
+    except PermissionError as e:
+        raise DataError(f"access denied listing {uri} ({e}): {where}") from e
+    except Exception as e:  # botocore/aiohttp raise their own types (endpoint, credentials, timeouts)
+        raise DataError(f"cannot list {uri}: {type(e).__name__}: {e}: {where}") from e
+    if not found:
+        raise DataError(f"object-store folder {uri} holds no objects: {where}")
+    return found
+
+
+def _object_reader(fs: Any, path: str) -> Callable[[], bytes]:
+    """Reads one object; ``FileNotFoundError`` when it is gone, ``OSError`` for anything else (denied,
+    unreachable), so ingest quarantines the item with the reason instead of stopping."""
+
+    def read() -> bytes:
+        try:
+            return bytes(fs.cat_file(path))
+        except OSError:
+            raise
+        except Exception as e:  # errors s3fs does not translate into OSError
+            raise OSError(f"{type(e).__name__}: {e}") from e
+
+    return read
+
+
+def object_folder_items(uri: str) -> tuple[tuple[str, ...], list[SourceItem]]:
+    """:func:`imagefolder_items` for a folder in object storage: one sub-folder (key prefix) per class.
+
+    Objects are listed once, up front; each item reads its object when ingest examines it, so an
+    object deleted or denied after the listing becomes a quarantine record (``not_found`` /
+    ``unreadable``), not a failed run. Hidden names (``.x``) and folder markers are skipped.
+    """
+    fs, root = _object_filesystem(uri)
+    classes: set[str] = set()
+    items: list[SourceItem] = []
+    for path, info in sorted(_list_objects(fs, root, uri).items()):
+        rel = path.rstrip("/")[len(root) :].lstrip("/")
+        parts = rel.split("/")
+        if not rel or any(part.startswith(".") for part in parts):
+            continue
+        if info.get("type") == "directory" or path.endswith("/"):
+            if len(parts) == 1:
+                classes.add(parts[0])
+            continue
+        if len(parts) == 1:
+            problem = Rejection("no_label", "object is outside the class sub-folders, so it has no label")
+            items.append(SourceItem(rel, "", (), _object_reader(fs, path), problem=problem))
+            continue
+        classes.add(parts[0])
+        items.append(SourceItem(rel, parts[0], (parts[0],), _object_reader(fs, path)))
+    if not classes:
+        raise DataError(
+            f"object-store folder {uri} has no class sub-folders: put each class's images under "
+            f"{uri}/<class name>/"
+        )
+    return tuple(sorted(classes)), items
 
 
 # --------------------------------------------------------------------------------------------

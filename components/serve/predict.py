@@ -9,7 +9,7 @@ never dropped silently).
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -75,7 +75,7 @@ def predict_batches(
 
 
 def _frame(
-    paths: list[Path], probs: np.ndarray, errors: list[str], predictor: Predictor, top_k: int
+    paths: Sequence[str | Path], probs: np.ndarray, errors: list[str], predictor: Predictor, top_k: int
 ) -> pd.DataFrame:
     classes = predictor.spec.classes
     order = np.argsort(-probs, axis=1)[:, :top_k]
@@ -101,6 +101,28 @@ def _frame(
     )
 
 
+def prediction_schema() -> Any:
+    """The Arrow schema of a predictions Parquet file (``imgflow predict``, with or without ``--ray``)."""
+    import pyarrow as pa
+
+    return pa.schema(
+        [("path", pa.string()), ("labels", pa.list_(pa.string())), ("label", pa.string()), ("score", pa.float64()),
+         ("top_k_labels", pa.list_(pa.string())), ("top_k_probs", pa.list_(pa.float64())),
+         ("probabilities", pa.list_(pa.float32())), ("error", pa.string())]
+    )  # fmt: skip
+
+
+def prediction_table(
+    paths: Sequence[str], probs: np.ndarray, errors: list[str], predictor: Predictor, *, top_k: int
+) -> Any:
+    """One batch's prediction rows as an Arrow table of :func:`prediction_schema`: probs (B, K), one
+    error text per image ('' when it decoded). The one record function of every batch-prediction path."""
+    import pyarrow as pa
+
+    frame = _frame(paths, probs, errors, predictor, min(top_k, len(predictor.spec.classes)))
+    return pa.Table.from_pandas(frame, schema=prediction_schema(), preserve_index=False)
+
+
 def predict_to_parquet(
     predictor: Predictor,
     paths: list[Path],
@@ -112,23 +134,16 @@ def predict_to_parquet(
     on_batch: Callable[[int], None] | None = None,
 ) -> dict[str, Any]:
     """Predict every image in ``paths`` into ``out`` (Parquet, one row group per batch)."""
-    import pyarrow as pa
     import pyarrow.parquet as pq
 
     out.parent.mkdir(parents=True, exist_ok=True)
     classes = predictor.spec.classes
-    k = min(top_k, len(classes))
-    schema = pa.schema(
-        [("path", pa.string()), ("labels", pa.list_(pa.string())), ("label", pa.string()), ("score", pa.float64()),
-         ("top_k_labels", pa.list_(pa.string())), ("top_k_probs", pa.list_(pa.float64())),
-         ("probabilities", pa.list_(pa.float32())), ("error", pa.string())]
-    )  # fmt: skip
-    writer = pq.ParquetWriter(str(out), schema)
+    writer = pq.ParquetWriter(str(out), prediction_schema())
     done = failed = 0
     try:
         for probs, errors in predict_batches(predictor, paths, batch_size=batch_size, workers=workers):
-            frame = _frame(paths[done : done + len(errors)], probs, errors, predictor, k)
-            writer.write_table(pa.Table.from_pandas(frame, schema=schema, preserve_index=False))
+            batch_paths = [str(p) for p in paths[done : done + len(errors)]]
+            writer.write_table(prediction_table(batch_paths, probs, errors, predictor, top_k=top_k))
             done, failed = done + len(errors), failed + sum(1 for e in errors if e)
             if on_batch:
                 on_batch(len(errors))

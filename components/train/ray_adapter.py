@@ -110,6 +110,7 @@ def init_ray(
         return False
     level = logging.INFO if verbose else logging.WARNING
     if address:
+        check_reachable(address)
         logger.info("connecting to the Ray cluster at %s", address)
         os.environ.pop(LEAN_RUNTIME_ENV, None)  # a cluster runs Ray Train in full
         with _quiet_token_auth_notice(not verbose):
@@ -128,6 +129,24 @@ def init_ray(
     with _quiet_token_auth_notice(not verbose):
         _start_local_ray(num_cpus=num_cpus or os.cpu_count() or 1, dashboard=dashboard, logging_level=level)
     return True
+
+
+def check_reachable(address: str, *, timeout_s: float = 5.0) -> None:
+    """A ConfigError within ``timeout_s`` when nothing accepts a connection at a ``host:port`` (or
+    ``ray://host:port``) cluster address. ``ray.init`` itself retries an unreachable GCS for minutes
+    (measured: no answer after 300 s on a closed local port). ``auto``/``local`` are Ray's to resolve."""
+    import socket
+
+    host, sep, port = address.removeprefix("ray://").rpartition(":")
+    if not sep or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
+    except OSError as e:
+        raise ConfigError(
+            f"no Ray cluster answers at RAY_ADDRESS={address} ({type(e).__name__}: {e}): start it "
+            "(`ray start --head`), fix the address, or unset RAY_ADDRESS to run on a local Ray runtime"
+        ) from e
 
 
 def _start_local_ray(*, num_cpus: int, dashboard: bool, logging_level: int) -> None:
@@ -274,7 +293,7 @@ def run_trainer(
     workers: int,
     cpus_per_worker: int,
     use_gpu: bool,
-    storage_path: Path,
+    storage_path: Path | str,
     run_name: str,
     read_checkpoint: Callable[[Path], T],
     max_failures: int = 0,
@@ -299,7 +318,7 @@ def run_trainer(
         ),
         run_config=ray.train.RunConfig(
             name=run_name,
-            storage_path=str(storage_path.resolve()),
+            storage_path=storage_location(storage_path),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
             failure_config=ray.train.FailureConfig(max_failures=max_failures),
             callbacks=list(callbacks) or None,
@@ -313,6 +332,15 @@ def run_trainer(
     with result.checkpoint.as_directory() as d:
         value = read_checkpoint(Path(d))
     return TrainerRun(checkpoint=value, path=str(result.path))
+
+
+def storage_location(storage_path: Path | str) -> str:
+    """What ``RunConfig.storage_path`` gets: a URI (``s3://...``, ``gs://...``, any pyarrow/fsspec
+    filesystem) as it is, a local folder as an absolute path (every node must mount it there)."""
+    text = str(storage_path)
+    if "://" in text:
+        return text
+    return str(Path(text).expanduser().resolve())
 
 
 # --------------------------------------------------------------------------- inside a worker

@@ -827,16 +827,50 @@ def serve(
         str | None, typer.Option("--host", help="Interface to bind (default serve.host: 127.0.0.1).")
     ] = None,
     port: Annotated[int | None, typer.Option("--port", help="Port (default serve.port).")] = None,
+    max_body_bytes: Annotated[
+        int | None,
+        typer.Option(
+            "--max-body-bytes",
+            help="Refuse larger request bodies with 413, never holding them "
+            "(default serve.max_body_bytes: 100 MB).",
+        ),
+    ] = None,
+    request_timeout: Annotated[
+        float | None,
+        typer.Option(
+            "--request-timeout",
+            metavar="SECONDS",
+            help="Answer 504 to a request not done within this (default serve.request_timeout_s: 30).",
+        ),
+    ] = None,
+    max_concurrency: Annotated[
+        int | None,
+        typer.Option(
+            "--max-concurrency",
+            help="Requests scored at once; one more waits serve.queue_timeout_s for a slot, then gets "
+            "503 + Retry-After (default serve.max_concurrency: 8).",
+        ),
+    ] = None,
     params: ParamsOpt = Path("params.yaml"),
     set_: SetOpt = None,
     verbose: VerboseOpt = False,
 ) -> None:
     """Serve predictions over HTTP: POST /invocations (MLflow scoring JSON, base64 images),
     POST /predict (multipart image files), GET /health. Answers top-k labels with calibrated
-    probabilities; bad input gets a 4xx with a message."""
+    probabilities; bad input gets a 4xx with a message. With serve.token or $IMGFLOW_SERVE_TOKEN
+    set, POST requests need 'Authorization: Bearer <token>' (401 otherwise; /health stays open)."""
     from components.pipeline.models import run_serve
+    from flows.environment import serve_token
 
-    _run(lambda: run_serve(_params(params, set_), model=model, host=host, port=port), verbose=verbose)
+    limits = {"max_body_bytes": max_body_bytes, "request_timeout_s": request_timeout,
+              "max_concurrency": max_concurrency}  # fmt: skip
+    overrides = [*(set_ or []), *(f"serve.{k}={v}" for k, v in limits.items() if v is not None)]
+
+    def body() -> None:
+        p = _params(params, overrides)
+        run_serve(p, model=model, host=host, port=port, token=serve_token(p))
+
+    _run(body, verbose=verbose)
 
 
 @app.command()

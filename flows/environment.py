@@ -8,7 +8,9 @@ the components below never read environment variables themselves.
 - ``$RAY_ADDRESS``, ``$IMGFLOW_RAY_DASHBOARD``, ``$IMGFLOW_WORKER_EVENTS``: which Ray to use and
   what it shows (:class:`components.train.ray_adapter.RayOptions`);
 - ``$IMGFLOW_WEBHOOK_URL``: where the notify task posts when ``notify.webhook_url`` is unset (passed
-  to the task as a value, not folded into the params, so it is never logged with them).
+  to the task as a value, not folded into the params, so it is never logged with them);
+- ``$IMGFLOW_SERVE_TOKEN``: the bearer token ``imgflow serve`` requires when ``serve.token`` is unset
+  (passed down as a value, never folded into the params, so it is never logged with them).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ if TYPE_CHECKING:
 TRACKING_URI_ENV = "MLFLOW_TRACKING_URI"
 PROXY_ENVS = ("HTTPS_PROXY", "https_proxy", "ALL_PROXY")
 WEBHOOK_ENV = "IMGFLOW_WEBHOOK_URL"
+SERVE_TOKEN_ENV = "IMGFLOW_SERVE_TOKEN"
 
 
 def with_environment(params: Params, environ: Mapping[str, str] = os.environ) -> Params:
@@ -40,6 +43,11 @@ def with_environment(params: Params, environ: Mapping[str, str] = os.environ) ->
 def webhook_url(params: Params, environ: Mapping[str, str] = os.environ) -> str | None:
     """Where notifications go: ``notify.webhook_url``, else ``$IMGFLOW_WEBHOOK_URL``; None: nowhere."""
     return params.notify.webhook_url or environ.get(WEBHOOK_ENV) or None
+
+
+def serve_token(params: Params, environ: Mapping[str, str] = os.environ) -> str | None:
+    """The token ``imgflow serve`` requires: ``serve.token``, else ``$IMGFLOW_SERVE_TOKEN``; None: open."""
+    return params.serve.token or environ.get(SERVE_TOKEN_ENV) or None
 
 
 def behind_proxy(environ: Mapping[str, str] = os.environ) -> bool:

@@ -572,6 +572,18 @@ class ServeConfig(_Section):
     """A larger image is refused with 413."""
     max_batch: int = Field(default=256, ge=1)
     """Most images per request (413 above)."""
+    max_body_bytes: int = Field(default=100_000_000, ge=1)
+    """A larger request body is refused with 413, from its Content-Length or as soon as that many bytes
+    streamed in (never held); lowered further to what ``max_batch`` images of ``max_image_bytes`` need."""
+    request_timeout_s: float = Field(default=30.0, gt=0)
+    """A request not answered within this (reading its body included) gets 504."""
+    max_concurrency: int = Field(default=8, ge=1)
+    """Requests read and scored at once; more wait ``queue_timeout_s`` for a slot, then get 503 + Retry-After."""
+    queue_timeout_s: float = Field(default=1.0, ge=0)
+    """How long a request waits for a free slot before it is refused with 503."""
+    token: str | None = Field(default=None, min_length=1)
+    """When set, POST requests need ``Authorization: Bearer <token>`` (401 otherwise; /health and /ping
+    stay open). Prefer ``$IMGFLOW_SERVE_TOKEN``: a token in params.yaml is saved with the params."""
 
 
 class PredictConfig(_Section):

@@ -78,9 +78,15 @@ def load_predictor(params: Params, model: str | None, tmp: Path, **kwargs: Any) 
 
 
 def run_serve(
-    params: Params, *, model: str | None = None, host: str | None = None, port: int | None = None
+    params: Params,
+    *,
+    model: str | None = None,
+    host: str | None = None,
+    port: int | None = None,
+    token: str | None = None,
 ) -> None:
-    """``imgflow serve``: the HTTP scoring server (blocks until interrupted)."""
+    """``imgflow serve``: the HTTP scoring server (blocks until interrupted). ``token``: required as
+    ``Authorization: Bearer`` on POST (the entry point resolves it: serve.token or the environment)."""
     import tempfile
 
     from components.serve import serving
@@ -88,11 +94,9 @@ def run_serve(
     cfg = params.serve
     with tempfile.TemporaryDirectory(prefix="imgflow-serve-") as tmp:
         predictor, uri = load_predictor(params, model, Path(tmp))
-        limits = serving.ServeLimits(
-            top_k=cfg.top_k, max_image_bytes=cfg.max_image_bytes, max_batch=cfg.max_batch
-        )
-        app = serving.create_app(predictor, model_uri=uri, limits=limits)
-        serving.serve(app, host=host or cfg.host, port=port or cfg.port)
+        limits = serving.ServeLimits.from_config(cfg)
+        app = serving.create_app(predictor, model_uri=uri, limits=limits, token=token)
+        serving.serve(app, host=host or cfg.host, port=port or cfg.port, requires_token=bool(token))
 
 
 def run_predict(

@@ -11,16 +11,29 @@ Speaks MLflow's scoring protocol, so clients of ``mlflow models serve`` work unc
 Each prediction: ``label``, ``score`` and ``top_k`` (labels with calibrated probabilities: the
 temperature fitted by evaluate is in the model's spec). Input a client got wrong (not an image,
 too large, wrong field, bad JSON) is a 4xx with a message saying what to send, never a 500.
+
+What a hostile or careless client cannot do (:class:`ServeLimits`):
+
+- make the server hold a large body: a body above :attr:`ServeLimits.body_limit` is refused from its
+  ``Content-Length`` before a byte is read, and while streaming (chunked, or a lying length) as soon
+  as one byte more arrived; multipart bodies go through the same capped stream;
+- crash the parser: any JSON that does not parse (too deeply nested, not UTF-8, truncated) is a 400;
+- pile up work: at most ``max_concurrency`` requests are read and scored at once; one more waits
+  ``queue_timeout_s`` for a slot, then gets 503 with ``Retry-After``; a request that takes longer than
+  ``request_timeout_s`` gets 504 (its slot is freed when its scoring really ends, so the bound holds);
+- use the model without the token, when the server has one (401; /health and /ping stay open).
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import hmac
+import ipaddress
 import json
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,7 +41,12 @@ import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
+from starlette.datastructures import FormData
+from starlette.formparsers import MultiPartException, MultiPartParser
+from starlette.requests import ClientDisconnect
+from starlette.types import ASGIApp, Receive, Scope, Send
 
+from components.core.config import ServeConfig
 from components.core.errors import DataError
 from components.model.checkpoint import Predictor
 
@@ -38,18 +56,44 @@ IMAGE_COLUMN = "image"
 
 
 class RequestError(DataError):
-    """A bad request: ``status`` is the HTTP code to answer with."""
+    """A request the server does not answer: ``status`` is the HTTP code to answer with,
+    ``headers`` extra response headers (``Retry-After`` on 503)."""
 
-    def __init__(self, message: str, status: int = 400) -> None:
+    def __init__(self, message: str, status: int = 400, *, headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.status = status
+        self.headers = headers or {}
+
+
+ERROR_CODES = {401: "UNAUTHENTICATED", 503: "TEMPORARILY_UNAVAILABLE", 504: "DEADLINE_EXCEEDED"}
+"""MLflow's error codes for the answers that are not the client's input at fault (else BAD_REQUEST)."""
 
 
 @dataclass(frozen=True)
 class ServeLimits:
+    """What one request may ask of the server (the ``serve.*`` params of the same names)."""
+
     top_k: int = 3
     max_image_bytes: int = 10_000_000
     max_batch: int = 256
+    max_body_bytes: int = 100_000_000
+    request_timeout_s: float = 30.0
+    max_concurrency: int = 8
+    queue_timeout_s: float = 1.0
+
+    @classmethod
+    def from_config(cls, cfg: ServeConfig) -> ServeLimits:
+        """The limits the ``serve`` params section sets."""
+        return cls(top_k=cfg.top_k, max_image_bytes=cfg.max_image_bytes, max_batch=cfg.max_batch,
+                   max_body_bytes=cfg.max_body_bytes, request_timeout_s=cfg.request_timeout_s,
+                   max_concurrency=cfg.max_concurrency, queue_timeout_s=cfg.queue_timeout_s)  # fmt: skip
+
+    @property
+    def body_limit(self) -> int:
+        """Bytes a request body may have: ``max_body_bytes``, or less when ``max_batch`` images of
+        ``max_image_bytes`` (base64 in JSON, plus 1 KiB framing each) need less."""
+        needed = self.max_batch * (self.max_image_bytes * 4 // 3 + 1024) + 64 * 1024
+        return min(self.max_body_bytes, needed)
 
 
 def _b64(value: Any, index: int) -> bytes:
@@ -78,7 +122,10 @@ def images_from_json(payload: Any) -> list[bytes]:
         split = payload["dataframe_split"]
         if not isinstance(split, dict) or not isinstance(split.get("data"), list):
             raise RequestError('dataframe_split must be {"columns": ["image"], "data": [[...], ...]}')
-        cells = _column(list(split.get("columns") or [IMAGE_COLUMN]), split["data"])
+        columns = split.get("columns") or [IMAGE_COLUMN]
+        if not isinstance(columns, list):
+            raise RequestError(f"dataframe_split.columns must be a list of names such as [{IMAGE_COLUMN!r}]")
+        cells = _column(columns, split["data"])
     elif "dataframe_records" in payload:
         records = payload["dataframe_records"]
         if not isinstance(records, list) or not all(
@@ -161,27 +208,43 @@ def create_app(
     /health and /ping needs ``Authorization: Bearer <token>`` (401 otherwise)."""
     app = FastAPI(title="imgflow model server", version="1")
     if token:
-        _require_token(app, token)
+        app.add_middleware(BearerToken, token=token)
+    admission = Admission(limits)
     spec = predictor.spec
     info = {"status": "ok", "model": model_uri, "task": spec.task.name, "classes": list(spec.classes),
             "thresholds": list(spec.thresholds) if spec.thresholds else None}  # fmt: skip
 
     @app.exception_handler(RequestError)
     async def _bad_request(_: Request, exc: RequestError) -> JSONResponse:
-        return JSONResponse({"error_code": "BAD_REQUEST", "message": str(exc)}, status_code=exc.status)
+        code = ERROR_CODES.get(exc.status, "BAD_REQUEST")
+        return JSONResponse(
+            {"error_code": code, "message": str(exc)}, status_code=exc.status, headers=exc.headers
+        )
 
     @app.exception_handler(DataError)
     async def _bad_image(_: Request, exc: DataError) -> JSONResponse:
         return JSONResponse({"error_code": "BAD_REQUEST", "message": str(exc)}, status_code=400)
 
     async def _score_in_threadpool(images: list[bytes]) -> list[dict[str, Any]]:
-        return await run_in_threadpool(predictions, predictor, images, top_k=limits.top_k)
+        scoring = asyncio.ensure_future(run_in_threadpool(predictions, predictor, images, top_k=limits.top_k))
+        try:
+            return await asyncio.shield(scoring)
+        except asyncio.CancelledError:
+            # Timed out: a thread cannot be stopped, so the request holds its slot until it ends.
+            await asyncio.wait({scoring})
+            raise
 
     scorer = score or _score_in_threadpool
 
-    async def _answer(images: list[bytes]) -> dict[str, Any]:
-        check_limits(images, limits)
-        return {"predictions": await scorer(images)}
+    async def _answer(read: Callable[[], Awaitable[list[bytes]]]) -> dict[str, Any]:
+        """Read and score the request's images holding one of the server's slots."""
+
+        async def work() -> dict[str, Any]:
+            images = await read()
+            check_limits(images, limits)
+            return {"predictions": await scorer(images)}
+
+        return await admission.run(work())
 
     @app.get("/health")
     @app.get("/ping")
@@ -192,58 +255,153 @@ def create_app(
     async def invocations(request: Request) -> dict[str, Any]:
         ctype = request.headers.get("content-type", "")
         if ctype.startswith("multipart/form-data"):
-            return await _answer(await _uploaded(request, limits))
+            check_declared_length(request, limits.body_limit)
+            return await _answer(lambda: _uploaded(request, limits))
         if not ctype.startswith("application/json"):
             raise RequestError(
                 f"content type {ctype or 'none'!r} is not supported: send application/json "
                 "(MLflow scoring format) or multipart/form-data (image files)",
                 status=415,
             )
-        return await _answer(images_from_json(await _json(request, limits)))
+        check_declared_length(request, limits.body_limit)
+        return await _answer(lambda: _json_images(request, limits))
 
     @app.post("/predict")
     async def predict(request: Request) -> dict[str, Any]:
         if not request.headers.get("content-type", "").startswith("multipart/form-data"):
             raise RequestError("POST /predict takes multipart/form-data image files", status=415)
-        return await _answer(await _uploaded(request, limits))
+        check_declared_length(request, limits.body_limit)
+        return await _answer(lambda: _uploaded(request, limits))
 
     return app
 
 
-def _require_token(app: FastAPI, token: str) -> None:
-    """Every path but :data:`OPEN_PATHS` answers 401 unless the request carries ``token`` (constant-time compare)."""
-    expected = f"Bearer {token}".encode()
+class BearerToken:
+    """ASGI middleware: every HTTP path but :data:`OPEN_PATHS` answers 401 unless the request
+    carries ``Authorization: Bearer <token>`` (compared in constant time). Pure ASGI, so the body
+    streams through untouched (the body limits still apply)."""
 
-    @app.middleware("http")
-    async def _check_token(request: Request, call_next: Any) -> Any:
-        if request.url.path in OPEN_PATHS:
-            return await call_next(request)
-        given = request.headers.get("authorization", "").encode("utf-8", "surrogateescape")
-        if not hmac.compare_digest(given, expected):
-            return JSONResponse(
-                {
-                    "error_code": "UNAUTHENTICATED",
-                    "message": "send the server's token as 'Authorization: Bearer <token>'",
-                },
-                status_code=401,
-                headers={"WWW-Authenticate": "Bearer"},
+    def __init__(self, app: ASGIApp, *, token: str) -> None:
+        self.app = app
+        self._expected = f"Bearer {token}".encode()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] in OPEN_PATHS or self._authorized(scope):
+            await self.app(scope, receive, send)
+            return
+        message = "this server needs a token: send 'Authorization: Bearer <token>' (serve.token)"
+        response = JSONResponse({"error_code": ERROR_CODES[401], "message": message}, status_code=401,
+                                headers={"WWW-Authenticate": "Bearer"})  # fmt: skip
+        await response(scope, receive, send)
+
+    def _authorized(self, scope: Scope) -> bool:
+        given = next((v for k, v in scope["headers"] if k == b"authorization"), b"")
+        return hmac.compare_digest(given, self._expected)
+
+
+class Admission:
+    """At most ``limits.max_concurrency`` requests are read and scored at once.
+
+    One more waits ``queue_timeout_s`` for a slot, then is refused with 503 + ``Retry-After``
+    rather than queueing without end. A request past ``request_timeout_s`` is answered 504 at once,
+    but keeps its slot until its work really stops: scoring in a thread cannot be interrupted, and
+    freeing the slot early would let timed-out work pile up beyond the bound."""
+
+    def __init__(self, limits: ServeLimits) -> None:
+        self._limits = limits
+        self._slots = asyncio.Semaphore(limits.max_concurrency)
+
+    async def run(self, work: Coroutine[Any, Any, dict[str, Any]]) -> dict[str, Any]:
+        """``work``'s result, or RequestError 503 (no slot) / 504 (too slow)."""
+        lim = self._limits
+        try:
+            async with asyncio.timeout(lim.queue_timeout_s):
+                await self._slots.acquire()
+        except TimeoutError:
+            work.close()
+            raise RequestError(
+                f"the server is busy ({lim.max_concurrency} requests in progress, serve.max_concurrency); "
+                "retry shortly",
+                status=503,
+                headers={"Retry-After": "1"},
+            ) from None
+        task = asyncio.ensure_future(work)
+        task.add_done_callback(self._release)
+        done, _ = await asyncio.wait({task}, timeout=lim.request_timeout_s)
+        if not done:
+            task.cancel()
+            raise RequestError(
+                f"the request took longer than {lim.request_timeout_s:g} s (serve.request_timeout_s); "
+                "send fewer or smaller images, or retry later",
+                status=504,
             )
-        return await call_next(request)
+        return task.result()
+
+    def _release(self, task: asyncio.Future[Any]) -> None:
+        self._slots.release()
+        if not task.cancelled():
+            task.exception()  # retrieved here: a timed-out request's late error is not logged as lost
 
 
-async def _json(request: Request, limits: ServeLimits) -> Any:
-    body = await request.body()
-    if len(body) > limits.max_batch * limits.max_image_bytes * 4 // 3 + 1024:
-        raise RequestError("request body too large", status=413)
+def check_declared_length(request: Request, limit: int) -> None:
+    """413 before reading a byte when the body's declared ``Content-Length`` is above ``limit``."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.strip().isdigit() and int(declared) > limit:
+        raise RequestError(_too_large(limit), status=413)
+
+
+def _too_large(limit: int) -> str:
+    return f"request body too large: at most {limit} bytes (serve.max_body_bytes, serve.max_batch)"
+
+
+async def capped_stream(request: Request, limit: int) -> AsyncGenerator[bytes, None]:
+    """The body's chunks as they arrive; 413 as soon as more than ``limit`` bytes came (whatever
+    ``Content-Length`` said, or with none: chunked), so no more than ``limit`` is ever held."""
+    seen = 0
+    try:
+        async for chunk in request.stream():
+            seen += len(chunk)
+            if seen > limit:
+                raise RequestError(_too_large(limit), status=413)
+            yield chunk
+    except ClientDisconnect:
+        raise RequestError("the client went away before the body was complete") from None
+
+
+def parse_json(body: bytes | bytearray) -> Any:
+    """``body`` as JSON; every way it can fail to parse (syntax, encoding, nesting) is a 400."""
     try:
         return json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except RecursionError:
+        raise RequestError("the body is not valid JSON (nested too deeply)") from None
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, an int too long to convert
         raise RequestError(f"the body is not valid JSON ({e})") from e
 
 
+async def _json_images(request: Request, limits: ServeLimits) -> list[bytes]:
+    body = bytearray()
+    async for chunk in capped_stream(request, limits.body_limit):
+        body += chunk
+    # Parsing and base64-decoding up to max_body_bytes would stall the event loop (and /health).
+    return await run_in_threadpool(lambda: images_from_json(parse_json(body)))
+
+
 async def _uploaded(request: Request, limits: ServeLimits) -> list[bytes]:
-    """The files of a multipart form, each read up to the size limit (one byte more means too large)."""
-    form = await request.form(max_files=limits.max_batch + 1)
+    """The files of a multipart form, read through the capped stream (starlette spools each file,
+    in memory up to 1 MB, then on disk), each up to the size limit (one byte more means too large)."""
+    parser = MultiPartParser(request.headers, capped_stream(request, limits.body_limit),
+                             max_files=limits.max_batch + 1, max_fields=limits.max_batch + 1)  # fmt: skip
+    try:
+        form = await parser.parse()
+    except MultiPartException as e:
+        raise RequestError(f"the multipart body is not valid ({e.message})") from e
+    try:
+        return await _files(form, limits)
+    finally:
+        await form.close()
+
+
+async def _files(form: FormData, limits: ServeLimits) -> list[bytes]:
     images = []
     for _, value in form.multi_items():
         if isinstance(value, str):
@@ -255,9 +413,29 @@ async def _uploaded(request: Request, limits: ServeLimits) -> list[bytes]:
     return images
 
 
-def serve(app: Any, *, host: str, port: int) -> None:
-    """Run ``app`` with uvicorn until interrupted."""
+def open_access_warning(host: str, *, requires_token: bool) -> str | None:
+    """A warning when ``host`` is reachable from other machines and no token guards the model."""
+    if requires_token:
+        return None
+    try:
+        loopback = ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = host == "localhost"
+    if loopback:
+        return None
+    return (
+        f"serving on {host} without a token: anyone who can reach this address can use the model. "
+        "Set serve.token (or $IMGFLOW_SERVE_TOKEN; clients send 'Authorization: Bearer <token>') "
+        "or bind 127.0.0.1."
+    )
+
+
+def serve(app: Any, *, host: str, port: int, requires_token: bool = False) -> None:
+    """Run ``app`` with uvicorn until interrupted; warns when it is open to the network without a token."""
     import uvicorn
 
+    warning = open_access_warning(host, requires_token=requires_token)
+    if warning:
+        logger.warning(warning)
     logger.info("serving on http://%s:%d (POST /invocations, POST /predict, GET /health)", host, port)
     uvicorn.run(app, host=host, port=port, log_level="warning")

@@ -254,7 +254,10 @@ def _ray_options(*, verbose: bool = False) -> Any:
 def ingest(
     source: Annotated[
         str | None,
-        typer.Option(help="fashion-mnist | imagefolder:<dir> | csv:<file> (default: ingest.source)."),
+        typer.Option(
+            help="fashion-mnist | imagefolder:<dir> | csv:<file> | s3://bucket/prefix (an image folder in "
+            "object storage; endpoint and credentials from the AWS_* variables) (default: ingest.source)."
+        ),
     ] = None,
     params: ParamsOpt = Path("params.yaml"),
     set_: SetOpt = None,

@@ -42,7 +42,8 @@ class ProjectConfig(_Section):
 
 class IngestConfig(_Section):
     source: str = "fashion-mnist"
-    """``fashion-mnist``, ``imagefolder:<dir>`` or ``csv:<file>``."""
+    """``fashion-mnist``, ``imagefolder:<dir>``, ``csv:<file>`` or ``s3://bucket/prefix`` (an image folder in
+    object storage, any fsspec URL; endpoint and credentials as the storage library reads them)."""
     task: Literal["auto", "singlelabel", "multilabel"] = "auto"
     """``auto``: multi-label when any image carries more than one label (stated in the ingest summary);
     ``singlelabel`` quarantines images with several labels; ``multilabel`` keeps every label set."""
@@ -209,6 +210,10 @@ class TrainConfig(_Section):
     use_gpu: Literal["auto", "true", "false"] = "auto"
     max_failures: int = Field(default=1, ge=0)
     """Worker failures Ray Train recovers from (restart from the last checkpoint)."""
+    storage_path: str | None = None
+    """Where Ray Train keeps the run's checkpoints: on a multi-node cluster a folder every node mounts
+    (NFS) or a pyarrow/fsspec URI (``s3://bucket/prefix``, ``gs://...``; credentials and endpoint as
+    the storage library reads them). None: ``<state_dir>/ray_results`` (one machine)."""
     loader_workers: int = Field(default=0, ge=0)
     cache: Literal["auto", "memory", "off"] = "auto"
     """Decode each split once into a uint8 array (memory-mapped by every worker, augmented a batch at

@@ -67,7 +67,7 @@ def fit(
     workers: int,
     cpus_per_worker: int,
     use_gpu: bool | None,
-    storage_path: Path,
+    storage_path: Path | str,
     run_name: str,
     out_dir: Path,
     max_failures: int = 0,
@@ -123,6 +123,9 @@ def train(
 ) -> TrainResult:
     """Train with Ray Train; writes ``out_dir/model/`` (safetensors + spec) and ``history.json``.
 
+    Checkpoints go to ``cfg.storage_path`` when set (shared storage for a multi-node cluster), else
+    to ``storage_path``.
+
     ``weights_dir`` caches converted pretrained weights (shipped packages, see ``models``);
     ``exclude_file`` lists train images to leave out (the audit's suspected label errors);
     ``ray_options``: which Ray (a cluster or a local runtime) and how much of it the console shows.
@@ -139,7 +142,7 @@ def train(
             workers=cfg.workers,
             cpus_per_worker=cfg.cpus_per_worker,
             use_gpu=use_gpu,
-            storage_path=storage_path,
+            storage_path=cfg.storage_path or storage_path,
             run_name=run_name,
             out_dir=out_dir / "model",
             max_failures=cfg.max_failures,

@@ -182,16 +182,20 @@ full disk when the error names no file."""
 
 
 def _disk_full(error: BaseException) -> OSError | None:
-    """The "no space left" (ENOSPC, or EDQUOT: over quota) OSError in ``error`` or what caused it."""
+    """The "no space left" (ENOSPC, or EDQUOT: over quota) OSError in ``error`` or what caused it;
+    one made up from the text when a library re-raised it as its own error (a Ray worker's failure,
+    safetensors' "os error 28")."""
     import errno
+    import re
 
-    seen: set[int] = set()
-    e: BaseException | None = error
-    while e is not None and id(e) not in seen:
+    chain, e = list[BaseException](), error
+    while e is not None and e not in chain:
         if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
             return e
-        seen.add(id(e))
+        chain.append(e)
         e = e.__cause__ or e.__context__
+    if any(re.search(r"No space left on device|\[Errno 28\]|os error 28", str(e)) for e in chain):
+        return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
     return None
 
 
@@ -830,6 +834,26 @@ def serve(
         str | None, typer.Option("--host", help="Interface to bind (default serve.host: 127.0.0.1).")
     ] = None,
     port: Annotated[int | None, typer.Option("--port", help="Port (default serve.port).")] = None,
+    ray: Annotated[
+        bool,
+        typer.Option(
+            "--ray",
+            help="Serve from a Ray Serve deployment (same HTTP protocol, requests batched per replica) "
+            "on a local Ray runtime, or on the cluster $RAY_ADDRESS names.",
+        ),
+    ] = False,
+    replicas: Annotated[
+        int | None,
+        typer.Option("--replicas", min=1, help="With --ray: this many replicas, 1 CPU each (default 1)."),
+    ] = None,
+    autoscale: Annotated[
+        str | None,
+        typer.Option(
+            "--autoscale",
+            metavar="MIN,MAX",
+            help="With --ray: between MIN and MAX replicas, Serve adding one as requests queue up.",
+        ),
+    ] = None,
     max_body_bytes: Annotated[
         int | None,
         typer.Option(
@@ -862,7 +886,7 @@ def serve(
     POST /predict (multipart image files), GET /health. Answers top-k labels with calibrated
     probabilities; bad input gets a 4xx with a message. With serve.token or $IMGFLOW_SERVE_TOKEN
     set, POST requests need 'Authorization: Bearer <token>' (401 otherwise; /health stays open)."""
-    from components.pipeline.models import run_serve
+    from components.pipeline.models import run_serve, run_serve_ray
     from flows.environment import serve_token
 
     limits = {"max_body_bytes": max_body_bytes, "request_timeout_s": request_timeout,
@@ -871,7 +895,16 @@ def serve(
 
     def body() -> None:
         p = _params(params, overrides)
-        run_serve(p, model=model, host=host, port=port, token=serve_token(p))
+        token = serve_token(p)
+        if ray:
+            run_serve_ray(p, model=model, host=host, port=port, replicas=replicas, autoscale=autoscale,
+                          token=token, ray_options=_ray_options(verbose=verbose))  # fmt: skip
+            return
+        if replicas is not None or autoscale is not None:
+            from components.core.errors import ConfigError
+
+            raise ConfigError("--replicas and --autoscale need --ray (one uvicorn process serves without it)")
+        run_serve(p, model=model, host=host, port=port, token=token)
 
     _run(body, verbose=verbose)
 

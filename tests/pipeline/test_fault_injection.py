@@ -24,6 +24,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
@@ -49,29 +50,53 @@ DISK_FULL_EXIT = 7
 # --------------------------------------------------------------------------- helpers
 
 
-def _start(project: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+@dataclass
+class _Background:
+    """A CLI command running in the background; its output goes to files, not to pipes nobody reads
+    while it runs (a long run could stall on a full pipe)."""
+
+    proc: subprocess.Popen[str]
+    out: Path
+    err: Path
+
+    def running(self) -> bool:
+        return self.proc.poll() is None
+
+    def finish(self, timeout: float = 900) -> tuple[int, str, str]:
+        """Wait for it: exit code, stdout, stderr."""
+        try:
+            self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            stop_process_group(self.proc)
+            raise
+        return self.proc.returncode, self.out.read_text(), self.err.read_text()
+
+
+def _start(project: Path, *args: str, env: dict[str, str] | None = None) -> _Background:
     """The installed CLI in the background, in its own session (stopped by PID if a test fails)."""
     full_env = dict(os.environ, PREFECT_HOME=str(project / ".prefect"))
     full_env.pop("MLFLOW_TRACKING_URI", None)
     full_env.update(env or {})
-    return subprocess.Popen(
-        [str(BIN / "imgflow"), *args], cwd=project, env=full_env, stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE, text=True, start_new_session=True,
-    )  # fmt: skip
+    out, err = project / "cli.out", project / "cli.err"
+    with open(out, "w") as out_f, open(err, "w") as err_f:
+        proc = subprocess.Popen(
+            [str(BIN / "imgflow"), *args], cwd=project, env=full_env, stdout=out_f, stderr=err_f, text=True,
+            start_new_session=True,
+        )  # fmt: skip
+    return _Background(proc, out, err)
 
 
-def _wait_for(
-    condition: Callable[[], bool], proc: subprocess.Popen[str], *, timeout: float, what: str
-) -> None:
-    """Until ``condition()`` holds; fails when ``proc`` ended first (the fault would come too late)."""
+def _wait_for(condition: Callable[[], bool], cli: _Background, *, timeout: float, what: str) -> None:
+    """Until ``condition()`` holds; fails when the command ended first (the fault would come too late)."""
     deadline = time.monotonic() + timeout
     while not condition():
-        if proc.poll() is not None:
-            out, err = proc.communicate()
-            pytest.fail(f"the command ended (rc {proc.returncode}) before {what}: {err[-3000:]}")
+        if not cli.running():
+            rc, _, err = cli.finish()
+            pytest.fail(f"the command ended (rc {rc}) before {what}: {err[-3000:]}")
         if time.monotonic() > deadline:
+            stop_process_group(cli.proc)
             pytest.fail(f"no {what} after {timeout} s")
-        time.sleep(0.2)
+        time.sleep(0.05)
 
 
 def _crash(proc: subprocess.Popen) -> None:
@@ -79,15 +104,6 @@ def _crash(proc: subprocess.Popen) -> None:
     if proc.poll() is None:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=30)
-
-
-def _finish(proc: subprocess.Popen[str], timeout: float = 900) -> tuple[int, str, str]:
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        stop_process_group(proc)
-        raise
-    return proc.returncode, out, err
 
 
 def _temps(folder: Path) -> list[Path]:
@@ -199,7 +215,7 @@ def test_mlflow_server_restarted_during_train_and_register(tmp_path: Path) -> No
             lambda: (project / "outputs/train/run.json").exists(), train, timeout=300, what="MLflow run"
         )
         server = _restart(server, store, port)
-        rc, out, err = _finish(train)
+        rc, out, err = train.finish()
         assert rc == 0, err[-3000:]
         run_id = json.loads(out)["run_id"]
         client = MlflowClient(uri)
@@ -209,11 +225,17 @@ def test_mlflow_server_restarted_during_train_and_register(tmp_path: Path) -> No
         assert evaluate.returncode == 0, evaluate.stderr[-3000:]
         evaluated = _digests(project / "outputs" / "evaluate")
 
-        # Register: the server dies while the model is being logged (its MLmodel lands in the store).
+        # Register: the server dies once the model is logged (its MLmodel is written: the experiment keeps
+        # its artifacts in the project's .imgflow/mlartifacts), before the version and aliases exist.
         register = _start(project, "register", "--json", env=env)
-        _wait_for(lambda: any(store.glob("artifacts/**/MLmodel")), register, timeout=300, what="logged model")
+        _wait_for(
+            lambda: any(project.glob(".imgflow/mlartifacts/**/MLmodel")),
+            register,
+            timeout=300,
+            what="logged model",
+        )
         server = _restart(server, store, port)
-        rc, out, err = _finish(register)
+        rc, out, err = register.finish()
         assert rc in (0, 3), err[-3000:]  # 3: registered, but this small model failed a gate
         first = json.loads(out) if rc == 0 else None
         versions = client.search_model_versions("name='fault-test'")
@@ -234,6 +256,44 @@ def test_mlflow_server_restarted_during_train_and_register(tmp_path: Path) -> No
         assert int(latest.version) > max(int(v.version) for v in versions)
         if first is not None:
             assert json.loads(again.stdout)["version"] == latest.version
+    finally:
+        stop_process_group(server)
+
+
+@pytest.mark.slow
+def test_mlflow_server_gone_while_training_then_train_resume_logs_the_same_run(tmp_path: Path) -> None:
+    """The training is not lost: after the clear error, ``--resume`` restores the last Ray checkpoint
+    (no epoch trained again) and logs into the same MLflow run."""
+    store, port = tmp_path / "mlflow", free_port()
+    uri = f"http://127.0.0.1:{port}"
+    project = tmp_path / "project"
+    project.mkdir()
+    server = start_mlflow_server(store, port)
+    try:
+        env = _train_project(project, uri)
+        train = _start(project, "train", env={**env, "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"})
+        _wait_for(
+            lambda: (project / "outputs/train/run.json").exists(), train, timeout=300, what="MLflow run"
+        )
+        _crash(server)  # and it stays down until training has ended
+        rc, _, err = train.finish()
+        assert rc == 2 and f"at {uri}" in err and "Traceback" not in err, err[-3000:]
+        run_before = json.loads((project / "outputs/train/run.json").read_text())
+        history = json.loads((project / "outputs/train/history.json").read_text())
+        assert [h["epoch"] for h in history] == [0, 1, 2]  # the training itself finished
+
+        server = start_mlflow_server(store, port)
+        resumed = run_cli("train", "--resume", "--json", cwd=project, env=env, timeout=900)
+        assert resumed.returncode == 0, resumed.stderr[-3000:]
+        assert json.loads(resumed.stdout)["run_id"] == run_before["run_id"]
+        assert (
+            json.loads((project / "outputs/train/history.json").read_text()) == history
+        )  # nothing retrained
+        client = MlflowClient(uri)
+        assert [m.step for m in client.get_metric_history(run_before["run_id"], "val_accuracy")] == [0, 1, 2]
+        assert client.list_artifacts(run_before["run_id"], "checkpoint")
+        evaluate = run_cli("evaluate", cwd=project, env=env, timeout=600)
+        assert evaluate.returncode == 0, evaluate.stderr[-3000:]  # the resumed training is complete
     finally:
         stop_process_group(server)
 
@@ -288,7 +348,7 @@ def test_prefect_server_gone_mid_flow_fails_clearly_and_the_next_run_works(tmp_p
         run = _start(project, "pipeline", env=env)
         _wait_for(lambda: (project / "outputs/train/run.json").exists(), run, timeout=600, what="training")
         stop_process_group(server)  # gone while the train task runs
-        rc, _, err = _finish(run)
+        rc, _, err = run.finish()
         assert rc == 2 and f"the Prefect API at {api} stopped answering" in err, err[-4000:]
         assert "Traceback" not in err
         version = data_version(project / "data" / "manifest.parquet")  # what ingest wrote is kept
@@ -320,7 +380,7 @@ def test_prefect_server_restarted_mid_flow_the_run_finishes(tmp_path: Path) -> N
         _wait_for(lambda: (project / "data/manifest.parquet").exists(), run, timeout=600, what="ingest")
         _crash(server)
         server = _start_prefect(home, port)
-        rc, out, err = _finish(run)
+        rc, out, err = run.finish()
         assert rc in (0, 3), err[-4000:]
         assert json.loads(out)["register"]["version"]
     finally:
@@ -388,6 +448,29 @@ def test_disk_full_during_ingest_exits_7_keeps_the_data_version_and_a_rerun_succ
         assert summary["seen"] > seen
         _check_data(data, summary["seen"])
         assert data_version(data / "manifest.parquet") != version and not _temps(data)
+
+
+def test_disk_full_is_found_along_the_cause_chain_and_names_the_file(tmp_path: Path) -> None:
+    import errno
+
+    from flows.cli import _disk_full, _disk_full_message
+
+    full = OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "model.safetensors"))
+    try:
+        try:
+            raise full
+        except OSError as e:
+            raise RuntimeError("worker failed") from e
+    except RuntimeError as wrapped:
+        assert _disk_full(wrapped) is full
+    assert _disk_full(RuntimeError("Error while serializing: IoError(No space left on device (os error 28))"))
+    assert _disk_full(OSError(errno.EACCES, "Permission denied")) is None
+    assert _disk_full(ValueError("bad value")) is None
+    message = _disk_full_message(full)
+    assert (
+        message.startswith(f"disk full: {tmp_path.resolve() / 'model.safetensors'} (")
+        and "KiB free" in message
+    )
 
 
 @pytest.mark.slow

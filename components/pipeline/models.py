@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from components.core.config import Params
 from components.core.errors import DataError
@@ -16,6 +16,9 @@ from components.core.jsonio import write_json
 from components.data.manifest import read_manifest
 from components.pipeline.context import StagePaths, connect_tracking, registry_options, registry_retry
 from components.pipeline.records import AliasMove, ExportResult, PredictionResult
+
+if TYPE_CHECKING:
+    from components.train.ray_adapter import RayOptions
 
 # --------------------------------------------------------------------------- registry
 
@@ -65,16 +68,25 @@ def resolve_model_uri(params: Params, model: str | None) -> str:
     return model or params.serve.model or f"models:/{params.register_.model_name}@champion"
 
 
-def load_predictor(params: Params, model: str | None, tmp: Path, **kwargs: Any) -> tuple[Any, str]:
-    """A Predictor for ``model`` (registry/run URI, or a folder holding model.json) and its URI."""
-    from components.model.checkpoint import SPEC_FILE, Predictor
+def model_dir(params: Params, model: str | None, tmp: Path) -> tuple[Path, str]:
+    """The folder of ``model`` (a local folder holding model.json as is, else the registry/run URI
+    downloaded into ``tmp``) and its URI."""
+    from components.model.checkpoint import SPEC_FILE
     from components.registry import tracking
 
     uri = resolve_model_uri(params, model)
     if (Path(uri) / SPEC_FILE).exists():
-        return Predictor.from_dir(Path(uri), **kwargs), uri
+        return Path(uri), uri
     connect_tracking(params)
-    return Predictor.from_dir(tracking.download_model_dir(uri, tmp / "served"), **kwargs), uri
+    return tracking.download_model_dir(uri, tmp / "served"), uri
+
+
+def load_predictor(params: Params, model: str | None, tmp: Path, **kwargs: Any) -> tuple[Any, str]:
+    """A Predictor for ``model`` (registry/run URI, or a folder holding model.json) and its URI."""
+    from components.model.checkpoint import Predictor
+
+    path, uri = model_dir(params, model, tmp)
+    return Predictor.from_dir(path, **kwargs), uri
 
 
 def run_serve(
@@ -97,6 +109,46 @@ def run_serve(
         limits = serving.ServeLimits.from_config(cfg)
         app = serving.create_app(predictor, model_uri=uri, limits=limits, token=token)
         serving.serve(app, host=host or cfg.host, port=port or cfg.port, requires_token=bool(token))
+
+
+def run_serve_ray(
+    params: Params,
+    *,
+    model: str | None = None,
+    host: str | None = None,
+    port: int | None = None,
+    replicas: int | None = None,
+    autoscale: str | None = None,
+    token: str | None = None,
+    ray_options: RayOptions | None = None,
+) -> None:
+    """``imgflow serve --ray``: the same HTTP protocol from a Ray Serve deployment of ``replicas``
+    (default 1) or ``autoscale`` ("MIN,MAX") replicas; blocks until interrupted, then shuts Serve
+    (and the Ray runtime it started) down."""
+    import tempfile
+
+    from components.core.errors import ConfigError
+    from components.model.checkpoint import Predictor
+    from components.serve import ray_serve, serving
+    from components.train.ray_adapter import RayOptions
+
+    if replicas is not None and autoscale is not None:
+        raise ConfigError("--replicas and --autoscale exclude each other: a fixed count or MIN,MAX")
+    scaling = ray_serve.Scaling(
+        replicas=replicas or 1, autoscale=ray_serve.parse_autoscale(autoscale) if autoscale else None
+    )
+    cfg, options = params.serve, ray_options or RayOptions()
+    limits = serving.ServeLimits.from_config(cfg)
+    settings = ray_serve.ServeSettings(
+        host=host or cfg.host, port=port or cfg.port, limits=limits, token=token
+    )
+    with tempfile.TemporaryDirectory(prefix="imgflow-serve-") as tmp:
+        path, uri = model_dir(params, model, Path(tmp))
+        Predictor.from_dir(path)  # a model that cannot load fails here, before Ray starts
+        running = ray_serve.start(path, model_uri=uri, settings=settings, scaling=scaling,
+                                  ray_address=options.address, verbose=options.verbose,
+                                  interruptible=True)  # fmt: skip
+    ray_serve.serve_until_interrupted(running)
 
 
 def run_predict(

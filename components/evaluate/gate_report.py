@@ -31,6 +31,7 @@ from components.evaluate.baseline_gate import (
     is_not_applicable,
 )
 from components.evaluate.calibration import CalibrationReport
+from components.evaluate.conformal import conformal_scalars, conformal_section, coverage_gate
 from components.evaluate.explain import Gallery, gallery_section
 from components.evaluate.gates import (
     GateLevel,
@@ -43,6 +44,7 @@ from components.evaluate.gates import (
     map_gate,
     recall_gates,
 )
+from components.evaluate.ood import OODEvidence, ood_gate, ood_scalars, ood_section
 from components.evaluate.robustness import SEVERITIES, RobustnessReport
 from components.task import TASK_NAMES, Task, get_task, task_of
 
@@ -70,6 +72,10 @@ class Evidence:
     ``{"status": "skipped", "reason"}``."""
     explanations: Gallery | None = None
     """Grad-CAM overlays of the most confident errors and the most confused pairs."""
+    ood: OODEvidence | None = None
+    """OOD scores vs held-out OOD sets and the shipped detector (:mod:`components.evaluate.ood`)."""
+    conformal: dict[str, Any] | None = None
+    """Conformal prediction sets' test coverage and set sizes (:mod:`components.evaluate.conformal`)."""
 
     @property
     def task(self) -> Task:
@@ -111,6 +117,10 @@ def build_gates(cfg: GatesConfig, ev: Evidence, *, baseline: BaselineConfig | No
         if levels.get(name, "error") != "off"
     ]
     gates += _adversarial_gates(cfg, ev, levels)
+    gates += ood_gate(ev.ood, cfg.min_ood_auroc, level=gate_level(levels, "min_ood_auroc"))
+    if (level := gate_level(levels, "conformal_coverage")) is not None:
+        gates += coverage_gate(ev.conformal or {}, cfg.conformal_tolerance, confidence=cfg.confidence,
+                               level=level)  # fmt: skip
     report = GateReport.of(gates, not_applicable=not_applicable)
     if not report.passed:
         logger.warning("gates failed: %s", ", ".join(g.name for g in report.failed()))
@@ -353,6 +363,8 @@ def report_dict(ev: Evidence, gates: GateReport, *, context: Mapping[str, Any]) 
         "baseline": baseline_comparison(ev.metrics, ev.baseline),
         "adversarial": ev.adversarial,
         "explanations": ev.explanations.to_dict() if ev.explanations is not None else None,
+        "ood": ev.ood.to_dict() if ev.ood is not None else None,
+        "conformal": ev.conformal,
     }
 
 
@@ -403,6 +415,7 @@ def all_scalars(ev: Evidence) -> dict[str, float]:
     if ev.adversarial and "pgd" in ev.adversarial:
         flat["adversarial_pgd_accuracy"] = ev.adversarial["pgd"][-1]
         flat["adversarial_fgsm_accuracy"] = ev.adversarial["fgsm"][-1]
+    flat |= ood_scalars(ev.ood) | conformal_scalars(ev.conformal)
     comp = (ev.champion or {}).get("comparison")
     if comp:
         key = ev.headline[0]
@@ -470,6 +483,8 @@ def write_report(
         paths["adversarial"] = plot_curve(adv, out_dir / "adversarial.png")
     if ev.explanations is not None:
         paths |= ev.explanations.write(out_dir)
+    if ev.ood is not None:
+        paths |= ev.ood.write(out_dir)
     data = report_dict(ev, gates, context=context)
     paths["report_json"] = write_json(out_dir / "report.json", data)
     paths["report_html"] = out_dir / "report.html"
@@ -512,6 +527,8 @@ def render_html(data: Mapping[str, Any], *, images: Mapping[str, Path]) -> str:
         _calibration_html(cal, images),
         _robustness_html(data.get("robustness"), images),
         adversarial_section(data.get("adversarial"), images),
+        ood_section(data.get("ood"), images),
+        conformal_section(data.get("conformal")),
         _slices_html(data.get("slices"), task=task),
         _champion_html(data.get("champion")),
     ]

@@ -44,6 +44,9 @@ logger = logging.getLogger(__name__)
 
 REGISTERED_DIR = "models"
 """Reports of ``evaluate --model`` go to ``<evaluate out>/models/<slug of the URI>/``."""
+TRUST_DIR = "trust"
+"""``<evaluate out>/trust/``: the OOD detector and conformal sets fitted for the model (register
+ships them)."""
 
 
 def sweep_sample(strata: np.ndarray, max_images: int | None, seed: int) -> np.ndarray:
@@ -74,12 +77,14 @@ def gather_evidence(
     champion: Champion | None = None,
     own_version: str | None = None,
     baseline: Any = None,
+    trust_dir: Path | None = None,
 ) -> Evidence:
     """Run every measurement of the evaluate stage on the model in ``model_dir``.
 
     champion: the registry's champion (None: nothing to compare with); own_version: the registry
     version of the evaluated model, if it is one; baseline: the baseline stage's ``baseline.json``
-    record (or None when it has not run).
+    record (or None when it has not run); trust_dir: where the fitted OOD detector and conformal sets
+    are saved (None: neither is fitted).
     """
     from components.data.datasets import encode_targets, split_rows
     from components.evaluate.gate_report import Evidence
@@ -97,12 +102,16 @@ def gather_evidence(
     keep = sweep_sample(task.strata(targets), size, params.project.seed) if sampled else None
     test, (model, spec) = predict_split(params, model_dir, "test", keep=keep)
     # A fitted decision rule (multi-label thresholds) always needs val; else val only fits T.
-    want_val = task.fits_decision or ev_cfg.temperature_scaling
+    trusted = params.ood.enabled or params.conformal.enabled  # both fit on val
+    want_val = task.fits_decision or ev_cfg.temperature_scaling or trusted
     val = predict_split(params, model_dir, "val")[0] if want_val and has_split(params, "val") else None
     measured = measure(params, task, spec.classes, test, val)
     robustness = _robustness(params, model, spec, test) if rob.enabled else None
     adversarial = _adversarial(params, model, spec, test) if adv.enabled else None
     explanations = _explanations(params, model, spec, test, measured)
+    ood, conformal = (
+        _trust(params, model_dir, model, spec, test, val, measured, trust_dir) if trust_dir else (None, None)
+    )
     rows = rows.assign(
         pixels=rows["width"] * rows["height"], **{k: pd.Series(v) for k, v in test.properties.items()}
     )
@@ -114,7 +123,8 @@ def gather_evidence(
     )
     return Evidence(metrics=measured.metrics, calibration=measured.calibration, robustness=robustness,
                     slices=slices, champion=compared, baseline=baseline, curves=measured.curves,
-                    adversarial=adversarial, explanations=explanations)  # fmt: skip
+                    adversarial=adversarial, explanations=explanations, ood=ood,
+                    conformal=conformal)  # fmt: skip
 
 
 @dataclass
@@ -216,6 +226,62 @@ def _explanations(params: Params, model: Any, spec: Any, test: SplitOutput, meas
         return Gallery((), "", status="skipped", reason=f"Grad-CAM failed on this model: {e}")
 
 
+def _trust(
+    params: Params, model_dir: Path, model: Any, spec: Any, test: SplitOutput, val: SplitOutput | None,
+    measured: Measured, trust_dir: Path,
+) -> tuple[Any, dict[str, Any]]:
+    """The OOD detector (:mod:`components.evaluate.ood`) and the conformal sets
+    (:mod:`components.evaluate.conformal`), fitted on val and measured on test; their files go to
+    ``trust_dir`` (stale ones removed first, so register never ships another run's)."""
+    from components.evaluate.conformal import conformal_evidence
+    from components.evaluate.ood import ood_evidence
+    from components.model.uncertainty import TRUST_FILES
+
+    trust_dir.mkdir(parents=True, exist_ok=True)
+    for name in TRUST_FILES:
+        (trust_dir / name).unlink(missing_ok=True)
+    single, temperature = not spec.task.several_labels, measured.calibration.temperature
+
+    def probs(out: SplitOutput) -> tuple[np.ndarray, np.ndarray]:
+        return spec.task.probabilities(out.logits, temperature=temperature), out.targets
+
+    conformal = conformal_evidence(params.conformal, single_class=single, val=probs(val) if val else None,
+                                   test=probs(test), classes=spec.classes, out_dir=trust_dir)  # fmt: skip
+    needed = params.ood.enabled and single and val is not None
+    inputs = _ood_inputs(params, model_dir, spec, test, val) if needed else {}
+    ood = ood_evidence(params.ood, single_class=single, temperature=temperature, model=model, spec=spec,
+                       out_dir=trust_dir, **inputs)  # fmt: skip
+    return ood, conformal
+
+
+def _ood_inputs(
+    params: Params, model_dir: Path, spec: Any, test: SplitOutput, val: SplitOutput | None
+) -> dict[str, Any]:
+    """Train/val/test features at ``ood.layer`` from the embedding store (one cached pass over the data
+    version), with val's and test's logits, and the OOD sets as model inputs."""
+    from components.data.datasets import encode_targets, split_rows
+    from components.evaluate.ood import Pass, ood_inputs
+    from components.evaluate.robustness import resolve_families
+    from components.model.embedding_store import embed_manifest
+
+    cfg = params.ood
+    emb = embed_manifest(params.project.data_dir, model_dir, layer=cfg.layer,
+                         batch_size=params.evaluate.batch_size)  # fmt: skip
+    manifest = read_manifest(DataPaths(params.project.data_dir).manifest)
+
+    def feats(split: str) -> np.ndarray:
+        return emb.rows(list(split_rows(manifest, split)["image_id"]))
+
+    train_targets = np.asarray(encode_targets(split_rows(manifest, "train"), spec.classes, spec.task))
+    families = resolve_families(params.evaluate.robustness.families)
+    return {
+        "train": (feats("train"), train_targets),
+        "val": Pass(val.logits, feats("val")) if val is not None else None,
+        "test": Pass(test.logits, feats("test")),
+        "sets": ood_inputs(cfg, spec, test.kept, families),
+    }
+
+
 # --------------------------------------------------------------------------- the stage
 
 
@@ -271,8 +337,9 @@ def evaluate_model(
     t0 = time.perf_counter()
     baseline = read_baseline(params.project.output_dir / "baseline")
     evidence = gather_evidence(
-        params, model_dir, champion=champion, own_version=own_version, baseline=baseline
-    )
+        params, model_dir, champion=champion, own_version=own_version, baseline=baseline,
+        trust_dir=out_dir / TRUST_DIR,
+    )  # fmt: skip
     gates = build_gates(params.gates, evidence, baseline=params.baseline)
     seconds = time.perf_counter() - t0
     files = write_report(evidence, gates, out_dir, context={**context, "seconds": round(seconds, 1)})
@@ -297,7 +364,7 @@ def evaluate_model(
         result=result,
         scalars={**all_scalars(evidence), "evaluate_seconds": seconds},
         baseline_scalars=baseline_scalars(baseline),
-        files=tuple(files.values()),
+        files=(*files.values(), *sorted(p for p in (out_dir / TRUST_DIR).glob("*") if p.is_file())),
         tags={"gates_passed": str(gates.passed).lower(), "task": task.name,
               "baseline_status": str((baseline or {}).get("status", "not run"))},
     )  # fmt: skip

@@ -22,6 +22,7 @@ from torch import nn
 from components.core.errors import ConfigError, DataError
 from components.core.jsonio import write_json
 from components.model.models import create_classifier, create_image_transform, image_mode
+from components.model.uncertainty import ConformalSets, OODDetector, ScoredNet, load_conformal, load_ood
 from components.task import Task, get_task
 
 WEIGHTS_FILE = "model.safetensors"
@@ -138,11 +139,30 @@ def decode_image(data: bytes, *, mode: str) -> Image.Image:
     return img.convert(mode)
 
 
+@dataclass(frozen=True)
+class Scored:
+    """A batch's predictions with what the model ships about trusting them."""
+
+    probs: np.ndarray
+    """(N, K) calibrated probabilities."""
+    ood_scores: np.ndarray | None = None
+    """(N,) OOD scores (higher: less like the training data); None when the model has no detector."""
+
+
 class Predictor:
-    """Batched inference from raw image bytes, with the spec's preprocessing and temperature."""
+    """Batched inference from raw image bytes, with the spec's preprocessing and temperature, and
+    (when the model folder has them: :mod:`components.model.uncertainty`) its OOD detector and
+    conformal prediction sets."""
 
     def __init__(
-        self, model: nn.Module, spec: ModelSpec, *, batch_size: int = 256, device: str = "cpu"
+        self,
+        model: nn.Module,
+        spec: ModelSpec,
+        *,
+        batch_size: int = 256,
+        device: str = "cpu",
+        ood: OODDetector | None = None,
+        conformal: ConformalSets | None = None,
     ) -> None:
         self.device = resolve_device(device)
         self.model = model.eval().to(self.device)
@@ -150,11 +170,13 @@ class Predictor:
         self.batch_size = batch_size
         self.mode = image_mode(spec.in_chans)
         self.transform = create_image_transform(spec.data_config, is_training=False)
+        self.ood, self.conformal = ood, conformal
+        self.scored_net = ScoredNet(self.model, ood).eval().to(self.device) if ood is not None else None
 
     @classmethod
     def from_dir(cls, model_dir: Path, **kwargs: Any) -> Predictor:
         model, spec = load_classifier(model_dir)
-        return cls(model, spec, **kwargs)
+        return cls(model, spec, ood=load_ood(model_dir), conformal=load_conformal(model_dir), **kwargs)
 
     def preprocess(self, images: list[bytes]) -> torch.Tensor:
         """images: raw file bytes -> (N, C, H, W) float tensor."""
@@ -171,6 +193,36 @@ class Predictor:
             out.append(probabilities(logits, self.spec).cpu().numpy())
         k = self.spec.num_classes
         return np.concatenate(out) if out else np.zeros((0, k), dtype=np.float32)
+
+    @torch.inference_mode()
+    def score_batch(self, x: torch.Tensor) -> Scored:
+        """x: (B, C, H, W) preprocessed -> probabilities and (with a detector) OOD scores, one pass."""
+        x = x.to(self.device, non_blocking=True)
+        if self.scored_net is None:
+            return Scored(probabilities(self.model(x).float(), self.spec).cpu().numpy())
+        logits, scores = self.scored_net(x)
+        return Scored(probabilities(logits.float(), self.spec).cpu().numpy(), scores.float().cpu().numpy())
+
+    def predict_scored(self, images: list[bytes]) -> Scored:
+        """images: raw file bytes -> :class:`Scored` (probabilities, OOD scores when fitted)."""
+        parts = [self.score_batch(self.preprocess(images[i : i + self.batch_size]))
+                 for i in range(0, len(images), self.batch_size)]  # fmt: skip
+        if not parts:
+            return Scored(np.zeros((0, self.spec.num_classes), dtype=np.float32))
+        scores = None if self.scored_net is None else np.concatenate([p.ood_scores for p in parts])  # type: ignore[misc]
+        return Scored(np.concatenate([p.probs for p in parts]), scores)
+
+    def trust_fields(self, scored: Scored) -> list[dict[str, Any]]:
+        """Per image: ``ood_score`` and ``ood`` (with a detector) and ``prediction_set`` (with a conformal
+        rule); an empty dict each for a model that ships neither (the fields are absent, not null)."""
+        out: list[dict[str, Any]] = [{} for _ in range(len(scored.probs))]
+        if self.ood is not None and scored.ood_scores is not None:
+            for rec, s, flag in zip(out, scored.ood_scores, self.ood.flags(scored.ood_scores), strict=True):
+                rec.update(ood_score=float(s), ood=bool(flag))
+        if self.conformal is not None:
+            for rec, labels in zip(out, self.conformal.label_sets(scored.probs, self.spec.classes), strict=True):
+                rec["prediction_set"] = labels
+        return out
 
     def decide(self, probs: np.ndarray) -> np.ndarray:
         """The spec's decision on (N, K) probabilities (:meth:`components.task.Task.decide`): (N,) class

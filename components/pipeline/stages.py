@@ -595,7 +595,9 @@ def run_register(params: Params, *, raise_on_gate_failure: bool = True) -> Regis
     import tempfile
 
     from components.evaluate.gates import GateReport
+    from components.evaluate.stage import TRUST_DIR
     from components.model.checkpoint import with_temperature
+    from components.model.uncertainty import copy_trust_files
     from components.registry import registry, tracking
     from components.task import get_task
 
@@ -619,6 +621,8 @@ def run_register(params: Params, *, raise_on_gate_failure: bool = True) -> Regis
             raise DataError(
                 "a multi-label model needs the thresholds evaluate tunes: re-run `imgflow evaluate`"
             )
+        # ... and its OOD detector and conformal sets, fitted by evaluate (absent when it fitted none).
+        copy_trust_files(paths.out("evaluate") / TRUST_DIR, model_dir)
         model_uri = tracking.log_pyfunc_model(
             run["run_id"],
             model_dir=model_dir,

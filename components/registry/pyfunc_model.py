@@ -10,9 +10,11 @@ package travels as its ``code_paths``.
 Nothing imports this module: MLflow executes it (``set_model`` on import is the protocol).
 
 Input: ``DataFrame{image: bytes | base64 text}``. Output: ``DataFrame{labels, label, score,
-probabilities}`` -- ``labels`` is the predicted label set (multi-label: every label at or above its
+probabilities[, ood_score, ood, prediction_set]}`` -- ``labels`` is the predicted label set (multi-label: every label at or above its
 tuned threshold, possibly none; single-label: the top class); ``probabilities`` (K,) per row in the
-spec's class order, temperature-scaled (softmax, or a sigmoid per label for multi-label models).
+spec's class order, temperature-scaled (softmax, or a sigmoid per label for multi-label models). ``ood_score`` / ``ood``
+and ``prediction_set`` come with models whose folder has an OOD detector / conformal sets
+(:mod:`components.model.uncertainty`); a model registered before those existed has no such columns.
 """
 
 from __future__ import annotations
@@ -69,10 +71,11 @@ class ImageClassifierModel(PythonModel):
         model_input: pd.DataFrame,
         params: dict[str, Any] | None = None,
     ) -> pd.DataFrame:
-        probs = self.predictor.predict_proba([_as_bytes(c) for c in _cells(model_input)])
+        scored = self.predictor.predict_scored([_as_bytes(c) for c in _cells(model_input)])
+        probs = scored.probs
         classes = self.predictor.spec.classes
         top = probs.argmax(axis=1)
-        return pd.DataFrame(
+        frame = pd.DataFrame(
             {
                 "labels": self.predictor.label_sets(probs),
                 "label": [classes[i] for i in top],
@@ -80,6 +83,9 @@ class ImageClassifierModel(PythonModel):
                 "probabilities": [row.astype(float).tolist() for row in probs],
             }
         )
+        # ood_score / ood / prediction_set: columns only when the model ships its detector / sets.
+        trust = pd.DataFrame(self.predictor.trust_fields(scored), index=frame.index)
+        return pd.concat([frame, trust], axis=1) if len(trust.columns) else frame
 
 
 mlflow.models.set_model(ImageClassifierModel())

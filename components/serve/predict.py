@@ -19,7 +19,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from components.core.errors import DataError
-from components.model.checkpoint import Predictor, probabilities
+from components.model.checkpoint import Predictor, Scored
 
 logger = logging.getLogger(__name__)
 
@@ -63,15 +63,15 @@ class _Images(Dataset):
 
 def predict_batches(
     predictor: Predictor, paths: list[Path], *, batch_size: int, workers: int
-) -> Iterator[tuple[np.ndarray, list[str]]]:
-    """Yield ((B, K) calibrated probabilities, per-image error text) batch by batch, in order."""
+) -> Iterator[tuple[Scored, list[str]]]:
+    """Yield (the batch's :class:`Scored`: (B, K) calibrated probabilities and, when the model ships
+    an OOD detector, (B,) OOD scores; per-image error text) batch by batch, in order."""
     loader = DataLoader(
         _Images(paths, predictor), batch_size=batch_size, num_workers=workers, shuffle=False,
         persistent_workers=False, prefetch_factor=2 if workers else None,
     )  # fmt: skip
-    with torch.inference_mode():
-        for x, errors in loader:
-            yield probabilities(predictor.model(x), predictor.spec).numpy(), list(errors)
+    for x, errors in loader:
+        yield predictor.score_batch(x), list(errors)
 
 
 def _frame(
@@ -101,26 +101,49 @@ def _frame(
     )
 
 
-def prediction_schema() -> Any:
-    """The Arrow schema of a predictions Parquet file (``imgflow predict``, with or without ``--ray``)."""
+def prediction_schema(*, ood: bool = False, sets: bool = False) -> Any:
+    """The Arrow schema of a predictions Parquet file (``imgflow predict``, with or without ``--ray``);
+    ``ood``: with ``ood_score`` and ``ood`` columns, ``sets``: with ``prediction_set`` (models that ship
+    an OOD detector / conformal sets, :mod:`components.model.uncertainty`)."""
     import pyarrow as pa
 
-    return pa.schema(
-        [("path", pa.string()), ("labels", pa.list_(pa.string())), ("label", pa.string()), ("score", pa.float64()),
-         ("top_k_labels", pa.list_(pa.string())), ("top_k_probs", pa.list_(pa.float64())),
-         ("probabilities", pa.list_(pa.float32())), ("error", pa.string())]
-    )  # fmt: skip
+    fields = [("path", pa.string()), ("labels", pa.list_(pa.string())), ("label", pa.string()),
+              ("score", pa.float64()), ("top_k_labels", pa.list_(pa.string())), ("top_k_probs", pa.list_(pa.float64())),
+              ("probabilities", pa.list_(pa.float32())), ("error", pa.string())]  # fmt: skip
+    fields += [("ood_score", pa.float64()), ("ood", pa.bool_())] if ood else []
+    fields += [("prediction_set", pa.list_(pa.string()))] if sets else []
+    return pa.schema(fields)
+
+
+def _with_trust(frame: pd.DataFrame, scored: Scored, predictor: Predictor, ok: list[bool]) -> pd.DataFrame:
+    """``frame`` plus the model's ood_score / ood / prediction_set columns (null / [] for unreadable files)."""
+    rows = predictor.trust_fields(scored)
+    if scored.ood_scores is not None and predictor.ood is not None:
+        frame["ood_score"] = [r["ood_score"] if good else None for r, good in zip(rows, ok, strict=True)]
+        frame["ood"] = [r["ood"] if good else None for r, good in zip(rows, ok, strict=True)]
+    if predictor.conformal is not None:
+        frame["prediction_set"] = [r["prediction_set"] if good else [] for r, good in zip(rows, ok, strict=True)]
+    return frame
 
 
 def prediction_table(
-    paths: Sequence[str], probs: np.ndarray, errors: list[str], predictor: Predictor, *, top_k: int
+    paths: Sequence[str],
+    probs: np.ndarray,
+    errors: list[str],
+    predictor: Predictor,
+    *,
+    top_k: int,
+    ood_scores: np.ndarray | None = None,
 ) -> Any:
     """One batch's prediction rows as an Arrow table of :func:`prediction_schema`: probs (B, K), one
-    error text per image ('' when it decoded). The one record function of every batch-prediction path."""
+    error text per image ('' when it decoded), ood_scores (B,) when the model has an OOD detector
+    (:meth:`Predictor.score_batch`). The one record function of every batch-prediction path."""
     import pyarrow as pa
 
     frame = _frame(paths, probs, errors, predictor, min(top_k, len(predictor.spec.classes)))
-    return pa.Table.from_pandas(frame, schema=prediction_schema(), preserve_index=False)
+    frame = _with_trust(frame, Scored(probs, ood_scores), predictor, [not e for e in errors])
+    schema = prediction_schema(ood="ood" in frame.columns, sets="prediction_set" in frame.columns)
+    return pa.Table.from_pandas(frame, schema=schema, preserve_index=False)
 
 
 def predict_to_parquet(
@@ -138,12 +161,15 @@ def predict_to_parquet(
 
     out.parent.mkdir(parents=True, exist_ok=True)
     classes = predictor.spec.classes
-    writer = pq.ParquetWriter(str(out), prediction_schema())
+    writer = pq.ParquetWriter(
+        str(out), prediction_schema(ood=predictor.ood is not None, sets=predictor.conformal is not None)
+    )
     done = failed = 0
     try:
-        for probs, errors in predict_batches(predictor, paths, batch_size=batch_size, workers=workers):
+        for scored, errors in predict_batches(predictor, paths, batch_size=batch_size, workers=workers):
             batch_paths = [str(p) for p in paths[done : done + len(errors)]]
-            writer.write_table(prediction_table(batch_paths, probs, errors, predictor, top_k=top_k))
+            writer.write_table(prediction_table(batch_paths, scored.probs, errors, predictor, top_k=top_k,
+                                                ood_scores=scored.ood_scores))  # fmt: skip
             done, failed = done + len(errors), failed + sum(1 for e in errors if e)
             if on_batch:
                 on_batch(len(errors))

@@ -49,6 +49,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from components.core.config import ServeConfig
 from components.core.errors import DataError
 from components.model.checkpoint import Predictor
+from components.model.uncertainty import trust_status
 
 logger = logging.getLogger(__name__)
 
@@ -167,12 +168,15 @@ def check_limits(images: list[bytes], limits: ServeLimits) -> None:
 def predictions(predictor: Predictor, images: list[bytes], *, top_k: int) -> list[dict[str, Any]]:
     """Images -> one record each: labels (the predicted label set: every label at or above its
     threshold for a multi-label model, else the top class), label, score (the most probable class),
-    top_k [{label, probability}], probabilities."""
-    probs = predictor.predict_proba(images)
+    top_k [{label, probability}], probabilities; and when the model ships them, ood_score, ood (its OOD
+    flag) and prediction_set (its conformal set)."""
+    scored = predictor.predict_scored(images)
+    probs = scored.probs
     classes = predictor.spec.classes
     k = min(top_k, len(classes))
     out = []
-    for row, labels in zip(probs, predictor.label_sets(probs), strict=True):
+    trusts = predictor.trust_fields(scored)
+    for row, labels, trust in zip(probs, predictor.label_sets(probs), trusts, strict=True):
         order = np.argsort(-row)[:k]
         out.append(
             {
@@ -181,6 +185,7 @@ def predictions(predictor: Predictor, images: list[bytes], *, top_k: int) -> lis
                 "score": float(row[order[0]]),
                 "top_k": [{"label": classes[int(j)], "probability": float(row[j])} for j in order],
                 "probabilities": [float(p) for p in row],
+                **trust,
             }
         )
     return out
@@ -212,7 +217,8 @@ def create_app(
     admission = Admission(limits)
     spec = predictor.spec
     info = {"status": "ok", "model": model_uri, "task": spec.task.name, "classes": list(spec.classes),
-            "thresholds": list(spec.thresholds) if spec.thresholds else None}  # fmt: skip
+            "thresholds": list(spec.thresholds) if spec.thresholds else None,
+            **trust_status(predictor.ood, predictor.conformal)}  # fmt: skip
 
     @app.exception_handler(RequestError)
     async def _bad_request(_: Request, exc: RequestError) -> JSONResponse:

@@ -30,7 +30,17 @@ from components.core.errors import DataError
 from components.data import ingest as ingest_module
 from components.data.ingest import ingest
 from components.data.sources import list_source
-from tests.conftest import BIN, REPO, fmnist_arrays, free_port, png_bytes, stop_process_group, wait_http
+from tests.conftest import (
+    BIN,
+    REPO,
+    fmnist_arrays,
+    free_port,
+    png_bytes,
+    run_cli,
+    stop_process_group,
+    wait_http,
+    write_small_params,
+)
 
 BUCKET = "images"
 PREFIX = "fmnist"
@@ -280,3 +290,56 @@ def test_ingest_from_s3_and_dvc_push_pull_through_an_s3_remote(s3_server: S3Serv
     assert _files(clone / "data" / "store") == _files(project / "data" / "store")
     status = _run(["dvc", "status", "ingest"], clone, env)
     assert "up to date" in status.stdout, status.stdout
+
+
+# --------------------------------------------------------------------------------------------
+# Ray Train checkpoints on the S3 server (train.storage_path)
+
+
+@pytest.mark.slow
+def test_training_keeps_its_checkpoints_in_the_bucket(s3_server: S3Server, tmp_path: Path) -> None:
+    """``train.storage_path=s3://...``: Ray Train writes the run's checkpoints through pyarrow's S3
+    filesystem (endpoint and credentials from the same AWS variables), and imgflow copies the model
+    out of the last one."""
+    s3_server.client().create_bucket(Bucket="ray-runs")
+    write_small_params(tmp_path, max_per_class=None, epochs=2,
+                       train={"workers": 1, "storage_path": "s3://ray-runs/imgflow"},
+                       ingest={"source": f"s3://{BUCKET}/{PREFIX}"})  # fmt: skip
+    env = s3_server.env()
+    assert run_cli("ingest", "--json", cwd=tmp_path, env=env).returncode == 0
+    done = run_cli("train", "--json", cwd=tmp_path, env=env)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    keys = [o["Key"] for o in s3_server.client().list_objects_v2(Bucket="ray-runs").get("Contents", [])]
+    # <prefix>/<run name>/checkpoint_<n>/<files>
+    checkpoints = {
+        parts[2]
+        for parts in (k.split("/") for k in keys)
+        if len(parts) > 3 and parts[2].startswith("checkpoint_")  # not checkpoint_manager_snapshot.json
+    }
+    assert len(checkpoints) == 2, keys  # one per epoch, both kept (CheckpointConfig num_to_keep=2)
+    assert (tmp_path / "outputs" / "train" / "model").is_dir()
+    assert not (tmp_path / ".imgflow" / "ray_results").exists()
+
+
+# --------------------------------------------------------------------------------------------
+# Ray Data batch prediction straight from the bucket (components/serve/ray_batch.py)
+
+
+@pytest.mark.slow
+def test_ray_data_predicts_from_the_s3_prefix_with_error_rows_for_bad_objects(
+    as_reader: S3Server, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """Every listed object gets a row; the denied and the corrupt one carry their error, the rest a label."""
+    ray_batch = pytest.importorskip("components.serve.ray_batch")
+    source = ray_batch.list_images(f"s3://{BUCKET}/{PREFIX}")
+    with ray_batch.ray_runtime(num_cpus=2):  # its processes inherit the reader's AWS variables
+        result = ray_batch.predict_with_ray(tiny_model_dir, source, tmp_path / "pred.parquet", batch_size=8)
+    rows = pd.read_parquet(tmp_path / "pred.parquet").set_index("path")
+    assert result.images == len(source) == len(rows)
+    errors = rows["error"].fillna("")
+    assert errors[f"s3://{BUCKET}/{DENIED_KEY}"]  # an error row, not a failed job
+    assert errors[f"s3://{BUCKET}/{CORRUPT_KEY}"]
+    good = rows.loc[[f"s3://{BUCKET}/{key}" for key in as_reader.images]]
+    assert (errors[good.index] == "").all()
+    truth = [key.split("/")[1] for key in as_reader.images]
+    assert (good["label"].to_numpy() == truth).mean() > 0.5  # a real (tiny) model: chance is 0.1

@@ -28,9 +28,9 @@ import psutil
 import pytest
 from ray.util.state import list_actors
 
+from components.core.config import TrainConfig
+from components.train.ray_adapter import storage_location
 from tests.conftest import free_port, run_cli, write_small_params
-
-pytestmark = pytest.mark.slow
 
 EPOCHS = 4
 
@@ -156,6 +156,7 @@ def _kill_second_node_worker(
         time.sleep(0.05)
 
 
+@pytest.mark.slow
 def test_two_node_training_on_shared_storage_survives_a_killed_worker(
     cluster: Cluster, tmp_path: Path
 ) -> None:
@@ -216,3 +217,15 @@ def _watch_and_kill(
             _kill_second_node_worker(events, runs[0], cluster, killed=killed, stop=stop)
             return
         time.sleep(0.1)
+
+
+def test_storage_path_reaches_ray_train_as_a_uri_or_an_absolute_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The quick half of the test above, in the default suite: what ``RunConfig.storage_path`` gets."""
+    assert TrainConfig().storage_path is None  # one machine: <state_dir>/ray_results
+    assert TrainConfig(storage_path="s3://bucket/runs").storage_path == "s3://bucket/runs"
+    assert storage_location("s3://bucket/runs") == "s3://bucket/runs"  # any pyarrow/fsspec URI, as is
+    monkeypatch.chdir(tmp_path)
+    assert storage_location("shared/runs") == str(tmp_path.resolve() / "shared" / "runs")
+    assert storage_location(Path("~/runs")) == str(Path.home().resolve() / "runs")

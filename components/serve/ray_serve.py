@@ -53,17 +53,19 @@ class Scaling:
 
     ``replicas``: a fixed count; ``autoscale``: ``(min, max)`` replicas, Serve adding one when the
     requests in flight per replica pass ``target_ongoing`` (then ``replicas`` is ignored).
-    ``max_ongoing``: requests a replica holds at once (more wait in the proxy); ``@serve.batch``
-    scores all it holds in one model pass, waiting at most ``batch_wait_s`` after the first for
-    others to join."""
+    ``max_ongoing``: requests a replica holds at once (None: ``serve.max_concurrency``, so the app's
+    own admission never refuses what Serve sent it); ``@serve.batch`` scores all it holds in one
+    model pass, waiting at most ``batch_wait_s`` after the first for others to join. More requests
+    wait in the proxy, up to ``max_queued`` (then 503)."""
 
     replicas: int = 1
     autoscale: tuple[int, int] | None = None
     cpus_per_replica: float = 1.0
     gpus_per_replica: float = 0.0
-    max_ongoing: int = 16
-    target_ongoing: float = 4.0
+    max_ongoing: int | None = None
+    target_ongoing: float = 2.0
     batch_wait_s: float = 0.005
+    max_queued: int = 64
 
     def __post_init__(self) -> None:
         if self.replicas < 1:
@@ -74,10 +76,13 @@ class Scaling:
                 raise ConfigError(f"--autoscale MIN,MAX needs 0 <= MIN <= MAX and MAX >= 1, got {low},{high}")
 
     def deployment_options(self) -> dict[str, Any]:
-        """Keyword arguments of ``serve.deployment`` for this scaling."""
+        """Keyword arguments of ``serve.deployment`` for this scaling (``max_ongoing`` resolved)."""
+        if self.max_ongoing is None:
+            raise ValueError("Scaling.max_ongoing unresolved: build_application sets it from the limits")
         options: dict[str, Any] = {
             "ray_actor_options": {"num_cpus": self.cpus_per_replica, "num_gpus": self.gpus_per_replica},
             "max_ongoing_requests": self.max_ongoing,
+            "max_queued_requests": self.max_queued,
             # A replica that stops answering is replaced within seconds, not Serve's default 40 s.
             "health_check_period_s": 2.0,
             "health_check_timeout_s": 10.0,
@@ -113,14 +118,18 @@ def parse_autoscale(text: str) -> tuple[int, int]:
 
 @dataclass(frozen=True)
 class ServeSettings:
-    """Where the HTTP proxy listens and what the app enforces."""
+    """Where the HTTP proxy listens and what the app enforces (the ``serve`` params, as for uvicorn)."""
 
     host: str = "127.0.0.1"
     port: int = 8000
     limits: serving.ServeLimits = field(default_factory=serving.ServeLimits)
     token: str | None = None
-    request_timeout_s: float = 60.0
-    """Longest a request may take end to end; Serve answers 408 after it."""
+
+    @property
+    def proxy_timeout_s(self) -> float:
+        """Serve's end-to-end bound on a request (408 after it): the app's own time limits plus a
+        margin, so the app's clearer 503/504 comes first and only time queued in the proxy counts."""
+        return self.limits.queue_timeout_s + self.limits.request_timeout_s + 30.0
 
 
 @dataclass(frozen=True)
@@ -128,14 +137,18 @@ class ModelFiles:
     """The files of an imgflow model folder (model.safetensors + model.json), as bytes."""
 
     files: dict[str, bytes]
+    """Path relative to the folder (POSIX) -> content."""
 
     @classmethod
     def from_dir(cls, model_dir: Path) -> ModelFiles:
-        return cls({p.name: p.read_bytes() for p in sorted(Path(model_dir).iterdir()) if p.is_file()})
+        root = Path(model_dir)
+        return cls(
+            {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+        )
 
     def write(self, out_dir: Path) -> Path:
-        out_dir.mkdir(parents=True, exist_ok=True)
         for name, data in self.files.items():
+            (out_dir / name).parent.mkdir(parents=True, exist_ok=True)
             (out_dir / name).write_bytes(data)
         return out_dir
 
@@ -180,7 +193,7 @@ class ModelReplica:
         # A batch is requests (each at most limits.max_batch images; the predictor splits a large
         # pass into its own batches): as many as the replica holds at once.
         # The batch handler's documented setters; Ray's stubs type it as a plain callable.
-        self._score_batch.set_max_batch_size(scaling.max_ongoing)  # type: ignore[attr-defined]
+        self._score_batch.set_max_batch_size(scaling.max_ongoing or settings.limits.max_concurrency)  # type: ignore[attr-defined]
         self._score_batch.set_batch_wait_timeout_s(scaling.batch_wait_s)  # type: ignore[attr-defined]
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
@@ -210,6 +223,8 @@ class ModelReplica:
 
 def build_application(model: ModelFiles, *, model_uri: str, settings: ServeSettings, scaling: Scaling) -> Any:
     """The Serve application (``serve.Application``): the model's replicas behind one ingress."""
+    if scaling.max_ongoing is None:
+        scaling = replace(scaling, max_ongoing=settings.limits.max_concurrency)
     device = "cuda" if scaling.gpus_per_replica > 0 else "cpu"
     # serve.ingress() without an app: Serve calls ModelReplica.__serve_build_asgi_app__ after __init__.
     deployment = serve.deployment(name=DEPLOYMENT_NAME, **scaling.deployment_options())(
@@ -249,6 +264,9 @@ def start(
     ``scaling`` sets a share). A ConfigError when the cluster cannot hold the replicas.
     ``interruptible``: from the moment Ray is up, SIGTERM interrupts like Ctrl-C (a command's
     process; see :func:`serve_until_interrupted`)."""
+    warning = serving.open_access_warning(settings.host, requires_token=bool(settings.token))
+    if warning:
+        logger.warning(warning)
     owns_ray = ray_adapter.init_ray(address=ray_address, verbose=verbose)
     if interruptible:
         # Ray's core handles SIGTERM as a crash (a stack dump, then abort: exit 134) after
@@ -264,7 +282,7 @@ def start(
         logging_config = {"log_level": "INFO" if verbose else "WARNING", "enable_access_log": verbose}
         serve.start(
             http_options={"host": settings.host, "port": settings.port,
-                          "request_timeout_s": settings.request_timeout_s},
+                          "request_timeout_s": settings.proxy_timeout_s},
             logging_config=logging_config,
         )  # fmt: skip
         app = build_application(

@@ -110,8 +110,19 @@ def ensure_experiment(name: str, *, artifact_root: Path | None = None) -> str:
     if exp is not None:
         return str(exp.experiment_id)
     location = artifact_root.resolve().as_uri() if artifact_root is not None else None
-    return str(with_retries(lambda: mlflow.create_experiment(name, artifact_location=location),
-                            what=f"create experiment {name}"))  # fmt: skip
+
+    def create() -> str:
+        try:
+            return str(mlflow.create_experiment(name, artifact_location=location))
+        except MlflowException as e:  # created by an attempt whose answer was lost, or by another run
+            if e.error_code not in ("RESOURCE_ALREADY_EXISTS", "ALREADY_EXISTS"):
+                raise
+            exp = mlflow.get_experiment_by_name(name)
+            if exp is None:
+                raise
+            return str(exp.experiment_id)
+
+    return with_retries(create, what=f"create experiment {name}")
 
 
 # --------------------------------------------------------------------------- runs

@@ -608,6 +608,19 @@ class PredictConfig(_Section):
     top_k: int = Field(default=3, ge=1)
 
 
+class RayDataConfig(_Section):
+    """Ray Data for the image-heavy work (``imgflow predict``, the CLIP baseline's image embeddings):
+    images decoded by Ray tasks, scored by an actor pool holding the model."""
+
+    min_images: int = Field(default=100_000, ge=1)
+    """From this many images those stages run on Ray Data (always when $RAY_ADDRESS names a cluster;
+    ``imgflow predict --ray/--no-ray`` decides for itself); below it one process does, without Ray's
+    start-up seconds."""
+    actors: int = Field(default=1, ge=1)
+    """Actors of a Ray Data job, each holding one copy of the model (a GPU each when the cluster has
+    them); ``imgflow predict --actors`` overrides it."""
+
+
 class DriftConfig(_Section):
     """Data drift: a two-sample test (MMD, permutation p-value) on embeddings under the champion."""
 
@@ -630,7 +643,7 @@ class OODConfig(_Section):
     accept_rate: float = Field(default=0.95, gt=0, lt=1)
     """Share of in-distribution (val) images accepted: the threshold is this quantile of val's scores."""
     score: Literal["auto", "msp", "energy", "mahalanobis", "relative_mahalanobis", "knn"] = "auto"
-    """The shipped score; ``auto``: the best AUROC against the held-out reference set."""
+    """The shipped score; ``auto``: the best worst-case AUROC over the reference, blank and noise sets."""
     layer: Literal["pre_logits", "pooled_last"] = "pre_logits"
     """Feature layer of the feature-space scores (components.model.features)."""
     knn_k: int = Field(default=1, ge=1)
@@ -686,6 +699,7 @@ class Params(_Section):
     register_: RegisterConfig = Field(default=RegisterConfig(), alias="register")
     serve: ServeConfig = ServeConfig()
     predict: PredictConfig = PredictConfig()
+    ray: RayDataConfig = RayDataConfig()
     notify: NotifyConfig = NotifyConfig()
     drift: DriftConfig = DriftConfig()
     ood: OODConfig = OODConfig()

@@ -23,8 +23,8 @@ pass as in-distribution) are measured against the test split for each OOD set, r
 - ``corrupted:<family>``: test images at corruption severity 5 (:mod:`components.evaluate.robustness`):
   shifted but still showing the classes, so a low AUROC there is expected and no failure.
 
-The shipped score is ``ood.score``, or (``auto``) the best AUROC on the reference (on blank + noise
-with ``ood.reference: none``). Which score wins is measured each time, not assumed.
+The shipped score is ``ood.score``, or (``auto``) the one whose worst AUROC over the reference, blank
+and noise sets is highest. Which score wins is measured each time, not assumed.
 """
 
 from __future__ import annotations
@@ -299,16 +299,19 @@ def measure_scores(
 
 
 def choose_score(cfg: OODConfig, table: Mapping[str, Any]) -> tuple[str, str]:
-    """(shipped score, why): ``ood.score``, or the best AUROC on the reference (blank + noise without one)."""
+    """(shipped score, why): ``ood.score``, or the best worst-case AUROC over the reference and the
+    synthetic sets: the shipped flag has to catch digits *and* blank and noise images (measured on
+    Fashion-MNIST: relative Mahalanobis is best on digits, 0.94, but lets half the blank images through,
+    while knn holds >= 0.90 on all three)."""
     if cfg.score != "auto":
         return cfg.score, "ood.score"
-    ref = [cfg.reference] if cfg.reference != "none" else list(SYNTHETIC)
+    sets = ([cfg.reference] if cfg.reference != "none" else []) + list(SYNTHETIC)
 
-    def mean_auroc(s: str) -> float:
-        return float(np.mean([table[s]["sets"][r]["auroc"] for r in ref if r in table[s]["sets"]]))
+    def worst_auroc(s: str) -> float:
+        return min(table[s]["sets"][r]["auroc"] for r in sets if r in table[s]["sets"])
 
-    best = max(table, key=mean_auroc)
-    return best, f"best AUROC on {' + '.join(ref)} ({mean_auroc(best):.4f})"
+    best = max(table, key=worst_auroc)
+    return best, f"best worst-case AUROC over {', '.join(sets)} ({worst_auroc(best):.4f})"
 
 
 def ood_evidence(

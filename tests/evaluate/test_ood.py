@@ -127,13 +127,14 @@ def test_tiny_model_detects_mnist_digits_above_chance(fitted: dict) -> None:
     report = fitted["ev"].report
     assert report["status"] == "ok"
     assert set(report["scores"]) == {"msp", "energy", "mahalanobis", "relative_mahalanobis", "knn"}
+    worst = {s: min(m["auroc"] for k, m in r["sets"].items()) for s, r in report["scores"].items()}
+    assert worst[report["chosen"]] == max(worst.values())  # auto: the measured best worst case
     best = max(r["sets"]["mnist"]["auroc"] for r in report["scores"].values())
-    assert report["scores"][report["chosen"]]["sets"]["mnist"]["auroc"] == best  # auto: the measured best
     assert best > 0.6, report["scores"]
     for r in report["scores"].values():  # each threshold accepts 95% of val
         assert r["val_accept"] == pytest.approx(0.95, abs=0.01)
     gate = ood_gate(fitted["ev"], 0.5, level="error")[0]
-    assert gate.passed and gate.value == best
+    assert gate.passed and gate.value == report["scores"][report["chosen"]]["sets"]["mnist"]["auroc"]
 
 
 def test_detector_ships_and_reloads_without_pickle(fitted: dict) -> None:

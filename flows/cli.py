@@ -912,16 +912,38 @@ def serve(
 @app.command()
 def predict(
     source: Annotated[
-        Path,
+        str,
         typer.Argument(
-            help="A folder of images (searched recursively) or a CSV with a "
-            "'path' column (paths relative to the CSV)."
+            help="A folder of images (searched recursively), a CSV with a 'path' column (paths "
+            "relative to the CSV), or an object-store URI such as s3://bucket/prefix (needs Ray)."
         ),
     ],
-    out: Annotated[Path, typer.Option("--out", help="Parquet file to write.")] = Path("predictions.parquet"),
+    out: Annotated[
+        Path,
+        typer.Option(
+            "--out",
+            help="Parquet file to write (rows in input order). With Ray, a path not ending in .parquet "
+            "is a folder of Parquet files written by the workers.",
+        ),
+    ] = Path("predictions.parquet"),
     model: Annotated[
         str | None,
         typer.Option("--model", help="Registry/run URI or local model folder (default: the champion)."),
+    ] = None,
+    ray: Annotated[
+        bool | None,
+        typer.Option(
+            "--ray/--no-ray",
+            help="Score with Ray Data: tasks decode, an actor pool holds the model (GPU actors when the "
+            "cluster has GPUs), on the cluster $RAY_ADDRESS names or a local runtime. Default: Ray when "
+            "$RAY_ADDRESS is set, the source is a URI, or it holds at least ray.min_images images.",
+        ),
+    ] = None,
+    actors: Annotated[
+        int | None,
+        typer.Option(
+            "--actors", min=1, help="Model actors of the Ray job (default ray.actors; implies --ray)."
+        ),
     ] = None,
     params: ParamsOpt = Path("params.yaml"),
     set_: SetOpt = None,
@@ -931,11 +953,21 @@ def predict(
     """Batch inference: the predicted label set (multi-label models: every label at or above its tuned
     threshold), label, score, top-k and calibrated probabilities per image into Parquet,
     streamed batch by batch (predict.batch_size, predict.workers) so memory stays flat. An image
-    that cannot be decoded gets its error in the `error` column."""
+    that cannot be decoded gets its error in the `error` column. --ray: the same columns from Ray Data."""
     from components.pipeline.models import run_predict
 
+    use_ray = True if actors is not None and ray is None else ray
     result = _run(
-        lambda: run_predict(_params(params, set_), source, out=out, model=model, progress=not as_json),
+        lambda: run_predict(
+            _params(params, set_),
+            source,
+            out=out,
+            model=model,
+            progress=not as_json,
+            ray=use_ray,
+            actors=actors,
+            ray_options=_ray_options(verbose=verbose),
+        ),
         as_json=as_json,
         verbose=verbose,
     )

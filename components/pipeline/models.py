@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from components.core.config import Params
-from components.core.errors import DataError
+from components.core.errors import ConfigError, DataError
 from components.core.jsonio import write_json
 from components.data.manifest import read_manifest
 from components.pipeline.context import StagePaths, connect_tracking, registry_options, registry_retry
@@ -152,17 +152,40 @@ def run_serve_ray(
 
 
 def run_predict(
-    params: Params, source: Path, *, out: Path, model: str | None = None, progress: bool = True
+    params: Params,
+    source: Path | str,
+    *,
+    out: Path,
+    model: str | None = None,
+    progress: bool = True,
+    ray: bool | None = None,
+    actors: int | None = None,
+    ray_options: RayOptions | None = None,
 ) -> PredictionResult:
-    """``imgflow predict``: batch inference over a folder or CSV into a Parquet file, streaming."""
+    """``imgflow predict``: batch inference over a folder, CSV or object-store URI into Parquet.
+
+    ``ray`` True: on Ray Data (:mod:`components.serve.ray_batch`, ``actors`` model actors, default
+    ``ray.actors``) on the cluster ``ray_options`` names or a local runtime; None: so when a cluster
+    is named, the source is a URI or it holds at least ``ray.min_images`` images; False: in this
+    process, streaming."""
     import tempfile
 
     from tqdm import tqdm
 
-    from components.serve.predict import list_inputs, predict_to_parquet
+    from components.serve.predict import predict_to_parquet
+    from components.serve.ray_batch import list_images
 
     cfg = params.predict
-    paths = list_inputs(source)
+    images = list_images(source)
+    if ray is None:
+        cluster = bool(ray_options and ray_options.address)
+        ray = cluster or images.filesystem is not None or len(images) >= params.ray.min_images
+    if ray:
+        return _predict_on_ray(params, images, out=out, model=model, progress=progress, actors=actors,
+                               ray_options=ray_options)  # fmt: skip
+    if images.filesystem is not None:
+        raise ConfigError(f"{source} is in object storage: predict it with --ray (Ray Data reads URIs)")
+    paths = [Path(p) for p in images.paths]
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="imgflow-predict-") as tmp:
         predictor, uri = load_predictor(params, model, Path(tmp))
@@ -172,6 +195,41 @@ def run_predict(
     return PredictionResult(
         images=int(result["images"]), failed=int(result["failed"]), out=Path(result["out"]),
         classes=tuple(result["classes"]), model=uri, seconds=time.perf_counter() - t0,
+    )  # fmt: skip
+
+
+def _predict_on_ray(
+    params: Params,
+    images: Any,
+    *,
+    out: Path,
+    model: str | None,
+    progress: bool,
+    actors: int | None,
+    ray_options: RayOptions | None,
+) -> PredictionResult:
+    """``imgflow predict --ray``: ``images`` (a ``ray_batch.ImageSource``) scored on an actor pool."""
+    import tempfile
+
+    from tqdm import tqdm
+
+    from components.serve import ray_batch
+
+    cfg = params.predict
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="imgflow-predict-") as tmp:
+        folder, uri = model_dir(params, model, Path(tmp))
+        with (
+            ray_batch.ray_runtime(ray_options),
+            tqdm(total=len(images), unit="img", disable=not progress, desc="predict (ray)") as bar,
+        ):
+            result = ray_batch.predict_with_ray(
+                folder, images, out, batch_size=cfg.batch_size, top_k=cfg.top_k,
+                actors=actors or params.ray.actors, on_batch=bar.update,
+            )  # fmt: skip
+    return PredictionResult(
+        images=result.images, failed=result.failed, out=Path(result.out), classes=result.classes,
+        model=uri, seconds=time.perf_counter() - t0,
     )  # fmt: skip
 
 

@@ -145,9 +145,12 @@ def run_serve_ray(
     with tempfile.TemporaryDirectory(prefix="imgflow-serve-") as tmp:
         path, uri = model_dir(params, model, Path(tmp))
         Predictor.from_dir(path)  # a model that cannot load fails here, before Ray starts
-        running = ray_serve.start(path, model_uri=uri, settings=settings, scaling=scaling,
-                                  ray_address=options.address, verbose=options.verbose,
-                                  interruptible=True)  # fmt: skip
+        try:
+            running = ray_serve.start(path, model_uri=uri, settings=settings, scaling=scaling,
+                                      ray_address=options.address, verbose=options.verbose,
+                                      interruptible=True)  # fmt: skip
+        except KeyboardInterrupt:
+            return  # stopped while the replicas started: start() shut down what it had started
     ray_serve.serve_until_interrupted(running)
 
 

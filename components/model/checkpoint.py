@@ -209,7 +209,7 @@ class Predictor:
                  for i in range(0, len(images), self.batch_size)]  # fmt: skip
         if not parts:
             return Scored(np.zeros((0, self.spec.num_classes), dtype=np.float32))
-        scores = None if self.scored_net is None else np.concatenate([p.ood_scores for p in parts])  # type: ignore[misc]
+        scores = None if self.scored_net is None else np.concatenate([p.ood_scores for p in parts])
         return Scored(np.concatenate([p.probs for p in parts]), scores)
 
     def trust_fields(self, scored: Scored) -> list[dict[str, Any]]:
@@ -220,7 +220,8 @@ class Predictor:
             for rec, s, flag in zip(out, scored.ood_scores, self.ood.flags(scored.ood_scores), strict=True):
                 rec.update(ood_score=float(s), ood=bool(flag))
         if self.conformal is not None:
-            for rec, labels in zip(out, self.conformal.label_sets(scored.probs, self.spec.classes), strict=True):
+            sets = self.conformal.label_sets(scored.probs, self.spec.classes)
+            for rec, labels in zip(out, sets, strict=True):
                 rec["prediction_set"] = labels
         return out
 

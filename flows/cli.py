@@ -400,7 +400,13 @@ def baseline(
     from components.pipeline.stages import run_baseline
     from flows.environment import behind_proxy
 
-    body = _locked("baseline", params, set_, wait, lambda p: run_baseline(p, behind_proxy=behind_proxy()))
+    body = _locked(
+        "baseline",
+        params,
+        set_,
+        wait,
+        lambda p: run_baseline(p, behind_proxy=behind_proxy(), ray_options=_ray_options()),
+    )
     result = _run(body, as_json=as_json, verbose=verbose)
     _emit(result, as_json, lambda r: f"CLIP baseline {_baseline_line(r)}\nresults in {r.out_dir}")
 

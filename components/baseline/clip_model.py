@@ -292,11 +292,14 @@ def embed_images(
     cache: EmbeddingCache | None,
     batch_size: int = 64,
     workers: int = 0,
+    encode: Callable[[list[Path]], np.ndarray] | None = None,
 ) -> tuple[np.ndarray, int]:
     """(features (N, D) in ``image_ids`` order, how many images were encoded now).
 
     Only images the cache lacks are decoded and encoded (in chunks, each appended to the cache as
-    soon as it is done). Without a cache every distinct image is encoded.
+    soon as it is done). Without a cache every distinct image is encoded. ``encode``: paths ->
+    features (N, D) done elsewhere (the pipeline passes Ray Data's, for large data), instead of the
+    local loader; it must use this encoder's weights and preprocessing.
     """
     from torch.utils.data import DataLoader
 
@@ -307,6 +310,9 @@ def embed_images(
     todo = cache.missing(image_ids)
     for start in range(0, len(todo), _ENCODE_CHUNK):
         chunk = todo[start : start + _ENCODE_CHUNK]
+        if encode is not None:
+            cache.put(chunk, encode([path_of[i] for i in chunk]))
+            continue
         ds = ManifestDataset(
             [path_of[i] for i in chunk], [0] * len(chunk), transform=encoder.preprocess, mode="RGB"
         )

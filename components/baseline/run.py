@@ -19,7 +19,7 @@ threshold); multi-label records say ``task: multilabel`` and carry the disagreem
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -49,8 +49,10 @@ def run_baselines(
     cache: EmbeddingCache | None,
     cfg: BaselineConfig,
     task: Task | str = SINGLELABEL,
+    encode: Callable[[list[Path]], np.ndarray] | None = None,
 ) -> tuple[dict[str, Any], pd.DataFrame]:
     """Zero-shot and linear-probe metrics on ``cfg.eval_split``, and the disagreement table.
+    ``encode``: image features computed elsewhere (:func:`embed_images`), e.g. on Ray Data.
 
     Returns (the record written as baseline.json, the disagreements with
     :func:`components.baseline.disagreements.disagreement_columns`).
@@ -64,6 +66,7 @@ def run_baselines(
         cache=cache,
         batch_size=cfg.batch_size,
         workers=cfg.loader_workers,
+        encode=encode,
     )
     y = task.encode([_label_list(v) for v in rows["labels"]], classes)
     prompts = class_prompts(

@@ -306,18 +306,22 @@ def _log_audit_run(
 # --------------------------------------------------------------------------- 2b. CLIP baselines
 
 
-def run_baseline(params: Params, *, behind_proxy: bool = False) -> BaselineResult:
+def run_baseline(
+    params: Params, *, behind_proxy: bool = False, ray_options: RayOptions | None = None
+) -> BaselineResult:
     """Zero-shot and linear-probe CLIP baselines on the test split, each its own MLflow run.
 
     With no CLIP weights to be had (offline and nothing cached) the stage does not fail: it writes
     and logs ``skipped: weights unavailable`` and returns ``status: skipped``. ``behind_proxy``: the
     entry point found a proxy configured, so the weights are not judged unreachable by a direct probe.
+    The image embeddings run on Ray Data when ``ray_options`` names a cluster or the data holds at
+    least ``ray.min_images`` images.
     """
     from components import baseline as cb
 
     paths = StagePaths(params)
     require_manifest(paths.data)
-    record, disagreements = _baseline_record(params, behind_proxy=behind_proxy)
+    record, disagreements = _baseline_record(params, behind_proxy=behind_proxy, ray_options=ray_options)
     files = cb.write_baseline(record, disagreements, paths.out("baseline"))
     if disagreements is not None:
         record["ledger"] = _record_disagreements(params, disagreements)
@@ -331,7 +335,9 @@ def run_baseline(params: Params, *, behind_proxy: bool = False) -> BaselineResul
     )
 
 
-def _baseline_record(params: Params, *, behind_proxy: bool) -> tuple[dict[str, Any], pd.DataFrame | None]:
+def _baseline_record(
+    params: Params, *, behind_proxy: bool, ray_options: RayOptions | None = None
+) -> tuple[dict[str, Any], pd.DataFrame | None]:
     """baseline.json's record and CLIP's confident disagreements (None when the baseline did not run)."""
     from components import baseline as cb
     from components.baseline.embeddings import EmbeddingCache
@@ -351,15 +357,39 @@ def _baseline_record(params: Params, *, behind_proxy: bool) -> tuple[dict[str, A
         reason = f"{cb.WEIGHTS_UNAVAILABLE}: {e}"
         return cb.skipped_record(reason, model=cfg.model, pretrained=cfg.pretrained), None
     info = DatasetInfo.load(paths.data.dataset)
-    return cb.run_baselines(
-        encoder,
-        read_manifest(paths.data.manifest),
-        info.classes,
-        data_dir=params.project.data_dir,
-        cache=EmbeddingCache(paths.state / "embeddings", encoder.key),
-        cfg=cfg,
-        task=info.task,
-    )
+    manifest = read_manifest(paths.data.manifest)
+    with _ray_image_encoder(params, encoder, images=len(manifest), ray_options=ray_options) as encode:
+        return cb.run_baselines(
+            encoder,
+            manifest,
+            info.classes,
+            data_dir=params.project.data_dir,
+            cache=EmbeddingCache(paths.state / "embeddings", encoder.key),
+            cfg=cfg,
+            task=info.task,
+            encode=encode,
+        )
+
+
+@contextmanager
+def _ray_image_encoder(
+    params: Params, encoder: Any, *, images: int, ray_options: RayOptions | None
+) -> Iterator[Any]:
+    """paths -> CLIP image features on Ray Data (a runtime for the block) when a cluster is named or
+    the data holds at least ``ray.min_images`` images; None (the stage's own loader) otherwise."""
+    if not ((ray_options and ray_options.address) or images >= params.ray.min_images):
+        yield None
+        return
+    from components.serve import ray_batch
+
+    with ray_batch.ray_runtime(ray_options):
+        yield lambda paths: ray_batch.encode_images(
+            paths,
+            encoder.model,
+            encoder.preprocess,
+            batch_size=params.baseline.batch_size,
+            actors=params.ray.actors,
+        )
 
 
 def _record_disagreements(params: Params, disagreements: pd.DataFrame) -> dict[str, Any]:

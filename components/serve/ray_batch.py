@@ -461,3 +461,60 @@ def _count_failed(folder: str) -> int:
 
     errors = pads.dataset(folder, format="parquet").to_table(columns=["error"])["error"]
     return int(pc.sum(pc.is_valid(errors)).as_py() or 0)
+
+
+# --------------------------------------------------------------------------- image features
+
+
+class TransformInput:
+    """An image transform (PIL image in ``mode`` -> (C, H, W) tensor, e.g. CLIP's preprocess) as an
+    :class:`ImagePrep`; ``shape`` is measured once on a blank image."""
+
+    def __init__(self, transform: Callable[[Any], Any], *, mode: str = "RGB") -> None:
+        from PIL import Image
+
+        self.transform, self.mode = transform, mode
+        self.shape = tuple(int(v) for v in transform(Image.new(mode, (8, 8))).shape)
+
+    def __call__(self, data: bytes) -> np.ndarray:
+        return np.asarray(self.transform(decode_image(data, mode=self.mode)), np.float32)
+
+
+class EncodeImages:
+    """A Ray Data actor holding an image encoder (a torch module with ``encode_image``, e.g. an
+    open_clip model): prepared pixels -> {index, features (B, D) float32, error}. ``model``: a
+    one-item list holding the module's object-store reference."""
+
+    def __init__(self, model: list[Any], *, device: str = "cpu") -> None:
+        import ray
+
+        self.device = device
+        self.model = ray.get(model[0]).to(device).eval()
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        import torch
+
+        x = torch.from_numpy(np.require(batch["pixels"], np.float32, ["C_CONTIGUOUS", "WRITEABLE"]))
+        with torch.inference_mode():
+            features = self.model.encode_image(x.to(self.device)).float().cpu().numpy()
+        return {"index": batch["index"], "features": features, "error": batch["error"]}
+
+
+def encode_images(
+    paths: list[Path], model: Any, transform: Callable[[Any], Any], *, batch_size: int = 64, actors: int = 1
+) -> np.ndarray:
+    """Features (N, D) of ``paths`` in order from ``model.encode_image`` on a Ray Data actor pool (one
+    GPU per actor when the cluster has GPUs); a DataError naming the first image that failed. Needs a
+    connected runtime (:func:`ray_runtime`)."""
+    import ray
+
+    gpu = ray_adapter.cluster_has_gpus()
+    features, errors = map_images_to_array(
+        ImageSource.local(paths), EncodeImages, column="features", prepare=TransformInput(transform),
+        fn_constructor_kwargs={"model": [ray.put(model)], "device": "cuda" if gpu else "cpu"},
+        batch_size=batch_size, actors=actors, gpus_per_actor=1.0 if gpu else 0.0,
+    )  # fmt: skip
+    failed = [(p, e) for p, e in zip(paths, errors, strict=True) if e]
+    if failed:
+        raise DataError(f"{len(failed)} images could not be encoded, e.g. {failed[0][0]}: {failed[0][1]}")
+    return features

@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from components.core.errors import DataError
 from components.model.checkpoint import Predictor
 from components.serve import ray_batch
 from components.serve.predict import list_inputs, predict_to_parquet
@@ -124,3 +125,33 @@ def test_unreachable_ray_address_is_a_clear_error(
     assert f"no Ray cluster answers at RAY_ADDRESS={address}" in proc.stderr
     assert "Traceback" not in proc.stderr and time.monotonic() - t0 < 120
     assert not (tmp_path / "p.parquet").exists()
+
+
+def test_clip_embeddings_on_ray_equal_the_local_loader(
+    ray_runtime: None, image_folder: Path, tmp_path: Path
+) -> None:
+    """The baseline's image embeddings through Ray Data (what the pipeline passes as ``encode`` for
+    large data) equal the stage's own loader's, image for image."""
+    import json
+
+    import open_clip
+    import torch
+
+    from components.baseline.clip_model import create_clip, embed_images
+    from tests.baseline.tiny_clip import TINY, TINY_CFG
+
+    (tmp_path / f"{TINY}.json").write_text(json.dumps(TINY_CFG))
+    open_clip.add_model_config(tmp_path / f"{TINY}.json")
+    torch.manual_seed(0)
+    encoder = create_clip(TINY, None, random_init=True)
+    paths = sorted(image_folder.glob("img_*.png"))[:24]
+    ids = [p.stem for p in paths]
+    local, _ = embed_images(encoder, ids, paths, cache=None, batch_size=8)
+    on_ray, encoded = embed_images(
+        encoder, ids, paths, cache=None, batch_size=8,
+        encode=lambda todo: ray_batch.encode_images(todo, encoder.model, encoder.preprocess, batch_size=8),
+    )  # fmt: skip
+    assert encoded == 24 and on_ray.shape == local.shape
+    np.testing.assert_allclose(on_ray, local, rtol=1e-4, atol=1e-5)
+    with pytest.raises(DataError, match="could not be encoded"):
+        ray_batch.encode_images([image_folder / "zz_corrupt.png"], encoder.model, encoder.preprocess)

@@ -80,7 +80,14 @@ class Scaling:
         if self.max_ongoing is None:
             raise ValueError("Scaling.max_ongoing unresolved: build_application sets it from the limits")
         options: dict[str, Any] = {
-            "ray_actor_options": {"num_cpus": self.cpus_per_replica, "num_gpus": self.gpus_per_replica},
+            "ray_actor_options": {
+                "num_cpus": self.cpus_per_replica,
+                "num_gpus": self.gpus_per_replica,
+                # The replica's code never blocks its event loop (the model runs in a thread), so it
+                # can run on Serve's own loop: one thread hop less per request, as Ray's
+                # RAY_SERVE_THROUGHPUT_OPTIMIZED mode does (set for this deployment only).
+                "runtime_env": {"env_vars": {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0"}},
+            },
             "max_ongoing_requests": self.max_ongoing,
             "max_queued_requests": self.max_queued,
             # A replica that stops answering is replaced within seconds, not Serve's default 40 s.

@@ -7,7 +7,7 @@ Serve: an HTTP proxy actor and R replicas, 1 CPU each, requests batched per repl
 every request one real Fashion-MNIST PNG (MLflow's scoring JSON, base64); after a warm-up.
 Figures per server: p50/p95 latency, requests/s, failed requests; and Ray Serve's ratios to uvicorn.
 
-``run(quick)`` is called by ``bench/scale.py``; alone: ``python -m bench.scale_serve [--quick]``
+``run(quick)`` is called by ``bench/bench_scale.py`` (``python -m bench scale``); alone: ``python -m bench.scale_serve [--quick]``
 prints the JSON.
 """
 

@@ -539,7 +539,7 @@ def test_reingest_reuses_the_store(tmp_path: Path, fm_test_set: tuple[np.ndarray
 
 def test_bad_specs_and_paths_raise_clear_errors(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"fashion-mnist.*imagefolder:<dir>.*csv:<file>"):
-        ingest("s3://bucket/images", data_dir=tmp_path / "d")
+        ingest("parquet:images.parquet", data_dir=tmp_path / "d")  # (s3:// is a source now)
     with pytest.raises(ConfigError, match="imagefolder:<dir>"):
         ingest("imagefolder:", data_dir=tmp_path / "d")
     with pytest.raises(DataError, match="does not exist"):

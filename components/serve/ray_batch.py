@@ -29,6 +29,7 @@ error within seconds). This module is the only one importing ``ray.data``.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 import posixpath
@@ -277,7 +278,7 @@ def map_images(
     return (
         ray.data.from_items(rows, override_num_blocks=blocks)
         .map_batches(
-            _read_and_prepare, fn_kwargs={"filesystem": source.filesystem, "prepare": prepare},
+            functools.partial(_read_and_prepare, filesystem=source.filesystem, prepare=prepare),
             batch_size=None, batch_format="numpy", num_cpus=decode_cpus, memory=decode_bytes,
         )
         .map_batches(

@@ -227,8 +227,14 @@ def _explanations(params: Params, model: Any, spec: Any, test: SplitOutput, meas
 
 
 def _trust(
-    params: Params, model_dir: Path, model: Any, spec: Any, test: SplitOutput, val: SplitOutput | None,
-    measured: Measured, trust_dir: Path,
+    params: Params,
+    model_dir: Path,
+    model: Any,
+    spec: Any,
+    test: SplitOutput,
+    val: SplitOutput | None,
+    measured: Measured,
+    trust_dir: Path,
 ) -> tuple[Any, dict[str, Any]]:
     """The OOD detector (:mod:`components.evaluate.ood`) and the conformal sets
     (:mod:`components.evaluate.conformal`), fitted on val and measured on test; their files go to

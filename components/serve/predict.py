@@ -122,7 +122,9 @@ def _with_trust(frame: pd.DataFrame, scored: Scored, predictor: Predictor, ok: l
         frame["ood_score"] = [r["ood_score"] if good else None for r, good in zip(rows, ok, strict=True)]
         frame["ood"] = [r["ood"] if good else None for r, good in zip(rows, ok, strict=True)]
     if predictor.conformal is not None:
-        frame["prediction_set"] = [r["prediction_set"] if good else [] for r, good in zip(rows, ok, strict=True)]
+        frame["prediction_set"] = [
+            r["prediction_set"] if good else [] for r, good in zip(rows, ok, strict=True)
+        ]
     return frame
 
 

@@ -110,7 +110,14 @@ def test_champion_loads_by_alias_and_predicts_real_images(done: dict) -> None:
     model = mlflow.pyfunc.load_model("models:/imgflow-test@champion")
     x, y = fmnist_arrays("t10k", 64)
     out = model.predict(pd.DataFrame({"image": [png_bytes(a) for a in x]}))
-    assert list(out.columns) == ["labels", "label", "score", "probabilities"] and len(out) == 64
+    assert list(out.columns)[:4] == ["labels", "label", "score", "probabilities"] and len(out) == 64
+    # The champion ships its OOD detector and conformal sets (fitted by evaluate, copied by register).
+    assert set(out.columns[4:]) == {"ood_score", "ood", "prediction_set"}
+    assert (
+        np.isfinite(out["ood_score"].astype(float)).all()
+        and out["ood"].map(lambda v: v in (True, False)).all()
+    )
+    assert all(set(s) <= set(FMNIST_CLASSES) for s in out["prediction_set"])
     assert (out["labels"].map(list) == out["label"].map(lambda x: [x])).all()  # single-label: the top class
     probs = np.array(out["probabilities"].tolist())
     assert probs.shape == (64, 10)

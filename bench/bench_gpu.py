@@ -43,7 +43,7 @@ def run(*, quick: bool = False) -> dict[str, Any]:
 
     if not torch.cuda.is_available():
         return {"figures": [], "skipped": "no CUDA device here: run `make test-gpu` on a GPU machine"}
-    per_class, epochs, repeats = (300, 3, 1) if quick else (1000, 5, 3)
+    per_class, epochs, repeats = (300, 3, 1) if quick else (1000, 5, 2)
     threads = min(4, os.cpu_count() or 1)
     with tempfile.TemporaryDirectory(prefix="imgflow-bench-gpu-") as tmp:
         root = Path(tmp)

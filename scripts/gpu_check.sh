@@ -48,7 +48,7 @@ fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/gpu.txt" 2>&1
 $PY -c "import torch, ray, timm; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), 'ray', ray.__version__, 'timm', timm.__version__)" | tee -a "$OUT/gpu.txt"
 rc=0
-timeout "${TEST_TIMEOUT:-300}" $PY -m pytest -m gpu -p no:cacheprovider -q -rA ${GPU_TESTS:-tests} 2>&1 | tee "$OUT/pytest.log" || rc=1
+timeout "${TEST_TIMEOUT:-300}" $PY -m pytest -m gpu -p no:cacheprovider -q -rA ${GPU_TESTS:-tests/train/test_gpu.py tests/train/test_training.py} 2>&1 | tee "$OUT/pytest.log" || rc=1
 timeout "${BENCH_TIMEOUT:-240}" $PY -m bench gpu ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log" || rc=1
 cp bench/results/gpu.json "$OUT/" 2>/dev/null
 exit $rc

@@ -178,6 +178,35 @@ class AuditConfig(_Section):
     seed: int = 0
 
 
+class EnsembleConfig(_Section):
+    """``train.ensemble``: several members registered as one model (their probabilities averaged).
+
+    Members are every (model, seed) pair of ``models`` x ``seeds``, each a Ray Train run; or, from
+    one run, ``snapshots``: K cycles of a cyclic cosine schedule, the weights kept at each cycle's end."""
+
+    seeds: list[int] | None = None
+    """Member seeds (null: ``project.seed``)."""
+    models: list[str] | None = None
+    """Member timm names (null: ``train.model``); members must share preprocessing (``train.input_size``)."""
+    snapshots: int | None = Field(default=None, ge=2)
+    """Snapshot ensemble of one run: K >= 2 cycles (``train.epochs`` split evenly); not with seeds/models."""
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> EnsembleConfig:
+        if self.snapshots is not None and (self.seeds is not None or self.models is not None):
+            raise ValueError("train.ensemble: snapshots come from one run; leave seeds and models null")
+        for key in ("seeds", "models"):
+            values = getattr(self, key)
+            if values is not None and (not values or len(set(values)) != len(values)):
+                raise ValueError(f"train.ensemble.{key}: a non-empty list without repeats, got {values}")
+        if self.snapshots is None and len(self.seeds or [0]) * len(self.models or [""]) < 2:
+            raise ValueError(
+                "train.ensemble needs at least 2 members: e.g. {seeds: [0, 1, 2]}, "
+                "{models: [imgflow_cnn_avgmax, resnet10t], seeds: [0]} or {snapshots: 3}"
+            )
+        return self
+
+
 class TrainConfig(_Section):
     model: str = "imgflow_cnn_avgmax"
     """Any timm model name (``timm.list_models()``), or imgflow's own ``imgflow_cnn``."""
@@ -256,11 +285,22 @@ class TrainConfig(_Section):
     root (``sqrt_inverse``)."""
     sampler: Literal["random", "balanced"] = "random"
     """``balanced``: draw every class equally often (oversampling with replacement; single-label)."""
+    ensemble: EnsembleConfig | None = None
+    """Train several members and register them as one model (:class:`EnsembleConfig`); null: one model."""
 
     @field_validator("use_gpu", mode="before")
     @classmethod
     def _bool_to_str(cls, v: Any) -> Any:
         return str(v).lower() if isinstance(v, bool) else v
+
+    @model_validator(mode="after")
+    def _snapshots_fit(self) -> TrainConfig:
+        k = self.ensemble.snapshots if self.ensemble is not None else None
+        if k is not None and self.epochs < k:
+            raise ValueError(f"train.ensemble.snapshots={k} cycles need train.epochs >= {k}, got {self.epochs}")
+        if k is not None and self.early_stopping_patience is not None:
+            raise ValueError("train.ensemble.snapshots runs every cycle: leave early_stopping_patience null")
+        return self
 
     @model_validator(mode="after")
     def _imbalance_options_combine(self) -> TrainConfig:
@@ -382,6 +422,18 @@ class TuneConfig(_Section):
         if self.mode == "auto":
             return "min" if self.metric.endswith("loss") else "max"
         return "min" if self.mode == "min" else "max"
+
+
+class DistillConfig(_Section):
+    """``imgflow distill``: a student trained with the ``train`` params plus a teacher's soft targets
+    (Hinton knowledge distillation, :mod:`components.train.distill`)."""
+
+    temperature: float = Field(default=4.0, gt=0)
+    """Softens both models' probabilities; the soft term is scaled by temperature**2."""
+    alpha: float = Field(default=0.7, ge=0, le=1)
+    """Weight of the soft-target term; 1 - alpha weighs the training loss on the hard labels."""
+    registered_name: str | None = None
+    """The student's registered model (null: ``<register.model_name>-student``)."""
 
 
 GATE_NAMES = (
@@ -694,6 +746,7 @@ class Params(_Section):
     baseline: BaselineConfig = BaselineConfig()
     train: TrainConfig = TrainConfig()
     tune: TuneConfig = TuneConfig()
+    distill: DistillConfig = DistillConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     gates: GatesConfig = GatesConfig()
     register_: RegisterConfig = Field(default=RegisterConfig(), alias="register")

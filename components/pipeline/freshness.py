@@ -30,6 +30,7 @@ IRRELEVANT_TO_TRAINING: tuple[str, ...] = (
     "register",  # names and addresses of the registry, not the model
     "notify",
     "tune",  # the sweep's own settings: `imgflow tune` writes a params file, it does not train the champion
+    "distill",  # `imgflow distill` trains a student registered under its own name, not the pipeline's model
     "drift",  # how drift is measured, not what is trained
 )
 """Dotted keys (or whole sections) that cannot change the trained model or its verdict: changing

@@ -86,6 +86,9 @@ class StepOptions:
     ema: Any = None
     """timm ``ModelEmaV3`` updated after each optimiser step."""
     channels_last: bool = False
+    distill: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+    """Knowledge distillation (``components.train.distill.Distiller``): the step's loss is
+    ``distill(x, logits, y)`` (the teacher sees the same augmented batch) instead of ``loss_fn(logits, y)``."""
 
 
 def _backward_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, opts: StepOptions) -> None:
@@ -123,7 +126,7 @@ def train_one_epoch(
             hard = y.argmax(1)
         with torch.autocast(device.type, dtype=opts.amp_dtype, enabled=opts.amp_dtype is not None):
             logits = model(x)
-            loss = loss_fn(logits, y)
+            loss = loss_fn(logits, y) if opts.distill is None else opts.distill(x, logits, y)
         _backward_step(loss, optimizer, opts)
         step += 1
         if opts.ema is not None:

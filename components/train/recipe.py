@@ -20,7 +20,7 @@ from components.data.manifest import DataPaths, DatasetInfo, read_manifest, requ
 from components.model.models import shipped_weights_file
 from components.task import get_task
 
-_PATH_FIELDS = ("manifest", "data_dir", "cache_dir", "pretrained_file", "exclude_file")
+_PATH_FIELDS = ("manifest", "data_dir", "cache_dir", "pretrained_file", "exclude_file", "teacher_dir")
 _TUPLE_FIELDS = ("classes", "scale")
 
 
@@ -76,6 +76,11 @@ class TrainRecipe:
     asl_gamma_neg: float
     asl_gamma_pos: float
     asl_clip: float
+    # --- knowledge distillation (``imgflow distill``; all None for plain training)
+    teacher_dir: Path | None
+    """The teacher's model folder (safetensors + spec), read by every worker (``components.train.distill``)."""
+    distill_temperature: float | None
+    distill_alpha: float | None
     # --- speed and reproducibility
     amp: str
     channels_last: bool
@@ -125,8 +130,24 @@ def resolve_pretrained_file(cfg: TrainConfig, *, weights_dir: Path) -> Path | No
     return shipped.resolve() if shipped else None
 
 
+@dataclass(frozen=True)
+class Distillation:
+    """What ``imgflow distill`` adds to a training run: the teacher's model folder and the KD loss's
+    temperature and soft-target weight (``distill.temperature``, ``distill.alpha``)."""
+
+    teacher_dir: Path
+    temperature: float
+    alpha: float
+
+
 def build_recipe(
-    cfg: TrainConfig, data: DataPaths, *, seed: int, weights_dir: Path, exclude_file: Path | None = None
+    cfg: TrainConfig,
+    data: DataPaths,
+    *,
+    seed: int,
+    weights_dir: Path,
+    exclude_file: Path | None = None,
+    distill: Distillation | None = None,
 ) -> TrainRecipe:
     """The recipe for ``cfg`` on the ingested ``data``; options the data's task does not support are a
     ConfigError here, before Ray starts. ``weights_dir`` caches converted pretrained weights; decoded
@@ -150,6 +171,9 @@ def build_recipe(
         loss=cfg.loss, class_weights=cfg.class_weights, focal_gamma=cfg.focal_gamma,
         logit_adjust_tau=cfg.logit_adjust_tau, asl_gamma_neg=cfg.asl_gamma_neg,
         asl_gamma_pos=cfg.asl_gamma_pos, asl_clip=cfg.asl_clip,
+        teacher_dir=distill.teacher_dir.resolve() if distill else None,
+        distill_temperature=distill.temperature if distill else None,
+        distill_alpha=distill.alpha if distill else None,
         amp=cfg.amp, channels_last=cfg.channels_last, compile=cfg.compile, ema_decay=cfg.ema_decay,
         deterministic=cfg.deterministic, seed=seed,
     )  # fmt: skip

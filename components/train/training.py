@@ -23,7 +23,7 @@ from components.data.manifest import DataPaths
 from components.train import ray_adapter
 from components.train.progress import progress_display
 from components.train.ray_adapter import RayOptions
-from components.train.recipe import TrainRecipe, build_recipe
+from components.train.recipe import Distillation, TrainRecipe, build_recipe
 from components.train.torch_recipe import MODEL_SUBDIR, read_history
 from components.train.worker import WorkerRun, train_loop_per_worker
 
@@ -120,6 +120,7 @@ def train(
     exclude_file: Path | None = None,
     show_progress: bool = True,
     ray_options: RayOptions | None = None,
+    distill: Distillation | None = None,
 ) -> TrainResult:
     """Train with Ray Train; writes ``out_dir/model/`` (safetensors + spec) and ``history.json``.
 
@@ -128,10 +129,13 @@ def train(
 
     ``weights_dir`` caches converted pretrained weights (shipped packages, see ``models``);
     ``exclude_file`` lists train images to leave out (the audit's suspected label errors);
-    ``ray_options``: which Ray (a cluster or a local runtime) and how much of it the console shows.
+    ``ray_options``: which Ray (a cluster or a local runtime) and how much of it the console shows;
+    ``distill``: train as a student of that teacher (``imgflow distill``, :mod:`components.train.distill`).
     """
     options = ray_options or RayOptions()
-    recipe = build_recipe(cfg, data, seed=seed, weights_dir=weights_dir, exclude_file=exclude_file)
+    recipe = build_recipe(
+        cfg, data, seed=seed, weights_dir=weights_dir, exclude_file=exclude_file, distill=distill
+    )
     use_gpu = {"auto": None, "true": True, "false": False}[cfg.use_gpu]
     started = ray_adapter.init_ray(
         address=options.address, dashboard=options.dashboard, verbose=options.verbose

@@ -23,6 +23,7 @@ from torch import nn
 from components.model.checkpoint import ModelSpec
 from components.task import get_task
 from components.train import ray_adapter
+from components.train.distill import build_distiller
 from components.train.engine import (
     StepOptions,
     allreduce_sums,
@@ -114,6 +115,8 @@ def _prepare(recipe: TrainRecipe, *, rank: int, world: int, pin_memory: bool) ->
     optimizer, scheduler = build_optimizer(model, recipe, len(train_loader))
     opts = build_step_options(recipe, model, device)
     loss_fn = build_train_loss(recipe, opts, train_targets(train_loader.dataset))
+    if recipe.teacher_dir is not None:  # imgflow distill: the teacher's soft targets join the loss
+        opts.distill = build_distiller(recipe, loss_fn, spec.data_config, device)
     eval_loss = get_task(recipe.task).eval_loss()
     return _Training(
         model, spec, train_loader, val_loader, optimizer, scheduler, opts, loss_fn, eval_loss, device

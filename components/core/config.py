@@ -87,11 +87,14 @@ DEFAULT_SEVERITY: dict[str, Literal["error", "warn"]] = {
     "class_presence": "error",
     "min_per_class": "error",
     "min_per_class_per_split": "error",
-    "imbalance": "error",
+    "imbalance": "warn",  # names the train.* options; a class too small to split fails min_per_class_per_split
     "exact_leakage": "error",
     "near_dup_leakage": "warn",
     "label_cardinality": "error",  # multi-label: an image without labels (or with too many)
     "cardinality_shift": "error",  # multi-label: mean labels per image differs strongly between splits
+    "contract_classes": "error",  # a class new to (or vanished from) the data contract
+    "contract_shift": "error",  # an image property's distribution shifted from the contract's reference
+    "contract_shares": "warn",  # a class's share moved more than the contract allows
 }
 """Validation check -> what a failure does by default (``validate.severity`` overrides)."""
 
@@ -129,6 +132,15 @@ class ValidateConfig(_Section):
     max_cardinality_ratio: float = Field(default=1.5, ge=1)
     """Multi-label: each split's mean labels per image may differ from the train split's by at most
     this factor (either way)."""
+    quality_reference: Literal["dataset", "absolute"] = "dataset"
+    """How too dark / too bright / blurry is judged: ``dataset``: an outlier of this dataset's own
+    distribution (beyond ``outlier_iqr`` interquartile ranges from the quartiles; blur on a log scale);
+    ``absolute``: the fixed cut-offs ``dark_below`` / ``bright_above`` / ``blur_below``."""
+    outlier_iqr: float = Field(default=3.0, gt=0)
+    """``quality_reference: dataset``: how many interquartile ranges beyond a quartile is an outlier."""
+    contract: Path | None = Path("data_contract.yaml")
+    """The data contract (components.quality.contract): written from the first data version that passes
+    validation, then every later version is validated against it. None: no contract."""
     severity: dict[str, Literal["error", "warn"]] = Field(default_factory=lambda: dict(DEFAULT_SEVERITY))
     """Check -> ``error`` (the stage fails) or ``warn`` (reported only); unlisted checks keep their
     default (:data:`DEFAULT_SEVERITY`)."""
@@ -460,7 +472,15 @@ GATE_NAMES = (
 class GatesConfig(_Section):
     """Thresholds of the evaluate stage's gates; ``levels`` says which block promotion."""
 
-    min_accuracy: float = Field(default=0.90, ge=0, le=1)
+    min_accuracy: float | Literal["auto"] = "auto"
+    """A number: the test accuracy must reach it. ``auto``: the lower bound of the test accuracy (Wilson,
+    at ``confidence``) must beat both the majority-class rate and the cheap baseline at hand (the audit's
+    out-of-fold classifier, or CLIP zero-shot when the baseline ran) by ``auto_margin``."""
+    auto_margin: float = Field(default=0.02, ge=0, le=1)
+    """``min_accuracy: auto``: how far above the majority-class rate and the cheap baseline."""
+    min_support: int = Field(default=30, ge=1)
+    """A slice or class with fewer test images gets the verdict "insufficient data" (listed, neither a
+    failure nor a pass); a class with no test image at all still fails."""
     min_class_recall: float = Field(default=0.60, ge=0, le=1)
     """Compared with the Wilson lower bound of each class's recall (at ``confidence``)."""
     confidence: float = Field(default=0.95, gt=0, lt=1)
@@ -501,6 +521,15 @@ class GatesConfig(_Section):
     @classmethod
     def _known_gates(cls, v: dict[str, str]) -> dict[str, str]:
         return _only_known(v, GATE_NAMES, what="gate")
+
+    @field_validator("min_accuracy", mode="before")
+    @classmethod
+    def _accuracy_number_or_auto(cls, v: Any) -> Any:
+        if isinstance(v, str) and v != "auto":
+            raise ValueError(f"expected a number in [0, 1] or auto, got {v!r}")
+        if not isinstance(v, str) and isinstance(v, int | float) and not 0 <= v <= 1:
+            raise ValueError(f"expected a number in [0, 1] or auto, got {v!r}")
+        return v
 
 
 class SliceSpec(_Section):

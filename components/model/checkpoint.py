@@ -99,15 +99,36 @@ class FlipTTA(nn.Module):
 
 def load_classifier(model_dir: Path) -> tuple[nn.Module, ModelSpec]:
     """Rebuild the model from its spec and load the weights (safetensors: no code execution); with
-    ``spec.tta == "hflip"`` the model predicts through :class:`FlipTTA`."""
+    ``spec.tta == "hflip"`` the model predicts through :class:`FlipTTA`. An ensemble folder
+    (:mod:`components.model.ensemble`) loads as one module averaging its members' probabilities."""
+    from components.model import ensemble  # imports this module: a lazy import avoids the cycle
+
     spec = load_spec(model_dir)
-    model = create_classifier(spec.model, spec.num_classes, in_chans=spec.in_chans, pretrained=False)
+    model: nn.Module = (
+        ensemble.build_ensemble(model_dir, spec) if ensemble.is_ensemble_dir(model_dir)
+        else create_classifier(spec.model, _network_outputs(spec), in_chans=spec.in_chans, pretrained=False)
+    )  # fmt: skip
     model.load_state_dict(load_file(str(Path(model_dir) / WEIGHTS_FILE)))
     if spec.tta == "hflip":
         model = FlipTTA(model, int(spec.data_config["input_size"][-1]))
     elif spec.tta != "none":
         raise DataError(f"{model_dir}: unknown test-time augmentation {spec.tta!r} (none | hflip)")
-    return model.eval(), spec
+    return _with_added_classes(model, Path(model_dir)).eval(), spec
+
+
+def _network_outputs(spec: ModelSpec) -> int:
+    """The network's own outputs: classes added from support images (:mod:`components.model.fewshot`)
+    come from prototypes, not from the classifier's last layer."""
+    from components.model.fewshot import base_class_count  # lazy, as the ensemble import above
+
+    return base_class_count(spec.extra, spec.num_classes)
+
+
+def _with_added_classes(model: nn.Module, model_dir: Path) -> nn.Module:
+    """The model under its few-shot prototype head when the folder has added classes, else itself."""
+    from components.model.fewshot import with_prototype_head
+
+    return with_prototype_head(model, model_dir)
 
 
 def with_temperature(

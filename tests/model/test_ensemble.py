@@ -1,0 +1,136 @@
+"""Ensembles as one model folder: loaded by ``Predictor.from_dir``, probabilities averaged exactly,
+one ONNX graph with parity, served through the MLflow pyfunc; ``train.ensemble`` validation."""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from components.core.config import TrainConfig, load_params
+from components.core.errors import ConfigError, DataError
+from components.core.jsonio import write_json
+from components.model.checkpoint import Predictor, load_classifier, load_spec, with_temperature
+from components.model.ensemble import Ensemble, ensemble_summary, is_ensemble_dir, save_ensemble
+from components.model.features import base_model
+from tests.conftest import fmnist_arrays, png_bytes, train_tiny_model
+
+
+@pytest.fixture(scope="module")
+def members(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    """Two real members: the session's tiny model and one more, cheaper (another seed and subset)."""
+    second = train_tiny_model(tmp_path_factory.mktemp("member") / "model", n=600, epochs=1, seed=1)
+    return [tiny_model_dir, second]
+
+
+@pytest.fixture(scope="module")
+def ensemble_dir(members: list[Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("ensemble") / "model"
+    return save_ensemble(members, out, labels=["seed 0", "seed 1"], infos=[{"seed": 0}, {"seed": 1}])
+
+
+@pytest.fixture(scope="module")
+def images() -> list[bytes]:
+    x, _ = fmnist_arrays("t10k", 24)
+    return [png_bytes(a) for a in x]
+
+
+def test_ensemble_dir_loads_and_averages_member_probabilities_exactly(
+    members: list[Path], ensemble_dir: Path, images: list[bytes]
+) -> None:
+    assert is_ensemble_dir(ensemble_dir) and not is_ensemble_dir(members[0])
+    predictor = Predictor.from_dir(ensemble_dir)
+    assert isinstance(predictor.model, Ensemble) and len(predictor.model.members) == 2
+    each = [Predictor.from_dir(m).predict_proba(images) for m in members]
+    got = predictor.predict_proba(images)
+    np.testing.assert_allclose(got, np.mean(each, axis=0), atol=1e-6)
+    assert not np.allclose(each[0], each[1], atol=1e-3)  # two different members, not one twice
+    spec = load_spec(ensemble_dir)
+    assert spec.model == "ensemble[2x imgflow_cnn]" and spec.temperature == 1.0
+    assert [m["label"] for m in ensemble_summary(ensemble_dir)["members"]] == ["seed 0", "seed 1"]
+
+
+def test_temperature_applies_after_combining(ensemble_dir: Path, images: list[bytes], tmp_path: Path) -> None:
+    hot = Path(shutil.copytree(ensemble_dir, tmp_path / "hot"))
+    with_temperature(hot, 2.0)
+    mean = Predictor.from_dir(ensemble_dir).predict_proba(images)
+    scaled = np.log(mean) / 2.0
+    expected = np.exp(scaled - scaled.max(1, keepdims=True))
+    expected /= expected.sum(1, keepdims=True)
+    np.testing.assert_allclose(Predictor.from_dir(hot).predict_proba(images), expected, atol=1e-5)
+
+
+def test_feature_readers_use_the_first_member(ensemble_dir: Path, members: list[Path]) -> None:
+    ensemble, _ = load_classifier(ensemble_dir)
+    first, _ = load_classifier(members[0])
+    x = torch.randn(3, 1, 28, 28)
+    with torch.inference_mode():
+        assert torch.equal(base_model(ensemble).forward_features(x), first.forward_features(x))
+
+
+def test_incompatible_members_are_rejected(members: list[Path], tmp_path: Path) -> None:
+    other = Path(shutil.copytree(members[1], tmp_path / "other"))
+    spec = load_spec(other)
+    write_json(other / "model.json", replace(spec, classes=tuple(reversed(spec.classes))).to_dict())
+    with pytest.raises(DataError, match="other classes"):
+        save_ensemble([members[0], other], tmp_path / "bad")
+    with pytest.raises(DataError, match="at least 2 members"):
+        save_ensemble([members[0]], tmp_path / "one")
+
+
+def test_ensemble_exports_one_onnx_graph_with_parity(
+    ensemble_dir: Path, images: list[bytes], tmp_path: Path
+) -> None:
+    from components.model.export import check_parity, export_onnx, onnx_probabilities, onnx_session
+
+    predictor = Predictor.from_dir(ensemble_dir)
+    path = export_onnx(predictor, tmp_path / "ensemble.onnx")
+    parity = check_parity(predictor, path, images)
+    assert parity.passed and parity.labels_agree == 1.0 and parity.images == len(images)
+    got = onnx_probabilities(onnx_session(path), predictor.preprocess(images).numpy())
+    np.testing.assert_allclose(got, predictor.predict_proba(images), atol=1e-5)
+
+
+def test_ensemble_serves_through_the_pyfunc(ensemble_dir: Path, images: list[bytes], tmp_path: Path) -> None:
+    import mlflow
+    import pandas as pd
+
+    from components.pipeline.stages import _pip_requirements
+    from components.registry import tracking
+
+    uri = tracking.configure(f"sqlite:///{tmp_path / 'mlflow.db'}", state_dir=tmp_path)
+    exp = tracking.ensure_experiment("ensemble", artifact_root=tmp_path / "artifacts")
+    run = tracking.start_run(exp, run_name="ensemble", params={}, tags={}, tracking_uri=uri)
+    model_uri = tracking.log_pyfunc_model(
+        run.run_id, model_dir=ensemble_dir, example_image=images[0], pip_requirements=_pip_requirements()
+    )
+    out = mlflow.pyfunc.load_model(model_uri).predict(pd.DataFrame({"image": images[:8]}))
+    expected = Predictor.from_dir(ensemble_dir).predict_proba(images[:8])
+    np.testing.assert_allclose(np.stack(out["probabilities"].to_numpy()), expected, atol=1e-6)
+
+
+def test_train_ensemble_config_validation() -> None:
+    assert TrainConfig().ensemble is None
+    cfg = TrainConfig(ensemble={"models": ["imgflow_cnn_avgmax", "resnet10t"], "seeds": [0]})
+    assert cfg.ensemble is not None and cfg.ensemble.models == ["imgflow_cnn_avgmax", "resnet10t"]
+    assert TrainConfig(epochs=6, ensemble={"snapshots": 3}).ensemble.snapshots == 3
+    bad = [
+        ({"seeds": [0]}, "at least 2 members"),
+        ({"seeds": [0, 0]}, "without repeats"),
+        ({"snapshots": 3, "seeds": [0, 1]}, "leave seeds and models null"),
+        ({"snapshots": 1}, "greater than or equal to 2"),
+        ({"members": 3}, "members"),
+    ]
+    for value, message in bad:
+        with pytest.raises(ValueError, match=message):
+            TrainConfig(ensemble=value)
+    with pytest.raises(ValueError, match="epochs >= 4"):
+        TrainConfig(epochs=3, ensemble={"snapshots": 4})
+    with pytest.raises(ConfigError, match="ensemble"):
+        load_params("params.yaml", ["train.ensemble={seeds: [1]}"])
+    params = load_params("params.yaml", ["train.ensemble={seeds: [0, 1, 2]}"])
+    assert params.train.ensemble is not None and params.train.ensemble.seeds == [0, 1, 2]

@@ -223,10 +223,12 @@ def _disk_full_message(error: OSError) -> str:
 def _params(params: Path, overrides: list[str] | None) -> Any:
     """The resolved params, with what the environment supplies (``$MLFLOW_TRACKING_URI``)."""
     from components.core.config import load_params
-    from flows.environment import with_environment
+    from flows.environment import prefect_environment, with_environment
 
     p = with_environment(load_params(params, overrides or []))
     _PROJECT_DIRS[:] = [p.project.data_dir, p.project.output_dir, p.project.state_dir]
+    if "prefect" not in sys.modules:  # Prefect reads its settings once, at import
+        os.environ.update(prefect_environment(p))
     return p
 
 
@@ -430,6 +432,57 @@ def train(
 
     result = _run(_locked("train", params, set_, wait, body), as_json=as_json, verbose=verbose)
     _emit(result, as_json, lambda r: f"trained: val_accuracy {r.val_accuracy:.4f}; MLflow run {r.run_id}")
+
+
+def _distill_summary(r: Any) -> str:
+    reg, ev = r.registration, r.evaluation
+    return (
+        f"distilled {r.teacher.label} -> {r.student}: test accuracy {ev.accuracy:.4f} after {r.epochs} epochs\n"
+        f"registered {reg.name} version {reg.version} as {', '.join(reg.aliases)} "
+        f"(tag imgflow.teacher={r.teacher.label}); MLflow run {r.run_id}\ngate report: {ev.report_html}"
+    )
+
+
+@app.command()
+def distill(
+    teacher: Annotated[
+        str,
+        typer.Option(
+            "--teacher",
+            help="The teacher: models:/<name>@<alias>, models:/<name>/<version>, runs:/<run id>/model or a "
+            "local model folder (holding model.json). It must know the data's classes, in the same order.",
+        ),
+    ],
+    student: Annotated[
+        str,
+        typer.Option("--student", help="The student's timm model name (e.g. imgflow_cnn, resnet18)."),
+    ],
+    params: ParamsOpt = Path("params.yaml"),
+    set_: SetOpt = None,
+    resume: Annotated[
+        bool, typer.Option(help="Continue the last (stopped) distill run from its checkpoint.")
+    ] = False,
+    wait: WaitOpt = 0.0,
+    as_json: JsonOpt = False,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Knowledge distillation: train --student on Ray Train with the teacher's soft targets (distill.temperature,
+    distill.alpha; every train.* param applies), evaluate it and register it as its own model
+    (distill.registered_name, default <register.model_name>-student), tagged imgflow.teacher. Exit code 3
+    when its gates failed (registered as candidate only)."""
+    from components.pipeline.distillation import run_distill
+
+    def body(p: Any) -> Any:
+        return run_distill(
+            p, teacher_uri=teacher, student=student, progress=not as_json, resume=resume,
+            ray_options=_ray_options(verbose=verbose), raise_on_gate_failure=False,
+        )  # fmt: skip
+
+    result = _run(_locked("distill", params, set_, wait, body), as_json=as_json, verbose=verbose)
+    _emit(result, as_json, _distill_summary)
+    if not result.registration.gates_passed:
+        typer.secho(f"imgflow: {result.registration.failure_message()}", err=True, fg=typer.colors.RED)
+        raise typer.Exit(3)
 
 
 def _tune_summary(r: dict[str, Any]) -> str:

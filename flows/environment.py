@@ -10,13 +10,19 @@ the components below never read environment variables themselves.
 - ``$IMGFLOW_WEBHOOK_URL``: where the notify task posts when ``notify.webhook_url`` is unset (passed
   to the task as a value, not folded into the params, so it is never logged with them);
 - ``$IMGFLOW_SERVE_TOKEN``: the bearer token ``imgflow serve`` requires when ``serve.token`` is unset
-  (passed down as a value, never folded into the params, so it is never logged with them).
+  (passed down as a value, never folded into the params, so it is never logged with them);
+- ``$PREFECT_API_URL`` / ``$PREFECT_HOME`` / ``$PREFECT_PROFILE``: which Prefect the flows report to. When
+  the user names none, the project's own home ``<state_dir>/prefect`` (or the server ``make ui`` runs for
+  the project) is used, so ad-hoc runs, scheduled runs and ``make ui`` share one history
+  (:func:`prefect_environment`).
 """
 
 from __future__ import annotations
 
 import os
+import tomllib
 from collections.abc import Mapping
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from components.core.config import Params
@@ -28,6 +34,10 @@ TRACKING_URI_ENV = "MLFLOW_TRACKING_URI"
 PROXY_ENVS = ("HTTPS_PROXY", "https_proxy", "ALL_PROXY")
 WEBHOOK_ENV = "IMGFLOW_WEBHOOK_URL"
 SERVE_TOKEN_ENV = "IMGFLOW_SERVE_TOKEN"
+PREFECT_API_ENV = "PREFECT_API_URL"
+PREFECT_HOME_ENV = "PREFECT_HOME"
+UI_API_FILE = "prefect_api_url"
+"""Written by ``scripts/ui.sh`` under ``<state_dir>/ui/`` while its Prefect server runs."""
 
 
 def with_environment(params: Params, environ: Mapping[str, str] = os.environ) -> Params:
@@ -60,3 +70,45 @@ def ray_options(*, verbose: bool = False, environ: Mapping[str, str] = os.enviro
     from components.train.ray_adapter import RayOptions
 
     return RayOptions.from_env(environ, verbose=verbose)
+
+
+def prefect_environment(
+    params: Params, environ: Mapping[str, str] = os.environ, *, user_home: Path | None = None
+) -> dict[str, str]:
+    """The Prefect variables to set before Prefect is imported, so every run of this project lands in one
+    history: nothing when the user chose a Prefect (``$PREFECT_API_URL``, ``$PREFECT_HOME``, or an API URL
+    in the active profile of ``~/.prefect/profiles.toml``); the API of the server ``make ui`` runs for
+    this project when it is up; else ``PREFECT_HOME=<state_dir>/prefect``, the home whose database the
+    ephemeral runs write and ``make ui`` later serves."""
+    if environ.get(PREFECT_API_ENV) or environ.get(PREFECT_HOME_ENV):
+        return {}
+    if _profile_api_url(user_home or Path.home(), environ.get("PREFECT_PROFILE")):
+        return {}
+    state = Path(params.project.state_dir).resolve()
+    ui_api = _running_ui_api(state / "ui")
+    if ui_api:
+        return {PREFECT_API_ENV: ui_api}
+    return {PREFECT_HOME_ENV: str(state / "prefect")}
+
+
+def _profile_api_url(user_home: Path, profile: str | None) -> str | None:
+    """The API URL the user's active Prefect profile sets, if any (an unreadable file counts as none)."""
+    try:
+        data = tomllib.loads((user_home / ".prefect" / "profiles.toml").read_text())
+    except (OSError, tomllib.TOMLDecodeError):
+        return None
+    name = profile or data.get("active") or "ephemeral"
+    settings = data.get("profiles", {}).get(name, {})
+    url = settings.get(PREFECT_API_ENV) if isinstance(settings, dict) else None
+    return str(url) if url else None
+
+
+def _running_ui_api(ui_dir: Path) -> str | None:
+    """The API URL of the project's ``make ui`` Prefect server when its recorded process is alive."""
+    try:
+        url = (ui_dir / UI_API_FILE).read_text().strip()
+        pids = dict(line.split()[:2] for line in (ui_dir / "pids").read_text().splitlines() if line.strip())
+        os.kill(int(pids["prefect"]), 0)
+    except (OSError, KeyError, ValueError):
+        return None
+    return url or None

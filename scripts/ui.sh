@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Local UIs for the current project folder, on 127.0.0.1 only:
-#   scripts/ui.sh start   Prefect server (UI + API) and MLflow server (sqlite .imgflow/mlflow.db,
-#                         artifacts under .imgflow/mlartifacts); prints both URLs
+#   scripts/ui.sh start   Prefect server (UI + API; PREFECT_HOME .imgflow/prefect, the home `imgflow`
+#                         runs use when no Prefect is configured) and MLflow server (sqlite
+#                         .imgflow/mlflow.db, artifacts under .imgflow/mlartifacts); prints both URLs
 #   scripts/ui.sh stop    stops exactly the processes `start` recorded (PIDs in .imgflow/ui/pids)
 #   scripts/ui.sh status
 # Ports: PREFECT_PORT (default 4200), MLFLOW_PORT (default 5000). `make ui` / `make ui-stop` call this.
@@ -52,7 +53,8 @@ start() {
   mkdir -p "$UI" "$STATE/mlartifacts"
   : > "$PIDS"
   # setsid: each server leads its own process group, so `stop` can end it with its children.
-  PREFECT_HOME=${PREFECT_HOME:-$UI/prefect-home} setsid "$BIN/prefect" server start \
+  # The project's one Prefect home: `imgflow pipeline` run without a server writes its history there too.
+  PREFECT_HOME=${PREFECT_HOME:-$STATE/prefect} setsid "$BIN/prefect" server start \
     --host 127.0.0.1 --port "$PREFECT_PORT" > "$UI/prefect.log" 2>&1 < /dev/null &
   echo "prefect $!" >> "$PIDS"
   setsid "$BIN/mlflow" server --host 127.0.0.1 --port "$MLFLOW_PORT" --workers 1 \
@@ -63,6 +65,8 @@ start() {
   prefect_pid=$(awk '$1=="prefect"{print $2}' "$PIDS"); mlflow_pid=$(awk '$1=="mlflow"{print $2}' "$PIDS")
   wait_healthy prefect "http://127.0.0.1:$PREFECT_PORT/api/health" "$prefect_pid" || { stop; exit 1; }
   wait_healthy mlflow "http://127.0.0.1:$MLFLOW_PORT/health" "$mlflow_pid" || { stop; exit 1; }
+  # While this server runs, imgflow commands in this folder report to it (flows/environment.py).
+  echo "http://127.0.0.1:$PREFECT_PORT/api" > "$UI/prefect_api_url"
   cat <<MSG
 Prefect UI   http://127.0.0.1:$PREFECT_PORT   (export PREFECT_API_URL=http://127.0.0.1:$PREFECT_PORT/api)
 MLflow UI    http://127.0.0.1:$MLFLOW_PORT   (export MLFLOW_TRACKING_URI=http://127.0.0.1:$MLFLOW_PORT)
@@ -80,7 +84,7 @@ stop() {
       echo "stopped $name (pid $pid)"
     fi
   done < "$PIDS"
-  rm -f "$PIDS"
+  rm -f "$PIDS" "$UI/prefect_api_url"
 }
 
 status() {

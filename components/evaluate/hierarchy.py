@@ -171,7 +171,7 @@ def hierarchy_gates(
                                comparison="<=", explanation="CRM decoding must not make worse mistakes than "
                                "the plain argmax (ratio above 1: its answers sit further from the truth)."))  # fmt: skip
     back = report.get("backoff")
-    if not back:
+    if not back or report.get("backoff_served") == "off":  # reported, not served: nothing to gate
         return gates
     target = back["target_precision"] if min_precision is None else min_precision
     if (level := gate_level(levels, BACKOFF_PRECISION_GATE)) is not None:
@@ -197,3 +197,56 @@ def leaves_of(labels: Sequence[str], tree: Taxonomy) -> np.ndarray:
     """Class names -> (N,) leaf indices in the tree's (the model's) order."""
     index = {leaf: i for i, leaf in enumerate(tree.leaves)}
     return np.array([index[label] for label in labels], dtype=np.int64)
+
+
+def hierarchy_section(report: Mapping[str, Any] | None) -> Any:
+    """The gate report's "Label tree" section (None without a tree)."""
+    if not report:
+        return None
+    from components.core import report as kit
+
+    header, rows = hierarchy_table(report)
+    parts = [
+        kit.paragraph(
+            f"The classes are the leaves of a label tree of height {report['height']}: a mistake costs the "
+            "height of the lowest common ancestor (1 between siblings). CRM answers the leaf of least "
+            f"expected distance: hierarchical distance@{report['k']} {report['crm_hdist_ratio']:.3f}x the "
+            f"argmax's, top-1 {report['crm_top1_drop_pt']:+.2f} points lower."
+        ),
+        kit.table(header, rows),
+    ]
+    back = report.get("backoff")
+    if back:
+        parts.append(kit.paragraph(
+            f"Back-off ({back['mode']}): threshold {back['threshold']:.3f} fitted on val for precision "
+            f"{back['target_precision']:g}; on test {back['precision']:.1%} of the answers are right, "
+            f"{back['answered']:.1%} of the images are answered ({back['leaf_answered']:.1%} with a leaf)."
+        ))  # fmt: skip
+    return kit.section("Label tree (hierarchical evaluation)", *parts)
+
+
+def measure_hierarchy(
+    tree: Taxonomy,
+    test: tuple[np.ndarray, np.ndarray],
+    val: tuple[np.ndarray, np.ndarray] | None,
+    *,
+    backoff: str,
+    backoff_precision: float,
+    k: int,
+    n_bins: int,
+    out_dir: Any = None,
+) -> dict[str, Any]:
+    """The tree's report from (probs (N, K) with the temperature applied, labels (N,)) of test and
+    val; ships the tree and the back-off rule (``hierarchy.json``) to ``out_dir`` when given. With
+    ``backoff: off`` the rule is still fitted (``parent``) and reported, and the model ships it off."""
+    from components.task.taxonomy import ShippedTree
+
+    fit_mode = backoff if backoff != "off" else "parent"
+    report = hierarchy_report(test[0], test[1], tree, val_probs=None if val is None else val[0],
+                              val_labels=None if val is None else val[1], backoff=fit_mode,  # type: ignore[arg-type]
+                              backoff_precision=backoff_precision, k=k, n_bins=n_bins)  # fmt: skip
+    report["backoff_served"] = backoff
+    if out_dir is not None:
+        threshold = report["backoff"]["threshold"] if report.get("backoff") else 1.0
+        ShippedTree(tree, backoff if report.get("backoff") else "off", threshold).save(out_dir)
+    return report

@@ -446,3 +446,59 @@ def fit_backoff_threshold(
             return last
     assert last is not None
     return last
+
+
+# ---------------------------------------------------------------------- shipped with a model
+
+HIERARCHY_FILE = "hierarchy.json"
+"""The tree and the fitted back-off rule, written by evaluate and shipped in the model folder."""
+
+
+@dataclass(frozen=True)
+class ShippedTree:
+    """What a served model knows about its label tree: paths, parent probabilities, back-off."""
+
+    tree: Taxonomy
+    backoff: str = "off"
+    threshold: float = 1.0
+
+    def fields(self, probs: np.ndarray) -> list[dict[str, Any]]:
+        """Per image: ``path`` of the top leaf, its ``parent`` and ``parent_probability`` (sum of the
+        parent's children), every inner node's probability (``parent_probabilities``) and, with
+        back-off on, ``answer`` (a leaf, an ancestor, or null: abstained). probs: (N, K) calibrated."""
+        probs = np.asarray(probs, dtype=np.float64)
+        node_p = self.tree.node_probabilities(probs)
+        column = {n: j for j, n in enumerate(self.tree.nodes)}
+        inner = self.tree.inner_nodes
+        out: list[dict[str, Any]] = []
+        for i, top in enumerate(probs.argmax(axis=1) if len(probs) else []):
+            leaf = self.tree.leaves[top]
+            parent = self.tree.parent_of(leaf)
+            out.append({
+                "path": self.tree.path(leaf),
+                "parent": parent,
+                "parent_probability": float(node_p[i, column[parent]]),
+                "parent_probabilities": {n: float(node_p[i, column[n]]) for n in inner},
+            })  # fmt: skip
+        if self.backoff != "off" and out:
+            answers = backoff_decode(probs, self.tree, threshold=self.threshold, mode=self.backoff)  # type: ignore[arg-type]
+            for rec, answer in zip(out, answers, strict=True):
+                rec["answer"] = answer or None
+        return out
+
+    def save(self, out_dir: Path) -> Path:
+        from components.core.jsonio import write_json
+
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        payload = {"tree": self.tree.to_dict(), "backoff": self.backoff, "threshold": self.threshold}
+        return write_json(Path(out_dir) / HIERARCHY_FILE, payload, sort_keys=True)
+
+
+def load_hierarchy(model_dir: Path) -> ShippedTree | None:
+    """The model's label tree and back-off rule, or None when its folder has none (flat labels)."""
+    file = Path(model_dir) / HIERARCHY_FILE
+    if not file.is_file():
+        return None
+    raw = json.loads(file.read_text())
+    return ShippedTree(Taxonomy.from_dict(raw["tree"]), str(raw.get("backoff", "off")),
+                       float(raw.get("threshold", 1.0)))  # fmt: skip

@@ -131,7 +131,16 @@ def train(
     ``exclude_file`` lists train images to leave out (the audit's suspected label errors);
     ``ray_options``: which Ray (a cluster or a local runtime) and how much of it the console shows;
     ``distill``: train as a student of that teacher (``imgflow distill``, :mod:`components.train.distill`).
+    ``train.ensemble`` with members: one run per member, combined (:mod:`components.train.ensemble_train`).
     """
+    if cfg.ensemble is not None and cfg.ensemble.snapshots is None and distill is None:
+        from components.train.ensemble_train import train_ensemble  # it builds on this module's fit
+
+        return train_ensemble(
+            cfg, data=data, out_dir=out_dir, storage_path=storage_path, run_name=run_name, seed=seed,
+            weights_dir=weights_dir, exclude_file=exclude_file, show_progress=show_progress,
+            ray_options=ray_options,
+        )  # fmt: skip
     options = ray_options or RayOptions()
     recipe = build_recipe(
         cfg, data, seed=seed, weights_dir=weights_dir, exclude_file=exclude_file, distill=distill

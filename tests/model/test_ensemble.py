@@ -134,3 +134,34 @@ def test_train_ensemble_config_validation() -> None:
         load_params("params.yaml", ["train.ensemble={seeds: [1]}"])
     params = load_params("params.yaml", ["train.ensemble={seeds: [0, 1, 2]}"])
     assert params.train.ensemble is not None and params.train.ensemble.seeds == [0, 1, 2]
+
+
+@pytest.mark.slow
+def test_real_ray_training_of_a_two_member_ensemble(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Two seeds, each a real Ray Train run (side by side: one worker each fits the 2-CPU runtime), then
+    one ensemble folder that predicts the mean of its members."""
+    import logging
+
+    from components.data.ingest import ingest
+    from components.data.manifest import DataPaths
+    from components.train.training import train
+
+    data = DataPaths(tmp_path / "data")
+    ingest("fashion-mnist", data_dir=data.root, max_per_class=20, progress=False,
+           fashion_mnist_dir=Path("/usr/share/datasets/fashion-mnist"))  # fmt: skip
+    cfg = TrainConfig(epochs=1, batch_size=32, workers=1, max_failures=0, ensemble={"seeds": [0, 1]})
+    with caplog.at_level(logging.INFO, logger="components.train.ensemble_train"):
+        result = train(cfg, data=data, out_dir=tmp_path / "train", storage_path=tmp_path / "ray", run_name="ens",
+                       seed=0, weights_dir=tmp_path / "weights", show_progress=False)  # fmt: skip
+    assert "side by side" in caplog.text or "one after the other" in caplog.text
+    assert is_ensemble_dir(result.model_dir) and result.model_dir == tmp_path / "train" / "model"
+    summary = ensemble_summary(result.model_dir)
+    assert [m["seed"] for m in summary["members"]] == [0, 1]
+    assert 0.0 <= result.final["val_accuracy"] <= 1.0 and "member1_val_accuracy" in result.history[-1]
+    x, _ = fmnist_arrays("t10k", 8)
+    images = [png_bytes(a) for a in x]
+    each = [Predictor.from_dir(tmp_path / "train" / "members" / str(i) / "model").predict_proba(images)
+            for i in range(2)]  # fmt: skip
+    np.testing.assert_allclose(
+        Predictor.from_dir(result.model_dir).predict_proba(images), np.mean(each, 0), atol=1e-6
+    )

@@ -28,6 +28,8 @@ MAP_GATE = "min_map"
 LABEL_AP_GATE = "min_label_ap"
 
 GateLevel = Literal["error", "warn"]
+INSUFFICIENT = "insufficient data"
+"""The status of a gate with fewer test images than ``gates.min_support``."""
 
 
 @dataclass(frozen=True)
@@ -51,14 +53,19 @@ class GateResult:
     comparison: Literal[">=", "<="] = ">="
     explanation: str = ""
     """The result in plain words: what the gate protects against and what this result means."""
+    insufficient: bool = False
+    """Too few test images to judge (fewer than ``gates.min_support``): its own verdict, "insufficient
+    data", listed in the report; neither a pass (``passed`` is False) nor a failure (never blocking)."""
 
     @property
     def blocking(self) -> bool:
         """Failed and at level ``error``: the model must not be promoted."""
-        return not self.passed and self.level == "error"
+        return not self.passed and self.level == "error" and not self.insufficient
 
     @property
     def status(self) -> str:
+        if self.insufficient:
+            return INSUFFICIENT
         return "pass" if self.passed else ("FAIL" if self.level == "error" else "warn")
 
 
@@ -94,8 +101,12 @@ class GateReport:
         return [g for g in self.gates if g.blocking]
 
     def warnings(self) -> list[GateResult]:
-        """The ``warn`` gates that did not pass."""
-        return [g for g in self.gates if not g.passed and g.level == "warn"]
+        """The ``warn`` gates that did not pass (and were judged)."""
+        return [g for g in self.gates if not g.passed and g.level == "warn" and not g.insufficient]
+
+    def insufficient(self) -> list[GateResult]:
+        """The gates with too few test images to judge ("insufficient data"), in report order."""
+        return [g for g in self.gates if g.insufficient]
 
     def verdict(self) -> str:
         """One sentence: the decision first, then why."""
@@ -103,6 +114,9 @@ class GateReport:
         if not self.gates:
             return "NOT PROMOTABLE: no gate was checked, so nothing shows the model is good enough."
         warn = f"; {len(self.warnings())} warning(s)" if self.warnings() else ""
+        if self.insufficient():
+            warn += f"; {len(self.insufficient())} with insufficient data (not judged)"
+            n -= len(self.insufficient())
         if self.passed:
             return f"PASSED: all {n} blocking gates hold{warn}. The model may be promoted to champion."
         names = ", ".join(g.name for g in self.failed())
@@ -115,6 +129,7 @@ class GateReport:
             "verdict": self.verdict(),
             "failed": [g.name for g in self.failed()],
             "warnings": [g.name for g in self.warnings()],
+            "insufficient_data": [g.name for g in self.insufficient()],
             "gates": [{**asdict(g), "status": g.status} for g in self.gates],
             "not_applicable": [{"name": n, "reason": r} for n, r in self.not_applicable],
         }
@@ -133,6 +148,7 @@ class GateReport:
                 bound=None if g.get("bound") is None else float(g["bound"]),
                 comparison=g.get("comparison", ">="),
                 explanation=str(g.get("explanation", "")),
+                insufficient=bool(g.get("insufficient", False)),
             )
             for g in d["gates"]
         )
@@ -241,6 +257,38 @@ def accuracy_gate(metrics: Mapping[str, Any], threshold: float, *, level: GateLe
     )  # fmt: skip
 
 
+def auto_accuracy_gate(
+    metrics: Mapping[str, Any],
+    *,
+    baseline: tuple[str, float] | None,
+    margin: float,
+    confidence: float,
+    level: GateLevel = "error",
+) -> GateResult:
+    """``min_accuracy: auto``: the Wilson lower bound of the test accuracy must beat the majority-class
+    rate (what always answering the largest test class scores) and the cheap ``baseline`` at hand
+    ((what, accuracy): the audit's out-of-fold classifier or CLIP zero-shot) by ``margin``.
+
+    A threshold that means something on any dataset: 0.90 is a Fashion-MNIST number; beating what a
+    trivial rule and a cheap model already reach is what shows the training was worth it."""
+    n = int(metrics["n"])
+    acc = float(metrics["accuracy"])
+    majority = max((int(r["support"]) for r in metrics.get("per_class", [])), default=0) / max(n, 1)
+    references = [("the majority-class rate", majority)] + ([baseline] if baseline is not None else [])
+    what, reference = max(references, key=lambda r: r[1])
+    threshold = min(reference + margin, 1.0)
+    lower, _ = wilson_interval(int(round(acc * n)), n, confidence=confidence)
+    gate = make_gate(ACCURACY_GATE, "accuracy", acc, threshold, level=level, bound=lower,
+                     bound_name=f"{confidence:.0%} lower bound")  # fmt: skip
+    shown = ", ".join(f"{w} {v:.1%}" for w, v in references)
+    verdict = "beats" if gate.passed else "does NOT beat"
+    return replace(gate, explanation=(
+        f"The model labels {acc:.1%} of the {n} test images correctly; with {confidence:.0%} confidence at "
+        f"least {lower:.1%}, which {verdict} the best reference ({what}, {reference:.1%}) by the required "
+        f"margin {margin:.1%} (min_accuracy: auto; references: {shown})."
+    ))  # fmt: skip
+
+
 def recall_gates(
     rows: Sequence[Mapping[str, Any]],
     threshold: float,
@@ -248,20 +296,50 @@ def recall_gates(
     name_key: str,
     confidence: float,
     level: GateLevel = "error",
+    min_support: int = 1,
 ) -> list[GateResult]:
     """One recall gate per class (or label) on the Wilson lower bound of its recall at ``confidence``
     (``min_class_recall``). rows: a metrics dict's per-class rows (``name_key`` names the class);
-    a row with a ``threshold`` is a label's recall at its decision threshold."""
+    a row with a ``threshold`` is a label's recall at its decision threshold. A class with 1 to
+    ``min_support - 1`` test images gets an "insufficient data" gate (no test image at all still fails)."""
     _check_threshold(CLASS_RECALL_GATE, threshold)
-    return [_recall_gate(row, str(row[name_key]), threshold, confidence, level) for row in rows]
+    return [
+        _recall_gate(row, str(row[name_key]), threshold, confidence, level, min_support=min_support)
+        for row in rows
+    ]
+
+
+def insufficient_gate(
+    name: str, what: str, value: float, threshold: float, *, n: int, min_support: int, level: GateLevel
+) -> GateResult:
+    """The "insufficient data" verdict of a gate measured on ``n`` < ``min_support`` test images."""
+    message = (
+        f"{INSUFFICIENT}: {what} {value:.4f} on {n} test image(s), fewer than gates.min_support={min_support}"
+    )
+    text = (
+        f"Only {n} test image(s): too few to tell a good model from a bad one at the required "
+        f"{threshold:.0%}, so this is neither a pass nor a failure. Add test images (or lower "
+        "gates.min_support) to have it judged."
+    )
+    return GateResult(name=name, passed=False, value=float(value), threshold=float(threshold), message=message,
+                      level=level, explanation=text, insufficient=True)  # fmt: skip
 
 
 def _recall_gate(
-    row: Mapping[str, Any], cls: str, threshold: float, confidence: float, level: GateLevel
+    row: Mapping[str, Any],
+    cls: str,
+    threshold: float,
+    confidence: float,
+    level: GateLevel,
+    *,
+    min_support: int = 1,
 ) -> GateResult:
     """Recall gate of one class on its Wilson lower bound."""
     name = f"{CLASS_RECALL_GATE}[{cls}]"
     support = int(row["support"])
+    if 0 < support < min_support:
+        return insufficient_gate(name, f"recall of '{cls}'", float(row["recall"]), threshold, n=support,
+                                 min_support=min_support, level=level)  # fmt: skip
     if support == 0:
         message = (
             f"no test images for class '{cls}': its recall cannot be checked against "

@@ -45,6 +45,13 @@ from components.core.errors import DataError
 from components.core.jsonio import write_json, write_text_atomic
 from components.data.image_stats import hex_to_uint64, near_duplicate_pairs
 from components.data.manifest import MANIFEST_COLUMNS, SPLITS
+from components.quality.contract import (
+    ACCEPT_HINT,
+    FEATURE_COLUMNS,
+    SHARE_COLUMNS,
+    DataContract,
+    compare_to_contract,
+)
 from components.task import MULTILABEL, SINGLELABEL, Task, get_task, label_set
 
 logger = logging.getLogger(__name__)
@@ -205,15 +212,25 @@ class _Spec:
     multi-label data ``label_rows`` (one row per image and label) or ``cardinality`` (per split)."""
 
 
-def _suite_specs(classes: Sequence[str], cfg: ValidateConfig, task: str | Task = SINGLELABEL) -> list[_Spec]:
-    """The whole suite, in report order; label sets are checked where the task has them."""
+def _suite_specs(
+    classes: Sequence[str],
+    cfg: ValidateConfig,
+    task: str | Task = SINGLELABEL,
+    *,
+    cutoffs: Mapping[str, float] | None = None,
+    contract: DataContract | None = None,
+) -> list[_Spec]:
+    """The whole suite, in report order; label sets are checked where the task has them, the data
+    contract's checks when there is one. cutoffs: :func:`quality_cutoffs` (default: the absolute ones)."""
     task = get_task(task)
+    cuts = dict(cutoffs or _absolute_cutoffs(cfg))
     return (
         _schema_specs(classes, cfg, task=task)
         + (_label_set_specs(classes, cfg) if task.several_labels else [])
-        + _image_specs(cfg)
+        + _image_specs(cfg, cuts)
         + _balance_specs(classes, cfg, task=task)
         + _leakage_specs(cfg)
+        + (_contract_specs(contract, task) if contract is not None else [])
     )
 
 
@@ -339,8 +356,9 @@ def _label_set_specs(classes: Sequence[str], cfg: ValidateConfig) -> list[_Spec]
     ]
 
 
-def _image_specs(cfg: ValidateConfig) -> list[_Spec]:
-    """Per-image properties computed at ingestion (decode, aspect, brightness, blur)."""
+def _image_specs(cfg: ValidateConfig, cuts: Mapping[str, float]) -> list[_Spec]:
+    """Per-image properties computed at ingestion (decode, aspect, brightness, blur); cuts: the
+    brightness / blur cut-offs in force (:func:`quality_cutoffs`)."""
     specs = [
         _Spec(
             "decode_ok",
@@ -359,10 +377,11 @@ def _image_specs(cfg: ValidateConfig) -> list[_Spec]:
             "aspect",
         ),
     ]
+    how = _cutoff_origin(cfg)
     fractions = (
-        ("too_dark", "is_dark", cfg.max_dark_fraction, f"mean brightness < {cfg.dark_below}", "brightness"),
-        ("too_bright", "is_bright", cfg.max_bright_fraction, f"mean brightness > {cfg.bright_above}", "brightness"),
-        ("blurry", "is_blurry", cfg.max_blurry_fraction, f"Laplacian variance < {cfg.blur_below}", "blur"),
+        ("too_dark", "is_dark", cfg.max_dark_fraction, f"mean brightness < {cuts['dark_below']:.4g}{how}", "brightness"),
+        ("too_bright", "is_bright", cfg.max_bright_fraction, f"mean brightness > {cuts['bright_above']:.4g}{how}", "brightness"),
+        ("blurry", "is_blurry", cfg.max_blurry_fraction, f"Laplacian variance < {cuts['blur_below']:.4g}{how}", "blur"),
     )  # fmt: skip
     specs += [
         _Spec(
@@ -423,10 +442,65 @@ def _balance_specs(classes: Sequence[str], cfg: ValidateConfig, *, task: Task) -
                 "max_value": cfg.max_imbalance_ratio,
                 "row_condition": ("scope", "total"),
             },
-            task.imbalance_rule(cfg.max_imbalance_ratio),
+            task.imbalance_rule(cfg.max_imbalance_ratio) + IMBALANCE_ADVICE,
             _count_rows,
             "imbalance",
             "class_counts",
+        ),
+    ]
+
+
+IMBALANCE_ADVICE = (
+    "; a skewed dataset trains with train.loss: logit_adjusted, train.sampler: balanced or "
+    "train.class_weights: inverse (it fails only where a class is too small to split: min_per_class_per_split)"
+)
+
+
+def _contract_specs(contract: DataContract, task: Task) -> list[_Spec]:
+    """The data contract's checks: same classes, stable class shares, no distribution shift."""
+    classes = list(contract.classes)
+    where = "the data contract (data_contract.yaml)"
+    return [
+        _Spec(
+            "label_in_contract",
+            "ExpectColumnValuesToBeInSet",
+            {"column": "label", "value_set": classes},
+            f"every label is one of the {len(classes)} classes of {where} ({_short_list(classes)}); a new "
+            f"class is refused: {ACCEPT_HINT}",
+            _row_examples,
+            "contract_classes",
+            _label_table(task),
+        ),
+        _Spec(
+            "contract_classes_present",
+            "ExpectColumnDistinctValuesToContainSet",
+            {"column": "label", "value_set": classes},
+            f"every class of {where} still has images; {ACCEPT_HINT}",
+            _missing_classes("all"),
+            "contract_classes",
+            _label_table(task),
+        ),
+        _Spec(
+            "class_shares_match_contract",
+            "ExpectColumnValuesToBeBetween",
+            {"column": "change", "max_value": contract.checks.max_share_change},
+            f"each class's share of the {task.counted_images} moved at most "
+            f"{contract.checks.max_share_change:.0%} (absolute) from {where}",
+            _table_rows(SHARE_COLUMNS),
+            "contract_shares",
+            "contract_shares",
+        ),
+        _Spec(
+            "no_shift_from_contract",
+            "ExpectColumnValuesToBeInSet",
+            {"column": "shifted", "value_set": [False]},
+            f"no image property shifted from {where}: per property a KS test (p < {contract.checks.alpha:g} "
+            f"and statistic >= {contract.checks.min_ks_statistic:g}, or PSI >= {contract.checks.max_psi:g}), "
+            f"mode/channel shares within {contract.checks.max_share_change:.0%}, cheap-feature mean within "
+            f"{contract.checks.min_embedding_shift:g} SD; {ACCEPT_HINT}",
+            _table_rows(FEATURE_COLUMNS),
+            "contract_shift",
+            "contract_features",
         ),
     ]
 
@@ -536,6 +610,18 @@ def _count_rows(result: dict[str, Any], df: pd.DataFrame) -> tuple[int, list[dic
     return count, out
 
 
+def _table_rows(columns: Sequence[str]) -> ExampleFn:
+    """Offending rows of a small table (GE lists their index labels), with ``columns``."""
+
+    def examples(result: dict[str, Any], df: pd.DataFrame) -> tuple[int, list[dict[str, Any]]]:
+        count = int(result.get("unexpected_count") or 0)
+        listed = (result.get("partial_unexpected_index_list") or [])[:MAX_EXAMPLES]
+        labels = [x for x in listed if x in df.index]
+        return count, [{k: _jsonable(df.loc[x, k]) for k in columns if k in df.columns} for x in labels]
+
+    return examples
+
+
 def _cardinality_rows(result: dict[str, Any], df: pd.DataFrame) -> tuple[int, list[dict[str, Any]]]:
     """Every split's row of the cardinality table (passing or not: the report shows the
     cardinality), the offending ones first."""
@@ -611,21 +697,28 @@ def _format_example(example: dict[str, Any]) -> str:
 
 
 def validate_manifest(
-    df: pd.DataFrame, *, classes: Sequence[str], cfg: ValidateConfig, task: str | Task = SINGLELABEL
+    df: pd.DataFrame,
+    *,
+    classes: Sequence[str],
+    cfg: ValidateConfig,
+    task: str | Task = SINGLELABEL,
+    contract: DataContract | None = None,
 ) -> ValidationReport:
     """Validate a manifest (columns of :data:`components.data.manifest.MANIFEST_COLUMNS`) with GE.
 
     df: (N, 19) manifest as read by ``read_manifest``; N may be 0 (the report then fails).
     classes: the declared class set (``dataset.json``'s classes). task: ``dataset.json``'s task;
     ``multilabel`` checks the ``labels`` sets (see the module doc). Never raises on bad data: every
-    problem becomes a failed outcome, a missing column included.
+    problem becomes a failed outcome, a missing column included. contract: the data contract this
+    version must match (:mod:`components.quality.contract`; None: no contract checks).
     """
     classes = [str(c) for c in classes]
     if not classes:
         raise DataError("no classes given to validate the manifest against: pass the dataset's class names")
     task = get_task(task)  # an unknown name is a DataError
-    specs = _suite_specs(classes, cfg, task)
     start = time.perf_counter()
+    cutoffs = quality_cutoffs(df, cfg)
+    specs = _suite_specs(classes, cfg, task, cutoffs=cutoffs, contract=contract)
     frames = {
         "manifest": with_derived_columns(df, cfg, classes=classes if task.several_labels else None),
         "class_counts": class_count_table(df, classes, cfg, task=task),
@@ -635,6 +728,9 @@ def validate_manifest(
         frames["label_rows"] = label_rows_table(df)
         frames["cardinality"] = cardinality_table(df, cfg)
         summary = label_summary(frames["label_rows"], frames["cardinality"], classes)
+    if contract is not None:  # class shares count label occurrences for multi-label data
+        frames["contract_features"] = compare_to_contract(frames["manifest"], contract).features
+        frames["contract_shares"] = compare_to_contract(frames[task.label_table], contract).shares
     ge_result = _run_suite(frames, specs)
     results = _results_by_name(ge_result)
     severity = {**DEFAULT_SEVERITY, **cfg.severity}
@@ -674,12 +770,13 @@ def with_derived_columns(
         sets = [label_set(v) for v in df["labels"]]
         out["n_labels"] = np.asarray([len(s) for s in sets], dtype=np.int64)
         out["unknown_label"] = [next((lab for lab in s if lab not in known), None) for s in sets]
+    cuts = quality_cutoffs(df, cfg)
     if "brightness" in df.columns:
         brightness = pd.to_numeric(df["brightness"], errors="coerce")
-        out["is_dark"] = (brightness < cfg.dark_below).astype(float)
-        out["is_bright"] = (brightness > cfg.bright_above).astype(float)
+        out["is_dark"] = (brightness < cuts["dark_below"]).astype(float)
+        out["is_bright"] = (brightness > cuts["bright_above"]).astype(float)
     if "blur" in df.columns:
-        out["is_blurry"] = (pd.to_numeric(df["blur"], errors="coerce") < cfg.blur_below).astype(float)
+        out["is_blurry"] = (pd.to_numeric(df["blur"], errors="coerce") < cuts["blur_below"]).astype(float)
     if {"phash", "split", "image_id"} <= set(df.columns):
         out["near_dup_in_other_split"] = near_duplicate_partners(
             df["phash"].tolist(),
@@ -688,6 +785,46 @@ def with_derived_columns(
             max_distance=cfg.near_dup_distance,
         )
     return out
+
+
+_MIN_SPREAD = {"brightness": 0.02, "log_blur": 0.25}
+"""Floor of the interquartile range in ``quality_reference: dataset``: a dataset whose images are all
+alike (IQR ~ 0) must not call every small difference an outlier (brightness 0..1; blur in log1p units)."""
+
+
+def quality_cutoffs(df: pd.DataFrame, cfg: ValidateConfig) -> dict[str, float]:
+    """The cut-offs of the too_dark / too_bright / blurry checks: ``dark_below``, ``bright_above``,
+    ``blur_below``. ``quality_reference: absolute``: the configured numbers; ``dataset``: Tukey fences of
+    this dataset's own distribution, ``outlier_iqr`` x IQR beyond the quartiles (blur on a log scale,
+    where the Laplacian variance of real photos is roughly symmetric), so a dataset of smooth
+    textures is not "blurry" by a number tuned on sharp 28x28 clothing."""
+    cuts = _absolute_cutoffs(cfg)
+    if cfg.quality_reference == "absolute":
+        return cuts
+    k = cfg.outlier_iqr
+    if "brightness" in df.columns and (b := _finite(df["brightness"])).size:
+        q1, q3 = np.quantile(b, [0.25, 0.75])
+        spread = max(q3 - q1, _MIN_SPREAD["brightness"])
+        cuts["dark_below"], cuts["bright_above"] = float(q1 - k * spread), float(q3 + k * spread)
+    if "blur" in df.columns and (v := _finite(df["blur"])).size:
+        q1, q3 = np.quantile(np.log1p(np.maximum(v, 0)), [0.25, 0.75])
+        cuts["blur_below"] = float(np.expm1(q1 - k * max(q3 - q1, _MIN_SPREAD["log_blur"])))
+    return cuts
+
+
+def _absolute_cutoffs(cfg: ValidateConfig) -> dict[str, float]:
+    return {"dark_below": cfg.dark_below, "bright_above": cfg.bright_above, "blur_below": cfg.blur_below}
+
+
+def _cutoff_origin(cfg: ValidateConfig) -> str:
+    if cfg.quality_reference == "absolute":
+        return ""
+    return f", an outlier of this dataset: beyond {cfg.outlier_iqr:g} x IQR of its own distribution"
+
+
+def _finite(column: pd.Series) -> np.ndarray:
+    values = pd.to_numeric(column, errors="coerce").to_numpy(dtype=np.float64)
+    return values[np.isfinite(values)]
 
 
 def near_duplicate_partners(

@@ -159,12 +159,13 @@ def infer_contract(
     *,
     classes: Sequence[str],
     data_version: str = "",
-    label_column: str = "label",
+    labels: pd.Series | None = None,
     checks: ContractChecks | None = None,
 ) -> DataContract:
-    """The contract of a manifest (all splits together). label_column: ``label``, or for multi-label
-    data a frame of one row per (image, label) occurrence is passed with its ``label`` column."""
-    labels = df[label_column].astype(str)
+    """The contract of a manifest (all splits together). labels: what the class shares count (default
+    the ``label`` column; multi-label data passes one entry per (image, label) occurrence); checks:
+    the tolerances to write (default :class:`ContractChecks`, or an edited file's, kept on re-inference)."""
+    labels = (df["label"] if labels is None else labels).astype(str)
     total = max(len(labels), 1)
     counts = labels.value_counts()
     return DataContract(
@@ -172,7 +173,7 @@ def infer_contract(
             "data_version": data_version,
             "images": len(df),
             "created": datetime.now(UTC).isoformat(timespec="seconds"),
-        },  # fmt: skip
+        },
         classes=tuple(str(c) for c in classes),
         class_shares={str(c): _round(counts.get(c, 0) / total) for c in classes},
         modes=_shares_of(df["mode"].astype(str)) if "mode" in df.columns else {},

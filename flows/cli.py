@@ -348,9 +348,66 @@ def validate(
 
     def human(r: Any) -> str:
         warned = f" with {len(r.warnings)} warning(s): {', '.join(r.warnings)}" if r.warnings else ""
-        return f"data validation passed{warned}; report {r.report_html}"
+        return f"data validation passed{warned}; data contract: {r.contract}; report {r.report_html}"
 
     _emit(result, as_json, human)
+
+
+contract_app = typer.Typer(
+    help="The data contract (validate.contract, data_contract.yaml): classes, shares and image-property "
+    "distributions of the first accepted data version, which later versions are validated against.",
+    no_args_is_help=True,
+)
+app.add_typer(contract_app, name="contract")
+
+
+@contract_app.command("accept")
+def contract_accept(
+    params: ParamsOpt = Path("params.yaml"),
+    set_: SetOpt = None,
+    wait: WaitOpt = 0.0,
+    as_json: JsonOpt = False,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Re-infer the data contract from the current data version (e.g. to accept a new class or a new
+    normal), keeping its checks: (tolerances); review the diff and commit it, then run `imgflow validate`."""
+    from components.pipeline.stages import run_contract_accept
+
+    body = _locked("contract", params, set_, wait, run_contract_accept)
+    result = _run(body, as_json=as_json, verbose=verbose)
+    _emit(result, as_json, lambda r: (
+        f"wrote {r['contract']} from data version {r['data_version']} ({r['images']} images, "
+        f"{len(r['classes'])} classes); review the diff, commit it, then run `imgflow validate`"
+    ))  # fmt: skip
+
+
+@contract_app.command("show")
+def contract_show(
+    params: ParamsOpt = Path("params.yaml"),
+    set_: SetOpt = None,
+    as_json: JsonOpt = False,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Check the data contract file (an unknown key or a malformed value is exit code 2) and print it."""
+
+    def body() -> Any:
+        from components.core.errors import ConfigError
+        from components.quality.contract import load_contract
+
+        path = _params(params, set_).validate_.contract
+        if path is None:
+            raise ConfigError("validate.contract is null: no data contract is kept")
+        contract = load_contract(path)
+        if contract is None:
+            raise ConfigError(f"no data contract at {path}: `imgflow validate` writes it from the first "
+                              "data version that passes, or run `imgflow contract accept`")  # fmt: skip
+        return {"contract": str(path), **contract.model_dump(mode="json")}
+
+    result = _run(body, as_json=as_json, verbose=verbose)
+    _emit(result, as_json, lambda r: (
+        f"{r['contract']}: {len(r['classes'])} classes ({', '.join(r['classes'])}), inferred from "
+        f"{r['inferred_from']}; checks {r['checks']}"
+    ))  # fmt: skip
 
 
 @app.command()

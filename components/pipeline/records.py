@@ -38,6 +38,8 @@ class ValidationResult:
     warnings: tuple[str, ...] = ()
     label_cardinality: Mapping[str, float | None] | None = None
     """Multi-label data: mean labels per image of each split (and overall); None for single-label."""
+    contract: str = ""
+    """What happened with the data contract: checked against it, written (first version) or off."""
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -45,6 +47,7 @@ class ValidationResult:
             "report_json": str(self.report_json),
             "report_html": str(self.report_html),
             "warnings": list(self.warnings),
+            "contract": self.contract,
         }
         if self.label_cardinality is not None:
             out["label_cardinality"] = dict(self.label_cardinality)

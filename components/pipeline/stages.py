@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from components.core.config import Params
-from components.core.errors import DataError, GatesFailedError, ValidationFailedError
+from components.core.errors import ConfigError, DataError, GatesFailedError, ValidationFailedError
 from components.core.jsonio import read_json, remove_stale_temps, write_json, write_text_atomic
 from components.core.progress import showing_progress
 from components.data.manifest import (
@@ -136,14 +136,21 @@ def run_validate(params: Params) -> ValidationResult:
 
     Warning-level findings are named in the result; their example rows (image ids, hashes) are in
     the report files only, and in the log at INFO level (``imgflow -v``).
+
+    With ``validate.contract`` set, the version is validated against the data contract; the first
+    version that passes writes it (components.quality.contract), for the user to review and commit.
     """
+    from components.quality.contract import load_contract
     from components.quality.validation import validate_manifest, write_validation_report
 
     paths = StagePaths(params)
     manifest = require_manifest(paths.data)
     info = DatasetInfo.load(paths.data.dataset)
+    contract_path = params.validate_.contract
+    contract = load_contract(contract_path) if contract_path is not None else None
+    df = read_manifest(manifest)
     report = validate_manifest(
-        read_manifest(manifest), classes=info.classes, cfg=params.validate_, task=info.task
+        df, classes=info.classes, cfg=params.validate_, task=info.task, contract=contract
     )
     drift = _validation_drift(params)
     json_path, html_path = write_validation_report(report, paths.out("validate"), extra={"drift": drift},
@@ -158,13 +165,54 @@ def run_validate(params: Params) -> ValidationResult:
         raise ValidationFailedError(f"data validation failed (report: {html_path}):\n{report.summary_text()}")
     if report.warnings():
         logger.info("data validation warnings:\n%s", report.summary_text())
+    if contract_path is not None and contract is None:  # the first accepted version sets the reference
+        _write_contract(params, df, info, data_version(manifest))
+        logger.info(
+            "wrote the data contract %s from this data version: review it and commit it", contract_path
+        )
     return ValidationResult(
         success=report.success,
         report_json=json_path,
         report_html=html_path,
         warnings=tuple(o.name for o in report.warnings()),
         label_cardinality=report.summary["label_cardinality"] if report.summary else None,
+        contract=_contract_status(contract_path, checked=contract is not None),
     )
+
+
+def _contract_status(path: Path | None, *, checked: bool) -> str:
+    if path is None:
+        return "off (validate.contract: null)"
+    return f"checked against {path}" if checked else f"wrote {path} (first accepted data version)"
+
+
+def _write_contract(params: Params, df: pd.DataFrame, info: DatasetInfo, version: str) -> Path:
+    """Infer the data contract of ``df`` and write it to ``validate.contract``, keeping the ``checks:``
+    (tolerances) of a valid existing file."""
+    from components.quality.contract import infer_contract, load_contract, write_contract
+    from components.quality.validation import label_rows_table
+    from components.task import get_task
+
+    path = params.validate_.contract
+    if path is None:
+        raise ConfigError("validate.contract is null: set it to a file (e.g. data_contract.yaml) to keep one")
+    previous = load_contract(path) if path.exists() else None
+    labels = label_rows_table(df)["label"] if get_task(info.task).several_labels else None
+    contract = infer_contract(df, classes=info.classes, data_version=version, labels=labels,
+                              checks=previous.checks if previous else None)  # fmt: skip
+    return write_contract(path, contract)
+
+
+def run_contract_accept(params: Params) -> dict[str, Any]:
+    """``imgflow contract accept``: re-infer the data contract from the current data version (a new
+    class, a new normal) and write it, keeping its checks; the user reviews the diff and commits it."""
+    paths = StagePaths(params)
+    manifest = require_manifest(paths.data)
+    info = DatasetInfo.load(paths.data.dataset)
+    df = read_manifest(manifest)
+    version = data_version(manifest)
+    path = _write_contract(params, df, info, version)
+    return {"contract": str(path), "data_version": version, "images": len(df), "classes": list(info.classes)}
 
 
 def _validation_drift(params: Params) -> dict[str, Any] | None:

@@ -34,18 +34,23 @@ from components.evaluate.calibration import CalibrationReport
 from components.evaluate.conformal import conformal_scalars, conformal_section, coverage_gate
 from components.evaluate.explain import Gallery, gallery_section
 from components.evaluate.gates import (
+    INSUFFICIENT,
     GateLevel,
     GateReport,
     GateResult,
     accuracy_gate,
+    auto_accuracy_gate,
     gate_level,
+    insufficient_gate,
     label_ap_gates,
     make_gate,
     map_gate,
     recall_gates,
 )
+from components.evaluate.hierarchy import hierarchy_gates, hierarchy_scalars, hierarchy_section
 from components.evaluate.ood import OODEvidence, ood_gate, ood_scalars, ood_section
 from components.evaluate.robustness import SEVERITIES, RobustnessReport
+from components.evaluate.variants import variants_section
 from components.task import TASK_NAMES, Task, get_task, task_of
 
 logger = logging.getLogger(__name__)
@@ -76,6 +81,23 @@ class Evidence:
     """OOD scores vs held-out OOD sets and the shipped detector (:mod:`components.evaluate.ood`)."""
     conformal: dict[str, Any] | None = None
     """Conformal prediction sets' test coverage and set sizes (:mod:`components.evaluate.conformal`)."""
+    hierarchy: dict[str, Any] | None = None
+    """Label tree: per-decoding rows and back-off (:mod:`components.evaluate.hierarchy`); None: flat labels."""
+    audit: dict[str, Any] | None = None
+    """The audit stage's ``summary.json`` for this data version (its ``oof_accuracy``: the cheap
+    out-of-fold classifier ``min_accuracy: auto`` must beat), or None when the audit has not run."""
+
+    @property
+    def cheap_baseline(self) -> tuple[str, float] | None:
+        """(what, accuracy) of the best cheap classifier at hand: the audit's out-of-fold classifier
+        and CLIP zero-shot (when the baseline ran); None when neither did."""
+        found = []
+        if (self.audit or {}).get("oof_accuracy") is not None:
+            found.append(("the audit's out-of-fold classifier", float(self.audit["oof_accuracy"])))  # type: ignore[index]
+        zero_shot = (self.baseline or {}).get("zero_shot") or {}
+        if (self.baseline or {}).get("status") == "ok" and zero_shot.get("accuracy") is not None:
+            found.append(("CLIP zero-shot", float(zero_shot["accuracy"])))
+        return max(found, key=lambda f: f[1]) if found else None
 
     @property
     def task(self) -> Task:
@@ -151,13 +173,16 @@ def _other_tasks_gates(task: Task) -> list[tuple[Task, str]]:
 
 
 def _accuracy_gate(cfg: GatesConfig, ev: Evidence, level: GateLevel) -> list[GateResult]:
+    if cfg.min_accuracy == "auto":
+        return [auto_accuracy_gate(ev.metrics, baseline=ev.cheap_baseline, margin=cfg.auto_margin,
+                                   confidence=cfg.confidence, level=level)]  # fmt: skip
     return [accuracy_gate(ev.metrics, cfg.min_accuracy, level=level)]
 
 
 def _recall_gates(cfg: GatesConfig, ev: Evidence, level: GateLevel) -> list[GateResult]:
     task = ev.task
     return recall_gates(task.rows(ev.metrics), cfg.min_class_recall, name_key=task.row_name,
-                        confidence=cfg.confidence, level=level)  # fmt: skip
+                        confidence=cfg.confidence, level=level, min_support=cfg.min_support)  # fmt: skip
 
 
 def _map_gate(cfg: GatesConfig, ev: Evidence, level: GateLevel) -> list[GateResult]:
@@ -241,6 +266,11 @@ def _slice_gates(cfg: GatesConfig, ev: Evidence, level: Any) -> list[GateResult]
     out = []
     what, right = ev.task.correct_name, ev.task.correct_phrase
     for row in ev.slices or []:
+        if row["n"] < cfg.min_support:
+            out.append(insufficient_gate(f"min_slice_accuracy[{row['slice']}]", f"{what} on {row['slice']}",
+                                         row["accuracy"], cfg.min_slice_accuracy, n=row["n"],
+                                         min_support=cfg.min_support, level=level))  # fmt: skip
+            continue
         gate = make_gate(f"min_slice_accuracy[{row['slice']}]", f"{what} on {row['slice']}",
                          row["accuracy"], cfg.min_slice_accuracy, level=level, bound=row["accuracy_lower"],
                          bound_name=f"{cfg.confidence:.0%} lower bound")  # fmt: skip
@@ -353,6 +383,7 @@ def report_dict(ev: Evidence, gates: GateReport, *, context: Mapping[str, Any]) 
         "context": dict(context),
         "gates": gates.to_dict()["gates"],
         "not_applicable": gates.to_dict()["not_applicable"],
+        "insufficient_data": gates.to_dict()["insufficient_data"],
         "thresholds": ev.thresholds,
         "metrics": ev.metrics,
         "calibration": ev.calibration.to_dict() if ev.calibration else None,
@@ -518,7 +549,7 @@ def render_html(data: Mapping[str, Any], *, images: Mapping[str, Path]) -> str:
     cal = data.get("calibration")
     sections = [
         _context_html(data["context"]),
-        _gates_html(data["gates"], data.get("not_applicable") or []),
+        _gates_html(data["gates"], data.get("not_applicable") or [], data.get("insufficient_data") or []),
         _METRICS_HTML[task.row_name](data["metrics"], cal),
         _curves_html(images),
         _confusion_html(data.get("confused_pairs") or [], images, task=task),
@@ -540,11 +571,13 @@ def render_html(data: Mapping[str, Any], *, images: Mapping[str, Path]) -> str:
     )
 
 
-_STATUS_KINDS = {"pass": "pass", "FAIL": "fail", "warn": "warn"}
+_STATUS_KINDS = {"pass": "pass", "FAIL": "fail", "warn": "warn", INSUFFICIENT: "insufficient"}
 
 
 def _gates_html(
-    gates: Sequence[Mapping[str, Any]], not_applicable: Sequence[Mapping[str, Any]]
+    gates: Sequence[Mapping[str, Any]],
+    not_applicable: Sequence[Mapping[str, Any]],
+    insufficient: Sequence[str] = (),
 ) -> kit.Section:
     rows = [
         [g["name"], kit.badge(_status_text(g), _STATUS_KINDS[g["status"]]), g["level"], kit.num(g["value"]),
@@ -556,7 +589,16 @@ def _gates_html(
         rows,
         row_classes=[None if g["status"] == "pass" else _STATUS_KINDS[g["status"]] for g in gates],
     )
-    return kit.section("Gates", table, _not_applicable_html(not_applicable))
+    return kit.section("Gates", table, _insufficient_html(insufficient), _not_applicable_html(not_applicable))
+
+
+def _insufficient_html(names: Sequence[str]) -> kit.Html:
+    if not names:
+        return kit.Html("")
+    return kit.note(
+        f"Insufficient data, neither passed nor failed (fewer test images than gates.min_support): "
+        f"{'; '.join(names)}."
+    )
 
 
 def _status_text(g: Mapping[str, Any]) -> str:

@@ -78,13 +78,15 @@ def gather_evidence(
     own_version: str | None = None,
     baseline: Any = None,
     trust_dir: Path | None = None,
+    audit: dict[str, Any] | None = None,
 ) -> Evidence:
     """Run every measurement of the evaluate stage on the model in ``model_dir``.
 
     champion: the registry's champion (None: nothing to compare with); own_version: the registry
     version of the evaluated model, if it is one; baseline: the baseline stage's ``baseline.json``
     record (or None when it has not run); trust_dir: where the fitted OOD detector and conformal sets
-    are saved (None: neither is fitted).
+    are saved (None: neither is fitted); audit: the audit's summary of this data version (its
+    out-of-fold accuracy is a reference of ``gates.min_accuracy: auto``), or None.
     """
     from components.data.datasets import encode_targets, split_rows
     from components.evaluate.gate_report import Evidence
@@ -124,7 +126,7 @@ def gather_evidence(
     return Evidence(metrics=measured.metrics, calibration=measured.calibration, robustness=robustness,
                     slices=slices, champion=compared, baseline=baseline, curves=measured.curves,
                     adversarial=adversarial, explanations=explanations, ood=ood,
-                    conformal=conformal)  # fmt: skip
+                    conformal=conformal, hierarchy=hierarchy, audit=audit)  # fmt: skip
 
 
 @dataclass
@@ -344,7 +346,7 @@ def evaluate_model(
     baseline = read_baseline(params.project.output_dir / "baseline")
     evidence = gather_evidence(
         params, model_dir, champion=champion, own_version=own_version, baseline=baseline,
-        trust_dir=out_dir / TRUST_DIR,
+        trust_dir=out_dir / TRUST_DIR, audit=audit_summary(params),
     )  # fmt: skip
     gates = build_gates(params.gates, evidence, baseline=params.baseline)
     seconds = time.perf_counter() - t0
@@ -374,6 +376,20 @@ def evaluate_model(
         tags={"gates_passed": str(gates.passed).lower(), "task": task.name,
               "baseline_status": str((baseline or {}).get("status", "not run"))},
     )  # fmt: skip
+
+
+def audit_summary(params: Params) -> dict[str, Any] | None:
+    """The audit stage's ``summary.json`` when it describes the current data version, else None (an
+    audit of other data says nothing about this test set's difficulty)."""
+    from components.core.jsonio import read_json
+    from components.data.manifest import data_version
+
+    path = params.project.output_dir / "audit" / "summary.json"
+    manifest = DataPaths(params.project.data_dir).manifest
+    if not path.exists() or not manifest.exists():
+        return None
+    summary = read_json(path, hint="run `imgflow audit` again") or {}
+    return summary if summary.get("data_version") == data_version(manifest) else None
 
 
 def baseline_scalars(baseline: dict[str, Any] | None) -> dict[str, float]:

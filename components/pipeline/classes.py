@@ -1,0 +1,274 @@
+"""``imgflow classes add/list/remove``: classes from a few support images, as new registered versions.
+
+Glue like :mod:`components.pipeline.models`: :mod:`components.model.fewshot` builds the new model
+folder (prototypes on a stored layer, no retraining), the embedding store gives the base training
+set's features, the registry registers the folder as a new version of ``register.model_name``.
+
+Everything that can fail on the user's input (the support folder, a name that exists, the layer) is
+checked, and the new folder built, before anything is written to MLflow: a bad support set leaves
+the registry as it was.
+
+Gates of a version with added classes: the base version's own gate verdict (its test evidence is
+about the classes the network was trained on, which the new version answers as before), and
+``fewshot_base_agreement``: on the test split's base-class images, the share whose predicted class
+is the same as the base version's (at least :data:`MIN_BASE_AGREEMENT`). A version that fails is
+registered as ``candidate`` only and ``imgflow promote`` refuses it, as any other.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from components.core.config import Params
+from components.core.errors import DataError
+from components.data.manifest import read_manifest
+from components.model.features import DEFAULT_LAYER
+from components.pipeline.context import StagePaths, connect_tracking, experiment_id, registry_options
+from components.pipeline.models import model_dir as fetch_model_dir
+
+MIN_BASE_AGREEMENT = 0.95
+"""Share of base test images whose answer must not change when classes are added."""
+HELDOUT_ROWS, AGREEMENT_IMAGES = 2000, 500
+"""Caps: val rows that calibrate the router's scale; test images the agreement gate predicts."""
+
+
+@dataclass(frozen=True)
+class ClassesChange:
+    """What ``classes add`` / ``classes remove`` registered."""
+
+    name: str
+    version: str
+    base_version: str
+    base_model: str
+    classes: tuple[str, ...]
+    """Every class of the new version (trained first, then added)."""
+    added: tuple[str, ...]
+    """The classes added from support images (all of them, not only this call's)."""
+    changed: tuple[str, ...]
+    """This call's classes (added or removed)."""
+    layer: str
+    scale: float | None
+    base_agreement: float
+    gates_passed: bool
+    aliases: tuple[str, ...]
+    tags: dict[str, str]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# --------------------------------------------------------------------------- commands
+
+
+def run_classes_add(
+    params: Params, folder: Path, *, k: int = 5, model: str | None = None, layer: str = DEFAULT_LAYER
+) -> ClassesChange:
+    """``imgflow classes add``: each sub-folder of ``folder`` (at least ``k`` images) becomes a class of
+    a new version of the registered model ``model`` (default: the champion)."""
+    from components.model import fewshot
+    from components.model.checkpoint import load_classifier
+    from components.model.features import check_layer
+
+    check_layer(layer)
+    images = fewshot.read_support_folder(folder, k=k)
+    with tempfile.TemporaryDirectory(prefix="imgflow-classes-") as tmp:
+        src, uri = fetch_model_dir(params, model, Path(tmp))
+        base_model, spec = load_classifier(src)
+        feats = {n: fewshot.support_features(base_model, spec, b, layer=layer) for n, b in images.items()}
+        hashes = {n: fewshot.support_hash({n: b}) for n, b in images.items()}
+        base = _base_features(params, src, spec.classes, layer=layer, fewshot_bank=fewshot.read_bank(src))
+        out = Path(tmp) / "new" / "model"
+        bank = fewshot.add_classes(src, out, feats, base=base, layer=layer, hashes=hashes)
+        tags = {"fewshot_support_hash": fewshot.support_hash(images), "fewshot_layer": layer,
+                "fewshot_centre_hash": fewshot.vector_hash(bank.centre), "fewshot_scale": f"{bank.scale:.4g}",
+                "fewshot_action": f"add {','.join(images)}"}  # fmt: skip
+        return _register(params, src, out, uri, changed=tuple(images), tags=tags, scale=bank.scale)
+
+
+def run_classes_remove(params: Params, name: str, *, model: str | None = None) -> ClassesChange:
+    """``imgflow classes remove``: a new version of ``model`` (default: the champion) without added class
+    ``name``."""
+    from components.model import fewshot
+
+    with tempfile.TemporaryDirectory(prefix="imgflow-classes-") as tmp:
+        src, uri = fetch_model_dir(params, model, Path(tmp))
+        out = Path(tmp) / "new" / "model"
+        bank = fewshot.remove_class(src, out, name)
+        tags = {"fewshot_action": f"remove {name}"}
+        if bank is not None:
+            tags.update(fewshot_layer=bank.layer, fewshot_centre_hash=fewshot.vector_hash(bank.centre))
+        scale = bank.scale if bank is not None else None
+        return _register(params, src, out, uri, changed=(name,), tags=tags, scale=scale)
+
+
+def run_classes_list(params: Params, *, model: str | None = None) -> dict[str, Any]:
+    """``imgflow classes list``: the model's trained and added classes, with each added class's support."""
+    from components.model import fewshot
+    from components.model.checkpoint import load_spec
+
+    with tempfile.TemporaryDirectory(prefix="imgflow-classes-") as tmp:
+        src, uri = fetch_model_dir(params, model, Path(tmp))
+        spec, bank = load_spec(src), fewshot.read_bank(src)
+    base_count = bank.base_count if bank else spec.num_classes
+    return {
+        "model": uri,
+        "trained": list(spec.classes[:base_count]),
+        "added": [
+            {"name": n, **(bank.support.get(n, {}) if bank else {})} for n in spec.classes[base_count:]
+        ],
+        "layer": bank.layer if bank else None,
+        "scale": bank.scale if bank else None,
+    }
+
+
+# --------------------------------------------------------------------------- base features
+
+
+def _base_features(
+    params: Params, model_dir: Path, classes: tuple[str, ...], *, layer: str, fewshot_bank: Any
+) -> Any:
+    """The base model's training and held-out (val) features from the embedding store, labelled by
+    base class index (rows of other labels are left out)."""
+    from components.data.manifest import DataPaths, data_version, require_manifest
+    from components.model.embedding_store import embed_manifest
+    from components.model.fewshot import BaseFeatures
+
+    paths = DataPaths(params.project.data_dir)
+    if not paths.manifest.exists():
+        raise DataError(
+            f"no data version at {paths.root}: the base training set's features centre the prototypes; "
+            "run `imgflow ingest` (the data the model was trained on) first"
+        )
+    store = embed_manifest(paths.root, model_dir, layer=layer)
+    base_count = fewshot_bank.base_count if fewshot_bank is not None else len(classes)
+    index = {c: i for i, c in enumerate(classes[:base_count])}
+    label_of = dict(zip(read_manifest(paths.manifest)["image_id"], read_manifest(paths.manifest)["label"],
+                        strict=True))  # fmt: skip
+    labels = np.array([index.get(label_of.get(i, ""), -1) for i in store.ids])
+    splits = np.asarray(store.splits)
+    train, held = (splits == "train") & (labels >= 0), np.flatnonzero((splits == "val") & (labels >= 0))
+    if not train.any():
+        raise DataError(f"data version at {paths.root} has no training images of the model's classes")
+    held = np.random.default_rng(0).permutation(held)[:HELDOUT_ROWS]
+    vectors = np.asarray(store.vectors)
+    return BaseFeatures(train=vectors[train], train_labels=labels[train], heldout=vectors[held],
+                        heldout_labels=labels[held], data_version=data_version(require_manifest(paths)))  # fmt: skip
+
+
+# --------------------------------------------------------------------------- gate and registration
+
+
+def base_agreement(params: Params, base_dir: Path, new_dir: Path) -> float:
+    """Share of test-split images of the base model's classes whose predicted class is the same under
+    both models (1.0 when the data has no test images)."""
+    from components.model.checkpoint import Predictor
+
+    base, new = Predictor.from_dir(base_dir), Predictor.from_dir(new_dir)
+    manifest = read_manifest(StagePaths(params).data.manifest)
+    base_count = len(base.spec.classes)
+    test = manifest[(manifest["split"] == "test") & manifest["label"].isin(base.spec.classes[:base_count])]
+    rows = test.sample(n=min(AGREEMENT_IMAGES, len(test)), random_state=0) if len(test) else test
+    if not len(rows):
+        return 1.0
+    images = [(params.project.data_dir / p).read_bytes() for p in rows["path"]]
+    before = np.asarray(base.spec.classes)[base.predict_proba(images).argmax(1)]
+    after = np.asarray(new.spec.classes)[new.predict_proba(images).argmax(1)]
+    return float((before == after).mean())
+
+
+def _register(
+    params: Params,
+    src: Path,
+    out: Path,
+    uri: str,
+    *,
+    changed: tuple[str, ...],
+    tags: dict[str, str],
+    scale: float | None,
+) -> ClassesChange:
+    """Register the folder ``out`` (made from ``src``, the version ``uri`` names) as a new version."""
+    from components.model.checkpoint import load_spec
+    from components.model.fewshot import read_bank
+
+    agreement = base_agreement(params, src, out)
+    connect_tracking(params)
+    name = params.register_.model_name
+    base_version, base_tags = _base_version(name, uri)
+    spec, bank = load_spec(out), read_bank(out)
+    passed = base_tags.get("gates_passed") == "true" and agreement >= MIN_BASE_AGREEMENT
+    failed = [] if agreement >= MIN_BASE_AGREEMENT else ["fewshot_base_agreement"]
+    failed += [g for g in base_tags.get("failed_gates", "").split(",") if g]
+    all_tags = {k: base_tags[k] for k in ("data_version", "git_commit", "task") if k in base_tags}
+    all_tags.update(tags, base_version=base_version, fewshot_base_agreement=f"{agreement:.4f}",
+                    fewshot_classes=",".join(spec.classes[bank.base_count:] if bank else ())[:4900],
+                    gates_passed=str(passed).lower(), failed_gates=",".join(failed))  # fmt: skip
+    reg = _log_and_register(params, out, name=name, tags=all_tags, passed=passed, failed=failed, spec=spec)
+    added = tuple(spec.classes[bank.base_count :]) if bank else ()
+    return ClassesChange(
+        name=name, version=reg.version, base_version=base_version, base_model=uri, classes=tuple(spec.classes),
+        added=added, changed=changed, layer=bank.layer if bank else "", scale=scale, base_agreement=agreement,
+        gates_passed=passed, aliases=reg.aliases, tags=all_tags,
+    )  # fmt: skip
+
+
+def _base_version(name: str, uri: str) -> tuple[str, dict[str, str]]:
+    """The registered version ``uri`` names and its tags (a DataError for a model outside the registry:
+    a new version needs a registered one to descend from)."""
+    from components.registry import tracking
+
+    resolved = tracking.resolve_model_version(uri)
+    if resolved is None or resolved[0] != name:
+        raise DataError(f"{uri} is not a version of the registered model {name!r}: give --model "
+                        f"models:/{name}@<alias> or models:/{name}/<version>")  # fmt: skip
+    version = resolved[1]
+    rows = [v for v in tracking.list_versions(name) if v["version"] == version]
+    return version, dict(rows[0]["tags"]) if rows else {}
+
+
+def _log_and_register(
+    params: Params, out: Path, *, name: str, tags: dict[str, str], passed: bool, failed: list[str], spec: Any
+) -> Any:
+    """One MLflow run holding the model folder as a pyfunc, registered as a new version of ``name``."""
+    from importlib import metadata
+
+    from components.pipeline.stages import SERVING_REQUIREMENTS
+    from components.registry import registry, tracking
+
+    run = tracking.start_run(experiment_id(params), run_name=f"classes {tags['fewshot_action']}",
+                             params={"fewshot": json.dumps(spec.extra.get("fewshot", {}))[:6000]},
+                             tags={"imgflow_stage": "classes"})  # fmt: skip
+    try:
+        requirements = [f"{n}=={metadata.version(n)}" for n in SERVING_REQUIREMENTS]
+        model_uri = tracking.log_pyfunc_model(run.run_id, model_dir=out, example_image=_example_image(spec),
+                                              pip_requirements=requirements)  # fmt: skip
+        card = registry.ModelCard(
+            task=spec.task.title, classes=tuple(spec.classes), data_version=tags.get("data_version", ""),
+            git_commit=tags.get("git_commit", ""), gates_passed=passed,
+            headline=f"base-class answers kept {float(tags['fewshot_base_agreement']):.1%}",
+            gate_verdict="passed" if passed else f"failed: {', '.join(failed)}", failed_gates=tuple(failed),
+        )  # fmt: skip
+        reg = registry.register_version(model_uri, name=name, run_id=run.run_id, tags=tags, card=card,
+                                        auto_promote=params.register_.auto_promote, **registry_options(params))  # fmt: skip
+    except BaseException:
+        tracking.end_run(run.run_id, status="FAILED")
+        raise
+    tracking.end_run(run.run_id)
+    return reg
+
+
+def _example_image(spec: Any) -> bytes:
+    """A blank PNG of the model's input size: the pyfunc's input example (any image will do)."""
+    import io
+
+    from PIL import Image
+
+    _, height, width = spec.data_config["input_size"]
+    buf = io.BytesIO()
+    Image.new("L" if spec.in_chans == 1 else "RGB", (int(width), int(height))).save(buf, format="PNG")
+    return buf.getvalue()

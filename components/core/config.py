@@ -245,6 +245,14 @@ class TrainConfig(_Section):
     """Square input side; None: the model's own default."""
     in_chans: int | None = Field(default=None, ge=1, le=4)
     """Input channels; None: 1 for an all-grey dataset, else 3."""
+    recipe: Literal["auto", "manual"] = "auto"
+    """``auto``: every key below that params do not set is chosen from the ingested data (model, input
+    size, channels, epochs, batch, lr, imbalance handling; see docs/training.md), each choice printed
+    with its reason and logged; ``manual``: the defaults below as written."""
+    time_budget_min: float = Field(default=30.0, gt=0)
+    """``recipe: auto``: training should take about this long (caps epochs, then a timm model's input size)."""
+    max_input_size: int = Field(default=224, ge=8)
+    """``recipe: auto``: the largest input side it picks (memory and time grow with its square)."""
     workers: int = Field(default=2, ge=1)
     """Ray Train workers (data-parallel)."""
     cpus_per_worker: int = Field(default=1, ge=1)

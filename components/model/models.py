@@ -151,9 +151,7 @@ def create_classifier(
     if pretrained and pretrained_file is not None:
         kwargs["pretrained_cfg_overlay"] = {"file": str(pretrained_file)}
     try:
-        return timm.create_model(
-            name, pretrained=pretrained, num_classes=num_classes, in_chans=in_chans, **kwargs
-        )
+        return _create_any_size(name, pretrained=pretrained, num_classes=num_classes, in_chans=in_chans, **kwargs)
     except (RuntimeError, OSError, ValueError) as e:
         if pretrained:
             raise ConfigError(
@@ -161,6 +159,22 @@ def create_classifier(
                 "local weights file, or train.pretrained=false."
             ) from e
         raise
+
+
+def _create_any_size(name: str, **kwargs: Any) -> nn.Module:
+    """``timm.create_model`` that takes any input size: transformers whose constructor accepts
+    ``dynamic_img_size`` (ViT, DeiT, Swin, ...) get it, so their position embeddings / attention masks
+    are resized to the input at forward time. Their weights keep the native shapes: pretrained
+    weights load, and a model saved at 32 px loads again without being told its size (the spec's
+    data_config sets it). CNNs take any size as they are."""
+    if "dynamic_img_size" in kwargs:
+        return timm.create_model(name, **kwargs)
+    try:
+        return timm.create_model(name, dynamic_img_size=True, **kwargs)
+    except TypeError as e:  # the constructor has no such argument: a size-agnostic CNN
+        if "dynamic_img_size" not in str(e):
+            raise
+    return timm.create_model(name, **kwargs)
 
 
 def set_finetune_mode(model: nn.Module, mode: str) -> nn.Module:

@@ -56,6 +56,7 @@ if TYPE_CHECKING:
     from components.pipeline.freshness import Freshness
     from components.quality.ledger import LedgerDiff
     from components.registry.registry import Registration
+    from components.train.auto_recipe import ResolvedRecipe
     from components.train.ray_adapter import RayOptions
 
 logger = logging.getLogger(__name__)
@@ -533,7 +534,8 @@ def run_train(
         else f"train-{params.fingerprint()}-{time.strftime('%Y%m%d-%H%M%S')}"
     )
     exclude = _exclusions(params)
-    provenance = _provenance(params, exclude)
+    recipe = _auto_recipe(params, out)
+    provenance = {**_provenance(params, exclude), "model": recipe.config.model}
     write_text_atomic(out / "params.yaml", yaml.safe_dump(params.to_dict(), sort_keys=False))
     if previous:
         run = tracking.RunRef(previous["run_id"], previous["experiment_id"], uri)
@@ -541,14 +543,14 @@ def run_train(
         run = tracking.start_run(
             experiment_id(params),
             run_name=ray_run,
-            params=params.to_dict(),
-            tags=provenance,
+            params={**params.to_dict(), **recipe.mlflow_params()},
+            tags={**provenance, **recipe.mlflow_tags()},
             tracking_uri=uri,
         )
     write_json(paths.run_file, {**run.to_dict(), "ray_run_name": ray_run, **provenance}, sort_keys=True)
     try:
         result = train(
-            params.train,
+            recipe.config,
             data=paths.data,
             out_dir=out,
             storage_path=paths.state / "ray_results",
@@ -581,6 +583,19 @@ def _exclusions(params: Params) -> Path | None:
     if not exclude.exists():
         raise DataError(f"audit.action is 'exclude' but {exclude} is missing: run `imgflow audit` first")
     return exclude
+
+def _auto_recipe(params: Params, out: Path) -> ResolvedRecipe:
+    """``train.recipe: auto`` resolved on the ingested data: one console line per decision,
+    ``<out>/recipe.json`` (decisions, data profile, the train values in force) for the gate report."""
+    from components.train.auto_recipe import resolve_for_data, write_decisions
+
+    resolved = resolve_for_data(params.train, StagePaths(params).data)
+    console = logging.getLogger("imgflow.console")  # the CLI prints it (flows/cli.py)
+    for decision in resolved.decisions:
+        (console.info if decision.source == "auto" else logger.info)("%s", decision.line())
+    write_decisions(resolved, out / "recipe.json")
+    return resolved
+
 
 
 def _provenance(params: Params, exclude: Path | None) -> dict[str, str]:

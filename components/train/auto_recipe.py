@@ -344,7 +344,8 @@ def _epochs(
 
 def _imbalance(c: _Chooser, p: DataProfile) -> None:
     ratio = p.imbalance_ratio
-    if any(c.explicit(k) for k in ("loss", "sampler", "class_weights")):
+    # class_weights: null in params.yaml is the "no weights" default, not a choice against auto
+    if c.explicit("loss") or c.explicit("sampler") or c.cfg.class_weights is not None:
         for key in ("loss", "sampler"):
             c.choose(key, getattr(c.cfg, key), "set in params")
         return

@@ -248,6 +248,7 @@ def run_audit(params: Params, *, progress: bool = True) -> AuditSummary:
     ``project.state_dir``, across data versions) and logs an MLflow run. With ``audit.action: fail``
     raises ValidationFailedError (exit code 4) when the suspected label-error rate is too high,
     after everything is written."""
+    from components.pipeline.audit_features import resolve_audit_features
     from components.quality.label_quality import audit
 
     paths, cfg = StagePaths(params), params.audit
@@ -255,7 +256,8 @@ def run_audit(params: Params, *, progress: bool = True) -> AuditSummary:
     manifest = read_manifest(manifest_path)
     version = data_version(manifest_path)
     info = DatasetInfo.load(paths.data.dataset)
-    with showing_progress(progress):  # the bar of reading the images
+    with showing_progress(progress):  # the bars of embedding / reading the images
+        encoded, reason = resolve_audit_features(params, manifest, task=info.task)
         result = audit(
             manifest,
             data_dir=paths.data.root,
@@ -263,6 +265,8 @@ def run_audit(params: Params, *, progress: bool = True) -> AuditSummary:
             cfg=cfg,
             task=info.task,
             progress=progress,
+            encoded=encoded,
+            features_reason=reason,
         )
     out = paths.out("audit")
     with _rewriting(out, "audit"):
@@ -280,6 +284,7 @@ def _record_audit(
     params: Params, result: Any, manifest: pd.DataFrame, version: str, out: Path
 ) -> AuditSummary:
     """The audit's ledger update, exclusions, summary, report and MLflow run."""
+    from components.quality.encoders import cap_relabel_queue
     from components.quality.label_quality import EXCLUDED_FILE, ISSUE_TYPES, write_exclusions
     from components.quality.ledger import update_ledger
 
@@ -293,6 +298,8 @@ def _record_audit(
         recorded_at=_now(),
         issue_types=ISSUE_TYPES,  # the baseline's clip_disagreement rows are its own
     )
+    # the queue a team works through; every suspect stays in issues.csv
+    cap_relabel_queue(Path(diff.files["relabel_queue"]), size=cfg.queue_size)
     excluded = write_exclusions(result.issues, manifest, cfg, out / EXCLUDED_FILE)
     write_json(
         out / "summary.json",
@@ -341,7 +348,8 @@ def _log_audit_run(
     )
     metrics = {f"issues_{k}": v for k, v in figures["issues"].items()}
     metrics |= {f"ledger_{k}": v for k, v in diff.totals.items()}
-    scalars = ("label_error_rate", "oof_accuracy", "oof_map", "label_cardinality", "audited")
+    scalars = ("label_error_rate", "oof_accuracy", "oof_map", "label_cardinality", "audited",
+               "noise_rate_estimate", "label_issues_estimate", "relabel_queue")  # fmt: skip
     metrics |= {k: figures[k] for k in scalars if figures.get(k) is not None}
     tracking.log_metrics(run.run_id, metrics)
     summary_json = StagePaths(params).out("audit") / "summary.json"

@@ -50,7 +50,7 @@ from PIL import Image
 
 from components.core import report as kit
 from components.core.config import AuditConfig
-from components.core.errors import DataError
+from components.core.errors import ConfigError, DataError
 from components.core.jsonio import atomic_path, write_text_atomic
 from components.core.progress import progress_bar
 from components.data.image_stats import (
@@ -59,6 +59,13 @@ from components.data.image_stats import (
     grey_pixels,
     hex_to_uint64,
     near_duplicate_pairs,
+)
+from components.quality.encoders import (
+    MODEL,
+    PRETRAINED,
+    AuditFeatures,
+    noise_estimate,
+    queue_summary,
 )
 from components.task import MULTILABEL, SINGLELABEL, Task, get_task
 
@@ -362,9 +369,13 @@ def audit(
     cfg: AuditConfig,
     progress: bool = False,
     task: str | Task = SINGLELABEL,
+    encoded: AuditFeatures | None = None,
+    features_reason: str | None = None,
 ) -> AuditResult:
     """Audit manifest ``rows`` (columns image_id, path, label, split, phash; ``labels`` for
-    ``task="multilabel"``); see the module doc."""
+    ``task="multilabel"``); see the module doc. encoded: features computed elsewhere (a trained
+    model's or a pretrained backbone's, :mod:`components.quality.encoders`), used instead of the
+    cheap ones; features_reason: why the cheap ones were used (recorded in the summary)."""
     rows = rows[rows["split"].isin(cfg.splits)].reset_index(drop=True)
     if len(rows) < 2:
         raise DataError(f"the audit needs at least 2 images in splits {list(cfg.splits)}, got {len(rows)}")
@@ -374,7 +385,14 @@ def audit(
     timings: dict[str, float] = {}
     t = time.perf_counter()
     kind = resolve_features(cfg.features, task)
-    features = _features(rows, data_dir, kind, cfg)
+    if encoded is not None:
+        features, kind = encoded.for_rows(rows["image_id"].tolist()), encoded.source
+    elif kind in (MODEL, PRETRAINED):
+        raise ConfigError(
+            f"audit.features={kind}: the pipeline computes these features (run `imgflow audit`)"
+        )
+    else:
+        features = _features(rows, data_dir, kind, cfg)
     timings["features_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -416,6 +434,9 @@ def audit(
         "folds": cfg.folds,
         "features": kind
         + {"pca": str(cfg.pca_components), "patches": str(cfg.patch_dictionary)}.get(kind, ""),
+        "features_from": encoded.name if encoded is not None else _cheap_features_name(kind, cfg),
+        "features_reason": encoded.reason if encoded is not None else (features_reason or "asked for"),
+        **queue_summary(issues, size=cfg.queue_size),
         **{k: round(v, 3) for k, v in timings.items()},
     }
     logger.info(
@@ -426,6 +447,16 @@ def audit(
         fit.get("oof_map"),
     )
     return AuditResult(issues=issues, summary=summary)
+
+
+def _cheap_features_name(kind: str, cfg: AuditConfig) -> str:
+    """The cheap features in words, for the summary and the report."""
+    side = f"{cfg.image_side} px grey"
+    return {
+        "pca": f"PCA ({cfg.pca_components} components) of the {side} pixels",
+        "pixels": f"the {side} pixels",
+        "patches": f"a {cfg.patch_dictionary}-centroid {cfg.patch_size}x{cfg.patch_size} patch dictionary on {side}",
+    }.get(kind, kind)
 
 
 def _features(rows: pd.DataFrame, data_dir: Path, kind: str, cfg: AuditConfig) -> np.ndarray:
@@ -457,7 +488,8 @@ def _single_label_errors(
     ranked, quality = label_issues(labels, probs)
     oof_accuracy = float((probs.argmax(axis=1) == labels).mean())
     return _label_error_rows(rows, ranked, quality, probs.argmax(axis=1), present), {
-        "oof_accuracy": oof_accuracy
+        "oof_accuracy": oof_accuracy,
+        **noise_estimate(labels, probs),
     }
 
 
@@ -643,7 +675,11 @@ def write_audit_report(
     page = kit.page(
         "Label audit",
         heading="Label-quality audit",
-        top=[intro, kit.table(["issue", "count"], list(summary["issues"].items()))],
+        top=[
+            intro,
+            _basis_paragraph(summary),
+            kit.table(["issue", "count"], list(summary["issues"].items())),
+        ],
         sections=[
             _validation_table(validation),
             kit.section("Since the previous data version", _ledger_table(ledger)),
@@ -684,6 +720,25 @@ def _duplicate_cards(issues: pd.DataFrame, data_dir: Path, gallery: int) -> kit.
         ),
         wide=True,
     )  # fmt: skip
+
+
+def _basis_paragraph(summary: dict[str, Any]) -> kit.Html:
+    """What the audit stands on and what to do with it: the features (and why those), cleanlab's
+    noise-rate estimate, and how much of the suspects the capped relabel queue shows."""
+    parts: list[Any] = []
+    if summary.get("features_from"):
+        parts.append(f"Features: {summary['features_from']} ({summary.get('features_reason', '')}). ")
+    if summary.get("noise_rate_estimate") is not None:
+        parts.append(
+            f"cleanlab estimates {summary['noise_rate_estimate']:.1%} of the labels are wrong "
+            f"(~{summary['label_issues_estimate']} images; the audit model's own errors count too). "
+        )
+    if "relabel_queue" in summary:
+        parts.append(
+            f"The relabel queue lists the worst {summary['relabel_queue']} of {summary['suspected']} suspected "
+            f"label errors (audit.queue_size {summary['queue_size']}); every suspect is in issues.csv."
+        )
+    return kit.paragraph(kit.join(parts)) if parts else kit.Html("")
 
 
 def _model_quality(summary: dict[str, Any]) -> str:

@@ -19,9 +19,9 @@ dataset does not fail on differences nobody would care about, nor a small one on
 shares and mode shares are compared too. The verdicts become Great Expectations expectations in
 :mod:`components.quality.validation` (the contract's tables are plain frames GE checks).
 
-Why a YAML file next to ``params.yaml`` and not ``data/profile.json``: the contract is a decision a
-team reviews and commits (the classes it expects, how much drift it tolerates); ``data/`` is the
-data version DVC tracks and rewrites on every ingest.
+Why one YAML file in the project folder (beside ``data/``, like ``params.yaml``) and not
+``data/profile.json``: the contract is a decision a team reviews and commits (the classes it expects,
+how much drift it tolerates); ``data/`` is the data version DVC tracks and rewrites on every ingest.
 """
 
 from __future__ import annotations

@@ -97,7 +97,7 @@ def inspection_project(tmp_path: Path) -> Params:
     return params_from_dict({
         "project": {"data_dir": str(tmp_path / "data"), "output_dir": str(tmp_path / "outputs"),
                     "state_dir": str(tmp_path / ".imgflow")},
-        "validate": {**_repo_validate_section(), "contract": str(tmp_path / "data_contract.yaml")},
+        "validate": _repo_validate_section(),
     })  # fmt: skip
 
 
@@ -108,6 +108,8 @@ def test_imbalanced_smooth_large_grey_images_pass_then_the_contract_guards_later
 
     params = inspection_project
     data = DataPaths(params.project.data_dir)
+    contract_file = params.project.data_dir.parent / "data_contract.yaml"  # validate.contract: auto
+    assert params.validate_.contract_path(params.project.data_dir) == contract_file
     df = read_manifest(data.manifest)
     assert (df["width"] == 300).all() and (df["blur"] < 20).mean() > 0.5  # "blurry" by the old absolute cut
     result = run_validate(params)  # first version: passes with warnings, writes the contract
@@ -119,7 +121,7 @@ def test_imbalanced_smooth_large_grey_images_pass_then_the_contract_guards_later
         "train.loss: logit_adjusted" in imbalance["description"]
         and "train.sampler: balanced" in imbalance["description"]
     )
-    contract = load_contract(params.validate_.contract)
+    contract = load_contract(contract_file)
     assert contract is not None and contract.classes == ("defect", "ok")
     # The old absolute cut-off would have refused it: most images are below blur_below (20), the
     # limit is max_blurry_fraction (5 %); judged against this dataset's own spread none is an outlier.
@@ -139,12 +141,12 @@ def test_imbalanced_smooth_large_grey_images_pass_then_the_contract_guards_later
     assert "label_in_contract" in text and "scratch" in text and "imgflow contract accept" in text
     assert "no_shift_from_contract" in text and "brightness" in text
     # Accepting re-infers it from this version (the checks a user edited are kept).
-    raw = yaml.safe_load(params.validate_.contract.read_text())
+    raw = yaml.safe_load(contract_file.read_text())
     raw["checks"]["max_share_change"] = 0.2
-    params.validate_.contract.write_text(yaml.safe_dump(raw))
+    contract_file.write_text(yaml.safe_dump(raw))
     accepted = run_contract_accept(params)
     assert accepted["classes"] == ["defect", "ok", "scratch"]
-    again = load_contract(params.validate_.contract)
+    again = load_contract(contract_file)
     assert again is not None and "scratch" in again.classes and again.checks.max_share_change == 0.2
 
 

@@ -394,9 +394,10 @@ def contract_show(
         from components.core.errors import ConfigError
         from components.quality.contract import load_contract
 
-        path = _params(params, set_).validate_.contract
+        resolved = _params(params, set_)
+        path = resolved.validate_.contract_path(resolved.project.data_dir)
         if path is None:
-            raise ConfigError("validate.contract is null: no data contract is kept")
+            raise ConfigError("validate.contract is off: no data contract is kept")
         contract = load_contract(path)
         if contract is None:
             raise ConfigError(f"no data contract at {path}: `imgflow validate` writes it from the first "

@@ -138,9 +138,16 @@ class ValidateConfig(_Section):
     ``absolute``: the fixed cut-offs ``dark_below`` / ``bright_above`` / ``blur_below``."""
     outlier_iqr: float = Field(default=3.0, gt=0)
     """``quality_reference: dataset``: how many interquartile ranges beyond a quartile is an outlier."""
-    contract: Path | None = Path("data_contract.yaml")
-    """The data contract (components.quality.contract): written from the first data version that passes
-    validation, then every later version is validated against it. None: no contract."""
+    contract: str = "auto"
+    """The data contract file (components.quality.contract): written from the first data version that
+    passes validation, then every later version is validated against it. ``auto``: ``data_contract.yaml``
+    beside ``project.data_dir`` (the project folder); ``off``: no contract; else a path."""
+
+    def contract_path(self, data_dir: Path) -> Path | None:
+        """Where the data contract of a project whose data lives in ``data_dir`` is (None: ``off``)."""
+        if self.contract == "off":
+            return None
+        return Path(data_dir).parent / "data_contract.yaml" if self.contract == "auto" else Path(self.contract)
     severity: dict[str, Literal["error", "warn"]] = Field(default_factory=lambda: dict(DEFAULT_SEVERITY))
     """Check -> ``error`` (the stage fails) or ``warn`` (reported only); unlisted checks keep their
     default (:data:`DEFAULT_SEVERITY`)."""

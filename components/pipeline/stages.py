@@ -147,7 +147,7 @@ def run_validate(params: Params) -> ValidationResult:
     paths = StagePaths(params)
     manifest = require_manifest(paths.data)
     info = DatasetInfo.load(paths.data.dataset)
-    contract_path = params.validate_.contract
+    contract_path = params.validate_.contract_path(params.project.data_dir)
     contract = load_contract(contract_path) if contract_path is not None else None
     df = read_manifest(manifest)
     report = validate_manifest(
@@ -183,7 +183,7 @@ def run_validate(params: Params) -> ValidationResult:
 
 def _contract_status(path: Path | None, *, checked: bool) -> str:
     if path is None:
-        return "off (validate.contract: null)"
+        return "off (validate.contract: off)"
     return f"checked against {path}" if checked else f"wrote {path} (first accepted data version)"
 
 
@@ -194,9 +194,9 @@ def _write_contract(params: Params, df: pd.DataFrame, info: DatasetInfo, version
     from components.quality.validation import label_rows_table
     from components.task import get_task
 
-    path = params.validate_.contract
+    path = params.validate_.contract_path(params.project.data_dir)
     if path is None:
-        raise ConfigError("validate.contract is null: set it to a file (e.g. data_contract.yaml) to keep one")
+        raise ConfigError("validate.contract is off: set it to auto (or a file) to keep a data contract")
     previous = load_contract(path) if path.exists() else None
     labels = label_rows_table(df)["label"] if get_task(info.task).several_labels else None
     contract = infer_contract(df, classes=info.classes, data_version=version, labels=labels,

@@ -31,7 +31,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -222,9 +223,9 @@ def labelled_split(
 ) -> tuple[list[bytes], np.ndarray]:
     """A split's image bytes and (N,) targets from the manifest; a seeded sample of ``limit`` images."""
     from components.data.datasets import encode_targets, split_rows
-    from components.data.manifest import DataPaths, read_manifest
+    from components.data.manifest import DataPaths, read_manifest, require_manifest
 
-    rows = split_rows(read_manifest(DataPaths(data_dir).manifest), split)
+    rows = split_rows(read_manifest(require_manifest(DataPaths(data_dir))), split)
     if limit is not None and len(rows) > limit:
         rows = rows.sample(n=limit, random_state=seed).sort_index()
     targets = np.asarray(encode_targets(rows, classes, task))
@@ -258,7 +259,10 @@ def folder_bytes(model_dir: Path) -> int:
 def measure_variants(
     variants: Sequence[Variant], data: VariantData, *, latency: LatencyConfig | None = None, model: str = ""
 ) -> VariantsTable:
-    """Every variant on the same images and the same CPU, in one run (see the module docstring)."""
+    """Every variant on the same images and the same CPU, in one run (see the module docstring).
+
+    PyTorch runs on ``torch.get_num_threads()`` threads (set it, and the ONNX rows' ``threads``, to the
+    same number before calling: :func:`torch_threads`)."""
     import torch
 
     if not variants:
@@ -287,6 +291,19 @@ def measure_variants(
     return VariantsTable(rows=tuple(rows), images=len(data.images), ood_images=len(data.ood_images),
                          ood_reference=data.ood_reference, cpu=cpu_features(), threads=torch.get_num_threads(),
                          batch=latency.batch, repeats=latency.repeats, model=model)  # fmt: skip
+
+
+@contextmanager
+def torch_threads(threads: int) -> Iterator[int]:
+    """PyTorch's intra-op threads set to ``threads`` inside the block (restored after)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield threads
+    finally:
+        torch.set_num_threads(before)
 
 
 def quality(probs: np.ndarray, targets: np.ndarray) -> tuple[float, float, float]:

@@ -7,8 +7,9 @@ int8 activations whose ranges are calibrated (min/max) on validation images prep
 fp32 path does (:meth:`components.model.checkpoint.Predictor.preprocess`). ``torch.ao`` eager/FX
 quantization is deprecated upstream, so nothing here builds on it.
 
-Only the nodes that compute the probabilities are quantized: the OOD score's own nodes (distances to a
-feature bank, Mahalanobis products) stay fp32 on top of the int8 features, so the second output and its
+Only the nodes that compute the logits are quantized: the temperature-scaled softmax after the classifier
+stays fp32 (calibrated probabilities, not steps of 1/255), and so do the OOD score's own nodes (distances
+to a feature bank, Mahalanobis products) on top of the int8 features, so the second output and its
 ``imgflow.*`` metadata survive. Whether int8 is good enough is measured, not assumed:
 :func:`accuracy_delta` compares int8 with fp32 ONNX on the same labelled test images.
 """
@@ -145,6 +146,8 @@ def _quantize(
             quant_format=QuantFormat.QDQ, per_channel=True, activation_type=QuantType.QInt8,
             weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax,
             nodes_to_exclude=exclude or None,
+            # the classifier's logits stay fp32: 8-bit logits would put the softmax on a 1/255-ish grid
+            extra_options={"OpTypesToExcludeOutputQuantization": ["Gemm"]},
         )  # fmt: skip
     except Exception as e:  # ORT's own errors name the op; the user needs to know nothing was registered
         out.unlink(missing_ok=True)
@@ -154,17 +157,26 @@ def _quantize(
 
 
 def _nodes_for(model: Any, output: str) -> set[str]:
-    """Names of the nodes that ``output`` depends on (walking the graph backwards from it)."""
+    """Names of the nodes to quantize: those ``output`` depends on that feed a weight op (or are one).
+
+    What comes after the last weight op (the temperature division, the softmax) stays fp32: quantized,
+    the probabilities would move in steps of 1/255 and a wrong class could get exactly 0 (infinite NLL).
+    """
     producer = {o: n for n in model.graph.node for o in n.output}
-    seen: set[str] = set()
-    todo = [output]
-    while todo:
-        node = producer.get(todo.pop())
-        if node is None or node.name in seen:
-            continue
-        seen.add(node.name)
-        todo.extend(node.input)
-    return seen
+
+    def upstream(*outputs: str) -> list[Any]:
+        seen: dict[int, Any] = {}
+        todo = list(outputs)
+        while todo:
+            node = producer.get(todo.pop())
+            if node is None or id(node) in seen:
+                continue
+            seen[id(node)] = node
+            todo.extend(node.input)
+        return list(seen.values())
+
+    weight_ops = [n for n in upstream(output) if n.op_type in WEIGHT_OPS]
+    return {n.name for n in upstream(*(o for w in weight_ops for o in w.output))}
 
 
 def _count_quantized(int8: Any, fp32: Any) -> tuple[int, int]:

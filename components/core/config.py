@@ -59,6 +59,10 @@ class IngestConfig(_Section):
     allow_outside_root: bool = False
     """Follow symlinks (and CSV paths with ``..`` or absolute) that lead outside the source root;
     false: such items are quarantined as ``outside_root``."""
+    taxonomy: str = "none"
+    """A label tree over the classes (docs/label-trees.md): ``none``; ``paths`` (nested class folders,
+    ``<dir>/footwear/Sneaker/x.png``, or a CSV ``label_path`` column); ``fashion-mnist`` (the built-in
+    tree); or a ``taxonomy.yaml`` file of ``leaf: parent`` lines. Saved with the data version."""
 
 
 class SplitConfig(_Section):
@@ -313,11 +317,15 @@ class TrainConfig(_Section):
     """CutMix alpha (0: off)."""
     early_stopping_patience: int | None = Field(default=None, ge=1)
     """Stop when val_loss has not improved for this many epochs (None: train all epochs)."""
-    loss: Literal["ce", "focal", "logit_adjusted", "asymmetric"] = "ce"
+    loss: Literal["ce", "focal", "logit_adjusted", "asymmetric", "soft_labels"] = "ce"
     """``ce``: the task's standard loss (softmax cross-entropy; binary cross-entropy per label for
     multi-label tasks). Imbalanced data: ``focal`` (focal_gamma; softmax or sigmoid focal loss) or
     ``logit_adjusted`` (single-label: logit_adjust_tau, the train split's class prior); multi-label
-    only: ``asymmetric`` (ASL, asl_gamma_neg / asl_gamma_pos / asl_clip)."""
+    only: ``asymmetric`` (ASL, asl_gamma_neg / asl_gamma_pos / asl_clip). Label trees (single-label data
+    with a taxonomy): ``soft_labels`` (Bertinetto et al. 2020, soft_labels_beta)."""
+    soft_labels_beta: float = Field(default=10.0, gt=0)
+    """``soft_labels``: target mass on class k ~ exp(-beta * tree distance / tree height); larger is
+    closer to one-hot."""
     focal_gamma: float = Field(default=2.0, ge=0)
     logit_adjust_tau: float = Field(default=1.0, ge=0)
     asl_gamma_neg: float = Field(default=4.0, ge=0)
@@ -498,6 +506,9 @@ GATE_NAMES = (
     "min_adversarial_accuracy",  # only when set (evaluate.adversarial)
     "min_ood_auroc",  # only when set (ood)
     "conformal_coverage",  # single-label, when conformal.enabled
+    "max_crm_hdist_ratio",  # label trees only (ingest.taxonomy)
+    "min_backoff_precision",  # label trees with serve.backoff on
+    "min_backoff_answered",  # label trees with serve.backoff on, when set
 )
 
 
@@ -544,6 +555,13 @@ class GatesConfig(_Section):
     """AUROC of the shipped OOD score against the held-out OOD reference (``ood.reference``); None:
     reported, not gated."""
     conformal_tolerance: float = Field(default=0.015, ge=0, le=1)
+    max_crm_hdist_ratio: float = Field(default=1.0, gt=0)
+    """Label trees: CRM's hierarchical distance@top_k / argmax's must stay at or below this."""
+    min_backoff_precision: float | None = Field(default=None, ge=0, le=1)
+    """Label trees with ``serve.backoff`` on: test precision of the back-off answers (None: the fitted
+    target, ``serve.backoff_precision``)."""
+    min_backoff_answered: float | None = Field(default=None, ge=0, le=1)
+    """Label trees with ``serve.backoff`` on: share of test images answered (None: reported only)."""
     """The conformal sets' test coverage must be within this of ``conformal.coverage``: the gate passes
     when the Wilson interval (at ``confidence``) of the measured coverage meets that band."""
     levels: dict[str, Literal["error", "warn", "off"]] = Field(default_factory=dict)
@@ -710,6 +728,16 @@ class ServeConfig(_Section):
     token: str | None = Field(default=None, min_length=1)
     """When set, POST requests need ``Authorization: Bearer <token>`` (401 otherwise; /health and /ping
     stay open). Prefer ``$IMGFLOW_SERVE_TOKEN``: a token in params.yaml is saved with the params."""
+    backoff: Literal["off", "parent", "abstain"] = "off"
+    """Label trees: when no leaf reaches the threshold evaluate fitted on val, answer the most specific
+    ancestor that does (``parent``) or nothing (``abstain``); shipped with the model as ``answer``."""
+    backoff_precision: float = Field(default=0.975, gt=0, le=1)
+    """Label trees: the precision the back-off threshold is fitted for (temperature applied first)."""
+
+    @field_validator("backoff", mode="before")
+    @classmethod
+    def _yaml_off(cls, v: Any) -> Any:
+        return "off" if v is False else v  # YAML 1.1 reads a bare off as false
 
 
 class PredictConfig(_Section):

@@ -53,6 +53,7 @@ from components.data.sources import (
     list_source,
 )
 from components.task import detect_task, get_task
+from components.task.taxonomy import TAXONOMY_FILE, Taxonomy
 
 logger = logging.getLogger(__name__)
 
@@ -384,15 +385,22 @@ COMMIT_JOURNAL = ".ingest.commit.json"
 
 
 def _commit(paths: DataPaths, manifest: pd.DataFrame, quarantine_rows: Sequence[dict[str, str]],
-            info: DatasetInfo) -> None:  # fmt: skip
-    """Replace the manifest, the quarantine list and dataset.json as one: a reader never pairs a new
-    manifest with an old quarantine list or class list (``ingested + quarantined = seen`` holds for
-    whatever it reads)."""
+            info: DatasetInfo, tree: Taxonomy | None = None) -> None:  # fmt: skip
+    """Replace the manifest, the quarantine list and dataset.json (and the label tree) as one: a
+    reader never pairs a new manifest with an old quarantine list or class list (``ingested +
+    quarantined = seen`` holds for whatever it reads)."""
     targets = [paths.manifest, paths.quarantine, paths.dataset]
-    with atomic_group(targets, journal=paths.root / COMMIT_JOURNAL) as temps:
+    tree_file = paths.root / TAXONOMY_FILE
+    with atomic_group(targets + ([tree_file] if tree else []), journal=paths.root / COMMIT_JOURNAL) as temps:
         write_manifest(manifest, temps[0])
         write_quarantine(quarantine_rows, temps[1])
         info.save(temps[2])
+        if tree is not None:
+            tree.save(temps[3])
+    if tree is None:
+        tree_file.unlink(missing_ok=True)  # flat labels now: a previous version's tree no longer applies
+
+
 
 
 def _recover(paths: DataPaths) -> None:
@@ -451,6 +459,7 @@ def ingest(
     progress: bool = False,
     allow_outside_root: bool = False,
     task: str = "auto",
+    taxonomy: str = "none",
 ) -> IngestSummary:
     """Ingest ``source`` into ``data_dir``; see the module docstring for what is written.
 
@@ -460,6 +469,11 @@ def ingest(
     first N listed items per class and official split (quick runs). Raises ConfigError for a bad
     spec or option, DataError when the source cannot be read or yields no usable image (the
     quarantine is written first, so the reasons can be read).
+
+    ``taxonomy`` (a label tree, saved as ``taxonomy.json`` and part of the data version): ``none``,
+    ``paths`` (nested class folders or a CSV ``label_path`` column), ``fashion-mnist`` (the built-in
+    tree) or a ``taxonomy.yaml`` of ``leaf: parent`` lines. A bad tree is a ConfigError naming the node,
+    raised before anything is written.
     """
     _check_options(
         val_fraction=val_fraction,
@@ -480,10 +494,12 @@ def ingest(
         download=download,
         cache_dir=paths.root / ".downloads",
         allow_outside_root=allow_outside_root,
+        nested=taxonomy == "paths",
     )
     class_names = tuple(classes) if classes is not None else listing.classes
     if classes is None:
         _check_label_case(class_names, declared=False)
+    tree = build_taxonomy(taxonomy, listing, class_names)
     declared = frozenset(classes) if classes is not None else None
     quarantine = _Quarantine(source)
     store = ContentStore(paths)
@@ -509,7 +525,7 @@ def ingest(
     )
     counts = _counts(kept, splits, class_names)
     info = DatasetInfo(classes=class_names, task=resolved_task, source=source, counts=counts)
-    _commit(paths, _manifest_frame(kept, splits, source), quarantine.rows, info)
+    _commit(paths, _manifest_frame(kept, splits, source), quarantine.rows, info, tree)
     summary = IngestSummary(
         source=source,
         seen=len(listing.items),
@@ -528,6 +544,28 @@ def ingest(
     )
     _log_summary(summary)
     return summary
+
+
+def build_taxonomy(spec: str, listing: SourceListing, classes: Sequence[str]) -> Taxonomy | None:
+    """The label tree ``ingest.taxonomy`` asks for over ``classes`` (validated), or None for ``none``."""
+    if spec in ("none", ""):
+        return None
+    if spec == "paths":
+        found = [i.label_path for i in listing.items if i.problem is None and i.label_path]
+        if not found:
+            raise ConfigError(
+                f"ingest.taxonomy=paths but {listing.spec} gives no label paths: use nested class folders "
+                "(imagefolder:<dir> with <dir>/<parent>/<class>/...) or a CSV 'label_path' column"
+            )
+        return Taxonomy.from_paths(found, classes)
+    if spec == "fashion-mnist":
+        return Taxonomy.fashion_mnist(classes)
+    file = Path(spec).expanduser()
+    if not file.is_file():
+        raise ConfigError(
+            f"ingest.taxonomy={spec!r}: not none, paths or fashion-mnist, and no such taxonomy.yaml file"
+        )
+    return Taxonomy.from_yaml(file, classes)
 
 
 def _log_summary(s: IngestSummary) -> None:

@@ -151,8 +151,13 @@ def require_manifest(paths: DataPaths) -> Path:
 
 
 def data_version(path: Path) -> str:
-    """The manifest's md5: the hash DVC records in ``dvc.lock`` for it (a file output)."""
-    return file_md5(path)
+    """The manifest's md5: the hash DVC records in ``dvc.lock`` for it (a file output). With a label
+    tree beside it (``taxonomy.json``) the md5 of both digests, so a changed tree is a new version."""
+    version = file_md5(path)
+    tree = path.parent / "taxonomy.json"
+    if tree.is_file():
+        version = hashlib.md5(f"{version}:{file_md5(tree)}".encode()).hexdigest()
+    return version
 
 
 def file_md5(path: Path) -> str:

@@ -23,7 +23,7 @@ import urllib.request
 import zlib
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from http.client import HTTPException
 from pathlib import Path
 from typing import Any
@@ -205,6 +205,9 @@ class SourceItem:
     official_split: str | None = None
     problem: Rejection | None = None
     """Set when the source already knows the item is unusable (no label, outside class folders)."""
+    label_path: str = ""
+    """The label as a path in a label tree (``footwear/Sneaker``; nested class folders, a CSV
+    ``label_path`` column); empty for flat labels."""
 
 
 @dataclass(frozen=True)
@@ -260,8 +263,12 @@ def list_source(
     download: bool = True,
     cache_dir: Path | None = None,
     allow_outside_root: bool = False,
+    nested: bool = False,
 ) -> SourceListing:
-    """List a source's items (capped per class by ``max_per_class``) and its declared classes."""
+    """List a source's items (capped per class by ``max_per_class``) and its declared classes.
+
+    ``nested``: in an image folder the deepest folder holding a file is its class and the folders
+    above it its ancestors (``footwear/Sneaker/x.png``: class Sneaker, label path footwear/Sneaker)."""
     kind, arg = parse_source(spec)
     _check_truncation_setting()
     if kind == "fashion-mnist":
@@ -269,6 +276,9 @@ def list_source(
         classes, items = FASHION_MNIST_CLASSES, list(fashion_mnist_items(paths, max_per_class=max_per_class))
     elif kind == "imagefolder" and is_object_uri(arg):
         classes, items = object_folder_items(arg)
+        items = cap_per_class(items, max_per_class)
+    elif kind == "imagefolder" and nested:
+        classes, items = nested_folder_items(Path(arg), allow_outside_root=allow_outside_root)
         items = cap_per_class(items, max_per_class)
     elif kind == "imagefolder":
         classes, items = imagefolder_items(Path(arg), allow_outside_root=allow_outside_root)
@@ -374,6 +384,25 @@ def imagefolder_items(
             rel = path.relative_to(root).as_posix()
             items.append(SourceItem(rel, label, (label,), _file_reader(path), problem=found))
     return tuple(d.name for d in class_dirs), items
+
+
+def nested_folder_items(
+    root: Path, *, allow_outside_root: bool = False
+) -> tuple[tuple[str, ...], list[SourceItem]]:
+    """Nested class folders (a label tree): each file's class is its own folder's name, its label
+    path the folders from ``root`` down (``footwear/Sneaker``). Classes: the sorted leaf names (a leaf
+    reached by two paths is then named by the tree's validation). Files as in :func:`imagefolder_items`."""
+    _, flat = imagefolder_items(root, allow_outside_root=allow_outside_root)
+    items: list[SourceItem] = []
+    for item in flat:
+        parent = Path(item.source_path).parent.as_posix()
+        if item.problem is not None or parent in ("", "."):
+            items.append(item)
+            continue
+        leaf = Path(parent).name
+        items.append(replace(item, label=leaf, labels=(leaf,), label_path=parent))
+    classes = sorted({item.label for item in items if item.problem is None and item.label_path})
+    return tuple(classes), items
 
 
 # --------------------------------------------------------------------------------------------
@@ -516,14 +545,15 @@ CSV_SPLITS: tuple[str, ...] = ("train", "val", "test")
 def csv_items(path: Path, *, allow_outside_root: bool = False) -> tuple[tuple[str, ...], list[SourceItem]]:
     """Rows ``path,label`` (paths relative to the CSV's folder); classes: sorted distinct labels.
 
-    Optional columns: ``labels`` (``|``-separated label set, multi-label data) and ``split``
+    Optional columns: ``label_path`` (the label as a path in a label tree, ``footwear/Sneaker``; its
+    last part is the label), ``labels`` (``|``-separated label set, multi-label data) and ``split``
     (``train``/``val``/``test``: the dataset's own split, kept as is; empty: assigned by imgflow).
 
     The CSV's folder is the source root: a path that leads outside it (``..``, an absolute path
     elsewhere, a symlink) is listed with a problem unless ``allow_outside_root``.
     """
     header, rows = _read_csv_rows(path)
-    if "path" not in header or not ({"label", "labels"} & set(header)):
+    if "path" not in header or not ({"label", "labels", "label_path"} & set(header)):
         raise DataError(
             f"CSV file {path} needs the columns 'path' and 'label' (found: {', '.join(header) or 'none'})"
         )
@@ -533,6 +563,10 @@ def csv_items(path: Path, *, allow_outside_root: bool = False) -> tuple[tuple[st
     for n, row in enumerate(rows, start=2):  # line numbers as a spreadsheet shows them
         rel = row.get("path", "")
         label, labels = _row_labels(row)
+        label_path = row.get("label_path", "").strip("/ ")
+        if label_path and not label:  # the label path's last part is the class
+            label = label_path.rsplit("/", 1)[-1].strip()
+            labels = (label,)
         if not rel:
             empty_path = Rejection("missing_path", f"CSV line {n} has an empty path")
             items.append(SourceItem(f"<line {n}>", label, labels, _missing_reader(base), problem=empty_path))
@@ -545,9 +579,11 @@ def csv_items(path: Path, *, allow_outside_root: bool = False) -> tuple[tuple[st
                                 f"{', '.join(CSV_SPLITS)} or empty (assigned by imgflow)")  # fmt: skip
         if not allow_outside_root and not _inside(file, root_real):
             problem = _outside_root(file, root_real, what=f"CSV line {n} path {rel!r}")
-        items.append(
-            SourceItem(rel, label, labels, _file_reader(file), official_split=split, problem=problem)
-        )
+        if label_path and label_path.rsplit("/", 1)[-1].strip() != label:
+            problem = Rejection("bad_label_path", f"CSV line {n}: label_path {label_path!r} does not end "
+                                f"in the label {label!r}")  # fmt: skip
+        kept = SourceItem(rel, label, labels, _file_reader(file), official_split=split, problem=problem)
+        items.append(replace(kept, label_path=label_path))
     classes = tuple(sorted({lab for item in items if item.problem is None for lab in item.labels}))
     return classes, items
 

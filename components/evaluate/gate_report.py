@@ -143,6 +143,8 @@ def build_gates(cfg: GatesConfig, ev: Evidence, *, baseline: BaselineConfig | No
     if (level := gate_level(levels, "conformal_coverage")) is not None:
         gates += coverage_gate(ev.conformal or {}, cfg.conformal_tolerance, confidence=cfg.confidence,
                                level=level)  # fmt: skip
+    gates += hierarchy_gates(ev.hierarchy, max_crm_ratio=cfg.max_crm_hdist_ratio, levels=levels,
+                             min_precision=cfg.min_backoff_precision, min_answered=cfg.min_backoff_answered)  # fmt: skip
     report = GateReport.of(gates, not_applicable=not_applicable)
     if not report.passed:
         logger.warning("gates failed: %s", ", ".join(g.name for g in report.failed()))
@@ -396,6 +398,7 @@ def report_dict(ev: Evidence, gates: GateReport, *, context: Mapping[str, Any]) 
         "explanations": ev.explanations.to_dict() if ev.explanations is not None else None,
         "ood": ev.ood.to_dict() if ev.ood is not None else None,
         "conformal": ev.conformal,
+        "hierarchy": ev.hierarchy,
     }
 
 
@@ -446,7 +449,7 @@ def all_scalars(ev: Evidence) -> dict[str, float]:
     if ev.adversarial and "pgd" in ev.adversarial:
         flat["adversarial_pgd_accuracy"] = ev.adversarial["pgd"][-1]
         flat["adversarial_fgsm_accuracy"] = ev.adversarial["fgsm"][-1]
-    flat |= ood_scalars(ev.ood) | conformal_scalars(ev.conformal)
+    flat |= ood_scalars(ev.ood) | conformal_scalars(ev.conformal) | hierarchy_scalars(ev.hierarchy)
     comp = (ev.champion or {}).get("comparison")
     if comp:
         key = ev.headline[0]
@@ -560,6 +563,7 @@ def render_html(data: Mapping[str, Any], *, images: Mapping[str, Path]) -> str:
         adversarial_section(data.get("adversarial"), images),
         ood_section(data.get("ood"), images),
         conformal_section(data.get("conformal")),
+        hierarchy_section(data.get("hierarchy")),
         _slices_html(data.get("slices"), task=task),
         _champion_html(data.get("champion")),
     ]

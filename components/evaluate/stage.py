@@ -114,6 +114,7 @@ def gather_evidence(
     ood, conformal = (
         _trust(params, model_dir, model, spec, test, val, measured, trust_dir) if trust_dir else (None, None)
     )
+    hierarchy = _hierarchy(params, spec, test, val, measured, trust_dir)
     rows = rows.assign(
         pixels=rows["width"] * rows["height"], **{k: pd.Series(v) for k, v in test.properties.items()}
     )
@@ -260,6 +261,29 @@ def _trust(
     ood = ood_evidence(params.ood, single_class=single, temperature=temperature, model=model, spec=spec,
                        out_dir=trust_dir, **inputs)  # fmt: skip
     return ood, conformal
+
+
+def _hierarchy(
+    params: Params, spec: Any, test: SplitOutput, val: SplitOutput | None, measured: Measured,
+    trust_dir: Path | None,
+) -> dict[str, Any] | None:
+    """With a label tree in the data version (single-label): per-decoding rows and back-off fitted on
+    val (:mod:`components.evaluate.hierarchy`); the tree and rule are shipped via ``trust_dir``."""
+    from components.evaluate.hierarchy import measure_hierarchy
+    from components.task.taxonomy import load_taxonomy
+
+    tree = load_taxonomy(params.project.data_dir)
+    if tree is None or spec.task.several_labels or tuple(tree.leaves) != tuple(spec.classes):
+        return None
+    t = measured.calibration.temperature
+
+    def probs(out: SplitOutput) -> tuple[np.ndarray, np.ndarray]:
+        return spec.task.probabilities(out.logits, temperature=t), np.asarray(out.targets)
+
+    return measure_hierarchy(tree, probs(test), probs(val) if val is not None else None,
+                             backoff=params.serve.backoff, backoff_precision=params.serve.backoff_precision,
+                             k=params.evaluate.top_k, n_bins=params.evaluate.calibration_bins,
+                             out_dir=trust_dir)  # fmt: skip
 
 
 def _ood_inputs(

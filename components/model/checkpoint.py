@@ -24,6 +24,7 @@ from components.core.jsonio import write_json
 from components.model.models import create_classifier, create_image_transform, image_mode
 from components.model.uncertainty import ConformalSets, OODDetector, ScoredNet, load_conformal, load_ood
 from components.task import Task, get_task
+from components.task.taxonomy import ShippedTree, load_hierarchy
 
 WEIGHTS_FILE = "model.safetensors"
 SPEC_FILE = "model.json"
@@ -184,6 +185,7 @@ class Predictor:
         device: str = "cpu",
         ood: OODDetector | None = None,
         conformal: ConformalSets | None = None,
+        hierarchy: ShippedTree | None = None,
     ) -> None:
         self.device = resolve_device(device)
         self.model = model.eval().to(self.device)
@@ -192,12 +194,14 @@ class Predictor:
         self.mode = image_mode(spec.in_chans)
         self.transform = create_image_transform(spec.data_config, is_training=False)
         self.ood, self.conformal = ood, conformal
+        self.hierarchy = hierarchy  # a label tree: paths, parent probabilities, back-off
         self.scored_net = ScoredNet(self.model, ood).eval().to(self.device) if ood is not None else None
 
     @classmethod
     def from_dir(cls, model_dir: Path, **kwargs: Any) -> Predictor:
         model, spec = load_classifier(model_dir)
-        return cls(model, spec, ood=load_ood(model_dir), conformal=load_conformal(model_dir), **kwargs)
+        return cls(model, spec, ood=load_ood(model_dir), conformal=load_conformal(model_dir),
+                   hierarchy=load_hierarchy(model_dir), **kwargs)  # fmt: skip
 
     def preprocess(self, images: list[bytes]) -> torch.Tensor:
         """images: raw file bytes -> (N, C, H, W) float tensor."""
@@ -244,6 +248,9 @@ class Predictor:
             sets = self.conformal.label_sets(scored.probs, self.spec.classes)
             for rec, labels in zip(out, sets, strict=True):
                 rec["prediction_set"] = labels
+        if self.hierarchy is not None:  # path, parent, parent_probability(ies), answer (back-off)
+            for rec, extra in zip(out, self.hierarchy.fields(scored.probs), strict=True):
+                rec.update(extra)
         return out
 
     def decide(self, probs: np.ndarray) -> np.ndarray:

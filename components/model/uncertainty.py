@@ -37,7 +37,7 @@ from components.core.jsonio import write_json
 from components.model.features import Layer, base_model, check_layer, layer_features
 
 OOD_SPEC, OOD_TENSORS, CONFORMAL_SPEC = "ood.json", "ood.safetensors", "conformal.json"
-TRUST_FILES = (OOD_SPEC, OOD_TENSORS, CONFORMAL_SPEC)
+TRUST_FILES = (OOD_SPEC, OOD_TENSORS, CONFORMAL_SPEC, "hierarchy.json")  # + the label tree (task.taxonomy)
 """The files this module adds to a model folder (each optional)."""
 
 ScoreName = Literal["msp", "energy", "mahalanobis", "relative_mahalanobis", "knn"]

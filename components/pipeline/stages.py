@@ -126,6 +126,7 @@ def run_ingest(params: Params, *, progress: bool = True) -> IngestSummary:
         progress=progress,
         allow_outside_root=cfg.allow_outside_root,
         task=cfg.task,
+        taxonomy=cfg.taxonomy,
     )
 
 

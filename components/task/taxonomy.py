@@ -40,17 +40,18 @@ BACKOFF_MODES: tuple[str, ...] = ("off", "parent", "abstain")
 
 FASHION_MNIST_TREE: dict[str, str] = {
     "T-shirt/top": "tops",
-    "Pullover": "tops",
-    "Coat": "tops",
-    "Shirt": "tops",
-    "Dress": "tops",
     "Trouser": "bottoms",
+    "Pullover": "tops",
+    "Dress": "tops",
+    "Coat": "tops",
     "Sandal": "footwear",
+    "Shirt": "tops",
     "Sneaker": "footwear",
-    "Ankle boot": "footwear",
     "Bag": "accessories",
+    "Ankle boot": "footwear",
 }
-"""The built-in two-level Fashion-MNIST tree (leaf -> parent; the parents are top-level)."""
+"""The built-in two-level Fashion-MNIST tree (leaf -> parent; the parents are top-level), in the
+dataset's class order."""
 
 
 @dataclass(frozen=True)

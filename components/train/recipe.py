@@ -73,6 +73,8 @@ class TrainRecipe:
     class_weights: str | None
     focal_gamma: float
     logit_adjust_tau: float
+    soft_labels_beta: float
+    """``loss: soft_labels``: the tree's soft targets (``data_dir/taxonomy.json``, components.train.hierarchy_loss)."""
     asl_gamma_neg: float
     asl_gamma_pos: float
     asl_clip: float
@@ -109,6 +111,19 @@ class TrainRecipe:
             if key in typed:
                 typed[key] = tuple(typed[key])
         return cls(**typed)
+
+
+def _check_soft_labels(data: DataPaths, *, multilabel: bool) -> None:
+    """``train.loss=soft_labels`` needs one class per image and the data version's label tree."""
+    from components.task.taxonomy import TAXONOMY_FILE
+
+    if multilabel:
+        raise ConfigError("train.loss=soft_labels is for single-label data (one leaf of the tree per image)")
+    if not (data.root / TAXONOMY_FILE).is_file():
+        raise ConfigError(
+            f"train.loss=soft_labels needs a label tree, and {data.root / TAXONOMY_FILE} does not exist: "
+            "ingest nested class folders, a CSV 'path' column or set ingest.taxonomy (see docs/label-trees.md)"
+        )
 
 
 def resolve_in_chans(cfg: TrainConfig, data: DataPaths) -> int:
@@ -155,6 +170,8 @@ def build_recipe(
     require_manifest(data)
     info = DatasetInfo.load(data.dataset)
     get_task(info.task).check_train_options(cfg)
+    if cfg.loss == "soft_labels":
+        _check_soft_labels(data, multilabel=get_task(info.task).activation != "softmax")
     return TrainRecipe(
         task=info.task, manifest=data.manifest.resolve(), data_dir=data.root.resolve(),
         classes=tuple(info.classes), exclude_file=exclude_file.resolve() if exclude_file else None,
@@ -169,7 +186,8 @@ def build_recipe(
         hflip=cfg.hflip, scale=cfg.scale, random_erasing=cfg.random_erasing, mixup=cfg.mixup,
         cutmix=cfg.cutmix, label_smoothing=cfg.label_smoothing,
         loss=cfg.loss, class_weights=cfg.class_weights, focal_gamma=cfg.focal_gamma,
-        logit_adjust_tau=cfg.logit_adjust_tau, asl_gamma_neg=cfg.asl_gamma_neg,
+        logit_adjust_tau=cfg.logit_adjust_tau, soft_labels_beta=cfg.soft_labels_beta,
+        asl_gamma_neg=cfg.asl_gamma_neg,
         asl_gamma_pos=cfg.asl_gamma_pos, asl_clip=cfg.asl_clip,
         teacher_dir=distill.teacher_dir.resolve() if distill else None,
         distill_temperature=distill.temperature if distill else None,

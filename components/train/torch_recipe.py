@@ -235,6 +235,12 @@ def build_train_loss(recipe: TrainRecipe, opts: StepOptions, targets: Any = ()) 
         asl=(recipe.asl_gamma_neg, recipe.asl_gamma_pos, recipe.asl_clip), label_smoothing=recipe.label_smoothing,
     )  # fmt: skip
     activation = get_task(recipe.task).activation
+    if recipe.loss == "soft_labels":  # a label tree's soft targets (build_recipe checked the tree exists)
+        from components.task.taxonomy import Taxonomy
+        from components.train.hierarchy_loss import create_soft_label_loss
+
+        tree = Taxonomy.load(recipe.data_dir / "taxonomy.json")
+        return create_soft_label_loss(tree, beta=recipe.soft_labels_beta)
     return create_training_loss(activation, choice, targets, len(recipe.classes), soft=opts.mixup is not None)
 
 

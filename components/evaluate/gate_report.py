@@ -382,7 +382,8 @@ def report_dict(ev: Evidence, gates: GateReport, *, context: Mapping[str, Any]) 
         "verdict": gates.verdict(),
         "passed": gates.passed,
         "task": ev.task.name,
-        "context": dict(context),
+        "context": {k: v for k, v in context.items() if k != "recipe"},
+        "recipe": context.get("recipe"),
         "gates": gates.to_dict()["gates"],
         "not_applicable": gates.to_dict()["not_applicable"],
         "insufficient_data": gates.to_dict()["insufficient_data"],
@@ -570,6 +571,7 @@ def render_html(data: Mapping[str, Any], *, images: Mapping[str, Path]) -> str:
     return kit.page(
         f"imgflow gate report: {'PASSED' if ok else 'FAILED'}",
         heading="Gate report",
+        _recipe_html(data.get("recipe")),
         top=[kit.verdict_banner(data["verdict"], "pass" if ok else "fail")],
         sections=sections,
     )
@@ -632,6 +634,14 @@ def _per_class_html(m: Mapping[str, Any], cal: Mapping[str, Any] | None = None) 
     )  # fmt: skip
     rows = [[r["class"], num(r["precision"]), num(r["recall"]), num(r.get("recall_lower")),
              num(r["f1"]), num(r.get("roc_auc")), num(r.get("pr_auc")), str(r["support"])]
+def _recipe_html(decisions: Sequence[Mapping[str, Any]] | None) -> kit.Section | None:
+    """How the model was trained: each ``train.*`` value in force, who chose it (auto or params), why."""
+    if not decisions:
+        return None
+    rows = [[d["key"], str(d["value"]), d["source"], d["reason"]] for d in decisions]
+    return kit.section("Training recipe", kit.table(["train key", "value", "chosen by", "why"], rows))
+
+
             for r in m["per_class"]]  # fmt: skip
     bound = f"recall {m.get('confidence', 0.95):.0%} lower bound"
     headers = ["class", "precision", "recall", bound, "F1", "ROC-AUC (one vs rest)", "PR-AUC (AP)", "support"]

@@ -8,6 +8,7 @@ the champion up, downloads model folders, opens and closes MLflow runs, and logs
 
 from __future__ import annotations
 
+import json
 import tempfile
 from pathlib import Path
 
@@ -28,7 +29,8 @@ from components.pipeline.records import Evaluation
 def evaluate_trained(params: Params, *, run_id: str, data_version: str | None, out_dir: Path) -> Evaluation:
     """Evaluate ``outputs/train/model`` into its training run ``run_id`` (from ``outputs/train/run.json``)."""
     model_dir = trained_model_dir(params)
-    context = {"model": str(model_dir), "training run": run_id, "data version": data_version}
+    context = {"model": str(model_dir), "training run": run_id, "data version": data_version,
+               "recipe": _recipe_decisions(model_dir.parent / "recipe.json")}  # fmt: skip
     with tempfile.TemporaryDirectory(prefix="imgflow-eval-") as tmp:
         champion = find_champion(params, Path(tmp), own_version=None)
         evaluated = evaluate_model(params, model_dir, out_dir=out_dir, run_id=run_id, context=context,
@@ -38,6 +40,14 @@ def evaluate_trained(params: Params, *, run_id: str, data_version: str | None, o
 
 
 def evaluate_registered(params: Params, model_uri: str, *, out_root: Path) -> Evaluation:
+def _recipe_decisions(path: Path) -> list[dict[str, Any]] | None:
+    """The training recipe's decisions (``outputs/train/recipe.json``, train.recipe: auto) for the report."""
+    if not path.exists():
+        return None
+    decisions: list[dict[str, Any]] = json.loads(path.read_text()).get("decisions") or []
+    return decisions
+
+
     """Evaluate a registered model in a new MLflow run; the report goes to ``out_root/models/<slug>``."""
     from components.registry import tracking
 

@@ -69,6 +69,9 @@ def test_sklearn_digits_through_the_cli_pipeline_with_defaults(tmp_path: Path) -
     assert evaluated.returncode in (0, 3), evaluated.stderr[-3000:]  # 3: a gate failed (reported, not ours)
     metrics = json.loads((tmp_path / "outputs" / "evaluate" / "metrics.json").read_text())
     assert metrics["accuracy"] >= 0.9
+    report = json.loads((tmp_path / "outputs" / "evaluate" / "report.json").read_text())
+    assert {d["key"]: d["value"] for d in report["recipe"]}["input_size"] == 8
+    assert "Training recipe" in (tmp_path / "outputs" / "evaluate" / "report.html").read_text()
     import mlflow
 
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / '.imgflow' / 'mlflow.db'}")

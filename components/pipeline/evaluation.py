@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import tempfile
 from pathlib import Path
+from typing import Any
 
 from components.core.config import Params
 from components.data.manifest import DataPaths, data_version
@@ -39,7 +40,6 @@ def evaluate_trained(params: Params, *, run_id: str, data_version: str | None, o
     return Evaluation.from_dict(evaluated.result)
 
 
-def evaluate_registered(params: Params, model_uri: str, *, out_root: Path) -> Evaluation:
 def _recipe_decisions(path: Path) -> list[dict[str, Any]] | None:
     """The training recipe's decisions (``outputs/train/recipe.json``, train.recipe: auto) for the report."""
     if not path.exists():
@@ -48,6 +48,7 @@ def _recipe_decisions(path: Path) -> list[dict[str, Any]] | None:
     return decisions
 
 
+def evaluate_registered(params: Params, model_uri: str, *, out_root: Path) -> Evaluation:
     """Evaluate a registered model in a new MLflow run; the report goes to ``out_root/models/<slug>``."""
     from components.registry import tracking
 

@@ -63,6 +63,10 @@ class IngestConfig(_Section):
     """A label tree over the classes (docs/label-trees.md): ``none``; ``paths`` (nested class folders,
     ``<dir>/footwear/Sneaker/x.png``, or a CSV ``label_path`` column); ``fashion-mnist`` (the built-in
     tree); or a ``taxonomy.yaml`` file of ``leaf: parent`` lines. Saved with the data version."""
+    incremental: bool = True
+    """Reuse what the previous ingest measured for items whose fingerprint (a file's path, size, mtime
+    and inode; Fashion-MNIST's IDX file and index) is unchanged; only new or changed files are read.
+    The manifest is the same as a full ingest's. false: read, hash and decode every item."""
 
 
 class SplitConfig(_Section):

@@ -51,14 +51,16 @@ class PixelSample:
 
     ``grey`` (H, W) uint8 is the displayed grey image, kept only for small images (else None and
     ``measured`` holds ``(brightness, contrast, blur)``); ``thumb`` (32, 32) uint8 is the grey image
-    resized as ``imagehash.phash`` resizes it.
+    resized as ``imagehash.phash`` resizes it (None when ``phash`` is already known).
     """
 
     channels: int
     bit_depth: int
-    thumb: np.ndarray
+    thumb: np.ndarray | None
     grey: np.ndarray | None = None
     measured: tuple[float, float, float] | None = None
+    phash: str | None = None
+    """Known already (an incremental ingest's reused row; ``thumb`` is then None)."""
 
 
 def bit_depth(mode: str) -> int:

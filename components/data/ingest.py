@@ -36,6 +36,7 @@ from PIL import Image
 from components.core.errors import ConfigError, DataError
 from components.core.jsonio import atomic_group, atomic_path, complete_commits, remove_stale_temps
 from components.data.image_stats import PixelSample, measure, phash_hex
+from components.data.ingest_cache import CachedImage, IngestCache, save_cache
 from components.data.manifest import (
     QUARANTINE_COLUMNS,
     SPLITS,
@@ -88,6 +89,8 @@ class IngestSummary:
     """True when ingest.task was ``auto`` and the task was read off the data."""
     images: dict[str, int] | None = None
     """split -> number of images (differs from the sum of ``counts`` for multi-label data)."""
+    reused: int = 0
+    """Items taken from the previous ingest's cache without reading them (incremental ingest)."""
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -109,6 +112,7 @@ class _Candidate:
     source_path: str
     official_split: str | None
     sample: PixelSample
+    fingerprint: str = ""
 
 
 @dataclass(frozen=True)
@@ -179,23 +183,48 @@ def _read(item: SourceItem) -> bytes | _Rejected:
         return _Rejected(item.source_path, item.label, "unreadable", f"cannot read the file: {e}")
 
 
+def _unknown_label(item: SourceItem, declared: frozenset[str] | None, image_id: str) -> _Rejected | None:
+    unknown = [lab for lab in item.labels if declared is not None and lab not in declared]
+    if not unknown:
+        return None
+    reason = f"unknown label {unknown[0]!r}: not in the declared classes (ingest.classes)"
+    same = [c for c in declared or () if c.casefold() == unknown[0].casefold()]
+    if same:
+        reason += f"; it differs only by case from the declared class {same[0]!r}"
+    return _Rejected(item.source_path, item.label, "unknown_label", reason, image_id)
+
+
+def _from_cache(item: SourceItem, hit: CachedImage) -> _Candidate:
+    """The candidate an unchanged item gave last time, without reading it."""
+    info = ImageInfo(hit.format, hit.width, hit.height, hit.mode)
+    measured = (hit.brightness, hit.contrast, hit.blur)
+    sample = PixelSample(hit.channels, hit.bit_depth, None, measured=measured, phash=hit.phash)
+    return _Candidate(hit.image_id, hit.path, item.label, item.labels, info, hit.bytes, item.source_path,
+                      item.official_split, sample, item.fingerprint)  # fmt: skip
+
+
 def _examine(
-    item: SourceItem, *, declared: frozenset[str] | None, max_pixels: int, store: ContentStore
+    item: SourceItem,
+    *,
+    declared: frozenset[str] | None,
+    max_pixels: int,
+    store: ContentStore,
+    cache: IngestCache | None = None,
 ) -> _Candidate | _Rejected:
-    """One item -> a stored candidate, or why it is quarantined. Thread-safe."""
+    """One item -> a stored candidate, or why it is quarantined. Thread-safe. An item whose fingerprint
+    the ``cache`` holds (and whose stored copy exists) is not read: its bytes are what they were."""
     if item.problem is not None:
         return _Rejected(item.source_path, item.label, item.problem.key, item.problem.reason)
+    hit = cache.get(item.fingerprint) if cache is not None else None
+    if hit is not None:
+        return _unknown_label(item, declared, hit.image_id) or _from_cache(item, hit)
     data = _read(item)
     if isinstance(data, _Rejected):
         return data
     image_id = hashlib.sha256(data).hexdigest()
-    unknown = [lab for lab in item.labels if declared is not None and lab not in declared]
-    if unknown:
-        reason = f"unknown label {unknown[0]!r}: not in the declared classes (ingest.classes)"
-        same = [c for c in declared or () if c.casefold() == unknown[0].casefold()]
-        if same:
-            reason += f"; it differs only by case from the declared class {same[0]!r}"
-        return _Rejected(item.source_path, item.label, "unknown_label", reason, image_id)
+    rejected = _unknown_label(item, declared, image_id)
+    if rejected is not None:
+        return rejected
     examined = examine_image(data, max_pixels=max_pixels)
     if isinstance(examined, Rejection):
         return _Rejected(item.source_path, item.label, examined.key, examined.reason, image_id)
@@ -211,6 +240,7 @@ def _examine(
         item.source_path,
         item.official_split,
         sample,
+        item.fingerprint,
     )
 
 
@@ -237,6 +267,7 @@ def _examine_all(
     quarantine: _Quarantine,
     progress: bool,
     workers: int,
+    cache: IngestCache | None = None,
 ) -> list[_Candidate]:
     """Examine every item (decoding, hashing and writing overlap in ``workers`` threads: zlib,
     PIL decoders and file I/O release the GIL); results are collected in listing order."""
@@ -244,7 +275,7 @@ def _examine_all(
     items = listing.items
 
     def examine(item: SourceItem) -> _Candidate | _Rejected:
-        return _examine(item, declared=declared, max_pixels=max_pixels, store=store)
+        return _examine(item, declared=declared, max_pixels=max_pixels, store=store, cache=cache)
 
     with (
         warnings.catch_warnings(),  # set here, in the calling thread: catch_warnings is not thread-safe
@@ -337,7 +368,8 @@ def resolve_task(
 def _manifest_frame(kept: Sequence[_Candidate], splits: Sequence[str], source: str) -> pd.DataFrame:
     samples = [c.sample for c in kept]
     measured = measure(samples)  # (N, 3): brightness, contrast, blur
-    hashes = phash_hex([s.thumb for s in samples])
+    fresh = iter(phash_hex([s.thumb for s in samples if s.phash is None and s.thumb is not None]))
+    hashes = [s.phash if s.phash is not None else next(fresh) for s in samples]
     return pd.DataFrame(
         {
             "image_id": [c.image_id for c in kept],
@@ -401,8 +433,6 @@ def _commit(paths: DataPaths, manifest: pd.DataFrame, quarantine_rows: Sequence[
         tree_file.unlink(missing_ok=True)  # flat labels now: a previous version's tree no longer applies
 
 
-
-
 def _recover(paths: DataPaths) -> None:
     """Finish a commit a killed ingest left half done; delete the temporary files of dead writers."""
     complete_commits(paths.root)
@@ -460,6 +490,7 @@ def ingest(
     allow_outside_root: bool = False,
     task: str = "auto",
     taxonomy: str = "none",
+    incremental: bool = True,
 ) -> IngestSummary:
     """Ingest ``source`` into ``data_dir``; see the module docstring for what is written.
 
@@ -474,6 +505,10 @@ def ingest(
     ``paths`` (nested class folders or a CSV ``label_path`` column), ``fashion-mnist`` (the built-in
     tree) or a ``taxonomy.yaml`` of ``leaf: parent`` lines. A bad tree is a ConfigError naming the node,
     raised before anything is written.
+
+    ``incremental``: items whose fingerprint (path, size, mtime, inode; the IDX file and index) the
+    previous ingest into ``data_dir`` saw are not read again (:mod:`components.data.ingest_cache`);
+    the manifest is the same as a full ingest's.
     """
     _check_options(
         val_fraction=val_fraction,
@@ -503,6 +538,7 @@ def ingest(
     declared = frozenset(classes) if classes is not None else None
     quarantine = _Quarantine(source)
     store = ContentStore(paths)
+    cache = IngestCache.load(paths.root) if incremental else None
     candidates = _examine_all(
         listing,
         declared=declared,
@@ -511,6 +547,7 @@ def ingest(
         quarantine=quarantine,
         progress=progress,
         workers=_WORKERS,
+        cache=cache,
     )
     resolved_task, candidates = resolve_task(task, candidates, quarantine)
     kept = deduplicate(candidates, quarantine)
@@ -525,7 +562,9 @@ def ingest(
     )
     counts = _counts(kept, splits, class_names)
     info = DatasetInfo(classes=class_names, task=resolved_task, source=source, counts=counts)
-    _commit(paths, _manifest_frame(kept, splits, source), quarantine.rows, info, tree)
+    frame = _manifest_frame(kept, splits, source)
+    _commit(paths, frame, quarantine.rows, info, tree)
+    save_cache(paths.root, [c.fingerprint for c in kept], frame, [c.info.format or "bin" for c in kept])
     summary = IngestSummary(
         source=source,
         seen=len(listing.items),
@@ -541,6 +580,7 @@ def ingest(
         task=resolved_task,
         task_detected=task == "auto",
         images={split: splits.count(split) for split in SPLITS},
+        reused=sum(1 for c in kept if c.sample.thumb is None),
     )
     _log_summary(summary)
     return summary

@@ -208,6 +208,10 @@ class SourceItem:
     label_path: str = ""
     """The label as a path in a label tree (``footwear/Sneaker``; nested class folders, a CSV
     ``label_path`` column); empty for flat labels."""
+    fingerprint: str = ""
+    """A cheap identity of the bytes ``read()`` returns, known without reading them (a file's path,
+    size, mtime and inode; Fashion-MNIST's IDX file identity and index): equal fingerprints mean equal
+    bytes, so an incremental ingest reuses what it measured last time. Empty: always read."""
 
 
 @dataclass(frozen=True)
@@ -291,6 +295,15 @@ def list_source(
 
 def _file_reader(path: Path) -> Callable[[], bytes]:
     return path.read_bytes
+
+
+def stat_fingerprint(path: Path) -> str:
+    """``path|size|mtime_ns|inode`` of a file (what make and rsync trust); '' when it cannot be stat'ed."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return ""
+    return f"{os.path.abspath(path)}|{st.st_size}|{st.st_mtime_ns}|{st.st_ino}"
 
 
 def _missing_reader(path: Path) -> Callable[[], bytes]:
@@ -382,7 +395,9 @@ def imagefolder_items(
             continue
         for path, found in _walk_files(class_dir, root_real, allow_outside_root=allow_outside_root):
             rel = path.relative_to(root).as_posix()
-            items.append(SourceItem(rel, label, (label,), _file_reader(path), problem=found))
+            stamp = stat_fingerprint(path) if found is None else ""
+            item = SourceItem(rel, label, (label,), _file_reader(path), problem=found, fingerprint=stamp)
+            items.append(item)
     return tuple(d.name for d in class_dirs), items
 
 
@@ -583,7 +598,8 @@ def csv_items(path: Path, *, allow_outside_root: bool = False) -> tuple[tuple[st
             problem = Rejection("bad_label_path", f"CSV line {n}: label_path {label_path!r} does not end "
                                 f"in the label {label!r}")  # fmt: skip
         kept = SourceItem(rel, label, labels, _file_reader(file), official_split=split, problem=problem)
-        items.append(replace(kept, label_path=label_path))
+        stamp = stat_fingerprint(file) if problem is None else ""
+        items.append(replace(kept, label_path=label_path, fingerprint=stamp))
     classes = tuple(sorted({lab for item in items if item.problem is None for lab in item.labels}))
     return classes, items
 
@@ -713,6 +729,7 @@ def _png_reader(pixels: np.ndarray) -> Callable[[], bytes]:
 def fashion_mnist_items(paths: dict[str, Path], *, max_per_class: int | None = None) -> Iterator[SourceItem]:
     """The official test set first, then train (so a byte-identical pair keeps its test copy)."""
     for split, (images, labels) in load_fashion_mnist(paths).items():
+        stamp = stat_fingerprint(paths[_FM_SPLITS[split][0]])  # the IDX image file, + the index below
         split_items = (
             SourceItem(
                 source_path=f"idx:{split}:{i}",
@@ -720,6 +737,7 @@ def fashion_mnist_items(paths: dict[str, Path], *, max_per_class: int | None = N
                 labels=(FASHION_MNIST_CLASSES[int(y)],),
                 read=_png_reader(images[i]),
                 official_split=split,
+                fingerprint=f"{stamp}|{i}" if stamp else "",
             )
             for i, y in enumerate(labels)
         )

@@ -127,6 +127,7 @@ def run_ingest(params: Params, *, progress: bool = True) -> IngestSummary:
         allow_outside_root=cfg.allow_outside_root,
         task=cfg.task,
         taxonomy=cfg.taxonomy,
+        incremental=cfg.incremental,
     )
 
 

@@ -1,0 +1,72 @@
+"""Incremental ingest: unchanged files are taken from the previous ingest's cache without being read, and
+the data version is exactly what a full ingest of the same files gives."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from components.data.ingest import ingest
+from components.data.ingest_cache import CACHE_FILE
+from components.data.manifest import DataPaths
+from tests.conftest import FMNIST_DIR, fmnist_arrays
+from tests.data.test_ingest import check_invariants, make_imagefolder, needs_fm, png_bytes
+
+
+@pytest.fixture(scope="module")
+def fm() -> tuple[np.ndarray, np.ndarray]:
+    return fmnist_arrays("t10k", 2000)
+
+
+@needs_fm
+def test_fashion_mnist_second_ingest_reads_nothing(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    first = ingest("fashion-mnist", data_dir=data, max_per_class=15, fashion_mnist_dir=FMNIST_DIR)
+    before = pd.read_parquet(DataPaths(data).manifest)
+    second = ingest("fashion-mnist", data_dir=data, max_per_class=15, fashion_mnist_dir=FMNIST_DIR)
+    assert first.reused == 0 and second.reused == second.ingested == first.ingested
+    assert second.data_version == first.data_version
+    pd.testing.assert_frame_equal(pd.read_parquet(DataPaths(data).manifest), before)
+    check_invariants(second, data)
+
+
+def test_changed_and_added_files_are_read_the_rest_reused(
+    tmp_path: Path, fm: tuple[np.ndarray, np.ndarray]
+) -> None:
+    """One file rewritten with other pixels, one added, one deleted: exactly those are read (the deleted
+    one is gone from the manifest), and the manifest equals a full ingest's of the same folder."""
+    root = tmp_path / "images"
+    written = make_imagefolder(root, fm, per_class=12)  # 36 files
+    data = tmp_path / "data"
+    ingest(f"imagefolder:{root}", data_dir=data)
+    changed, deleted = sorted(written)[0], sorted(written)[1]
+    (root / changed).write_bytes(png_bytes(255 - fm[0][1999]))  # new bytes, new mtime
+    os.utime(root / changed, ns=(1, 1))  # and an mtime older than before: still a different fingerprint
+    (root / deleted).unlink()
+    (root / "Bag" / "new.png").write_bytes(png_bytes(fm[0][1998]))
+    again = ingest(f"imagefolder:{root}", data_dir=data)
+    assert again.reused == 34 and again.ingested == 36
+    manifest = pd.read_parquet(DataPaths(data).manifest)
+    assert deleted not in set(manifest["source_path"])
+    full = ingest(f"imagefolder:{root}", data_dir=tmp_path / "full", incremental=False)
+    assert full.reused == 0 and full.data_version == again.data_version
+    pd.testing.assert_frame_equal(pd.read_parquet(DataPaths(tmp_path / "full").manifest), manifest)
+
+
+def test_an_unusable_cache_means_a_full_ingest(tmp_path: Path, fm: tuple[np.ndarray, np.ndarray]) -> None:
+    root = tmp_path / "images"
+    make_imagefolder(root, fm, per_class=4)
+    data = tmp_path / "data"
+    first = ingest(f"imagefolder:{root}", data_dir=data)
+    (data / CACHE_FILE).write_bytes(b"not parquet")
+    again = ingest(f"imagefolder:{root}", data_dir=data)
+    assert again.reused == 0 and again.data_version == first.data_version
+    # a stored copy gone from the store: that item is read again
+    victim = next((data / "store").rglob("*.png"))
+    victim.unlink()
+    third = ingest(f"imagefolder:{root}", data_dir=data)
+    assert third.reused == third.ingested - 1 and victim.exists()

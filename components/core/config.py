@@ -526,8 +526,8 @@ class GatesConfig(_Section):
     auto_margin: float = Field(default=0.02, ge=0, le=1)
     """``min_accuracy: auto``: how far above the majority-class rate and the cheap baseline."""
     min_support: int = Field(default=30, ge=1)
-    """A slice or class with fewer test images gets the verdict "insufficient data" (listed, neither a
-    failure nor a pass); a class with no test image at all still fails."""
+    """A slice or (single-label) class with fewer test images gets the verdict "insufficient data"
+    (listed, neither a failure nor a pass); a class with no test image at all still fails."""
     min_class_recall: float = Field(default=0.60, ge=0, le=1)
     """Compared with the Wilson lower bound of each class's recall (at ``confidence``)."""
     confidence: float = Field(default=0.95, gt=0, lt=1)

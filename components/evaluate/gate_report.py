@@ -183,8 +183,11 @@ def _accuracy_gate(cfg: GatesConfig, ev: Evidence, level: GateLevel) -> list[Gat
 
 def _recall_gates(cfg: GatesConfig, ev: Evidence, level: GateLevel) -> list[GateResult]:
     task = ev.task
+    # Multi-label: each label's recall is judged at its tuned threshold on its Wilson bound, as before
+    # (min_support applies to single-label classes and to slices).
+    support = 1 if task.several_labels else cfg.min_support
     return recall_gates(task.rows(ev.metrics), cfg.min_class_recall, name_key=task.row_name,
-                        confidence=cfg.confidence, level=level, min_support=cfg.min_support)  # fmt: skip
+                        confidence=cfg.confidence, level=level, min_support=support)  # fmt: skip
 
 
 def _map_gate(cfg: GatesConfig, ev: Evidence, level: GateLevel) -> list[GateResult]:

@@ -47,8 +47,9 @@ class ValidationResult:
             "report_json": str(self.report_json),
             "report_html": str(self.report_html),
             "warnings": list(self.warnings),
-            "contract": self.contract,
         }
+        if self.contract:
+            out["contract"] = self.contract
         if self.label_cardinality is not None:
             out["label_cardinality"] = dict(self.label_cardinality)
         return out

@@ -59,6 +59,8 @@ MIN_BUDGET_EPOCHS = 8
 """A timm model's input size shrinks until the budget affords this many epochs (or 64 px)."""
 OVERHEAD_S = 60.0
 """Ray start-up, model build and the final checkpoint: spent once per run, out of the budget."""
+EPOCH_OVERHEAD_S = 2.0
+"""Per epoch besides the images: the checkpoint, Ray's report, the loaders' start (seconds)."""
 GPU_SPEEDUP = 25.0
 """Assumed speed of one GPU over two CPU threads (not measured here): GPUs rarely hit the budget."""
 
@@ -305,7 +307,7 @@ def seconds_per_epoch(p: DataProfile, device: Device, model: str, side: int) -> 
     per_image = (a + b * side * side) / max(device.threads, 1)
     if device.gpu:
         per_image /= GPU_SPEEDUP
-    return per_image * (p.images.get("train", 0) + _EVAL_SHARE * p.images.get("val", 0))
+    return EPOCH_OVERHEAD_S + per_image * (p.images.get("train", 0) + _EVAL_SHARE * p.images.get("val", 0))
 
 
 def _epochs_in_budget(cfg: TrainConfig, p: DataProfile, device: Device, model: str, side: int) -> int:

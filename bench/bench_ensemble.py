@@ -10,7 +10,7 @@ bound of the NLL difference (:func:`components.evaluate.ensemble_eval.compare_me
 
 Targets: the ensemble beats its best member on accuracy and NLL (bounds on the right side of 0), and
 its ECE after the refit is at most 0.03. Budget: 800 train images per class (7,200 train + 800 val
-after the split), 4 epochs, 10,000 test images; ``--quick``: 200 per class, 2 epochs.
+after the split), 4 epochs, 8,000 test images (the same cap per class); ``--quick``: 200 per class, 2 epochs.
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ Single-label models only (multi-label ensembles are combined and served, not com
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -149,3 +149,42 @@ def ensemble_evidence(params: Params, model_dir: Path) -> dict[str, Any] | None:
                                confidence=params.gates.confidence, n_bins=params.evaluate.calibration_bins,
                                seed=params.project.seed)  # fmt: skip
     return {**summary, "status": "compared", **compared}
+
+
+def ensemble_scalars(report: Mapping[str, Any] | None) -> dict[str, float]:
+    """metrics.json / MLflow scalars of a compared ensemble (empty otherwise)."""
+    if not report or report.get("status") != "compared":
+        return {}
+    versus = report["versus_best"]
+    return {
+        "ensemble_members": float(len(report["members"])),
+        "ensemble_best_member_accuracy": max(m["accuracy"] for m in report["members"]),
+        "ensemble_accuracy_gain_lower": versus["accuracy_gain_lower"],
+        "ensemble_nll_difference_upper": versus["nll_difference_upper"],
+    }
+
+
+def ensemble_section(report: Mapping[str, Any] | None) -> Any:
+    """The gate report's "Ensemble" section: members, their figures, the combined model, the bounds."""
+    if not report:
+        return None
+    from components.core import report as kit
+
+    if report.get("status") != "compared":
+        labels = ", ".join(m["label"] for m in report.get("members", []))
+        return kit.section(
+            "Ensemble", kit.paragraph(f"Members: {labels}."), kit.note(report.get("reason", ""))
+        )
+    header = ["model", "test accuracy", "NLL", "ECE (after T)", "T (fitted on val)"]
+    rows = [[r["name"], kit.num(r["accuracy"]), kit.num(r["nll"]), kit.num(r["ece"]), kit.num(r["temperature"], 3)]
+            for r in [*report["members"], report["ensemble"]]]  # fmt: skip
+    v = report["versus_best"]
+    level = f"{v['confidence']:.0%}"
+    text = (
+        f"{len(report['members'])} members, probabilities averaged; every temperature fitted on val (the "
+        f"ensemble's after combining). Against its best member ({v['member']}) on {v['images']} test images: "
+        f"accuracy {v['accuracy_gain']:+.4f} (paired-bootstrap {level} lower bound {v['accuracy_gain_lower']:+.4f}), "
+        f"NLL {v['nll_difference']:+.4f} (upper bound {v['nll_difference_upper']:+.4f}): "
+        + ("the ensemble is better on both." if v["beats_best"] else "not shown better on both.")
+    )
+    return kit.section("Ensemble", kit.paragraph(text), kit.table(header, rows))

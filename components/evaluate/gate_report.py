@@ -32,6 +32,7 @@ from components.evaluate.baseline_gate import (
 )
 from components.evaluate.calibration import CalibrationReport
 from components.evaluate.conformal import conformal_scalars, conformal_section, coverage_gate
+from components.evaluate.ensemble_eval import ensemble_scalars, ensemble_section
 from components.evaluate.explain import Gallery, gallery_section
 from components.evaluate.gates import (
     INSUFFICIENT,
@@ -83,6 +84,8 @@ class Evidence:
     """Conformal prediction sets' test coverage and set sizes (:mod:`components.evaluate.conformal`)."""
     hierarchy: dict[str, Any] | None = None
     """Label tree: per-decoding rows and back-off (:mod:`components.evaluate.hierarchy`); None: flat labels."""
+    ensemble: dict[str, Any] | None = None
+    """An ensemble's members vs the combined model (:mod:`components.evaluate.ensemble_eval`); None: one model."""
     audit: dict[str, Any] | None = None
     """The audit stage's ``summary.json`` for this data version (its ``oof_accuracy``: the cheap
     out-of-fold classifier ``min_accuracy: auto`` must beat), or None when the audit has not run."""
@@ -403,6 +406,7 @@ def report_dict(ev: Evidence, gates: GateReport, *, context: Mapping[str, Any]) 
         "ood": ev.ood.to_dict() if ev.ood is not None else None,
         "conformal": ev.conformal,
         "hierarchy": ev.hierarchy,
+        "ensemble": ev.ensemble,
     }
 
 
@@ -454,6 +458,7 @@ def all_scalars(ev: Evidence) -> dict[str, float]:
         flat["adversarial_pgd_accuracy"] = ev.adversarial["pgd"][-1]
         flat["adversarial_fgsm_accuracy"] = ev.adversarial["fgsm"][-1]
     flat |= ood_scalars(ev.ood) | conformal_scalars(ev.conformal) | hierarchy_scalars(ev.hierarchy)
+    flat |= ensemble_scalars(ev.ensemble)
     comp = (ev.champion or {}).get("comparison")
     if comp:
         key = ev.headline[0]
@@ -545,6 +550,24 @@ def _write_csv(path: Path, rows: Sequence[dict[str, Any]]) -> Path:
     return path
 
 
+def add_variants_section(out_dir: Path, table: Mapping[str, Any]) -> Path | None:
+    """Put ``imgflow variants``'s table into the gate report in ``out_dir`` (``variants`` in report.json,
+    the "Deployment variants" section of report.html, redrawn from the files already there); None when
+    the evaluate stage has not written a report there."""
+    from components.core.jsonio import read_json, write_text_atomic
+
+    report_json = Path(out_dir) / "report.json"
+    if not report_json.exists():
+        return None
+    data = {**read_json(report_json, hint="run `imgflow evaluate` again"), "variants": dict(table)}
+    write_json(report_json, data)
+    images = {p.stem: p for p in Path(out_dir).glob("*.png")}
+    images |= {f"explain_{p.stem}": p for p in (Path(out_dir) / "explanations").glob("*.png")}
+    html = Path(out_dir) / "report.html"
+    write_text_atomic(html, render_html(data, images=images))
+    return html
+
+
 # --------------------------------------------------------------------------- HTML
 # The page is drawn with the report kit (components.core.report): one stylesheet for every report.
 
@@ -556,6 +579,7 @@ def render_html(data: Mapping[str, Any], *, images: Mapping[str, Path]) -> str:
     cal = data.get("calibration")
     sections = [
         _context_html(data["context"]),
+        _recipe_html(data.get("recipe")),
         _gates_html(data["gates"], data.get("not_applicable") or [], data.get("insufficient_data") or []),
         _METRICS_HTML[task.row_name](data["metrics"], cal),
         _curves_html(images),
@@ -568,13 +592,14 @@ def render_html(data: Mapping[str, Any], *, images: Mapping[str, Path]) -> str:
         ood_section(data.get("ood"), images),
         conformal_section(data.get("conformal")),
         hierarchy_section(data.get("hierarchy")),
+        ensemble_section(data.get("ensemble")),
         _slices_html(data.get("slices"), task=task),
         _champion_html(data.get("champion")),
+        variants_section(data.get("variants")),
     ]
     return kit.page(
         f"imgflow gate report: {'PASSED' if ok else 'FAILED'}",
         heading="Gate report",
-        _recipe_html(data.get("recipe")),
         top=[kit.verdict_banner(data["verdict"], "pass" if ok else "fail")],
         sections=sections,
     )
@@ -618,6 +643,14 @@ def _context_html(ctx: Mapping[str, Any]) -> kit.Section | None:
     return kit.section("Model", kit.key_values(ctx)) if ctx else None
 
 
+def _recipe_html(decisions: Sequence[Mapping[str, Any]] | None) -> kit.Section | None:
+    """How the model was trained: each ``train.*`` value in force, who chose it (auto or params), why."""
+    if not decisions:
+        return None
+    rows = [[d["key"], str(d["value"]), d["source"], d["reason"]] for d in decisions]
+    return kit.section("Training recipe", kit.table(["train key", "value", "chosen by", "why"], rows))
+
+
 def _not_applicable_html(items: Sequence[Mapping[str, Any]]) -> kit.Html:
     if not items:
         return kit.Html("")
@@ -637,14 +670,6 @@ def _per_class_html(m: Mapping[str, Any], cal: Mapping[str, Any] | None = None) 
     )  # fmt: skip
     rows = [[r["class"], num(r["precision"]), num(r["recall"]), num(r.get("recall_lower")),
              num(r["f1"]), num(r.get("roc_auc")), num(r.get("pr_auc")), str(r["support"])]
-def _recipe_html(decisions: Sequence[Mapping[str, Any]] | None) -> kit.Section | None:
-    """How the model was trained: each ``train.*`` value in force, who chose it (auto or params), why."""
-    if not decisions:
-        return None
-    rows = [[d["key"], str(d["value"]), d["source"], d["reason"]] for d in decisions]
-    return kit.section("Training recipe", kit.table(["train key", "value", "chosen by", "why"], rows))
-
-
             for r in m["per_class"]]  # fmt: skip
     bound = f"recall {m.get('confidence', 0.95):.0%} lower bound"
     headers = ["class", "precision", "recall", bound, "F1", "ROC-AUC (one vs rest)", "PR-AUC (AP)", "support"]

@@ -89,6 +89,7 @@ def gather_evidence(
     out-of-fold accuracy is a reference of ``gates.min_accuracy: auto``), or None.
     """
     from components.data.datasets import encode_targets, split_rows
+    from components.evaluate.ensemble_eval import ensemble_evidence
     from components.evaluate.gate_report import Evidence
     from components.evaluate.slices import slice_table
     from components.model.checkpoint import load_spec
@@ -127,7 +128,8 @@ def gather_evidence(
     return Evidence(metrics=measured.metrics, calibration=measured.calibration, robustness=robustness,
                     slices=slices, champion=compared, baseline=baseline, curves=measured.curves,
                     adversarial=adversarial, explanations=explanations, ood=ood,
-                    conformal=conformal, hierarchy=hierarchy, audit=audit)  # fmt: skip
+                    conformal=conformal, hierarchy=hierarchy, audit=audit,
+                    ensemble=ensemble_evidence(params, model_dir))  # fmt: skip
 
 
 @dataclass

@@ -165,3 +165,28 @@ def test_real_ray_training_of_a_two_member_ensemble(tmp_path: Path, caplog: pyte
     np.testing.assert_allclose(
         Predictor.from_dir(result.model_dir).predict_proba(images), np.mean(each, 0), atol=1e-6
     )
+
+
+def test_members_versus_ensemble_comparison_and_report_section(members: list[Path]) -> None:
+    from components.evaluate.ensemble_eval import compare_members, ensemble_scalars, ensemble_section
+
+    x, y = fmnist_arrays("t10k", 160)
+    images = [png_bytes(a) for a in x]
+    probs = np.stack([Predictor.from_dir(m).predict_proba(images) for m in members])
+    val, test, y_val, y_test = probs[:, :60], probs[:, 60:], y[:60], y[60:]
+    out = compare_members(test, y_test, val, y_val, ["a", "b"], n_boot=500)
+    assert out["ensemble"]["accuracy"] == pytest.approx(float((test.mean(0).argmax(1) == y_test).mean()))
+    best = max(out["members"], key=lambda r: r["accuracy"])
+    versus = out["versus_best"]
+    assert versus["member"] == best["name"] and versus["images"] == 100
+    assert versus["accuracy_gain"] == pytest.approx(out["ensemble"]["accuracy"] - best["accuracy"])
+    assert versus["accuracy_gain_lower"] <= versus["accuracy_gain"] <= 1
+    assert versus["nll_difference_upper"] >= versus["nll_difference"]
+    assert 0 <= out["ensemble"]["ece"] <= 1 and out["ensemble"]["temperature"] > 0
+    same = compare_members(test[[0, 0]], y_test, val[[0, 0]], y_val, ["a", "a2"], n_boot=200)
+    assert same["versus_best"]["accuracy_gain"] == 0 and not same["versus_best"]["beats_best"]
+    report = {"status": "compared", "members": [{"label": "a"}, {"label": "b"}], **out}
+    section = ensemble_section(report)
+    assert section.title == "Ensemble" and "lower bound" in section.body and "a" in section.body
+    assert ensemble_scalars(report)["ensemble_members"] == 2.0
+    assert ensemble_section(None) is None and ensemble_scalars(None) == {}

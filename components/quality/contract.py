@@ -252,7 +252,7 @@ def write_contract(path: Path, contract: DataContract) -> Path:
     return Path(path)
 
 
-class _FlowList(list):  # type: ignore[type-arg]
+class _FlowList(list[Any]):
     """A list YAML writes on one line (quantiles, means)."""
 
 
@@ -296,15 +296,21 @@ def _format_errors(err: ValidationError, path: Path) -> str:
 
 
 def _known_keys(loc: tuple[Any, ...]) -> str:
-    model: Any = DataContract
+    """The keys allowed where ``loc`` (an unknown key's location) points, e.g. those of ``checks``."""
+    model: type[BaseModel] = DataContract
     for part in loc[:-1]:
-        field = model.model_fields.get(str(part)) if isinstance(model, type) else None
-        annotation = getattr(field, "annotation", None)
-        model = next((a for a in (annotation, *getattr(annotation, "__args__", ())) if
-                      isinstance(a, type) and issubclass(a, BaseModel)), None)  # fmt: skip
-        if model is None:
-            return "see the documentation"
+        inner = _model_of(model.model_fields.get(str(part)))
+        if inner is None:
+            return "see docs/validation.md"
+        model = inner
     return ", ".join(model.model_fields)
+
+
+def _model_of(field: Any) -> type[BaseModel] | None:
+    """The pydantic model a field holds (``X`` or ``X | None``), else None."""
+    annotation = getattr(field, "annotation", None)
+    candidates = (annotation, *getattr(annotation, "__args__", ()))
+    return next((a for a in candidates if isinstance(a, type) and issubclass(a, BaseModel)), None)
 
 
 def _restart_hint(path: Path) -> str:
@@ -388,8 +394,8 @@ def psi(values: np.ndarray, quantiles: Sequence[float]) -> float:
     ref = reference_sample(quantiles)
     edges = np.unique(np.quantile(ref, np.linspace(0.1, 0.9, 9)))
     expected = np.bincount(np.searchsorted(edges, ref, side="right"), minlength=len(edges) + 1) / ref.size
-    observed = np.bincount(np.searchsorted(edges, values, side="right"), minlength=len(edges) + 1)
-    observed = observed / max(values.size, 1)
+    counts = np.bincount(np.searchsorted(edges, values, side="right"), minlength=len(edges) + 1)
+    observed = counts / max(values.size, 1)
     e, o = np.clip(expected, 1e-4, None), np.clip(observed, 1e-4, None)
     return float(np.sum((o - e) * np.log(o / e)))
 

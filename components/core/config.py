@@ -233,7 +233,8 @@ class EnsembleConfig(_Section):
     models: list[str] | None = None
     """Member timm names (null: ``train.model``); members must share preprocessing (``train.input_size``)."""
     snapshots: int | None = Field(default=None, ge=2)
-    """Snapshot ensemble of one run: K >= 2 cycles (``train.epochs`` split evenly); not with seeds/models."""
+    """Snapshot ensemble of one run: K >= 2 cycles (``train.epochs``, a multiple of K, split evenly); not
+    with seeds/models."""
 
     @model_validator(mode="after")
     def _one_kind(self) -> EnsembleConfig:
@@ -252,6 +253,14 @@ class EnsembleConfig(_Section):
 
 
 class TrainConfig(_Section):
+    recipe: Literal["auto", "manual"] = "auto"
+    """``auto``: every key below that params do not set is chosen from the ingested data (model, input
+    size, channels, epochs, batch, lr, imbalance handling; see docs/training.md), each choice printed
+    with its reason and logged; ``manual``: the defaults below as written."""
+    time_budget_min: float = Field(default=30.0, gt=0)
+    """``recipe: auto``: training should take about this long (caps epochs, then a timm model's input size)."""
+    max_input_size: int = Field(default=224, ge=8)
+    """``recipe: auto``: the largest input side it picks (memory and time grow with its square)."""
     model: str = "imgflow_cnn_avgmax"
     """Any timm model name (``timm.list_models()``), or imgflow's own ``imgflow_cnn``."""
     pretrained: bool = False
@@ -277,14 +286,6 @@ class TrainConfig(_Section):
     """Square input side; None: the model's own default."""
     in_chans: int | None = Field(default=None, ge=1, le=4)
     """Input channels; None: 1 for an all-grey dataset, else 3."""
-    recipe: Literal["auto", "manual"] = "auto"
-    """``auto``: every key below that params do not set is chosen from the ingested data (model, input
-    size, channels, epochs, batch, lr, imbalance handling; see docs/training.md), each choice printed
-    with its reason and logged; ``manual``: the defaults below as written."""
-    time_budget_min: float = Field(default=30.0, gt=0)
-    """``recipe: auto``: training should take about this long (caps epochs, then a timm model's input size)."""
-    max_input_size: int = Field(default=224, ge=8)
-    """``recipe: auto``: the largest input side it picks (memory and time grow with its square)."""
     workers: int = Field(default=2, ge=1)
     """Ray Train workers (data-parallel)."""
     cpus_per_worker: int = Field(default=1, ge=1)
@@ -352,8 +353,11 @@ class TrainConfig(_Section):
     @model_validator(mode="after")
     def _snapshots_fit(self) -> TrainConfig:
         k = self.ensemble.snapshots if self.ensemble is not None else None
-        if k is not None and self.epochs < k:
-            raise ValueError(f"train.ensemble.snapshots={k} cycles need train.epochs >= {k}, got {self.epochs}")
+        if k is not None and self.epochs % k:
+            raise ValueError(
+                f"train.ensemble.snapshots={k} cycles of equal length: train.epochs ({self.epochs}) "
+                f"must be a multiple of {k}"
+            )
         if k is not None and self.early_stopping_patience is not None:
             raise ValueError("train.ensemble.snapshots runs every cycle: leave early_stopping_patience null")
         return self
@@ -558,6 +562,9 @@ class GatesConfig(_Section):
     min_ood_auroc: float | None = Field(default=None, ge=0, le=1)
     """AUROC of the shipped OOD score against the held-out OOD reference (``ood.reference``); None:
     reported, not gated."""
+    max_int8_accuracy_drop: float = Field(default=0.005, ge=0, le=1)
+    """``imgflow export --quantize int8``: the int8 ONNX file may be at most this much less accurate than
+    the fp32 ONNX file on the test split, else it is not attached to the registered version."""
     conformal_tolerance: float = Field(default=0.015, ge=0, le=1)
     max_crm_hdist_ratio: float = Field(default=1.0, gt=0)
     """Label trees: CRM's hierarchical distance@top_k / argmax's must stay at or below this."""

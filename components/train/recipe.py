@@ -83,6 +83,9 @@ class TrainRecipe:
     """The teacher's model folder (safetensors + spec), read by every worker (``components.train.distill``)."""
     distill_temperature: float | None
     distill_alpha: float | None
+    # --- snapshot ensemble (``train.ensemble.snapshots``; None for one model)
+    snapshots: int | None
+    """K cycles of a cyclic cosine schedule, the weights kept at each cycle's end (``components.train.snapshots``)."""
     # --- speed and reproducibility
     amp: str
     channels_last: bool
@@ -194,4 +197,5 @@ def build_recipe(
         distill_alpha=distill.alpha if distill else None,
         amp=cfg.amp, channels_last=cfg.channels_last, compile=cfg.compile, ema_decay=cfg.ema_decay,
         deterministic=cfg.deterministic, seed=seed,
+        snapshots=cfg.ensemble.snapshots if cfg.ensemble is not None else None,
     )  # fmt: skip

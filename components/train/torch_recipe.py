@@ -172,9 +172,11 @@ def build_optimizer(model: nn.Module, recipe: TrainRecipe, steps_per_epoch: int)
         model, opt=recipe.optimizer, lr=recipe.lr, weight_decay=recipe.weight_decay, **opt_kw
     )
     total = max(1, recipe.epochs * steps_per_epoch)
+    cycles = recipe.snapshots or 1  # a snapshot ensemble restarts the cosine K times (warm restarts)
     scheduler = CosineLRScheduler(
         optimizer,
-        t_initial=total,
+        t_initial=max(1, total // cycles),
+        cycle_limit=cycles,
         lr_min=recipe.lr * 1e-2,
         warmup_t=recipe.warmup_epochs * steps_per_epoch,
         warmup_lr_init=recipe.lr * 1e-2,

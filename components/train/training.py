@@ -20,7 +20,7 @@ from typing import Any
 from components.core.config import TrainConfig
 from components.core.jsonio import write_json
 from components.data.manifest import DataPaths
-from components.train import ray_adapter
+from components.train import ray_adapter, snapshots
 from components.train.progress import progress_display
 from components.train.ray_adapter import RayOptions
 from components.train.recipe import Distillation, TrainRecipe, build_recipe
@@ -91,6 +91,7 @@ def fit(
         if out_dir.exists():
             shutil.rmtree(out_dir)
         shutil.copytree(checkpoint / MODEL_SUBDIR, out_dir)
+        snapshots.copy_snapshots(checkpoint, out_dir)
         return read_history(checkpoint)
 
     with contextlib.ExitStack() as stack:
@@ -167,6 +168,8 @@ def train(
         if started:
             ray_adapter.shutdown_ray()
     write_json(out_dir / "history.json", fit_result.history)
+    if recipe.snapshots:
+        snapshots.combine_snapshots(out_dir, fit_result.history)
     final = dict(fit_result.history[-1]) if fit_result.history else {}
     logger.info(
         "trained %s for %d epochs in %.1fs: val_accuracy %s", cfg.model, len(fit_result.history),

@@ -22,7 +22,7 @@ from torch import nn
 
 from components.model.checkpoint import ModelSpec
 from components.task import get_task
-from components.train import ray_adapter
+from components.train import ray_adapter, snapshots
 from components.train.distill import build_distiller
 from components.train.engine import (
     StepOptions,
@@ -46,6 +46,7 @@ from components.train.torch_recipe import (
     save_state,
     should_stop,
     train_targets,
+    unwrap,
 )
 
 LOOP_CONFIG_KEY = "run"
@@ -150,11 +151,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     torch.set_num_threads(run.threads)
     t = _prepare(recipe, rank=rank, world=world, pin_memory=run.use_gpu)
     start_epoch, history = 0, list[dict[str, Any]]()
+    kept: dict[int, dict[str, torch.Tensor]] = {}  # snapshot ensemble: rank 0's weights at each cycle's end
     with ray_adapter.latest_checkpoint() as checkpoint:
         if checkpoint is not None:
             start_epoch, history = restore_state(
                 checkpoint, t.model, t.optimizer, t.scheduler, t.opts.ema, steps_per_epoch=len(t.train_loader)
             )
+            kept = snapshots.read_snapshots(checkpoint)
     note_worker_event(
         run.worker_events, rank, phase="start", start_epoch=start_epoch, device=str(t.device),
         amp=str(t.opts.amp_dtype),
@@ -175,9 +178,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         stop = should_stop(history, recipe.early_stopping_patience)
         metrics["stopped_early"] = stop
         progress.send({"type": "epoch", **metrics})
+        if rank == 0 and snapshots.is_snapshot_epoch(recipe, epoch):
+            snapshots.keep_snapshot(kept, epoch, t.opts.ema.module if t.opts.ema is not None else unwrap(t.model))
         with tempfile.TemporaryDirectory() as tmp:
             if rank == 0:
                 save_state(Path(tmp), t.model, t.optimizer, t.scheduler, epoch, history, t.spec, t.opts.ema)
+                snapshots.write_snapshots(Path(tmp), kept, t.spec)
             ray_adapter.report(metrics, checkpoint_dir=Path(tmp) if rank == 0 else None)
         if stop:
             break

@@ -128,8 +128,10 @@ def test_train_ensemble_config_validation() -> None:
     for value, message in bad:
         with pytest.raises(ValueError, match=message):
             TrainConfig(ensemble=value)
-    with pytest.raises(ValueError, match="epochs >= 4"):
-        TrainConfig(epochs=3, ensemble={"snapshots": 4})
+    with pytest.raises(ValueError, match="must be a multiple of 4"):
+        TrainConfig(epochs=6, ensemble={"snapshots": 4})
+    with pytest.raises(ValueError, match="early_stopping_patience"):
+        TrainConfig(epochs=6, early_stopping_patience=2, ensemble={"snapshots": 3})
     with pytest.raises(ConfigError, match="ensemble"):
         load_params("params.yaml", ["train.ensemble={seeds: [1]}"])
     params = load_params("params.yaml", ["train.ensemble={seeds: [0, 1, 2]}"])
@@ -190,3 +192,47 @@ def test_members_versus_ensemble_comparison_and_report_section(members: list[Pat
     assert section.title == "Ensemble" and "lower bound" in section.body and "a" in section.body
     assert ensemble_scalars(report)["ensemble_members"] == 2.0
     assert ensemble_section(None) is None and ensemble_scalars(None) == {}
+
+
+def test_snapshot_schedule_restarts_the_cosine_and_keeps_each_cycle_end() -> None:
+    from types import SimpleNamespace
+
+    from components.train.snapshots import is_snapshot_epoch
+    from components.train.torch_recipe import build_optimizer
+
+    recipe = SimpleNamespace(
+        optimizer="adamw", lr=0.01, weight_decay=0.0, epochs=6, snapshots=3, warmup_epochs=0
+    )
+    optimizer, scheduler = build_optimizer(torch.nn.Linear(2, 2), recipe, 10)
+    lrs = []
+    for step in range(60):
+        scheduler.step_update(step)
+        lrs.append(optimizer.param_groups[0]["lr"])
+    assert lrs[0] == lrs[20] == lrs[40] == pytest.approx(0.01)  # a warm restart every 2 epochs
+    assert max(lrs[19], lrs[39], lrs[59]) < 0.0015  # each cycle ends near lr/100
+    assert [e for e in range(6) if is_snapshot_epoch(recipe, e)] == [1, 3]  # epoch 5: the final model
+    assert not is_snapshot_epoch(SimpleNamespace(snapshots=None, epochs=6), 1)
+
+
+@pytest.mark.slow
+def test_real_ray_snapshot_ensemble_from_one_run(tmp_path: Path) -> None:
+    """One Ray Train run with 2 cycles: the cycle-1 snapshot and the final model, one ensemble folder."""
+    from components.data.ingest import ingest
+    from components.data.manifest import DataPaths
+    from components.train.training import train
+
+    data = DataPaths(tmp_path / "data")
+    ingest("fashion-mnist", data_dir=data.root, max_per_class=20, progress=False,
+           fashion_mnist_dir=Path("/usr/share/datasets/fashion-mnist"))  # fmt: skip
+    cfg = TrainConfig(epochs=2, batch_size=32, workers=1, max_failures=0, ensemble={"snapshots": 2})
+    result = train(cfg, data=data, out_dir=tmp_path / "train", storage_path=tmp_path / "ray", run_name="snap",
+                   seed=0, weights_dir=tmp_path / "weights", show_progress=False)  # fmt: skip
+    summary = ensemble_summary(result.model_dir)
+    assert [m["epoch"] for m in summary["members"]] == [0, 1] and len(result.history) == 2
+    x, _ = fmnist_arrays("t10k", 8)
+    images = [png_bytes(a) for a in x]
+    snaps = tmp_path / "train" / "snapshots"
+    each = [Predictor.from_dir(d).predict_proba(images) for d in (snaps / "0000", snaps / "final")]
+    np.testing.assert_allclose(
+        Predictor.from_dir(result.model_dir).predict_proba(images), np.mean(each, 0), atol=1e-6
+    )

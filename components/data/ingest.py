@@ -204,20 +204,11 @@ def _from_cache(item: SourceItem, hit: CachedImage) -> _Candidate:
 
 
 def _examine(
-    item: SourceItem,
-    *,
-    declared: frozenset[str] | None,
-    max_pixels: int,
-    store: ContentStore,
-    cache: IngestCache | None = None,
+    item: SourceItem, *, declared: frozenset[str] | None, max_pixels: int, store: ContentStore
 ) -> _Candidate | _Rejected:
-    """One item -> a stored candidate, or why it is quarantined. Thread-safe. An item whose fingerprint
-    the ``cache`` holds (and whose stored copy exists) is not read: its bytes are what they were."""
+    """One item -> a stored candidate, or why it is quarantined. Thread-safe."""
     if item.problem is not None:
         return _Rejected(item.source_path, item.label, item.problem.key, item.problem.reason)
-    hit = cache.get(item.fingerprint) if cache is not None else None
-    if hit is not None:
-        return _unknown_label(item, declared, hit.image_id) or _from_cache(item, hit)
     data = _read(item)
     if isinstance(data, _Rejected):
         return data
@@ -270,12 +261,17 @@ def _examine_all(
     cache: IngestCache | None = None,
 ) -> list[_Candidate]:
     """Examine every item (decoding, hashing and writing overlap in ``workers`` threads: zlib,
-    PIL decoders and file I/O release the GIL); results are collected in listing order."""
+    PIL decoders and file I/O release the GIL); results are collected in listing order. An item whose
+    fingerprint the ``cache`` holds (and whose stored copy exists) is not read: its bytes are what they
+    were, so its measurements are taken from the cache, here in the calling thread."""
     candidates = []
     items = listing.items
 
     def examine(item: SourceItem) -> _Candidate | _Rejected:
-        return _examine(item, declared=declared, max_pixels=max_pixels, store=store, cache=cache)
+        return _examine(item, declared=declared, max_pixels=max_pixels, store=store)
+
+    def cached(item: SourceItem) -> CachedImage | None:
+        return cache.get(item.fingerprint) if cache is not None and item.problem is None else None
 
     with (
         warnings.catch_warnings(),  # set here, in the calling thread: catch_warnings is not thread-safe
@@ -285,7 +281,14 @@ def _examine_all(
         # a bomb is quarantined as too_many_pixels; PIL's warning about it is noise here
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         for start in range(0, len(items), _CHUNK):
-            for outcome in pool.map(examine, items[start : start + _CHUNK]):
+            chunk = items[start : start + _CHUNK]
+            hits = [cached(item) for item in chunk]
+            fresh = pool.map(examine, [item for item, hit in zip(chunk, hits, strict=True) if hit is None])
+            for item, hit in zip(chunk, hits, strict=True):
+                if hit is None:
+                    outcome = next(fresh)
+                else:
+                    outcome = _unknown_label(item, declared, hit.image_id) or _from_cache(item, hit)
                 if isinstance(outcome, _Rejected):
                     quarantine.add(outcome)
                 else:

@@ -359,7 +359,8 @@ def _walk_files(
             if name.startswith("."):
                 continue
             path = Path(dirpath) / name
-            if not allow_outside_root and not _inside(path, root_real):
+            # Only a symlink can lead elsewhere: ``real_dir`` itself was checked when it was entered.
+            if not allow_outside_root and os.path.islink(path) and not _inside(path, root_real):
                 yield path, _outside_root(path, root_real, what="symlink")
             else:
                 yield path, None
@@ -393,8 +394,9 @@ def imagefolder_items(
             outside = _outside_root(class_dir, root_real, what="class folder symlink")
             items.append(SourceItem(label, label, (label,), _missing_reader(class_dir), problem=outside))
             continue
+        prefix = len(str(root)) + 1  # walked paths start with root's text: cheaper than relative_to
         for path, found in _walk_files(class_dir, root_real, allow_outside_root=allow_outside_root):
-            rel = path.relative_to(root).as_posix()
+            rel = str(path)[prefix:].replace(os.sep, "/")
             stamp = stat_fingerprint(path) if found is None else ""
             item = SourceItem(rel, label, (label,), _file_reader(path), problem=found, fingerprint=stamp)
             items.append(item)

@@ -15,6 +15,7 @@ after the split), 4 epochs, 8,000 test images (the same cap per class); ``--quic
 
 from __future__ import annotations
 
+import json
 import tempfile
 import time
 from pathlib import Path
@@ -69,6 +70,7 @@ def run(*, quick: bool = False) -> dict[str, Any]:
         val, y_val = member_probabilities(params, model_dir, "val")
         summary = ensemble_summary(model_dir)
         assert summary is not None
+        schedule = json.loads((root / "train" / "members.json").read_text())
         labels = [m["label"] for m in summary["members"]]
         compared = compare_members(test, y_test, val, y_val, labels, n_boot=2000, confidence=0.95, seed=0)
     return {
@@ -81,5 +83,6 @@ def run(*, quick: bool = False) -> dict[str, Any]:
             "test_images": int(len(y_test)),
             "val_images": int(len(y_val)),
             "train_seconds": train_seconds,
+            "members_side_by_side": schedule["side_by_side"],
         },  # fmt: skip
     }

@@ -3,6 +3,8 @@
 The exported graph maps a preprocessed batch (N, C, H, W) to calibrated probabilities (N, K):
 ``softmax(logits / T)`` with the model's fitted temperature, so ONNX Runtime answers what the
 registered pyfunc answers. Preprocessing stays outside the graph (the spec's ``data_config``).
+An ensemble (:mod:`components.model.ensemble`) exports as one graph: every member, the mean of their
+softmax, then the temperature.
 
 A model that ships an OOD detector (:mod:`components.model.uncertainty`) gets a second output,
 ``ood_score`` (N,), computed in the graph; its threshold (``ood`` = score > threshold), and the conformal

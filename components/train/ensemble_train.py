@@ -157,7 +157,7 @@ def train_ensemble(
         if started:
             ray_adapter.shutdown_ray()
     seconds = time.perf_counter() - t0
-    return _combine(plans, recipes, fits, out_dir=out_dir, seconds=seconds)
+    return _combine(plans, recipes, fits, out_dir=out_dir, seconds=seconds, side_by_side=at_once)
 
 
 def _combine(
@@ -167,6 +167,7 @@ def _combine(
     *,
     out_dir: Path,
     seconds: float,
+    side_by_side: int,
 ) -> TrainResult:
     """The ensemble folder from the trained members, its val metrics and the run's records."""
     infos = []
@@ -178,7 +179,8 @@ def _combine(
         [f.model_dir for f in fits], out_dir / "model", labels=[p.label for p in plans], infos=infos
     )
     combined = combined_val_metrics(model_dir, recipes[0])
-    write_json(out_dir / "members.json", {"members": infos, "combined": combined})
+    write_json(out_dir / "members.json", {"members": infos, "combined": combined, "side_by_side": side_by_side,
+                                          "seconds": seconds})  # fmt: skip
     history = merged_history([f.history for f in fits])
     write_json(out_dir / "history.json", history)
     best = max((i.get("val_accuracy", 0.0) for i in infos), default=0.0)

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from components.core.config import Params
+from components.core.errors import DataError
 from components.evaluate.calibration import expected_calibration_error, fit_temperature
 from components.task.comparison import paired_bootstrap
 
@@ -103,13 +104,15 @@ def member_probabilities(params: Params, model_dir: Path, split: str) -> tuple[n
 
     from components.data.datasets import dataset_for_split
     from components.data.manifest import DataPaths, read_manifest
-    from components.model.checkpoint import load_classifier
+    from components.model.checkpoint import FlipTTA, load_classifier
     from components.model.ensemble import Ensemble
     from components.model.models import create_image_transform, image_mode
 
     model, spec = load_classifier(model_dir)
-    ensemble = model if isinstance(model, Ensemble) else model.model  # under FlipTTA: flips apply to all
-    tta = model if not isinstance(model, Ensemble) else None
+    tta = model if isinstance(model, FlipTTA) else None  # the flips apply to every member
+    ensemble = tta.model if tta is not None else model
+    if not isinstance(ensemble, Ensemble):
+        raise DataError(f"{model_dir} is not an ensemble folder")
     ds = dataset_for_split(
         read_manifest(DataPaths(params.project.data_dir).manifest), split, data_dir=params.project.data_dir,
         classes=spec.classes, transform=create_image_transform(spec.data_config, is_training=False),

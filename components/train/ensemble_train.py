@@ -170,11 +170,11 @@ def _combine(
     side_by_side: int,
 ) -> TrainResult:
     """The ensemble folder from the trained members, its val metrics and the run's records."""
-    infos = []
+    infos: list[dict[str, Any]] = []
     for plan, done in zip(plans, fits, strict=True):
-        last = done.history[-1] if done.history else {}
-        infos.append({"model": plan.model, "seed": plan.seed, "epochs": len(done.history),
-                      **{k: last[k] for k in ("val_loss", "val_accuracy") if k in last}})  # fmt: skip
+        last: dict[str, Any] = done.history[-1] if done.history else {}
+        info: dict[str, Any] = {"model": plan.model, "seed": plan.seed, "epochs": len(done.history)}
+        infos.append(info | {k: last[k] for k in ("val_loss", "val_accuracy") if k in last})
     model_dir = save_ensemble(
         [f.model_dir for f in fits], out_dir / "model", labels=[p.label for p in plans], infos=infos
     )

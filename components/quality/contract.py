@@ -471,3 +471,63 @@ def _share_text(shares: Mapping[str, float]) -> str:
 
 def _maybe(x: float | None) -> str:
     return "?" if x is None else f"{_round(x)}"
+
+
+# --------------------------------------------------------------------------- report
+
+
+def comparison_record(
+    comparison: ContractComparison | None, contract: DataContract | None, path: Path
+) -> dict[str, Any]:
+    """The validation report's ``contract`` entry: ``status`` ``checked`` (with every property's test
+    and every class's share) or ``written`` (this version is the reference now)."""
+    if comparison is None or contract is None:
+        return {"status": "written", "path": str(path)}
+    features = comparison.features.astype(object).where(comparison.features.notna(), None)
+    return {
+        "status": "checked",
+        "path": str(path),
+        "inferred_from": dict(contract.inferred_from),
+        "features": features.to_dict("records"),
+        "shares": comparison.shares.to_dict("records"),
+        "new_classes": list(comparison.new_classes),
+        "vanished_classes": list(comparison.vanished_classes),
+    }
+
+
+def contract_section(entry: Mapping[str, Any] | None) -> Any:
+    """The validation report's "Data contract" section (report kit), or None without a contract."""
+    from components.core import report as kit
+
+    if entry is None:
+        return None
+    if entry.get("status") == "written":
+        return kit.section("Data contract", kit.paragraph(
+            f"This data version is the reference now: wrote {entry['path']}. Review it, edit it and commit it; "
+            "later versions are validated against it."
+        ))  # fmt: skip
+    shifted = [f["feature"] for f in entry["features"] if f["shifted"]]
+    verdict = kit.badge(
+        "shifted: " + ", ".join(shifted) if shifted else "no shift", "fail" if shifted else "pass"
+    )
+    rows = [[f["feature"], f["kind"], kit.num(f["statistic"], 3), _p_text(f["p_value"]), kit.num(f["psi"], 3),
+             f["reference"], f["observed"], "yes" if f["shifted"] else "no"] for f in entry["features"]]  # fmt: skip
+    shares = [[s["label"], f"{s['reference_share']:.1%}", f"{s['share']:.1%}", f"{s['change']:.1%}"]
+              for s in entry["shares"]]  # fmt: skip
+    origin = entry.get("inferred_from") or {}
+    return kit.section(
+        "Data contract",
+        verdict,
+        kit.paragraph(
+            f"Checked against {entry['path']} (inferred from data version "
+            f"{origin.get('data_version', '?')}, {origin.get('images', '?')} images)."
+        ),  # fmt: skip
+        kit.table(
+            ["property", "test", "statistic", "p-value", "PSI", "reference", "this version", "shifted"], rows
+        ),
+        kit.table(["class", "contract share", "share", "change"], shares, compact=True),
+    )
+
+
+def _p_text(p: float | None) -> str:
+    return "" if p is None else f"{p:.2g}"

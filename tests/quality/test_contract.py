@@ -116,6 +116,7 @@ def test_imbalanced_smooth_large_grey_images_pass_then_the_contract_guards_later
     assert result.success and "class_imbalance" in result.warnings
     assert "blurry_fraction" not in result.warnings and result.contract.startswith("wrote")
     report = json.loads(result.report_json.read_text())
+    assert report["contract"] == {"status": "written", "path": str(contract_file)}
     imbalance = next(o for o in report["outcomes"] if o["name"] == "class_imbalance")
     assert (
         "train.loss: logit_adjusted" in imbalance["description"]
@@ -140,6 +141,10 @@ def test_imbalanced_smooth_large_grey_images_pass_then_the_contract_guards_later
     text = str(failed.value)
     assert "label_in_contract" in text and "scratch" in text and "imgflow contract accept" in text
     assert "no_shift_from_contract" in text and "brightness" in text
+    checked = json.loads(result.report_json.read_text())["contract"]  # every test, in the report too
+    assert checked["status"] == "checked" and checked["new_classes"] == ["scratch"]
+    assert {f["feature"] for f in checked["features"] if f["shifted"]} >= {"brightness"}
+    assert "<h2>Data contract</h2>" in result.report_html.read_text()
     # Accepting re-infers it from this version (the checks a user edited are kept).
     raw = yaml.safe_load(contract_file.read_text())
     raw["checks"]["max_share_change"] = 0.2

@@ -156,8 +156,11 @@ def run_validate(params: Params) -> ValidationResult:
         df, classes=info.classes, cfg=params.validate_, task=info.task, contract=contract
     )
     drift = _validation_drift(params)
-    json_path, html_path = write_validation_report(report, paths.out("validate"), extra={"drift": drift},
-                                                   extra_sections=[_drift_section(drift)])  # fmt: skip
+    checked = _contract_record(df, info, contract, contract_path)
+    json_path, html_path = write_validation_report(
+        report, paths.out("validate"), extra={"drift": drift, "contract": checked},
+        extra_sections=[_drift_section(drift), _contract_section(checked)],
+    )  # fmt: skip
     # Deterministic verdict (no timestamps): what the train stage depends on in dvc.yaml.
     write_json(
         paths.out("validate") / "passed.json",
@@ -181,6 +184,33 @@ def run_validate(params: Params) -> ValidationResult:
         label_cardinality=report.summary["label_cardinality"] if report.summary else None,
         contract=_contract_status(contract_path, checked=contract is not None),
     )
+
+
+def _contract_record(
+    df: pd.DataFrame, info: DatasetInfo, contract: Any, path: Path | None
+) -> dict[str, Any] | None:
+    """The report's ``contract`` entry: every property's test and class share, or "written"."""
+    import dataclasses
+
+    from components.quality.contract import compare_to_contract, comparison_record
+    from components.quality.validation import label_rows_table
+    from components.task import get_task
+
+    if path is None:
+        return None
+    if contract is None:
+        return comparison_record(None, None, path)
+    comparison = compare_to_contract(df, contract)
+    if get_task(info.task).several_labels:  # classes and shares of label occurrences
+        labels = compare_to_contract(label_rows_table(df), contract)
+        comparison = dataclasses.replace(labels, features=comparison.features)
+    return comparison_record(comparison, contract, path)
+
+
+def _contract_section(entry: dict[str, Any] | None) -> Any:
+    from components.quality.contract import contract_section
+
+    return contract_section(entry)
 
 
 def _contract_status(path: Path | None, *, checked: bool) -> str:

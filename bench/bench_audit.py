@@ -138,16 +138,19 @@ def planted_flips(
         "pca": {**_summary_of(pca_result), "seconds": pca_s},
         "model": {**_summary_of(model_result), "seconds": model_s},
     }  # fmt: skip
-    best = max(precision(model_result, queue), precision(pca_result, queue))
+    # "The top of the queue": its first queue_size rows when the flips outnumber them ten to one (full
+    # size: ~2,700 flips), else the first tenth of the flips (--quick: 225 flips, top 22).
+    top = min(queue, max(10, len(flipped) // 10))
+    best = max(precision(model_result, top), precision(pca_result, top))
     return {
-        "details": details,
+        "details": {**details, "top": top},
         "figures": [
+            {"name": f"planted_precision_top{top}_pca", "value": precision(pca_result, top)},
             {"name": f"planted_precision_top{queue}_pca", "value": precision(pca_result, queue)},
-            {"name": "planted_precision_top50_pca", "value": precision(pca_result, 50)},
             {"name": f"planted_precision_top{queue}_pca_both_disagree_first", "value": both_first},
-            {"name": f"planted_precision_top{queue}_model", "value": precision(model_result, queue),
-             "target": f">= {PRECISION_TARGET}", "passed": best >= PRECISION_TARGET},
-            {"name": "planted_precision_top50_model", "value": precision(model_result, 50)},
+            {"name": f"planted_precision_top{top}_model", "value": precision(model_result, top),
+             "target": f">= {PRECISION_TARGET} (best)", "passed": best >= PRECISION_TARGET},
+            {"name": f"planted_precision_top{queue}_model", "value": precision(model_result, queue)},
             {"name": "noise_estimate_pca", "value": pca_result.summary["noise_rate_estimate"], "target": "planted 0.05"},
             {"name": "noise_estimate_model", "value": model_result.summary["noise_rate_estimate"], "target": "planted 0.05"},
         ],

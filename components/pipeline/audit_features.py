@@ -70,11 +70,12 @@ def _embedded(params: Params, model_dir: Path, name: str, choice: SourceChoice) 
 
 def _model_dir(params: Params, tmp: Path) -> tuple[Path | None, str, str | None]:
     """(the trained model's folder, its name in words, None) or (None, "", why there is none)."""
-    from components.model.checkpoint import SPEC_FILE
-
     cfg = params.audit
-    if cfg.model is not None and (Path(cfg.model) / SPEC_FILE).exists():
-        return Path(cfg.model), f"model folder {cfg.model}", None
+    if cfg.model is not None:
+        from components.model.checkpoint import SPEC_FILE  # torch and timm: only when a model is named
+
+        if (Path(cfg.model) / SPEC_FILE).exists():
+            return Path(cfg.model), f"model folder {cfg.model}", None
     name = params.register_.model_name
     uri = cfg.model or f"models:/{name}@champion"
     local_store = params.project.state_dir / "mlflow.db"

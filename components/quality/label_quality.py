@@ -404,6 +404,8 @@ def audit(
     errors, fit = _LABEL_ERRORS[task.activation](rows, sets, features, dist, idx, classes, cfg)
     if errors is not None:
         frames.append(errors)
+    if encoded is not None and encoded.source == MODEL:
+        fit = _not_a_cheap_baseline(fit)
     timings["label_errors_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -447,6 +449,21 @@ def audit(
         fit.get("oof_map"),
     )
     return AuditResult(issues=issues, summary=summary)
+
+
+ON_MODEL_FEATURES = "_on_model_features"
+
+
+def _not_a_cheap_baseline(fit: dict[str, Any]) -> dict[str, Any]:
+    """On a trained model's features the audit's out-of-fold score is no cheap baseline: that model
+    learnt these very labels (its train split included), so the score sits at the model's own level.
+    ``gates.min_accuracy: auto`` reads ``oof_accuracy`` as the cheap classifier to beat; here it is
+    None and the score is kept as ``oof_accuracy_on_model_features`` (likewise ``oof_map``)."""
+    out = dict(fit)
+    for key in ("oof_accuracy", "oof_map"):
+        if out.get(key) is not None:
+            out[f"{key}{ON_MODEL_FEATURES}"], out[key] = out[key], None
+    return out
 
 
 def _cheap_features_name(kind: str, cfg: AuditConfig) -> str:
@@ -744,7 +761,9 @@ def _basis_paragraph(summary: dict[str, Any]) -> kit.Html:
 def _model_quality(summary: dict[str, Any]) -> str:
     """How well the audit model separates the labels: out-of-fold accuracy, or mAP (multi-label)."""
     task = get_task(summary.get("task"))
-    value = summary.get(f"oof_{task.headline.lower()}")  # oof_accuracy | oof_map
+    key = f"oof_{task.headline.lower()}"  # oof_accuracy | oof_map
+    value = summary.get(key)
+    value = summary.get(f"{key}{ON_MODEL_FEATURES}") if value is None else value
     what = f"out-of-fold {task.headline}"
     if (card := summary.get("label_cardinality")) is not None:
         what = f"{card:.2f} labels per image; {what}"

@@ -81,6 +81,8 @@ def test_given_features_replace_the_cheap_ones(planted: dict) -> None:
     )
     s = result.summary
     assert (s["features"], s["features_from"], s["features_reason"]) == ("model", "champion v1", "why")
+    # a model that learnt these labels is no cheap baseline for gates.min_accuracy: auto
+    assert s["oof_accuracy"] is None and s["oof_accuracy_on_model_features"] > 0.9
     errors = result.issues[result.issues["issue"] == "label_error"]
     assert errors.head(50)["image_id"].isin(planted["flipped"]).mean() >= 0.95
     partial = AuditFeatures(vectors[:10], tuple(clean["image_id"][:10]), "model", "champion v1", "why")
@@ -116,8 +118,8 @@ def test_auto_walks_model_then_pretrained_then_cheap_and_says_why() -> None:
         choose_source("model", model_missing="no champion yet", pretrained_unfit=None, **auto)
 
 
-def test_pipeline_resolves_no_champion_to_cheap_features_and_caps_the_queue(
-    planted: dict, tmp_path: Path
+def test_pipeline_resolves_the_encoder_and_caps_the_queue(
+    planted: dict, tmp_path: Path, tiny_model_dir: Path
 ) -> None:
     from components.pipeline.audit_features import resolve_audit_features
 
@@ -127,6 +129,13 @@ def test_pipeline_resolves_no_champion_to_cheap_features_and_caps_the_queue(
     encoded, reason = resolve_audit_features(params, planted["clean"], task=None)
     assert encoded is None and reason.startswith("no champion yet") and "median side 28 px" in reason
     assert not (tmp_path / "state").exists()  # looking for a champion created no registry
+
+    # a named model folder: its layer, through the embedding store (every manifest image, by image_id)
+    named = load_params(tmp_path / "params.yaml", [*overrides, f"audit.model={tiny_model_dir}"])
+    encoded, reason = resolve_audit_features(named, planted["clean"], task=None)
+    assert encoded is not None and encoded.source == "model" and reason.startswith("a trained model")
+    assert encoded.name == f"model folder {tiny_model_dir}, pooled_last"
+    assert encoded.for_rows(planted["clean"]["image_id"].tolist()).shape[0] == len(planted["clean"])
 
     queue = tmp_path / "relabel_queue.csv"
     pd.DataFrame({"image_id": list("abcde"), "score": [0.1, 0.2, 0.3, 0.4, 0.5], "note": ""}).to_csv(

@@ -272,3 +272,88 @@ def _example_image(spec: Any) -> bytes:
     buf = io.BytesIO()
     Image.new("L" if spec.in_chans == 1 else "RGB", (int(width), int(height))).save(buf, format="PNG")
     return buf.getvalue()
+
+
+# --------------------------------------------------------------------------- episodic evaluation
+
+PER_CLASS_CAP, CENTRE_IMAGES = 200, 500
+"""Test images per class the episodes draw from; training images the baselines' centres are means of."""
+
+
+def run_fewshot_evaluation(
+    params: Params,
+    *,
+    model: str | None = None,
+    n_way: int = 5,
+    ks: tuple[int, ...] = (1, 5, 10),
+    episodes: int = 300,
+    n_query: int = 15,
+    seed: int = 0,
+    layer: str = DEFAULT_LAYER,
+    classes: tuple[str, ...] = (),
+) -> dict[str, Any]:
+    """``imgflow evaluate --few-shot``: seeded N-way episodes over the test split (``classes``, default
+    all; at most :data:`PER_CLASS_CAP` images each), the model's stored layer against raw pixels and a
+    random-init copy of its architecture, all on the same episodes."""
+    from components.evaluate.fewshot import evaluate_episodes, table_text
+    from components.model.checkpoint import load_classifier
+    from components.model.embedding_store import embed_manifest
+
+    paths = StagePaths(params).data
+    if not paths.manifest.exists():
+        raise DataError(f"no data version at {paths.root}: run `imgflow ingest` first")
+    manifest = read_manifest(paths.manifest)
+    with tempfile.TemporaryDirectory(prefix="imgflow-fewshot-") as tmp:
+        src, uri = fetch_model_dir(params, model, Path(tmp))
+        store = embed_manifest(paths.root, src, layer=layer)
+        net, spec = load_classifier(src)
+        test, train = _episode_rows(manifest, classes, seed=seed), manifest[manifest["split"] == "train"]
+        train = train.sample(n=min(CENTRE_IMAGES, len(train)), random_state=seed)
+        feats, centres = _episode_features(params, net, spec, store, test, train, layer=layer, seed=seed)
+    labels = test["label"].to_numpy()
+    rows = evaluate_episodes(feats, labels, n_way=n_way, ks=ks, n_query=n_query, episodes=episodes, seed=seed,
+                             centres=centres)  # fmt: skip
+    return {"model": uri, "layer": layer, "n_way": n_way, "episodes": episodes, "n_query": n_query, "seed": seed,
+            "classes": sorted(set(labels)), "images": len(labels), "rows": [r.to_dict() for r in rows],
+            "table": table_text(rows)}  # fmt: skip
+
+
+def _episode_rows(manifest: Any, classes: tuple[str, ...], *, seed: int) -> Any:
+    """The test rows of ``classes`` (all when empty), at most :data:`PER_CLASS_CAP` per class."""
+    test = manifest[manifest["split"] == "test"]
+    if classes:
+        unknown = sorted(set(classes) - set(test["label"]))
+        if unknown:
+            raise DataError(
+                f"no test images of class {unknown[0]!r}: classes are {', '.join(sorted(set(test['label'])))}"
+            )
+        test = test[test["label"].isin(classes)]
+    return test.sample(frac=1.0, random_state=seed).groupby("label").head(PER_CLASS_CAP)
+
+
+def _episode_features(
+    params: Params, net: Any, spec: Any, store: Any, test: Any, train: Any, *, layer: str, seed: int
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Features of the episode rows per representation (the stored layer, pixels, random init) and each
+    one's centre (a mean over training rows)."""
+    import torch
+
+    from components.model.checkpoint import Predictor
+    from components.model.features import extract_features
+    from components.model.fewshot import base_class_count
+    from components.model.models import create_classifier
+
+    predictor = Predictor(net, spec)
+
+    def pixels(rows: Any) -> torch.Tensor:
+        return predictor.preprocess([(params.project.data_dir / p).read_bytes() for p in rows["path"]])
+
+    x_test, x_train = pixels(test), pixels(train)
+    torch.manual_seed(seed)
+    outputs = base_class_count(spec.extra, spec.num_classes)
+    random_net = create_classifier(spec.model, outputs, in_chans=spec.in_chans, pretrained=False).eval()
+    feats = {"model": store.rows(list(test["image_id"])), "pixels": x_test.flatten(1).numpy(),
+             "random_init": extract_features(random_net, x_test, layer=layer)}  # fmt: skip
+    centres = {"model": np.asarray(store.split("train")).mean(axis=0), "pixels": x_train.flatten(1).numpy().mean(0),
+               "random_init": extract_features(random_net, x_train, layer=layer).mean(axis=0)}  # fmt: skip
+    return feats, centres

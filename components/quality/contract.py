@@ -501,6 +501,8 @@ def contract_section(entry: Mapping[str, Any] | None) -> Any:
 
     if entry is None:
         return None
+    if entry.get("status") == "not written":
+        return kit.section("Data contract", kit.note(f"{entry['path']}: not written, {entry['reason']}."))
     if entry.get("status") == "written":
         return kit.section("Data contract", kit.paragraph(
             f"This data version is the reference now: wrote {entry['path']}. Review it, edit it and commit it; "

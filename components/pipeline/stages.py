@@ -156,7 +156,7 @@ def run_validate(params: Params) -> ValidationResult:
         df, classes=info.classes, cfg=params.validate_, task=info.task, contract=contract
     )
     drift = _validation_drift(params)
-    checked = _contract_record(df, info, contract, contract_path)
+    checked = _contract_record(df, info, contract, contract_path, passed=report.success)
     json_path, html_path = write_validation_report(
         report, paths.out("validate"), extra={"drift": drift, "contract": checked},
         extra_sections=[_drift_section(drift), _contract_section(checked)],
@@ -187,9 +187,10 @@ def run_validate(params: Params) -> ValidationResult:
 
 
 def _contract_record(
-    df: pd.DataFrame, info: DatasetInfo, contract: Any, path: Path | None
+    df: pd.DataFrame, info: DatasetInfo, contract: Any, path: Path | None, *, passed: bool
 ) -> dict[str, Any] | None:
-    """The report's ``contract`` entry: every property's test and class share, or "written"."""
+    """The report's ``contract`` entry: every property's test and class share, "written" (this version
+    passed and is the reference now) or "not written" (no contract yet, and this version failed)."""
     import dataclasses
 
     from components.quality.contract import compare_to_contract, comparison_record
@@ -198,6 +199,9 @@ def _contract_record(
 
     if path is None:
         return None
+    if contract is None and not passed:
+        return {"status": "not written", "path": str(path),
+                "reason": "the first data version that passes validation writes it"}  # fmt: skip
     if contract is None:
         return comparison_record(None, None, path)
     comparison = compare_to_contract(df, contract)

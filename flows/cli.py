@@ -614,16 +614,37 @@ def evaluate(
             "outputs/evaluate/models/<name@alias>/ (the pipeline's outputs/evaluate is left alone).",
         ),
     ] = None,
+    few_shot: Annotated[
+        bool,
+        typer.Option(
+            "--few-shot",
+            help="Episodic few-shot evaluation instead of the gate report: N-way episodes over the test "
+            "split, the model's stored layer vs raw pixels and a random-init backbone on the same seeded "
+            "episodes (ProtoNet and SimpleShot). Model: --model, else the champion.",
+        ),
+    ] = False,
+    n_way: Annotated[int, typer.Option("--n-way", min=2, help="With --few-shot: classes per episode.")] = 5,
+    shots: Annotated[
+        str, typer.Option("--k", help="With --few-shot: support images per class, comma-separated (1,5,10).")
+    ] = "1,5,10",
+    episodes: Annotated[
+        int,
+        typer.Option("--episodes", min=1, help="With --few-shot: episodes (seeded, shared by all methods)."),
+    ] = 300,
     wait: WaitOpt = 0.0,
     as_json: JsonOpt = False,
     verbose: VerboseOpt = False,
 ) -> None:
     """Gate report: test metrics, confusion matrix, calibration, robustness (11 corruption families x 5
     severities), slices, champion comparison, CLIP baselines and gates (written to outputs/evaluate,
-    logged to MLflow)."""
+    logged to MLflow). With --few-shot: an episodic few-shot table instead."""
     from components.pipeline.notify import headline_text
     from components.pipeline.stages import run_evaluate
 
+    if few_shot:
+        _evaluate_few_shot(params, set_, model, n_way=n_way, shots=shots, episodes=episodes, wait=wait,
+                           as_json=as_json, verbose=verbose)  # fmt: skip
+        return
     body = _locked(
         "evaluate", params, set_, wait, lambda p: run_evaluate(p, model_uri=model, progress=not as_json)
     )
@@ -636,6 +657,27 @@ def evaluate(
         )
 
     _emit(result, as_json, human)
+
+
+def _evaluate_few_shot(
+    params: Path, set_: list[str] | None, model: str | None, *, n_way: int, shots: str, episodes: int,
+    wait: float, as_json: bool, verbose: bool,
+) -> None:  # fmt: skip
+    """``imgflow evaluate --few-shot``: the table of :func:`components.pipeline.classes.run_fewshot_evaluation`."""
+    from components.pipeline.classes import run_fewshot_evaluation
+
+    def body(p: Any) -> Any:
+        from components.core.errors import ConfigError
+
+        try:
+            ks = tuple(int(k) for k in shots.split(","))
+        except ValueError:
+            raise ConfigError(f"--k {shots!r}: give shot counts such as 1,5,10") from None
+        return run_fewshot_evaluation(p, model=model, n_way=n_way, ks=ks, episodes=episodes)
+
+    result = _run(_locked("evaluate", params, set_, wait, body), as_json=as_json, verbose=verbose)
+    _emit(result, as_json, lambda r: f"{r['n_way']}-way few-shot, {r['episodes']} episodes, {r['model']} "
+          f"({r['layer']}), {r['images']} test images\n{r['table']}")  # fmt: skip
 
 
 @app.command()
@@ -890,6 +932,89 @@ def models_history(
         return "\n".join(lines)
 
     _emit(rows, as_json, human)
+
+
+classes_app = typer.Typer(
+    help="Classes from a few images without retraining: `add` a folder of support images (one sub-folder "
+    "per class) as a new registered version, `list` a model's classes, `remove` an added class.",
+    no_args_is_help=True,
+)
+app.add_typer(classes_app, name="classes")
+ClassesModelOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--model", help="models:/<name>@<alias> or models:/<name>/<version> (default: the champion)."
+    ),
+]
+
+
+def _classes_line(r: Any) -> str:
+    gates = "gates passed" if r.gates_passed else f"gates FAILED ({r.tags.get('failed_gates', '')})"
+    return (f"registered {r.name} version {r.version} ({', '.join(r.aliases) or 'no alias'}) from version "
+            f"{r.base_version}: added classes {', '.join(r.added) or 'none'}; base answers kept "
+            f"{r.base_agreement:.1%}, {gates}")  # fmt: skip
+
+
+@classes_app.command("add")
+def classes_add(
+    folder: Annotated[Path, typer.Argument(help="A folder with one sub-folder of images per new class.")],
+    k: Annotated[int, typer.Option("--k", min=1, help="The fewest support images a class may have.")] = 5,
+    model: ClassesModelOpt = None,
+    layer: Annotated[
+        str, typer.Option("--layer", help="Feature layer of the prototypes (pooled_last | pre_logits).")
+    ] = "pooled_last",
+    params: ParamsOpt = Path("params.yaml"),
+    set_: SetOpt = None,
+    wait: WaitOpt = 0.0,
+    as_json: JsonOpt = False,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Add each sub-folder of FOLDER as a class of a new registered version, without retraining.
+
+    SimpleShot prototypes on the stored layer, centred on the base training set's mean; the previous
+    version is unchanged. A bad support set (fewer than --k images, a name the model has, an undecodable file)
+    is exit code 2 with nothing registered."""
+    from components.pipeline.classes import run_classes_add
+
+    body = _locked(
+        "classes", params, set_, wait, lambda p: run_classes_add(p, folder, k=k, model=model, layer=layer)
+    )
+    _emit(_run(body, as_json=as_json, verbose=verbose), as_json, _classes_line)
+
+
+@classes_app.command("list")
+def classes_list(
+    model: ClassesModelOpt = None,
+    params: ParamsOpt = Path("params.yaml"),
+    set_: SetOpt = None,
+    as_json: JsonOpt = False,
+    verbose: VerboseOpt = False,
+) -> None:
+    """A model's trained classes and the classes added from support images (with their support size)."""
+    from components.pipeline.classes import run_classes_list
+
+    result = _run(
+        lambda: run_classes_list(_params(params, set_), model=model), as_json=as_json, verbose=verbose
+    )
+    _emit(result, as_json, lambda r: f"{r['model']}\ntrained: {', '.join(r['trained'])}\nadded:   "
+          + (", ".join(f"{a['name']} ({a.get('images', '?')} images)" for a in r["added"]) or "none"))  # fmt: skip
+
+
+@classes_app.command("remove")
+def classes_remove(
+    name: Annotated[str, typer.Argument(help="An added class (trained classes need retraining).")],
+    model: ClassesModelOpt = None,
+    params: ParamsOpt = Path("params.yaml"),
+    set_: SetOpt = None,
+    wait: WaitOpt = 0.0,
+    as_json: JsonOpt = False,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Register a new version without added class NAME (the version it came from is unchanged)."""
+    from components.pipeline.classes import run_classes_remove
+
+    body = _locked("classes", params, set_, wait, lambda p: run_classes_remove(p, name, model=model))
+    _emit(_run(body, as_json=as_json, verbose=verbose), as_json, _classes_line)
 
 
 @app.command()

@@ -236,3 +236,24 @@ def test_real_ray_snapshot_ensemble_from_one_run(tmp_path: Path) -> None:
     np.testing.assert_allclose(
         Predictor.from_dir(result.model_dir).predict_proba(images), np.mean(each, 0), atol=1e-6
     )
+
+
+def test_evaluate_compares_an_ensemble_folder_with_its_members(
+    ensemble_dir: Path, members: list[Path], tmp_path: Path
+) -> None:
+    """What evaluate puts in the gate report for an ensemble folder, on a small real ingested dataset."""
+    from components.evaluate.ensemble_eval import ensemble_evidence
+    from components.pipeline.stages import run_ingest
+    from tests.conftest import write_small_params
+
+    write_small_params(tmp_path, max_per_class=5)
+    params = load_params(
+        tmp_path / "params.yaml", [f"project.data_dir={tmp_path / 'data'}", "evaluate.bootstrap=200"]
+    )
+    run_ingest(params, progress=False)
+    out = ensemble_evidence(params, ensemble_dir)
+    assert out is not None and out["status"] == "compared" and out["versus_best"]["images"] == 50
+    assert [m["name"] for m in out["members"]] == ["seed 0", "seed 1"] and out["ensemble"][
+        "name"
+    ] == "ensemble"
+    assert ensemble_evidence(params, members[0]) is None  # a single model: no section

@@ -204,7 +204,9 @@ def _register(
     passed = base_tags.get("gates_passed") == "true" and agreement >= MIN_BASE_AGREEMENT
     failed = [] if agreement >= MIN_BASE_AGREEMENT else ["fewshot_base_agreement"]
     failed += [g for g in base_tags.get("failed_gates", "").split(",") if g]
-    all_tags = {k: base_tags[k] for k in ("data_version", "git_commit", "task") if k in base_tags}
+    all_tags: dict[str, str] = {
+        k: base_tags[k] for k in ("data_version", "git_commit", "task") if k in base_tags
+    }
     all_tags.update(tags, base_version=base_version, fewshot_base_agreement=f"{agreement:.4f}",
                     fewshot_classes=",".join(spec.classes[bank.base_count:] if bank else ())[:4900],
                     gates_passed=str(passed).lower(), failed_gates=",".join(failed))  # fmt: skip

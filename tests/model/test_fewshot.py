@@ -184,3 +184,18 @@ def test_registered_version_serves_new_classes_and_bad_sets_register_nothing(
     assert [a["name"] for a in listed["added"]] == ["Ankle boot", "Bag"] and len(listed["trained"]) == 8
     removed = run_classes_remove(params, "Bag")
     assert removed.version == "3" and removed.added == ("Ankle boot",)
+
+
+def test_cli_bad_support_set_is_exit_code_2(tmp_path: Path) -> None:
+    """`imgflow classes add` on a bad support set: one 'imgflow: ...' line, exit code 2 (in-process)."""
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    (tmp_path / "params.yaml").write_text("{}\n")
+    short = _support_folder(tmp_path / "short", per_class=3)
+    where = [f"--params={tmp_path / 'params.yaml'}", f"--set=project.state_dir={tmp_path / 'state'}"]
+    result = CliRunner().invoke(app, ["classes", "add", str(short), "--k", "5", *where])
+    assert result.exit_code == 2, result.output
+    assert "imgflow: class 'Ankle boot' has 3 support images, fewer than k=5" in result.output
+    assert "Traceback" not in result.output

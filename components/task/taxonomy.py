@@ -365,13 +365,14 @@ def backoff_decode(
     best = key.argmax(axis=1)
     sure = probs[np.arange(len(probs)), top] >= threshold
     nodes = tree.nodes
+    some: list[bool] = np.asarray(ok.any(axis=1)).tolist()
     return [
         leaves[t] if s else (nodes[b] if o else ABSTAIN)
-        for t, s, b, o in zip(top, sure, best, ok.any(axis=1), strict=True)
+        for t, s, b, o in zip(top, sure, best, some, strict=True)
     ]
 
 
-def answer_correct(answers: Sequence[str], labels: Sequence[int], tree: Taxonomy) -> np.ndarray:
+def answer_correct(answers: Sequence[str], labels: Sequence[int] | np.ndarray, tree: Taxonomy) -> np.ndarray:
     """(N,) bool: the answer is the true leaf or one of its ancestors (abstentions: False)."""
     column = {n: j for j, n in enumerate(tree.nodes)}
     under = tree.membership()  # (K, M): leaf k lies under node m
@@ -402,7 +403,7 @@ class BackoffFit:
 
 
 def backoff_outcome(
-    answers: Sequence[str], labels: Sequence[int], tree: Taxonomy
+    answers: Sequence[str], labels: Sequence[int] | np.ndarray, tree: Taxonomy
 ) -> tuple[float, float, float]:
     """(precision over answered, answered share, leaf-answer share) of back-off answers."""
     answered = np.array([a != ABSTAIN for a in answers], dtype=bool)
@@ -418,7 +419,7 @@ def backoff_outcome(
 
 def fit_backoff_threshold(
     probs: np.ndarray,
-    labels: Sequence[int],
+    labels: Sequence[int] | np.ndarray,
     tree: Taxonomy,
     *,
     target_precision: float,

@@ -169,3 +169,35 @@ def test_predictor_serves_paths_parent_probabilities_and_backoff(
         else:  # a parent summing to >= 0.9, or nothing
             assert rec["answer"] is None or rec["parent_probabilities"][rec["answer"]] >= 0.9
     assert json.loads((model_dir / HIERARCHY_FILE).read_text())["backoff"] == "parent"
+
+
+@pytest.mark.slow
+def test_nested_folder_dataset_trains_with_soft_labels_and_serves_paths(tmp_path: Path) -> None:
+    """The whole path through the real commands: nested folders -> ingest (paths) -> Ray training with
+    ``loss: soft_labels`` -> evaluate (label-tree rows, back-off fitted on val, gates) -> the model
+    folder plus evaluate's shipped files serves paths and back-off answers."""
+    from tests.conftest import write_small_params
+
+    make_nested_folder(tmp_path / "src", per_class=40)
+    write_small_params(
+        tmp_path, epochs=2, ingest={"source": f"imagefolder:{tmp_path / 'src'}", "taxonomy": "paths",
+                                    "max_per_class": None},
+        train={"loss": "soft_labels", "workers": 1}, serve={"backoff": "parent", "backoff_precision": 0.9},
+        gates={"min_backoff_precision": 0.0, "max_crm_hdist_ratio": 10.0},
+    )  # fmt: skip
+    for command in ("ingest", "train", "evaluate"):
+        result = run_cli(command, cwd=tmp_path, timeout=900)
+        assert result.returncode in (0, 3), (
+            f"{command}: {result.stderr[-2000:]}"
+        )  # 3: a gate of the tiny model
+    report = json.loads((tmp_path / "outputs" / "evaluate" / "report.json").read_text())
+    tree_report = report["hierarchy"]
+    assert [r["decoding"] for r in tree_report["rows"]] == ["argmax", "crm"]
+    assert {g["name"] for g in report["gates"]} >= {"max_crm_hdist_ratio", "min_backoff_precision"}
+    model_dir = Path(shutil.copytree(tmp_path / "outputs" / "train" / "model", tmp_path / "served"))
+    shutil.copy(tmp_path / "outputs" / "evaluate" / "trust" / HIERARCHY_FILE, model_dir)
+    predictor = Predictor.from_dir(model_dir)
+    x, _ = fmnist_arrays("t10k", 8)
+    fields = predictor.trust_fields(predictor.predict_scored([png_bytes(a) for a in x]))
+    assert all(f["path"] in {"footwear/Sneaker", "footwear/Sandal", "tops/Shirt", "Bag"} for f in fields)
+    assert all("answer" in f for f in fields)

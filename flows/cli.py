@@ -1233,6 +1233,15 @@ def export(
             "--images", help="Folder or CSV of real images for the parity check (default: test split)."
         ),
     ] = None,
+    quantize: Annotated[
+        str | None,
+        typer.Option(
+            "--quantize",
+            help="int8: also write <out stem>.int8.onnx (ONNX Runtime static quantization, QDQ, per-channel, "
+            "calibrated on val images); attached only if its test accuracy is within "
+            "gates.max_int8_accuracy_drop of the fp32 file (else exit 3).",
+        ),
+    ] = None,
     params: ParamsOpt = Path("params.yaml"),
     set_: SetOpt = None,
     wait: WaitOpt = 0.0,
@@ -1247,12 +1256,56 @@ def export(
     def body(p: Any) -> Any:
         if format_ != "onnx":
             raise ConfigError(f"unknown export format {format_!r}: only 'onnx' is supported")
-        return run_export(p, model=model, out=out, images=images)
+        return run_export(p, model=model, out=out, images=images, quantize=quantize)
 
     result = _run(_locked("export", params, set_, wait, body), as_json=as_json, verbose=verbose)
     _emit(result, as_json, lambda r: f"exported {r.model} -> {r.onnx}; parity: max abs diff "
           f"{r.parity.max_abs_diff:.2e} on {r.parity.images} images"
+          + (_int8_line(r.int8) if r.int8 else "")
           + (f"; attached to version {r.attached_to['version']}" if r.attached_to else ""))  # fmt: skip
+
+
+def _int8_line(int8: Any) -> str:
+    acc, q = int8["accuracy"], int8["quantized"]
+    return (f"; int8 -> {int8['onnx']} ({q['size_ratio']:.1f}x smaller): test accuracy "
+            f"{acc['int8_accuracy']:.4f} vs fp32 {acc['fp32_accuracy']:.4f} on {acc['images']} images")  # fmt: skip
+
+
+@app.command()
+def variants(
+    model: Annotated[
+        str | None,
+        typer.Option("--model", help="Registry/run URI or local model folder (default: the champion)."),
+    ] = None,
+    max_images: Annotated[
+        int | None,
+        typer.Option("--max-images", min=1, help="Seeded sample of the test split (default: all of it)."),
+    ] = None,
+    repeats: Annotated[
+        int, typer.Option("--repeats", min=3, help="Timed calls per variant and batch size (1 and 64).")
+    ] = 30,
+    threads: Annotated[
+        int | None,
+        typer.Option("--threads", min=1, help="CPU threads for every runtime (default: PyTorch's default)."),
+    ] = None,
+    params: ParamsOpt = Path("params.yaml"),
+    set_: SetOpt = None,
+    as_json: JsonOpt = False,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Compare the deployment variants of a model in one run on this CPU: fp32 PyTorch, fp32 ONNX,
+    int8 ONNX, flip-TTA; test accuracy, NLL, ECE, OOD AUROC (when the model ships a detector), file size
+    and p50/p95 latency for 1 image and a batch of 64. Writes outputs/variants/variants.json and the gate
+    report's "Deployment variants" section."""
+    from components.evaluate.variants import format_table
+    from components.pipeline.models import run_variants
+
+    result = _run(
+        lambda: run_variants(_params(params, set_), model=model, max_images=max_images, repeats=repeats,
+                             threads=threads),
+        as_json=as_json, verbose=verbose,
+    )  # fmt: skip
+    _emit(result, as_json, format_table)
 
 
 ModelOpt = Annotated[

@@ -7,6 +7,7 @@ Glue like :mod:`components.pipeline.stages`: the registry, serving and export pa
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -253,33 +254,148 @@ def _parity_images(params: Params, images: Path | None, limit: int = 256) -> lis
 
 
 def run_export(
-    params: Params, *, model: str | None = None, out: Path | None = None, images: Path | None = None
+    params: Params,
+    *,
+    model: str | None = None,
+    out: Path | None = None,
+    images: Path | None = None,
+    quantize: str | None = None,
 ) -> ExportResult:
-    """``imgflow export --format onnx``: ONNX file + parity check; attached to the registered version."""
+    """``imgflow export --format onnx``: ONNX file + parity check; attached to the registered version.
+
+    ``quantize="int8"``: also the int8 file (:mod:`components.model.quantize`), calibrated on val and
+    checked against the fp32 file on the test split; both are attached only when the int8 accuracy drop
+    is within ``gates.max_int8_accuracy_drop`` (else GatesFailedError, exit 3, registry unchanged)."""
     import tempfile
 
     from components.model.export import check_parity, export_onnx
     from components.registry import tracking
 
+    if quantize not in (None, "int8"):
+        raise ConfigError(f"unknown quantization {quantize!r}: only 'int8' is supported")
     out = out or params.project.output_dir / "export" / "model.onnx"
     with tempfile.TemporaryDirectory(prefix="imgflow-export-") as tmp:
         predictor, uri = load_predictor(params, model, Path(tmp))
         export_onnx(predictor, out)
         parity = check_parity(predictor, out, _parity_images(params, images))
-    result = ExportResult(model=uri, onnx=out, parity=parity)
-    report = write_json(out.with_suffix(".parity.json"), result, sort_keys=True)
-    if not parity.passed:
-        raise DataError(
-            f"ONNX parity check failed: max abs probability difference {parity.max_abs_diff:.2e} > "
-            f"{parity.tolerance:.0e} on {parity.images} images; the file was not attached ({out})"
-        )
+        result = ExportResult(model=uri, onnx=out, parity=parity)
+        report = write_json(out.with_suffix(".parity.json"), result, sort_keys=True)
+        if not parity.passed:
+            raise DataError(
+                f"ONNX parity check failed: max abs probability difference {parity.max_abs_diff:.2e} > "
+                f"{parity.tolerance:.0e} on {parity.images} images; the file was not attached ({out})"
+            )
+        int8 = _export_int8(params, predictor, out) if quantize == "int8" else None
     connect_tracking(params)
     version = tracking.resolve_model_version(uri)
     if version is None:
-        return result
+        return ExportResult(model=uri, onnx=out, parity=parity, int8=int8)
     name, number, run_id = version
-    tracking.attach_to_version(name, number, run_id, [out, report], artifact_path="onnx",
-                               tags={"onnx_model": f"runs:/{run_id}/onnx/{out.name}",
-                                     "onnx_parity_max_abs_diff": f"{parity.max_abs_diff:.3e}"})  # fmt: skip
+    files, tags = [out, report], {"onnx_model": f"runs:/{run_id}/onnx/{out.name}",
+                                  "onnx_parity_max_abs_diff": f"{parity.max_abs_diff:.3e}"}  # fmt: skip
+    if int8 is not None:
+        int8_file = Path(int8["onnx"])
+        files += [int8_file, int8_file.with_suffix(".accuracy.json")]
+        int8 = {**int8, "artifact": f"runs:/{run_id}/onnx/{int8_file.name}"}
+        tags |= {"onnx_int8_model": int8["artifact"],
+                 "onnx_int8_accuracy_drop": f"{int8['accuracy']['drop']:.4f}"}  # fmt: skip
+    tracking.attach_to_version(name, number, run_id, files, artifact_path="onnx", tags=tags)
     attached = {"name": name, "version": number, "artifact": f"runs:/{run_id}/onnx/{out.name}"}
-    return ExportResult(model=uri, onnx=out, parity=parity, attached_to=attached)
+    return ExportResult(model=uri, onnx=out, parity=parity, attached_to=attached, int8=int8)
+
+
+def _export_int8(params: Params, predictor: Any, fp32: Path) -> dict[str, Any]:
+    """``<fp32 stem>.int8.onnx`` next to the fp32 file, calibrated on val images and measured against it
+    on the test split (``<stem>.int8.accuracy.json``); raises GatesFailedError past the allowed drop."""
+    from components.core.errors import GatesFailedError
+    from components.evaluate.variants import labelled_split, predictor_preprocess
+    from components.model.quantize import accuracy_delta, quantize_int8
+
+    spec, data_dir, seed = predictor.spec, params.project.data_dir, params.project.seed
+    if spec.task.several_labels:
+        raise ConfigError("int8 export measures single-label accuracy; this model is multi-label")
+    prep = predictor_preprocess(predictor)
+    calibration, _ = labelled_split(
+        data_dir, "val", spec.classes, task=spec.task, limit=INT8_CALIBRATION, seed=seed
+    )
+    test, targets = labelled_split(data_dir, "test", spec.classes, task=spec.task)
+    quantized = quantize_int8(fp32, fp32.with_suffix(".int8.onnx"), prep(calibration))
+    delta = accuracy_delta(
+        fp32, quantized.path, prep(test), targets, max_drop=params.gates.max_int8_accuracy_drop
+    )
+    record = {"onnx": str(quantized.path), "quantized": quantized.to_dict(), "accuracy": delta.to_dict()}
+    write_json(quantized.path.with_suffix(".accuracy.json"), record, sort_keys=True)
+    if not delta.passed:
+        raise GatesFailedError(
+            f"int8 ONNX is {delta.drop:.2%} less accurate than fp32 ONNX on {delta.images} test images "
+            f"({delta.int8_accuracy:.4f} vs {delta.fp32_accuracy:.4f}; gates.max_int8_accuracy_drop = "
+            f"{delta.max_drop}): nothing was attached to the registry ({quantized.path})"
+        )
+    return record
+
+
+INT8_CALIBRATION = 512
+"""Val images that calibrate the int8 activation ranges (a seeded sample: ORT's docs use a few hundred)."""
+
+
+# --------------------------------------------------------------------------- deployment variants
+
+
+def run_variants(
+    params: Params,
+    *,
+    model: str | None = None,
+    max_images: int | None = None,
+    repeats: int = 30,
+    threads: int | None = None,
+    extra: Sequence[Any] = (),
+) -> dict[str, Any]:
+    """``imgflow variants``: fp32, fp32 ONNX, int8 ONNX and flip-TTA of ``model`` (default: the champion),
+    plus ``extra`` rows (:class:`components.evaluate.variants.Variant`), measured in one run
+    (:func:`components.evaluate.variants.measure_variants`). Writes ``outputs/variants/variants.json``
+    and the "Deployment variants" section of the gate report when ``outputs/evaluate/report.json``
+    exists. Returns the table as a dict."""
+    import tempfile
+
+    import torch
+
+    from components.evaluate import variants as v
+    from components.evaluate.gate_report import add_variants_section
+    from components.model.checkpoint import Predictor
+
+    threads = threads or torch.get_num_threads()
+    seed = params.project.seed
+    with tempfile.TemporaryDirectory(prefix="imgflow-variants-") as tmp:
+        path, uri = model_dir(params, model, Path(tmp))
+        predictor = Predictor.from_dir(path)
+        spec, data_dir = predictor.spec, params.project.data_dir
+        if spec.task.several_labels:
+            raise ConfigError("imgflow variants compares single-label models; this one is multi-label")
+        calibration, _ = v.labelled_split(data_dir, "val", spec.classes, task=spec.task,
+                                          limit=INT8_CALIBRATION, seed=seed)  # fmt: skip
+        images, targets = v.labelled_split(data_dir, "test", spec.classes, task=spec.task, limit=max_images,
+                                           seed=seed)  # fmt: skip
+        ood = _ood_reference(params, predictor)
+        data = v.VariantData(images, targets, ood, params.ood.reference if ood else "")
+        with v.torch_threads(threads):
+            rows, _ = v.standard_variants(predictor, path, Path(tmp), calibration=calibration,
+                                          threads=threads)  # fmt: skip
+            latency = v.LatencyConfig(repeats=repeats)
+            table = v.measure_variants([*rows, *extra], data, latency=latency, model=uri)
+    result = table.to_dict()
+    out_dir = StagePaths(params).out("variants")
+    result["files"] = {"json": str(out_dir / "variants.json")}
+    report = add_variants_section(StagePaths(params).out("evaluate"), result)
+    if report is not None:
+        result["files"]["gate_report"] = str(report)
+    write_json(out_dir / "variants.json", result, sort_keys=True)
+    return result
+
+
+def _ood_reference(params: Params, predictor: Any) -> list[bytes]:
+    """The OOD reference images for the OOD AUROC column: only for a model that ships a detector."""
+    from components.evaluate.variants import ood_reference_images
+
+    if predictor.ood is None or params.ood.reference == "none":
+        return []
+    return ood_reference_images(min(params.ood.max_images, 1000), seed=params.ood.seed)

@@ -282,11 +282,16 @@ class ExportResult:
     parity: Parity
     attached_to: Mapping[str, str] | None = None
     """``name``, ``version`` and ``artifact`` (its ``runs:/`` URI) of the registered version."""
+    int8: Mapping[str, Any] | None = None
+    """``--quantize int8``: ``onnx`` (the int8 file), ``quantized`` and ``accuracy`` (int8 vs fp32 ONNX on
+    the test split, :class:`components.model.quantize.AccuracyDelta`), ``artifact`` once attached."""
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"model": self.model, "onnx": str(self.onnx), "parity": self.parity.to_dict()}
         if self.attached_to is not None:
             out["attached_to"] = dict(self.attached_to)
+        if self.int8 is not None:
+            out["int8"] = dict(self.int8)
         return out
 
 

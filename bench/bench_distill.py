@@ -83,7 +83,7 @@ def run(*, quick: bool = False) -> dict[str, Any]:
 
     from components.train.recipe import build_recipe
 
-    per_class, teacher_epochs, student_epochs, seeds = (300, 6, 3, (0,)) if quick else (1000, 10, 4, (0, 1))
+    per_class, teacher_epochs, student_epochs, seeds = (200, 5, 3, (0,)) if quick else (1000, 10, 4, (0, 1))
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     kd = DistillConfig()
     with tempfile.TemporaryDirectory(prefix="imgflow-bench-distill-") as tmp:

@@ -217,7 +217,9 @@ def test_distill_run_on_ray_trains_evaluates_and_registers_the_student(
 
     from components.pipeline.context import connect_tracking
 
-    params = _project(tmp_path, data, "train.epochs=2", "train.batch_size=16")
+    # the evaluate stage's own evidence (OOD sets, corruption sweep, drift) is tested with it, not here
+    cheap = ("ood.enabled=false", "evaluate.robustness.enabled=false", "drift.enabled=false")
+    params = _project(tmp_path, data, "train.epochs=2", "train.batch_size=16", *cheap)
     result = run_distill(params, teacher_uri=str(tiny_model_dir), student="imgflow_cnn", progress=False,
                          raise_on_gate_failure=False)  # fmt: skip
     assert result.epochs == 2 and result.registration.name == "imgflow-test-student"

@@ -83,7 +83,8 @@ class ImageClassifierModel(PythonModel):
                 "probabilities": [row.astype(float).tolist() for row in probs],
             }
         )
-        # ood_score / ood / prediction_set: columns only when the model ships its detector / sets.
+        # ood_score / ood / prediction_set: columns only when the model ships its detector / sets;
+        # path / parent / parent_probability / parent_probabilities / answer only with a label tree.
         trust = pd.DataFrame(self.predictor.trust_fields(scored), index=frame.index)
         return pd.concat([frame, trust], axis=1) if len(trust.columns) else frame
 

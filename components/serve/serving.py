@@ -169,7 +169,8 @@ def predictions(predictor: Predictor, images: list[bytes], *, top_k: int) -> lis
     """Images -> one record each: labels (the predicted label set: every label at or above its
     threshold for a multi-label model, else the top class), label, score (the most probable class),
     top_k [{label, probability}], probabilities; and when the model ships them, ood_score, ood (its OOD
-    flag) and prediction_set (its conformal set)."""
+    flag), prediction_set (its conformal set) and, with a label tree, path, parent, parent_probability,
+    parent_probabilities and (serve.backoff on) answer: a leaf, an ancestor or null."""
     scored = predictor.predict_scored(images)
     probs = scored.probs
     classes = predictor.spec.classes

@@ -142,7 +142,7 @@ def _quantize(
     exclude = [n.name for n in model.graph.node if n.name not in keep]
     try:
         quantize_static(
-            str(source), str(out), _Batches(input_name, calibration, batch_size),  # type: ignore[arg-type]
+            str(source), str(out), _Batches(input_name, calibration, batch_size),
             quant_format=QuantFormat.QDQ, per_channel=True, activation_type=QuantType.QInt8,
             weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax,
             nodes_to_exclude=exclude or None,

@@ -1290,6 +1290,7 @@ def variants(
     ] = None,
     params: ParamsOpt = Path("params.yaml"),
     set_: SetOpt = None,
+    wait: WaitOpt = 0.0,
     as_json: JsonOpt = False,
     verbose: VerboseOpt = False,
 ) -> None:
@@ -1300,11 +1301,10 @@ def variants(
     from components.evaluate.variants import format_table
     from components.pipeline.models import run_variants
 
-    result = _run(
-        lambda: run_variants(_params(params, set_), model=model, max_images=max_images, repeats=repeats,
-                             threads=threads),
-        as_json=as_json, verbose=verbose,
-    )  # fmt: skip
+    def body(p: Any) -> Any:  # under the project lock: it rewrites the gate report
+        return run_variants(p, model=model, max_images=max_images, repeats=repeats, threads=threads)
+
+    result = _run(_locked("variants", params, set_, wait, body), as_json=as_json, verbose=verbose)
     _emit(result, as_json, format_table)
 
 

@@ -18,6 +18,7 @@ from components.data.ingest import ingest
 from components.data.manifest import DataPaths, DatasetInfo, data_version, file_md5
 from components.evaluate.hierarchy import decoding_row, hierarchy_gates, hierarchy_report, measure_hierarchy
 from components.model.checkpoint import Predictor
+from components.serve.serving import predictions
 from components.task.taxonomy import HIERARCHY_FILE, ShippedTree, Taxonomy, load_hierarchy, load_taxonomy
 from components.train.hierarchy_loss import create_soft_label_loss, soft_label_matrix
 from tests.conftest import REPO, fmnist_arrays, png_bytes, run_cli
@@ -114,6 +115,20 @@ def test_nested_folders_ingest_with_paths_and_version_the_tree(tmp_path: Path) -
     assert flat.classes == ("Bag", "footwear", "tops") and load_taxonomy(tmp_path / "data") is None
 
 
+def test_csv_label_path_column_gives_the_tree(tmp_path: Path) -> None:
+    x, y = fmnist_arrays("t10k", 60)
+    rows = ["path,label_path"]
+    for i, (img, cls) in enumerate(zip(x, y, strict=True)):
+        if int(cls) in (5, 7, 8):  # Sandal, Sneaker, Bag
+            (tmp_path / f"{i}.png").write_bytes(png_bytes(img))
+            rows.append(f"{i}.png," + {5: "footwear/Sandal", 7: "footwear/Sneaker", 8: "Bag"}[int(cls)])
+    (tmp_path / "labels.csv").write_text("\n".join(rows) + "\n")
+    summary = ingest(f"csv:{tmp_path / 'labels.csv'}", data_dir=tmp_path / "data", taxonomy="paths")
+    tree = load_taxonomy(tmp_path / "data")
+    assert summary.classes == ("Bag", "Sandal", "Sneaker")
+    assert tree is not None and tree.path("Sandal") == "footwear/Sandal" and tree.parent_of("Bag") == "Bag"
+
+
 def test_bad_trees_are_config_errors_before_anything_is_written(tmp_path: Path) -> None:
     make_nested_folder(tmp_path / "src", per_class=2)
     (tmp_path / "src" / "summer" / "Sandal").mkdir(parents=True)  # Sandal under two parents
@@ -169,6 +184,9 @@ def test_predictor_serves_paths_parent_probabilities_and_backoff(
         else:  # a parent summing to >= 0.9, or nothing
             assert rec["answer"] is None or rec["parent_probabilities"][rec["answer"]] >= 0.9
     assert json.loads((model_dir / HIERARCHY_FILE).read_text())["backoff"] == "parent"
+    served = predictions(predictor, [png_bytes(a) for a in x[:4]], top_k=3)  # imgflow serve's records
+    assert [r["path"] for r in served] == [f["path"] for f in fields[:4]]
+    assert all("answer" in r and "parent_probabilities" in r for r in served)
 
 
 @pytest.mark.slow

@@ -18,6 +18,7 @@ digits example; up to 10,000 train images) and a published figure where one exis
 from __future__ import annotations
 
 import io
+import json
 import tempfile
 import time
 from collections.abc import Callable
@@ -85,6 +86,7 @@ DATASETS: dict[str, Callable[[Path], Path]] = {
 def project_params(root: Path, source: str, *, overrides: dict[str, dict[str, Any]] | None = None) -> Path:
     """A params.yaml in ``root``: the repository's, with the project folders in ``root`` and ``source``."""
     params = yaml.safe_load((REPO / "params.yaml").read_text())
+    root.mkdir(parents=True, exist_ok=True)
     params["project"].update(data_dir=str(root / "data"), output_dir=str(root / "outputs"),
                              state_dir=str(root / ".imgflow"))  # fmt: skip
     params["ingest"]["source"] = source
@@ -197,22 +199,28 @@ def run(*, quick: bool = False) -> dict[str, Any]:
     budget = {"train": {"time_budget_min": 2}} if quick else {}
     runs: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory(prefix="imgflow-bench-datasets-") as tmp:
-        for name, write in DATASETS.items():
-            root = Path(tmp) / name
-            source = f"imagefolder:{write(root / 'images')}"
-            runs[name] = _timed(lambda root=root, source=source: run_dataset(root, source, overrides=budget))
         if (FMNIST_DIR / "train-images-idx3-ubyte.gz").exists():
             fm = {**budget, "ingest": {"max_per_class": 300}} if quick else {}
             root = Path(tmp) / "fashion-mnist"
             runs["fashion-mnist"] = _timed(lambda: run_dataset(root, "fashion-mnist", overrides=fm))
+        for name, write in DATASETS.items():
+            root = Path(tmp) / name
+            source = f"imagefolder:{write(root / 'images')}"
+            runs[name] = _timed(lambda root=root, source=source: run_dataset(root, source, overrides=budget))
     return {"figures": _figures(runs), "runs": runs, "published": PUBLISHED, "quick": quick,
             "table": table(runs)}  # fmt: skip
 
 
 def _timed(fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """``fn()`` with its wall time; a dataset that fails is a row saying why, the others still run."""
     t0 = time.perf_counter()
-    out = fn()
-    return {**out, "wall_s": time.perf_counter() - t0}
+    try:
+        out = fn()
+    except Exception as e:
+        out = {"error": f"{type(e).__name__}: {e}"}
+    out["wall_s"] = time.perf_counter() - t0
+    print(f"bench datasets: {json.dumps(out, default=str)}", flush=True)  # each row as soon as it is known
+    return out
 
 
 def _figures(runs: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
@@ -237,7 +245,7 @@ def table(runs: dict[str, dict[str, Any]]) -> str:
         chosen = f"{recipe.get('model', '-')} {recipe.get('input_size', '-')}px {recipe.get('epochs', '-')}ep"
         svm = r.get("svm_baseline") or {}
         pub = PUBLISHED.get(name) or {}
-        rows.append((name, str(r.get("images", "-")), chosen, f"{r.get('wall_s', 0):.0f}", _pct(r.get("test_accuracy")),
+        rows.append((name, str(r.get("images", r.get("error", "-"))), chosen, f"{r.get('wall_s', 0):.0f}", _pct(r.get("test_accuracy")),
                      _pct(svm.get("accuracy")), _pct(pub.get("accuracy"))))  # fmt: skip
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in rows)
@@ -249,7 +257,6 @@ def _pct(value: float | None) -> str:
 
 if __name__ == "__main__":
     import argparse
-    import json
 
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="Fashion-MNIST subset, 2-minute training budget")

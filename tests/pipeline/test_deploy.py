@@ -108,12 +108,13 @@ def test_pipeline_again_with_nothing_changed_is_up_to_date(
     assert fresh["retrain"] is False and fresh["champion_version"] == "1"
     assert fresh["data_version"] == out["ingest"]["data_version"]
     assert (project / "outputs" / "train" / "run.json").read_text() == trained  # no new training run
-    models = json.loads(run_cli("models", "--json", cwd=project).stdout)
-    assert [m["version"] for m in models] == ["1"]
-    # The check itself against the same registry: a change that matters is seen, --force is honoured.
+    # In-process from here (`imgflow models` itself is run by tests/pipeline/test_pipeline_e2e.py).
     monkeypatch.chdir(project)
+    from components.pipeline.models import list_models
     from components.pipeline.stages import run_check_freshness
 
+    assert [m["version"] for m in list_models(load_params("params.yaml"))] == ["1"]
+    # The check itself against the same registry: a change that matters is seen, --force is honoured.
     assert run_check_freshness(load_params("params.yaml")).retrain is False
     epochs = run_check_freshness(load_params("params.yaml", ["train.epochs=1"]))
     assert epochs.retrain and epochs.reason.startswith("changed since champion: training params")

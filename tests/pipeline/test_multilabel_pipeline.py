@@ -26,6 +26,8 @@ def composites_run(tmp_path_factory: pytest.TempPathFactory, prefect_server: str
     params = yaml.safe_load((project / params_file).read_text())
     params["train"].update(batch_size=32, lr=0.003)
     params["gates"].update(min_map=0.5, min_label_ap=0.2, min_slice_accuracy=0.0)
+    # The multi-label corruption sweep is checked by tests/evaluate/test_multilabel_eval.py: not again here.
+    params["evaluate"]["robustness"]["enabled"] = False
     (project / params_file).write_text(yaml.safe_dump(params, sort_keys=False))
     proc = run_cli("pipeline", "--params", str(params_file), "--json", cwd=project,
                    env={"PREFECT_API_URL": prefect_server})  # fmt: skip

@@ -18,7 +18,7 @@ from components.pipeline.stages import run_ingest
 from components.train.recipe import TrainRecipe, build_recipe
 from tests.conftest import REPO, write_small_params
 
-WORKER_SIDE = [REPO / "components" / "train" / m for m in ("worker.py", "torch_recipe.py")]
+WORKER_SIDE = [REPO / "components" / "train" / m for m in ("worker.py", "torch_recipe.py", "distill.py")]
 
 
 @pytest.fixture(scope="module")

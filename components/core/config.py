@@ -155,7 +155,10 @@ class ValidateConfig(_Section):
         """Where the data contract of a project whose data lives in ``data_dir`` is (None: ``off``)."""
         if self.contract == "off":
             return None
-        return Path(data_dir).parent / "data_contract.yaml" if self.contract == "auto" else Path(self.contract)
+        return (
+            Path(data_dir).parent / "data_contract.yaml" if self.contract == "auto" else Path(self.contract)
+        )
+
     severity: dict[str, Literal["error", "warn"]] = Field(default_factory=lambda: dict(DEFAULT_SEVERITY))
     """Check -> ``error`` (the stage fails) or ``warn`` (reported only); unlisted checks keep their
     default (:data:`DEFAULT_SEVERITY`)."""

@@ -139,7 +139,7 @@ def _elastic(x: torch.Tensor, c: float, g: torch.Generator) -> torch.Tensor:
     h, w = x.shape[-2:]
     chunks = x.split(_ELASTIC_CHUNK)
     sigma = _ELASTIC_SIGMA
-    k = int(8 * sigma + 1) | 1
+    k = min(int(8 * sigma + 1) | 1, 2 * min(h, w) - 1)  # reflect padding needs pad < side (8 px images)
     noise = torch.rand(len(chunks) * 2, 1, h, w, generator=g) * 2 - 1
     field = F.gaussian_blur(noise, kernel_size=[k, k], sigma=[sigma, sigma]).view(len(chunks), 2, h, w)
     field = field * torch.tensor([c / h, c / w]).view(1, 2, 1, 1)

@@ -266,7 +266,11 @@ def _trust(
 
 
 def _hierarchy(
-    params: Params, spec: Any, test: SplitOutput, val: SplitOutput | None, measured: Measured,
+    params: Params,
+    spec: Any,
+    test: SplitOutput,
+    val: SplitOutput | None,
+    measured: Measured,
     trust_dir: Path | None,
 ) -> dict[str, Any] | None:
     """With a label tree in the data version (single-label): per-decoding rows and back-off fitted on

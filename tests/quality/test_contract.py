@@ -179,3 +179,35 @@ def test_bad_contract_edits_are_exit_2_naming_the_key(tmp_path: Path) -> None:
     path.write_text("classes: [a\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_contract(path)
+
+
+def test_the_same_images_train_at_the_size_auto_chose_above_28px(
+    inspection_project: Params, tmp_path: Path
+) -> None:
+    """The issue's other half: the recipe resolved on these real 300x300 images (auto) is a pretrained
+    backbone above 28 px with imbalance handling, and the trainer's own model and loaders take a real
+    optimisation step at that size (finite loss, weights move)."""
+    import torch
+    import torch.nn.functional as F
+
+    from components.core.config import TrainConfig
+    from components.train import torch_recipe as tr
+    from components.train.auto_recipe import Device, resolve_for_data
+    from components.train.recipe import build_recipe
+
+    data = DataPaths(inspection_project.project.data_dir)
+    resolved = resolve_for_data(TrainConfig(batch_size=4), data, device=Device(threads=2))
+    cfg = resolved.config
+    assert cfg.input_size > 28 and cfg.pretrained and cfg.loss == "logit_adjusted"
+    recipe = build_recipe(cfg, data, seed=0, weights_dir=tmp_path / "weights")
+    model, spec = tr.build_model(recipe)
+    train_loader, _ = tr.build_loaders(recipe, spec.data_config)
+    x, y = next(iter(train_loader))
+    assert tuple(x.shape[-2:]) == (cfg.input_size, cfg.input_size) and x.shape[1] == 1
+    before = [p.detach().clone() for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
+    loss = F.cross_entropy(model(x), y)
+    loss.backward()
+    optimizer.step()
+    after = [p for p in model.parameters() if p.requires_grad]
+    assert torch.isfinite(loss) and any(not torch.equal(a, b) for a, b in zip(after, before, strict=True))

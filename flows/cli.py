@@ -1288,6 +1288,14 @@ def variants(
         int | None,
         typer.Option("--threads", min=1, help="CPU threads for every runtime (default: PyTorch's default)."),
     ] = None,
+    compare: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--compare",
+            help="Another model as a row of the same table (repeatable): e.g. the distilled student "
+            "models:/<name>-student@champion, an ensemble's folder. Same classes required.",
+        ),
+    ] = None,
     params: ParamsOpt = Path("params.yaml"),
     set_: SetOpt = None,
     wait: WaitOpt = 0.0,
@@ -1295,14 +1303,16 @@ def variants(
     verbose: VerboseOpt = False,
 ) -> None:
     """Compare the deployment variants of a model in one run on this CPU: fp32 PyTorch, fp32 ONNX,
-    int8 ONNX, flip-TTA; test accuracy, NLL, ECE, OOD AUROC (when the model ships a detector), file size
+    int8 ONNX, flip-TTA, and any --compare model (a distilled student, an ensemble); test accuracy, NLL, ECE, OOD AUROC (when the model ships a detector), file size
     and p50/p95 latency for 1 image and a batch of 64. Writes outputs/variants/variants.json and the gate
     report's "Deployment variants" section."""
     from components.evaluate.variants import format_table
     from components.pipeline.models import run_variants
 
     def body(p: Any) -> Any:  # under the project lock: it rewrites the gate report
-        return run_variants(p, model=model, max_images=max_images, repeats=repeats, threads=threads)
+        return run_variants(
+            p, model=model, max_images=max_images, repeats=repeats, threads=threads, compare=compare or ()
+        )
 
     result = _run(_locked("variants", params, set_, wait, body), as_json=as_json, verbose=verbose)
     _emit(result, as_json, format_table)

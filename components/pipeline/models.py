@@ -349,9 +349,12 @@ def run_variants(
     repeats: int = 30,
     threads: int | None = None,
     extra: Sequence[Any] = (),
+    compare: Sequence[str] = (),
 ) -> dict[str, Any]:
     """``imgflow variants``: fp32, fp32 ONNX, int8 ONNX and flip-TTA of ``model`` (default: the champion),
-    plus ``extra`` rows (:class:`components.evaluate.variants.Variant`), measured in one run
+    plus a PyTorch row for each ``compare`` model (registry/run URI or folder: a distilled student, an
+    ensemble; it must have the same classes) and ``extra`` rows
+    (:class:`components.evaluate.variants.Variant`), measured in one run
     (:func:`components.evaluate.variants.measure_variants`). Writes ``outputs/variants/variants.json``
     and the "Deployment variants" section of the gate report when ``outputs/evaluate/report.json``
     exists. Returns the table as a dict."""
@@ -380,8 +383,10 @@ def run_variants(
         with v.torch_threads(threads):
             rows, _ = v.standard_variants(predictor, path, Path(tmp), calibration=calibration,
                                           threads=threads)  # fmt: skip
+            others = [_compared_variant(params, other, spec.classes, Path(tmp) / f"compare-{i}")
+                      for i, other in enumerate(compare)]  # fmt: skip
             latency = v.LatencyConfig(repeats=repeats)
-            table = v.measure_variants([*rows, *extra], data, latency=latency, model=uri)
+            table = v.measure_variants([*rows, *others, *extra], data, latency=latency, model=uri)
     result = table.to_dict()
     out_dir = StagePaths(params).out("variants")
     result["files"] = {"json": str(out_dir / "variants.json")}
@@ -390,6 +395,24 @@ def run_variants(
         result["files"]["gate_report"] = str(report)
     write_json(out_dir / "variants.json", result, sort_keys=True)
     return result
+
+
+def _compared_variant(params: Params, model: str, classes: Sequence[str], tmp: Path) -> Any:
+    """A PyTorch row for another model in the variants table, named by its URI or folder; its size is its
+    weights file. A model with other classes cannot be scored on these labels: ConfigError."""
+    from components.evaluate.variants import predictor_variant
+    from components.model.checkpoint import Predictor
+
+    tmp.mkdir(parents=True, exist_ok=True)
+    path, uri = model_dir(params, model, tmp)
+    predictor = Predictor.from_dir(path)
+    if tuple(predictor.spec.classes) != tuple(classes):
+        raise ConfigError(
+            f"imgflow variants --compare {model}: its classes {list(predictor.spec.classes)} differ from the "
+            f"compared model's {list(classes)}"
+        )
+    size = sum(f.stat().st_size for f in path.glob("*.safetensors"))
+    return predictor_variant(uri, predictor, size_bytes=size, note="--compare")
 
 
 def _ood_reference(params: Params, predictor: Any) -> list[bytes]:

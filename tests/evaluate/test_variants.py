@@ -108,3 +108,31 @@ def test_cpu_flags_are_read_from_cpuinfo(tmp_path: Path) -> None:
     cpu = cpu_features(info)
     assert cpu["model"] == "Test CPU" and cpu["flags"]["avx512_vnni"] and not cpu["flags"]["amx_int8"]
     assert cpu_features(tmp_path / "missing") == {"model": "unknown", "flags": {}}
+
+
+def test_compare_puts_another_model_in_the_same_table(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """``imgflow variants --compare``: another model (a distilled student, an ensemble) is a row measured on
+    the same images; a model with other classes is refused naming both class lists."""
+    import shutil
+
+    from components.core.errors import ConfigError
+    from components.pipeline.models import run_variants
+    from tests.model.test_embedding_store import write_data_dir
+
+    x, y = fmnist_arrays("t10k", 90)
+    write_data_dir(tmp_path / "data", x, y, ["val"] * 30 + ["test"] * 60)
+    params = load_params("params.yaml", [f"project.data_dir={tmp_path / 'data'}",
+                                         f"project.output_dir={tmp_path / 'out'}"])  # fmt: skip
+    table = run_variants(
+        params, model=str(tiny_model_dir), repeats=3, threads=1, compare=[str(tiny_model_dir)]
+    )
+    rows = {r["name"]: r for r in table["rows"]}
+    assert rows[str(tiny_model_dir)]["accuracy"] == rows["fp32"]["accuracy"] and table["images"] == 60
+    assert rows[str(tiny_model_dir)]["size_bytes"] > 0
+    other = tmp_path / "other-classes"
+    shutil.copytree(tiny_model_dir, other)
+    spec = json.loads((other / "model.json").read_text())
+    spec["classes"] = [f"renamed {c}" for c in spec["classes"]]
+    (other / "model.json").write_text(json.dumps(spec))
+    with pytest.raises(ConfigError, match="differ from the compared model"):
+        run_variants(params, model=str(tiny_model_dir), repeats=3, threads=1, compare=[str(other)])

@@ -390,19 +390,10 @@ def contract_show(
 ) -> None:
     """Check the data contract file (an unknown key or a malformed value is exit code 2) and print it."""
 
-    def body() -> Any:
-        from components.core.errors import ConfigError
-        from components.quality.contract import load_contract
+    from components.pipeline.stages import run_contract_show
 
-        resolved = _params(params, set_)
-        path = resolved.validate_.contract_path(resolved.project.data_dir)
-        if path is None:
-            raise ConfigError("validate.contract is off: no data contract is kept")
-        contract = load_contract(path)
-        if contract is None:
-            raise ConfigError(f"no data contract at {path}: `imgflow validate` writes it from the first "
-                              "data version that passes, or run `imgflow contract accept`")  # fmt: skip
-        return {"contract": str(path), **contract.model_dump(mode="json")}
+    def body() -> Any:
+        return run_contract_show(_params(params, set_))
 
     result = _run(body, as_json=as_json, verbose=verbose)
     _emit(result, as_json, lambda r: (

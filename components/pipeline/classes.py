@@ -237,18 +237,15 @@ def _log_and_register(
     params: Params, out: Path, *, name: str, tags: dict[str, str], passed: bool, failed: list[str], spec: Any
 ) -> Any:
     """One MLflow run holding the model folder as a pyfunc, registered as a new version of ``name``."""
-    from importlib import metadata
-
-    from components.pipeline.stages import SERVING_REQUIREMENTS
+    from components.pipeline.stages import serving_pip_requirements
     from components.registry import registry, tracking
 
     run = tracking.start_run(experiment_id(params), run_name=f"classes {tags['fewshot_action']}",
                              params={"fewshot": json.dumps(spec.extra.get("fewshot", {}))[:6000]},
                              tags={"imgflow_stage": "classes"})  # fmt: skip
     try:
-        requirements = [f"{n}=={metadata.version(n)}" for n in SERVING_REQUIREMENTS]
         model_uri = tracking.log_pyfunc_model(run.run_id, model_dir=out, example_image=_example_image(spec),
-                                              pip_requirements=requirements)  # fmt: skip
+                                              pip_requirements=serving_pip_requirements())  # fmt: skip
         card = registry.ModelCard(
             task=spec.task.title, classes=tuple(spec.classes), data_version=tags.get("data_version", ""),
             git_commit=tags.get("git_commit", ""), gates_passed=passed,

@@ -29,7 +29,7 @@ from components.core.config import Params
 from components.core.errors import DataError, GatesFailedError, TrackingError
 from components.core.jsonio import read_json, write_json, write_text_atomic
 from components.data.manifest import DatasetInfo, data_version, require_manifest
-from components.pipeline.context import StagePaths, connect_tracking, experiment_id, registry_options
+from components.pipeline.context import StagePaths, connect_tracking, experiment_id
 from components.pipeline.records import Evaluation
 
 if TYPE_CHECKING:
@@ -282,41 +282,17 @@ def _register_student(
 ) -> Registration:
     """Register the student (with the temperature and trust files evaluate fitted) as a new version of
     its own model, tagged with its teacher; promoted like ``imgflow register`` when its gates passed."""
-    from components.evaluate.gates import GateReport
-    from components.evaluate.stage import TRUST_DIR
-    from components.model.checkpoint import with_temperature
-    from components.model.uncertainty import copy_trust_files
-    from components.pipeline.stages import _example_image, _headline_tags, _pip_requirements
-    from components.registry import registry, tracking
+    from components.pipeline.stages import register_evaluated
     from components.registry.registry import ANY
 
-    gates_json = read_json(out / "evaluate" / "gates.json", hint="run `imgflow distill` again")
-    gates = GateReport.from_dict(gates_json)
-    evaluation = read_json(out / "evaluate" / "metrics.json", hint="run `imgflow distill` again")
-    temperature = float(gates_json.get("temperature", 1.0))
-    with tempfile.TemporaryDirectory(prefix="imgflow-distill-register-") as tmp:
-        model_dir = Path(shutil.copytree(out / "model", Path(tmp) / "model"))
-        spec = with_temperature(model_dir, temperature)
-        copy_trust_files(out / "evaluate" / TRUST_DIR, model_dir)
-        model_uri = tracking.log_pyfunc_model(run["run_id"], model_dir=model_dir, example_image=_example_image(params),
-                                              pip_requirements=_pip_requirements())  # fmt: skip
-    headline = _headline_tags(evaluation)
-    tags = {
-        "data_version": run["data_version"], "git_commit": run["git_commit"], "params_hash": run["params_hash"],
-        "training_run_id": run["run_id"], "gates_passed": str(gates.passed).lower(),
-        "failed_gates": ",".join(g.name for g in gates.failed()), **headline, "task": spec.task.name,
-        "temperature": f"{temperature:.4f}", TEACHER_TAG: teacher.label, "imgflow.teacher_uri": teacher.uri,
+    teacher_tags = {
+        TEACHER_TAG: teacher.label,
+        "imgflow.teacher_uri": teacher.uri,
         "imgflow.kind": "distilled",
-    }  # fmt: skip
-    card = registry.ModelCard(
-        task=spec.task.title, classes=tuple(spec.classes), data_version=run["data_version"],
-        git_commit=run["git_commit"], gate_verdict=gates.verdict(), gates_passed=gates.passed,
-        failed_gates=tuple(g.message for g in gates.failed()),
-        headline=", ".join(f"{k.removeprefix('test_')} {v}" for k, v in headline.items()),
+    }
+    reg, _ = register_evaluated(
+        params, model_src=out / "model", eval_dir=out / "evaluate", run=run,
+        expected_from=ANY if champion is None else champion.version, extra_tags=teacher_tags,
+        hint="run `imgflow distill` again",
     )  # fmt: skip
-    expected = ANY if champion is None else champion.version
-    reg = registry.register_version(model_uri, name=params.register_.model_name, run_id=run["run_id"], tags=tags,
-                                    card=card, auto_promote=params.register_.auto_promote, expected_from=expected,
-                                    **registry_options(params))  # fmt: skip
-    tracking.end_run(run["run_id"])
     return reg

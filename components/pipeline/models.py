@@ -399,8 +399,8 @@ def run_variants(
 
 def _compared_variant(params: Params, model: str, classes: Sequence[str], tmp: Path) -> Any:
     """A PyTorch row for another model in the variants table, named by its URI or folder; its size is its
-    weights file. A model with other classes cannot be scored on these labels: ConfigError."""
-    from components.evaluate.variants import predictor_variant
+    folder's, as for the fp32 row. A model with other classes cannot be scored on these labels: ConfigError."""
+    from components.evaluate.variants import folder_bytes, predictor_variant
     from components.model.checkpoint import Predictor
 
     tmp.mkdir(parents=True, exist_ok=True)
@@ -411,8 +411,7 @@ def _compared_variant(params: Params, model: str, classes: Sequence[str], tmp: P
             f"imgflow variants --compare {model}: its classes {list(predictor.spec.classes)} differ from the "
             f"compared model's {list(classes)}"
         )
-    size = sum(f.stat().st_size for f in path.glob("*.safetensors"))
-    return predictor_variant(uri, predictor, size_bytes=size, note="--compare")
+    return predictor_variant(uri, predictor, size_bytes=folder_bytes(path), note="--compare")
 
 
 def _ood_reference(params: Params, predictor: Any) -> list[bytes]:

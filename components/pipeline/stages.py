@@ -252,6 +252,22 @@ def run_contract_accept(params: Params) -> dict[str, Any]:
     return {"contract": str(path), "data_version": version, "images": len(df), "classes": list(info.classes)}
 
 
+def run_contract_show(params: Params) -> dict[str, Any]:
+    """``imgflow contract show``: the data contract file, checked (an unknown key or a malformed value is
+    a ConfigError naming it); ConfigError when contracts are off or none was written yet."""
+    from components.core.errors import ConfigError
+    from components.quality.contract import load_contract
+
+    path = params.validate_.contract_path(params.project.data_dir)
+    if path is None:
+        raise ConfigError("validate.contract is off: no data contract is kept")
+    contract = load_contract(path)
+    if contract is None:
+        raise ConfigError(f"no data contract at {path}: `imgflow validate` writes it from the first "
+                          "data version that passes, or run `imgflow contract accept`")  # fmt: skip
+    return {"contract": str(path), **contract.model_dump(mode="json")}
+
+
 def _validation_drift(params: Params) -> dict[str, Any] | None:
     """The validation report's drift entry: this data version against the champion's training data
     (:func:`components.pipeline.trust.version_drift`); None without a champion or a new data version."""
@@ -711,7 +727,9 @@ def run_evaluate(params: Params, *, model_uri: str | None = None, progress: bool
 # --------------------------------------------------------------------------- 5. register
 
 
-def _pip_requirements() -> list[str]:
+def serving_pip_requirements() -> list[str]:
+    """The pinned packages the registered pyfunc needs to serve (``SERVING_REQUIREMENTS`` at their installed
+    versions): passed to MLflow, which then skips its own requirements inference."""
     return [f"{name}=={metadata.version(name)}" for name in SERVING_REQUIREMENTS]
 
 
@@ -728,6 +746,40 @@ def run_register(params: Params, *, raise_on_gate_failure: bool = True) -> Regis
     When a gate failed: raises GatesFailedError (exit code 3) after registering, or, with
     ``raise_on_gate_failure=False``, returns the result with ``gates_passed: False``.
     """
+    paths = StagePaths(params)
+    _require_complete(paths.out("train"), "train")
+    _require_complete(paths.out("evaluate"), "evaluate")
+    run = read_json(paths.run_file, hint="run `imgflow train` first")
+    reg, passed = register_evaluated(
+        params, model_src=paths.out("train") / "model", eval_dir=paths.out("evaluate"), run=run,
+        expected_from=_evaluated_against(params), hint="run `imgflow evaluate` first",
+    )  # fmt: skip
+    write_json(paths.out("register") / "registration.json", reg, sort_keys=True)
+    if passed:  # a possible champion: embed its training data now, the reference of later drift checks
+        from components.pipeline.trust import warm_reference
+
+        warm_reference(params, paths.out("train") / "model")
+    if not passed and raise_on_gate_failure:
+        raise GatesFailedError(reg.failure_message())
+    return reg
+
+
+def register_evaluated(
+    params: Params,
+    *,
+    model_src: Path,
+    eval_dir: Path,
+    run: dict[str, Any],
+    expected_from: Any,
+    extra_tags: dict[str, str] | None = None,
+    hint: str,
+) -> tuple[Registration, bool]:
+    """Log the trained model in ``model_src`` as the pyfunc of ``run`` and register it as a version of
+    ``register.model_name`` with what evaluate wrote in ``eval_dir`` (temperature, multi-label thresholds,
+    OOD detector and conformal sets, gates, headline metric), the provenance tags of ``run`` plus
+    ``extra_tags``, and a model card; ends the run. ``expected_from``: the champion evaluate compared with
+    (see ``registry.register_version``). Returns the registration and whether the gates passed. Shared by
+    ``imgflow register`` and ``imgflow distill``."""
     import shutil
     import tempfile
 
@@ -738,19 +790,15 @@ def run_register(params: Params, *, raise_on_gate_failure: bool = True) -> Regis
     from components.registry import registry, tracking
     from components.task import get_task
 
-    paths = StagePaths(params)
-    _require_complete(paths.out("train"), "train")
-    _require_complete(paths.out("evaluate"), "evaluate")
-    run = read_json(paths.run_file, hint="run `imgflow train` first")
-    gates_json = read_json(paths.out("evaluate") / "gates.json", hint="run `imgflow evaluate` first")
+    gates_json = read_json(eval_dir / "gates.json", hint=hint)
     gates = GateReport.from_dict(gates_json)
-    evaluation = read_json(paths.out("evaluate") / "metrics.json", hint="run `imgflow evaluate` first")
+    evaluation = read_json(eval_dir / "metrics.json", hint=hint)
     connect_tracking(params)
     with tempfile.TemporaryDirectory(prefix="imgflow-register-") as tmp:
         # The served model carries the temperature fitted by evaluate (calibrated probabilities) and,
-        # multi-label, the per-label thresholds tuned on val; a copy, because outputs/train/model is
-        # the train stage's DVC output.
-        model_dir = Path(shutil.copytree(paths.out("train") / "model", Path(tmp) / "model"))
+        # multi-label, the per-label thresholds tuned on val; a copy, because the trained folder is the
+        # train stage's DVC output.
+        model_dir = Path(shutil.copytree(model_src, Path(tmp) / "model"))
         spec = with_temperature(
             model_dir, float(gates_json.get("temperature", 1.0)), gates_json.get("thresholds")
         )
@@ -759,13 +807,14 @@ def run_register(params: Params, *, raise_on_gate_failure: bool = True) -> Regis
                 "a multi-label model needs the thresholds evaluate tunes: re-run `imgflow evaluate`"
             )
         # ... and its OOD detector and conformal sets, fitted by evaluate (absent when it fitted none).
-        copy_trust_files(paths.out("evaluate") / TRUST_DIR, model_dir)
+        copy_trust_files(eval_dir / TRUST_DIR, model_dir)
         model_uri = tracking.log_pyfunc_model(
             run["run_id"],
             model_dir=model_dir,
             example_image=_example_image(params),
-            pip_requirements=_pip_requirements(),
+            pip_requirements=serving_pip_requirements(),
         )
+    headline = _headline_tags(evaluation)
     tags = {
         "data_version": run["data_version"],
         "git_commit": run["git_commit"],
@@ -773,29 +822,23 @@ def run_register(params: Params, *, raise_on_gate_failure: bool = True) -> Regis
         "training_run_id": run["run_id"],
         "gates_passed": str(gates.passed).lower(),
         "failed_gates": ",".join(g.name for g in gates.failed()),
-        **_headline_tags(evaluation),
+        **headline,
         "task": spec.task.name,
         "temperature": f"{float(gates_json.get('temperature', 1.0)):.4f}",
         "gate_verdicts": json.dumps({g["name"]: g["status"] for g in gates_json.get("gates", [])})[:4900],
+        **(extra_tags or {}),
     }
     card = registry.ModelCard(
         task=get_task(spec.task).title, classes=tuple(spec.classes), data_version=run["data_version"],
         git_commit=run["git_commit"], gate_verdict=gates.verdict(), gates_passed=gates.passed,
         failed_gates=tuple(g.message for g in gates.failed()),
-        headline=", ".join(f"{k.removeprefix('test_')} {v}" for k, v in _headline_tags(evaluation).items()),
+        headline=", ".join(f"{k.removeprefix('test_')} {v}" for k, v in headline.items()),
     )  # fmt: skip
     reg = registry.register_version(model_uri, name=params.register_.model_name, run_id=run["run_id"], tags=tags,
                                     card=card, auto_promote=params.register_.auto_promote,
-                                    expected_from=_evaluated_against(params), **registry_options(params))  # fmt: skip
+                                    expected_from=expected_from, **registry_options(params))  # fmt: skip
     tracking.end_run(run["run_id"])
-    write_json(paths.out("register") / "registration.json", reg, sort_keys=True)
-    if gates.passed:  # a possible champion: embed its training data now, the reference of later drift checks
-        from components.pipeline.trust import warm_reference
-
-        warm_reference(params, paths.out("train") / "model")
-    if not gates.passed and raise_on_gate_failure:
-        raise GatesFailedError(reg.failure_message())
-    return reg
+    return reg, gates.passed
 
 
 def _headline_tags(evaluation: dict[str, Any]) -> dict[str, str]:

@@ -100,14 +100,17 @@ def test_ensemble_serves_through_the_pyfunc(ensemble_dir: Path, images: list[byt
     import mlflow
     import pandas as pd
 
-    from components.pipeline.stages import _pip_requirements
+    from components.pipeline.stages import serving_pip_requirements
     from components.registry import tracking
 
     uri = tracking.configure(f"sqlite:///{tmp_path / 'mlflow.db'}", state_dir=tmp_path)
     exp = tracking.ensure_experiment("ensemble", artifact_root=tmp_path / "artifacts")
     run = tracking.start_run(exp, run_name="ensemble", params={}, tags={}, tracking_uri=uri)
     model_uri = tracking.log_pyfunc_model(
-        run.run_id, model_dir=ensemble_dir, example_image=images[0], pip_requirements=_pip_requirements()
+        run.run_id,
+        model_dir=ensemble_dir,
+        example_image=images[0],
+        pip_requirements=serving_pip_requirements(),
     )
     out = mlflow.pyfunc.load_model(model_uri).predict(pd.DataFrame({"image": images[:8]}))
     expected = Predictor.from_dir(ensemble_dir).predict_proba(images[:8])

@@ -22,7 +22,7 @@ from mlflow import MlflowClient
 
 from components.model.checkpoint import ModelSpec, Predictor, save_classifier
 from components.model.models import create_classifier, resolve_data_config
-from components.pipeline.stages import _pip_requirements
+from components.pipeline.stages import serving_pip_requirements
 from components.registry import tracking
 from tests.conftest import fmnist_arrays, png_bytes
 
@@ -52,7 +52,7 @@ def _log_and_register(model_dir: Path, root: Path, name: str, image: bytes) -> s
     exp = tracking.ensure_experiment("served", artifact_root=root / "artifacts")
     run = tracking.start_run(exp, run_name=name, params={}, tags={}, tracking_uri=uri)
     model_uri = tracking.log_pyfunc_model(
-        run.run_id, model_dir=model_dir, example_image=image, pip_requirements=_pip_requirements()
+        run.run_id, model_dir=model_dir, example_image=image, pip_requirements=serving_pip_requirements()
     )
     version = tracking.register(
         model_uri, name=name, run_id=run.run_id, tags={}, aliases=["champion"]

@@ -15,7 +15,7 @@ from components.core.config import load_params
 from components.core.errors import DataError
 from components.model.checkpoint import Predictor
 from components.pipeline.models import run_export
-from components.pipeline.stages import _pip_requirements
+from components.pipeline.stages import serving_pip_requirements
 from components.registry import tracking
 from components.serve.predict import list_inputs
 from tests.conftest import FMNIST_CLASSES, fmnist_arrays, png_bytes, run_cli
@@ -75,7 +75,7 @@ def test_onnx_export_matches_pytorch_and_is_attached(
     run = tracking.start_run(exp, run_name="tiny", params={}, tags={}, tracking_uri=uri)
     model_uri = tracking.log_pyfunc_model(run.run_id, model_dir=tiny_model_dir,
                                           example_image=png_bytes(fmnist_arrays("t10k", 1)[0][0]),
-                                          pip_requirements=_pip_requirements())  # fmt: skip
+                                          pip_requirements=serving_pip_requirements())  # fmt: skip
     tracking.register(model_uri, name="export-test", run_id=run.run_id, tags={}, aliases=["champion"])
     params = load_params(
         "params.yaml", [f"register.tracking_uri={uri}", f"project.output_dir={tmp_path / 'out'}"]

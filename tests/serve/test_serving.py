@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from components.pipeline.stages import _pip_requirements
+from components.pipeline.stages import serving_pip_requirements
 from components.registry import tracking
 from tests.conftest import (
     BIN,
@@ -40,7 +40,10 @@ def registered(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -
     x, y = fmnist_arrays("t10k", 40)
     images = [png_bytes(a) for a in x]
     model_uri = tracking.log_pyfunc_model(
-        run.run_id, model_dir=tiny_model_dir, example_image=images[0], pip_requirements=_pip_requirements()
+        run.run_id,
+        model_dir=tiny_model_dir,
+        example_image=images[0],
+        pip_requirements=serving_pip_requirements(),
     )
     tracking.register(
         model_uri, name=NAME, run_id=run.run_id, tags={"gates_passed": "true"}, aliases=["champion"]

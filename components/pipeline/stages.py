@@ -574,6 +574,7 @@ def run_train(
 
     ``ray_options``: a Ray cluster to use, the local dashboard, verbose Ray lines (entry points read
     them from the environment: ``RayOptions.from_env``); None: a quiet local runtime."""
+    from components.pipeline.pretraining import resolve_init
     from components.registry import tracking
     from components.train.training import train
 
@@ -595,6 +596,7 @@ def run_train(
     )
     exclude = _exclusions(params)
     recipe = _auto_recipe(params, out)
+    init_dir = resolve_init(params)  # train.init: ssl:<run>, checked before any run starts
     provenance = {**_provenance(params, exclude), "model": recipe.config.model}
     write_text_atomic(out / "params.yaml", yaml.safe_dump(params.to_dict(), sort_keys=False))
     if previous:
@@ -620,6 +622,7 @@ def run_train(
             exclude_file=exclude,
             show_progress=progress,
             ray_options=ray_options,
+            init_dir=init_dir,
         )
     except BaseException:
         tracking.end_run(run.run_id, status="FAILED")

@@ -28,7 +28,7 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.utils.mlflow_tags import MLFLOW_MODEL_VERSIONS
 
-from components.core.errors import DataError, TrackingError
+from components.core.errors import ConfigError, DataError, TrackingError
 
 logger = logging.getLogger(__name__)
 
@@ -479,6 +479,22 @@ def _run_tags(client: MlflowClient, run_id: str) -> dict[str, str]:
         if e.get_http_status_code() == 404 or e.error_code == "RESOURCE_DOES_NOT_EXIST":
             return {"training_run_missing": "true"}
     return dict(with_retries(lambda: client.get_run(run_id), what=f"read run {run_id}").data.tags)
+
+
+def download_run_artifacts(run_id: str, artifact_path: str, dst: Path) -> tuple[Path, dict[str, str]]:
+    """Download ``artifact_path`` of run ``run_id`` into ``dst``; returns the local path and the run's
+    tags. An unknown (or deleted) run, or a run without that artifact, is a ConfigError naming it."""
+    from mlflow.artifacts import download_artifacts
+
+    tags = _run_tags(MlflowClient(), run_id)
+    if tags.get("training_run_missing") == "true":
+        raise ConfigError(f"no MLflow run {run_id!r} in {shown_uri(mlflow.get_tracking_uri())}")
+    dst.mkdir(parents=True, exist_ok=True)
+    try:
+        local = download_artifacts(run_id=run_id, artifact_path=artifact_path, dst_path=str(dst))
+    except (MlflowException, OSError) as e:
+        raise ConfigError(f"MLflow run {run_id} has no {artifact_path!r} artifact: {e}") from e
+    return Path(local), tags
 
 
 def download_model_dir(model_uri: str, dst: Path) -> Path:

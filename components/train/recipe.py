@@ -20,7 +20,7 @@ from components.data.manifest import DataPaths, DatasetInfo, read_manifest, requ
 from components.model.models import shipped_weights_file
 from components.task import get_task
 
-_PATH_FIELDS = ("manifest", "data_dir", "cache_dir", "pretrained_file", "exclude_file", "teacher_dir")
+_PATH_FIELDS = ("manifest", "data_dir", "cache_dir", "pretrained_file", "exclude_file", "teacher_dir", "init_dir")
 _TUPLE_FIELDS = ("classes", "scale")
 
 
@@ -83,6 +83,11 @@ class TrainRecipe:
     """The teacher's model folder (safetensors + spec), read by every worker (``components.train.distill``)."""
     distill_temperature: float | None
     distill_alpha: float | None
+    # --- self-supervised init (``train.init: ssl:<run>``; init_dir None for a fresh model)
+    init_dir: Path | None
+    """The pretrained backbone's folder (``components.train.ssl``), loaded into the model on every worker."""
+    init_probe_epochs: int
+    init_backbone_lr_scale: float
     # --- snapshot ensemble (``train.ensemble.snapshots``; None for one model)
     snapshots: int | None
     """K cycles of a cyclic cosine schedule, the weights kept at each cycle's end (``components.train.snapshots``)."""
@@ -166,10 +171,12 @@ def build_recipe(
     weights_dir: Path,
     exclude_file: Path | None = None,
     distill: Distillation | None = None,
+    init_dir: Path | None = None,
 ) -> TrainRecipe:
     """The recipe for ``cfg`` on the ingested ``data``; options the data's task does not support are a
     ConfigError here, before Ray starts. ``weights_dir`` caches converted pretrained weights; decoded
-    splits go beside it (``<weights_dir>/../cache``)."""
+    splits go beside it (``<weights_dir>/../cache``). ``init_dir``: a self-supervised backbone to start
+    from (``train.init``, resolved by the caller)."""
     require_manifest(data)
     info = DatasetInfo.load(data.dataset)
     get_task(info.task).check_train_options(cfg)
@@ -195,6 +202,8 @@ def build_recipe(
         teacher_dir=distill.teacher_dir.resolve() if distill else None,
         distill_temperature=distill.temperature if distill else None,
         distill_alpha=distill.alpha if distill else None,
+        init_dir=init_dir.resolve() if init_dir else None, init_probe_epochs=cfg.init_probe_epochs,
+        init_backbone_lr_scale=cfg.init_backbone_lr_scale,
         amp=cfg.amp, channels_last=cfg.channels_last, compile=cfg.compile, ema_decay=cfg.ema_decay,
         deterministic=cfg.deterministic, seed=seed,
         snapshots=cfg.ensemble.snapshots if cfg.ensemble is not None else None,

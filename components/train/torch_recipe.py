@@ -64,6 +64,10 @@ def build_model(recipe: TrainRecipe) -> tuple[nn.Module, ModelSpec]:
         recipe.model, len(recipe.classes), in_chans=recipe.in_chans,
         pretrained=recipe.pretrained, pretrained_file=recipe.pretrained_file,
     )  # fmt: skip
+    if recipe.init_dir is not None:  # train.init: ssl:<run>: the pretrained backbone, a fresh head
+        from components.train.ssl import load_backbone_into
+
+        load_backbone_into(model, recipe.init_dir)
     set_finetune_mode(model, recipe.finetune)
     data_config = resolve_data_config(model, input_size=recipe.input_size)
     spec = ModelSpec(
@@ -167,9 +171,14 @@ def build_optimizer(model: nn.Module, recipe: TrainRecipe, steps_per_epoch: int)
     from timm.optim import create_optimizer_v2
     from timm.scheduler import CosineLRScheduler
 
+    from components.train.ssl_init import LpFtSchedule, lpft_param_groups
+
     opt_kw: dict[str, Any] = {"momentum": 0.9} if recipe.optimizer == "sgd" else {}
+    params: Any = model
+    if recipe.init_dir is not None:  # LP-FT: the backbone in groups of its own (components.train.ssl_init)
+        params = lpft_param_groups(model, weight_decay=recipe.weight_decay)
     optimizer = create_optimizer_v2(
-        model, opt=recipe.optimizer, lr=recipe.lr, weight_decay=recipe.weight_decay, **opt_kw
+        params, opt=recipe.optimizer, lr=recipe.lr, weight_decay=recipe.weight_decay, **opt_kw
     )
     total = max(1, recipe.epochs * steps_per_epoch)
     cycles = recipe.snapshots or 1  # a snapshot ensemble restarts the cosine K times (warm restarts)
@@ -182,6 +191,11 @@ def build_optimizer(model: nn.Module, recipe: TrainRecipe, steps_per_epoch: int)
         warmup_lr_init=recipe.lr * 1e-2,
         t_in_epochs=False,
     )
+    if recipe.init_dir is not None:
+        scheduler = LpFtSchedule(
+            scheduler, optimizer, probe_steps=recipe.init_probe_epochs * steps_per_epoch,
+            backbone_scale=recipe.init_backbone_lr_scale,
+        )  # fmt: skip
     return optimizer, scheduler
 
 

@@ -122,6 +122,7 @@ def train(
     show_progress: bool = True,
     ray_options: RayOptions | None = None,
     distill: Distillation | None = None,
+    init_dir: Path | None = None,
 ) -> TrainResult:
     """Train with Ray Train; writes ``out_dir/model/`` (safetensors + spec) and ``history.json``.
 
@@ -132,6 +133,7 @@ def train(
     ``exclude_file`` lists train images to leave out (the audit's suspected label errors);
     ``ray_options``: which Ray (a cluster or a local runtime) and how much of it the console shows;
     ``distill``: train as a student of that teacher (``imgflow distill``, :mod:`components.train.distill`).
+    ``init_dir``: start from that self-supervised backbone, LP-FT (``train.init``, :mod:`components.train.ssl_init`).
     ``train.ensemble`` with members: one run per member, combined (:mod:`components.train.ensemble_train`).
     """
     if cfg.ensemble is not None and cfg.ensemble.snapshots is None and distill is None:
@@ -144,7 +146,8 @@ def train(
         )  # fmt: skip
     options = ray_options or RayOptions()
     recipe = build_recipe(
-        cfg, data, seed=seed, weights_dir=weights_dir, exclude_file=exclude_file, distill=distill
+        cfg, data, seed=seed, weights_dir=weights_dir, exclude_file=exclude_file, distill=distill,
+        init_dir=init_dir,
     )
     use_gpu = {"auto": None, "true": True, "false": False}[cfg.use_gpu]
     started = ray_adapter.init_ray(

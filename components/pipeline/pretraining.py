@@ -1,0 +1,159 @@
+"""``imgflow pretrain`` and ``train.init: ssl:<run>``: the glue between self-supervised pretraining
+(:mod:`components.train.ssl`), the data, and MLflow (:mod:`components.registry.tracking`).
+
+A pretraining run is an MLflow run tagged ``imgflow.kind=ssl-pretrain`` with its params (``ssl.*``, the
+resolved recipe), the loss curve (``ssl_loss`` per epoch), the data hash and the backbone under the
+artifact path ``ssl_backbone``; supervised training resolves ``ssl:<run id>`` back to that folder.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from components.core.config import Params
+from components.core.errors import ConfigError
+from components.core.jsonio import write_json
+from components.pipeline.context import StagePaths, connect_tracking, experiment_id
+from components.train.ray_adapter import RayOptions
+
+logger = logging.getLogger(__name__)
+
+SSL_KIND = "ssl-pretrain"
+ARTIFACT_PATH = "ssl_backbone"
+
+
+@dataclass(frozen=True)
+class PretrainRecord:
+    """What ``imgflow pretrain`` reports: the MLflow run, the backbone folder, the loss curve."""
+
+    run_id: str
+    tracking_uri: str
+    backbone_dir: Path
+    method: str
+    model: str
+    data_hash: str
+    images: int
+    epochs: int
+    final_loss: float
+    seconds: float
+    losses: list[float]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**self.__dict__, "backbone_dir": str(self.backbone_dir)}
+
+
+def _resolved_train(params: Params, source: Path) -> tuple[Any, int]:
+    """``train.*`` as supervised training of the project's data resolves it (model, channels, input
+    size: the backbone must fit the classifier ``train.init`` builds), and the channels."""
+    from components.train.auto_recipe import resolve_for_data
+    from components.train.recipe import resolve_in_chans
+    from components.train.ssl_data import folder_in_chans, source_paths
+
+    data = StagePaths(params).data
+    if data.manifest.is_file():
+        cfg = resolve_for_data(params.train, data).config
+        return cfg, resolve_in_chans(cfg, data)
+    return params.train, params.train.in_chans or folder_in_chans(source_paths(source))
+
+
+def run_pretrain(
+    params: Params,
+    *,
+    data: Path | None = None,
+    epochs: int | None = None,
+    progress: bool = True,
+    ray_options: RayOptions | None = None,
+) -> PretrainRecord:
+    """Pretrain ``train.model``'s backbone with ``ssl.method`` on ``data`` (default: the project's data
+    version, train split; labels ignored) and log it to MLflow."""
+    from components.registry import tracking
+    from components.train.ssl import pretrain
+    from components.train.ssl_data import build_ssl_recipe, decode_images, model_data_config, source_paths
+
+    paths = StagePaths(params)
+    source = (data or paths.data.root).resolve()
+    train_cfg, in_chans = _resolved_train(params, source)
+    data_config = model_data_config(train_cfg.model, in_chans, train_cfg.input_size)
+    images_file = decode_images(
+        source_paths(source), in_chans=in_chans, side=int(data_config["input_size"][-1]),
+        cache_dir=paths.state / "cache", max_images=params.ssl.max_images,
+    )  # fmt: skip
+    recipe = build_ssl_recipe(
+        params.ssl, train_cfg, images_file=images_file, in_chans=in_chans, data_config=data_config,
+        seed=params.project.seed, epochs=epochs,
+    )  # fmt: skip
+    out = paths.out("pretrain")
+    out.mkdir(parents=True, exist_ok=True)
+    uri = connect_tracking(params)
+    name = f"pretrain-{recipe.method}-{recipe.data_hash}-{time.strftime('%Y%m%d-%H%M%S')}"
+    tags = {"imgflow.kind": SSL_KIND, "data_hash": recipe.data_hash, "model": recipe.model,
+            "ssl_method": recipe.method, "data_source": str(source)}  # fmt: skip
+    run = tracking.start_run(
+        experiment_id(params), run_name=name, params={"ssl": params.ssl.model_dump(mode="json"),
+        "recipe": recipe.to_dict()}, tags=tags, tracking_uri=uri,
+    )  # fmt: skip
+    try:
+        result = pretrain(
+            recipe, out_dir=out, workers=params.train.workers, cpus_per_worker=params.train.cpus_per_worker,
+            use_gpu={"auto": None, "true": True, "false": False}[params.train.use_gpu],
+            storage_path=params.train.storage_path or paths.state / "ray_results", run_name=name,
+            max_failures=params.train.max_failures, show_progress=progress, ray_options=ray_options,
+        )  # fmt: skip
+    except BaseException:
+        tracking.end_run(run.run_id, status="FAILED")
+        raise
+    tracking.log_history(run.run_id, result.history)
+    tracking.log_metrics(run.run_id, {"pretrain_seconds": result.seconds})
+    tracking.log_artifacts(run.run_id, [result.backbone_dir], artifact_path=ARTIFACT_PATH)
+    tracking.end_run(run.run_id)
+    losses = [float(h["ssl_loss"]) for h in result.history]
+    record = PretrainRecord(
+        run_id=run.run_id, tracking_uri=uri, backbone_dir=result.backbone_dir, method=recipe.method,
+        model=recipe.model, data_hash=recipe.data_hash, images=int(np.load(images_file, mmap_mode="r").shape[0]),
+        epochs=len(losses), final_loss=losses[-1], seconds=result.seconds, losses=losses,
+    )  # fmt: skip
+    write_json(out / "pretrain.json", record.to_dict(), sort_keys=True)
+    return record
+
+
+def resolve_init(params: Params) -> Path | None:
+    """``train.init``: None, or the local backbone folder of ``ssl:<run id>`` (downloaded from MLflow
+    into ``<state_dir>/ssl/<run id>``). A run that is not an ``imgflow pretrain`` run, or a backbone of
+    another model or channel count, is a ConfigError (exit 2) before Ray starts."""
+    from components.registry import tracking
+    from components.train.ssl import read_backbone_spec
+
+    if params.train.init == "none":
+        return None
+    run_id = params.train.init.removeprefix("ssl:")
+    connect_tracking(params)
+    dst = StagePaths(params).state / "ssl" / run_id
+    local, tags = tracking.download_run_artifacts(run_id, ARTIFACT_PATH, dst)
+    if tags.get("imgflow.kind") != SSL_KIND:
+        raise ConfigError(
+            f"train.init={params.train.init}: MLflow run {run_id} is not an `imgflow pretrain` run"
+        )
+    spec = read_backbone_spec(local)
+    return _check_fits(params, spec, local)
+
+
+def _check_fits(params: Params, spec: dict[str, Any], folder: Path) -> Path:
+    from components.train.auto_recipe import resolve_for_data
+    from components.train.recipe import resolve_in_chans
+
+    data = StagePaths(params).data
+    cfg = resolve_for_data(params.train, data).config
+    in_chans = resolve_in_chans(cfg, data)
+    if spec["model"] != cfg.model or int(spec["in_chans"]) != in_chans:
+        raise ConfigError(
+            f"train.init={params.train.init}: the backbone is {spec['model']} with {spec['in_chans']} channel(s), "
+            f"this training builds {cfg.model} with {in_chans} (architecture mismatch): "
+            f"set train.model={spec['model']} or pretrain this model"
+        )
+    return folder

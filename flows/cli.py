@@ -428,6 +428,96 @@ def audit(
     _emit(result, as_json, human)
 
 
+@app.command("label-next")
+def label_next(
+    budget: Annotated[int, typer.Option("--budget", min=1, help="How many images to ask a person to label.")],
+    strategy: Annotated[
+        str,
+        typer.Option(
+            help="auto (replay the strategies on the labelled history against a random control and pick the "
+            "best, saying why) | margin | entropy | least_confident | bald | typical (k-means cold start) | random."
+        ),
+    ] = "auto",
+    pool: Annotated[
+        Path | None,
+        typer.Option(help="Folder of unlabelled images (default: ingest.unlabelled)."),
+    ] = None,
+    model: Annotated[
+        Path | None,
+        typer.Option(
+            help="Model folder whose features score the pool (default: the registry's champion; "
+            "without one, downsampled pixels)."
+        ),
+    ] = None,
+    seed: Annotated[int | None, typer.Option(help="Random seed (default: project.seed).")] = None,
+    params: ParamsOpt = Path("params.yaml"),
+    set_: SetOpt = None,
+    wait: WaitOpt = 0.0,
+    as_json: JsonOpt = False,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Active learning: rank the unlabelled pool, write the queue (outputs/label-next/queue.csv), a CSV to
+    fill in (labels.csv) and the picks into the issue ledger and relabel queue."""
+    from components.pipeline.labelling import run_label_next
+
+    def body(p: Any) -> Any:
+        return run_label_next(p, budget=budget, strategy=strategy, pool=pool, model=model, seed=seed)
+
+    result = _run(_locked("label-next", params, set_, wait, body), as_json=as_json, verbose=verbose)
+
+    def human(r: Any) -> str:
+        lines = [f"strategy {r.strategy}: {r.reason}"]
+        if r.replay:
+            lines.append("replay (mean probe accuracy over the simulated rounds):")
+            lines += [f"  {row['strategy']:<16} {row['mean_accuracy']:.4f}  {row['gain_vs_random_pt']:+.2f} pt vs random"
+                      for row in r.replay]  # fmt: skip
+        if r.note:
+            lines.append(f"note: {r.note}")
+        lines.append(f"picked {r.picked} of {r.candidates} unlabelled images ({r.dropped_duplicates} near-duplicates "
+                     f"skipped); features: {r.features}")  # fmt: skip
+        lines += [
+            f"  {q['rank']:>3} {q['image_id'][:12]} {q['score']:.4f} {q['prediction']}" for q in r.queue[:10]
+        ]
+        lines += [
+            f"queue {r.files['queue']}",
+            f"fill in {r.files['labels_csv']}, then: imgflow label-import <it>",
+        ]
+        return "\n".join(lines)
+
+    _emit(result, as_json, human)
+
+
+@app.command("label-import")
+def label_import(
+    labels_csv: Annotated[
+        Path,
+        typer.Argument(
+            help="CSV with columns image_id,label (as label-next writes it; blank labels are skipped)."
+        ),
+    ],
+    params: ParamsOpt = Path("params.yaml"),
+    set_: SetOpt = None,
+    wait: WaitOpt = 0.0,
+    as_json: JsonOpt = False,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Import a labeller's answers: the whole CSV is checked first (unknown ids or classes, duplicate or
+    conflicting rows: exit 2, nothing imported); the images join the train split as a new data version."""
+    from components.pipeline.labelling import run_label_import
+
+    def body(p: Any) -> Any:
+        return run_label_import(p, labels_csv, progress=not as_json)
+
+    result = _run(_locked("label-import", params, set_, wait, body), as_json=as_json, verbose=verbose)
+
+    def human(r: Any) -> str:
+        per_class = ", ".join(f"{c} {n}" for c, n in r.per_class.items())
+        return (f"imported {r.imported} labels ({per_class}); {r.skipped_blank} blank rows skipped\n"
+                f"data version {r.data_version_before} -> {r.data_version} ({r.ingested} images)")  # fmt: skip
+
+    _emit(result, as_json, human)
+
+
 def _baseline_line(r: Any) -> str:
     """One line for a :class:`~components.pipeline.records.BaselineResult`."""
     from components.baseline.records import summary_line

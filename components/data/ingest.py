@@ -26,7 +26,7 @@ from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +45,7 @@ from components.data.manifest import (
     data_version,
     write_manifest,
 )
+from components.data.pool import IMPORTED_SPLIT, imported_items
 from components.data.sources import (
     ImageInfo,
     Rejection,
@@ -338,8 +339,9 @@ def _splits_for(
     way (:meth:`components.task.Task.assign_splits`: per class, or per label by iterative
     stratification)."""
     official = {c.official_split for c in kept}
-    out = [c.official_split or "train" for c in kept]
-    rest = [i for i, c in enumerate(kept) if c.official_split not in ("val", "test")]
+    # imported labels (``imgflow label-import``) go to train and never shift the other images' splits
+    out = ["train" if c.official_split in (None, IMPORTED_SPLIT) else c.official_split for c in kept]
+    rest = [i for i, c in enumerate(kept) if c.official_split not in ("val", "test", IMPORTED_SPLIT)]
     fractions = {
         "val_fraction": 0.0 if "val" in official else val_fraction,
         "test_fraction": 0.0 if "test" in official else test_fraction,
@@ -534,6 +536,9 @@ def ingest(
         allow_outside_root=allow_outside_root,
         nested=taxonomy == "paths",
     )
+    imported = imported_items(paths.root)  # labels given to pool images (imgflow label-import)
+    if imported:
+        listing = replace(listing, items=[*listing.items, *imported])
     class_names = tuple(classes) if classes is not None else listing.classes
     if classes is None:
         _check_label_case(class_names, declared=False)

@@ -21,6 +21,7 @@ IRRELEVANT_TO_TRAINING: tuple[str, ...] = (
     "project.state_dir",
     "ingest.fashion_mnist_dir",  # where the files are read from; their content is the data version
     "ingest.download",
+    "ingest.unlabelled",  # the pool's folder: labels imported from it change the data version instead
     "baseline.cache_dir",
     "baseline.device",
     "baseline.batch_size",

@@ -167,9 +167,44 @@ def _export(rows: pd.DataFrame, folder: Path) -> dict[str, str]:
     queue = rows[(rows["issue"] == "label_error") & (rows["status"] != "resolved")].sort_values(
         "score", kind="stable"
     )
+    requests = label_requests(rows)
+    if not requests.empty:  # active learning's picks follow the label errors, best first
+        queue = pd.concat([queue, requests.assign(score=float("nan"))], ignore_index=True)
+    with atomic_path(queue_csv) as tmp:
+        _queue_table(queue).to_csv(tmp, index=False)
+    return {"issues": str(issues_csv), "relabel_queue": str(queue_csv)}
+
+
+LABEL_REQUEST = "label_request"
+"""The issue type of an unlabelled pool image active learning asks a person to label (``imgflow
+label-next``): in the queue with ``split`` :data:`UNLABELLED_SPLIT`, no given label, the suggested
+label the model predicts, no label-quality score (the ledger's ``score`` is the strategy's)."""
+UNLABELLED_SPLIT = "unlabelled"
+
+
+def label_requests(rows: pd.DataFrame) -> pd.DataFrame:
+    """The open label requests among ledger ``rows``, in rank order."""
+    open_ = rows[(rows["issue"] == LABEL_REQUEST) & (rows["status"] != "resolved")]
+    return open_.sort_values("rank", kind="stable")
+
+
+def _queue_table(queue: pd.DataFrame) -> pd.DataFrame:
     cols = ["image_id", "path", "split", "label", "suggested_label", "score", "status", "first_seen"]
     cols += ["missing_labels", "extra_labels"]
     table = queue.reindex(columns=cols).fillna({"missing_labels": "", "extra_labels": ""})
-    with atomic_path(queue_csv) as tmp:
-        table.rename(columns={"label": "given_label", "score": "label_quality"}).to_csv(tmp, index=False)
-    return {"issues": str(issues_csv), "relabel_queue": str(queue_csv)}
+    return table.rename(columns={"label": "given_label", "score": "label_quality"})
+
+
+def append_label_requests(queue_csv: Path, rows: pd.DataFrame) -> int:
+    """Put the open label requests among ``rows`` at the end of an existing relabel queue CSV (the
+    audit's), replacing the requests an earlier round appended there; atomic. The label errors and the
+    columns stay as they are. Returns the requests written (0 when there is no queue file)."""
+    if not Path(queue_csv).exists():
+        return 0
+    current = pd.read_csv(queue_csv, keep_default_na=False, dtype=str)
+    kept = current[current["split"] != UNLABELLED_SPLIT]
+    requests = _queue_table(label_requests(rows).assign(score=float("nan")))
+    table = pd.concat([kept, requests.reindex(columns=current.columns).fillna("")], ignore_index=True)
+    with atomic_path(Path(queue_csv)) as tmp:
+        table.to_csv(tmp, index=False)
+    return len(requests)

@@ -573,6 +573,70 @@ def train(
     _emit(result, as_json, lambda r: f"trained: val_accuracy {r.val_accuracy:.4f}; MLflow run {r.run_id}")
 
 
+@app.command()
+def pretrain(
+    method: Annotated[
+        str, typer.Option("--method", help="Self-supervised method: simclr (ssl.method in params).")
+    ] = "simclr",
+    data: Annotated[
+        Path | None,
+        typer.Option(
+            "--data",
+            help="Images to pretrain on, labels ignored: an ingested data folder (its train split) or any "
+            "folder of image files (unlabelled extras). Default: the project's data version, train split.",
+        ),
+    ] = None,
+    epochs: Annotated[int | None, typer.Option("--epochs", min=1, help="Epochs (default: ssl.epochs).")] = None,
+    params: ParamsOpt = Path("params.yaml"),
+    set_: SetOpt = None,
+    wait: WaitOpt = 0.0,
+    as_json: JsonOpt = False,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Self-supervised pretraining of train.model's backbone (SimCLR) on Ray Train, labels ignored; the
+    backbone, its data hash and loss curve go to an MLflow run. Start supervised training from it with
+    --set train.init=ssl:<run id> (linear probe first, then fine-tune)."""
+    from components.pipeline.pretraining import run_pretrain
+
+    def body(p: Any) -> Any:
+        p = p.model_copy(update={"ssl": p.ssl.model_copy(update={"method": method})})
+        return run_pretrain(p, data=data, epochs=epochs, progress=not as_json, ray_options=_ray_options(verbose=verbose))
+
+    result = _run(_locked("pretrain", params, set_, wait, body), as_json=as_json, verbose=verbose)
+    _emit(result, as_json, lambda r: f"pretrained {r.model} ({r.method}) on {r.images} images, {r.epochs} epochs "
+          f"in {r.seconds:.0f}s: loss {r.losses[0]:.3f} -> {r.final_loss:.3f}; data hash {r.data_hash}\n"
+          f"MLflow run {r.run_id}: use --set train.init=ssl:{r.run_id}")  # fmt: skip
+
+
+@app.command("label-efficiency")
+def label_efficiency(
+    ssl_run: Annotated[
+        str | None,
+        typer.Option("--ssl-run", help="The pretraining's MLflow run id (default: the last `imgflow pretrain`)."),
+    ] = None,
+    params: ParamsOpt = Path("params.yaml"),
+    set_: SetOpt = None,
+    wait: WaitOpt = 0.0,
+    as_json: JsonOpt = False,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Label-efficiency report: test accuracy with 1% / 10% / 100% of the train labels (3 seeded subsets) for
+    the SSL backbone's linear probe, raw pixels, a random-init backbone and imgflow's recipe from scratch;
+    written to <output_dir>/label_efficiency, logged to MLflow, added to the gate report if one exists."""
+    from components.pipeline.pretraining import run_label_efficiency
+
+    def body(p: Any) -> Any:
+        return run_label_efficiency(p, ssl_run=ssl_run)
+
+    result = _run(_locked("label-efficiency", params, set_, wait, body), as_json=as_json, verbose=verbose)
+    _emit(result, as_json, _label_efficiency_summary)
+
+
+def _label_efficiency_summary(r: Any) -> str:
+    lines = [f"{m:<12} " + "  ".join(f"{p} {100 * v:5.1f}" for p, v in by.items()) for m, by in r.report["summary"].items()]
+    return "\n".join([*lines, f"report: {r.markdown_path}; MLflow run {r.run_id}"])
+
+
 def _distill_summary(r: Any) -> str:
     reg, ev = r.registration, r.evaluation
     return (

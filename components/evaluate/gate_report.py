@@ -49,6 +49,7 @@ from components.evaluate.gates import (
     recall_gates,
 )
 from components.evaluate.hierarchy import hierarchy_gates, hierarchy_scalars, hierarchy_section
+from components.evaluate.label_efficiency import report_section as label_efficiency_section
 from components.evaluate.ood import OODEvidence, ood_gate, ood_scalars, ood_section
 from components.evaluate.robustness import SEVERITIES, RobustnessReport
 from components.evaluate.variants import variants_section
@@ -554,12 +555,18 @@ def add_variants_section(out_dir: Path, table: Mapping[str, Any]) -> Path | None
     """Put ``imgflow variants``'s table into the gate report in ``out_dir`` (``variants`` in report.json,
     the "Deployment variants" section of report.html, redrawn from the files already there); None when
     the evaluate stage has not written a report there."""
+    return add_report_data(out_dir, "variants", dict(table))
+
+
+def add_report_data(out_dir: Path, key: str, value: Any) -> Path | None:
+    """Put ``value`` under ``key`` of the gate report in ``out_dir`` (report.json) and redraw report.html
+    from the files already there; None when the evaluate stage has not written a report there."""
     from components.core.jsonio import read_json, write_text_atomic
 
     report_json = Path(out_dir) / "report.json"
     if not report_json.exists():
         return None
-    data = {**read_json(report_json, hint="run `imgflow evaluate` again"), "variants": dict(table)}
+    data = {**read_json(report_json, hint="run `imgflow evaluate` again"), key: value}
     write_json(report_json, data)
     images = {p.stem: p for p in Path(out_dir).glob("*.png")}
     images |= {f"explain_{p.stem}": p for p in (Path(out_dir) / "explanations").glob("*.png")}
@@ -596,6 +603,7 @@ def render_html(data: Mapping[str, Any], *, images: Mapping[str, Path]) -> str:
         _slices_html(data.get("slices"), task=task),
         _champion_html(data.get("champion")),
         variants_section(data.get("variants")),
+        label_efficiency_section(data.get("label_efficiency")),
     ]
     return kit.page(
         f"imgflow gate report: {'PASSED' if ok else 'FAILED'}",

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -91,7 +92,10 @@ def run_pretrain(
     out = paths.out("pretrain")
     out.mkdir(parents=True, exist_ok=True)
     uri = connect_tracking(params)
-    name = f"pretrain-{recipe.method}-{recipe.data_hash}-{time.strftime('%Y%m%d-%H%M%S')}"
+    # unique: a Ray Train run of the same name would resume from that run's checkpoint
+    name = (
+        f"pretrain-{recipe.method}-{recipe.data_hash}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+    )
     tags = {"imgflow.kind": SSL_KIND, "data_hash": recipe.data_hash, "model": recipe.model,
             "ssl_method": recipe.method, "data_source": str(source)}  # fmt: skip
     run = tracking.start_run(
@@ -157,3 +161,112 @@ def _check_fits(params: Params, spec: dict[str, Any], folder: Path) -> Path:
             f"set train.model={spec['model']} or pretrain this model"
         )
     return folder
+
+
+# --------------------------------------------------------------------------- the label-efficiency report
+
+
+@dataclass(frozen=True)
+class LabelEfficiencyRecord:
+    """``imgflow label-efficiency``: the report, where it was written, its MLflow run."""
+
+    report: dict[str, Any]
+    json_path: Path
+    markdown_path: Path
+    run_id: str
+    gate_report: Path | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            **self.report,
+            "json_path": str(self.json_path),
+            "markdown_path": str(self.markdown_path),
+            "run_id": self.run_id,
+            "gate_report": str(self.gate_report) if self.gate_report else None,
+        }
+
+
+def _backbone_for_report(params: Params, ssl_run: str | None) -> tuple[Path, str]:
+    """The backbone folder and its run id: ``ssl_run`` (``ssl:<id>`` or ``<id>``, from MLflow), else
+    the last ``imgflow pretrain`` of this project (``<output_dir>/pretrain``)."""
+    from components.registry import tracking
+
+    if ssl_run:
+        run_id = ssl_run.removeprefix("ssl:")
+        connect_tracking(params)
+        local, tags = tracking.download_run_artifacts(
+            run_id, ARTIFACT_PATH, StagePaths(params).state / "ssl" / run_id
+        )
+        if tags.get("imgflow.kind") != SSL_KIND:
+            raise ConfigError(f"MLflow run {run_id} is not an `imgflow pretrain` run")
+        return local, run_id
+    record = StagePaths(params).out("pretrain") / "pretrain.json"
+    if not record.is_file():
+        raise ConfigError("no pretrained backbone: run `imgflow pretrain` first, or pass --ssl-run <run id>")
+    from components.core.jsonio import read_json
+
+    raw = read_json(record, hint="run `imgflow pretrain` again")
+    return Path(raw["backbone_dir"]), str(raw["run_id"])
+
+
+def run_label_efficiency(
+    params: Params, *, ssl_run: str | None = None, settings: Any = None
+) -> LabelEfficiencyRecord:
+    """The label-efficiency report of a pretrained backbone on the project's data version (train labels
+    subsampled, test split scored), written to ``<output_dir>/label_efficiency``, logged to MLflow and
+    added to the gate report when ``imgflow evaluate`` has written one."""
+    from safetensors.torch import load_file
+
+    from components.data.manifest import DatasetInfo, data_version, require_manifest
+    from components.evaluate import label_efficiency as le
+    from components.evaluate.gate_report import add_report_data
+    from components.model.models import create_classifier
+    from components.registry import tracking
+    from components.train.engine import seed_everything
+    from components.train.recipe import build_recipe
+    from components.train.ssl import BACKBONE_WEIGHTS, read_backbone_spec
+    from components.train.ssl_data import model_data_config
+
+    paths = StagePaths(params)
+    require_manifest(paths.data)
+    folder, run_id = _backbone_for_report(params, ssl_run)
+    spec = read_backbone_spec(folder)
+    cfg = params.train.model_copy(update={"model": spec["model"], "in_chans": int(spec["in_chans"])})
+    recipe = build_recipe(cfg, paths.data, seed=params.project.seed, weights_dir=paths.state / "weights")
+    dc = model_data_config(spec["model"], int(spec["in_chans"]), cfg.input_size)
+    side = int(dc["input_size"][-1])
+    classes = DatasetInfo.load(paths.data.dataset).classes
+    load = {"in_chans": int(spec["in_chans"]), "side": side, "cache_dir": paths.state / "cache"}
+    train = le.load_split(paths.data.manifest, paths.data.root, "train", classes, **load)
+    test = le.load_split(paths.data.manifest, paths.data.root, "test", classes, **load)
+    ssl_net = create_classifier(spec["model"], 0, in_chans=int(spec["in_chans"]))
+    ssl_net.load_state_dict(load_file(str(folder / BACKBONE_WEIGHTS)))
+    seed_everything(params.project.seed)
+    random_net = create_classifier(spec["model"], 0, in_chans=int(spec["in_chans"]))
+    settings = settings or le.EvalSettings(seed=params.project.seed)
+    notes = [
+        f"scratch: imgflow's supervised recipe ({spec['model']}, its augmentation, loss, optimiser and schedule) "
+        f"trained in one process for about {settings.scratch_steps} steps (1..{settings.scratch_max_epochs} epochs)",
+        "probes: logistic regression on standardised features; SSL and random-init features from the last conv "
+        f"stage average-pooled to {settings.grid}x{settings.grid}",
+        "at 100% the three subsets are one set: fitted once",
+    ]
+    report = le.label_efficiency(
+        train, test, ssl_backbone=ssl_net, random_backbone=random_net, mean=dc["mean"], std=dc["std"],
+        train_scratch=le.recipe_scratch_trainer(recipe), backbone_spec={**spec, "run_id": run_id},
+        settings=settings, notes=notes,
+    )  # fmt: skip
+    out = paths.out("label_efficiency")
+    out.mkdir(parents=True, exist_ok=True)
+    json_path = write_json(out / "label_efficiency.json", report.to_dict())
+    md_path = le.write_markdown(report, out / "label_efficiency.md")
+    uri = connect_tracking(params)
+    run = tracking.log_result_run(
+        experiment_id(params), run_name=f"label-efficiency-{run_id[:8]}",
+        params={"eval": settings.to_dict(), "ssl_run": run_id, "model": spec["model"]},
+        tags={"imgflow.kind": "label-efficiency", "ssl_run": run_id, "data_hash": spec["data_hash"],
+              "data_version": data_version(paths.data.manifest)},
+        tracking_uri=uri, metrics=report.metrics(), artifacts=[json_path, md_path], artifact_path="label_efficiency",
+    )  # fmt: skip
+    gate = add_report_data(paths.out("evaluate"), "label_efficiency", report.to_dict())
+    return LabelEfficiencyRecord(report.to_dict(), json_path, md_path, run.run_id, gate)

@@ -128,6 +128,13 @@ class SSLRecipe:
         out["augment"] = {k: list(v) if isinstance(v, tuple) else v for k, v in out["augment"].items()}
         return out
 
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> SSLRecipe:
+        """The inverse of :meth:`to_dict` (a backbone spec's ``recipe``)."""
+        raw = dict(values)
+        aug = {k: tuple(v) if isinstance(v, list) else v for k, v in raw.pop("augment").items()}
+        return cls(**{**raw, "images_file": Path(raw["images_file"]), "augment": ViewAugment(**aug)})
+
 
 def hash_images(images: np.ndarray) -> str:
     """sha256 of a decoded image array, shape included: the data hash of a pretraining run."""

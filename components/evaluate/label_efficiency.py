@@ -1,0 +1,412 @@
+"""The label-efficiency report: how much a self-supervised backbone buys when labels are few.
+
+For each fraction of the train split's labels (1% / 10% / 100% by default) and each of ``subsets``
+seeded, class-stratified subsets (the same subsets for every method), four learners are fitted on the
+labelled subset and scored on the test split:
+
+- ``ssl_probe``: logistic regression on the frozen SSL backbone's features, read from the last conv
+  stage average-pooled to a ``grid`` x ``grid`` map (3 x 3: the layer the issue's planning measured;
+  the globally pooled layer and the projection head lost to pixels there);
+- ``pixels``: the same logistic regression on raw pixels;
+- ``random_init``: on the same layer of a randomly initialised backbone (what the architecture alone gives);
+- ``scratch``: imgflow's supervised recipe itself (model, augmentation, loss, optimiser and schedule of
+  ``components.train.torch_recipe``) trained from scratch on the subset, in this process, for a budget
+  of optimiser steps (``scratch_steps``, at most ``scratch_max_epochs`` epochs).
+
+Subsets at 100% are all the same set: one fit stands for the three. Every evaluation hyperparameter is
+in :class:`EvalSettings` and written with the rows.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from components.core.errors import ConfigError
+from components.model.features import base_model
+
+logger = logging.getLogger(__name__)
+
+METHODS = ("ssl_probe", "pixels", "random_init", "scratch")
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    """Every hyperparameter of the report (logged with it)."""
+
+    fractions: tuple[float, ...] = (0.01, 0.1, 1.0)
+    subsets: int = 3
+    seed: int = 0
+    grid: int = 3
+    """Probe features: the last conv stage's map average-pooled to grid x grid."""
+    probe_C: float = 0.5
+    """Inverse L2 strength of the logistic regressions (features standardised first)."""
+    probe_max_iter: int = 300
+    scratch_steps: int = 600
+    """Optimiser steps of each from-scratch run (epochs = steps / batches per epoch, 1..scratch_max_epochs)."""
+    scratch_max_epochs: int = 40
+    scratch_batch_size: int = 64
+    feature_batch_size: int = 512
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+
+@dataclass(frozen=True)
+class Split:
+    """Decoded images (N, C, H, W) uint8 and class indices (N,)."""
+
+    images: np.ndarray
+    labels: np.ndarray
+
+
+@dataclass(frozen=True)
+class Row:
+    method: str
+    fraction: float
+    subset: int
+    labels: int
+    accuracy: float
+    seconds: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class LabelEfficiencyReport:
+    """Rows (method x fraction x subset), the means, and what was evaluated how."""
+
+    rows: list[Row]
+    settings: EvalSettings
+    backbone: dict[str, Any]
+    """The SSL backbone's spec (model, method, data hash, epochs)."""
+    notes: list[str]
+
+    def mean(self, method: str, fraction: float) -> float:
+        values = [r.accuracy for r in self.rows if r.method == method and r.fraction == fraction]
+        if not values:
+            raise KeyError(f"no {method} rows at {fraction:g}")
+        return float(np.mean(values))
+
+    def summary(self) -> dict[str, dict[str, float]]:
+        """``{method: {"1%": mean accuracy, ...}}``."""
+        return {
+            m: {_pct(f): self.mean(m, f) for f in self.settings.fractions}
+            for m in METHODS
+            if any(r.method == m for r in self.rows)
+        }
+
+    def gains(self) -> dict[str, float]:
+        """Points (x100) the SSL probe gains: over the better of pixels and scratch, and over scratch."""
+        out = {}
+        for f in self.settings.fractions:
+            ssl = self.mean("ssl_probe", f)
+            out[f"ssl_vs_best_baseline_{_pct(f)}_pt"] = 100 * (
+                ssl - max(self.mean("pixels", f), self.mean("scratch", f))
+            )
+            out[f"ssl_vs_scratch_{_pct(f)}_pt"] = 100 * (ssl - self.mean("scratch", f))
+        return out
+
+    def metrics(self) -> dict[str, float]:
+        """Flat numbers for MLflow: ``<method>_<pct>_accuracy`` and the gains."""
+        flat = {
+            f"{m}_{p.rstrip('%')}pct_accuracy": v for m, by in self.summary().items() for p, v in by.items()
+        }
+        return {**flat, **{k.replace("%", "pct"): v for k, v in self.gains().items()}}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "rows": [r.to_dict() for r in self.rows],
+            "summary": self.summary(),
+            "gains": self.gains(),
+            "settings": self.settings.to_dict(),
+            "backbone": self.backbone,
+            "notes": list(self.notes),
+        }
+
+
+def _pct(fraction: float) -> str:
+    return f"{100 * fraction:g}%"
+
+
+# --------------------------------------------------------------------------- subsets
+
+
+def labelled_subset(labels: np.ndarray, fraction: float, *, seed: int, subset: int) -> np.ndarray:
+    """Sorted indices of a class-stratified ``fraction`` of ``labels`` (at least one per class), drawn
+    with a generator seeded by (seed, subset): every method sees the same images."""
+    if fraction >= 1.0:
+        return np.arange(len(labels))
+    rng = np.random.default_rng([seed, subset])
+    picked = []
+    for c in np.unique(labels):
+        idx = np.flatnonzero(labels == c)
+        k = max(1, round(fraction * len(idx)))
+        picked.append(rng.choice(idx, size=k, replace=False))
+    return np.sort(np.concatenate(picked))
+
+
+# --------------------------------------------------------------------------- learners
+
+
+def normalise(images: np.ndarray, *, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """uint8 (N, C, H, W) -> float (N, C, H, W) as the model's data config says."""
+    c = images.shape[1]
+    m = torch.tensor(list(mean)[:c], dtype=torch.float32).view(1, c, 1, 1)
+    s = torch.tensor(list(std)[:c], dtype=torch.float32).view(1, c, 1, 1)
+    return (torch.from_numpy(np.asarray(images, dtype=np.float32) / 255.0) - m) / s
+
+
+@torch.no_grad()
+def grid_features(
+    model: nn.Module,
+    images: np.ndarray,
+    *,
+    mean: Sequence[float],
+    std: Sequence[float],
+    grid: int,
+    batch_size: int,
+) -> np.ndarray:
+    """(N, C * grid * grid) float32: ``forward_features``' last map average-pooled to grid x grid.
+    Token models (no spatial map) fall back to the mean token, said in the error-free way: D columns."""
+    net = base_model(model).eval()
+    out = []
+    for i in range(0, len(images), batch_size):
+        feats = net.forward_features(normalise(images[i : i + batch_size], mean=mean, std=std))  # type: ignore[operator]
+        pooled = F.adaptive_avg_pool2d(feats, grid).flatten(1) if feats.ndim == 4 else feats.mean(dim=1)
+        out.append(pooled.float().numpy())
+    return np.concatenate(out)
+
+
+def probe_accuracy(
+    x_train: np.ndarray,
+    y_train: np.ndarray,
+    x_test: np.ndarray,
+    y_test: np.ndarray,
+    *,
+    settings: EvalSettings,
+) -> float:
+    """Test accuracy of an L2 logistic regression on standardised features."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    clf = make_pipeline(
+        StandardScaler(), LogisticRegression(C=settings.probe_C, max_iter=settings.probe_max_iter)
+    )
+    clf.fit(x_train.reshape(len(x_train), -1), y_train)
+    return float((clf.predict(x_test.reshape(len(x_test), -1)) == y_test).mean())
+
+
+ScratchTrainer = Callable[[Split, Split, int], float]
+"""(labelled subset, test split, epochs) -> test accuracy of imgflow's recipe trained from scratch."""
+
+
+def scratch_epochs(n: int, settings: EvalSettings) -> int:
+    """Epochs giving about ``scratch_steps`` optimiser steps on ``n`` images (1..scratch_max_epochs)."""
+    per_epoch = max(1, math.ceil(n / settings.scratch_batch_size))
+    return int(min(settings.scratch_max_epochs, max(1, round(settings.scratch_steps / per_epoch))))
+
+
+# --------------------------------------------------------------------------- the report
+
+
+def label_efficiency(
+    train: Split,
+    test: Split,
+    *,
+    ssl_backbone: nn.Module,
+    random_backbone: nn.Module,
+    mean: Sequence[float],
+    std: Sequence[float],
+    train_scratch: ScratchTrainer,
+    backbone_spec: dict[str, Any],
+    settings: EvalSettings = EvalSettings(),
+    full_scratch_accuracy: float | None = None,
+    notes: Sequence[str] = (),
+) -> LabelEfficiencyReport:
+    """Fit every method on every (fraction, subset) and score it on ``test``.
+
+    ``full_scratch_accuracy``: the 100% scratch figure from elsewhere (e.g. the registered champion,
+    trained on this very data version); None trains it here like the others.
+    """
+    if settings.grid < 1 or not settings.fractions:
+        raise ConfigError("label efficiency: grid >= 1 and at least one fraction")
+    feats = {
+        name: (
+            grid_features(
+                net,
+                train.images,
+                mean=mean,
+                std=std,
+                grid=settings.grid,
+                batch_size=settings.feature_batch_size,
+            ),
+            grid_features(
+                net,
+                test.images,
+                mean=mean,
+                std=std,
+                grid=settings.grid,
+                batch_size=settings.feature_batch_size,
+            ),
+        )
+        for name, net in (("ssl_probe", ssl_backbone), ("random_init", random_backbone))
+    }
+    feats["pixels"] = (train.images, test.images)
+    rows: list[Row] = []
+    for fraction in settings.fractions:
+        for subset in range(1 if fraction >= 1.0 else settings.subsets):
+            idx = labelled_subset(train.labels, fraction, seed=settings.seed, subset=subset)
+            full = full_scratch_accuracy if fraction >= 1.0 else None
+            rows += _subset_rows(train, test, idx, feats, train_scratch, settings, fraction, subset, full)
+            logger.info("label efficiency %s subset %d: %s", _pct(fraction), subset, rows[-4:])
+    return LabelEfficiencyReport(
+        rows=rows, settings=settings, backbone=dict(backbone_spec), notes=list(notes)
+    )
+
+
+def _subset_rows(
+    train: Split,
+    test: Split,
+    idx: np.ndarray,
+    feats: dict[str, tuple[np.ndarray, np.ndarray]],
+    train_scratch: ScratchTrainer,
+    settings: EvalSettings,
+    fraction: float,
+    subset: int,
+    full_scratch_accuracy: float | None,
+) -> list[Row]:
+    """Every method fitted on the labelled rows ``idx`` of ``train``, scored on ``test``."""
+    y, rows = train.labels[idx], []
+    for method, (x_tr, x_te) in feats.items():
+        t0 = time.perf_counter()
+        acc = probe_accuracy(x_tr[idx], y, x_te, test.labels, settings=settings)
+        rows.append(Row(method, fraction, subset, len(idx), acc, time.perf_counter() - t0))
+    if full_scratch_accuracy is not None:
+        return [*rows, Row("scratch", fraction, subset, len(idx), full_scratch_accuracy, 0.0)]
+    t0 = time.perf_counter()
+    acc = train_scratch(Split(train.images[idx], y), test, scratch_epochs(len(idx), settings))
+    return [*rows, Row("scratch", fraction, subset, len(idx), acc, time.perf_counter() - t0)]
+
+
+def write_markdown(report: LabelEfficiencyReport, path: Path) -> Path:
+    """The summary as a Markdown table (mean test accuracy per method and fraction)."""
+    fractions = [_pct(f) for f in report.settings.fractions]
+    lines = ["| method | " + " | ".join(fractions) + " |", "|---" * (len(fractions) + 1) + "|"]
+    for method, by in report.summary().items():
+        lines.append(f"| {method} | " + " | ".join(f"{100 * by[p]:.1f}" for p in fractions) + " |")
+    lines += ["", *(f"- {n}" for n in report.notes)]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def report_section(data: dict[str, Any] | None) -> Any:
+    """The gate report's "Label efficiency" section (absent until ``imgflow label-efficiency`` has run)."""
+    from components.core import report as kit
+
+    if not data:
+        return None
+    summary: dict[str, dict[str, float]] = data["summary"]
+    fractions = list(next(iter(summary.values())))
+    rows = [[m, *(f"{100 * by[p]:.1f}" for p in fractions)] for m, by in summary.items()]
+    backbone = data.get("backbone") or {}
+    return kit.section(
+        "Label efficiency",
+        kit.paragraph(
+            f"Mean test accuracy (%) with {', '.join(fractions)} of the train labels, "
+            f"{data['settings']['subsets']} seeded subsets each; SSL backbone: {backbone.get('method', '?')} "
+            f"{backbone.get('model', '?')} (data hash {backbone.get('data_hash', '?')})."
+        ),
+        kit.table(["method", *fractions], rows),
+        *(kit.note(n) for n in data.get("notes", [])),
+    )
+
+
+def recipe_scratch_trainer(recipe: Any, *, device: str = "cpu") -> ScratchTrainer:
+    """A :data:`ScratchTrainer` running imgflow's supervised recipe (``TrainRecipe``: model, training
+    augmentation, loss, optimiser, cosine schedule, AMP/channels-last) in this process, one worker's loop
+    without Ray: the comparison is about the labels, not the orchestration."""
+    from torch.utils.data import DataLoader
+
+    from components.data.datasets import InMemoryDataset, batch_collate
+    from components.train import torch_recipe as tr
+    from components.train.engine import seed_everything, train_one_epoch
+
+    dev = torch.device(device)
+
+    def fit(subset: Split, test: Split, epochs: int) -> float:
+        r = dataclasses.replace(
+            recipe, epochs=epochs, init_dir=None, early_stopping_patience=None, snapshots=None
+        )
+        model, spec = tr.build_model(r)
+        dc = spec.data_config
+        seed_everything(r.seed)
+        ds = InMemoryDataset(
+            subset.images, subset.labels, mean=dc["mean"], std=dc["std"], train=True, hflip=r.hflip,
+            scale=r.scale, random_erasing=r.random_erasing,
+        )  # fmt: skip
+        loader = DataLoader(ds, batch_size=min(r.batch_size, len(ds)), shuffle=True, collate_fn=batch_collate,
+                            generator=torch.Generator().manual_seed(r.seed))  # fmt: skip
+        if r.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        model = model.to(dev)
+        optimizer, scheduler = tr.build_optimizer(model, r, len(loader))
+        opts = tr.build_step_options(r, model, dev)
+        loss_fn = tr.build_train_loss(r, opts, subset.labels)
+        for epoch in range(epochs):
+            train_one_epoch(model, loader, optimizer, loss_fn, device=dev, scheduler=scheduler,
+                            start_step=epoch * len(loader), opts=opts)  # fmt: skip
+        return _accuracy(model, test, mean=dc["mean"], std=dc["std"], device=dev)
+
+    return fit
+
+
+@torch.no_grad()
+def _accuracy(
+    model: nn.Module, test: Split, *, mean: Sequence[float], std: Sequence[float], device: torch.device
+) -> float:
+    model.eval()
+    correct = 0
+    for i in range(0, len(test.images), 512):
+        logits = model(normalise(test.images[i : i + 512], mean=mean, std=std).to(device))
+        correct += int((logits.argmax(1).cpu().numpy() == test.labels[i : i + 512]).sum())
+    return correct / max(1, len(test.labels))
+
+
+def load_split(manifest: Path, data_dir: Path, split: str, classes: Sequence[str], *, in_chans: int, side: int,
+               cache_dir: Path) -> Split:  # fmt: skip
+    """A single-label split decoded at the model's side (cached like training's), with class indices."""
+    from components.data.datasets import cache_key, cached_split_array, encode_targets, split_rows
+    from components.data.manifest import read_manifest
+    from components.model.models import image_mode
+
+    rows = split_rows(read_manifest(manifest), split)
+    if rows.empty:
+        raise ConfigError(f"label efficiency: the data version has no {split} split")
+    paths = [data_dir / p for p in rows["path"]]
+    geometry: dict[str, Any] = {
+        "mode": image_mode(in_chans),
+        "side": side,
+        "crop_pct": 1.0,
+        "interpolation": "bilinear",
+    }
+    images = cached_split_array(
+        paths, cache_file=cache_dir / f"{split}-le-{cache_key(paths, **geometry)}.npy", **geometry
+    )
+    labels = np.asarray(encode_targets(rows, classes, "singlelabel"))
+    if labels.ndim != 1:
+        raise ConfigError("label efficiency is for single-label data (one class per image)")
+    return Split(np.asarray(images), labels.astype(np.int64))

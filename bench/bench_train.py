@@ -30,6 +30,7 @@ from typing import Any
 import psutil
 
 from components.core.config import TrainConfig
+from components.core.jsonio import write_json
 from components.data.ingest import ingest
 from components.data.manifest import DataPaths
 from components.train.recipe import TrainRecipe
@@ -80,9 +81,12 @@ class PeakRss:
         self._sample()
 
 
-def _plain_loop(recipe: TrainRecipe, threads: int, device_name: str = "cpu") -> dict[str, Any]:
+def _plain_loop(
+    recipe: TrainRecipe, threads: int, device_name: str = "cpu", *, keep_model: bool = False
+) -> dict[str, Any]:
     """The Ray worker's loop without Ray: same builders, same engine steps, one process, on
-    ``device_name`` (``cuda``: the model and batches on the GPU, pinned loaders, as a GPU worker)."""
+    ``device_name`` (``cuda``: the model and batches on the GPU, pinned loaders, as a GPU worker).
+    ``keep_model``: the result holds the trained model (its EMA when enabled) and its data config."""
     import torch
     from torch import nn
 
@@ -107,9 +111,13 @@ def _plain_loop(recipe: TrainRecipe, threads: int, device_name: str = "cpu") -> 
         sums = train_one_epoch(model, train_loader, optimizer, loss_fn, device=device, scheduler=scheduler,
                                start_step=epoch * len(train_loader), opts=opts)  # fmt: skip
         seconds = time.perf_counter() - t0
-        va = eval_sums(model, val_loader, nn.CrossEntropyLoss(), device=device)
+        va = eval_sums(opts.ema.module if opts.ema is not None else model, val_loader, nn.CrossEntropyLoss(),
+                       device=device)  # fmt: skip
         epochs.append(tr.epoch_metrics(epoch, sums, va, optimizer.param_groups[0]["lr"], seconds))
-    return {"history": epochs, "wall_s": time.perf_counter() - t_start}
+    result: dict[str, Any] = {"history": epochs, "wall_s": time.perf_counter() - t_start}
+    if keep_model:
+        result.update(model=opts.ema.module if opts.ema is not None else model, data_config=spec.data_config)
+    return result
 
 
 def _plain_fresh(recipe: TrainRecipe, threads: int, device_name: str = "cpu") -> dict[str, Any]:
@@ -275,3 +283,253 @@ def run(*, quick: bool = False) -> dict[str, Any]:
         "ray_startup_note": "ray_fixed_startup_s = Ray wall - plain wall (same work): runtime, controller, "
         "worker start, per-epoch reports and checkpoints",
     }
+
+
+# --------------------------------------------------------------------------- recipe comparison
+# ``python -m bench.bench_train recipes [--quick] [--only a,b]``: candidate recipes for the default,
+# each trained in a fresh process through the trainer's own builders and engine steps (no Ray), at
+# fixed epochs and the same seed, on the same ingested data; test accuracy with and without flip TTA,
+# and the cost of an epoch as a ratio to today's recipe measured in the same process, interleaved.
+
+TODAY = "today"
+RECIPES: dict[str, dict[str, Any]] = {
+    TODAY: {"model": "imgflow_cnn_avgmax", "epochs": 16},
+    "today_ema": {"model": "imgflow_cnn_avgmax", "epochs": 16, "ema_decay": 0.999},
+    "resnet_12": {"model": "imgflow_resnet_avgmax", "epochs": 12},
+    "resnet_12_ema": {"model": "imgflow_resnet_avgmax", "epochs": 12, "ema_decay": 0.999},
+    "resnet_12_lr6e-3_warm1_ema": {
+        "model": "imgflow_resnet_avgmax",
+        "epochs": 12,
+        "lr": 6e-3,
+        "warmup_epochs": 1,
+        "ema_decay": 0.999,
+    },
+    "resnet_small_16_ema": {"model": "imgflow_resnet_small_avgmax", "epochs": 16, "ema_decay": 0.999},
+    "resnet_mid_14_ema": {"model": "imgflow_resnet_mid_avgmax", "epochs": 14, "ema_decay": 0.999},
+    "today_trivialaugment": {"model": "imgflow_cnn_avgmax", "epochs": 16, "augment": "trivialaugment"},
+    "today_augmix": {"model": "imgflow_cnn_avgmax", "epochs": 16, "augment": "augmix"},
+}
+"""Candidate -> ``train.*`` values over the bench's base (manual recipe, one process, batch 128 = the
+pipeline's 2 workers x 64, 2 threads). Not every key exists in every version: unknown ones fail."""
+
+
+def _recipe_config(values: dict[str, Any], *, threads: int, quick: bool) -> TrainConfig:
+    base: dict[str, Any] = {"recipe": "manual", "workers": 1, "cpus_per_worker": threads, "batch_size": 128}
+    merged = {**base, **values}
+    if quick:
+        merged["epochs"] = max(1, merged["epochs"] // 8)
+    return TrainConfig(**merged)
+
+
+def _test_accuracy(model: Any, recipe: TrainRecipe, data_config: dict[str, Any]) -> dict[str, float]:
+    """Test-split accuracy of ``model`` as it is and with flip TTA (the average of both logits)."""
+    import torch
+    from torch.utils.data import DataLoader
+
+    from components.data.datasets import batch_collate
+    from components.data.manifest import read_manifest
+    from components.train import torch_recipe as tr
+
+    ds = tr.split_dataset(read_manifest(recipe.manifest), "test", recipe, data_config, train=False)
+    loader = DataLoader(ds, batch_size=512, shuffle=False, collate_fn=batch_collate)
+    correct = flip_correct = count = 0
+    model.eval()
+    with torch.inference_mode():
+        for x, y in loader:
+            x = x.contiguous(memory_format=torch.channels_last)
+            logits = model(x).float()
+            both = logits + model(torch.flip(x, dims=[3])).float()
+            correct += int((logits.argmax(1) == y).sum())
+            flip_correct += int((both.argmax(1) == y).sum())
+            count += len(y)
+    return {"test_accuracy": correct / count, "test_accuracy_flip_tta": flip_correct / count}
+
+
+ROBUSTNESS_IMAGES = 2000
+"""The corruption sweep's test images per candidate (the first of the test split; all families)."""
+
+
+def _robustness(model: Any, recipe: TrainRecipe, data_config: dict[str, Any], n: int) -> dict[str, Any]:
+    """The evaluate stage's corruption sweep (every family x severity) on the first ``n`` test images:
+    mean corruption accuracy, relative robustness and the contrast / brightness families."""
+    import torch
+
+    from components.data.manifest import read_manifest
+    from components.evaluate.robustness import corruption_sweep
+    from components.train import torch_recipe as tr
+
+    ds: Any = tr.split_dataset(read_manifest(recipe.manifest), "test", recipe, data_config, train=False)
+    images, targets = torch.from_numpy(ds.images[:n]), ds.targets[:n]
+    batches = [(images[i : i + 256], targets[i : i + 256]) for i in range(0, len(images), 256)]
+    report = corruption_sweep(model, batches, mean=data_config["mean"], std=data_config["std"], amp="auto")
+    return {
+        "robustness_images": len(images),
+        "robust_clean_accuracy": report.clean_accuracy,
+        "mean_corruption_accuracy": report.mean_corruption_accuracy,
+        "relative_robustness": report.relative_robustness,
+        "worst_family": report.worst_family,
+        "contrast_severity5": report.accuracy["contrast"][-1],
+        "brightness_severity5": report.accuracy["brightness"][-1],
+        "family_relative": report.family_relative,
+    }
+
+
+def _recipe_fit(recipe: TrainRecipe, threads: int, robustness: int = 0) -> dict[str, Any]:
+    """Train ``recipe`` like ``_plain_loop`` and measure test accuracy of the model it saves (the EMA
+    weights when ``ema_decay`` is set) and, with ``robustness`` > 0, the corruption sweep on that many
+    test images."""
+    result = _plain_loop(recipe, threads, keep_model=True)
+    model, data_config = result.pop("model"), result.pop("data_config")
+    out = {**result, **_test_accuracy(model, recipe, data_config)}
+    if robustness:
+        out.update(_robustness(model, recipe, data_config, robustness))
+    return out
+
+
+def _recipe_fits(recipes: dict[str, TrainRecipe], threads: int, *, parallel: int, robustness: int) -> Any:
+    """(name, result) of each recipe's ``_recipe_fit`` in a fresh interpreter, ``parallel`` at a time
+    (each on ``threads`` threads), in the order they finish."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    ctx = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=parallel, mp_context=ctx) as pool:
+        futures = {
+            pool.submit(_recipe_fit, recipe, threads, robustness): name for name, recipe in recipes.items()
+        }
+        for future in as_completed(futures):
+            yield futures[future], future.result()
+
+
+def _epoch_costs(
+    recipes: dict[str, TrainRecipe], threads: int, *, steps: int, rounds: int
+) -> dict[str, float]:
+    """Seconds per training image of each recipe's step (its model, loaders with augmentation, AMP,
+    EMA), ``steps`` steps per turn, the recipes taking turns ``rounds`` times in this one process;
+    the median turn of each, as a ratio to ``TODAY``'s."""
+    import itertools
+
+    import torch
+
+    from components.train import torch_recipe as tr
+    from components.train.engine import train_one_epoch
+
+    torch.set_num_threads(threads)
+    states = {}
+    for name, recipe in recipes.items():
+        model, spec = tr.build_model(recipe)
+        loader, _val = tr.build_loaders(recipe, spec.data_config)
+        model = model.to(memory_format=torch.channels_last)
+        optimizer, scheduler = tr.build_optimizer(model, recipe, len(loader))
+        opts = tr.build_step_options(recipe, model, torch.device("cpu"))
+        states[name] = (model, loader, optimizer, scheduler, opts, tr.build_train_loss(recipe, opts))
+    turns: dict[str, list[float]] = {name: [] for name in recipes}
+    for _ in range(rounds):
+        for name, (model, loader, optimizer, scheduler, opts, loss_fn) in states.items():
+            batches = list(itertools.islice(iter(loader), steps))
+            t0 = time.perf_counter()
+            train_one_epoch(model, batches, optimizer, loss_fn, device=torch.device("cpu"), scheduler=scheduler,
+                            opts=opts)  # fmt: skip
+            turns[name].append((time.perf_counter() - t0) / sum(len(b[1]) for b in batches))
+    median = {name: sorted(t)[len(t) // 2] for name, t in turns.items()}
+    return {name: median[name] / median[TODAY] for name in recipes}
+
+
+def run_recipes(
+    *,
+    quick: bool = False,
+    only: list[str] | None = None,
+    data_dir: Path | None = None,
+    out: Path | None = None,
+    parallel: int = 1,
+    cost_steps: int = 60,
+    per_class: int | None = None,
+    robustness: int = 0,
+) -> dict[str, Any]:
+    """Every candidate in ``RECIPES`` (or ``only``; ``TODAY`` always): test accuracy at fixed epochs,
+    cost per epoch relative to ``TODAY`` and epoch-equivalents (epochs x cost ratio). ``parallel``
+    fits at a time, the threads shared among them (on a loaded box one thread per fit wastes less
+    on OpenMP barriers; accuracy at fixed epochs does not depend on it, the cost ratios are measured
+    apart, all recipes taking turns in one process)."""
+    import json
+
+    from components.data.manifest import DataPaths as Paths
+    from components.train.recipe import build_recipe
+
+    names = [TODAY, *[n for n in (only or RECIPES) if n != TODAY]]
+    threads = min(2, os.cpu_count() or 1)
+    with tempfile.TemporaryDirectory(prefix="imgflow-bench-recipes-") as tmp:
+        root = Path(tmp)
+        data = data_dir or root / "data"
+        if not (data / "manifest.parquet").exists():
+            ingest("fashion-mnist", data_dir=data, max_per_class=300 if quick else per_class,
+                   fashion_mnist_dir=FMNIST_DIR, progress=False)  # fmt: skip
+        recipes = {
+            n: build_recipe(
+                _recipe_config(RECIPES[n], threads=threads, quick=quick),
+                Paths(data),
+                seed=0,
+                weights_dir=root / "weights",
+            )  # fmt: skip
+            for n in names
+        }
+        _warm_decode_cache(recipes[TODAY])
+        cost = _epoch_costs(recipes, threads, steps=10 if quick else cost_steps, rounds=3)
+        rows: list[dict[str, Any]] = []
+        t0 = time.perf_counter()
+        fit_threads = max(1, threads // parallel)
+        for n, fit in _recipe_fits(recipes, fit_threads, parallel=parallel, robustness=robustness):
+            rows.append({
+                "recipe": n, "values": RECIPES[n], "epochs": recipes[n].epochs, "cost_ratio": cost[n],
+                "epoch_equivalents": recipes[n].epochs * cost[n],
+                "test_accuracy": fit["test_accuracy"], "test_accuracy_flip_tta": fit["test_accuracy_flip_tta"],
+                "val_accuracy": fit["history"][-1]["val_accuracy"], "wall_s": fit["wall_s"],
+                "finished_after_s": time.perf_counter() - t0, "threads": fit_threads,
+                "epoch_seconds": [round(h["epoch_seconds"], 2) for h in fit["history"]],
+                **{k: v for k, v in fit.items() if k not in ("history", "wall_s")},
+            })  # fmt: skip
+            print(json.dumps(rows[-1]), flush=True)
+            if out is not None:  # each row as it lands: a long run interrupted keeps what it measured
+                write_json(out, {"rows": rows, "quick": quick, "threads": threads})
+    figures = [
+        {"name": f"{r['recipe']}.test_accuracy_flip_tta", "value": r["test_accuracy_flip_tta"]} for r in rows
+    ] + [{"name": f"{r['recipe']}.epoch_equivalents", "value": r["epoch_equivalents"]} for r in rows]
+    return {"figures": figures, "rows": rows, "quick": quick, "threads": threads,
+            "baseline": f"{TODAY}: the recipe auto resolved on Fashion-MNIST before this comparison"}  # fmt: skip
+
+
+def _table_rows(rows: list[dict[str, Any]]) -> str:
+    lines = [
+        "| recipe | epochs | cost/epoch | epoch-eq. | test acc. | flip TTA |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['recipe']} | {r['epochs']} | {r['cost_ratio']:.2f}x | {r['epoch_equivalents']:.1f} | "
+            f"{r['test_accuracy']:.2%} | {r['test_accuracy_flip_tta']:.2%} |"
+        )
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        description="python -m bench.bench_train recipes: candidate default recipes"
+    )
+    parser.add_argument("what", choices=["recipes"])
+    parser.add_argument("--quick", action="store_true", help="300 images per class, epochs / 8")
+    parser.add_argument("--only", default="", help="comma-separated candidates (today is always run)")
+    parser.add_argument("--data-dir", type=Path, default=None, help="an ingested Fashion-MNIST to reuse")
+    parser.add_argument("--per-class", type=int, default=None, help="images per class and split to ingest")
+    parser.add_argument("--robustness", type=int, default=0, help="corruption sweep on this many test images")
+    parser.add_argument("--out", type=Path, default=None, help="the JSON results file")
+    parser.add_argument("--parallel", type=int, default=1, help="fits at a time (threads shared)")
+    parser.add_argument("--cost-steps", type=int, default=60, help="steps per turn of the cost comparison")
+    args = parser.parse_args()
+    results = args.out or Path(__file__).resolve().parent / "results" / "train_recipes.json"
+    result = run_recipes(quick=args.quick, only=[s for s in args.only.split(",") if s] or None,
+                         data_dir=args.data_dir, out=results, parallel=args.parallel,
+                         cost_steps=args.cost_steps, per_class=args.per_class, robustness=args.robustness)  # fmt: skip
+    write_json(results, result)
+    print(_table_rows(result["rows"]))

@@ -322,6 +322,10 @@ class TrainConfig(_Section):
     image and its mirror image (evaluation, serving, batch prediction, ONNX; twice the compute)."""
     random_erasing: float = Field(default=0.0, ge=0, le=1)
     """Probability of timm's random erasing per training image (a random rectangle of noise)."""
+    augment: Literal["none", "trivialaugment", "augmix"] = "none"
+    """Photometric training augmentation (components/train/augment.py): ``trivialaugment`` (one op per
+    image: brightness, contrast, sharpness, posterize, solarize, autocontrast, equalize, colour on RGB
+    only) or ``augmix`` (mixed chains of those ops); ``none``: crop and flip only."""
     mixup: float = Field(default=0.0, ge=0)
     """Mixup alpha (0: off)."""
     cutmix: float = Field(default=0.0, ge=0)

@@ -125,6 +125,80 @@ def imgflow_cnn_wide(pretrained: bool = False, **kwargs: Any) -> SmallCNN:
     return _create_small_cnn("imgflow_cnn_wide", (32, 64, 128), pretrained, **kwargs)
 
 
+class _Residual(nn.Module):
+    """``x + f(x)`` (the shapes of ``f``'s input and output agree)."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.inner(x)
+
+
+class SmallResNet(SmallCNN):
+    """An airbench-style residual net for small inputs: per stage one 3x3 conv that widens at the
+    stage's input size, a 2x2 max-pool, then a residual 3x3 conv at the pooled size (the second
+    conv costs a quarter of ``SmallCNN``'s, which runs both at full size). Average+max pooled head.
+
+    Registered as ``imgflow_resnet_avgmax`` (a 24-wide stem, stages 32-64-128) and
+    ``imgflow_resnet_small_avgmax`` (16 stem, 16-32-64: less compute than ``imgflow_cnn``).
+    """
+
+    def __init__(
+        self,
+        num_classes: int = 10,
+        in_chans: int = 1,
+        widths: tuple[int, int, int] = (32, 64, 128),
+        stem_width: int = 24,
+        drop_rate: float = 0.2,
+        global_pool: str = "catavgmax",
+        **_: Any,
+    ) -> None:
+        nn.Module.__init__(self)
+        self.num_classes = num_classes
+        self.num_features = widths[-1]
+        self.drop_rate = drop_rate
+        self.stem = _conv_bn(in_chans, stem_width)
+        stages: list[nn.Module] = []
+        cin = stem_width
+        for w in widths:
+            stages.append(nn.Sequential(_conv_bn(cin, w), nn.MaxPool2d(2), _Residual(_conv_bn(w, w))))
+            cin = w
+        self.stages = nn.Sequential(*stages)
+        self.head = ClassifierHead(self.num_features, num_classes, pool_type=global_pool, drop_rate=drop_rate)
+
+
+def _create_small_resnet(
+    name: str, widths: tuple[int, int, int], stem_width: int, pretrained: bool, **kwargs: Any
+) -> SmallResNet:
+    if pretrained:
+        raise ConfigError(f"{name} has no pretrained weights: set train.pretrained=false")
+    kwargs.pop("pretrained_cfg", None)
+    kwargs.pop("pretrained_cfg_overlay", None)
+    model = SmallResNet(widths=widths, stem_width=stem_width, **kwargs)
+    model.pretrained_cfg = dict(_IMGFLOW_CNN_CFG, num_classes=model.num_classes)  # type: ignore[assignment]
+    return model
+
+
+@register_model
+def imgflow_resnet_avgmax(pretrained: bool = False, **kwargs: Any) -> SmallResNet:
+    """:class:`SmallResNet` with a 24-wide stem and stages 32-64-128 (0.2M parameters)."""
+    return _create_small_resnet("imgflow_resnet_avgmax", (32, 64, 128), 24, pretrained, **kwargs)
+
+
+@register_model
+def imgflow_resnet_small_avgmax(pretrained: bool = False, **kwargs: Any) -> SmallResNet:
+    """:class:`SmallResNet` at ``imgflow_cnn``'s widths (16 stem, 16-32-64; 40k parameters)."""
+    return _create_small_resnet("imgflow_resnet_small_avgmax", (16, 32, 64), 16, pretrained, **kwargs)
+
+
+@register_model
+def imgflow_resnet_mid_avgmax(pretrained: bool = False, **kwargs: Any) -> SmallResNet:
+    """:class:`SmallResNet` with a 24-wide stem and stages 24-48-96 (0.12M parameters)."""
+    return _create_small_resnet("imgflow_resnet_mid_avgmax", (24, 48, 96), 24, pretrained, **kwargs)
+
+
 def list_classifiers(pattern: str = "") -> list[str]:
     """Model names ``create_classifier`` accepts (timm's registry, imgflow's own included)."""
     return list(timm.list_models(pattern or "*"))

@@ -37,6 +37,7 @@ from components.model.models import (
     set_finetune_mode,
 )
 from components.task import get_task
+from components.train.augment import attach as attach_augment
 from components.train.engine import StepOptions, seed_everything, worker_init_fn
 from components.train.imbalance import BalancedDistributedSampler, LossChoice, create_training_loss
 from components.train.recipe import TrainRecipe
@@ -142,6 +143,7 @@ def build_loaders(
         excluded = read_exclusions(recipe.exclude_file)
         manifest = manifest[~((manifest["split"] == "train") & manifest["image_id"].isin(excluded))]
     train_ds = split_dataset(manifest, "train", recipe, data_config, train=True)
+    train_ds = attach_augment(train_ds, recipe.augment, mean=data_config["mean"], std=data_config["std"])
     val_ds = split_dataset(manifest, "val", recipe, data_config, train=False)
     g = torch.Generator().manual_seed(recipe.seed)
 

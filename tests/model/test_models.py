@@ -88,3 +88,32 @@ def test_decode_image_rejects_non_images() -> None:
     truncated = png_bytes(fmnist_arrays(n=1)[0][0])[:60]
     with pytest.raises(DataError, match="not a decodable image"):
         decode_image(truncated, mode="L")
+
+
+@pytest.mark.parametrize(
+    ("name", "in_chans", "side"),
+    [
+        ("imgflow_resnet_avgmax", 1, 28),
+        ("imgflow_resnet_avgmax", 3, 64),
+        ("imgflow_resnet_small_avgmax", 1, 28),
+    ],
+)
+def test_small_resnets_build_and_train_a_step(name: str, in_chans: int, side: int) -> None:
+    """The residual candidates of the default recipe: any small size, grey or RGB, one optimiser step
+    lowers the loss on a fixed batch; no pretrained weights exist for them."""
+    torch.manual_seed(0)
+    model = create_classifier(name, 5, in_chans=in_chans)
+    assert resolve_data_config(model, input_size=side)["input_size"] == (in_chans, side, side)
+    x, y = torch.randn(8, in_chans, side, side), torch.arange(8) % 5
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(2):
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss))
+    assert losses[1] < losses[0]
+    assert model.forward_head(model.forward_features(x), pre_logits=True).shape == (8, 2 * model.num_features)
+    with pytest.raises(ConfigError, match="no pretrained weights"):
+        create_classifier(name, 3, pretrained=True)

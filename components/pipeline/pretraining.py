@@ -236,7 +236,11 @@ def run_label_efficiency(
     dc = model_data_config(spec["model"], int(spec["in_chans"]), cfg.input_size)
     side = int(dc["input_size"][-1])
     classes = DatasetInfo.load(paths.data.dataset).classes
-    load = {"in_chans": int(spec["in_chans"]), "side": side, "cache_dir": paths.state / "cache"}
+    load: dict[str, Any] = {
+        "in_chans": int(spec["in_chans"]),
+        "side": side,
+        "cache_dir": paths.state / "cache",
+    }
     train = le.load_split(paths.data.manifest, paths.data.root, "train", classes, **load)
     test = le.load_split(paths.data.manifest, paths.data.root, "test", classes, **load)
     ssl_net = create_classifier(spec["model"], 0, in_chans=int(spec["in_chans"]))

@@ -132,7 +132,9 @@ class SSLRecipe:
     def from_dict(cls, values: dict[str, Any]) -> SSLRecipe:
         """The inverse of :meth:`to_dict` (a backbone spec's ``recipe``)."""
         raw = dict(values)
-        aug = {k: tuple(v) if isinstance(v, list) else v for k, v in raw.pop("augment").items()}
+        aug: dict[str, Any] = {
+            k: tuple(v) if isinstance(v, list) else v for k, v in raw.pop("augment").items()
+        }
         return cls(**{**raw, "images_file": Path(raw["images_file"]), "augment": ViewAugment(**aug)})
 
 
@@ -216,7 +218,12 @@ def load_backbone_into(model: nn.Module, folder: Path) -> None:
     state = load_file(str(folder / BACKBONE_WEIGHTS))
     own = model.state_dict()
     clf = _classifier(model)
-    head = {f"{name}.{k}" for name, m in model.named_modules() if m is clf for k in m.state_dict()}
+    head = {
+        f"{name}.{k}"
+        for name, m in model.named_modules()
+        if clf is not None and m is clf
+        for k in m.state_dict()
+    }
     unexpected = sorted(k for k in state if k not in own)
     wrong = sorted(k for k in state if k in own and own[k].shape != state[k].shape)
     missing = sorted(k for k in own if k not in state and k not in head)

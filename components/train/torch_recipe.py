@@ -194,7 +194,7 @@ def build_optimizer(model: nn.Module, recipe: TrainRecipe, steps_per_epoch: int)
         t_in_epochs=False,
     )
     if recipe.init_dir is not None:
-        scheduler = LpFtSchedule(
+        return optimizer, LpFtSchedule(
             scheduler, optimizer, probe_steps=recipe.init_probe_epochs * steps_per_epoch,
             backbone_scale=recipe.init_backbone_lr_scale,
         )  # fmt: skip

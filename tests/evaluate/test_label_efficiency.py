@@ -1,0 +1,91 @@
+"""The label-efficiency report on tiny real data: every (method, fraction, subset) row, seeded subsets,
+the MLflow run, and the gate-report section."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from components.core.config import load_params
+from components.core.jsonio import write_json
+from components.evaluate.label_efficiency import METHODS, EvalSettings, labelled_subset, report_section
+from components.model.models import create_classifier
+from components.pipeline.pretraining import run_label_efficiency
+from components.pipeline.stages import run_ingest
+from components.train.ssl import SimCLRNetwork, SSLRecipe, save_backbone
+from components.train.ssl_augment import ViewAugment
+from tests.conftest import write_small_params
+
+
+def test_subsets_are_stratified_seeded_and_distinct() -> None:
+    labels = np.repeat(np.arange(10), 50)
+    a = labelled_subset(labels, 0.1, seed=0, subset=0)
+    assert np.array_equal(a, labelled_subset(labels, 0.1, seed=0, subset=0))
+    assert not np.array_equal(a, labelled_subset(labels, 0.1, seed=0, subset=1))
+    assert np.bincount(labels[a]).tolist() == [5] * 10
+    assert len(labelled_subset(labels, 0.001, seed=0, subset=0)) == 10  # at least one per class
+    assert np.array_equal(labelled_subset(labels, 1.0, seed=0, subset=2), np.arange(500))
+
+
+def _fake_pretraining(root: Path, images_file: Path) -> None:
+    """A backbone folder as `imgflow pretrain` leaves it (random weights: the report's plumbing is under
+    test here, not SimCLR) and its pretrain.json."""
+    net = SimCLRNetwork(create_classifier("imgflow_cnn", 0, in_chans=1), hidden=8, out=4)
+    aug = ViewAugment((0.35, 1.0), 0.5, 0.4, 0.4, 0.05, 0.0, (0.5,), (0.5,))
+    recipe = SSLRecipe(
+        "simclr", "imgflow_cnn", 1, images_file, "0" * 16, 1, 8, 1e-3, 0.0, 0, 0.2, 8, 4, aug, False, 0
+    )
+    folder = save_backbone(net, recipe, root / "outputs" / "pretrain" / "backbone", history=[])
+    write_json(
+        root / "outputs" / "pretrain" / "pretrain.json", {"backbone_dir": str(folder), "run_id": "local"}
+    )
+
+
+def test_report_on_tiny_data_has_every_row(tmp_path: Path) -> None:
+    overrides = [
+        f"project.data_dir={tmp_path / 'data'}", f"project.output_dir={tmp_path / 'outputs'}",
+        f"project.state_dir={tmp_path / '.imgflow'}", "train.recipe=manual", "train.model=imgflow_cnn",
+        "train.batch_size=16",
+    ]  # fmt: skip
+    params = load_params(write_small_params(tmp_path, max_per_class=6), overrides)
+    run_ingest(params, progress=False)
+    images_file = tmp_path / "images.npy"
+    np.save(images_file, np.zeros((4, 1, 28, 28), dtype=np.uint8))
+    _fake_pretraining(tmp_path, images_file)
+    settings = EvalSettings(subsets=2, scratch_steps=2, scratch_max_epochs=1, probe_max_iter=100)
+    record = run_label_efficiency(params, settings=settings)
+
+    report = json.loads(record.json_path.read_text())
+    keys = {(r["method"], r["fraction"], r["subset"]) for r in report["rows"]}
+    expected = {(m, f, s) for m in METHODS for f in (0.01, 0.1) for s in (0, 1)} | {
+        (m, 1.0, 0) for m in METHODS
+    }
+    assert keys == expected and len(report["rows"]) == len(expected)
+    assert all(0.0 <= r["accuracy"] <= 1.0 for r in report["rows"])
+    assert min(r["labels"] for r in report["rows"]) >= 10  # one image per class at least
+    assert report["settings"]["scratch_steps"] == 2 and report["settings"]["grid"] == 3
+    assert set(report["summary"]) == set(METHODS) and "ssl_vs_scratch_1%_pt" in report["gains"]
+    assert record.gate_report is None  # no `imgflow evaluate` report to add a section to
+    assert "| ssl_probe |" in record.markdown_path.read_text()
+    section = report_section(report)
+    assert section is not None
+
+    from mlflow import MlflowClient
+
+    run = MlflowClient().get_run(record.run_id)
+    assert run.data.tags["imgflow.kind"] == "label-efficiency"
+    assert run.data.params["eval.probe_C"] == str(settings.probe_C)
+    assert "ssl_probe_1pct_accuracy" in run.data.metrics
+
+
+def test_report_section_absent_without_data() -> None:
+    assert report_section(None) is None
+
+
+@pytest.mark.parametrize("fraction", [0.01, 0.1])
+def test_subset_sizes_follow_the_fraction(fraction: float) -> None:
+    labels = np.repeat(np.arange(10), 1000)
+    assert len(labelled_subset(labels, fraction, seed=1, subset=0)) == round(10000 * fraction)

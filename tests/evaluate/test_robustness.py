@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -18,6 +19,7 @@ from components.evaluate.robustness import (
     corruption_sweep,
     resolve_families,
     summarise,
+    sweep_dtype,
 )
 from tests.conftest import fmnist_arrays
 
@@ -148,3 +150,55 @@ def test_heatmap_png(tmp_path: Path) -> None:
                                    clean_accuracy=0.92)  # fmt: skip
     with Image.open(path) as im:
         assert im.format == "PNG" and len(np.unique(np.asarray(im.convert("L")))) > 20
+
+
+def _reference_sweep(
+    model: nn.Module, x01: torch.Tensor, y: torch.Tensor, *, seed: int, batch: int
+) -> tuple[float, dict[str, list[float]]]:
+    """The sweep written the plain way: one batch, family and severity at a time, through the model as
+    loaded (no conv-BN folding, no channels-last, no threads, fp32)."""
+    clean, correct = 0, {f: [0] * len(SEVERITIES) for f in FAMILIES}
+    with torch.no_grad():
+        for b, (xb, yb) in enumerate(zip(x01.split(batch), y.split(batch), strict=True)):
+            clean += int((model((xb - 0.5) / 0.5).argmax(1) == yb).sum())
+            for fam in FAMILIES:
+                for i, sev in enumerate(SEVERITIES):
+                    xc = corrupt(xb, fam, sev, seed=seed, batch=b)
+                    correct[fam][i] += int((model((xc - 0.5) / 0.5).argmax(1) == yb).sum())
+    n = len(y)
+    return clean / n, {f: [c / n for c in counts] for f, counts in correct.items()}
+
+
+def test_fast_sweep_gives_the_reference_accuracies(tiny_model_dir: Path) -> None:
+    # A real trained model on real test images: the fast engine (folded conv-BN, channels-last, units on
+    # two threads) must count exactly what the plain loop counts; bf16 autocast (amp=auto, where the CPU
+    # has it natively) may move a condition's accuracy only by the few near-tie predictions.
+    from components.model.checkpoint import load_classifier
+
+    model = load_classifier(tiny_model_dir)[0].eval()
+    x, labels = fmnist_arrays("t10k", n=64)
+    x_u8, y = torch.from_numpy(x).unsqueeze(1), torch.as_tensor(labels, dtype=torch.long)
+    clean, reference = _reference_sweep(model, x_u8.float() / 255, y, seed=3, batch=32)
+
+    def sweep(amp: str) -> Any:
+        batches = zip(x_u8.split(32), y.split(32), strict=True)
+        return corruption_sweep(model, batches, mean=(0.5,), std=(0.5,), seed=3, workers=2, amp=amp)
+
+    fast = sweep("off")
+    assert fast.clean_accuracy == clean and fast.accuracy == reference
+    assert 0.5 < clean < 1.0 and len({a for accs in reference.values() for a in accs}) > 10  # not degenerate
+    auto = sweep("auto")
+    if sweep_dtype("auto") is None:  # no native bf16 here: auto is fp32
+        assert auto.accuracy == reference
+    for fam in FAMILIES:
+        assert np.abs(np.subtract(auto.accuracy[fam], reference[fam])).max() <= 2 / 64, fam  # <= 2 images
+    assert auto.relative_robustness == pytest.approx(fast.relative_robustness, abs=0.01)
+
+
+def test_sweep_dtype_is_bf16_only_where_native() -> None:
+    from components.train.torch_recipe import cpu_has_native_bf16
+
+    assert sweep_dtype("off") is None
+    assert sweep_dtype("auto") == (torch.bfloat16 if cpu_has_native_bf16() else None)
+    with pytest.raises(ConfigError, match="amp"):
+        sweep_dtype("fp8")

@@ -185,6 +185,7 @@ def _robustness(params: Params, model: Any, spec: Any, test: SplitOutput) -> Any
         seed=params.project.seed,
         score=spec.task.headline_of_scores,
         metric=spec.task.headline,
+        amp=params.evaluate.robustness.amp,
     )
 
 

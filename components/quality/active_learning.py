@@ -364,7 +364,7 @@ def choose(curves: dict[str, list[Curve]]) -> Choice:
         return float(np.mean([c.accuracy[-1] for c in curves[name] if c.accuracy] or [0.0]))
 
     control = mean_of("random")
-    table = [
+    table: list[dict[str, Any]] = [
         {"strategy": name, "mean_accuracy": round(mean_of(name), 4), "final_accuracy": round(final_of(name), 4),
          "gain_vs_random_pt": round(100 * (mean_of(name) - control), 2)}
         for name in curves

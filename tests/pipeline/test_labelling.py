@@ -192,3 +192,18 @@ def test_import_makes_a_new_data_version_with_exact_labels(project: dict, tmp_pa
     assert list(kept["split"]) == list(old["split"]) and list(kept["label"]) == list(old["label"])
     with pytest.raises(ConfigError, match="no new label"):  # the same answers again: nothing new
         run_label_import(params, tmp_path / "answers.csv")
+
+
+def test_label_next_scores_with_a_model_through_the_embedding_store(
+    project: dict, tiny_model_dir: Path
+) -> None:
+    """A model's features: the data version's from the embedding store, the pool's cached beside it.
+    (Last in this module: it replaces the module's label-next outputs.)"""
+    params = project["params"]
+    r = run_label_next(params, budget=4, strategy="bald", model=tiny_model_dir)
+    assert r.features == f"model folder {tiny_model_dir}, layer pooled_last (embedding store)"
+    assert r.strategy == "bald" and r.replay == [] and r.picked == 4 and r.note == ""  # T = 5 committee
+    assert list((params.project.data_dir / "embeddings").iterdir())  # the manifest's entry
+    assert len(list((params.project.data_dir / "pool" / "embeddings").glob("*.npy"))) == 1
+    again = run_label_next(params, budget=4, strategy="bald", model=tiny_model_dir)
+    assert [q["image_id"] for q in again.queue] == [q["image_id"] for q in r.queue]  # cached, same ranking

@@ -136,6 +136,11 @@ def resolve_init(params: Params) -> Path | None:
     if params.train.init == "none":
         return None
     run_id = params.train.init.removeprefix("ssl:")
+    ensemble = params.train.ensemble
+    if ensemble is not None and ensemble.snapshots is None:
+        raise ConfigError(
+            "train.init starts one model from a backbone: combine it with train.ensemble snapshots only"
+        )
     connect_tracking(params)
     dst = StagePaths(params).state / "ssl" / run_id
     local, tags = tracking.download_run_artifacts(run_id, ARTIFACT_PATH, dst)

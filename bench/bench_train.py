@@ -82,7 +82,12 @@ class PeakRss:
 
 
 def _plain_loop(
-    recipe: TrainRecipe, threads: int, device_name: str = "cpu", *, keep_model: bool = False
+    recipe: TrainRecipe,
+    threads: int,
+    device_name: str = "cpu",
+    *,
+    keep_model: bool = False,
+    on_epoch: Any = None,
 ) -> dict[str, Any]:
     """The Ray worker's loop without Ray: same builders, same engine steps, one process, on
     ``device_name`` (``cuda``: the model and batches on the GPU, pinned loaders, as a GPU worker).
@@ -114,6 +119,8 @@ def _plain_loop(
         va = eval_sums(opts.ema.module if opts.ema is not None else model, val_loader, nn.CrossEntropyLoss(),
                        device=device)  # fmt: skip
         epochs.append(tr.epoch_metrics(epoch, sums, va, optimizer.param_groups[0]["lr"], seconds))
+        if on_epoch is not None:
+            on_epoch(epochs[-1])
     result: dict[str, Any] = {"history": epochs, "wall_s": time.perf_counter() - t_start}
     if keep_model:
         result.update(model=opts.ema.module if opts.ema is not None else model, data_config=spec.data_config)
@@ -378,7 +385,15 @@ def _recipe_fit(recipe: TrainRecipe, threads: int, robustness: int = 0) -> dict[
     """Train ``recipe`` like ``_plain_loop`` and measure test accuracy of the model it saves (the EMA
     weights when ``ema_decay`` is set) and, with ``robustness`` > 0, the corruption sweep on that many
     test images."""
-    result = _plain_loop(recipe, threads, keep_model=True)
+    import json
+
+    def progress(h: dict[str, Any]) -> None:  # a long comparison shows (and keeps, in its log) each epoch
+        print(
+            json.dumps({"model": recipe.model, "ema": recipe.ema_decay, "augment": recipe.augment, **h}),
+            flush=True,
+        )
+
+    result = _plain_loop(recipe, threads, keep_model=True, on_epoch=progress)
     model, data_config = result.pop("model"), result.pop("data_config")
     out = {**result, **_test_accuracy(model, recipe, data_config)}
     if robustness:
@@ -474,11 +489,17 @@ def run_recipes(
             for n in names
         }
         _warm_decode_cache(recipes[TODAY])
-        cost = _epoch_costs(recipes, threads, steps=10 if quick else cost_steps, rounds=3)
         rows: list[dict[str, Any]] = []
         t0 = time.perf_counter()
         fit_threads = max(1, threads // parallel)
+        fits = {}
         for n, fit in _recipe_fits(recipes, fit_threads, parallel=parallel, robustness=robustness):
+            fits[n] = fit
+            print(json.dumps({"fit": n, **{k: v for k, v in fit.items() if k != "history"}}), flush=True)
+        # after the fits, not before: on a loaded box the fits are what must finish
+        cost = _epoch_costs(recipes, threads, steps=10 if quick else cost_steps, rounds=3)
+        for n in names:
+            fit = fits[n]
             rows.append({
                 "recipe": n, "values": RECIPES[n], "epochs": recipes[n].epochs, "cost_ratio": cost[n],
                 "epoch_equivalents": recipes[n].epochs * cost[n],

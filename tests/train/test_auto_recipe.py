@@ -78,6 +78,7 @@ def test_the_repositorys_params_leave_every_auto_key_to_auto(fashion_mnist: Data
             "warmup_epochs",
             "epochs",
             "loss",
+            "augment",
         ),
         "auto",
     )

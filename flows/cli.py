@@ -1106,8 +1106,13 @@ def classes_add(
     k: Annotated[int, typer.Option("--k", min=1, help="The fewest support images a class may have.")] = 5,
     model: ClassesModelOpt = None,
     layer: Annotated[
-        str, typer.Option("--layer", help="Feature layer of the prototypes (pooled_last | pre_logits).")
-    ] = "pooled_last",
+        str,
+        typer.Option(
+            "--layer",
+            help="Feature layer of the prototypes: prev_stage_3x3 (the stage before the last, pooled "
+            "3x3; beat raw pixels on Fashion-MNIST) | pooled_last | pre_logits.",
+        ),
+    ] = "prev_stage_3x3",
     params: ParamsOpt = Path("params.yaml"),
     set_: SetOpt = None,
     wait: WaitOpt = 0.0,

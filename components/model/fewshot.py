@@ -1,7 +1,7 @@
 """New classes from a few support images, added to a trained model without retraining.
 
 SimpleShot (Wang et al. 2019) on the features of a stored layer (:mod:`components.model.features`,
-default ``pooled_last``): a feature is centred on the mean feature of the base model's training set
+default ``prev_stage_3x3``: the stage before the last, pooled to 3x3): a feature is centred on the mean feature of the base model's training set
 and L2-normalised; a class's prototype is the normalised mean of its centred, normalised support
 features. Measured while planning issue 24 on Fashion-MNIST, the layer matters more than the method
 (prototypes, SimpleShot, a logistic probe: < 5 points apart on one layer).
@@ -50,7 +50,7 @@ from components.model.features import (
     check_layer,
     extract_features,
     layer_features,
-    pool_feature_map,
+    logits_and_features,
 )
 from components.task import get_task
 
@@ -149,11 +149,7 @@ class PrototypeHead(nn.Module):
     def _logits_and_features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.base is not self.model:  # a wrapper (flip TTA): its logits, the plain image's features
             return self.model(x), layer_features(self.base, x, layer=self.layer)
-        feats = self.base.forward_features(x)  # type: ignore[operator]
-        logits = self.base.forward_head(feats)  # type: ignore[operator]
-        if self.layer == "pooled_last":
-            return logits, pool_feature_map(self.base, feats)
-        return logits, self.base.forward_head(feats, pre_logits=True).flatten(1)  # type: ignore[operator]
+        return logits_and_features(self.base, x, layer=self.layer)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         logits, feats = self._logits_and_features(x)

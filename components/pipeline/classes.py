@@ -28,7 +28,7 @@ import numpy as np
 from components.core.config import Params
 from components.core.errors import DataError
 from components.data.manifest import read_manifest
-from components.model.features import DEFAULT_LAYER
+from components.model.features import FEWSHOT_LAYER
 from components.pipeline.context import StagePaths, connect_tracking, experiment_id, registry_options
 from components.pipeline.models import model_dir as fetch_model_dir
 
@@ -67,7 +67,7 @@ class ClassesChange:
 
 
 def run_classes_add(
-    params: Params, folder: Path, *, k: int = 5, model: str | None = None, layer: str = DEFAULT_LAYER
+    params: Params, folder: Path, *, k: int = 5, model: str | None = None, layer: str = FEWSHOT_LAYER
 ) -> ClassesChange:
     """``imgflow classes add``: each sub-folder of ``folder`` (at least ``k`` images) becomes a class of
     a new version of the registered model ``model`` (default: the champion)."""
@@ -288,7 +288,7 @@ def run_fewshot_evaluation(
     episodes: int = 300,
     n_query: int = 15,
     seed: int = 0,
-    layer: str = DEFAULT_LAYER,
+    layer: str = FEWSHOT_LAYER,
     classes: tuple[str, ...] = (),
 ) -> dict[str, Any]:
     """``imgflow evaluate --few-shot``: seeded N-way episodes over the test split (``classes``, default

@@ -76,3 +76,4 @@ def test_evaluate_few_shot_on_a_real_model(tiny_model_dir: Path, tmp_path: Path)
     # A trained model's features separate its own classes better than random weights do.
     assert rows[("model", "simpleshot", 5)] > rows[("random_init", "simpleshot", 5)]
     assert result["images"] == 200 and "accuracy" in result["table"]
+    assert result["layer"] == "prev_stage_3x3"  # the few-shot default: the stage before the last, 3x3

@@ -10,7 +10,14 @@ import torch
 
 from components.core.errors import ConfigError
 from components.model.checkpoint import load_classifier
-from components.model.features import LAYERS, extract_features, layer_features, pool_feature_map
+from components.model.features import (
+    FEWSHOT_LAYER,
+    LAYERS,
+    extract_features,
+    layer_features,
+    logits_and_features,
+    pool_feature_map,
+)
 
 
 def _vit(**kwargs: object) -> torch.nn.Module:
@@ -70,7 +77,7 @@ def test_batches_eval_mode_and_empty_input() -> None:
     assert extract_features(model, x[:0], layer="pre_logits").shape == (0, 512)
     with pytest.raises(ConfigError, match="unknown feature layer"):
         extract_features(model, x, layer="penultimate")
-    assert set(LAYERS) == {"pre_logits", "pooled_last"}
+    assert set(LAYERS) == {"pre_logits", "pooled_last", "prev_stage_3x3"}
 
 
 def test_layer_features_keep_gradients_for_callers_that_want_them() -> None:
@@ -78,3 +85,48 @@ def test_layer_features_keep_gradients_for_callers_that_want_them() -> None:
     x = torch.randn(1, 3, 32, 32, requires_grad=True)
     layer_features(model, x, layer="pooled_last").sum().backward()
     assert x.grad is not None and float(x.grad.abs().sum()) > 0
+
+
+def test_prev_stage_3x3_on_imgflow_cnn_is_the_stage_before_the_last(tiny_model_dir) -> None:
+    """imgflow's CNN has no forward_intermediates: its stages[-2] is read by a hook, in the same pass
+    that gives the logits (the few-shot head's path)."""
+    model, _ = load_classifier(tiny_model_dir)
+    assert FEWSHOT_LAYER == "prev_stage_3x3"
+    x = torch.randn(3, 1, 28, 28)
+    with torch.no_grad():
+        fmap = model.stages[:-1](model.stem(x))  # (3, 32, 7, 7) at 28 px
+        expected = torch.nn.functional.adaptive_avg_pool2d(fmap, 3).flatten(1)
+        logits, feats = logits_and_features(model, x, layer="prev_stage_3x3")
+        np.testing.assert_allclose(logits.numpy(), model(x).numpy(), rtol=1e-5, atol=1e-5)
+    got = extract_features(model, x, layer="prev_stage_3x3", batch_size=2)
+    assert got.shape == (3, fmap.shape[1] * 9)
+    np.testing.assert_allclose(got, expected.numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(feats.numpy(), expected.numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_prev_stage_3x3_on_a_vit_is_its_token_grid_before_the_last_block() -> None:
+    model = _vit(depth=2, reg_tokens=1).eval()  # class token + 1 register; a 4x4 patch grid at 32 px
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        tokens = model.blocks[0](model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(x)))))
+        grid = tokens[:, model.num_prefix_tokens :].reshape(2, 4, 4, -1).permute(0, 3, 1, 2)
+        expected = torch.nn.functional.adaptive_avg_pool2d(grid, 3).flatten(1)
+        logits, feats = logits_and_features(model, x, layer="prev_stage_3x3")
+        np.testing.assert_allclose(logits.numpy(), model(x).numpy(), rtol=1e-5, atol=1e-5)
+    got = extract_features(model, x, layer="prev_stage_3x3")
+    assert got.shape == (2, model.embed_dim * 9)
+    np.testing.assert_allclose(got, expected.numpy(), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(feats.numpy(), expected.numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_prev_stage_3x3_on_a_timm_cnn_and_a_model_without_stages() -> None:
+    model = timm.create_model("resnet10t", pretrained=False, num_classes=3, in_chans=1)
+    got = extract_features(model, torch.randn(2, 1, 32, 32), layer="prev_stage_3x3")
+    assert got.shape == (2, model.layer3[-1].conv2.out_channels * 9) and np.isfinite(got).all()
+
+    class Flat(torch.nn.Module):
+        def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+            return x
+
+    with pytest.raises(ConfigError, match="no forward_intermediates and no stages"):
+        extract_features(Flat(), torch.randn(1, 1, 8, 8), layer="prev_stage_3x3")

@@ -14,7 +14,7 @@ from components.core.config import load_params
 from components.core.errors import DataError
 from components.model import fewshot
 from components.model.checkpoint import ModelSpec, Predictor, load_classifier, save_classifier
-from components.model.features import extract_features
+from components.model.features import FEWSHOT_LAYER, extract_features
 from tests.conftest import FMNIST_CLASSES, fmnist_arrays, png_bytes
 from tests.model.test_embedding_store import write_data_dir
 
@@ -49,11 +49,12 @@ def _support_folder(root: Path, per_class: int = 10) -> Path:
     return root
 
 
-def _base_features(base_dir: Path) -> fewshot.BaseFeatures:
+def _base_features(base_dir: Path, layer: str = "pooled_last") -> fewshot.BaseFeatures:
     model, spec = load_classifier(base_dir)
     x, y = fmnist_arrays("train", 700)
     keep = ~np.isin(y, HELD_OUT)
-    feats = extract_features(model, Predictor(model, spec).preprocess([png_bytes(a) for a in x[keep]]))
+    x_keep = Predictor(model, spec).preprocess([png_bytes(a) for a in x[keep]])
+    feats = extract_features(model, x_keep, layer=layer)
     labels = np.array([BASE.index(FMNIST_CLASSES[int(t)]) for t in y[keep]])
     return fewshot.BaseFeatures(train=feats[:400], train_labels=labels[:400], heldout=feats[400:],
                                 heldout_labels=labels[400:])  # fmt: skip
@@ -67,15 +68,16 @@ def _test_images(n: int = 300) -> tuple[list[bytes], np.ndarray]:
 def test_added_classes_are_served_and_base_answers_kept(base_dir: Path, tmp_path: Path) -> None:
     images = fewshot.read_support_folder(_support_folder(tmp_path / "support"), k=5)
     model, spec = load_classifier(base_dir)
-    support = {n: fewshot.support_features(model, spec, b, layer="pooled_last") for n, b in images.items()}
+    # The few-shot default layer: the head reads it through a hook on the CNN's stage before the last.
+    support = {n: fewshot.support_features(model, spec, b, layer=FEWSHOT_LAYER) for n, b in images.items()}
     hashes = {n: fewshot.support_hash({n: b}) for n, b in images.items()}
     before = Predictor.from_dir(base_dir)
     test, y = _test_images()
     base_probs = before.predict_proba(test)
 
     out = tmp_path / "new" / "model"
-    bank = fewshot.add_classes(base_dir, out, support, base=_base_features(base_dir), layer="pooled_last",
-                               hashes=hashes)  # fmt: skip
+    bank = fewshot.add_classes(base_dir, out, support, base=_base_features(base_dir, FEWSHOT_LAYER),
+                               layer=FEWSHOT_LAYER, hashes=hashes)  # fmt: skip
     # No retraining: the very same weights file, the classes appended, the bank recorded.
     digest = [hashlib.sha256((d / "model.safetensors").read_bytes()).hexdigest() for d in (base_dir, out)]
     assert digest[0] == digest[1]
@@ -175,7 +177,7 @@ def test_registered_version_serves_new_classes_and_bad_sets_register_nothing(
     change = run_classes_add(params, _support_folder(tmp_path / "support"), k=10)
     assert change.version == "2" and change.base_version == "1" and change.added == ("Ankle boot", "Bag")
     assert change.gates_passed and "champion" in change.aliases and change.base_agreement >= 0.9
-    assert change.tags["fewshot_layer"] == "pooled_last" and len(change.tags["fewshot_support_hash"]) == 16
+    assert change.tags["fewshot_layer"] == FEWSHOT_LAYER and len(change.tags["fewshot_support_hash"]) == 16
     served = Predictor.from_dir(tracking.download_model_dir(f"models:/{name}@champion", tmp_path / "v2"))
     assert served.spec.classes[-2:] == ("Ankle boot", "Bag")
     again = Predictor.from_dir(tracking.download_model_dir(f"models:/{name}/1", tmp_path / "v1b"))

@@ -156,7 +156,18 @@ def _reference_sweep(
     model: nn.Module, x01: torch.Tensor, y: torch.Tensor, *, seed: int, batch: int
 ) -> tuple[float, dict[str, list[float]]]:
     """The sweep written the plain way: one batch, family and severity at a time, through the model as
-    loaded (no conv-BN folding, no channels-last, no threads, fp32)."""
+    loaded (no conv-BN folding, no channels-last, one thread, fp32)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # 2 intra-op threads on a busy 2-core box spin: 7x the CPU, measured
+    try:
+        return _reference_counts(model, x01, y, seed=seed, batch=batch)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _reference_counts(
+    model: nn.Module, x01: torch.Tensor, y: torch.Tensor, *, seed: int, batch: int
+) -> tuple[float, dict[str, list[float]]]:
     clean, correct = 0, {f: [0] * len(SEVERITIES) for f in FAMILIES}
     with torch.no_grad():
         for b, (xb, yb) in enumerate(zip(x01.split(batch), y.split(batch), strict=True)):

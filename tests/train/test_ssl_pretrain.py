@@ -39,6 +39,15 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
+def ci_project(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """100 real images per class and source split (~900 train images): several steps per epoch."""
+    root = tmp_path_factory.mktemp("ssl-ci-project")
+    params = load_params(write_small_params(root, max_per_class=100), _overrides(root))
+    run_ingest(params, progress=False)
+    return root
+
+
+@pytest.fixture(scope="module")
 def ray_runtime():
     os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = "0.5"
     try:
@@ -135,9 +144,10 @@ def _kill_mid_epoch(
 
 @pytest.mark.slow
 def test_killed_pretraining_worker_resumes_on_the_same_curve(
-    project: Path, ray_runtime: None, tmp_path: Path
+    ci_project: Path, ray_runtime: None, tmp_path: Path
 ) -> None:
-    params = _params(project, "ssl.max_images=600", "ssl.batch_size=64", "train.max_failures=1")
+    project = ci_project
+    params = _params(project, "ssl.batch_size=64", "train.max_failures=1")
     reference = run_pretrain(params, epochs=3, progress=False)
     events, killed, stop = tmp_path / "events.jsonl", list[tuple[int, int]](), threading.Event()
     killer = threading.Thread(

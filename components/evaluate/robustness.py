@@ -41,7 +41,6 @@ from torch import nn
 
 from components.core.errors import ConfigError
 from components.core.progress import progress_bar
-from components.train.torch_recipe import cpu_has_native_bf16
 
 logger = logging.getLogger(__name__)
 
@@ -210,6 +209,10 @@ def sweep_dtype(amp: str) -> torch.dtype | None:
     """The sweep's autocast dtype: bf16 when ``amp`` is ``auto`` and this CPU runs bf16 natively
     (AVX512-BF16 or AMX: ~1.7x faster passes); None (fp32) with ``off`` or without native bf16, where
     emulated bf16 would be slower than fp32."""
+    # Imported here: torch_recipe pulls in timm and the data stack (seconds), which the modules that
+    # only need this module's report types (gate_report) should not pay for.
+    from components.train.torch_recipe import cpu_has_native_bf16
+
     if amp not in ("auto", "off"):
         raise ConfigError(f"evaluate.robustness.amp must be auto or off, got {amp!r}")
     return torch.bfloat16 if amp == "auto" and cpu_has_native_bf16() else None

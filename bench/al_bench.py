@@ -6,7 +6,8 @@ alone, and the label-efficiency benchmark merges its figures. Protocol (issue 25
 - features: a small imgflow CNN (``imgflow_cnn``) trained here for a few epochs on Fashion-MNIST train
   images *disjoint from the pool* (rows 40,000-49,999), read at the embedding store's default layer
   (``pooled_last``: the last conv block, pooled); raw pixels (PCA to 50 dimensions) are measured beside
-  them and the figures come from whichever gives the larger margin gain (``features`` says which);
+  them and the figures come from whichever a probe does better on (accuracy on 500 random labels;
+  ``features`` says which; both spaces' gains are in the tables);
 - pool: train rows 0-19,999 (20k); held-out: the official test set (10k);
 - labels: 20 random, then margin (or random) batches of 20 up to 200, then of 60 up to 500; a logistic
   probe (``components.quality.active_learning.fit_probe``) after each batch; accuracy at 200 and 500;
@@ -81,7 +82,8 @@ def _cnn_features(data: dict[str, tuple[np.ndarray, np.ndarray]], *, epochs: int
     mean, std = float(cfg["mean"][0]), float(cfg["std"][0])
 
     def tensor(x: np.ndarray) -> torch.Tensor:
-        return ((torch.as_tensor(x, dtype=torch.float32) / 255.0 - mean) / std).unsqueeze(1)
+        # a copy: the IDX arrays are read-only views, which torch warns about
+        return ((torch.as_tensor(np.array(x), dtype=torch.float32) / 255.0 - mean) / std).unsqueeze(1)
 
     x, y = tensor(data["feature_train"][0]), torch.as_tensor(data["feature_train"][1], dtype=torch.long)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.05)
@@ -198,7 +200,9 @@ def measure(*, quick: bool) -> dict[str, Any]:
     }
     feature_s = time.perf_counter() - t_feat
     results = {name: _evaluate(feats, y, yt, sizes) for name, feats in spaces.items()}
-    chosen = max(results, key=lambda n: min(results[n]["gain_200_pt"], results[n]["gain_500_pt"]))
+    # the figures come from the features a probe does better on (random labels, 500): gains measured on
+    # a weaker feature space would flatter active learning
+    chosen = max(results, key=lambda n: results[n]["curve"]["random"][sizes[-1]])
     best = results[chosen]
     round_s = _round_seconds(spaces[chosen], y)
     figures = [
@@ -207,19 +211,13 @@ def measure(*, quick: bool) -> dict[str, Any]:
         _figure("al_coldstart_gain_20_pt", 100 * (best["cold_typical"] - best["cold_random"]), "points"),
         _figure("al_round_s", round_s, "s"),
     ]
-    rows = [[name, round(r["gain_200_pt"], 2), round(r["gain_500_pt"], 2), round(100 * r["cold_typical"], 2),
-             round(100 * r["cold_random"], 2)] for name, r in results.items()]  # fmt: skip
+    rows = [[name, round(100 * r["curve"]["random"][sizes[-1]], 2), round(r["gain_200_pt"], 2),
+             round(r["gain_500_pt"], 2), round(100 * r["cold_typical"], 2), round(100 * r["cold_random"], 2)]
+            for name, r in results.items()]  # fmt: skip
+    header = ["features", f"random_{sizes[-1]}_acc_pct", "margin_gain_200_pt", "margin_gain_500_pt",
+              "typical_20_acc_pct", "random_20_acc_pct"]  # fmt: skip
     tables = {
-        "al_features": {
-            "header": [
-                "features",
-                "margin_gain_200_pt",
-                "margin_gain_500_pt",
-                "typical_20_acc_pct",
-                "random_20_acc_pct",
-            ],
-            "rows": rows,
-        },  # fmt: skip
+        "al_features": {"header": header, "rows": rows},
         "al_curves": {name: r["curve"] for name, r in results.items()},
         "al_per_seed": {name: r["per_seed"] for name, r in results.items()},
     }
@@ -227,7 +225,8 @@ def measure(*, quick: bool) -> dict[str, Any]:
         "figures": figures,
         "tables": tables,
         "features": chosen,
-        "features_why": "the feature space with the larger worse-of-two margin gain (both measured, in al_features)",
+        "features_why": f"the feature space whose probe is more accurate on {sizes[-1]} random labels (both "
+        "measured: al_features, al_curves)",
         "pool": len(y),
         "seeds": list(SEEDS),
         "feature_s": round(feature_s, 2),

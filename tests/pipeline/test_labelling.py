@@ -164,8 +164,10 @@ def test_bad_label_csv_is_a_clear_error_and_imports_nothing(project: dict, tmp_p
 def test_missing_column_is_a_clear_error(project: dict, tmp_path: Path) -> None:
     path = tmp_path / "cols.csv"
     path.write_text("image_id,path\nabc,x\n")
+    before = _tree_digest(project["params"].project.data_dir)
     with pytest.raises(ConfigError, match="missing column"):
         run_label_import(project["params"], path)
+    assert _tree_digest(project["params"].project.data_dir) == before
 
 
 @pytest.mark.parametrize("seed", [0, 1])

@@ -472,6 +472,13 @@ def run_label_import(params: Params, labels_csv: Path, *, progress: bool = False
         raise ConfigError(f"label CSV {labels_csv} relabels images imported before; nothing was imported:\n  "
                           + "\n  ".join(clashes[:50]))  # fmt: skip
     fresh = {i: lab for i, lab in labels.items() if i not in previous}
+    # an image the data version already holds from ingest.source: a second copy would be quarantined
+    # with it as a duplicate (or both as conflicting labels), so it is refused here instead
+    present = set(read_manifest(paths.data.manifest)["image_id"])
+    held = sorted(i for i in fresh if i in present)
+    if held:
+        raise ConfigError(f"label CSV {labels_csv} labels images already in the data version (labelled by "
+                          f"ingest.source); nothing was imported:\n  " + "\n  ".join(held[:50]))  # fmt: skip
     if not fresh:
         raise ConfigError(f"label CSV {labels_csv} has no new label ({blank} blank row(s), "
                           f"{len(labels)} already imported): nothing to import")  # fmt: skip

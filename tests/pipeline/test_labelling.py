@@ -53,6 +53,9 @@ def project(tmp_path_factory: pytest.TempPathFactory, mlflow_server: dict) -> di
             truth[hashlib.sha256(data).hexdigest()] = label
     (root / "pool" / "broken.png").write_bytes(b"not an image")
     shutil.copy(next((root / "pool" / "batch0").iterdir()), root / "pool" / "copy.png")
+    labelled = next((root / "src" / "Bag").iterdir())  # an image the data version already holds
+    shutil.copy(labelled, root / "pool" / "labelled.png")
+    in_data = hashlib.sha256(labelled.read_bytes()).hexdigest()
     params = _params(root, tracking=mlflow_server["uri"])  # the session's server: no new sqlite store
     run_ingest(params, progress=False)
     audit_queue = root / "outputs" / "audit" / "relabel_queue.csv"  # an audit's queue to append to
@@ -61,18 +64,19 @@ def project(tmp_path_factory: pytest.TempPathFactory, mlflow_server: dict) -> di
                   "suggested_label": ["Trouser"], "label_quality": [0.01], "status": ["new"], "first_seen": ["v"],
                   "missing_labels": [""], "extra_labels": [""]}).to_csv(audit_queue, index=False)  # fmt: skip
     result = run_label_next(params, budget=8, strategy="auto")
-    return {"root": root, "params": params, "truth": truth, "result": result, "audit_queue": audit_queue}
+    return {"root": root, "params": params, "truth": truth, "result": result, "audit_queue": audit_queue,
+            "in_data": in_data}  # fmt: skip
 
 
 def test_pool_is_content_hashed_and_bad_files_quarantined(project: dict) -> None:
     pool = read_pool(project["params"].project.data_dir)
-    assert set(pool["image_id"]) == set(project["truth"])  # sha256 of the bytes, as ingest hashes
+    assert set(pool["image_id"]) == {*project["truth"], project["in_data"]}  # sha256 of the bytes
     quarantine = pd.read_csv(project["params"].project.data_dir / "pool" / "quarantine.csv")
     reasons = dict(zip(quarantine["source_path"], quarantine["reason"], strict=True))
     assert reasons["broken.png"].startswith("not an image")
     assert reasons["copy.png"].startswith("duplicate: byte-identical")
     manifest = read_manifest(project["params"].project.data_dir / "manifest.parquet")
-    assert not set(manifest["image_id"]) & set(pool["image_id"])  # the pool is not in the data version
+    assert set(manifest["image_id"]) & set(pool["image_id"]) == {project["in_data"]}  # only the copy
 
 
 def test_label_next_writes_the_queue_ledger_and_says_why(project: dict) -> None:
@@ -158,6 +162,16 @@ def test_bad_label_csv_is_a_clear_error_and_imports_nothing(project: dict, tmp_p
     expected = {"unknown id": "unknown image_id", "unknown class": "unknown class 'Shirt'",
                 "duplicate": "duplicate row", "conflicting": "conflicting labels"}[kind]  # fmt: skip
     assert expected in str(err.value) and "line " in str(err.value)
+    assert _tree_digest(data) == before
+
+
+def test_labelling_an_image_already_in_the_data_version_is_refused(project: dict, tmp_path: Path) -> None:
+    """Its second copy would knock the first out of the data version (duplicate / conflicting labels)."""
+    data = project["params"].project.data_dir
+    before = _tree_digest(data)
+    row = {"image_id": project["in_data"], "path": "", "label": "Trouser"}
+    with pytest.raises(ConfigError, match="already in the data version"):
+        run_label_import(project["params"], _answers(project, [*_filled(project), row], tmp_path / "a.csv"))
     assert _tree_digest(data) == before
 
 

@@ -74,9 +74,13 @@ def run_pretrain(
     """Pretrain ``train.model``'s backbone with ``ssl.method`` on ``data`` (default: the project's data
     version, train split; labels ignored) and log it to MLflow."""
     from components.registry import tracking
-    from components.train.ssl import pretrain
+    from components.train.ssl import METHODS, pretrain
     from components.train.ssl_data import build_ssl_recipe, decode_images, model_data_config, source_paths
 
+    if params.ssl.method not in METHODS:  # the CLI's --method bypasses the params schema
+        raise ConfigError(
+            f"unknown pretraining method {params.ssl.method!r}: use one of {', '.join(METHODS)}"
+        )
     paths = StagePaths(params)
     source = (data or paths.data.root).resolve()
     train_cfg, in_chans = _resolved_train(params, source)

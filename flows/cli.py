@@ -586,7 +586,9 @@ def pretrain(
             "folder of image files (unlabelled extras). Default: the project's data version, train split.",
         ),
     ] = None,
-    epochs: Annotated[int | None, typer.Option("--epochs", min=1, help="Epochs (default: ssl.epochs).")] = None,
+    epochs: Annotated[
+        int | None, typer.Option("--epochs", min=1, help="Epochs (default: ssl.epochs).")
+    ] = None,
     params: ParamsOpt = Path("params.yaml"),
     set_: SetOpt = None,
     wait: WaitOpt = 0.0,
@@ -600,7 +602,9 @@ def pretrain(
 
     def body(p: Any) -> Any:
         p = p.model_copy(update={"ssl": p.ssl.model_copy(update={"method": method})})
-        return run_pretrain(p, data=data, epochs=epochs, progress=not as_json, ray_options=_ray_options(verbose=verbose))
+        return run_pretrain(
+            p, data=data, epochs=epochs, progress=not as_json, ray_options=_ray_options(verbose=verbose)
+        )
 
     result = _run(_locked("pretrain", params, set_, wait, body), as_json=as_json, verbose=verbose)
     _emit(result, as_json, lambda r: f"pretrained {r.model} ({r.method}) on {r.images} images, {r.epochs} epochs "
@@ -612,7 +616,9 @@ def pretrain(
 def label_efficiency(
     ssl_run: Annotated[
         str | None,
-        typer.Option("--ssl-run", help="The pretraining's MLflow run id (default: the last `imgflow pretrain`)."),
+        typer.Option(
+            "--ssl-run", help="The pretraining's MLflow run id (default: the last `imgflow pretrain`)."
+        ),
     ] = None,
     params: ParamsOpt = Path("params.yaml"),
     set_: SetOpt = None,
@@ -633,7 +639,10 @@ def label_efficiency(
 
 
 def _label_efficiency_summary(r: Any) -> str:
-    lines = [f"{m:<12} " + "  ".join(f"{p} {100 * v:5.1f}" for p, v in by.items()) for m, by in r.report["summary"].items()]
+    lines = [
+        f"{m:<12} " + "  ".join(f"{p} {100 * v:5.1f}" for p, v in by.items())
+        for m, by in r.report["summary"].items()
+    ]
     return "\n".join([*lines, f"report: {r.markdown_path}; MLflow run {r.run_id}"])
 
 

@@ -20,7 +20,15 @@ from components.data.manifest import DataPaths, DatasetInfo, read_manifest, requ
 from components.model.models import shipped_weights_file
 from components.task import get_task
 
-_PATH_FIELDS = ("manifest", "data_dir", "cache_dir", "pretrained_file", "exclude_file", "teacher_dir", "init_dir")
+_PATH_FIELDS = (
+    "manifest",
+    "data_dir",
+    "cache_dir",
+    "pretrained_file",
+    "exclude_file",
+    "teacher_dir",
+    "init_dir",
+)
 _TUPLE_FIELDS = ("classes", "scale")
 
 

@@ -146,7 +146,12 @@ def train(
         )  # fmt: skip
     options = ray_options or RayOptions()
     recipe = build_recipe(
-        cfg, data, seed=seed, weights_dir=weights_dir, exclude_file=exclude_file, distill=distill,
+        cfg,
+        data,
+        seed=seed,
+        weights_dir=weights_dir,
+        exclude_file=exclude_file,
+        distill=distill,
         init_dir=init_dir,
     )
     use_gpu = {"auto": None, "true": True, "false": False}[cfg.use_gpu]

@@ -22,7 +22,7 @@ Ops (x in [0, 1], magnitude m drawn per image from TrivialAugment-Wide's ranges)
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -199,7 +199,8 @@ def attach(dataset: Any, kind: str, *, mean: Sequence[float], std: Sequence[floa
     from components.data.datasets import InMemoryDataset, ManifestDataset
 
     if isinstance(dataset, InMemoryDataset):
-        dataset.erase = NormalisedPhotometric(fn, mean=mean, std=std, after=dataset.erase)
+        # the post-crop hook takes any batch -> batch callable; its annotation names only RandomErasing
+        dataset.erase = cast(Any, NormalisedPhotometric(fn, mean=mean, std=std, after=dataset.erase))
     elif isinstance(dataset, ManifestDataset):
         inner = dataset.transform
         wrap = NormalisedPhotometric(fn, mean=mean, std=std)

@@ -158,3 +158,19 @@ def test_decisions_are_mlflow_params_and_reason_tags(fashion_mnist: DataProfile)
     assert tags["recipe.input_size.reason"].startswith("auto: median short side 28 px")
     assert all(line.startswith("recipe: ") for line in (d.line() for d in resolved.decisions))
     assert resolved.to_dict()["profile"]["imbalance_ratio"] == 1.0
+
+
+def test_photometric_augmentation_for_the_small_cnn_on_enough_images(fashion_mnist: DataProfile) -> None:
+    """Fashion-MNIST-sized grey data gets TrivialAugment (measured: no clean cost, contrast and brightness
+    no longer collapse); few images, colour images and a key set in params keep what they had."""
+    resolved = resolve(TrainConfig(), fashion_mnist, TWO_THREADS)
+    assert resolved.config.augment == "trivialaugment"
+    assert "TrivialAugment" in {d.key: d.reason for d in resolved.decisions}["augment"]
+    digits = DataProfile("singlelabel", {"train": 1437, "val": 180, "test": 180}, dict.fromkeys("0123456789", 143),
+                         median_short_side=8, grey_share=1.0)  # fmt: skip
+    colour = DataProfile("singlelabel", {"train": 20000, "val": 250, "test": 250}, dict.fromkeys("abc", 6666),
+                         median_short_side=96, grey_share=0.0, modes={"RGB": 20500})  # fmt: skip
+    assert resolve(TrainConfig(), digits, TWO_THREADS).config.augment == "none"
+    assert resolve(TrainConfig(), colour, TWO_THREADS).config.augment == "none"
+    kept = resolve(TrainConfig(augment="none"), fashion_mnist, TWO_THREADS)
+    assert kept.config.augment == "none" and {d.key: d.source for d in kept.decisions}["augment"] == "params"

@@ -183,19 +183,21 @@ def _create_small_resnet(
 
 @register_model
 def imgflow_resnet_avgmax(pretrained: bool = False, **kwargs: Any) -> SmallResNet:
-    """:class:`SmallResNet` with a 24-wide stem and stages 32-64-128 (0.2M parameters)."""
+    """:class:`SmallResNet` with a 24-wide stem and stages 32-64-128 (296k parameters, 1.58x the cost
+    of an ``imgflow_cnn_avgmax`` epoch; +0.7 points of test accuracy in 12 epochs against its 16 on
+    1,000 Fashion-MNIST images per class: docs/training.md)."""
     return _create_small_resnet("imgflow_resnet_avgmax", (32, 64, 128), 24, pretrained, **kwargs)
 
 
 @register_model
 def imgflow_resnet_small_avgmax(pretrained: bool = False, **kwargs: Any) -> SmallResNet:
-    """:class:`SmallResNet` at ``imgflow_cnn``'s widths (16 stem, 16-32-64; 40k parameters)."""
+    """:class:`SmallResNet` at ``imgflow_cnn``'s widths (16 stem, 16-32-64; 76k parameters)."""
     return _create_small_resnet("imgflow_resnet_small_avgmax", (16, 32, 64), 16, pretrained, **kwargs)
 
 
 @register_model
 def imgflow_resnet_mid_avgmax(pretrained: bool = False, **kwargs: Any) -> SmallResNet:
-    """:class:`SmallResNet` with a 24-wide stem and stages 24-48-96 (0.12M parameters)."""
+    """:class:`SmallResNet` with a 24-wide stem and stages 24-48-96 (169k parameters)."""
     return _create_small_resnet("imgflow_resnet_mid_avgmax", (24, 48, 96), 24, pretrained, **kwargs)
 
 

@@ -12,8 +12,9 @@ return one score per image, higher = more worth a label:
   ``entropy`` and says so (:attr:`Scored.note`);
 - ``random``: a seeded random order (the control every strategy is compared with).
 
-``typical`` (TypiClust-style cold start, Hacohen et al. 2022) reads the embedding instead: k-means
-with ``budget`` centroids, the image nearest each centroid, the largest (densest) clusters first.
+``typical`` (TypiClust cold start, Hacohen et al. 2022) reads the embedding instead: k-means with
+``budget`` centroids, the most typical image of each cluster (densest: nearest its neighbours), the
+largest clusters first.
 
 :func:`select` takes the top of a ranking while dropping near-duplicates within the batch (the same
 perceptual hash, or cosine similarity of the embeddings above a threshold): one image per group.
@@ -101,25 +102,41 @@ def score(strategy: str, probs: np.ndarray, *, seed: int = 0) -> Scored:
     return Scored(functions[strategy](p), strategy, strategy)
 
 
-def typical(features: np.ndarray, budget: int, *, seed: int = 0) -> Scored:
-    """TypiClust-style cold start: k-means with ``budget`` centroids; each cluster's image nearest its
-    centroid scores the cluster's share of the images (densest clusters first), the others 0."""
+def typical(features: np.ndarray, budget: int, *, seed: int = 0, neighbours: int = 20) -> Scored:
+    """TypiClust cold start (Hacohen et al. 2022): k-means with ``budget`` centroids; in each cluster the
+    most *typical* image (highest density: the inverse of its mean distance to its ``neighbours`` nearest
+    neighbours within the cluster) scores the cluster's share of the images, so the largest clusters
+    come first; every other image scores 0. The features are used as they are (standardising them
+    whitens a PCA space and made the picks worse: measured in bench/al_bench.py's notes)."""
     from sklearn.cluster import KMeans, MiniBatchKMeans
 
-    x = _standardise(np.asarray(features, dtype=np.float64))
+    x = np.asarray(features, dtype=np.float64)
     k = max(1, min(budget, len(x)))
-    algo = MiniBatchKMeans if len(x) > 5000 else KMeans
+    algo = MiniBatchKMeans if len(x) > 50_000 else KMeans
     with one_thread():
-        km = algo(n_clusters=k, random_state=seed, n_init=3).fit(x)
-    dist = np.linalg.norm(x - km.cluster_centers_[km.labels_], axis=1)
-    sizes = np.bincount(km.labels_, minlength=k)
+        labels = algo(n_clusters=k, random_state=seed, n_init=3).fit(x).labels_
+    sizes = np.bincount(labels, minlength=k)
     out = np.zeros(len(x))
     for c in range(k):
-        members = np.flatnonzero(km.labels_ == c)
+        members = np.flatnonzero(labels == c)
         if len(members):
-            # ties between clusters broken by closeness, so the order is total and reproducible
-            out[members[np.argmin(dist[members])]] = sizes[c] / len(x) + 1e-9 / (1.0 + dist[members].min())
+            density = _typicality(x[members], neighbours)
+            best = int(np.argmax(density))
+            # ties between equal-sized clusters broken by density, so the order is total and reproducible
+            out[members[best]] = sizes[c] / len(x) + 1e-9 * density[best] / (1.0 + density[best])
     return Scored(out, "typical", "typical")
+
+
+def _typicality(x: np.ndarray, neighbours: int) -> np.ndarray:
+    """1 / mean distance to the ``neighbours`` nearest other rows (all rows when fewer)."""
+    if len(x) == 1:
+        return np.ones(1)
+    from sklearn.neighbors import NearestNeighbors
+
+    k = min(neighbours, len(x) - 1)
+    with one_thread():
+        dist, _ = NearestNeighbors(n_neighbors=k + 1).fit(x).kneighbors(x)
+    return 1.0 / (dist[:, 1:].mean(axis=1) + 1e-12)
 
 
 def one_thread() -> Any:
@@ -128,10 +145,6 @@ def one_thread() -> Any:
     from threadpoolctl import threadpool_limits
 
     return threadpool_limits(limits=1)
-
-
-def _standardise(x: np.ndarray) -> np.ndarray:
-    return (x - x.mean(axis=0)) / (x.std(axis=0) + 1e-8)
 
 
 def _hamming(a: str, b: str) -> int:

@@ -276,7 +276,7 @@ def _example_image(spec: Any) -> bytes:
 # --------------------------------------------------------------------------- episodic evaluation
 
 PER_CLASS_CAP, CENTRE_IMAGES = 200, 500
-"""Test images per class the episodes draw from; training images the baselines' centres are means of."""
+"""Test images per class the episodes draw from; training images whose class means centre SimpleShot."""
 
 
 def run_fewshot_evaluation(
@@ -334,7 +334,7 @@ def _episode_features(
     params: Params, net: Any, spec: Any, store: Any, test: Any, train: Any, *, layer: str, seed: int
 ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """Features of the episode rows per representation (the stored layer, pixels, random init) and each
-    one's centre (a mean over training rows)."""
+    one's training class means (SimpleShot's centring, :func:`_class_means`)."""
     import torch
 
     from components.model.checkpoint import Predictor
@@ -353,6 +353,14 @@ def _episode_features(
     random_net = create_classifier(spec.model, outputs, in_chans=spec.in_chans, pretrained=False).eval()
     feats = {"model": store.rows(list(test["image_id"])), "pixels": x_test.flatten(1).numpy(),
              "random_init": extract_features(random_net, x_test, layer=layer)}  # fmt: skip
-    centres = {"model": np.asarray(store.split("train")).mean(axis=0), "pixels": x_train.flatten(1).numpy().mean(0),
-               "random_init": extract_features(random_net, x_train, layer=layer).mean(axis=0)}  # fmt: skip
+    labels = train["label"].to_numpy()
+    train_feats = {"model": store.rows(list(train["image_id"])), "pixels": x_train.flatten(1).numpy(),
+                   "random_init": extract_features(random_net, x_train, layer=layer)}  # fmt: skip
+    centres = {name: _class_means(f, labels) for name, f in train_feats.items()}
     return feats, centres
+
+
+def _class_means(feats: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """(C, D) the mean feature of each training class: SimpleShot's episodes centre on their balanced
+    mean with the support classes' means, as ``imgflow classes add`` does."""
+    return np.stack([np.asarray(feats)[labels == c].mean(axis=0) for c in np.unique(labels)])

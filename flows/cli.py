@@ -1130,8 +1130,8 @@ def classes_add(
 ) -> None:
     """Add each sub-folder of FOLDER as a class of a new registered version, without retraining.
 
-    SimpleShot prototypes on the stored layer, centred on the base training set's mean; the previous
-    version is unchanged. A bad support set (fewer than --k images, a name the model has, an undecodable file)
+    SimpleShot prototypes on the stored layer, centred on the mean of the class means (base and new);
+    the previous version is unchanged. A bad support set (fewer than --k images, a name the model has, an undecodable file)
     is exit code 2 with nothing registered."""
     from components.pipeline.classes import run_classes_add
 

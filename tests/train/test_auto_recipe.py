@@ -46,11 +46,14 @@ def fashion_mnist() -> DataProfile:
     return profile_from_manifest(frame, DatasetInfo(classes=FMNIST_CLASSES))
 
 
-def test_fashion_mnist_resolves_to_exactly_the_hand_tuned_recipe(fashion_mnist: DataProfile) -> None:
+def test_fashion_mnist_resolves_to_the_residual_net_for_12_epochs(fashion_mnist: DataProfile) -> None:
+    """The hand-tuned recipe (batch, lr, loss...) with the measured better model: imgflow_resnet_avgmax for
+    12 epochs (94.05% vs the CNN's 92.93% in 16, one plain-loop run at full size: docs/training.md)."""
     manual = TrainConfig(recipe="manual")
     resolved = resolve(TrainConfig(), fashion_mnist, TWO_THREADS).config
-    for key in ("model", "pretrained", "epochs", "batch_size", "lr", "warmup_epochs", "loss", "sampler"):
+    for key in ("pretrained", "batch_size", "lr", "warmup_epochs", "loss", "sampler"):
         assert getattr(resolved, key) == getattr(manual, key), key
+    assert (resolved.model, resolved.epochs) == ("imgflow_resnet_avgmax", 12)
     assert (manual.model, manual.epochs, manual.batch_size, manual.lr) == ("imgflow_cnn_avgmax", 16, 64, 3e-3)
     # manual's input_size None means the model's default, which is the 28 px auto picks
     assert (
@@ -136,7 +139,7 @@ def test_colour_images_budget_and_small_datasets(fashion_mnist: DataProfile) -> 
     out = resolve(TrainConfig(), colour, TWO_THREADS).config
     assert out.in_chans == 3 and out.model == "tf_efficientnet_lite0" and out.input_size == 96
     tight = resolve(TrainConfig(time_budget_min=1.5), fashion_mnist, TWO_THREADS)
-    assert tight.config.epochs < 16 and "time budget" in {d.key: d.reason for d in tight.decisions}["epochs"]
+    assert tight.config.epochs < 12 and "time budget" in {d.key: d.reason for d in tight.decisions}["epochs"]
     # 1,437 digits: 12 steps an epoch, so more epochs reach the minimum number of optimizer steps
     digits = DataProfile("singlelabel", {"train": 1437, "val": 180, "test": 180}, dict.fromkeys("0123456789", 143),
                          median_short_side=8, grey_share=1.0)  # fmt: skip
@@ -153,7 +156,7 @@ def test_colour_images_budget_and_small_datasets(fashion_mnist: DataProfile) -> 
 def test_decisions_are_mlflow_params_and_reason_tags(fashion_mnist: DataProfile) -> None:
     resolved = resolve(TrainConfig(epochs=4), fashion_mnist, TWO_THREADS)
     params, tags = resolved.mlflow_params(), resolved.mlflow_tags()
-    assert params["recipe.model"] == "imgflow_cnn_avgmax" and params["recipe.epochs"] == "4"
+    assert params["recipe.model"] == "imgflow_resnet_avgmax" and params["recipe.epochs"] == "4"
     assert tags["recipe.epochs.reason"] == "params: set in params"
     assert tags["recipe.input_size.reason"].startswith("auto: median short side 28 px")
     assert all(line.startswith("recipe: ") for line in (d.line() for d in resolved.decisions))

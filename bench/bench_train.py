@@ -314,6 +314,7 @@ RECIPES: dict[str, dict[str, Any]] = {
         "warmup_epochs": 1,
         "ema_decay": 0.999,
     },
+    "resnet_12_trivialaugment": {"model": "imgflow_resnet_avgmax", "epochs": 12, "augment": "trivialaugment"},
     "resnet_small_16_ema": {"model": "imgflow_resnet_small_avgmax", "epochs": 16, "ema_decay": 0.999},
     "resnet_mid_14_ema": {"model": "imgflow_resnet_mid_avgmax", "epochs": 14, "ema_decay": 0.999},
     "today_trivialaugment": {"model": "imgflow_cnn_avgmax", "epochs": 16, "augment": "trivialaugment"},

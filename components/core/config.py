@@ -800,6 +800,10 @@ class ServeConfig(_Section):
     ancestor that does (``parent``) or nothing (``abstain``); shipped with the model as ``answer``."""
     backoff_precision: float = Field(default=0.975, gt=0, le=1)
     """Label trees: the precision the back-off threshold is fitted for (temperature applied first)."""
+    backoff_confidence: float | None = Field(default=0.95, gt=0, lt=1)
+    """Label trees: the fitted threshold's validation precision must reach ``backoff_precision`` at
+    its Wilson lower bound at this level (None: the point value, which new images miss about half
+    the time)."""
 
     @field_validator("backoff", mode="before")
     @classmethod

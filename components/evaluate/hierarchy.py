@@ -85,15 +85,19 @@ def backoff_summary(
     *,
     mode: BackoffMode,
     target_precision: float,
+    confidence: float | None = 0.95,
 ) -> dict[str, Any]:
-    """Threshold fitted on val for ``target_precision``; precision and answered share on test."""
-    fit = fit_backoff_threshold(val_probs, val_labels, tree, target_precision=target_precision, mode=mode)
+    """Threshold fitted on val for ``target_precision`` (its Wilson lower bound at ``confidence``);
+    precision and answered share on test."""
+    fit = fit_backoff_threshold(val_probs, val_labels, tree, target_precision=target_precision, mode=mode,
+                                confidence=confidence)  # fmt: skip
     answers = backoff_decode(test_probs, tree, threshold=fit.threshold, mode=mode)
     precision, answered, leaf = backoff_outcome(answers, test_labels, tree)
     return {
         "mode": mode,
         "threshold": fit.threshold,
         "target_precision": target_precision,
+        "confidence": confidence,
         "reached_on_val": fit.reached,
         "val_precision": fit.precision,
         "val_answered": fit.answered,
@@ -112,6 +116,7 @@ def hierarchy_report(
     val_labels: np.ndarray | None = None,
     backoff: BackoffMode = "parent",
     backoff_precision: float = 0.975,
+    backoff_confidence: float | None = 0.95,
     k: int = 5,
     n_bins: int = 15,
 ) -> dict[str, Any]:
@@ -125,7 +130,7 @@ def hierarchy_report(
     back = None
     if backoff != "off" and val_probs is not None and val_labels is not None:
         back = backoff_summary(val_probs, val_labels, test_probs, test_labels, tree, mode=backoff,
-                               target_precision=backoff_precision)  # fmt: skip
+                               target_precision=backoff_precision, confidence=backoff_confidence)  # fmt: skip
     return {
         "tree": tree.to_dict(),
         "height": tree.height(),
@@ -235,6 +240,7 @@ def measure_hierarchy(
     k: int,
     n_bins: int,
     out_dir: Any = None,
+    backoff_confidence: float | None = 0.95,
 ) -> dict[str, Any]:
     """The tree's report from (probs (N, K) with the temperature applied, labels (N,)) of test and
     val; ships the tree and the back-off rule (``hierarchy.json``) to ``out_dir`` when given. With
@@ -244,7 +250,8 @@ def measure_hierarchy(
     fit_mode = backoff if backoff != "off" else "parent"
     report = hierarchy_report(test[0], test[1], tree, val_probs=None if val is None else val[0],
                               val_labels=None if val is None else val[1], backoff=fit_mode,  # type: ignore[arg-type]
-                              backoff_precision=backoff_precision, k=k, n_bins=n_bins)  # fmt: skip
+                              backoff_precision=backoff_precision, backoff_confidence=backoff_confidence,
+                              k=k, n_bins=n_bins)  # fmt: skip
     report["backoff_served"] = backoff
     if out_dir is not None:
         threshold = report["backoff"]["threshold"] if report.get("backoff") else 1.0

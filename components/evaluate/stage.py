@@ -289,6 +289,7 @@ def _hierarchy(
 
     return measure_hierarchy(tree, probs(test), probs(val) if val is not None else None,
                              backoff=params.serve.backoff, backoff_precision=params.serve.backoff_precision,
+                             backoff_confidence=params.serve.backoff_confidence,
                              k=params.evaluate.top_k, n_bins=params.evaluate.calibration_bins,
                              out_dir=trust_dir)  # fmt: skip
 

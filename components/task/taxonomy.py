@@ -425,10 +425,15 @@ def fit_backoff_threshold(
     target_precision: float,
     mode: BackoffMode = "parent",
     candidates: int = 200,
+    confidence: float | None = 0.95,
 ) -> BackoffFit:
     """The lowest threshold whose back-off answers reach ``target_precision`` on this (calibration)
     split: the lowest such threshold answers the most leaves. probs: (N, K), temperature applied;
     labels: (N,) true leaf indices. Candidates: observed top-leaf confidences (and 1.0).
+    ``confidence``: the target must hold for the Wilson lower bound of the split's precision at this
+    level, not just its point value: a threshold chosen where the calibration split only just reaches
+    the target lands below it on new images about half the time (Fashion-MNIST: 0.9717 on test for a
+    point fit at 0.975). None: the point value.
     When none reaches the target the strictest candidate is returned with ``reached=False``."""
     if mode == "off":
         raise ValueError("backoff mode 'off' has no threshold to fit")
@@ -441,13 +446,24 @@ def fit_backoff_threshold(
     for tau in grid:
         answers = backoff_decode(probs, tree, threshold=float(tau), mode=mode)
         precision, answered, leaf = backoff_outcome(answers, labels, tree)
+        bound = (
+            precision if confidence is None else _precision_bound(precision, answered, len(conf), confidence)
+        )
         last = BackoffFit(
-            mode, float(tau), target_precision, precision, answered, leaf, precision >= target_precision
+            mode, float(tau), target_precision, precision, answered, leaf, bound >= target_precision
         )
         if last.reached:
             return last
     assert last is not None
     return last
+
+
+def _precision_bound(precision: float, answered: float, n: int, confidence: float) -> float:
+    """Wilson lower bound of a precision measured over ``answered * n`` answers."""
+    from components.task.metrics import wilson_interval
+
+    m = int(round(answered * n))
+    return wilson_interval(int(round(precision * m)), m, confidence=confidence)[0] if m else 0.0
 
 
 # ---------------------------------------------------------------------- shipped with a model

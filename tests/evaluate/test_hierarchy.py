@@ -47,10 +47,11 @@ def test_decoding_rows_by_hand() -> None:
 
 
 def test_gates_and_shipped_rule(tmp_path: Path) -> None:
-    # val: image 2's top leaf (0.6) is wrong but its parent (0.9) right -> tau 0.7 for precision 1.
+    # val: image 2's top leaf (0.6) is wrong but its parent (0.9) right -> tau 0.7 for precision 1
+    # (the point value: three images bound nothing; the Wilson rule is tested in tests/task).
     val = (np.array([[0.95, 0.05, 0, 0], [0.6, 0.3, 0.1, 0], [0.7, 0.1, 0.2, 0]]), np.array([0, 1, 0]))
     report = measure_hierarchy(TREE, (PROBS, LABELS), val, backoff="parent", backoff_precision=1.0, k=2,
-                               n_bins=1, out_dir=tmp_path)  # fmt: skip
+                               n_bins=1, out_dir=tmp_path, backoff_confidence=None)  # fmt: skip
     back = report["backoff"]
     assert back["threshold"] == 0.7
     # test at 0.7: a1 (leaf 0.7, right); abstains (B only 0.6); A (0.1 + 0.6, right: a1 is under A).
@@ -64,7 +65,8 @@ def test_gates_and_shipped_rule(tmp_path: Path) -> None:
                            levels={"min_backoff_precision": "off"})[0].passed is False  # fmt: skip
     shipped = load_hierarchy(tmp_path)
     assert shipped is not None and (shipped.backoff, shipped.threshold) == ("parent", 0.7)
-    off = measure_hierarchy(TREE, (PROBS, LABELS), val, backoff="off", backoff_precision=1.0, k=2, n_bins=1)
+    off = measure_hierarchy(TREE, (PROBS, LABELS), val, backoff="off", backoff_precision=1.0, k=2, n_bins=1,
+                            backoff_confidence=None)  # fmt: skip
     assert off["backoff"] is not None  # fitted and reported, but neither served nor gated
     assert [g.name for g in hierarchy_gates(off, max_crm_ratio=1.0, min_precision=None, min_answered=0.5,
                                             levels={})] == ["max_crm_hdist_ratio"]  # fmt: skip

@@ -76,10 +76,26 @@ def test_fitted_threshold_is_the_lowest_reaching_the_target(tree: Taxonomy) -> N
     # Image 2's top leaf a1 (0.6) is wrong, its parent A (0.9) right: tau must exceed 0.6.
     probs = np.array([[0.95, 0.05, 0, 0], [0.6, 0.3, 0.1, 0], [0.7, 0.1, 0.2, 0]])
     labels = [0, 1, 0]
-    fit = fit_backoff_threshold(probs, labels, tree, target_precision=1.0, mode="abstain")
+    fit = fit_backoff_threshold(probs, labels, tree, target_precision=1.0, mode="abstain", confidence=None)
     assert (fit.threshold, fit.precision, fit.answered, fit.reached) == (0.7, 1.0, pytest.approx(2 / 3), True)
-    fit = fit_backoff_threshold(probs, labels, tree, target_precision=1.0, mode="parent")
+    fit = fit_backoff_threshold(probs, labels, tree, target_precision=1.0, mode="parent", confidence=None)
     assert (fit.threshold, fit.answered, fit.leaf_share) == (0.7, 1.0, pytest.approx(2 / 3))
+
+
+def test_fitted_threshold_needs_the_precision_bound_to_reach_the_target(tree: Taxonomy) -> None:
+    # 500 images: 400 sure (a1 at 0.9; 395 right), 100 unsure (a1 0.5, a2 0.45: parent A at 0.95; 85
+    # right as leaves, all right as A). A point fit for 0.95 takes the lowest threshold, 0.5: every image
+    # answered with its leaf, 480/500 = 0.96 right. Its Wilson lower bound (~0.94) misses 0.95, so the
+    # confident fit moves to 0.9: the unsure back off to A, 495/500 right (bound ~0.98).
+    probs = np.concatenate(
+        [np.tile([0.9, 0.1, 0.0, 0.0], (400, 1)), np.tile([0.5, 0.45, 0.05, 0.0], (100, 1))]
+    )
+    labels = [0] * 395 + [1] * 5 + [0] * 85 + [1] * 15
+    point = fit_backoff_threshold(probs, labels, tree, target_precision=0.95, mode="parent", confidence=None)
+    assert point.threshold == pytest.approx(0.5) and point.precision == pytest.approx(0.96)
+    bound = fit_backoff_threshold(probs, labels, tree, target_precision=0.95, mode="parent", confidence=0.95)
+    assert (bound.threshold, bound.reached, bound.answered) == (pytest.approx(0.9), True, 1.0)
+    assert bound.precision == pytest.approx(0.99) and bound.leaf_share == pytest.approx(0.8)
 
 
 @pytest.mark.parametrize(

@@ -33,6 +33,7 @@ IRRELEVANT_TO_TRAINING: tuple[str, ...] = (
     "tune",  # the sweep's own settings: `imgflow tune` writes a params file, it does not train the champion
     "distill",  # `imgflow distill` trains a student registered under its own name, not the pipeline's model
     "drift",  # how drift is measured, not what is trained
+    "ssl",  # `imgflow pretrain`'s settings: train.init names the pretraining run itself
 )
 """Dotted keys (or whole sections) that cannot change the trained model or its verdict: changing
 them does not trigger a retrain. Everything else does (seed, ingest filters, split, validation and

@@ -11,6 +11,8 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -229,3 +231,22 @@ def train_tiny_model(out_dir: Path, *, n: int = 2000, epochs: int = 2, seed: int
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return train_tiny_model(tmp_path_factory.mktemp("tiny-model") / "model")
+
+
+@contextmanager
+def fast_ray_runtime(num_cpus: int = 2) -> Iterator[None]:
+    """One local Ray runtime for a test module (train() then neither starts nor stops one), stopped
+    after only if started here. Its Train controller polls workers every 0.5 s (default 2 s), so reports
+    and checkpoints of sub-second epochs are registered before the next epoch is over."""
+    from components.train import ray_adapter
+
+    os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = "0.5"
+    try:
+        started = ray_adapter.init_ray(num_cpus=num_cpus)
+    finally:
+        del os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"]
+    try:
+        yield
+    finally:
+        if started:
+            ray_adapter.shutdown_ray()

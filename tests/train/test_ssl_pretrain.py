@@ -14,6 +14,7 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -23,10 +24,9 @@ from components.core.config import Params, load_params
 from components.core.errors import ConfigError
 from components.pipeline.pretraining import resolve_init, run_pretrain
 from components.pipeline.stages import run_ingest
-from components.train import ray_adapter
 from components.train.ray_adapter import RayOptions
 from components.train.ssl import hash_images
-from tests.conftest import write_small_params
+from tests.conftest import fast_ray_runtime, write_small_params
 
 
 @pytest.fixture(scope="module")
@@ -48,15 +48,10 @@ def ci_project(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def ray_runtime():
-    os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = "0.5"
-    try:
-        started = ray_adapter.init_ray(num_cpus=2)
-    finally:
-        del os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"]
-    yield
-    if started:
-        ray_adapter.shutdown_ray()
+def ray_runtime() -> Iterator[None]:
+    """One local Ray runtime for the module (tests/conftest.py fast_ray_runtime)."""
+    with fast_ray_runtime():
+        yield
 
 
 def _overrides(root: Path, *extra: str) -> list[str]:

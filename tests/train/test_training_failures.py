@@ -11,6 +11,7 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,7 @@ from components.core.config import Params, load_params
 from components.pipeline.stages import run_evaluate, run_ingest, run_register, run_train
 from components.train import ray_adapter
 from components.train.ray_adapter import RayOptions
-from tests.conftest import write_small_params
+from tests.conftest import fast_ray_runtime, write_small_params
 
 
 @pytest.fixture(scope="module")
@@ -37,19 +38,10 @@ def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def ray_runtime():
-    """One local Ray runtime for the module (train() then neither starts nor stops one).
-
-    Its Train controller polls workers every 0.5 s (default 2 s), so reports and checkpoints of
-    these sub-second epochs are registered before the next epoch is over."""
-    os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = "0.5"
-    try:
-        started = ray_adapter.init_ray(num_cpus=2)
-    finally:
-        del os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"]
-    yield
-    if started:
-        ray_adapter.shutdown_ray()
+def ray_runtime() -> Iterator[None]:
+    """One local Ray runtime for the module (tests/conftest.py fast_ray_runtime)."""
+    with fast_ray_runtime():
+        yield
 
 
 def _params(project: Path, data_dir: Path, *overrides: str) -> Params:

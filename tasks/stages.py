@@ -131,11 +131,21 @@ def baseline(params: Params, behind_proxy: bool = False) -> BaselineResult:
     return result
 
 
-@task(
-    name="train-model-on-ray",
-    task_run_name="train-model-on-ray [{params.train.model}, {params.train.epochs} epochs]",
-    cache_policy=NO_CACHE,
-)
+def _train_run_name() -> str:
+    """``train-model-on-ray [<model>, <epochs> epochs]``, ``auto`` for a key the auto recipe will choose
+    (the params' literal defaults would name a model that may not be trained)."""
+    from prefect.runtime import task_run
+
+    cfg = task_run.parameters["params"].train
+    auto = cfg.recipe == "auto"
+
+    def shown(key: str) -> str:
+        return str(getattr(cfg, key)) if not auto or key in cfg.model_fields_set else "auto"
+
+    return f"train-model-on-ray [{shown('model')}, {shown('epochs')} epochs]"
+
+
+@task(name="train-model-on-ray", task_run_name=_train_run_name, cache_policy=NO_CACHE)
 def train(params: Params, progress: bool = True, ray_options: RayOptions | None = None) -> TrainedRun:
     result = stages.run_train(params, progress=progress, ray_options=ray_options)
     acc = "-" if result.val_accuracy is None else f"{result.val_accuracy:.4f}"

@@ -206,7 +206,7 @@ def test_snapshot_schedule_restarts_the_cosine_and_keeps_each_cycle_end() -> Non
     from components.train.torch_recipe import build_optimizer
 
     recipe = SimpleNamespace(
-        optimizer="adamw", lr=0.01, weight_decay=0.0, epochs=6, snapshots=3, warmup_epochs=0
+        optimizer="adamw", lr=0.01, weight_decay=0.0, epochs=6, snapshots=3, warmup_epochs=0, init_dir=None
     )
     optimizer, scheduler = build_optimizer(torch.nn.Linear(2, 2), recipe, 10)
     lrs = []

@@ -38,6 +38,7 @@ import torch
 
 from components.evaluate.fewshot import METHODS, FewShotRow, evaluate_episodes, table_text
 from components.model.features import DEFAULT_LAYER, FEWSHOT_LAYER, extract_features
+from components.model.fewshot import class_means
 from components.model.models import create_classifier
 from components.train.engine import seed_everything, train_one_epoch
 
@@ -86,18 +87,14 @@ def _representations(
     for name, model, layer in (("backbone", backbone, FEWSHOT_LAYER), ("random_init", random_init, FEWSHOT_LAYER),
                                ("backbone_pooled_last", backbone, DEFAULT_LAYER)):  # fmt: skip
         feats[name] = extract_features(model, _tensor(novel), layer=layer)
-        centres[name] = _class_means(extract_features(model, _tensor(base), layer=layer), base_labels)
+        centres[name] = class_means(extract_features(model, _tensor(base), layer=layer), base_labels)
     # The planning measurement read the last conv map pooled to 2x2 (256 values): measured side by
     # side on the same episodes.
     feats["backbone_last_2x2"] = _pooled_2x2(backbone, _tensor(novel))
-    centres["backbone_last_2x2"] = _class_means(_pooled_2x2(backbone, _tensor(base)), base_labels)
+    centres["backbone_last_2x2"] = class_means(_pooled_2x2(backbone, _tensor(base)), base_labels)
     feats["pixels"] = _tensor(novel).flatten(1).numpy()
-    centres["pixels"] = _class_means(_tensor(base).flatten(1).numpy(), base_labels)
+    centres["pixels"] = class_means(_tensor(base).flatten(1).numpy(), base_labels)
     return feats, centres
-
-
-def _class_means(feats: np.ndarray, labels: np.ndarray) -> np.ndarray:
-    return np.stack([feats[labels == c].mean(axis=0) for c in np.unique(labels)])
 
 
 @torch.no_grad()

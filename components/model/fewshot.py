@@ -104,10 +104,17 @@ def balanced_centre(
     same. The base training mean alone (SimpleShot as published) put new classes far from the base
     ones off-centre together and cost 7-8 points on Fashion-MNIST's held-out classes (docs/few-shot.md)."""
     _require_classes(labels, num_classes)
-    feats = np.asarray(base, dtype=np.float32)
-    means = [feats[labels == c].mean(axis=0) for c in range(num_classes)]
-    means += [np.asarray(f, dtype=np.float32).mean(axis=0) for f in support]
-    return np.stack(means).mean(axis=0).astype(np.float32)
+    means = [
+        class_means(base, labels),
+        *(np.asarray(f, dtype=np.float32).mean(axis=0, keepdims=True) for f in support),
+    ]
+    return np.concatenate(means).mean(axis=0).astype(np.float32)
+
+
+def class_means(feats: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """(C, D) the mean feature of each class present in (N,) ``labels``, in sorted label order."""
+    x, y = np.asarray(feats, dtype=np.float32), np.asarray(labels)
+    return np.stack([x[y == c].mean(axis=0) for c in np.unique(y)])
 
 
 def vector_hash(v: np.ndarray) -> str:

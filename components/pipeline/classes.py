@@ -334,12 +334,12 @@ def _episode_features(
     params: Params, net: Any, spec: Any, store: Any, test: Any, train: Any, *, layer: str, seed: int
 ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """Features of the episode rows per representation (the stored layer, pixels, random init) and each
-    one's training class means (SimpleShot's centring, :func:`_class_means`)."""
+    one's training class means (SimpleShot's centring)."""
     import torch
 
     from components.model.checkpoint import Predictor
     from components.model.features import extract_features
-    from components.model.fewshot import base_class_count
+    from components.model.fewshot import base_class_count, class_means
     from components.model.models import create_classifier
 
     predictor = Predictor(net, spec)
@@ -356,11 +356,7 @@ def _episode_features(
     labels = train["label"].to_numpy()
     train_feats = {"model": store.rows(list(train["image_id"])), "pixels": x_train.flatten(1).numpy(),
                    "random_init": extract_features(random_net, x_train, layer=layer)}  # fmt: skip
-    centres = {name: _class_means(f, labels) for name, f in train_feats.items()}
+    # SimpleShot's episodes centre on the training class means' balanced mean with the support means,
+    # as `imgflow classes add` does.
+    centres = {name: class_means(f, labels) for name, f in train_feats.items()}
     return feats, centres
-
-
-def _class_means(feats: np.ndarray, labels: np.ndarray) -> np.ndarray:
-    """(C, D) the mean feature of each training class: SimpleShot's episodes centre on their balanced
-    mean with the support classes' means, as ``imgflow classes add`` does."""
-    return np.stack([np.asarray(feats)[labels == c].mean(axis=0) for c in np.unique(labels)])

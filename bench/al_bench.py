@@ -131,7 +131,8 @@ def _curve(strategy: str, feats: dict[str, np.ndarray], y: np.ndarray, yt: np.nd
         k = size - len(labelled)
         if strategy == "margin":
             probs = al.probe_probs(x[labelled], y[labelled], x[rest], n_classes=10, seed=seed)
-            picked = al.select(al.score("margin", probs).scores, k).rows
+            # the product's selection (label-next): near-duplicates of a picked image are skipped
+            picked = al.select(al.score("margin", probs).scores, k, features=x[rest]).rows
         else:
             picked = tuple(rng.choice(len(rest), k, replace=False))
         labelled += [int(rest[i]) for i in picked]

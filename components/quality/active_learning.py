@@ -318,7 +318,7 @@ def simulate(
                 x[labelled], y[labelled], x[rest], n_classes=n_classes, members=t, seed=seed + r
             )
         scored = rank(strategy, budget=batch, pool=x[rest], probs=probs, seed=seed * 1000 + r)
-        picked = select(scored.scores, batch).rows
+        picked = select(scored.scores, batch, features=x[rest]).rows  # de-duplicated, as label-next picks
         labelled += [int(rest[i]) for i in picked]
         probe = fit_probe(x[labelled], y[labelled], seed=seed)
         counts.append(len(labelled))

@@ -305,7 +305,9 @@ def _ood_inputs(
     from components.model.embedding_store import embed_manifest
 
     cfg = params.ood
-    emb = embed_manifest(params.project.data_dir, model_dir, layer=cfg.layer,
+    # The drift reference the register stage stores for this model comes from the same pass.
+    also = (params.drift.layer,) if params.drift.enabled else ()
+    emb = embed_manifest(params.project.data_dir, model_dir, layer=cfg.layer, also=also,
                          batch_size=params.evaluate.batch_size)  # fmt: skip
     manifest = read_manifest(DataPaths(params.project.data_dir).manifest)
 

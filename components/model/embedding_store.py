@@ -16,11 +16,13 @@ never read half of one.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 import os
 import uuid
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,7 +37,7 @@ from components.core.errors import DataError
 from components.core.jsonio import write_json
 from components.data.manifest import DataPaths, data_version, read_manifest, require_manifest
 from components.model.checkpoint import SPEC_FILE, WEIGHTS_FILE, ModelSpec, load_classifier
-from components.model.features import DEFAULT_LAYER, check_layer, extract_features
+from components.model.features import DEFAULT_LAYER, check_layer, extract_features, extract_layers
 from components.model.models import create_image_transform, image_mode
 
 logger = logging.getLogger(__name__)
@@ -122,37 +124,48 @@ def embed_manifest(
     model_dir: Path,
     *,
     layer: str = DEFAULT_LAYER,
+    also: Sequence[str] = (),
     batch_size: int = 256,
     device: str = "cpu",
 ) -> Embeddings:
     """The embeddings of every image of the data dir's current manifest under the model in
-    ``model_dir`` at ``layer``: from the store, or computed once (one pass, progress bar) and stored."""
+    ``model_dir`` at ``layer``: from the store, or computed once (one pass, progress bar) and stored.
+
+    ``also``: more layers a later consumer will ask for (the evaluate stage's OOD layer and the drift
+    reference the register stage warms): those missing from the store are computed in the same pass
+    over the images and stored too, instead of a second pass later."""
     paths = DataPaths(Path(data_dir))
     version = data_version(require_manifest(paths))
     mhash = model_hash(model_dir)
-    check_layer(layer)
+    wanted = tuple(dict.fromkeys(check_layer(name) for name in (layer, *also)))
     cached = load_cached(data_dir, data_version_=version, model_hash_=mhash, layer=layer)
-    if cached is not None:
+    if cached is not None and all(_stored(data_dir, version, mhash, name) for name in wanted):
         return cached
     from filelock import FileLock
 
     base = entry_dir(data_dir, version, mhash)
     base.mkdir(parents=True, exist_ok=True)
     with FileLock(str(base / f"{layer}.lock")):
-        cached = load_cached(data_dir, data_version_=version, model_hash_=mhash, layer=layer)
-        if cached is not None:  # another process computed it while we waited
-            return cached
-        manifest = read_manifest(paths.manifest)
-        model, spec = load_classifier(Path(model_dir))
-        vectors = embed_files(
-            model, spec, [paths.root / p for p in manifest["path"]],
-            layer=layer, batch_size=batch_size, device=device,
-        )  # fmt: skip
-        _write_entry(base, layer, vectors, manifest, spec=spec, version=version, mhash=mhash)
-    logger.info("embedded %d images of data version %s at %s (model %s)", len(vectors), version, layer, mhash)
+        # another process may have computed some of them while we waited
+        missing = [name for name in wanted if not _stored(data_dir, version, mhash, name)]
+        if missing:
+            manifest = read_manifest(paths.manifest)
+            model, spec = load_classifier(Path(model_dir))
+            vectors = embed_files_layers(
+                model, spec, [paths.root / p for p in manifest["path"]],
+                layers=missing, batch_size=batch_size, device=device,
+            )  # fmt: skip
+            for name, rows in vectors.items():
+                _write_entry(base, name, rows, manifest, spec=spec, version=version, mhash=mhash)
+                logger.info("embedded %d images of data version %s at %s (model %s)", len(rows), version,
+                            name, mhash)  # fmt: skip
     stored = load_cached(data_dir, data_version_=version, model_hash_=mhash, layer=layer)
-    assert stored is not None  # just written
+    assert stored is not None  # just written, or there before
     return stored
+
+
+def _stored(data_dir: Path, version: str, mhash: str, layer: str) -> bool:
+    return load_cached(data_dir, data_version_=version, model_hash_=mhash, layer=layer) is not None
 
 
 def _write_entry(
@@ -196,20 +209,44 @@ def embed_files(
     device: str = "cpu",
 ) -> np.ndarray:
     """(N, D) features of image files, preprocessed as the model predicts (its spec's transform)."""
+    found = embed_files_layers(model, spec, files, layers=(layer,), batch_size=batch_size, device=device)
+    return found[layer]
+
+
+def embed_files_layers(
+    model: nn.Module,
+    spec: ModelSpec,
+    files: Sequence[Path],
+    *,
+    layers: Sequence[str],
+    batch_size: int = 256,
+    device: str = "cpu",
+) -> dict[str, np.ndarray]:
+    """{layer: (N, D)} features of image files from one pass (:func:`extract_layers`); the next batch
+    is decoded on a second thread while the model runs on this one (PIL decodes outside the GIL)."""
     transform = create_image_transform(spec.data_config, is_training=False)
     mode = image_mode(spec.in_chans)
 
-    def batches() -> Iterator[torch.Tensor]:
-        for i in range(0, len(files), batch_size):
-            images = []
-            for f in files[i : i + batch_size]:
-                with Image.open(f) as img:
-                    images.append(transform(img.convert(mode)))
-            yield torch.stack(images)
+    def load(i: int) -> torch.Tensor:
+        images = []
+        for f in files[i : i + batch_size]:
+            with Image.open(f) as img:
+                images.append(transform(img.convert(mode)))
+        return torch.stack(images)
 
-    return extract_features(
-        model, batches(), layer=layer, batch_size=batch_size, device=device,
-        total=len(files), description=f"embedding {len(files)} images ({layer})",
+    def batches() -> Iterator[torch.Tensor]:
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            starts = iter(range(0, len(files), batch_size))
+            ahead = [pool.submit(load, i) for i in itertools.islice(starts, 2)]
+            while ahead:
+                batch = ahead.pop(0).result()
+                ahead += [pool.submit(load, i) for i in itertools.islice(starts, 1)]
+                yield batch
+
+    names = ", ".join(dict.fromkeys(layers))
+    return extract_layers(
+        model, batches(), layers=layers, batch_size=batch_size, device=device,
+        total=len(files), description=f"embedding {len(files)} images ({names})",
     )  # fmt: skip
 
 

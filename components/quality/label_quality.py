@@ -101,26 +101,41 @@ class AuditResult:
 
 def load_grey(paths: Sequence[Path], *, side: int, width: int | None = None, workers: int = 4) -> np.ndarray:
     """(N, side * width) float32 in 0..1: each image as displayed, grey, resized to side (rows) x
-    width (columns; default ``side``)."""
+    width (columns; default ``side``).
+
+    Decoded in chunks of :data:`_CHUNK` files per thread task (one future per file cost more than the
+    decoding of a 28 px PNG, measured: 2x the CPU of a plain loop); a grey file is read as it is."""
     width = side if width is None else width
 
     def one(path: Path) -> np.ndarray:
         with Image.open(path) as im:
             im.load()
-            grey = Image.fromarray(np.rint(grey_pixels(displayed(im))).astype(np.uint8), mode="L")
-        if grey.size != (width, side):
-            grey = grey.resize((width, side), Image.Resampling.BILINEAR)
-        return np.asarray(grey, dtype=np.uint8).reshape(-1)
+            shown = displayed(im)
+            if shown.mode == "L":
+                grey = shown
+            else:
+                grey = Image.fromarray(np.rint(grey_pixels(shown)).astype(np.uint8), mode="L")
+            if grey.size != (width, side):
+                grey = grey.resize((width, side), Image.Resampling.BILINEAR)
+            return np.asarray(grey, dtype=np.uint8).reshape(-1)
+
+    def chunk(start: int) -> np.ndarray:
+        return np.stack([one(p) for p in paths[start : start + _CHUNK]])
 
     out = np.empty((len(paths), side * width), dtype=np.uint8)
     with (
         ThreadPoolExecutor(max_workers=workers) as pool,  # decoding releases the GIL
         progress_bar(len(paths), description="audit: reading images") as advance,  # when a person watches
     ):
-        for i, arr in enumerate(pool.map(one, paths, chunksize=256)):
-            out[i] = arr
-            advance(1)
+        starts = range(0, len(paths), _CHUNK)
+        for start, arr in zip(starts, pool.map(chunk, starts), strict=True):
+            out[start : start + len(arr)] = arr
+            advance(len(arr))
     return out.astype(np.float32) / 255.0
+
+
+_CHUNK = 512
+"""Files per thread task of :func:`load_grey`."""
 
 
 def resolve_features(features: str, task: str | Task) -> str:

@@ -62,7 +62,7 @@ def test_one_pass_then_reused(
     def no_pass(*_a: object, **_k: object) -> np.ndarray:
         raise AssertionError("the store computed an entry it already had")
 
-    monkeypatch.setattr(embedding_store, "embed_files", no_pass)
+    monkeypatch.setattr(embedding_store, "embed_files_layers", no_pass)
     again = embed_manifest(data_dir.root, tiny_model_dir, layer="pooled_last")
     np.testing.assert_array_equal(np.asarray(again.vectors), np.asarray(first.vectors))
     np.testing.assert_array_equal(again.rows(list(first.ids[:2])), first.vectors[:2])
@@ -80,6 +80,34 @@ def test_layers_and_data_versions_are_separate_entries(data_dir: DataPaths, tiny
     assert versions == sorted([pooled.data_version, newer.data_version])  # the old entry is kept
     with pytest.raises(DataError, match="no 'test' images"):
         newer.split("test")
+
+
+def test_also_stores_other_layers_from_the_same_pass(
+    data_dir: DataPaths, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    passes: list[tuple[str, ...]] = []
+    real = embedding_store.embed_files_layers
+
+    def counted(*a: object, layers: tuple[str, ...], **k: object) -> dict[str, np.ndarray]:
+        passes.append(tuple(layers))
+        return real(*a, layers=layers, **k)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(embedding_store, "embed_files_layers", counted)
+    pre = embed_manifest(
+        data_dir.root, tiny_model_dir, layer="pre_logits", also=["pooled_last", "pre_logits"]
+    )
+    pooled = embed_manifest(data_dir.root, tiny_model_dir, layer="pooled_last")  # stored by the first call
+    assert passes == [("pre_logits", "pooled_last")]
+    # The same vectors as a pass of each layer alone over the same files.
+    model, spec = load_classifier(tiny_model_dir)
+    files = [data_dir.root / p for p in pd.read_parquet(data_dir.manifest)["path"]]
+    for emb in (pre, pooled):
+        alone = embed_files(model, spec, files, layer=emb.layer, batch_size=5)
+        np.testing.assert_allclose(emb.vectors, alone, rtol=1e-5, atol=1e-5)
+    # Asking again with a layer not yet stored computes only that one.
+    before = len(passes)
+    embed_manifest(data_dir.root, tiny_model_dir, layer="pooled_last", also=["prev_stage_3x3"])
+    assert passes[before:] == [("prev_stage_3x3",)]
 
 
 def test_model_hash_ignores_temperature_but_not_weights(tiny_model_dir: Path, tmp_path: Path) -> None:

@@ -257,15 +257,16 @@ def version_drift(
     """The current data version (train split) against the champion's training data, both embedded by
     the champion: the test's ``to_dict()`` plus ``status: measured``, or ``status: not measured`` with
     the reason. None when there is nothing to compare (drift off, no champion, same data version)."""
-    from components.evaluate.drift import drift_test
-    from components.model.embedding_store import embed_manifest, load_cached, model_hash
-
     cfg, paths = params.drift, StagePaths(params)
     if not cfg.enabled or not champion or not champion.get("data_version"):
         return None
     current_version = data_version(paths.data.manifest)
     if champion["data_version"] == current_version:
         return None
+    # Imported only when there is something to compare: torch and timm cost a no-op run ~4 s.
+    from components.evaluate.drift import drift_test
+    from components.model.embedding_store import embed_manifest, load_cached, model_hash
+
     name = params.register_.model_name
     with tempfile.TemporaryDirectory(prefix="imgflow-drift-") as tmp:
         from components.registry import tracking

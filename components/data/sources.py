@@ -11,6 +11,7 @@ decides whether bytes are a usable image; every source goes through it.
 from __future__ import annotations
 
 import csv
+import functools
 import gzip
 import hashlib
 import io
@@ -293,8 +294,13 @@ def list_source(
     return SourceListing(spec=spec, kind=kind, classes=classes, items=items)
 
 
-def _file_reader(path: Path) -> Callable[[], bytes]:
-    return path.read_bytes
+def _file_reader(path: Path | str) -> Callable[[], bytes]:
+    return functools.partial(_read_bytes, path)
+
+
+def _read_bytes(path: Path | str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
 
 
 def stat_fingerprint(path: Path) -> str:
@@ -303,7 +309,11 @@ def stat_fingerprint(path: Path) -> str:
         st = os.stat(path)
     except OSError:
         return ""
-    return f"{os.path.abspath(path)}|{st.st_size}|{st.st_mtime_ns}|{st.st_ino}"
+    return _fingerprint(os.path.abspath(path), st)
+
+
+def _fingerprint(absolute: str, st: os.stat_result) -> str:
+    return f"{absolute}|{st.st_size}|{st.st_mtime_ns}|{st.st_ino}"
 
 
 def _missing_reader(path: Path) -> Callable[[], bytes]:
@@ -333,37 +343,59 @@ def _outside_root(path: Path, root_real: Path, *, what: str) -> Rejection:
 
 def _walk_files(
     folder: Path, root_real: Path, *, allow_outside_root: bool
-) -> Iterator[tuple[Path, Rejection | None]]:
-    """Regular, non-hidden files under ``folder``, recursively, in sorted (stable) order.
+) -> Iterator[tuple[str, Rejection | None, os.stat_result | None]]:
+    """Paths of the regular, non-hidden files under ``folder``, recursively, in sorted (stable) order, each with
+    its ``stat`` (symlinks followed; None when it cannot be stat'ed or the file is rejected).
 
     Directory symlinks are followed once each (a link loop is not walked twice). A file or
     directory symlink that leads outside ``root_real`` is yielded with a problem (the directory
-    itself, not walked) unless ``allow_outside_root``.
+    itself, not walked) unless ``allow_outside_root``. ``os.scandir``: the directory listing gives
+    each entry's type, and its stat is one call (an incremental ingest's listing is most of its work).
     """
     seen_dirs: set[str] = set()
-    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+
+    def walk(dirpath: str) -> Iterator[tuple[str, Rejection | None, os.stat_result | None]]:
         real_dir = os.path.realpath(dirpath)
         if real_dir in seen_dirs:
-            dirnames[:] = []
-            continue
+            return
         seen_dirs.add(real_dir)
+        try:
+            with os.scandir(dirpath) as listing:
+                entries = sorted((e for e in listing if not e.name.startswith(".")), key=lambda e: e.name)
+        except OSError:  # as os.walk: an unreadable directory is skipped
+            return
+        subdirs = [e for e in entries if _is_dir(e)]
+        dir_names = {d.name for d in subdirs}
         keep = []
-        for d in sorted(d for d in dirnames if not d.startswith(".")):
-            sub = Path(dirpath) / d
+        for d in subdirs:
+            sub = Path(d.path)
             if not allow_outside_root and not _inside(sub, root_real):
-                yield sub, _outside_root(sub, root_real, what="directory symlink")
+                yield d.path, _outside_root(sub, root_real, what="directory symlink"), None
             else:
-                keep.append(d)
-        dirnames[:] = keep
-        for name in sorted(filenames):
-            if name.startswith("."):
+                keep.append(d.path)
+        for entry in entries:
+            if entry.name in dir_names:
                 continue
-            path = Path(dirpath) / name
             # Only a symlink can lead elsewhere: ``real_dir`` itself was checked when it was entered.
-            if not allow_outside_root and os.path.islink(path) and not _inside(path, root_real):
-                yield path, _outside_root(path, root_real, what="symlink")
-            else:
-                yield path, None
+            if not allow_outside_root and entry.is_symlink() and not _inside(Path(entry.path), root_real):
+                yield entry.path, _outside_root(Path(entry.path), root_real, what="symlink"), None
+                continue
+            try:
+                st: os.stat_result | None = entry.stat()
+            except OSError:
+                st = None
+            yield entry.path, None, st
+        for sub_path in keep:
+            yield from walk(sub_path)
+
+    yield from walk(str(folder))
+
+
+def _is_dir(entry: os.DirEntry[str]) -> bool:
+    try:
+        return entry.is_dir()  # follows symlinks, as os.walk(followlinks=True)
+    except OSError:
+        return False
 
 
 def imagefolder_items(
@@ -378,6 +410,7 @@ def imagefolder_items(
     """
     if not root.is_dir():
         raise DataError(f"image folder {root} does not exist or is not a directory: check ingest.source")
+    root = Path(os.path.abspath(root))  # walked paths are then absolute: the fingerprints' form
     root_real = Path(os.path.realpath(root))
     class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not class_dirs:
@@ -395,9 +428,9 @@ def imagefolder_items(
             items.append(SourceItem(label, label, (label,), _missing_reader(class_dir), problem=outside))
             continue
         prefix = len(str(root)) + 1  # walked paths start with root's text: cheaper than relative_to
-        for path, found in _walk_files(class_dir, root_real, allow_outside_root=allow_outside_root):
-            rel = str(path)[prefix:].replace(os.sep, "/")
-            stamp = stat_fingerprint(path) if found is None else ""
+        for path, found, st in _walk_files(class_dir, root_real, allow_outside_root=allow_outside_root):
+            rel = path[prefix:].replace(os.sep, "/")
+            stamp = _fingerprint(path, st) if found is None and st is not None else ""
             item = SourceItem(rel, label, (label,), _file_reader(path), problem=found, fingerprint=stamp)
             items.append(item)
     return tuple(d.name for d in class_dirs), items

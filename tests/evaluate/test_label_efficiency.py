@@ -10,8 +10,15 @@ import numpy as np
 import pytest
 
 from components.core.config import load_params
+from components.core.errors import ConfigError
 from components.core.jsonio import write_json
-from components.evaluate.label_efficiency import METHODS, EvalSettings, labelled_subset, report_section
+from components.evaluate.label_efficiency import (
+    METHODS,
+    EvalSettings,
+    grid_features,
+    labelled_subset,
+    report_section,
+)
 from components.model.models import create_classifier
 from components.pipeline.pretraining import run_label_efficiency
 from components.pipeline.stages import run_ingest
@@ -67,6 +74,7 @@ def test_report_on_tiny_data_has_every_row(tmp_path: Path) -> None:
     assert all(0.0 <= r["accuracy"] <= 1.0 for r in report["rows"])
     assert min(r["labels"] for r in report["rows"]) >= 10  # one image per class at least
     assert report["settings"]["scratch_steps"] == 2 and report["settings"]["grid"] == 3
+    assert report["settings"]["probe_layers"] == "last+prev"
     assert set(report["summary"]) == set(METHODS) and "ssl_vs_scratch_1%_pt" in report["gains"]
     assert record.gate_report is None  # no `imgflow evaluate` report to add a section to
     assert "| ssl_probe |" in record.markdown_path.read_text()
@@ -89,3 +97,17 @@ def test_report_section_absent_without_data() -> None:
 def test_subset_sizes_follow_the_fraction(fraction: float) -> None:
     labels = np.repeat(np.arange(10), 1000)
     assert len(labelled_subset(labels, fraction, seed=1, subset=0)) == round(10000 * fraction)
+
+
+def test_probe_reads_the_last_stage_then_the_one_before() -> None:
+    """``last+prev``: the last stage's 3x3-pooled map (the ``last`` columns, unchanged) followed by the
+    previous stage's, on imgflow_cnn (64 + 32 channels x 9 cells); an unknown choice is a ConfigError."""
+    net = create_classifier("imgflow_cnn", 0, in_chans=1)
+    images = np.random.default_rng(0).integers(0, 256, (5, 1, 28, 28), dtype=np.uint8)
+    kw = {"mean": (0.5,), "std": (0.5,), "grid": 3, "batch_size": 2}
+    last = grid_features(net, images, layers="last", **kw)
+    both = grid_features(net, images, layers="last+prev", **kw)
+    assert last.shape == (5, 64 * 9) and both.shape == (5, (64 + 32) * 9)
+    np.testing.assert_allclose(both[:, : 64 * 9], last, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ConfigError, match="probe_layers"):
+        grid_features(net, images, layers="prev", **kw)

@@ -15,6 +15,7 @@ from components.core.jsonio import write_json
 from components.evaluate.label_efficiency import (
     METHODS,
     EvalSettings,
+    choose_probe_C,
     grid_features,
     labelled_subset,
     report_section,
@@ -74,7 +75,10 @@ def test_report_on_tiny_data_has_every_row(tmp_path: Path) -> None:
     assert all(0.0 <= r["accuracy"] <= 1.0 for r in report["rows"])
     assert min(r["labels"] for r in report["rows"]) >= 10  # one image per class at least
     assert report["settings"]["scratch_steps"] == 2 and report["settings"]["grid"] == 3
-    assert report["settings"]["probe_layers"] == "last+prev"
+    assert report["settings"]["probe_layers"] == "last+prev" and report["settings"]["probe_C"] is None
+    grid = set(settings.probe_C_grid) | {settings.probe_C_fallback}
+    assert all((r["probe_C"] is None) == (r["method"] == "scratch") for r in report["rows"])
+    assert {r["probe_C"] for r in report["rows"] if r["method"] != "scratch"} <= grid
     assert set(report["summary"]) == set(METHODS) and "ssl_vs_scratch_1%_pt" in report["gains"]
     assert record.gate_report is None  # no `imgflow evaluate` report to add a section to
     assert "| ssl_probe |" in record.markdown_path.read_text()
@@ -111,3 +115,16 @@ def test_probe_reads_the_last_stage_then_the_one_before() -> None:
     np.testing.assert_allclose(both[:, : 64 * 9], last, rtol=1e-5, atol=1e-6)
     with pytest.raises(ConfigError, match="probe_layers"):
         grid_features(net, images, layers="prev", **kw)
+
+
+def test_probe_C_is_chosen_inside_the_labelled_rows() -> None:
+    """C by k-fold CV over the grid (deterministic, a grid value); a fixed probe_C is used as given;
+    a class with one image cannot be cross-validated: the fallback."""
+    rng = np.random.default_rng(0)
+    y = np.repeat(np.arange(3), 20)
+    x = rng.normal(size=(60, 8)) + y[:, None] * 0.5
+    settings = EvalSettings(probe_C_grid=(0.01, 0.1, 1.0), probe_max_iter=100)
+    chosen = choose_probe_C(x, y, settings=settings)
+    assert chosen in settings.probe_C_grid and chosen == choose_probe_C(x, y, settings=settings)
+    assert choose_probe_C(x, y, settings=EvalSettings(probe_C=2.0)) == 2.0
+    assert choose_probe_C(x[[0, 20, 40]], y[[0, 20, 40]], settings=settings) == settings.probe_C_fallback

@@ -18,6 +18,8 @@ labelled subset and scored on the test split:
   ``components.train.torch_recipe``) trained from scratch on the subset, in this process, for a budget
   of optimiser steps (``scratch_steps``, at most ``scratch_max_epochs`` epochs).
 
+The three probes share one protocol: standardised features, L2 logistic regression whose C is chosen by
+k-fold cross-validation inside the labelled subset (:func:`choose_probe_C`; never on the test split).
 Subsets at 100% are all the same set: one fit stands for the three. Every evaluation hyperparameter is
 in :class:`EvalSettings` and written with the rows.
 """

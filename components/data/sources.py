@@ -428,10 +428,10 @@ def imagefolder_items(
             items.append(SourceItem(label, label, (label,), _missing_reader(class_dir), problem=outside))
             continue
         prefix = len(str(root)) + 1  # walked paths start with root's text: cheaper than relative_to
-        for path, found, st in _walk_files(class_dir, root_real, allow_outside_root=allow_outside_root):
-            rel = path[prefix:].replace(os.sep, "/")
-            stamp = _fingerprint(path, st) if found is None and st is not None else ""
-            item = SourceItem(rel, label, (label,), _file_reader(path), problem=found, fingerprint=stamp)
+        for walked, found, st in _walk_files(class_dir, root_real, allow_outside_root=allow_outside_root):
+            rel = walked[prefix:].replace(os.sep, "/")
+            stamp = _fingerprint(walked, st) if found is None and st is not None else ""
+            item = SourceItem(rel, label, (label,), _file_reader(walked), problem=found, fingerprint=stamp)
             items.append(item)
     return tuple(d.name for d in class_dirs), items
 

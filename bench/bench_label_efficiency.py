@@ -44,6 +44,17 @@ def _ssl_figures(report: dict[str, Any], pretrain_s: float) -> list[dict[str, An
         _figure("ssl_pretrain_s", pretrain_s, "s", "<= 300", pretrain_s <= 300),
         _figure("ssl_1pct_minus_scratch_10pct_pt", stretch, "points", ">= 0 (stretch, reported)", None),
         *(
+            _figure(
+                f"ssl_finetune_{pct}pct_gain_pt",
+                gains[f"ssl_finetune_vs_scratch_{pct}%_pt"],
+                "points",
+                "reported (train.init: ssl, LP-FT, minus scratch)",
+                None,
+            )  # fmt: skip
+            for pct in ("1", "10", "100")
+            if f"ssl_finetune_vs_scratch_{pct}%_pt" in gains
+        ),
+        *(
             _figure(f"{method}_{pct.rstrip('%')}pct_accuracy", 100 * value, "%")
             for method, by in summary.items()
             for pct, value in by.items()

@@ -16,7 +16,12 @@ labelled subset and scored on the test split:
   architecture alone gives);
 - ``scratch``: imgflow's supervised recipe itself (model, augmentation, loss, optimiser and schedule of
   ``components.train.torch_recipe``) trained from scratch on the subset, in this process, for a budget
-  of optimiser steps (``scratch_steps``, at most ``scratch_max_epochs`` epochs).
+  of optimiser steps (``scratch_steps``, at most ``scratch_max_epochs`` epochs);
+- ``ssl_finetune`` (when a fine-tune trainer is given): the same recipe, the same steps, started from the
+  SSL backbone as ``train.init: ssl:<run>`` starts it (LP-FT: the head alone for the first
+  ``finetune_probe_share`` of the epochs, then the whole network with the backbone at
+  ``train.init_backbone_lr_scale`` x lr). What a user of ``train.init`` gets; the issue's gain figures are
+  the frozen probe's, this one is reported beside them.
 
 The three probes share one protocol: standardised features, L2 logistic regression whose C is chosen by
 k-fold cross-validation inside the labelled subset (:func:`choose_probe_C`; never on the test split).
@@ -45,7 +50,7 @@ from components.model.features import base_model, prev_stage_map
 
 logger = logging.getLogger(__name__)
 
-METHODS = ("ssl_probe", "pixels", "random_init", "scratch")
+METHODS = ("ssl_probe", "pixels", "random_init", "scratch", "ssl_finetune")
 PROBE_LAYERS = ("last", "last+prev")
 """What the feature probes may read (:attr:`EvalSettings.probe_layers`)."""
 
@@ -79,6 +84,9 @@ class EvalSettings:
     """Optimiser steps of each from-scratch run (epochs = steps / batches per epoch, 1..scratch_max_epochs)."""
     scratch_max_epochs: int = 40
     scratch_batch_size: int = 64
+    finetune_probe_share: float = 0.1
+    """``ssl_finetune``: the share of its epochs (rounded down) that trains the head alone before the whole
+    network (``train.init_probe_epochs`` counts epochs of a full run; here epochs vary with the subset)."""
     feature_batch_size: int = 512
 
     def to_dict(self) -> dict[str, Any]:
@@ -141,6 +149,10 @@ class LabelEfficiencyReport:
                 ssl - max(self.mean("pixels", f), self.mean("scratch", f))
             )
             out[f"ssl_vs_scratch_{_pct(f)}_pt"] = 100 * (ssl - self.mean("scratch", f))
+            if any(r.method == "ssl_finetune" and r.fraction == f for r in self.rows):
+                out[f"ssl_finetune_vs_scratch_{_pct(f)}_pt"] = 100 * (
+                    self.mean("ssl_finetune", f) - self.mean("scratch", f)
+                )
         return out
 
     def metrics(self) -> dict[str, float]:
@@ -297,12 +309,15 @@ def label_efficiency(
     backbone_spec: dict[str, Any],
     settings: EvalSettings = EvalSettings(),
     full_scratch_accuracy: float | None = None,
+    train_finetune: ScratchTrainer | None = None,
     notes: Sequence[str] = (),
 ) -> LabelEfficiencyReport:
     """Fit every method on every (fraction, subset) and score it on ``test``.
 
     ``full_scratch_accuracy``: the 100% scratch figure from elsewhere (e.g. the registered champion,
-    trained on this very data version); None trains it here like the others.
+    trained on this very data version); None trains it here like the others. ``train_finetune``: the
+    recipe started from the SSL backbone (:func:`recipe_scratch_trainer` with ``init_dir``); None: no
+    ``ssl_finetune`` rows.
     """
     if settings.grid < 1 or not settings.fractions:
         raise ConfigError("label efficiency: grid >= 1 and at least one fraction")
@@ -342,7 +357,12 @@ def label_efficiency(
             idx = labelled_subset(train.labels, fraction, seed=settings.seed, subset=subset)
             full = full_scratch_accuracy if fraction >= 1.0 else None
             rows += _subset_rows(train, test, idx, feats, train_scratch, settings, fraction, subset, full)
-            logger.info("label efficiency %s subset %d: %s", _pct(fraction), subset, rows[-4:])
+            if train_finetune is not None:
+                t0 = time.perf_counter()
+                acc = train_finetune(Split(train.images[idx], train.labels[idx]), test,
+                                     scratch_epochs(len(idx), settings))  # fmt: skip
+                rows.append(Row("ssl_finetune", fraction, subset, len(idx), acc, time.perf_counter() - t0))
+            logger.info("label efficiency %s subset %d: %s", _pct(fraction), subset, rows[-5:])
     return LabelEfficiencyReport(
         rows=rows, settings=settings, backbone=dict(backbone_spec), notes=list(notes)
     )
@@ -405,10 +425,15 @@ def report_section(data: dict[str, Any] | None) -> Any:
     )
 
 
-def recipe_scratch_trainer(recipe: Any, *, device: str = "cpu") -> ScratchTrainer:
+def recipe_scratch_trainer(
+    recipe: Any, *, device: str = "cpu", init_dir: Path | None = None, probe_share: float = 0.1
+) -> ScratchTrainer:
     """A :data:`ScratchTrainer` running imgflow's supervised recipe (``TrainRecipe``: model, training
     augmentation, loss, optimiser, cosine schedule, AMP/channels-last) in this process, one worker's loop
-    without Ray: the comparison is about the labels, not the orchestration."""
+    without Ray: the comparison is about the labels, not the orchestration.
+
+    ``init_dir``: an SSL backbone folder to start from, as ``train.init: ssl:<run>`` does (LP-FT, the head
+    alone for ``probe_share`` of the epochs, rounded down); None: from scratch."""
     from torch.utils.data import DataLoader
 
     from components.data.datasets import InMemoryDataset, batch_collate
@@ -419,8 +444,9 @@ def recipe_scratch_trainer(recipe: Any, *, device: str = "cpu") -> ScratchTraine
 
     def fit(subset: Split, test: Split, epochs: int) -> float:
         r = dataclasses.replace(
-            recipe, epochs=epochs, init_dir=None, early_stopping_patience=None, snapshots=None
-        )
+            recipe, epochs=epochs, init_dir=init_dir, early_stopping_patience=None, snapshots=None,
+            init_probe_epochs=int(epochs * probe_share),
+        )  # fmt: skip
         model, spec = tr.build_model(r)
         dc = spec.data_config
         seed_everything(r.seed)

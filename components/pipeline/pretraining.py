@@ -260,13 +260,18 @@ def run_label_efficiency(
     notes = [
         f"scratch: imgflow's supervised recipe ({spec['model']}, its augmentation, loss, optimiser and schedule) "
         f"trained in one process for about {settings.scratch_steps} steps (1..{settings.scratch_max_epochs} epochs)",
-        "probes: logistic regression on standardised features; SSL and random-init features from the last conv "
-        f"stage average-pooled to {settings.grid}x{settings.grid}",
+        f"probes: logistic regression on standardised features, C by {settings.probe_cv_folds}-fold CV inside "
+        f"the labelled subset (unless probe_C is set); SSL and random-init features: {settings.probe_layers} "
+        f"conv stage(s), each average-pooled to {settings.grid}x{settings.grid}",
+        "ssl_finetune: the scratch recipe and steps started from the SSL backbone as train.init does (LP-FT: the "
+        f"head alone for {settings.finetune_probe_share:.0%} of the epochs, then the backbone at "
+        f"{recipe.init_backbone_lr_scale} x lr)",
         "at 100% the three subsets are one set: fitted once",
     ]
     report = le.label_efficiency(
         train, test, ssl_backbone=ssl_net, random_backbone=random_net, mean=dc["mean"], std=dc["std"],
         train_scratch=le.recipe_scratch_trainer(recipe), backbone_spec={**spec, "run_id": run_id},
+        train_finetune=le.recipe_scratch_trainer(recipe, init_dir=folder, probe_share=settings.finetune_probe_share),
         settings=settings, notes=notes,
     )  # fmt: skip
     out = paths.out("label_efficiency")

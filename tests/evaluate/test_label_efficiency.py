@@ -77,9 +77,11 @@ def test_report_on_tiny_data_has_every_row(tmp_path: Path) -> None:
     assert report["settings"]["scratch_steps"] == 2 and report["settings"]["grid"] == 3
     assert report["settings"]["probe_layers"] == "last+prev" and report["settings"]["probe_C"] is None
     grid = set(settings.probe_C_grid) | {settings.probe_C_fallback}
-    assert all((r["probe_C"] is None) == (r["method"] == "scratch") for r in report["rows"])
-    assert {r["probe_C"] for r in report["rows"] if r["method"] != "scratch"} <= grid
+    trained = ("scratch", "ssl_finetune")  # the recipe's runs: no probe
+    assert all((r["probe_C"] is None) == (r["method"] in trained) for r in report["rows"])
+    assert {r["probe_C"] for r in report["rows"] if r["method"] not in trained} <= grid
     assert set(report["summary"]) == set(METHODS) and "ssl_vs_scratch_1%_pt" in report["gains"]
+    assert "ssl_finetune_vs_scratch_1%_pt" in report["gains"]
     assert record.gate_report is None  # no `imgflow evaluate` report to add a section to
     assert "| ssl_probe |" in record.markdown_path.read_text()
     section = report_section(report)

@@ -192,6 +192,8 @@ def remove_stale_temps(folder: Path, *, pattern: str = f".*{TEMP_SUFFIX}") -> in
     folder = Path(folder)
     if not folder.is_dir():
         return 0
+    if pattern.startswith(".") and not any(name.startswith(".") for name in os.listdir(folder)):
+        return 0  # no hidden file, so neither a temporary file nor a journal: one listing, not two globs
     pending = {tmp for j in folder.glob(f".*{COMMIT_SUFFIX}") for tmp, _ in _journal_pairs(j)}
     removed = 0
     for tmp in folder.glob(pattern):

@@ -208,7 +208,9 @@ def extract_layers(
     n = len(images) if isinstance(images, torch.Tensor) else (total or 0)
     out: dict[str, list[np.ndarray]] = {layer: [] for layer in checked}
     try:
-        with torch.inference_mode(), _channels_last(net), progress_bar(n, description=description) as advance:
+        # The layout change first, outside inference mode: weights converted inside it would become
+        # inference tensors, which a later training step of the same model could not use.
+        with _channels_last(net), torch.inference_mode(), progress_bar(n, description=description) as advance:
             for x in _batches(images, batch_size):
                 batch = x.to(dev)
                 if batch.ndim == 4:
@@ -248,8 +250,8 @@ def _channels_last(net: nn.Module) -> Iterator[None]:
     """The model's 4-D weights in channels-last memory for the duration, then back to contiguous
     (only when they were contiguous before: a model already in channels-last stays so)."""
     params = [p for p in net.parameters() if p.ndim == 4]
-    if not params or not all(p.is_contiguous() for p in params):
-        yield
+    if torch.is_inference_mode_enabled() or not params or not all(p.is_contiguous() for p in params):
+        yield  # a caller's inference mode: converting would turn the weights into inference tensors
         return
     net.to(memory_format=torch.channels_last)
     try:

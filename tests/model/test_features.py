@@ -80,6 +80,21 @@ def test_batches_eval_mode_and_empty_input() -> None:
     assert set(LAYERS) == {"pre_logits", "pooled_last", "prev_stage_3x3"}
 
 
+def test_extraction_leaves_the_model_trainable_and_as_it_was() -> None:
+    """The pass runs in channels-last memory and inference mode; the caller's model comes back in its own
+    layout with ordinary weights that a training step can use (and the same features either way)."""
+    model = timm.create_model("resnet10t", pretrained=False, num_classes=3, in_chans=1)
+    x = torch.randn(4, 1, 32, 32)
+    first = extract_features(model, x, layer="pre_logits")
+    assert all(p.is_contiguous() and not p.is_inference() for p in model.parameters())
+    with torch.inference_mode():  # inside a caller's inference mode: no layout change at all
+        again = extract_features(model, x, layer="pre_logits")
+    np.testing.assert_allclose(again, first, rtol=1e-5, atol=1e-5)
+    assert all(not p.is_inference() for p in model.parameters())
+    model(x).sum().backward()  # a training step after extraction
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
 def test_layer_features_keep_gradients_for_callers_that_want_them() -> None:
     model = _vit().eval()
     x = torch.randn(1, 3, 32, 32, requires_grad=True)

@@ -766,7 +766,7 @@ def fashion_mnist_items(paths: dict[str, Path], *, max_per_class: int | None = N
 
     70k items are listed on every run, a no-op's included: the class names and label tuples are looked up
     once per class, and each item's reader is a partial over the split's array (no per-item view)."""
-    names = [FASHION_MNIST_CLASSES[k] for k in range(len(FASHION_MNIST_CLASSES))]
+    names = list(FASHION_MNIST_CLASSES)
     singles = [(name,) for name in names]
     for split, (images, labels) in load_fashion_mnist(paths).items():
         stamp = stat_fingerprint(paths[_FM_SPLITS[split][0]])  # the IDX image file, + the index below

@@ -165,7 +165,10 @@ def embed_manifest(
 
 
 def _stored(data_dir: Path, version: str, mhash: str, layer: str) -> bool:
-    return load_cached(data_dir, data_version_=version, model_hash_=mhash, layer=layer) is not None
+    """Whether the entry's two files are there (without reading them: a sidecar lists every image id;
+    an inconsistent entry is caught, and recomputed, when it is read)."""
+    base = entry_dir(data_dir, version, mhash)
+    return (base / f"{layer}.npy").exists() and (base / f"{layer}.json").exists()
 
 
 def _write_entry(

@@ -119,15 +119,25 @@ def grid_pool(fmap: torch.Tensor) -> torch.Tensor:
 def layer_features(model: nn.Module, x: torch.Tensor, *, layer: Layer) -> torch.Tensor:
     """x: (B, C, H, W) preprocessed images -> (B, D) features at ``layer`` (gradients kept: the
     caller decides; :func:`extract_features` runs it under ``no_grad``)."""
-    model = base_model(model)
-    if layer == "prev_stage_3x3":
-        return grid_pool(prev_stage_map(model, x))
-    forward_features = cast(Callable[[torch.Tensor], torch.Tensor], model.forward_features)
-    feats = forward_features(x)
-    if layer == "pooled_last":
-        return pool_feature_map(model, feats)
-    forward_head = cast(Callable[..., torch.Tensor], model.forward_head)
-    return forward_head(feats, pre_logits=True).flatten(1)
+    return features_at(base_model(model), x, (layer,))[layer]
+
+
+def features_at(net: nn.Module, x: torch.Tensor, layers: Sequence[Layer]) -> dict[str, torch.Tensor]:
+    """x -> {layer: (B, D)} of the plain timm model ``net`` (:func:`base_model`), the pooled layers
+    sharing one ``forward_features``; ``prev_stage_3x3`` is read by its own (partial) pass."""
+    got: dict[str, torch.Tensor] = {}
+    pooled = [layer for layer in layers if layer != "prev_stage_3x3"]
+    if pooled:
+        feats = cast(Callable[[torch.Tensor], torch.Tensor], net.forward_features)(x)
+        for layer in pooled:
+            if layer == "pooled_last":
+                got[layer] = pool_feature_map(net, feats)
+            else:
+                forward_head = cast(Callable[..., torch.Tensor], net.forward_head)
+                got[layer] = forward_head(feats, pre_logits=True).flatten(1)
+    if "prev_stage_3x3" in layers:
+        got["prev_stage_3x3"] = grid_pool(prev_stage_map(net, x))
+    return got
 
 
 def logits_and_features(
@@ -215,7 +225,7 @@ def extract_layers(
                 batch = x.to(dev)
                 if batch.ndim == 4:
                     batch = batch.contiguous(memory_format=torch.channels_last)
-                for layer, feats in _layers_of_batch(net, batch, checked).items():
+                for layer, feats in features_at(net, batch, checked).items():
                     out[layer].append(feats.float().cpu().numpy())
                 advance(len(x))
         if not out[checked[0]]:
@@ -226,23 +236,6 @@ def extract_layers(
     finally:
         net.train(was_training)
     return {layer: np.concatenate(rows).astype(np.float32, copy=False) for layer, rows in out.items()}
-
-
-def _layers_of_batch(net: nn.Module, x: torch.Tensor, layers: tuple[Layer, ...]) -> dict[str, torch.Tensor]:
-    """One batch's features at each layer, sharing ``forward_features`` between the pooled layers."""
-    got: dict[str, torch.Tensor] = {}
-    shared = [layer for layer in layers if layer != "prev_stage_3x3"]
-    if shared:
-        feats = cast(Callable[[torch.Tensor], torch.Tensor], net.forward_features)(x)
-        for layer in shared:
-            if layer == "pooled_last":
-                got[layer] = pool_feature_map(net, feats)
-            else:
-                forward_head = cast(Callable[..., torch.Tensor], net.forward_head)
-                got[layer] = forward_head(feats, pre_logits=True).flatten(1)
-    if "prev_stage_3x3" in layers:
-        got["prev_stage_3x3"] = layer_features(net, x, layer="prev_stage_3x3")
-    return got
 
 
 @contextlib.contextmanager

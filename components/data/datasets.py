@@ -196,10 +196,13 @@ def random_resized_crop_flip(
     ratio: tuple[float, float] = (0.9, 1.1),
     hflip: float = 0.5,
     generator: torch.Generator | None = None,
+    side: int | None = None,
 ) -> torch.Tensor:
     """timm's training geometry (RandomResizedCrop(scale, ratio) + horizontal flip) for a whole batch:
-    one affine sampling grid per image, applied by ``grid_sample`` in one call (no per-image Python)."""
+    one affine sampling grid per image, applied by ``grid_sample`` in one call (no per-image Python).
+    ``side``: the crops' output side (None: the input's)."""
     n = x.shape[0]
+    out_shape = list(x.shape) if side is None else [n, x.shape[1], side, side]
     if scale[0] < 1.0 or scale[1] < 1.0:
         area = torch.empty(n).uniform_(scale[0], scale[1], generator=generator)
         log_r = torch.empty(n).uniform_(math.log(ratio[0]), math.log(ratio[1]), generator=generator)
@@ -211,12 +214,12 @@ def random_resized_crop_flip(
         w = h = torch.ones(n)
         tx = ty = torch.zeros(n)
     flip = torch.where(torch.rand(n, generator=generator) < hflip, -1.0, 1.0)
-    if bool((w == 1).all() and (h == 1).all() and (flip == 1).all()):
+    if side is None and bool((w == 1).all() and (h == 1).all() and (flip == 1).all()):
         return x
     theta = torch.zeros(n, 2, 3)
     theta[:, 0, 0], theta[:, 0, 2] = w * flip, tx
     theta[:, 1, 1], theta[:, 1, 2] = h, ty
-    grid = F.affine_grid(theta.to(x.dtype), list(x.shape), align_corners=False)
+    grid = F.affine_grid(theta.to(x.dtype), out_shape, align_corners=False)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 

@@ -8,6 +8,7 @@ artifact path ``ssl_backbone``; supervised training resolves ``ssl:<run id>`` ba
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 import uuid
@@ -257,12 +258,23 @@ def run_label_efficiency(
     seed_everything(params.project.seed)
     random_net = create_classifier(spec["model"], 0, in_chans=int(spec["in_chans"]))
     settings = settings or le.EvalSettings(seed=params.project.seed)
+    if settings.mirror is None:
+        settings = dataclasses.replace(settings, mirror=recipe.hflip > 0)
     notes = [
         f"scratch: imgflow's supervised recipe ({spec['model']}, its augmentation, loss, optimiser and schedule) "
         f"trained in one process for about {settings.scratch_steps} steps (1..{settings.scratch_max_epochs} epochs)",
         f"probes: logistic regression on standardised features, C by {settings.probe_cv_folds}-fold CV inside "
         f"the labelled subset (unless probe_C is set); SSL and random-init features: {settings.probe_layers} "
-        f"conv stage(s), each average-pooled to {settings.grid}x{settings.grid}",
+        f"conv stage(s), each average-pooled to {settings.grid}x{settings.grid}"
+        + (", of each image and its mirror image (concatenated)" if settings.mirror else ""),
+        *(
+            [
+                "scratch and ssl_finetune predict with flip TTA (the mean logits of each test image and its mirror), "
+                "as the probes see both"
+            ]
+            if settings.mirror
+            else []
+        ),
         "ssl_finetune: the scratch recipe and steps started from the SSL backbone as train.init does (LP-FT: the "
         f"head alone for {settings.finetune_probe_share:.0%} of the epochs, then the backbone at "
         f"{recipe.init_backbone_lr_scale} x lr)",
@@ -270,8 +282,9 @@ def run_label_efficiency(
     ]
     report = le.label_efficiency(
         train, test, ssl_backbone=ssl_net, random_backbone=random_net, mean=dc["mean"], std=dc["std"],
-        train_scratch=le.recipe_scratch_trainer(recipe), backbone_spec={**spec, "run_id": run_id},
-        train_finetune=le.recipe_scratch_trainer(recipe, init_dir=folder, probe_share=settings.finetune_probe_share),
+        train_scratch=le.recipe_scratch_trainer(recipe, mirror=settings.mirror), backbone_spec={**spec, "run_id": run_id},
+        train_finetune=le.recipe_scratch_trainer(recipe, init_dir=folder, probe_share=settings.finetune_probe_share,
+                                                 mirror=settings.mirror),
         settings=settings, notes=notes,
     )  # fmt: skip
     out = paths.out("label_efficiency")

@@ -55,7 +55,9 @@ METHODS = ("simclr",)
 # --------------------------------------------------------------------------- the loss and the network
 
 
-def nt_xent_loss(z1: torch.Tensor, z2: torch.Tensor, *, temperature: float) -> torch.Tensor:
+def nt_xent_loss(
+    z1: torch.Tensor, z2: torch.Tensor, *, temperature: float, decoupled: bool = False
+) -> torch.Tensor:
     """SimCLR's NT-Xent: z1, z2 (B, D) projections of two views of the same B images.
 
     Every one of the 2B embeddings is classified, by cosine similarity / ``temperature``, against the
@@ -68,7 +70,13 @@ def nt_xent_loss(z1: torch.Tensor, z2: torch.Tensor, *, temperature: float) -> t
     self_mask = torch.eye(2 * b, dtype=torch.bool, device=z.device)
     sim = sim.masked_fill(self_mask, float("-inf"))  # an embedding is not its own candidate
     positives = torch.cat([torch.arange(b, 2 * b), torch.arange(0, b)]).to(z.device)
-    return F.cross_entropy(sim, positives)
+    if not decoupled:
+        return F.cross_entropy(sim, positives)
+    rows = torch.arange(2 * b, device=z.device)
+    pos = sim[rows, positives]
+    return (
+        torch.logsumexp(sim.index_put((rows, positives), torch.tensor(float("-inf"))), dim=1) - pos
+    ).mean()
 
 
 class SimCLRNetwork(nn.Module):
@@ -116,6 +124,16 @@ class SSLRecipe:
     augment: ViewAugment
     deterministic: bool
     seed: int
+    loss: str = "ntxent"
+    """``ntxent`` or ``dcl`` (:func:`nt_xent_loss` with ``decoupled``)."""
+    local_crops: int = 0
+    """Multi-crop (Caron et al., 2020): this many extra small views per image, each a positive of both
+    full views (0: SimCLR's two views alone)."""
+    local_scale: tuple[float, float] = (0.1, 0.35)
+    local_side: int = 0
+    """The local views' side in pixels (0: 4/7 of the images' side, 16 for 28)."""
+    channels_last: bool = False
+    """NHWC weights and views (``train.channels_last``): ~1.4x the views per second on CPU (oneDNN)."""
 
     @property
     def image_side(self) -> int:
@@ -135,6 +153,8 @@ class SSLRecipe:
         aug: dict[str, Any] = {
             k: tuple(v) if isinstance(v, list) else v for k, v in raw.pop("augment").items()
         }
+        if "local_scale" in raw:
+            raw["local_scale"] = tuple(raw["local_scale"])
         return cls(**{**raw, "images_file": Path(raw["images_file"]), "augment": ViewAugment(**aug)})
 
 
@@ -153,10 +173,12 @@ def _generator(*parts: Any) -> torch.Generator:
 
 
 def build_network(recipe: SSLRecipe) -> SimCLRNetwork:
-    """The backbone (``num_classes=0``: no classifier) and projection, seeded identically on every rank."""
+    """The backbone (``num_classes=0``: no classifier) and projection, seeded identically on every rank;
+    channels-last when the recipe says so."""
     seed_everything(recipe.seed)
     backbone = create_classifier(recipe.model, 0, in_chans=recipe.in_chans)
-    return SimCLRNetwork(backbone, hidden=recipe.proj_hidden, out=recipe.proj_dim)
+    network = SimCLRNetwork(backbone, hidden=recipe.proj_hidden, out=recipe.proj_dim)
+    return network.to(memory_format=torch.channels_last) if recipe.channels_last else network
 
 
 def lr_at(recipe: SSLRecipe, step: int, total: int, warmup: int) -> float:
@@ -296,10 +318,9 @@ def _epoch(network: nn.Module, optimizer: Any, images: np.ndarray, recipe: SSLRe
         idx = np.sort(order[start : start + recipe.batch_size] if start < n else order[: recipe.batch_size])
         x = torch.from_numpy(np.asarray(images[idx], dtype=np.float32) / 255.0)
         g = _generator(recipe.seed, recipe.data_hash, "views", epoch, rank, step)
-        v1, v2 = (augment_view(x, recipe.augment, g).to(device) for _ in range(2))
         for group in optimizer.param_groups:
             group["lr"] = lr_at(recipe, epoch * steps + step, recipe.epochs * steps, warmup)
-        loss = nt_xent_loss(network(v1), network(v2), temperature=recipe.temperature)
+        loss = _views_loss(network, x, recipe, g, device)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -307,6 +328,43 @@ def _epoch(network: nn.Module, optimizer: Any, images: np.ndarray, recipe: SSLRe
         count += len(idx)
         on_batch(step, steps, float(loss.detach()))
     return {"loss_sum": loss_sum, "count": float(count)}
+
+
+def _views_loss(network: nn.Module, x: torch.Tensor, recipe: SSLRecipe, g: torch.Generator,
+                device: torch.device) -> torch.Tensor:  # fmt: skip
+    """The contrastive loss of one batch: two full views, plus ``local_crops`` small ones (each paired
+    with both full views; the loss is the mean over pairs). Local views leave BatchNorm's running
+    statistics alone: those describe full-size images, which is what a probe or a classifier sees."""
+    fmt = torch.channels_last if recipe.channels_last else torch.contiguous_format
+    full = [network(augment_view(x, recipe.augment, g).to(device, memory_format=fmt)) for _ in range(2)]
+    pairs = [(full[0], full[1])]
+    if recipe.local_crops:
+        side = recipe.local_side or max(8, round(x.shape[-1] * 4 / 7))
+        with _frozen_bn_statistics(network):
+            local = [
+                network(augment_view(x, recipe.augment, g, scale=recipe.local_scale, side=side).to(
+                    device, memory_format=fmt))
+                for _ in range(recipe.local_crops)
+            ]  # fmt: skip
+        pairs += [(f, v) for f in full for v in local]
+    losses = [
+        nt_xent_loss(a, b, temperature=recipe.temperature, decoupled=recipe.loss == "dcl") for a, b in pairs
+    ]
+    return torch.stack(losses).mean()
+
+
+@contextlib.contextmanager
+def _frozen_bn_statistics(network: nn.Module) -> Any:
+    """BatchNorm layers normalise by their batch but do not update their running statistics."""
+    norms = [m for m in network.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    saved = [m.momentum for m in norms]
+    for m in norms:
+        m.momentum = 0.0
+    try:
+        yield
+    finally:
+        for m, momentum in zip(norms, saved, strict=True):
+            m.momentum = momentum
 
 
 def ssl_loop_per_worker(config: dict[str, Any]) -> None:

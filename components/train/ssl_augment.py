@@ -39,10 +39,20 @@ def _uniform(n: int, lo: float, hi: float, g: torch.Generator) -> torch.Tensor:
     return (torch.rand(n, generator=g) * (hi - lo) + lo).view(n, 1, 1, 1)
 
 
-def augment_view(x: torch.Tensor, aug: ViewAugment, g: torch.Generator) -> torch.Tensor:
-    """x: (B, C, H, W) pixels in [0, 1] -> one normalised augmented view (B, C, H, W)."""
+def augment_view(
+    x: torch.Tensor,
+    aug: ViewAugment,
+    g: torch.Generator,
+    *,
+    scale: tuple[float, float] | None = None,
+    side: int | None = None,
+) -> torch.Tensor:
+    """x: (B, C, H, W) pixels in [0, 1] -> one normalised augmented view (B, C, H, W); ``scale`` and
+    ``side`` (a multi-crop local view: a smaller crop at a smaller side) override the crop's area range
+    and output side."""
     n, c = x.shape[0], x.shape[1]
-    x = random_resized_crop_flip(x, scale=aug.crop_scale, ratio=(3 / 4, 4 / 3), hflip=aug.hflip, generator=g)
+    x = random_resized_crop_flip(x, scale=scale or aug.crop_scale, ratio=(3 / 4, 4 / 3), hflip=aug.hflip,
+                                 generator=g, side=side)  # fmt: skip
     x = x * _uniform(n, 1 - aug.brightness, 1 + aug.brightness, g)
     m = x.mean(dim=(1, 2, 3), keepdim=True)
     x = (x - m) * _uniform(n, 1 - aug.contrast, 1 + aug.contrast, g) + m

@@ -18,6 +18,7 @@ from components.evaluate.label_efficiency import (
     choose_probe_C,
     grid_features,
     labelled_subset,
+    probe_features,
     report_section,
 )
 from components.model.models import create_classifier
@@ -76,6 +77,7 @@ def test_report_on_tiny_data_has_every_row(tmp_path: Path) -> None:
     assert min(r["labels"] for r in report["rows"]) >= 10  # one image per class at least
     assert report["settings"]["scratch_steps"] == 2 and report["settings"]["grid"] == 3
     assert report["settings"]["probe_layers"] == "last+prev" and report["settings"]["probe_C"] is None
+    assert report["settings"]["mirror"] is True  # None resolved from the recipe (train.hflip 0.5)
     grid = set(settings.probe_C_grid) | {settings.probe_C_fallback}
     trained = ("scratch", "ssl_finetune")  # the recipe's runs: no probe
     assert all((r["probe_C"] is None) == (r["method"] in trained) for r in report["rows"])
@@ -117,6 +119,28 @@ def test_probe_reads_the_last_stage_then_the_one_before() -> None:
     np.testing.assert_allclose(both[:, : 64 * 9], last, rtol=1e-5, atol=1e-6)
     with pytest.raises(ConfigError, match="probe_layers"):
         grid_features(net, images, layers="prev", **kw)
+
+
+def test_mirror_probe_reads_the_image_then_its_mirror() -> None:
+    """``mirror``: the plain features, then the mirror images' (for pixels: the flipped pixels); off: the
+    plain features alone."""
+    net = create_classifier("imgflow_cnn", 0, in_chans=1)
+    images = np.random.default_rng(0).integers(0, 256, (4, 1, 28, 28), dtype=np.uint8)
+    kw = {"mean": (0.5,), "std": (0.5,)}
+    on, off = (
+        EvalSettings(mirror=True, feature_batch_size=3),
+        EvalSettings(mirror=False, feature_batch_size=3),
+    )
+    plain = probe_features(net, images, settings=off, **kw)
+    both = probe_features(net, images, settings=on, **kw)
+    mirrored = probe_features(net, images[..., ::-1].copy(), settings=off, **kw)
+    assert both.shape == (4, 2 * plain.shape[1])
+    np.testing.assert_allclose(both, np.concatenate([plain, mirrored], axis=1), rtol=1e-5, atol=1e-6)
+    assert not np.allclose(plain, mirrored)  # the mirror's features are new columns, not a copy
+    pixels = probe_features(None, images, settings=on, **kw)
+    assert np.array_equal(
+        pixels, np.concatenate([images.reshape(4, -1), images[..., ::-1].reshape(4, -1)], 1)
+    )
 
 
 def test_probe_C_is_chosen_inside_the_labelled_rows() -> None:

@@ -11,7 +11,15 @@ from torch import nn
 
 from components.core.errors import ConfigError
 from components.model.models import create_classifier
-from components.train.ssl import SimCLRNetwork, lr_at, nt_xent_loss, save_backbone
+from components.train.ssl import (
+    SimCLRNetwork,
+    SSLRecipe,
+    _views_loss,
+    build_network,
+    lr_at,
+    nt_xent_loss,
+    save_backbone,
+)
 from components.train.ssl_augment import ViewAugment, augment_view
 from components.train.ssl_init import BACKBONE_GROUP_KEY, LpFtSchedule, lpft_param_groups
 from tests.conftest import fmnist_arrays
@@ -31,6 +39,23 @@ def test_nt_xent_on_a_hand_checked_case() -> None:
     assert nt_xent_loss(z, z.flip(0), temperature=1.0).item() > 1.5
 
 
+def test_decoupled_loss_leaves_the_positive_out_of_the_denominator() -> None:
+    # The same case as above: the denominator keeps the two negatives alone -> log(2) - 1.
+    z = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    assert nt_xent_loss(z, z.clone(), temperature=1.0, decoupled=True).item() == pytest.approx(
+        math.log(2) - 1
+    )
+    # Against a row-by-row reference on random projections.
+    z1, z2 = torch.randn(5, 8, generator=torch.Generator().manual_seed(0)), torch.randn(5, 8)
+    u = torch.nn.functional.normalize(torch.cat([z1, z2]), dim=1)
+    sim = u @ u.T / 0.2
+    ref = [torch.logsumexp(sim[i, [k for k in range(10) if k not in (i, (i + 5) % 10)]], 0) - sim[i, (i + 5) % 10]
+           for i in range(10)]  # fmt: skip
+    got = nt_xent_loss(z1, z2, temperature=0.2, decoupled=True).item()
+    assert got == pytest.approx(torch.stack(ref).mean().item(), rel=1e-5)
+    assert got < nt_xent_loss(z1, z2, temperature=0.2).item()  # the positive no longer counts against itself
+
+
 def _aug(channels: int) -> ViewAugment:
     return ViewAugment((0.35, 1.0), 0.5, 0.4, 0.4, 0.05, 0.2 if channels == 3 else 0.0, (0.5,) * channels,
                        (0.5,) * channels)  # fmt: skip
@@ -44,6 +69,40 @@ def test_views_are_seeded_and_keep_the_data_geometry() -> None:
     assert a.shape == x.shape and torch.equal(a, b) and not torch.equal(a, c)
     rgb = augment_view(x.expand(-1, 3, -1, -1).contiguous(), _aug(3), torch.Generator().manual_seed(0))
     assert rgb.shape == (16, 3, 28, 28)
+
+
+def test_local_views_are_small_and_leave_the_norm_statistics_alone(tmp_path: Path) -> None:
+    """Multi-crop: local views come out at ``local_side`` (4/7 of the side by default), the loss pairs them
+    with both full views, and only the full views move BatchNorm's running statistics."""
+    x = torch.from_numpy(fmnist_arrays("t10k", 16)[0]).float().div(255).unsqueeze(1)
+    view = augment_view(x, _aug(1), torch.Generator().manual_seed(0), scale=(0.1, 0.35), side=16)
+    assert view.shape == (16, 1, 16, 16)
+
+    def recipe(local_crops: int) -> SSLRecipe:
+        return SSLRecipe("simclr", "imgflow_cnn", 1, tmp_path / "x.npy", "0" * 16, 1, 16, 1e-3, 0.0, 0, 0.2, 8, 4,
+                         _aug(1), False, 0, local_crops=local_crops)  # fmt: skip
+
+    def running_means(net: nn.Module) -> list[torch.Tensor]:
+        return [m.running_mean.clone() for m in net.modules() if isinstance(m, nn.BatchNorm2d)]
+
+    seen: list[tuple[int, ...]] = []
+    for local_crops in (0, 3):
+        net = build_network(recipe(local_crops))
+        hook = net.backbone.stem.register_forward_pre_hook(
+            lambda _m, args: seen.append(tuple(args[0].shape[-2:]))
+        )
+        before = running_means(net)
+        # the same generator state: the full views are drawn first, so they are the same in both runs
+        loss = _views_loss(net, x, recipe(local_crops), torch.Generator().manual_seed(1), torch.device("cpu"))
+        hook.remove()
+        assert torch.isfinite(loss)
+        after = running_means(net)
+        if local_crops == 0:
+            plain_after = after
+        else:  # local views normalised by their own batch but not counted in the running statistics
+            assert all(torch.equal(a, b) for a, b in zip(after, plain_after, strict=True))
+        assert not all(torch.equal(a, b) for a, b in zip(after, before, strict=True))
+    assert seen == [(28, 28)] * 2 + [(28, 28)] * 2 + [(16, 16)] * 3
 
 
 def test_lr_schedule_is_a_function_of_the_step() -> None:

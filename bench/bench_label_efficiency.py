@@ -3,6 +3,7 @@
 Real Fashion-MNIST, through the product's own entry points: ``run_ingest`` -> ``run_pretrain`` (SimCLR
 on Ray Train, 2 workers, ``ssl.*`` defaults; its wall time is ``ssl_pretrain_s``) -> ``run_label_efficiency``
 (1% / 10% / 100% of the train labels, 3 seeded subsets; SSL probe on the last two conv stages 3x3-pooled,
+of each image and its mirror,
 raw pixels, random init, imgflow's recipe from scratch; all measured in this run).
 
 Figures (targets from the issue): ``ssl_1pct_gain_pt`` (SSL probe minus the better of pixels and scratch

@@ -72,11 +72,9 @@ def nt_xent_loss(
     positives = torch.cat([torch.arange(b, 2 * b), torch.arange(0, b)]).to(z.device)
     if not decoupled:
         return F.cross_entropy(sim, positives)
-    rows = torch.arange(2 * b, device=z.device)
-    pos = sim[rows, positives]
-    return (
-        torch.logsumexp(sim.index_put((rows, positives), torch.tensor(float("-inf"))), dim=1) - pos
-    ).mean()
+    is_positive = F.one_hot(positives, 2 * b).bool()  # on sim's device: no host tensor in the mask
+    pos = sim[is_positive]  # row order: one positive per row
+    return (torch.logsumexp(sim.masked_fill(is_positive, float("-inf")), dim=1) - pos).mean()
 
 
 class SimCLRNetwork(nn.Module):

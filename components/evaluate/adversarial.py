@@ -25,7 +25,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from components.core import report as kit
-from components.core.progress import progress_bar
 
 logger = logging.getLogger(__name__)
 
@@ -122,24 +121,40 @@ def adversarial_curve(
     pgd_steps: int = 10,
     seed: int = 0,
     batch_size: int = 128,
+    amp: str = "off",
+    workers: int | None = None,
 ) -> AdversarialReport:
     """Accuracy under FGSM and PGD at each eps. images: (N, C, H, W) uint8 (or float in [0, 1]) at the
-    model's input size; targets: (N,) class indices. The model's train/eval mode is restored after."""
-    net = _Normalised(model, mean, std)
+    model's input size; targets: (N,) class indices. The model's train/eval mode is restored after.
+
+    Each (eps, batch) is one unit with its own seeded PGD start, run side by side on the conv-BN-fused
+    channels-last copy the corruption sweep uses (:func:`~components.evaluate.robustness.side_by_side`),
+    so the result does not depend on scheduling. amp: ``auto``: forward and backward in bf16 autocast
+    where the CPU runs bf16 natively (the attack steps on the sign of the gradient; the images stay fp32)."""
+    from components.evaluate.robustness import prepare_for_inference, side_by_side, sweep_dtype
+
     was_training = model.training
-    model.eval()
+    net = _Normalised(prepare_for_inference(model), mean, std)
+    dtype = sweep_dtype(amp)
     x_all = images.float() / 255 if images.dtype == torch.uint8 else images.float()
+    x_all = x_all.contiguous(memory_format=torch.channels_last)
+    batches = list(zip(x_all.split(batch_size), targets.long().split(batch_size), strict=True))
+
+    def unit(job: tuple[int, int]) -> tuple[int, int, int]:
+        j, b = job
+        x, y = batches[b]
+        generator = torch.Generator().manual_seed(seed * 1_000_003 + j * 10_007 + b)
+        with torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+            fg = _n_correct(net, fgsm(net, x, y, epsilons[j]), y)
+            pg = _n_correct(net, pgd(net, x, y, epsilons[j], steps=pgd_steps, generator=generator), y)
+        return j, fg, pg
+
+    jobs = [(j, b) for j in range(len(epsilons)) for b in range(len(batches))]
     correct = {kind: np.zeros(len(epsilons)) for kind in ("fgsm", "pgd")}
-    generator = torch.Generator().manual_seed(seed)
     try:
-        with progress_bar(len(epsilons) * len(x_all), description="adversarial (FGSM, PGD)") as advance:
-            for j, eps in enumerate(epsilons):
-                for x, y in zip(x_all.split(batch_size), targets.long().split(batch_size), strict=True):
-                    correct["fgsm"][j] += _n_correct(net, fgsm(net, x, y, eps), y)
-                    correct["pgd"][j] += _n_correct(
-                        net, pgd(net, x, y, eps, steps=pgd_steps, generator=generator), y
-                    )
-                    advance(len(x))
+        for j, fg, pg in side_by_side(unit, jobs, workers=workers, description="adversarial (FGSM, PGD)"):
+            correct["fgsm"][j] += fg
+            correct["pgd"][j] += pg
     finally:
         model.train(was_training)
     n = len(x_all)
@@ -155,7 +170,7 @@ def adversarial_curve(
 
 @torch.no_grad()
 def _n_correct(net: nn.Module, x: torch.Tensor, y: torch.Tensor) -> int:
-    return int((net(x).argmax(1) == y).sum())
+    return int((net(x).float().argmax(1) == y).sum())
 
 
 # --------------------------------------------------------------------------- report

@@ -16,7 +16,7 @@ from __future__ import annotations
 import csv
 import logging
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -90,6 +90,8 @@ class Evidence:
     audit: dict[str, Any] | None = None
     """The audit stage's ``summary.json`` for this data version (its ``oof_accuracy``: the cheap
     out-of-fold classifier ``min_accuracy: auto`` must beat), or None when the audit has not run."""
+    timings: dict[str, float] = field(default_factory=dict)
+    """Wall seconds of each part of the measurement (predict, robustness, adversarial, ...)."""
 
     @property
     def cheap_baseline(self) -> tuple[str, float] | None:

@@ -235,6 +235,32 @@ def prepare_for_inference(model: nn.Module) -> nn.Module:
     return fast.to(memory_format=torch.channels_last)
 
 
+def side_by_side(
+    fn: Callable[[Any], Any], jobs: Sequence[Any], *, workers: int | None, description: str
+) -> list[Any]:
+    """[fn(job) for job in jobs], run by ``workers`` threads (default: torch's thread count) with one
+    intra-op thread each, in order, with a progress bar: a small CNN's convolutions scale poorly across
+    threads inside one op, so whole batches side by side keep the cores busier (about 1.3x on 2 cores).
+    ``fn`` must not depend on the order the jobs run in (each draws from its own seeded generator)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    n_workers = max(1, workers or torch.get_num_threads())
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with (
+            ThreadPoolExecutor(n_workers, thread_name_prefix="imgflow-units") as pool,
+            progress_bar(len(jobs), description=description) as advance,  # when a person watches
+        ):
+            results = []
+            for result in pool.map(fn, jobs):
+                results.append(result)
+                advance(1)
+    finally:
+        torch.set_num_threads(threads)
+    return results
+
+
 @dataclass(frozen=True)
 class RobustnessReport:
     """Accuracy under each corruption family x severity, and summaries.
@@ -309,7 +335,6 @@ def corruption_sweep(
     ``evaluate.robustness.amp``): fp32 throughout.
     """
     import time
-    from concurrent.futures import ThreadPoolExecutor
 
     t0 = time.perf_counter()
     fast = prepare_for_inference(model)
@@ -337,20 +362,7 @@ def corruption_sweep(
             return fam, [n_correct(corrupt(x, fam, sev, seed=seed, batch=b), y) for sev in SEVERITIES]
 
     jobs = [(b, fam) for b in range(len(data)) for fam in (None, *families)]
-    n_workers = max(1, workers or torch.get_num_threads())
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with (
-            ThreadPoolExecutor(n_workers, thread_name_prefix="imgflow-sweep") as pool,
-            progress_bar(len(jobs), description="corruption sweep") as advance,  # when a person watches
-        ):
-            results = []
-            for result in pool.map(lambda job: unit(*job), jobs):
-                results.append(result)
-                advance(1)
-    finally:
-        torch.set_num_threads(threads)
+    results = side_by_side(lambda job: unit(*job), jobs, workers=workers, description="corruption sweep")
     if score is not None:
         return _scored(results, data, families, score=score, metric=metric, seed=seed, t0=t0)
     clean = sum(counts[0] for fam, counts in results if fam is None)

@@ -22,6 +22,8 @@ from __future__ import annotations
 import logging
 import re
 import time
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -99,37 +101,66 @@ def gather_evidence(
     task = spec.task
     rows = split_rows(read_manifest(DataPaths(params.project.data_dir).manifest), "test")
     targets = np.asarray(encode_targets(rows, spec.classes, task))
+    timings: dict[str, float] = {}
+    timed = _stopwatch(timings)
     # The corruption sweep's sample; the adversarial check draws its own smaller one from it.
     size = rob.max_images if rob.enabled else adv.max_images
     sampled = rob.enabled or adv.enabled
     keep = sweep_sample(task.strata(targets), size, params.project.seed) if sampled else None
-    test, (model, spec) = predict_split(params, model_dir, "test", keep=keep)
-    # A fitted decision rule (multi-label thresholds) always needs val; else val only fits T.
-    trusted = params.ood.enabled or params.conformal.enabled  # both fit on val
-    want_val = task.fits_decision or ev_cfg.temperature_scaling or trusted
-    val = predict_split(params, model_dir, "val")[0] if want_val and has_split(params, "val") else None
-    measured = measure(params, task, spec.classes, test, val)
-    robustness = _robustness(params, model, spec, test) if rob.enabled else None
-    adversarial = _adversarial(params, model, spec, test) if adv.enabled else None
-    explanations = _explanations(params, model, spec, test, measured)
-    ood, conformal = (
-        _trust(params, model_dir, model, spec, test, val, measured, trust_dir) if trust_dir else (None, None)
-    )
-    hierarchy = _hierarchy(params, spec, test, val, measured, trust_dir)
-    rows = rows.assign(
-        pixels=rows["width"] * rows["height"], **{k: pd.Series(v) for k, v in test.properties.items()}
-    )
-    slices = slice_table(rows, measured.correct, ev_cfg.slices, confidence=params.gates.confidence)
-    compared = (
-        champion_evidence(params, test, spec.classes, task, champion, own_version=own_version)
-        if ev_cfg.compare_champion
-        else {"status": "skipped", "reason": "evaluate.compare_champion is false"}
-    )
+    with timed("predict"):
+        test, (model, spec) = predict_split(params, model_dir, "test", keep=keep)
+        # A fitted decision rule (multi-label thresholds) always needs val; else val only fits T.
+        trusted = params.ood.enabled or params.conformal.enabled  # both fit on val
+        want_val = task.fits_decision or ev_cfg.temperature_scaling or trusted
+        val = predict_split(params, model_dir, "val")[0] if want_val and has_split(params, "val") else None
+    with timed("metrics"):
+        measured = measure(params, task, spec.classes, test, val)
+    with timed("robustness"):
+        robustness = _robustness(params, model, spec, test) if rob.enabled else None
+    with timed("adversarial"):
+        adversarial = _adversarial(params, model, spec, test) if adv.enabled else None
+    with timed("explanations"):
+        explanations = _explanations(params, model, spec, test, measured)
+    with timed("ood_conformal"):
+        ood, conformal = (
+            _trust(params, model_dir, model, spec, test, val, measured, trust_dir)
+            if trust_dir
+            else (None, None)
+        )
+        hierarchy = _hierarchy(params, spec, test, val, measured, trust_dir)
+    with timed("slices"):
+        rows = rows.assign(
+            pixels=rows["width"] * rows["height"], **{k: pd.Series(v) for k, v in test.properties.items()}
+        )
+        slices = slice_table(rows, measured.correct, ev_cfg.slices, confidence=params.gates.confidence)
+    with timed("champion"):
+        compared = (
+            champion_evidence(params, test, spec.classes, task, champion, own_version=own_version)
+            if ev_cfg.compare_champion
+            else {"status": "skipped", "reason": "evaluate.compare_champion is false"}
+        )
+    with timed("ensemble"):
+        ensemble = ensemble_evidence(params, model_dir)
+    logger.info("evaluate: %s", ", ".join(f"{k} {v:.1f} s" for k, v in timings.items()))
     return Evidence(metrics=measured.metrics, calibration=measured.calibration, robustness=robustness,
                     slices=slices, champion=compared, baseline=baseline, curves=measured.curves,
                     adversarial=adversarial, explanations=explanations, ood=ood,
                     conformal=conformal, hierarchy=hierarchy, audit=audit,
-                    ensemble=ensemble_evidence(params, model_dir))  # fmt: skip
+                    ensemble=ensemble, timings=timings)  # fmt: skip
+
+
+def _stopwatch(into: dict[str, float]) -> Callable[[str], AbstractContextManager[None]]:
+    """``with timed("part"):`` adds the block's wall seconds to ``into["part"]``."""
+
+    @contextmanager
+    def timed(part: str) -> Iterator[None]:
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            into[part] = into.get(part, 0.0) + time.perf_counter() - t0
+
+    return timed
 
 
 @dataclass
@@ -201,6 +232,7 @@ def _adversarial(params: Params, model: Any, spec: Any, test: SplitOutput) -> di
     report = adversarial_curve(
         model, test.kept[pick], test.kept_targets[pick], mean=spec.data_config["mean"],
         std=spec.data_config["std"], epsilons=cfg.epsilons, pgd_steps=cfg.pgd_steps, seed=cfg.seed,
+        amp=cfg.amp,
     )  # fmt: skip
     return report.to_dict()
 
@@ -308,7 +340,8 @@ def _ood_inputs(
     # The drift reference the register stage stores for this model comes from the same pass.
     also = (params.drift.layer,) if params.drift.enabled else ()
     emb = embed_manifest(params.project.data_dir, model_dir, layer=cfg.layer, also=also,
-                         batch_size=params.evaluate.batch_size)  # fmt: skip
+                         batch_size=params.evaluate.batch_size,
+                         decoded_cache=params.project.state_dir / "cache")  # fmt: skip
     manifest = read_manifest(DataPaths(params.project.data_dir).manifest)
 
     def feats(split: str) -> np.ndarray:
@@ -384,7 +417,9 @@ def evaluate_model(
     )  # fmt: skip
     gates = build_gates(params.gates, evidence, baseline=params.baseline)
     seconds = time.perf_counter() - t0
-    files = write_report(evidence, gates, out_dir, context={**context, "seconds": round(seconds, 1)})
+    parts = ", ".join(f"{k} {v:.1f}" for k, v in evidence.timings.items())
+    files = write_report(evidence, gates, out_dir,
+                         context={**context, "seconds": round(seconds, 1), "seconds by part": parts})  # fmt: skip
     task = evidence.task
     headline, value = evidence.headline
     result = {
@@ -401,6 +436,7 @@ def evaluate_model(
         "out_dir": str(out_dir),
         "run_id": run_id,
         "seconds": seconds,
+        "timings": {k: round(v, 2) for k, v in evidence.timings.items()},
     }
     return Evaluated(
         result=result,

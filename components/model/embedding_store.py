@@ -127,13 +127,20 @@ def embed_manifest(
     also: Sequence[str] = (),
     batch_size: int = 256,
     device: str = "cpu",
+    decoded_cache: Path | None = None,
 ) -> Embeddings:
     """The embeddings of every image of the data dir's current manifest under the model in
     ``model_dir`` at ``layer``: from the store, or computed once (one pass, progress bar) and stored.
 
     ``also``: more layers a later consumer will ask for (the evaluate stage's OOD layer and the drift
     reference the register stage warms): those missing from the store are computed in the same pass
-    over the images and stored too, instead of a second pass later."""
+    over the images and stored too, instead of a second pass later.
+
+    ``decoded_cache``: the project's folder of decoded splits (``<state_dir>/cache``, what training
+    memory-maps): the images are read from there, each split decoded once at the model's eval geometry
+    (the files training wrote are reused), instead of decoding and transforming every file in Python —
+    when the whole manifest decoded fits in ``DECODED_MAX_BYTES``; the features equal the per-file
+    path's to float rounding."""
     paths = DataPaths(Path(data_dir))
     version = data_version(require_manifest(paths))
     mhash = model_hash(model_dir)
@@ -151,9 +158,13 @@ def embed_manifest(
         if missing:
             manifest = read_manifest(paths.manifest)
             model, spec = load_classifier(Path(model_dir))
-            vectors = embed_files_layers(
-                model, spec, [paths.root / p for p in manifest["path"]],
-                layers=missing, batch_size=batch_size, device=device,
+            files = [paths.root / p for p in manifest["path"]]
+            decoded = _decoded(manifest, files, spec, decoded_cache) if decoded_cache is not None else None
+            vectors = (
+                embed_files_layers(model, spec, files, layers=missing, batch_size=batch_size, device=device)
+                if decoded is None
+                else embed_decoded_layers(model, spec, decoded, layers=missing, batch_size=batch_size,
+                                          device=device)
             )  # fmt: skip
             for name, rows in vectors.items():
                 _write_entry(base, name, rows, manifest, spec=spec, version=version, mhash=mhash)
@@ -162,6 +173,63 @@ def embed_manifest(
     stored = load_cached(data_dir, data_version_=version, model_hash_=mhash, layer=layer)
     assert stored is not None  # just written, or there before
     return stored
+
+
+DECODED_MAX_BYTES = 4 * 2**30
+"""The largest manifest :func:`embed_manifest` reads through the decoded-split cache (uint8 bytes)."""
+
+
+def _decoded(
+    manifest: pd.DataFrame, files: Sequence[Path], spec: ModelSpec, cache_dir: Path
+) -> np.ndarray | None:
+    """(N, C, side, side) uint8 of every manifest row, in manifest order, at the model's eval geometry:
+    each split through :func:`~components.data.datasets.cached_split_array` under the name training gives
+    it (``<split>-<key>.npy``), so a split training decoded is not decoded again. None when the whole
+    would exceed ``DECODED_MAX_BYTES``."""
+    from components.data.datasets import cache_key, cached_split_array, decoded_size
+
+    side = int(spec.data_config["input_size"][-1])
+    if decoded_size(len(files), spec.in_chans, side) > DECODED_MAX_BYTES:
+        return None
+    mode, crop_pct = image_mode(spec.in_chans), float(spec.data_config.get("crop_pct", 1.0))
+    interpolation = str(spec.data_config.get("interpolation", "bilinear"))
+    out = np.empty((len(files), spec.in_chans, side, side), dtype=np.uint8)
+    splits = manifest["split"].to_numpy()
+    for split in dict.fromkeys(splits):
+        rows = np.flatnonzero(splits == split)
+        part = [files[int(i)] for i in rows]
+        key = cache_key(part, mode=mode, side=side, crop_pct=crop_pct, interpolation=interpolation)
+        out[rows] = cached_split_array(part, cache_file=Path(cache_dir) / f"{split}-{key}.npy", mode=mode,
+                                       side=side, crop_pct=crop_pct, interpolation=interpolation)  # fmt: skip
+    return out
+
+
+def embed_decoded_layers(
+    model: nn.Module,
+    spec: ModelSpec,
+    images: np.ndarray,
+    *,
+    layers: Sequence[str],
+    batch_size: int = 256,
+    device: str = "cpu",
+) -> dict[str, np.ndarray]:
+    """{layer: (N, D)} features of decoded uint8 images (N, C, H, W) at the model's input size,
+    normalised as the model's transform does (``/255``, then mean and std), from one pass."""
+    c = images.shape[1]
+    mean = torch.tensor(list(spec.data_config["mean"])[:c], dtype=torch.float32).view(1, c, 1, 1)
+    std = torch.tensor(list(spec.data_config["std"])[:c], dtype=torch.float32).view(1, c, 1, 1)
+
+    def batches() -> Iterator[torch.Tensor]:
+        for i in range(0, len(images), batch_size):
+            yield (
+                torch.from_numpy(np.asarray(images[i : i + batch_size], dtype=np.float32)) / 255.0 - mean
+            ) / std
+
+    names = ", ".join(dict.fromkeys(layers))
+    return extract_layers(
+        model, batches(), layers=layers, batch_size=batch_size, device=device,
+        total=len(images), description=f"embedding {len(images)} images ({names})",
+    )  # fmt: skip
 
 
 def _stored(data_dir: Path, version: str, mhash: str, layer: str) -> bool:

@@ -36,6 +36,12 @@ class StagePaths:
         return self.out("train") / "run.json"
 
     @property
+    def decoded_cache(self) -> Path:
+        """``<state_dir>/cache``: decoded splits (uint8 .npy) that training, pretraining, the embedding
+        store and the label-efficiency report share."""
+        return self.state / "cache"
+
+    @property
     def mlartifacts(self) -> Path:
         """Where a local MLflow store keeps the artifacts of imgflow's experiment."""
         return self.state / "mlartifacts"

@@ -88,7 +88,7 @@ def run_pretrain(
     data_config = model_data_config(train_cfg.model, in_chans, train_cfg.input_size)
     images_file = decode_images(
         source_paths(source), in_chans=in_chans, side=int(data_config["input_size"][-1]),
-        cache_dir=paths.state / "cache", max_images=params.ssl.max_images,
+        cache_dir=paths.decoded_cache, max_images=params.ssl.max_images,
     )  # fmt: skip
     recipe = build_ssl_recipe(
         params.ssl, train_cfg, images_file=images_file, in_chans=in_chans, data_config=data_config,
@@ -249,7 +249,7 @@ def run_label_efficiency(
     load: dict[str, Any] = {
         "in_chans": int(spec["in_chans"]),
         "side": side,
-        "cache_dir": paths.state / "cache",
+        "cache_dir": paths.decoded_cache,
     }
     train = le.load_split(paths.data.manifest, paths.data.root, "train", classes, **load)
     test = le.load_split(paths.data.manifest, paths.data.root, "test", classes, **load)

@@ -181,7 +181,8 @@ def reference_embeddings(
         )
         if cached is not None:
             return cached.split("train"), f"its training data ({trained_on}, train split)", ""
-    current = embed_manifest(paths.data.root, model_dir, layer=layer, batch_size=params.evaluate.batch_size)
+    current = embed_manifest(paths.data.root, model_dir, layer=layer, batch_size=params.evaluate.batch_size,
+                             decoded_cache=paths.decoded_cache)  # fmt: skip
     note = ""
     if trained_on and trained_on != current.data_version:
         note = (f"the model's training data {trained_on} is not in the embedding store: compared with the "
@@ -279,7 +280,11 @@ def version_drift(
             return {"status": "not measured", "reason": f"the champion's training data {champion['data_version']} "
                     "is not in the embedding store (it is embedded when a model is registered)"}  # fmt: skip
         current = embed_manifest(
-            paths.data.root, model_dir, layer=cfg.layer, batch_size=params.evaluate.batch_size
+            paths.data.root,
+            model_dir,
+            layer=cfg.layer,
+            batch_size=params.evaluate.batch_size,
+            decoded_cache=paths.decoded_cache,
         )
     result = drift_test(
         reference.split("train"), current.split("train"), alpha=cfg.alpha, permutations=cfg.permutations,
@@ -321,8 +326,9 @@ def warm_reference(params: Params, model_dir: Path) -> None:
     if not params.drift.enabled:
         return
     try:
-        embed_manifest(StagePaths(params).data.root, model_dir, layer=params.drift.layer,
-                       batch_size=params.evaluate.batch_size)  # fmt: skip
+        paths = StagePaths(params)
+        embed_manifest(paths.data.root, model_dir, layer=params.drift.layer,
+                       batch_size=params.evaluate.batch_size, decoded_cache=paths.decoded_cache)  # fmt: skip
     except (DataError, OSError) as e:
         logger.warning("could not embed the training data for later drift checks: %s", e)
 

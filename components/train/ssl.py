@@ -132,6 +132,9 @@ class SSLRecipe:
     """The local views' side in pixels (0: 4/7 of the images' side, 16 for 28)."""
     channels_last: bool = False
     """NHWC weights and views (``train.channels_last``): ~1.4x the views per second on CPU (oneDNN)."""
+    amp: str = "off"
+    """``train.amp``: the network's forward (and so its backward) under autocast — bf16 on a CPU with
+    native bf16 for ``auto`` (:func:`components.train.torch_recipe.amp_dtype`); the loss stays fp32."""
 
     @property
     def image_side(self) -> int:
@@ -333,18 +336,24 @@ def _views_loss(network: nn.Module, x: torch.Tensor, recipe: SSLRecipe, g: torch
     """The contrastive loss of one batch: two full views, plus ``local_crops`` small ones (each paired
     with both full views; the loss is the mean over pairs). Local views leave BatchNorm's running
     statistics alone: those describe full-size images, which is what a probe or a classifier sees."""
+    from components.train.torch_recipe import amp_dtype
+
     fmt = torch.channels_last if recipe.channels_last else torch.contiguous_format
-    full = [network(augment_view(x, recipe.augment, g).to(device, memory_format=fmt)) for _ in range(2)]
-    pairs = [(full[0], full[1])]
-    if recipe.local_crops:
-        side = recipe.local_side or max(8, round(x.shape[-1] * 4 / 7))
-        with _frozen_bn_statistics(network):
-            local = [
-                network(augment_view(x, recipe.augment, g, scale=recipe.local_scale, side=side).to(
-                    device, memory_format=fmt))
-                for _ in range(recipe.local_crops)
-            ]  # fmt: skip
-        pairs += [(f, v) for f in full for v in local]
+    dtype = amp_dtype(recipe.amp, device)
+    # The views are drawn in fp32 (the generator's draws do not depend on amp); only the network runs
+    # under autocast, and the loss below (cosine similarities, log-softmax) is computed in fp32.
+    with torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+        full = [network(augment_view(x, recipe.augment, g).to(device, memory_format=fmt)) for _ in range(2)]
+        local = []
+        if recipe.local_crops:
+            side = recipe.local_side or max(8, round(x.shape[-1] * 4 / 7))
+            with _frozen_bn_statistics(network):
+                local = [
+                    network(augment_view(x, recipe.augment, g, scale=recipe.local_scale, side=side).to(
+                        device, memory_format=fmt))
+                    for _ in range(recipe.local_crops)
+                ]  # fmt: skip
+    pairs = [(full[0], full[1]), *((f, v) for f in full for v in local)]
     losses = [
         nt_xent_loss(a, b, temperature=recipe.temperature, decoupled=recipe.loss == "dcl") for a, b in pairs
     ]

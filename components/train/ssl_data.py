@@ -99,6 +99,6 @@ def build_ssl_recipe(
         data_hash=hash_images(images), epochs=epochs or cfg.epochs, batch_size=min(cfg.batch_size, len(images)),
         lr=cfg.lr, weight_decay=cfg.weight_decay, warmup_epochs=cfg.warmup_epochs, temperature=cfg.temperature,
         proj_hidden=cfg.proj_hidden, proj_dim=cfg.proj_dim, augment=augment, deterministic=train.deterministic,
-        seed=seed, loss=cfg.loss, channels_last=train.channels_last, local_crops=cfg.local_crops,
+        seed=seed, loss=cfg.loss, channels_last=train.channels_last, amp=train.amp, local_crops=cfg.local_crops,
         local_scale=cfg.local_scale, local_side=cfg.local_side,
     )  # fmt: skip

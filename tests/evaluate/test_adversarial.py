@@ -63,6 +63,20 @@ def test_accuracy_falls_with_eps_and_pgd_is_the_stronger_attack(sample, curve: d
     assert all(p <= f + 1e-9 for f, p in zip(curve["fgsm"], curve["pgd"], strict=True))
 
 
+def test_curve_does_not_depend_on_threads_and_bf16_stays_close(sample, curve: dict) -> None:
+    """Each (eps, batch) unit draws its own PGD start: one thread or two give the same curve; bf16
+    autocast (``amp: auto``, native on this CPU or fp32 elsewhere) moves it by a few images at most."""
+    predictor, x, y = sample
+    kw = {"mean": (0.5,), "std": (0.5,), "epsilons": EPS, "pgd_steps": 5, "batch_size": 32}
+    one = adversarial_curve(predictor.model, x, y, workers=1, **kw).to_dict()
+    two = adversarial_curve(predictor.model, x, y, workers=2, **kw).to_dict()
+    assert one == two
+    assert predictor.model.training is False  # restored as it was
+    fast = adversarial_curve(predictor.model, x, y, amp="auto", workers=2, **kw).to_dict()
+    for kind in ("fgsm", "pgd"):
+        assert np.abs(np.subtract(fast[kind], one[kind])).max() <= 0.05
+
+
 def _evidence(predictor: Predictor, x: torch.Tensor, y: torch.Tensor, curve: dict) -> Evidence:
     batch = predictor.preprocess([png_bytes(a[0].numpy()) for a in x])
     with torch.no_grad():

@@ -128,3 +128,34 @@ def test_model_hash_ignores_temperature_but_not_weights(tiny_model_dir: Path, tm
 def test_missing_manifest_is_a_clear_error(tmp_path: Path, tiny_model_dir: Path) -> None:
     with pytest.raises(DataError, match="run `imgflow ingest` first"):
         embed_manifest(tmp_path, tiny_model_dir)
+
+
+def test_decoded_cache_gives_the_same_rows_and_reuses_what_training_decoded(
+    data_dir: DataPaths, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """With ``decoded_cache`` the images come from the decoded-split files (a split training already
+    decoded is read, not decoded again); the rows equal the per-file path's, in manifest order."""
+    from components.data.datasets import cache_key, cached_split_array
+
+    manifest = pd.read_parquet(data_dir.manifest)
+    cache = tmp_path / "cache"
+    geometry = {"mode": "L", "side": 28, "crop_pct": 1.0, "interpolation": "bilinear"}
+    train = [data_dir.root / p for p in manifest.loc[manifest["split"] == "train", "path"]]
+    # What training would have left: the train split decoded under its usual name.
+    train_file = cache / f"train-{cache_key(train, **geometry)}.npy"
+    cached_split_array(train, cache_file=train_file, **geometry)
+    stamp = train_file.stat().st_mtime_ns
+    model, spec = load_classifier(tiny_model_dir)
+    layers = ("pooled_last", "pre_logits")
+    fast = embed_manifest(data_dir.root, tiny_model_dir, layer=layers[0], also=layers[1:], batch_size=5,
+                          decoded_cache=cache)  # fmt: skip
+    assert train_file.stat().st_mtime_ns == stamp  # read, not rewritten
+    assert sorted(p.name.split("-")[0] for p in cache.glob("*.npy")) == ["test", "train"]
+    files = [data_dir.root / p for p in manifest["path"]]
+    for layer in layers:
+        direct = embed_files(model, spec, files, layer=layer)
+        stored = embed_manifest(data_dir.root, tiny_model_dir, layer=layer)
+        np.testing.assert_allclose(stored.vectors, direct, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        fast.vectors, embed_files(model, spec, files, layer=layers[0]), rtol=1e-5, atol=1e-5
+    )

@@ -105,6 +105,28 @@ def test_local_views_are_small_and_leave_the_norm_statistics_alone(tmp_path: Pat
     assert seen == [(28, 28)] * 2 + [(28, 28)] * 2 + [(16, 16)] * 3
 
 
+def test_amp_runs_the_network_in_bf16_and_the_loss_in_fp32(tmp_path: Path) -> None:
+    """``amp`` (``train.amp``): the views are the same draws, the network's projections come out in the
+    autocast dtype where the CPU has native bf16, the loss is fp32 and close to the fp32 run's."""
+    from components.train.torch_recipe import cpu_has_native_bf16
+
+    x = torch.from_numpy(fmnist_arrays("t10k", 32)[0]).float().div(255).unsqueeze(1)
+    dtypes: list[torch.dtype] = []
+    losses = {}
+    for amp in ("off", "auto"):
+        recipe = SSLRecipe("simclr", "imgflow_cnn", 1, tmp_path / "x.npy", "0" * 16, 1, 32, 1e-3, 0.0, 0, 0.2, 8, 4,
+                           _aug(1), False, 0, local_crops=2, amp=amp)  # fmt: skip
+        torch.manual_seed(0)
+        net = build_network(recipe)
+        hook = net.register_forward_hook(lambda _m, _a, out: dtypes.append(out.dtype))
+        losses[amp] = _views_loss(net, x, recipe, torch.Generator().manual_seed(1), torch.device("cpu"))
+        hook.remove()
+        assert losses[amp].dtype == torch.float32
+    native = cpu_has_native_bf16()
+    assert dtypes == [torch.float32] * 4 + [torch.bfloat16 if native else torch.float32] * 4
+    assert float(losses["auto"]) == pytest.approx(float(losses["off"]), rel=0.02)
+
+
 def test_lr_schedule_is_a_function_of_the_step() -> None:
     from dataclasses import dataclass
 

@@ -162,6 +162,8 @@ class Evaluation:
     out_dir: Path
     run_id: str
     seconds: float
+    timings: Mapping[str, float] = field(default_factory=dict)
+    """Wall seconds of each part of the measurement (predict, robustness, adversarial, ...)."""
 
     @property
     def gates_passed(self) -> bool:
@@ -192,6 +194,7 @@ class Evaluation:
             out_dir=Path(raw["out_dir"]),
             run_id=str(raw["run_id"]),
             seconds=float(raw["seconds"]),
+            timings={str(k): float(v) for k, v in (raw.get("timings") or {}).items()},
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -209,6 +212,7 @@ class Evaluation:
             "out_dir": str(self.out_dir),
             "run_id": self.run_id,
             "seconds": self.seconds,
+            "timings": dict(self.timings),
         }
 
 

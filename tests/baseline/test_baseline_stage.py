@@ -170,6 +170,10 @@ def test_evaluate_compares_with_the_real_baseline_and_gates_on_it(
     assert baseline["status"] == "ok" and baseline["zero_shot_accuracy"] >= 0.6
     _untrained_model_and_run(params)
     result = run_evaluate(params).to_dict()
+    # where the stage's time went: each part, in the result and the report's header
+    assert {"predict", "robustness", "ood_conformal", "champion"} <= set(result["timings"])
+    assert result["timings"]["predict"] > 0 and sum(result["timings"].values()) <= result["seconds"]
+    assert "seconds by part" in Path(result["report_html"]).read_text()
 
     record = json.loads((root / "eval-outputs" / "baseline" / "baseline.json").read_text())
     report = json.loads(Path(result["report_json"]).read_text())

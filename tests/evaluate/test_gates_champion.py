@@ -83,6 +83,12 @@ def test_worse_challenger_is_not_promoted_and_champion_stays(project) -> None:
     report = json.loads(Path(first["report_json"]).read_text())
     assert report["champion"]["status"] == "none"
     assert first["temperature"] != 1.0  # fitted on val
+    # Where the stage's time went: every part timed, in the JSON and in the report's header.
+    parts = {"predict", "metrics", "robustness", "adversarial", "explanations", "ood_conformal", "slices",
+             "champion", "ensemble"}  # fmt: skip
+    assert set(first["timings"]) == parts and all(v >= 0 for v in first["timings"].values())
+    assert first["timings"]["predict"] > 0 and sum(first["timings"].values()) <= first["seconds"]
+    assert "seconds by part" in Path(first["report_html"]).read_text()
     reg1 = run_register(params).to_dict()
     assert "champion" in reg1["aliases"]
     # The registered model serves calibrated probabilities: its spec holds the fitted temperature,

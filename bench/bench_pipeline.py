@@ -173,6 +173,7 @@ def _outcome(project: Path) -> dict[str, Any]:
         "worst_family_robustness": metrics.get("worst_family_robustness"),
         "worst_family": robustness.get("worst_family"),
         "sweep_s": robustness.get("seconds"),
+        "evaluate_parts_s": report.get("timings") or {},
     }
 
 
@@ -199,6 +200,7 @@ def _figures(rows: dict[str, dict[str, Any]], noop: dict[str, Any], *, quick: bo
                 r["wall_s"] <= WALL_TARGET_S),
             fig(f"{recipe} CPU (process tree)", r["cpu_s"], "s"),
             *(fig(f"{recipe} stage {stage}", s, "s") for stage, s in r["stages"].items()),
+            *(fig(f"{recipe} evaluate: {part}", s, "s") for part, s in r.get("evaluate_parts_s", {}).items()),
             fig(f"{recipe} training epochs", r["train_epochs_s"], "s"),
             fig(f"{recipe} training share of wall", r["training_share"], ""),
             fig(f"{recipe} overhead (wall - epochs)", r["overhead_s"], "s",

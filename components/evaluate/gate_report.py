@@ -410,6 +410,7 @@ def report_dict(ev: Evidence, gates: GateReport, *, context: Mapping[str, Any]) 
         "conformal": ev.conformal,
         "hierarchy": ev.hierarchy,
         "ensemble": ev.ensemble,
+        "timings": {k: round(v, 2) for k, v in ev.timings.items()},
     }
 
 

@@ -28,7 +28,8 @@ def _evaluate_result(**extra: object) -> dict:
     return {
         "task": "singlelabel", "accuracy": 0.93, "gates_passed": True, "verdict": gates.verdict(),
         "gates": gates.to_dict(), "temperature": 1.3, "thresholds": None, "report_html": "o/e/report.html",
-        "report_json": "o/e/report.json", "out_dir": "o/e", "run_id": "r1", "seconds": 2.5, **extra,
+        "report_json": "o/e/report.json", "out_dir": "o/e", "run_id": "r1", "seconds": 2.5,
+        "timings": {"predict": 1.2, "robustness": 0.8}, **extra,
     }  # fmt: skip
 
 

@@ -180,6 +180,21 @@ def cached_split_array(
     return arr
 
 
+def cached_split_at(
+    paths: Sequence[Path], *, split: str, data_config: dict[str, Any], mode: str, cache_dir: Path
+) -> np.ndarray:
+    """:func:`cached_split_array` at a model's eval geometry (``data_config``), under the name every stage
+    gives it (``<cache_dir>/<split>-<key>.npy``): training, the embedding store and the reports share it."""
+    geometry = {
+        "mode": mode,
+        "side": int(data_config["input_size"][-1]),
+        "crop_pct": float(data_config.get("crop_pct", 1.0)),
+        "interpolation": str(data_config.get("interpolation", "bilinear")),
+    }
+    key = cache_key(paths, **geometry)  # type: ignore[arg-type]
+    return cached_split_array(paths, cache_file=Path(cache_dir) / f"{split}-{key}.npy", **geometry)  # type: ignore[arg-type]
+
+
 def cache_key(paths: Sequence[Path], *, mode: str, side: int, crop_pct: float, interpolation: str) -> str:
     """Content key of a decoded split: the (content-addressed) file names in order plus the geometry."""
     h = hashlib.sha256(f"{mode}|{side}|{crop_pct}|{interpolation}".encode())

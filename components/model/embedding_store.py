@@ -186,21 +186,17 @@ def _decoded(
     each split through :func:`~components.data.datasets.cached_split_array` under the name training gives
     it (``<split>-<key>.npy``), so a split training decoded is not decoded again. None when the whole
     would exceed ``DECODED_MAX_BYTES``."""
-    from components.data.datasets import cache_key, cached_split_array, decoded_size
+    from components.data.datasets import cached_split_at, decoded_size
 
     side = int(spec.data_config["input_size"][-1])
     if decoded_size(len(files), spec.in_chans, side) > DECODED_MAX_BYTES:
         return None
-    mode, crop_pct = image_mode(spec.in_chans), float(spec.data_config.get("crop_pct", 1.0))
-    interpolation = str(spec.data_config.get("interpolation", "bilinear"))
     out = np.empty((len(files), spec.in_chans, side, side), dtype=np.uint8)
     splits = manifest["split"].to_numpy()
     for split in dict.fromkeys(splits):
         rows = np.flatnonzero(splits == split)
-        part = [files[int(i)] for i in rows]
-        key = cache_key(part, mode=mode, side=side, crop_pct=crop_pct, interpolation=interpolation)
-        out[rows] = cached_split_array(part, cache_file=Path(cache_dir) / f"{split}-{key}.npy", mode=mode,
-                                       side=side, crop_pct=crop_pct, interpolation=interpolation)  # fmt: skip
+        out[rows] = cached_split_at([files[int(i)] for i in rows], split=str(split), data_config=spec.data_config,
+                                    mode=image_mode(spec.in_chans), cache_dir=cache_dir)  # fmt: skip
     return out
 
 

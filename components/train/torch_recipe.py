@@ -21,8 +21,7 @@ from components.data.datasets import (
     InMemoryDataset,
     ManifestDataset,
     batch_collate,
-    cache_key,
-    cached_split_array,
+    cached_split_at,
     decoded_size,
     encode_targets,
     split_rows,
@@ -109,14 +108,9 @@ def split_dataset(
     in_chans, side = data_config["input_size"][0], data_config["input_size"][-1]
     mode = image_mode(recipe.in_chans)
     if use_cache(len(paths), in_chans, side, cache=recipe.cache, max_gb=recipe.cache_max_gb):
-        geometry = {
-            "mode": mode,
-            "side": side,
-            "crop_pct": float(data_config.get("crop_pct", 1.0)),
-            "interpolation": str(data_config.get("interpolation", "bilinear")),
-        }
-        key = cache_key(paths, **geometry)
-        images = cached_split_array(paths, cache_file=recipe.cache_dir / f"{split}-{key}.npy", **geometry)
+        images = cached_split_at(
+            paths, split=split, data_config=data_config, mode=mode, cache_dir=recipe.cache_dir
+        )
         return InMemoryDataset(
             images, targets, mean=data_config["mean"], std=data_config["std"], train=train,
             hflip=recipe.hflip, scale=recipe.scale, paths=paths, random_erasing=recipe.random_erasing,

@@ -4,7 +4,12 @@ The fp32 graph (:func:`components.model.export.export_onnx`) is quantized with
 ``onnxruntime.quantization.quantize_static``: QDQ format (QuantizeLinear/DequantizeLinear pairs around
 each quantized op, which every ORT execution provider reads), int8 weights per output channel and
 int8 activations whose ranges are calibrated (min/max) on validation images preprocessed exactly as the
-fp32 path does (:meth:`components.model.checkpoint.Predictor.preprocess`). ``torch.ao`` eager/FX
+fp32 path does (:meth:`components.model.checkpoint.Predictor.preprocess`). Weights use 7 of their 8 bits
+(``reduce_range``): on x86 CPUs without VNNI (AVX2 or AVX-512 alone) ORT multiplies u8 x s8 with an
+instruction whose 16-bit sums saturate (ORT's quantization guide); measured on such a CPU (AMD EPYC, AVX2)
+with full 8-bit weights, the tiny test model's int8 labels agreed with fp32 on 94% of the test images and
+its int8 OOD score correlated 0.78 with fp32's — both above the test bounds (95%, 0.9) with 7-bit weights.
+The file may be served on any CPU, so the range is reduced everywhere. ``torch.ao`` eager/FX
 quantization is deprecated upstream, so nothing here builds on it.
 
 Only the nodes that compute the logits are quantized: the temperature-scaled softmax after the classifier
@@ -144,7 +149,7 @@ def _quantize(
         quantize_static(
             str(source), str(out), _Batches(input_name, calibration, batch_size),
             quant_format=QuantFormat.QDQ, per_channel=True, activation_type=QuantType.QInt8,
-            weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax,
+            weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax, reduce_range=True,
             nodes_to_exclude=exclude or None,
             # the classifier's logits stay fp32: 8-bit logits would put the softmax on a 1/255-ish grid
             extra_options={"OpTypesToExcludeOutputQuantization": ["Gemm"]},

@@ -18,8 +18,8 @@ labelled subset and scored on the test split:
   ``components.train.torch_recipe``) trained from scratch on the subset, in this process, for a budget
   of optimiser steps (``scratch_steps``, at most ``scratch_max_epochs`` epochs);
 - ``ssl_finetune`` (when a fine-tune trainer is given): the same recipe, the same steps, started from the
-  SSL backbone as ``train.init: ssl:<run>`` starts it (LP-FT: the head alone for the first
-  ``finetune_probe_share`` of the epochs, then the whole network with the backbone at
+  SSL backbone as ``train.init: ssl:<run>`` starts it (the head alone for the first
+  ``finetune_probe_share`` of the epochs when LP-FT is on, then the whole network with the backbone at
   ``train.init_backbone_lr_scale`` x lr). What a user of ``train.init`` gets; the issue's gain figures are
   the frozen probe's, this one is reported beside them.
 
@@ -92,9 +92,11 @@ class EvalSettings:
     """Optimiser steps of each from-scratch run (epochs = steps / batches per epoch, 1..scratch_max_epochs)."""
     scratch_max_epochs: int = 40
     scratch_batch_size: int = 64
-    finetune_probe_share: float = 0.1
+    finetune_probe_share: float | None = None
     """``ssl_finetune``: the share of its epochs (rounded down) that trains the head alone before the whole
-    network (``train.init_probe_epochs`` counts epochs of a full run; here epochs vary with the subset)."""
+    network. None: ``train.init_probe_epochs / train.epochs``, the share a full run of the recipe gives it
+    (here epochs vary with the subset; :func:`components.pipeline.pretraining.run_label_efficiency` fills
+    it in)."""
     feature_batch_size: int = 512
 
     def to_dict(self) -> dict[str, Any]:
@@ -437,15 +439,15 @@ def recipe_scratch_trainer(
     *,
     device: str = "cpu",
     init_dir: Path | None = None,
-    probe_share: float = 0.1,
+    probe_share: float = 0.0,
     mirror: bool = False,
 ) -> ScratchTrainer:
     """A :data:`ScratchTrainer` running imgflow's supervised recipe (``TrainRecipe``: model, training
     augmentation, loss, optimiser, cosine schedule, AMP/channels-last) in this process, one worker's loop
     without Ray: the comparison is about the labels, not the orchestration.
 
-    ``init_dir``: an SSL backbone folder to start from, as ``train.init: ssl:<run>`` does (LP-FT, the head
-    alone for ``probe_share`` of the epochs, rounded down); None: from scratch. ``mirror``: predict the
+    ``init_dir``: an SSL backbone folder to start from, as ``train.init: ssl:<run>`` does (with LP-FT, the
+    head alone for ``probe_share`` of the epochs, rounded down; 0: none); None: from scratch. ``mirror``: predict the
     mean logits of each test image and its mirror (``train.tta: hflip``)."""
     from torch.utils.data import DataLoader
 

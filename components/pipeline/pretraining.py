@@ -260,6 +260,11 @@ def run_label_efficiency(
     settings = settings or le.EvalSettings(seed=params.project.seed)
     if settings.mirror is None:
         settings = dataclasses.replace(settings, mirror=recipe.hflip > 0)
+    if settings.finetune_probe_share is None:  # the share of a full run's epochs train.init probes for
+        settings = dataclasses.replace(
+            settings, finetune_probe_share=recipe.init_probe_epochs / max(1, recipe.epochs)
+        )
+    share = float(settings.finetune_probe_share or 0.0)
     notes = [
         f"scratch: imgflow's supervised recipe ({spec['model']}, its augmentation, loss, optimiser and schedule) "
         f"trained in one process for about {settings.scratch_steps} steps (1..{settings.scratch_max_epochs} epochs)",
@@ -275,15 +280,15 @@ def run_label_efficiency(
             if settings.mirror
             else []
         ),
-        "ssl_finetune: the scratch recipe and steps started from the SSL backbone as train.init does (LP-FT: the "
-        f"head alone for {settings.finetune_probe_share:.0%} of the epochs, then the backbone at "
-        f"{recipe.init_backbone_lr_scale} x lr)",
+        "ssl_finetune: the scratch recipe and steps started from the SSL backbone as train.init does ("
+        + (f"LP-FT: the head alone for {share:.0%} of the epochs, then " if share else "")
+        + f"the whole network, the backbone at {recipe.init_backbone_lr_scale:g} x lr)",
         "at 100% the three subsets are one set: fitted once",
     ]
     report = le.label_efficiency(
         train, test, ssl_backbone=ssl_net, random_backbone=random_net, mean=dc["mean"], std=dc["std"],
         train_scratch=le.recipe_scratch_trainer(recipe, mirror=settings.mirror), backbone_spec={**spec, "run_id": run_id},
-        train_finetune=le.recipe_scratch_trainer(recipe, init_dir=folder, probe_share=settings.finetune_probe_share,
+        train_finetune=le.recipe_scratch_trainer(recipe, init_dir=folder, probe_share=share,
                                                  mirror=settings.mirror),
         settings=settings, notes=notes,
     )  # fmt: skip

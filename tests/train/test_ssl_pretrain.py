@@ -109,6 +109,28 @@ def test_pretraining_is_deterministic_logged_and_resolvable(project: Path, ray_r
         resolve_init(_params(project, f"train.init=ssl:{run.run_id}", "train.model=imgflow_cnn_wide"))
 
 
+def test_label_efficiency_fine_tunes_as_train_init_does(project: Path, ray_runtime: None) -> None:
+    """The report's ``ssl_finetune`` arm takes train.init's schedule: by default no probe phase and the
+    backbone at 1 x lr; with ``train.init_probe_epochs`` the head-only share of a full run's epochs."""
+    from components.evaluate.label_efficiency import EvalSettings
+    from components.pipeline.pretraining import run_label_efficiency
+
+    run = run_pretrain(_params(project, "ssl.max_images=96"), epochs=1, progress=False)
+    settings = EvalSettings(fractions=(0.5,), subsets=1, scratch_steps=4, probe_C=0.5, feature_batch_size=64)
+    default = run_label_efficiency(_params(project), ssl_run=run.run_id, settings=settings).report
+    assert default["settings"]["finetune_probe_share"] == 0.0
+    assert {r["method"] for r in default["rows"]} >= {"ssl_probe", "scratch", "ssl_finetune"}
+    assert any(
+        "the whole network, the backbone at 1 x lr" in n and "LP-FT" not in n for n in default["notes"]
+    )
+    lpft = run_label_efficiency(
+        _params(project, "train.init_probe_epochs=1", "train.epochs=4", "train.init_backbone_lr_scale=0.1"),
+        ssl_run=run.run_id, settings=settings,
+    ).report  # fmt: skip
+    assert lpft["settings"]["finetune_probe_share"] == 0.25
+    assert any("LP-FT: the head alone for 25% of the epochs" in n and "0.1 x lr" in n for n in lpft["notes"])
+
+
 @pytest.mark.slow
 def test_same_seed_same_loss_curve_through_ray(project: Path, ray_runtime: None) -> None:
     params = _params(project, "ssl.max_images=96")

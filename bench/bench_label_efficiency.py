@@ -73,23 +73,30 @@ def _active_learning(quick: bool) -> tuple[list[dict[str, Any]], dict[str, Any]]
     return list(measured["figures"]), dict(measured.get("tables", {}))
 
 
-def run(*, quick: bool = False) -> dict[str, Any]:
-    from components.pipeline.pretraining import run_label_efficiency, run_pretrain
+def pretrained_project(root: Path, *, quick: bool) -> tuple[Any, Any, float]:
+    """A fresh project under ``root``: Fashion-MNIST ingested (all of it; ``quick``: 200 images per class
+    and split), the small CNN pretrained with the ``ssl.*`` defaults (``quick``: 2 epochs). Returns the
+    params, the :class:`PretrainRecord` and the pretraining's wall seconds (``ssl_pretrain_s``)."""
+    from components.pipeline.pretraining import run_pretrain
     from components.pipeline.stages import run_ingest
 
-    per_class, epochs = (200, 2) if quick else (None, None)
+    params = load_params(REPO / "params.yaml", [
+        f"project.data_dir={root / 'data'}", f"project.output_dir={root / 'outputs'}",
+        f"project.state_dir={root / '.imgflow'}", f"ingest.max_per_class={200 if quick else 'null'}",
+        "train.recipe=manual", "train.model=imgflow_cnn", f"register.tracking_uri=sqlite:///{root / 'mlflow.db'}",
+    ])  # fmt: skip
+    run_ingest(params, progress=False)
+    t0 = time.perf_counter()
+    pretrained = run_pretrain(params, epochs=2 if quick else None, progress=False)
+    return params, pretrained, time.perf_counter() - t0
+
+
+def run(*, quick: bool = False) -> dict[str, Any]:
+    from components.pipeline.pretraining import run_label_efficiency
+
     settings = EvalSettings(scratch_steps=200) if quick else EvalSettings()
     with tempfile.TemporaryDirectory(prefix="imgflow-bench-le-") as tmp:
-        root = Path(tmp)
-        params = load_params(REPO / "params.yaml", [
-            f"project.data_dir={root / 'data'}", f"project.output_dir={root / 'outputs'}",
-            f"project.state_dir={root / '.imgflow'}", f"ingest.max_per_class={'null' if per_class is None else per_class}",
-            "train.recipe=manual", "train.model=imgflow_cnn", f"register.tracking_uri=sqlite:///{root / 'mlflow.db'}",
-        ])  # fmt: skip
-        run_ingest(params, progress=False)
-        t0 = time.perf_counter()
-        pretrained = run_pretrain(params, epochs=epochs, progress=False)
-        pretrain_s = time.perf_counter() - t0
+        params, pretrained, pretrain_s = pretrained_project(Path(tmp), quick=quick)
         t1 = time.perf_counter()
         record = run_label_efficiency(params, settings=settings)
         report_s = time.perf_counter() - t1
@@ -100,7 +107,7 @@ def run(*, quick: bool = False) -> dict[str, Any]:
         "tables": {"label_efficiency": report["summary"], "gains": report["gains"], **al_tables},
         "config": {
             "quick": quick,
-            "max_per_class": per_class,
+            "max_per_class": 200 if quick else None,
             "model": "imgflow_cnn",
             "ssl": {**params.ssl.model_dump(mode="json"), "epochs": pretrained.epochs},
             "pretrain_images": pretrained.images,

@@ -27,8 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from bench.bench_label_efficiency import REPO, _figure
-from components.core.config import load_params
+from bench.bench_label_efficiency import _figure, pretrained_project
 
 ARMS = {"scratch": None, "default": (None, None), "lpft_0.1": (0.1, 0.1), "lpft_1.0": (1.0, 0.1)}
 """arm -> None (from scratch) or (backbone lr scale, probe share); None inside: the params.yaml value."""
@@ -38,24 +37,13 @@ def run(*, quick: bool = False) -> dict[str, Any]:
     from components.data.manifest import DatasetInfo
     from components.evaluate import label_efficiency as le
     from components.pipeline.context import StagePaths
-    from components.pipeline.pretraining import run_pretrain
-    from components.pipeline.stages import run_ingest
     from components.train.recipe import build_recipe
     from components.train.ssl import read_backbone_spec
     from components.train.ssl_data import model_data_config
 
     settings = le.EvalSettings(scratch_steps=200 if quick else 600, mirror=True)
     with tempfile.TemporaryDirectory(prefix="imgflow-bench-ft-") as tmp:
-        root = Path(tmp)
-        params = load_params(REPO / "params.yaml", [
-            f"project.data_dir={root / 'data'}", f"project.output_dir={root / 'outputs'}",
-            f"project.state_dir={root / '.imgflow'}", f"ingest.max_per_class={200 if quick else 'null'}",
-            "train.recipe=manual", "train.model=imgflow_cnn", f"register.tracking_uri=sqlite:///{root / 'mlflow.db'}",
-        ])  # fmt: skip
-        run_ingest(params, progress=False)
-        t0 = time.perf_counter()
-        pretrained = run_pretrain(params, epochs=2 if quick else None, progress=False)
-        pretrain_s = time.perf_counter() - t0
+        params, pretrained, pretrain_s = pretrained_project(Path(tmp), quick=quick)
         paths, folder = StagePaths(params), pretrained.backbone_dir
         spec = read_backbone_spec(folder)
         cfg = params.train.model_copy(update={"model": spec["model"], "in_chans": int(spec["in_chans"])})

@@ -1,11 +1,14 @@
-"""LP-FT for ``train.init: ssl:<run>``: probe first, then fine-tune (Kumar et al., ICLR 2022).
+"""Fine-tuning for ``train.init: ssl:<run>``, with LP-FT as an option: probe first, then fine-tune
+(Kumar et al., ICLR 2022).
 
 The issue's planning measured that fully fine-tuning a SimCLR backbone at lr 1e-3 from the start
-lost the whole gain of pretraining (76.7% vs the probe's 80.5% at 1% of the labels): a fresh head's
-large early gradients wreck the features before the head is any good. So the optimiser keeps the
-backbone's parameters in their own groups, and :class:`LpFtSchedule` scales those groups' learning
-rate by 0 for the first ``probe_steps`` (a linear probe: only the head moves) and by
-``backbone_scale`` afterwards (a gentle fine-tune), on top of the recipe's cosine schedule. It works
+lost the whole gain of pretraining (76.7% vs the probe's 80.5% at 1% of the labels, a recipe without
+augmentation): a fresh head's large early gradients can wreck the features before the head is any
+good. So the optimiser keeps the backbone's parameters in their own groups, and :class:`LpFtSchedule`
+scales those groups' learning rate by 0 for the first ``probe_steps`` (a linear probe: only the head
+moves) and by ``backbone_scale`` afterwards, on top of the recipe's cosine schedule. With imgflow's own
+recipe neither helped (``python -m bench ssl_finetune``), so the defaults are no probe steps and a scale
+of 1.0 (``train.init_probe_epochs``, ``train.init_backbone_lr_scale``). It works
 through DistributedDataParallel unchanged (every parameter keeps ``requires_grad``), and a resumed
 run lands in the right phase because the schedule is a function of the step.
 """

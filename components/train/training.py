@@ -133,7 +133,7 @@ def train(
     ``exclude_file`` lists train images to leave out (the audit's suspected label errors);
     ``ray_options``: which Ray (a cluster or a local runtime) and how much of it the console shows;
     ``distill``: train as a student of that teacher (``imgflow distill``, :mod:`components.train.distill`).
-    ``init_dir``: start from that self-supervised backbone, LP-FT (``train.init``, :mod:`components.train.ssl_init`).
+    ``init_dir``: start from that self-supervised backbone (``train.init``; LP-FT when asked, :mod:`components.train.ssl_init`).
     ``train.ensemble`` with members: one run per member, combined (:mod:`components.train.ensemble_train`).
     """
     if cfg.ensemble is not None and cfg.ensemble.snapshots is None and distill is None:

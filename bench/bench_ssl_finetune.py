@@ -34,29 +34,15 @@ ARMS = {"scratch": None, "default": (None, None), "lpft_0.1": (0.1, 0.1), "lpft_
 
 
 def run(*, quick: bool = False) -> dict[str, Any]:
-    from components.data.manifest import DatasetInfo
     from components.evaluate import label_efficiency as le
-    from components.pipeline.context import StagePaths
-    from components.train.recipe import build_recipe
-    from components.train.ssl import read_backbone_spec
-    from components.train.ssl_data import model_data_config
+    from components.pipeline.pretraining import report_inputs
 
     settings = le.EvalSettings(scratch_steps=200 if quick else 600, mirror=True)
     with tempfile.TemporaryDirectory(prefix="imgflow-bench-ft-") as tmp:
         params, pretrained, pretrain_s = pretrained_project(Path(tmp), quick=quick)
-        paths, folder = StagePaths(params), pretrained.backbone_dir
-        spec = read_backbone_spec(folder)
-        cfg = params.train.model_copy(update={"model": spec["model"], "in_chans": int(spec["in_chans"])})
-        recipe = build_recipe(cfg, paths.data, seed=params.project.seed, weights_dir=paths.state / "weights")
-        dc = model_data_config(spec["model"], int(spec["in_chans"]), params.train.input_size)
-        classes = DatasetInfo.load(paths.data.dataset).classes
-        load = {
-            "in_chans": int(spec["in_chans"]),
-            "side": int(dc["input_size"][-1]),
-            "cache_dir": paths.decoded_cache,
-        }
-        train = le.load_split(paths.data.manifest, paths.data.root, "train", classes, **load)
-        test = le.load_split(paths.data.manifest, paths.data.root, "test", classes, **load)
+        folder = pretrained.backbone_dir
+        inputs = report_inputs(params, folder)
+        recipe, train, test = inputs.recipe, inputs.train, inputs.test
         rows, seconds = [], {}
         for arm, how in ARMS.items():
             t1 = time.perf_counter()
@@ -64,7 +50,7 @@ def run(*, quick: bool = False) -> dict[str, Any]:
                 fit = le.recipe_scratch_trainer(recipe, mirror=True)
             else:
                 scale = recipe.init_backbone_lr_scale if how[0] is None else how[0]
-                share = recipe.init_probe_epochs / max(1, recipe.epochs) if how[1] is None else how[1]
+                share = le.train_init_probe_share(recipe) if how[1] is None else how[1]
                 r = dataclasses.replace(recipe, init_backbone_lr_scale=scale)
                 fit = le.recipe_scratch_trainer(r, init_dir=folder, probe_share=share, mirror=True)
             for fraction in settings.fractions:

@@ -434,6 +434,12 @@ def report_section(data: dict[str, Any] | None) -> Any:
     )
 
 
+def train_init_probe_share(recipe: Any) -> float:
+    """The share of a full run's epochs that ``train.init: ssl:<run>`` trains the head alone for
+    (``train.init_probe_epochs / train.epochs``): what a shorter run of the same recipe probes for."""
+    return recipe.init_probe_epochs / max(1, recipe.epochs)
+
+
 def recipe_scratch_trainer(
     recipe: Any,
     *,

@@ -219,6 +219,44 @@ def _backbone_for_report(params: Params, ssl_run: str | None) -> tuple[Path, str
     return Path(raw["backbone_dir"]), str(raw["run_id"])
 
 
+@dataclass(frozen=True)
+class ReportInputs:
+    """What the label-efficiency report and ``bench ssl_finetune`` fit on: the backbone's spec, imgflow's
+    supervised recipe for its model and channels, the model's data config, and the decoded train and test
+    splits (``components.evaluate.label_efficiency.Split``)."""
+
+    spec: dict[str, Any]
+    recipe: Any
+    data_config: dict[str, Any]
+    train: Any
+    test: Any
+
+
+def report_inputs(params: Params, folder: Path) -> ReportInputs:
+    """:class:`ReportInputs` for the backbone in ``folder`` on the project's data version."""
+    from components.data.manifest import DatasetInfo
+    from components.evaluate import label_efficiency as le
+    from components.train.recipe import build_recipe
+    from components.train.ssl import read_backbone_spec
+    from components.train.ssl_data import model_data_config
+
+    paths = StagePaths(params)
+    spec = read_backbone_spec(folder)
+    cfg = params.train.model_copy(update={"model": spec["model"], "in_chans": int(spec["in_chans"])})
+    recipe = build_recipe(cfg, paths.data, seed=params.project.seed, weights_dir=paths.state / "weights")
+    dc = model_data_config(spec["model"], int(spec["in_chans"]), cfg.input_size)
+    classes = DatasetInfo.load(paths.data.dataset).classes
+    load: dict[str, Any] = {
+        "in_chans": int(spec["in_chans"]),
+        "side": int(dc["input_size"][-1]),
+        "cache_dir": paths.decoded_cache,
+    }
+    split = {
+        s: le.load_split(paths.data.manifest, paths.data.root, s, classes, **load) for s in ("train", "test")
+    }
+    return ReportInputs(spec=spec, recipe=recipe, data_config=dc, train=split["train"], test=split["test"])
+
+
 def run_label_efficiency(
     params: Params, *, ssl_run: str | None = None, settings: Any = None
 ) -> LabelEfficiencyRecord:
@@ -227,32 +265,19 @@ def run_label_efficiency(
     added to the gate report when ``imgflow evaluate`` has written one."""
     from safetensors.torch import load_file
 
-    from components.data.manifest import DatasetInfo, data_version, require_manifest
+    from components.data.manifest import data_version, require_manifest
     from components.evaluate import label_efficiency as le
     from components.evaluate.gate_report import add_report_data
     from components.model.models import create_classifier
     from components.registry import tracking
     from components.train.engine import seed_everything
-    from components.train.recipe import build_recipe
-    from components.train.ssl import BACKBONE_WEIGHTS, read_backbone_spec
-    from components.train.ssl_data import model_data_config
+    from components.train.ssl import BACKBONE_WEIGHTS
 
     paths = StagePaths(params)
     require_manifest(paths.data)
     folder, run_id = _backbone_for_report(params, ssl_run)
-    spec = read_backbone_spec(folder)
-    cfg = params.train.model_copy(update={"model": spec["model"], "in_chans": int(spec["in_chans"])})
-    recipe = build_recipe(cfg, paths.data, seed=params.project.seed, weights_dir=paths.state / "weights")
-    dc = model_data_config(spec["model"], int(spec["in_chans"]), cfg.input_size)
-    side = int(dc["input_size"][-1])
-    classes = DatasetInfo.load(paths.data.dataset).classes
-    load: dict[str, Any] = {
-        "in_chans": int(spec["in_chans"]),
-        "side": side,
-        "cache_dir": paths.decoded_cache,
-    }
-    train = le.load_split(paths.data.manifest, paths.data.root, "train", classes, **load)
-    test = le.load_split(paths.data.manifest, paths.data.root, "test", classes, **load)
+    inputs = report_inputs(params, folder)
+    spec, recipe, dc, train, test = inputs.spec, inputs.recipe, inputs.data_config, inputs.train, inputs.test
     ssl_net = create_classifier(spec["model"], 0, in_chans=int(spec["in_chans"]))
     ssl_net.load_state_dict(load_file(str(folder / BACKBONE_WEIGHTS)))
     seed_everything(params.project.seed)
@@ -260,10 +285,8 @@ def run_label_efficiency(
     settings = settings or le.EvalSettings(seed=params.project.seed)
     if settings.mirror is None:
         settings = dataclasses.replace(settings, mirror=recipe.hflip > 0)
-    if settings.finetune_probe_share is None:  # the share of a full run's epochs train.init probes for
-        settings = dataclasses.replace(
-            settings, finetune_probe_share=recipe.init_probe_epochs / max(1, recipe.epochs)
-        )
+    if settings.finetune_probe_share is None:
+        settings = dataclasses.replace(settings, finetune_probe_share=le.train_init_probe_share(recipe))
     share = float(settings.finetune_probe_share or 0.0)
     notes = [
         f"scratch: imgflow's supervised recipe ({spec['model']}, its augmentation, loss, optimiser and schedule) "

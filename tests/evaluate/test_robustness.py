@@ -213,3 +213,27 @@ def test_sweep_dtype_is_bf16_only_where_native() -> None:
     assert sweep_dtype("auto") == (torch.bfloat16 if cpu_has_native_bf16() else None)
     with pytest.raises(ConfigError, match="amp"):
         sweep_dtype("fp8")
+
+
+@pytest.mark.parametrize("name", ["imgflow_resnet_avgmax", "imgflow_cnn_avgmax"])
+def test_inference_copy_of_a_flip_tta_model_predicts_what_the_model_does(name: str) -> None:
+    """Flip TTA runs one network twice: folding batch norm into its convs once per call applied it twice
+    (the pipeline's test accuracy fell to 10%). The inner network is folded once, predictions kept."""
+    from components.evaluate.robustness import prepare_for_inference
+    from components.model.checkpoint import FlipTTA
+    from components.model.models import create_classifier
+
+    torch.manual_seed(0)
+    net = create_classifier(name, 10, in_chans=1)
+    for m in net.modules():  # batch-norm statistics far from the identity, as after training
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-1, 1)
+            m.running_var.uniform_(0.2, 3)
+    x, _ = fmnist_arrays("t10k", n=16)
+    x = (torch.from_numpy(x).float().unsqueeze(1) / 255 - 0.5) / 0.5
+    for model in (FlipTTA(net, 28), net):
+        fast = prepare_for_inference(model)
+        with torch.inference_mode():
+            want = model.eval()(x)
+            assert torch.allclose(fast(x.contiguous(memory_format=torch.channels_last)), want, atol=1e-4)
+        assert not any(isinstance(m, nn.BatchNorm2d) for m in fast.modules())  # folded, not skipped

@@ -131,8 +131,10 @@ def test_champion_loads_by_alias_and_predicts_real_images(done: dict) -> None:
 
 
 def test_served_model_reproduces_the_evaluated_accuracy(done: dict) -> None:
-    """Raw stored bytes through the registered pyfunc give exactly the evaluate stage's accuracy."""
+    """Raw stored bytes through the registered pyfunc give exactly the evaluate stage's accuracy, with
+    the flip TTA the auto recipe gives the small net (evaluate runs a fused copy, serving does not)."""
     project = done["project"]
+    assert json.loads((project / "outputs" / "train" / "model" / "model.json").read_text())["tta"] == "hflip"
     _use_store(project)
     model = mlflow.pyfunc.load_model("models:/imgflow-test@champion")
     test = read_manifest(DataPaths(project / "data").manifest).query("split == 'test'")

@@ -267,6 +267,7 @@ def _examine_all(
     were, so its measurements are taken from the cache, here in the calling thread."""
     candidates = []
     items = listing.items
+    known: set[tuple[str, ...]] = set()  # label sets that passed the declared-classes check
 
     def examine(item: SourceItem) -> _Candidate | _Rejected:
         return _examine(item, declared=declared, max_pixels=max_pixels, store=store)
@@ -288,8 +289,12 @@ def _examine_all(
             for item, hit in zip(chunk, hits, strict=True):
                 if hit is None:
                     outcome = next(fresh)
+                elif item.labels in known:  # a label set already checked: no per-item scan
+                    outcome = _from_cache(item, hit)
                 else:
                     outcome = _unknown_label(item, declared, hit.image_id) or _from_cache(item, hit)
+                    if not isinstance(outcome, _Rejected):
+                        known.add(item.labels)
                 if isinstance(outcome, _Rejected):
                     quarantine.add(outcome)
                 else:

@@ -70,3 +70,37 @@ def test_an_unusable_cache_means_a_full_ingest(tmp_path: Path, fm: tuple[np.ndar
     victim.unlink()
     third = ingest(f"imagefolder:{root}", data_dir=data)
     assert third.reused == third.ingested - 1 and victim.exists()
+
+
+@needs_fm
+def test_fashion_mnist_pixels_are_read_only_for_items_that_need_them(tmp_path: Path) -> None:
+    """A no-op lists the labels but never decompresses the images (~0.3 s of gzip per run); the checks of
+    the image file run when an item is read, as a clear DataError, and the previous version stays."""
+    import shutil
+
+    from components.core.errors import DataError
+    from components.data.sources import fashion_mnist_items
+
+    folder = tmp_path / "fm"
+    shutil.copytree(FMNIST_DIR, folder)
+    data = tmp_path / "data"
+    first = ingest("fashion-mnist", data_dir=data, max_per_class=5, fashion_mnist_dir=folder)
+    before = pd.read_parquet(DataPaths(data).manifest)
+
+    # the test images replaced by the train images: 60,000 pixels arrays for 10,000 labels
+    shutil.copy2(folder / "train-images-idx3-ubyte.gz", folder / "t10k-images-idx3-ubyte.gz")
+    paths = {p.name: p for p in folder.iterdir()}
+    items = list(fashion_mnist_items(paths, max_per_class=5))  # labels only: listing works
+    assert len(items) == 100 and {i.official_split for i in items} == {"test", "train"}
+    with pytest.raises(DataError, match="60000 images but t10k-labels-idx1-ubyte.gz has 10000 labels"):
+        items[0].read()
+    with pytest.raises(DataError, match="60000 images but t10k-labels"):  # the changed file is read again
+        ingest("fashion-mnist", data_dir=data, max_per_class=5, fashion_mnist_dir=folder)
+    pd.testing.assert_frame_equal(pd.read_parquet(DataPaths(data).manifest), before)
+
+    (folder / "t10k-images-idx3-ubyte.gz").write_bytes(b"not gzip")
+    with pytest.raises(DataError, match="not a readable gzip idx file"):
+        fashion_mnist_items(paths, max_per_class=5).__next__().read()
+    shutil.copy2(FMNIST_DIR / "t10k-images-idx3-ubyte.gz", folder / "t10k-images-idx3-ubyte.gz")
+    again = ingest("fashion-mnist", data_dir=data, max_per_class=5, fashion_mnist_dir=folder)
+    assert again.data_version == first.data_version

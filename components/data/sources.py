@@ -726,11 +726,8 @@ def load_fashion_mnist(paths: dict[str, Path]) -> dict[str, tuple[np.ndarray, np
     """Official split -> (images (N, 28, 28) uint8, labels (N,) uint8 in 0..9)."""
     out = {}
     for split, (img_name, lab_name) in _FM_SPLITS.items():
-        images = read_idx(paths[img_name], expect_magic=_IDX_IMAGES_MAGIC)
         labels = _fashion_mnist_labels(paths, lab_name)
-        if len(images) != len(labels):
-            raise DataError(f"{img_name} has {len(images)} images but {lab_name} has {len(labels)} labels")
-        out[split] = (images, labels)
+        out[split] = (_LazyIdxImages(paths[img_name], count=len(labels), label_file=lab_name).array, labels)
     return out
 
 
@@ -771,7 +768,9 @@ class _LazyIdxImages:
         self._lock = threading.Lock()
         self._array: np.ndarray | None = None
 
-    def __getitem__(self, index: int) -> np.ndarray:
+    @property
+    def array(self) -> np.ndarray:
+        """(N, H, W) uint8, read and checked against the label count on first access."""
         if self._array is None:
             with self._lock:
                 if self._array is None:
@@ -780,7 +779,10 @@ class _LazyIdxImages:
                         raise DataError(f"{self._path.name} has {len(images)} images but {self._label_file} "
                                         f"has {self._count} labels")  # fmt: skip
                     self._array = images
-        return self._array[index]
+        return self._array
+
+    def __getitem__(self, index: int) -> np.ndarray:
+        return self.array[index]
 
 
 def _fashion_mnist_labels(paths: dict[str, Path], lab_name: str) -> np.ndarray:

@@ -249,7 +249,7 @@ def _fused(module: nn.Module) -> nn.Module:
             logger.debug("conv-bn fusion skipped for %s (%s)", type(module).__name__, e)
             return module
     for name, child in module.named_children():
-        if any(True for _ in child.children()):  # leaves have nothing to fold on their own
+        if next(child.children(), None) is not None:  # leaves have nothing to fold on their own
             setattr(module, name, _fused(child))
     return module
 

@@ -45,14 +45,18 @@ from components.data.manifest import (
     data_version,
     write_manifest,
 )
-from components.data.pool import IMPORTED_SPLIT, imported_items
+from components.data.ingest_stamp import save_stamp, stamp_key, unchanged_summary
+from components.data.pool import IMPORTED_SPLIT, imported_items, labels_file
 from components.data.sources import (
     ImageInfo,
     Rejection,
     SourceItem,
     SourceListing,
     examine_image,
+    fashion_mnist_paths,
     list_source,
+    parse_source,
+    stat_fingerprint,
 )
 from components.task import detect_task, get_task
 from components.task.taxonomy import TAXONOMY_FILE, Taxonomy
@@ -92,12 +96,21 @@ class IngestSummary:
     """split -> number of images (differs from the sum of ``counts`` for multi-label data)."""
     reused: int = 0
     """Items taken from the previous ingest's cache without reading them (incremental ingest)."""
+    unchanged: bool = False
+    """The source, the options and the outputs were as the last ingest left them: its summary, with
+    nothing listed, read or written (:mod:`components.data.ingest_stamp`)."""
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
         out["classes"] = list(self.classes)
         out["empty_classes"] = list(self.empty_classes)
         return out
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> IngestSummary:
+        """The inverse of :meth:`to_dict`."""
+        raw = {k: v for k, v in values.items() if k in cls.__dataclass_fields__}
+        return cls(**{**raw, "classes": tuple(raw["classes"]), "empty_classes": tuple(raw["empty_classes"])})
 
 
 @dataclass(frozen=True)
@@ -532,6 +545,16 @@ def ingest(
         _check_label_case(classes, declared=True)
     paths = DataPaths(Path(data_dir))
     _recover(paths)
+    imported = imported_items(paths.root)  # labels given to pool images (imgflow label-import)
+    options = dict(source=source, classes=classes, val_fraction=val_fraction, test_fraction=test_fraction,
+                   seed=seed, max_per_class=max_per_class, max_pixels=max_pixels, task=task, taxonomy=taxonomy,
+                   allow_outside_root=allow_outside_root, data_dir=str(paths.root.resolve()))  # fmt: skip
+    key = _stamp_key(options, paths, imported, fashion_mnist_dir, download) if incremental else None
+    recorded = unchanged_summary(paths, key)
+    if recorded is not None:
+        summary = replace(IngestSummary.from_dict(recorded), reused=recorded["ingested"], unchanged=True)
+        _log_summary(summary)
+        return summary
     listing = list_source(
         source,
         max_per_class=max_per_class,
@@ -541,7 +564,6 @@ def ingest(
         allow_outside_root=allow_outside_root,
         nested=taxonomy == "paths",
     )
-    imported = imported_items(paths.root)  # labels given to pool images (imgflow label-import)
     if imported:
         listing = replace(listing, items=[*listing.items, *imported])
     class_names = tuple(classes) if classes is not None else listing.classes
@@ -595,8 +617,28 @@ def ingest(
         images={split: splits.count(split) for split in SPLITS},
         reused=sum(1 for c in kept if c.sample.thumb is None),
     )
+    save_stamp(paths, key, summary.to_dict())
     _log_summary(summary)
     return summary
+
+
+def _stamp_key(options: dict[str, Any], paths: DataPaths, imported: Sequence[SourceItem],
+               fashion_mnist_dir: Path, download: bool) -> str | None:  # fmt: skip
+    """The whole-ingest stamp's key (:mod:`components.data.ingest_stamp`): for Fashion-MNIST, whose
+    identity is its four IDX files; None (no short-circuit) for every other source."""
+    if parse_source(options["source"])[0] != "fashion-mnist":
+        return None
+    files = fashion_mnist_paths(
+        Path(fashion_mnist_dir), download=download, cache_dir=paths.root / ".downloads"
+    )
+    identities = [stat_fingerprint(f) for _, f in sorted(files.items())]
+    labels = labels_file(paths.root)
+    if labels.exists():
+        identities += [stat_fingerprint(labels), *(item.fingerprint for item in imported)]
+    tree = Path(str(options["taxonomy"])).expanduser()
+    if options["taxonomy"] not in ("none", "", "paths", "fashion-mnist") and tree.is_file():
+        identities.append(stat_fingerprint(tree))
+    return stamp_key(options, identities)
 
 
 def build_taxonomy(spec: str, listing: SourceListing, classes: Sequence[str]) -> Taxonomy | None:
@@ -626,7 +668,7 @@ def _log_summary(s: IngestSummary) -> None:
         logger.warning("classes with no ingested image: %s", ", ".join(s.empty_classes))
     per_split = ", ".join(f"{split} {(s.images or {}).get(split, 0)}" for split in SPLITS)
     logger.info(
-        "ingested %d of %d items from %s (%s task%s; %s; %d quarantined%s); data version %s",
+        "ingested %d of %d items from %s (%s task%s; %s; %d quarantined%s); data version %s%s",
         s.ingested,
         s.seen,
         s.source,
@@ -636,4 +678,7 @@ def _log_summary(s: IngestSummary) -> None:
         s.quarantined,
         f": {s.reasons}" if s.reasons else "",
         s.data_version,
+        " (source, options and outputs as the last ingest left them: nothing listed or read)"
+        if s.unchanged
+        else "",
     )

@@ -86,11 +86,11 @@ class IngestCache:
         if not fingerprint:
             return None
         row = self._rows.get(fingerprint)
-        if row is None or not self._stored(row.path):
+        if row is None or not self.stored(row.path):
             return None
         return row
 
-    def _stored(self, rel: str) -> bool:
+    def stored(self, rel: str) -> bool:
         """Whether the stored copy ``rel`` (a data-dir-relative path) exists; each folder is listed once
         per ingest (the project lock keeps anyone else from deleting store files meanwhile)."""
         folder, _, name = rel.rpartition("/")

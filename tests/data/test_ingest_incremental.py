@@ -4,14 +4,18 @@ the data version is exactly what a full ingest of the same files gives."""
 from __future__ import annotations
 
 import os
+import shutil
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
 import pytest
 
-from components.data.ingest import ingest
+from components.data.ingest import IngestSummary, ingest
 from components.data.ingest_cache import CACHE_FILE
+from components.data.ingest_stamp import STAMP_FILE
 from components.data.manifest import DataPaths
 from tests.conftest import FMNIST_DIR, fmnist_arrays
 from tests.data.test_ingest import check_invariants, make_imagefolder, needs_fm, png_bytes
@@ -27,11 +31,57 @@ def test_fashion_mnist_second_ingest_reads_nothing(tmp_path: Path) -> None:
     data = tmp_path / "data"
     first = ingest("fashion-mnist", data_dir=data, max_per_class=15, fashion_mnist_dir=FMNIST_DIR)
     before = pd.read_parquet(DataPaths(data).manifest)
+    (data / STAMP_FILE).unlink()  # the per-item cache, not the whole-ingest short-circuit (tested below)
     second = ingest("fashion-mnist", data_dir=data, max_per_class=15, fashion_mnist_dir=FMNIST_DIR)
+    assert not second.unchanged
     assert first.reused == 0 and second.reused == second.ingested == first.ingested
     assert second.data_version == first.data_version
     pd.testing.assert_frame_equal(pd.read_parquet(DataPaths(data).manifest), before)
     check_invariants(second, data)
+
+
+@needs_fm
+def test_an_unchanged_fashion_mnist_ingest_answers_from_its_stamp(tmp_path: Path) -> None:
+    """Same IDX files, options and outputs: the last summary, nothing listed or rewritten. Another option,
+    an edited manifest, a lost stored image or a touched source file: the ordinary ingest, which mends
+    the outputs, and the data version is always a full ingest's."""
+    folder = tmp_path / "fm"
+    shutil.copytree(FMNIST_DIR, folder)
+    data = tmp_path / "data"
+    manifest = DataPaths(data).manifest
+
+    def run(**options: Any) -> IngestSummary:
+        return ingest("fashion-mnist", data_dir=data, max_per_class=5, fashion_mnist_dir=folder, **options)
+
+    first = run()
+    written = manifest.stat().st_mtime_ns
+    second = run()
+    assert second.unchanged and not first.unchanged and second.reused == second.ingested
+    assert replace(second, reused=first.reused, unchanged=False) == first
+    assert manifest.stat().st_mtime_ns == written  # not rewritten
+
+    reseeded = run(seed=7)
+    assert not reseeded.unchanged and reseeded.data_version != first.data_version
+    back = run()  # the stamp is seed 7's now
+    assert not back.unchanged and back.data_version == first.data_version
+    assert run().unchanged
+
+    victim = data / pd.read_parquet(manifest)["path"].iloc[0]
+    victim.unlink()
+    mended = run()
+    assert not mended.unchanged and victim.exists() and mended.data_version == first.data_version
+
+    good = manifest.read_bytes()
+    pd.read_parquet(manifest).iloc[1:].to_parquet(manifest)  # a version checked out by hand
+    mended = run()
+    assert not mended.unchanged and manifest.read_bytes() == good
+
+    labels = folder / "train-labels-idx1-ubyte.gz"
+    os.utime(labels, ns=(labels.stat().st_atime_ns, labels.stat().st_mtime_ns + 10**9))
+    touched = run()
+    assert not touched.unchanged and touched.data_version == first.data_version
+    assert run(incremental=False).unchanged is False and not (data / STAMP_FILE).exists()
+    check_invariants(touched, data)
 
 
 def test_changed_and_added_files_are_read_the_rest_reused(
@@ -76,8 +126,6 @@ def test_an_unusable_cache_means_a_full_ingest(tmp_path: Path, fm: tuple[np.ndar
 def test_fashion_mnist_pixels_are_read_only_for_items_that_need_them(tmp_path: Path) -> None:
     """A no-op lists the labels but never decompresses the images (~0.3 s of gzip per run); the checks of
     the image file run when an item is read, as a clear DataError, and the previous version stays."""
-    import shutil
-
     from components.core.errors import DataError
     from components.data.sources import fashion_mnist_items
 

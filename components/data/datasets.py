@@ -19,6 +19,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from components.core.errors import DataError
+from components.data.image_stats import model_input
 from components.task import SINGLELABEL, Task, get_task
 
 Targets = Sequence[int] | np.ndarray
@@ -57,7 +58,7 @@ class ManifestDataset(Dataset):
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, Any]:
         with Image.open(self.paths[i]) as img:
-            x = self.transform(img.convert(self.mode))
+            x = self.transform(model_input(img, self.mode))
         # A class index as a plain int, a multi-hot row as its (C,) tensor.
         return x, (self.targets[i] if self.targets.ndim == 2 else int(self.targets[i]))
 
@@ -147,7 +148,7 @@ def decode_split(
     out = np.empty((len(paths), channels, side, side), dtype=np.uint8)
     for i, p in enumerate(paths):
         with Image.open(p) as img:
-            arr = np.asarray(_fit_to_side(img.convert(mode), side, crop_pct, interpolation))
+            arr = np.asarray(_fit_to_side(model_input(img, mode), side, crop_pct, interpolation))
         out[i] = arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
     return out
 
@@ -195,9 +196,14 @@ def cached_split_at(
     return cached_split_array(paths, cache_file=Path(cache_dir) / f"{split}-{key}.npy", **geometry)  # type: ignore[arg-type]
 
 
+DECODE_LAYOUT = "upright"
+"""Part of every decoded split's cache key: bumped when decoding changes (``upright``: EXIF orientation
+applied, :func:`components.data.image_stats.model_input`), so no cache of the old decoding is reused."""
+
+
 def cache_key(paths: Sequence[Path], *, mode: str, side: int, crop_pct: float, interpolation: str) -> str:
     """Content key of a decoded split: the (content-addressed) file names in order plus the geometry."""
-    h = hashlib.sha256(f"{mode}|{side}|{crop_pct}|{interpolation}".encode())
+    h = hashlib.sha256(f"{mode}|{side}|{crop_pct}|{interpolation}|{DECODE_LAYOUT}".encode())
     for p in paths:
         h.update(Path(p).name.encode())
         h.update(b"\0")

@@ -85,6 +85,14 @@ def displayed(im: Image.Image) -> Image.Image:
     return ImageOps.exif_transpose(im) if orientation not in (None, 1) else im
 
 
+def model_input(im: Image.Image, mode: str) -> Image.Image:
+    """An image file as every model sees it — in training, evaluation, the embedding store and serving:
+    as displayed (EXIF orientation applied, like ingest's sizes and the audit's pixels), in ``mode``.
+    A phone photo stored sideways with an orientation tag is learnt and served upright, the way its
+    labeller saw it."""
+    return displayed(im).convert(mode)
+
+
 def grey_pixels(im: Image.Image) -> np.ndarray:
     """(H, W) float64 grey values on a 0..255 scale, whatever the mode (16-bit scaled, not clipped)."""
     if im.mode in _SIXTEEN_BIT or im.mode in ("I", "F"):

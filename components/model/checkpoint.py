@@ -21,6 +21,7 @@ from torch import nn
 
 from components.core.errors import ConfigError, DataError
 from components.core.jsonio import write_json
+from components.data.image_stats import model_input
 from components.model.models import create_classifier, create_image_transform, image_mode
 from components.model.uncertainty import ConformalSets, OODDetector, ScoredNet, load_conformal, load_ood
 from components.task import Task, get_task
@@ -158,7 +159,7 @@ def decode_image(data: bytes, *, mode: str) -> Image.Image:
         img.load()
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise DataError(f"input is not a decodable image ({e.__class__.__name__}: {e})") from e
-    return img.convert(mode)
+    return model_input(img, mode)
 
 
 @dataclass(frozen=True)

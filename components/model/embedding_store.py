@@ -35,6 +35,7 @@ from torch import nn
 
 from components.core.errors import DataError
 from components.core.jsonio import write_json
+from components.data.image_stats import model_input
 from components.data.manifest import DataPaths, data_version, read_manifest, require_manifest
 from components.model.checkpoint import SPEC_FILE, WEIGHTS_FILE, ModelSpec, load_classifier
 from components.model.features import DEFAULT_LAYER, check_layer, extract_features, extract_layers
@@ -298,7 +299,7 @@ def embed_files_layers(
         images = []
         for f in files[i : i + batch_size]:
             with Image.open(f) as img:
-                images.append(transform(img.convert(mode)))
+                images.append(transform(model_input(img, mode)))
         return torch.stack(images)
 
     def batches() -> Iterator[torch.Tensor]:

@@ -381,10 +381,12 @@ def _embedded(
 def _pixels(files: list[Path]) -> np.ndarray:
     from PIL import Image
 
+    from components.data.image_stats import model_input
+
     out = np.zeros((len(files), _PIXEL_SIDE * _PIXEL_SIDE), dtype=np.float32)
     for i, f in enumerate(files):
         with Image.open(f) as im:
-            small = im.convert("L").resize((_PIXEL_SIDE, _PIXEL_SIDE), Image.Resampling.BILINEAR)
+            small = model_input(im, "L").resize((_PIXEL_SIDE, _PIXEL_SIDE), Image.Resampling.BILINEAR)
         out[i] = np.asarray(small, dtype=np.float32).ravel() / 255.0
     return out
 

@@ -205,6 +205,22 @@ def test_exif_rotated_image_is_measured_as_displayed(
     distance = hamming(hex_to_uint64([a["phash"]]), hex_to_uint64([b["phash"]]))[0]
     assert distance <= 4  # ...but a near-duplicate: the hash sees the displayed image
 
+    # Every model input is the displayed image too: training's decoded splits and per-file dataset,
+    # serving's decoder (the embedding store and the AL pixels use the same function).
+    from torchvision.transforms.functional import pil_to_tensor
+
+    from components.data.datasets import ManifestDataset, decode_split
+    from components.model.checkpoint import decode_image
+
+    files = [tmp_path / "data" / r["path"] for r in (a, b)]
+    split = decode_split(files, mode="RGB", side=28).astype(np.float32)
+    per_file = ManifestDataset(files, [0, 0], transform=pil_to_tensor, mode="RGB")
+    served = [np.asarray(decode_image(f.read_bytes(), mode="RGB"), np.float32) for f in files]
+    assert served[1].shape == served[0].shape == (28, 56, 3)  # upright: 56 wide
+    assert np.abs(served[1] - served[0]).mean() < 6  # the same picture, up to JPEG's own losses
+    assert np.abs(split[1] - split[0]).mean() < 6
+    assert tuple(per_file[1][0].shape) == (3, 28, 56)
+
 
 # --------------------------------------------------------------------------------------------
 # Paths

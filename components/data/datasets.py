@@ -196,6 +196,15 @@ def cached_split_at(
     return cached_split_array(paths, cache_file=Path(cache_dir) / f"{split}-{key}.npy", **geometry)  # type: ignore[arg-type]
 
 
+def normalise(images: np.ndarray, *, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """Decoded uint8 images (N, C, H, W) -> float (N, C, H, W) as the model's data config says (``/255``,
+    then each channel's mean and std): what the model's own transform does to one PIL image."""
+    c = images.shape[1]
+    m = torch.tensor(list(mean)[:c], dtype=torch.float32).view(1, c, 1, 1)
+    s = torch.tensor(list(std)[:c], dtype=torch.float32).view(1, c, 1, 1)
+    return (torch.from_numpy(np.asarray(images, dtype=np.float32) / 255.0) - m) / s
+
+
 DECODE_LAYOUT = "upright"
 """Part of every decoded split's cache key: bumped when decoding changes (``upright``: EXIF orientation
 applied, :func:`components.data.image_stats.model_input`), so no cache of the old decoding is reused."""

@@ -46,6 +46,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from components.core.errors import ConfigError
+from components.data.datasets import normalise
 from components.model.features import base_model, prev_stage_map
 
 logger = logging.getLogger(__name__)
@@ -205,14 +206,6 @@ def labelled_subset(labels: np.ndarray, fraction: float, *, seed: int, subset: i
 
 
 # --------------------------------------------------------------------------- learners
-
-
-def normalise(images: np.ndarray, *, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
-    """uint8 (N, C, H, W) -> float (N, C, H, W) as the model's data config says."""
-    c = images.shape[1]
-    m = torch.tensor(list(mean)[:c], dtype=torch.float32).view(1, c, 1, 1)
-    s = torch.tensor(list(std)[:c], dtype=torch.float32).view(1, c, 1, 1)
-    return (torch.from_numpy(np.asarray(images, dtype=np.float32) / 255.0) - m) / s
 
 
 @torch.no_grad()

@@ -35,6 +35,7 @@ from torch import nn
 
 from components.core.errors import DataError
 from components.core.jsonio import write_json
+from components.data.datasets import normalise
 from components.data.image_stats import model_input
 from components.data.manifest import DataPaths, data_version, read_manifest, require_manifest
 from components.model.checkpoint import SPEC_FILE, WEIGHTS_FILE, ModelSpec, load_classifier
@@ -212,15 +213,11 @@ def embed_decoded_layers(
 ) -> dict[str, np.ndarray]:
     """{layer: (N, D)} features of decoded uint8 images (N, C, H, W) at the model's input size,
     normalised as the model's transform does (``/255``, then mean and std), from one pass."""
-    c = images.shape[1]
-    mean = torch.tensor(list(spec.data_config["mean"])[:c], dtype=torch.float32).view(1, c, 1, 1)
-    std = torch.tensor(list(spec.data_config["std"])[:c], dtype=torch.float32).view(1, c, 1, 1)
+    mean, std = spec.data_config["mean"], spec.data_config["std"]
 
     def batches() -> Iterator[torch.Tensor]:
         for i in range(0, len(images), batch_size):
-            yield (
-                torch.from_numpy(np.asarray(images[i : i + batch_size], dtype=np.float32)) / 255.0 - mean
-            ) / std
+            yield normalise(images[i : i + batch_size], mean=mean, std=std)
 
     names = ", ".join(dict.fromkeys(layers))
     return extract_layers(

@@ -205,6 +205,12 @@ def normalise(images: np.ndarray, *, mean: Sequence[float], std: Sequence[float]
     return (torch.from_numpy(np.asarray(images, dtype=np.float32) / 255.0) - m) / s
 
 
+def decoded_cache_dir(state_dir: Path) -> Path:
+    """``<state_dir>/cache``: the decoded splits (uint8 .npy) that training, pretraining, the embedding
+    store and the label-efficiency report share."""
+    return Path(state_dir) / "cache"
+
+
 DECODE_LAYOUT = "upright"
 """Part of every decoded split's cache key: bumped when decoding changes (``upright``: EXIF orientation
 applied, :func:`components.data.image_stats.model_input`), so no cache of the old decoding is reused."""

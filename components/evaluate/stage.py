@@ -334,14 +334,12 @@ def _ood_inputs(
     from components.data.datasets import encode_targets, split_rows
     from components.evaluate.ood import Pass, ood_inputs
     from components.evaluate.robustness import resolve_families
-    from components.model.embedding_store import embed_manifest
+    from components.model.embedding_store import embed_project
 
     cfg = params.ood
     # The drift reference the register stage stores for this model comes from the same pass.
     also = (params.drift.layer,) if params.drift.enabled else ()
-    emb = embed_manifest(params.project.data_dir, model_dir, layer=cfg.layer, also=also,
-                         batch_size=params.evaluate.batch_size,
-                         decoded_cache=params.project.state_dir / "cache")  # fmt: skip
+    emb = embed_project(params, model_dir, layer=cfg.layer, also=also)
     manifest = read_manifest(DataPaths(params.project.data_dir).manifest)
 
     def feats(split: str) -> np.ndarray:

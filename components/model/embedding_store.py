@@ -33,9 +33,10 @@ import torch
 from PIL import Image
 from torch import nn
 
+from components.core.config import Params
 from components.core.errors import DataError
 from components.core.jsonio import write_json
-from components.data.datasets import normalise
+from components.data.datasets import decoded_cache_dir, normalise
 from components.data.image_stats import model_input
 from components.data.manifest import DataPaths, data_version, read_manifest, require_manifest
 from components.model.checkpoint import SPEC_FILE, WEIGHTS_FILE, ModelSpec, load_classifier
@@ -43,6 +44,10 @@ from components.model.features import DEFAULT_LAYER, check_layer, extract_featur
 from components.model.models import create_image_transform, image_mode
 
 logger = logging.getLogger(__name__)
+
+DECODED_MAX_GB = 4.0
+"""The largest manifest :func:`embed_manifest` reads through the decoded-split cache by default (GiB of
+uint8); :func:`embed_project` uses ``train.cache_max_gb``."""
 
 STORE_DIR = "embeddings"
 
@@ -130,6 +135,7 @@ def embed_manifest(
     batch_size: int = 256,
     device: str = "cpu",
     decoded_cache: Path | None = None,
+    decoded_max_gb: float = DECODED_MAX_GB,
 ) -> Embeddings:
     """The embeddings of every image of the data dir's current manifest under the model in
     ``model_dir`` at ``layer``: from the store, or computed once (one pass, progress bar) and stored.
@@ -141,7 +147,7 @@ def embed_manifest(
     ``decoded_cache``: the project's folder of decoded splits (``<state_dir>/cache``, what training
     memory-maps): the images are read from there, each split decoded once at the model's eval geometry
     (the files training wrote are reused), instead of decoding and transforming every file in Python —
-    when the whole manifest decoded fits in ``DECODED_MAX_BYTES``; the features equal the per-file
+    when the whole manifest decoded fits in ``decoded_max_gb``; the features equal the per-file
     path's to float rounding."""
     paths = DataPaths(Path(data_dir))
     version = data_version(require_manifest(paths))
@@ -161,7 +167,11 @@ def embed_manifest(
             manifest = read_manifest(paths.manifest)
             model, spec = load_classifier(Path(model_dir))
             files = [paths.root / p for p in manifest["path"]]
-            decoded = _decoded(manifest, files, spec, decoded_cache) if decoded_cache is not None else None
+            decoded = (
+                _decoded(manifest, files, spec, decoded_cache, max_gb=decoded_max_gb)
+                if decoded_cache is not None
+                else None
+            )
             vectors = (
                 embed_files_layers(model, spec, files, layers=missing, batch_size=batch_size, device=device)
                 if decoded is None
@@ -177,21 +187,30 @@ def embed_manifest(
     return stored
 
 
-DECODED_MAX_BYTES = 4 * 2**30
-"""The largest manifest :func:`embed_manifest` reads through the decoded-split cache (uint8 bytes)."""
+def embed_project(params: Params, model_dir: Path, *, layer: str, also: Sequence[str] = ()) -> Embeddings:
+    """:func:`embed_manifest` of the project's current data version, in batches of
+    ``evaluate.batch_size``, reading the images through the project's decoded-split cache as
+    ``train.cache`` allows decoded copies: per file when it is ``off``, else when the whole manifest
+    decoded fits in ``train.cache_max_gb``."""
+    cfg = params.train
+    return embed_manifest(
+        params.project.data_dir, model_dir, layer=layer, also=also, batch_size=params.evaluate.batch_size,
+        decoded_cache=None if cfg.cache == "off" else decoded_cache_dir(params.project.state_dir),
+        decoded_max_gb=cfg.cache_max_gb,
+    )  # fmt: skip
 
 
 def _decoded(
-    manifest: pd.DataFrame, files: Sequence[Path], spec: ModelSpec, cache_dir: Path
+    manifest: pd.DataFrame, files: Sequence[Path], spec: ModelSpec, cache_dir: Path, *, max_gb: float
 ) -> np.ndarray | None:
     """(N, C, side, side) uint8 of every manifest row, in manifest order, at the model's eval geometry:
     each split through :func:`~components.data.datasets.cached_split_array` under the name training gives
     it (``<split>-<key>.npy``), so a split training decoded is not decoded again. None when the whole
-    would exceed ``DECODED_MAX_BYTES``."""
+    would exceed ``max_gb``."""
     from components.data.datasets import cached_split_at, decoded_size
 
     side = int(spec.data_config["input_size"][-1])
-    if decoded_size(len(files), spec.in_chans, side) > DECODED_MAX_BYTES:
+    if decoded_size(len(files), spec.in_chans, side) > max_gb * 2**30:
         return None
     out = np.empty((len(files), spec.in_chans, side, side), dtype=np.uint8)
     splits = manifest["split"].to_numpy()

@@ -57,12 +57,10 @@ def resolve_audit_features(
 
 def _embedded(params: Params, model_dir: Path, name: str, choice: SourceChoice) -> AuditFeatures:
     """Every manifest image's features under the model in ``model_dir`` (embedding store)."""
-    from components.model.embedding_store import embed_manifest
+    from components.model.embedding_store import embed_project
 
     layer = params.audit.layer if choice.source == MODEL else "pooled_last"
-    emb = embed_manifest(
-        StagePaths(params).data.root, model_dir, layer=layer, batch_size=params.evaluate.batch_size
-    )
+    emb = embed_project(params, model_dir, layer=layer)
     return AuditFeatures(
         vectors=emb.vectors, ids=emb.ids, source=choice.source, name=f"{name}, {layer}", reason=choice.reason
     )

@@ -136,7 +136,7 @@ def _base_features(
     """The base model's training and held-out (val) features from the embedding store, labelled by
     base class index (rows of other labels are left out)."""
     from components.data.manifest import DataPaths, data_version, require_manifest
-    from components.model.embedding_store import embed_manifest
+    from components.model.embedding_store import embed_project
     from components.model.fewshot import BaseFeatures
 
     paths = DataPaths(params.project.data_dir)
@@ -145,7 +145,7 @@ def _base_features(
             f"no data version at {paths.root}: the base training set's features centre the prototypes; "
             "run `imgflow ingest` (the data the model was trained on) first"
         )
-    store = embed_manifest(paths.root, model_dir, layer=layer)
+    store = embed_project(params, model_dir, layer=layer)
     base_count = fewshot_bank.base_count if fewshot_bank is not None else len(classes)
     index = {c: i for i, c in enumerate(classes[:base_count])}
     label_of = dict(zip(read_manifest(paths.manifest)["image_id"], read_manifest(paths.manifest)["label"],
@@ -296,7 +296,7 @@ def run_fewshot_evaluation(
     random-init copy of its architecture, all on the same episodes."""
     from components.evaluate.fewshot import evaluate_episodes, table_text
     from components.model.checkpoint import load_classifier
-    from components.model.embedding_store import embed_manifest
+    from components.model.embedding_store import embed_project
 
     paths = StagePaths(params).data
     if not paths.manifest.exists():
@@ -304,7 +304,7 @@ def run_fewshot_evaluation(
     manifest = read_manifest(paths.manifest)
     with tempfile.TemporaryDirectory(prefix="imgflow-fewshot-") as tmp:
         src, uri = fetch_model_dir(params, model, Path(tmp))
-        store = embed_manifest(paths.root, src, layer=layer)
+        store = embed_project(params, src, layer=layer)
         net, spec = load_classifier(src)
         test, train = _episode_rows(manifest, classes, seed=seed), manifest[manifest["split"] == "train"]
         train = train.sample(n=min(CENTRE_IMAGES, len(train)), random_state=seed)

@@ -37,9 +37,10 @@ class StagePaths:
 
     @property
     def decoded_cache(self) -> Path:
-        """``<state_dir>/cache``: decoded splits (uint8 .npy) that training, pretraining, the embedding
-        store and the label-efficiency report share."""
-        return self.state / "cache"
+        """:func:`components.data.datasets.decoded_cache_dir` of this project."""
+        from components.data.datasets import decoded_cache_dir
+
+        return decoded_cache_dir(self.state)
 
     @property
     def mlartifacts(self) -> Path:

@@ -359,11 +359,11 @@ def _embedded(
     """The manifest's features from the embedding store, the pool's under the same model and layer
     (cached under ``pool/embeddings``, by model hash and the pool's ids)."""
     from components.model.checkpoint import load_classifier
-    from components.model.embedding_store import embed_files, embed_manifest, model_hash
+    from components.model.embedding_store import embed_files, embed_project, model_hash
     from components.model.features import DEFAULT_LAYER
 
     batch = params.evaluate.batch_size
-    emb = embed_manifest(StagePaths(params).data.root, model_dir, layer=DEFAULT_LAYER, batch_size=batch)
+    emb = embed_project(params, model_dir, layer=DEFAULT_LAYER)
     key = hashlib.sha256("\n".join(p.name for p in pool_files).encode()).hexdigest()[:16]
     file = cache / f"{model_hash(model_dir)}-{DEFAULT_LAYER}-{key}.npy"
     if file.exists():

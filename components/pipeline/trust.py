@@ -171,7 +171,7 @@ def reference_embeddings(
     store), with a description and a note. When that version is no longer embedded (it was never
     computed before the data changed), the current data version's train split stands in, said in
     the note."""
-    from components.model.embedding_store import embed_manifest, load_cached, model_hash
+    from components.model.embedding_store import embed_project, load_cached, model_hash
 
     paths = StagePaths(params)
     layer = params.drift.layer
@@ -181,8 +181,7 @@ def reference_embeddings(
         )
         if cached is not None:
             return cached.split("train"), f"its training data ({trained_on}, train split)", ""
-    current = embed_manifest(paths.data.root, model_dir, layer=layer, batch_size=params.evaluate.batch_size,
-                             decoded_cache=paths.decoded_cache)  # fmt: skip
+    current = embed_project(params, model_dir, layer=layer)
     note = ""
     if trained_on and trained_on != current.data_version:
         note = (f"the model's training data {trained_on} is not in the embedding store: compared with the "
@@ -266,7 +265,7 @@ def version_drift(
         return None
     # Imported only when there is something to compare: torch and timm cost a no-op run ~4 s.
     from components.evaluate.drift import drift_test
-    from components.model.embedding_store import embed_manifest, load_cached, model_hash
+    from components.model.embedding_store import embed_project, load_cached, model_hash
 
     name = params.register_.model_name
     with tempfile.TemporaryDirectory(prefix="imgflow-drift-") as tmp:
@@ -279,13 +278,7 @@ def version_drift(
         if reference is None:
             return {"status": "not measured", "reason": f"the champion's training data {champion['data_version']} "
                     "is not in the embedding store (it is embedded when a model is registered)"}  # fmt: skip
-        current = embed_manifest(
-            paths.data.root,
-            model_dir,
-            layer=cfg.layer,
-            batch_size=params.evaluate.batch_size,
-            decoded_cache=paths.decoded_cache,
-        )
+        current = embed_project(params, model_dir, layer=cfg.layer)
     result = drift_test(
         reference.split("train"), current.split("train"), alpha=cfg.alpha, permutations=cfg.permutations,
         max_samples=cfg.max_samples, seed=cfg.seed, layer=cfg.layer,
@@ -321,14 +314,12 @@ def warm_reference(params: Params, model_dir: Path) -> None:
     """Embed the current data version under a just-registered model (one pass, cached), so that a later
     data version can be tested against the data this model was trained on. A failure is logged, not
     raised: drift is evidence, the registration stands."""
-    from components.model.embedding_store import embed_manifest
+    from components.model.embedding_store import embed_project
 
     if not params.drift.enabled:
         return
     try:
-        paths = StagePaths(params)
-        embed_manifest(paths.data.root, model_dir, layer=params.drift.layer,
-                       batch_size=params.evaluate.batch_size, decoded_cache=paths.decoded_cache)  # fmt: skip
+        embed_project(params, model_dir, layer=params.drift.layer)
     except (DataError, OSError) as e:
         logger.warning("could not embed the training data for later drift checks: %s", e)
 

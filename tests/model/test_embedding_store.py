@@ -159,3 +159,25 @@ def test_decoded_cache_gives_the_same_rows_and_reuses_what_training_decoded(
     np.testing.assert_allclose(
         fast.vectors, embed_files(model, spec, files, layer=layers[0]), rtol=1e-5, atol=1e-5
     )
+
+
+@pytest.mark.parametrize(("cache", "max_gb", "decoded"), [("auto", 1.0, True), ("off", 1.0, False),
+                                                          ("auto", 1e-9, False)])  # fmt: skip
+def test_a_project_embeds_through_decoded_copies_only_as_train_cache_allows(
+    data_dir: DataPaths, tiny_model_dir: Path, tmp_path: Path, cache: str, max_gb: float, decoded: bool
+) -> None:
+    """``embed_project`` writes decoded splits under ``<state_dir>/cache`` only when ``train.cache`` is
+    not ``off`` and the whole manifest fits in ``train.cache_max_gb``; the rows are the same either way."""
+    from components.core.config import load_params
+    from components.model.embedding_store import embed_project
+    from tests.conftest import REPO
+
+    state = tmp_path / "state"
+    params = load_params(REPO / "params.yaml", [f"project.data_dir={data_dir.root}", f"project.state_dir={state}",
+                                                f"train.cache='{cache}'", f"train.cache_max_gb={max_gb}"])  # fmt: skip
+    got = embed_project(params, tiny_model_dir, layer="pooled_last")
+    assert any((state / "cache").glob("*.npy")) == decoded
+    model, spec = load_classifier(tiny_model_dir)
+    files = [data_dir.root / p for p in pd.read_parquet(data_dir.manifest)["path"]]
+    np.testing.assert_allclose(got.vectors, embed_files(model, spec, files, layer="pooled_last"), rtol=1e-5,
+                               atol=1e-5)  # fmt: skip

@@ -576,8 +576,11 @@ def train(
 @app.command()
 def pretrain(
     method: Annotated[
-        str, typer.Option("--method", help="Self-supervised method: simclr (ssl.method in params).")
-    ] = "simclr",
+        str | None,
+        typer.Option(
+            "--method", help="Self-supervised method: simclr | byol (default: ssl.method in params)."
+        ),
+    ] = None,
     data: Annotated[
         Path | None,
         typer.Option(
@@ -595,13 +598,14 @@ def pretrain(
     as_json: JsonOpt = False,
     verbose: VerboseOpt = False,
 ) -> None:
-    """Self-supervised pretraining of train.model's backbone (SimCLR) on Ray Train, labels ignored; the
+    """Self-supervised pretraining of train.model's backbone (SimCLR or BYOL) on Ray Train, labels ignored; the
     backbone, its data hash and loss curve go to an MLflow run. Start supervised training from it with
     --set train.init=ssl:<run id> (linear probe first, then fine-tune)."""
     from components.pipeline.pretraining import run_pretrain
 
     def body(p: Any) -> Any:
-        p = p.model_copy(update={"ssl": p.ssl.model_copy(update={"method": method})})
+        if method is not None:
+            p = p.model_copy(update={"ssl": p.ssl.model_copy(update={"method": method})})
         return run_pretrain(
             p, data=data, epochs=epochs, progress=not as_json, ray_options=_ray_options(verbose=verbose)
         )

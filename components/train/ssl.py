@@ -1,11 +1,13 @@
-"""Self-supervised pretraining (SimCLR) of a timm backbone on unlabelled images, through Ray Train.
+"""Self-supervised pretraining (SimCLR or BYOL) of a timm backbone on unlabelled images, through Ray Train.
 
-``imgflow pretrain --method simclr`` lands here: the driver (:func:`pretrain`) decodes the images once
+``imgflow pretrain --method simclr|byol`` lands here: the driver (:func:`pretrain`) decodes the images once
 into a memory-mapped uint8 array, hashes it (the *data hash*), and runs :func:`ssl_loop_per_worker` on
 the same Ray Train trainer supervised training uses (:func:`components.train.ray_adapter.run_trainer`:
 one checkpoint per epoch, ``train.max_failures`` restarts from the last one). Each worker takes two
 augmented views of its share of every batch (:mod:`components.train.ssl_augment`), projects the
-backbone's pooled features through a small MLP and minimises NT-Xent (Chen et al., 2020).
+backbone's pooled features through a small MLP and minimises NT-Xent (Chen et al., 2020) — or, for
+``byol`` (Grill et al., 2020), predicts an EMA target network's projection of the other view
+(:class:`BYOLNetwork`; the target is a submodule, so checkpoints carry it).
 
 Deterministic by construction: the epoch's order and every augmentation draw come from generators
 seeded by (seed, data hash, epoch, rank, step), and the learning rate is a function of the step, so a
@@ -18,6 +20,7 @@ starts supervised training from it.
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import json
 import math
@@ -49,7 +52,8 @@ BACKBONE_WEIGHTS = "backbone.safetensors"
 BACKBONE_SPEC = "backbone.json"
 STATE_FILE = "ssl_state.pt"
 HISTORY_FILE = "history.json"
-METHODS = ("simclr",)
+METHODS = ("simclr", "byol")
+BYOL_BRANCHES = ("online", "target")
 
 
 # --------------------------------------------------------------------------- the loss and the network
@@ -77,6 +81,18 @@ def nt_xent_loss(
     return (torch.logsumexp(sim.masked_fill(is_positive, float("-inf")), dim=1) - pos).mean()
 
 
+def byol_loss(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """BYOL's regression loss, 2 - 2 cos(p, z), averaged over the rows: p the online network's
+    predictions, z the target's projections of another view (no gradient flows into z)."""
+    return (2 - 2 * F.cosine_similarity(p.float(), z.detach().float(), dim=1)).mean()
+
+
+def _mlp(width: int, hidden: int, out: int) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Linear(width, hidden), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True), nn.Linear(hidden, out)
+    )
+
+
 class SimCLRNetwork(nn.Module):
     """A timm backbone (no classifier) and SimCLR's projection MLP on its pooled last-stage features."""
 
@@ -88,12 +104,44 @@ class SimCLRNetwork(nn.Module):
             raise ConfigError(
                 f"{type(backbone).__name__} reports no num_features: cannot attach a projection"
             )
-        self.projection = nn.Sequential(
-            nn.Linear(width, hidden), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True), nn.Linear(hidden, out)
-        )
+        self.projection = _mlp(width, hidden, out)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.projection(layer_features(self.backbone, x, layer="pooled_last"))
+
+
+class BYOLNetwork(SimCLRNetwork):
+    """BYOL's online network: SimCLR's backbone and projection, then a predictor MLP (the projection's
+    hidden size); ``target``, a copy of the backbone and projection outside autograd, follows it by EMA
+    (:func:`update_target`). The forward is the online prediction; the target is called on its own."""
+
+    def __init__(self, backbone: nn.Module, *, hidden: int, out: int) -> None:
+        super().__init__(backbone, hidden=hidden, out=out)
+        self.predictor = _mlp(out, hidden, out)
+        self.target = SimCLRNetwork(copy.deepcopy(backbone), hidden=hidden, out=out)
+        self.target.projection = copy.deepcopy(self.projection)
+        self.target.requires_grad_(False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.predictor(super().forward(x))
+
+
+def byol_momentum_at(base: float, step: int, total: int) -> float:
+    """The target's EMA momentum, raised from ``base`` to 1 along a cosine over the run (Grill et al.,
+    eq. in §3.2): a function of the global step, so a resumed run continues it."""
+    return 1 - (1 - base) * (math.cos(math.pi * min(step / max(1, total), 1.0)) + 1) / 2
+
+
+@torch.no_grad()
+def update_target(network: nn.Module, momentum: float) -> None:
+    """target <- momentum * target + (1 - momentum) * online, parameter by parameter (BatchNorm's running
+    statistics are the target's own: it runs in train mode on the full views)."""
+    inner = ray_adapter_unwrap(network)
+    if not isinstance(inner, BYOLNetwork):
+        return
+    online = dict(inner.named_parameters())
+    for name, t in inner.target.named_parameters():
+        t.lerp_(online[name], 1 - momentum)
 
 
 # --------------------------------------------------------------------------- the recipe
@@ -130,6 +178,11 @@ class SSLRecipe:
     local_scale: tuple[float, float] = (0.1, 0.35)
     local_side: int = 0
     """The local views' side in pixels (0: 4/7 of the images' side, 16 for 28)."""
+    byol_momentum: float = 0.98
+    """``byol``: the target's EMA momentum at step 0 (cosine-raised to 1 by the last step)."""
+    byol_backbone: str = "online"
+    """``byol``: which backbone ``backbone/`` holds, ``online`` or ``target`` (EMA); the other goes to
+    ``backbone/<other>/`` (a backbone folder of its own)."""
     channels_last: bool = False
     """NHWC weights and views (``train.channels_last``): ~1.4x the views per second on CPU (oneDNN)."""
     amp: str = "off"
@@ -174,11 +227,12 @@ def _generator(*parts: Any) -> torch.Generator:
 
 
 def build_network(recipe: SSLRecipe) -> SimCLRNetwork:
-    """The backbone (``num_classes=0``: no classifier) and projection, seeded identically on every rank;
-    channels-last when the recipe says so."""
+    """The backbone (``num_classes=0``: no classifier) and projection (BYOL: and predictor and target),
+    seeded identically on every rank; channels-last when the recipe says so."""
     seed_everything(recipe.seed)
     backbone = create_classifier(recipe.model, 0, in_chans=recipe.in_chans)
-    network = SimCLRNetwork(backbone, hidden=recipe.proj_hidden, out=recipe.proj_dim)
+    kind = BYOLNetwork if recipe.method == "byol" else SimCLRNetwork
+    network = kind(backbone, hidden=recipe.proj_hidden, out=recipe.proj_dim)
     return network.to(memory_format=torch.channels_last) if recipe.channels_last else network
 
 
@@ -193,10 +247,12 @@ def lr_at(recipe: SSLRecipe, step: int, total: int, warmup: int) -> float:
 # --------------------------------------------------------------------------- checkpoints
 
 
-def backbone_state(network: nn.Module) -> dict[str, torch.Tensor]:
-    """The backbone's weights (no projection), contiguous CPU tensors for safetensors."""
+def backbone_state(network: nn.Module, branch: str = "online") -> dict[str, torch.Tensor]:
+    """The backbone's weights (no projection), contiguous CPU tensors for safetensors; ``branch="target"``:
+    BYOL's EMA target backbone."""
     inner = ray_adapter_unwrap(network)
-    return {k: v.detach().cpu().contiguous() for k, v in inner.backbone.state_dict().items()}
+    owner = inner.target if branch == "target" and isinstance(inner, BYOLNetwork) else inner
+    return {k: v.detach().cpu().contiguous() for k, v in owner.backbone.state_dict().items()}
 
 
 def ray_adapter_unwrap(network: nn.Module) -> SimCLRNetwork:
@@ -207,10 +263,16 @@ def ray_adapter_unwrap(network: nn.Module) -> SimCLRNetwork:
     return inner
 
 
-def save_backbone(network: nn.Module, recipe: SSLRecipe, out_dir: Path, *, history: Sequence[dict]) -> Path:
-    """``out_dir/backbone.safetensors`` + ``backbone.json`` (model, channels, side, data hash, recipe)."""
+def save_backbone(network: nn.Module, recipe: SSLRecipe, out_dir: Path, *, history: Sequence[dict],
+                  branch: str | None = None) -> Path:  # fmt: skip
+    """``out_dir/backbone.safetensors`` + ``backbone.json`` (model, channels, side, data hash, recipe).
+    BYOL: ``recipe.byol_backbone``'s branch there, the other in ``out_dir/<other>/`` (``branch`` in the spec)."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    save_file(backbone_state(network), str(out_dir / BACKBONE_WEIGHTS))
+    if branch is None and recipe.method == "byol":
+        branch = recipe.byol_backbone
+        other = next(b for b in BYOL_BRANCHES if b != branch)
+        save_backbone(network, recipe, out_dir / other, history=history, branch=other)
+    save_file(backbone_state(network, branch or "online"), str(out_dir / BACKBONE_WEIGHTS))
     spec = {
         "kind": "imgflow-ssl-backbone",
         "method": recipe.method,
@@ -220,6 +282,7 @@ def save_backbone(network: nn.Module, recipe: SSLRecipe, out_dir: Path, *, histo
         "data_hash": recipe.data_hash,
         "epochs_done": len(history),
         "recipe": recipe.to_dict(),
+        **({"branch": branch} if branch else {}),
     }
     (out_dir / BACKBONE_SPEC).write_text(json.dumps(spec, indent=2))
     return out_dir
@@ -325,6 +388,10 @@ def _epoch(network: nn.Module, optimizer: Any, images: np.ndarray, recipe: SSLRe
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        if recipe.method == "byol":
+            update_target(
+                network, byol_momentum_at(recipe.byol_momentum, epoch * steps + step, recipe.epochs * steps)
+            )
         loss_sum += float(loss.detach()) * len(idx)
         count += len(idx)
         on_batch(step, steps, float(loss.detach()))
@@ -333,9 +400,11 @@ def _epoch(network: nn.Module, optimizer: Any, images: np.ndarray, recipe: SSLRe
 
 def _views_loss(network: nn.Module, x: torch.Tensor, recipe: SSLRecipe, g: torch.Generator,
                 device: torch.device) -> torch.Tensor:  # fmt: skip
-    """The contrastive loss of one batch: two full views, plus ``local_crops`` small ones (each paired
-    with both full views; the loss is the mean over pairs). Local views leave BatchNorm's running
-    statistics alone: those describe full-size images, which is what a probe or a classifier sees."""
+    """The loss of one batch: two full views, plus ``local_crops`` small ones (each paired with both full
+    views; the loss is the mean over pairs). Local views leave BatchNorm's running statistics alone: those
+    describe full-size images, which is what a probe or a classifier sees. SimCLR: NT-Xent on the
+    projections. BYOL: each full view's prediction regresses the target's projection of the other
+    (symmetrised), each local view's both full views' (multi-crop; local views skip the target)."""
     from components.train.torch_recipe import amp_dtype
 
     fmt = torch.channels_last if recipe.channels_last else torch.contiguous_format
@@ -343,7 +412,8 @@ def _views_loss(network: nn.Module, x: torch.Tensor, recipe: SSLRecipe, g: torch
     # The views are drawn in fp32 (the generator's draws do not depend on amp); only the network runs
     # under autocast, and the loss below (cosine similarities, log-softmax) is computed in fp32.
     with torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
-        full = [network(augment_view(x, recipe.augment, g).to(device, memory_format=fmt)) for _ in range(2)]
+        views = [augment_view(x, recipe.augment, g).to(device, memory_format=fmt) for _ in range(2)]
+        full = [network(v) for v in views]
         local = []
         if recipe.local_crops:
             side = recipe.local_side or max(8, round(x.shape[-1] * 4 / 7))
@@ -353,11 +423,24 @@ def _views_loss(network: nn.Module, x: torch.Tensor, recipe: SSLRecipe, g: torch
                         device, memory_format=fmt))
                     for _ in range(recipe.local_crops)
                 ]  # fmt: skip
+        targets = _target_projections(network, views) if recipe.method == "byol" else []
+    if targets:
+        byol_pairs = [(full[0], targets[1]), (full[1], targets[0]), *((v, t) for v in local for t in targets)]
+        return torch.stack([byol_loss(p, z) for p, z in byol_pairs]).mean()
     pairs = [(full[0], full[1]), *((f, v) for f in full for v in local)]
     losses = [
         nt_xent_loss(a, b, temperature=recipe.temperature, decoupled=recipe.loss == "dcl") for a, b in pairs
     ]
     return torch.stack(losses).mean()
+
+
+@torch.no_grad()
+def _target_projections(network: nn.Module, views: list[torch.Tensor]) -> list[torch.Tensor]:
+    """BYOL's target network on the full views (train mode: batch statistics, as the online network)."""
+    inner = ray_adapter_unwrap(network)
+    if not isinstance(inner, BYOLNetwork):
+        raise ConfigError(f"byol needs a BYOLNetwork, got {type(inner).__name__}")
+    return [inner.target(v) for v in views]
 
 
 @contextlib.contextmanager
@@ -375,7 +458,7 @@ def _frozen_bn_statistics(network: nn.Module) -> Any:
 
 
 def ssl_loop_per_worker(config: dict[str, Any]) -> None:
-    """Runs on every Ray Train worker: SimCLR epochs, a checkpoint and a report after each."""
+    """Runs on every Ray Train worker: SimCLR or BYOL epochs, a checkpoint and a report after each."""
     from components.train.worker import note_worker_event
 
     run: SSLWorkerRun = config[LOOP_CONFIG_KEY]
@@ -385,7 +468,8 @@ def ssl_loop_per_worker(config: dict[str, Any]) -> None:
     torch.set_num_threads(run.threads)
     set_deterministic(recipe.deterministic)
     network = ray_adapter.prepare_model(build_network(recipe))
-    optimizer = torch.optim.AdamW(network.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
+    trained = [p for p in network.parameters() if p.requires_grad]  # BYOL's target follows by EMA
+    optimizer = torch.optim.AdamW(trained, lr=recipe.lr, weight_decay=recipe.weight_decay)
     images = np.load(recipe.images_file, mmap_mode="r")
     start_epoch, history = 0, list[dict[str, Any]]()
     with ray_adapter.latest_checkpoint() as checkpoint:

@@ -100,5 +100,6 @@ def build_ssl_recipe(
         lr=cfg.lr, weight_decay=cfg.weight_decay, warmup_epochs=cfg.warmup_epochs, temperature=cfg.temperature,
         proj_hidden=cfg.proj_hidden, proj_dim=cfg.proj_dim, augment=augment, deterministic=train.deterministic,
         seed=seed, loss=cfg.loss, channels_last=train.channels_last, amp=train.amp, local_crops=cfg.local_crops,
-        local_scale=cfg.local_scale, local_side=cfg.local_side,
+        local_scale=cfg.local_scale, local_side=cfg.local_side, byol_momentum=cfg.byol_momentum,
+        byol_backbone=cfg.byol_backbone,
     )  # fmt: skip

@@ -1,4 +1,5 @@
-"""SimCLR pieces without Ray: the loss on a hand-checkable case, the views, LP-FT, backbone loading."""
+"""SimCLR and BYOL pieces without Ray: the losses on hand-checkable cases, the views, BYOL's target and its
+checkpoint, LP-FT, backbone loading."""
 
 from __future__ import annotations
 
@@ -12,12 +13,19 @@ from torch import nn
 from components.core.errors import ConfigError
 from components.model.models import create_classifier
 from components.train.ssl import (
+    BYOLNetwork,
     SimCLRNetwork,
     SSLRecipe,
+    _epoch,
+    _restore_state,
+    _save_state,
     _views_loss,
     build_network,
+    byol_loss,
+    byol_momentum_at,
     lr_at,
     nt_xent_loss,
+    read_backbone_spec,
     save_backbone,
 )
 from components.train.ssl_augment import ViewAugment, augment_view
@@ -186,3 +194,110 @@ def test_backbone_loads_into_the_same_architecture_only(tmp_path: Path) -> None:
         load_backbone_into(create_classifier("imgflow_cnn_wide", 10, in_chans=1), folder)
     with pytest.raises(ConfigError, match="architecture mismatch"):
         load_backbone_into(create_classifier("imgflow_cnn", 10, in_chans=3), folder)
+
+
+# --------------------------------------------------------------------------- BYOL
+
+
+def test_byol_loss_on_hand_checked_cases() -> None:
+    # 2 - 2 cos: 0 for the same direction (any scale), 2 orthogonal, 4 opposite; no gradient into the target.
+    p = torch.tensor([[1.0, 0.0], [0.0, 2.0]], requires_grad=True)
+    assert byol_loss(p, torch.tensor([[3.0, 0.0], [0.0, 1.0]])).item() == pytest.approx(0.0, abs=1e-6)
+    assert byol_loss(p, torch.tensor([[0.0, 1.0], [1.0, 0.0]])).item() == pytest.approx(2.0)
+    assert byol_loss(p, -p.detach()).item() == pytest.approx(4.0)
+    z = torch.tensor([[1.0, 1.0], [1.0, -1.0]], requires_grad=True)
+    byol_loss(p, z).backward()
+    assert p.grad is not None and z.grad is None
+
+
+def test_byol_momentum_rises_from_the_base_to_one() -> None:
+    values = [byol_momentum_at(0.99, s, 100) for s in range(101)]
+    assert values[0] == pytest.approx(0.99) and values[50] == pytest.approx(0.995) and values[-1] == 1.0
+    assert all(a <= b for a, b in zip(values, values[1:], strict=False))
+
+
+def _byol_recipe(tmp_path: Path, *, local_crops: int) -> SSLRecipe:
+    import numpy as np
+
+    images = tmp_path / "x.npy"
+    if not images.exists():
+        np.save(images, fmnist_arrays("t10k", 96)[0][:, None])
+    return SSLRecipe("byol", "imgflow_cnn", 1, images, "0" * 16, 2, 32, 1e-3, 0.0, 0, 0.2, 8, 4, _aug(1), False, 0,
+                     local_crops=local_crops)  # fmt: skip
+
+
+def _run_epoch(net: nn.Module, opt: torch.optim.Optimizer, recipe: SSLRecipe, epoch: int) -> float:
+    import numpy as np
+
+    sums = _epoch(net, opt, np.load(recipe.images_file, mmap_mode="r"), recipe, epoch=epoch, rank=0, world=1,
+                  device=torch.device("cpu"), on_batch=lambda *_: None)  # fmt: skip
+    return sums["loss_sum"] / sums["count"]
+
+
+def test_byol_target_starts_as_the_online_copy_and_follows_by_ema(tmp_path: Path) -> None:
+    """The target is the online backbone + projection (no predictor) outside autograd, sees only the full
+    views, and after a step is exactly momentum * target + (1 - momentum) * online."""
+    from components.train.ssl import update_target
+
+    recipe = _byol_recipe(tmp_path, local_crops=2)
+    net = build_network(recipe)
+    assert isinstance(net, BYOLNetwork) and not any(p.requires_grad for p in net.target.parameters())
+    online = net.state_dict()
+    assert all(torch.equal(v, online[k]) for k, v in net.target.state_dict().items())
+    assert not any(k.startswith("predictor") for k in net.target.state_dict())
+    seen: list[tuple[int, ...]] = []
+    hook = net.target.backbone.stem.register_forward_pre_hook(
+        lambda _m, a: seen.append(tuple(a[0].shape[-2:]))
+    )
+    x = torch.from_numpy(fmnist_arrays("t10k", 16)[0]).float().div(255).unsqueeze(1)
+    loss = _views_loss(net, x, recipe, torch.Generator().manual_seed(1), torch.device("cpu"))
+    hook.remove()
+    assert seen == [(28, 28)] * 2 and 0.0 <= loss.item() <= 4.0
+    loss.backward()
+    assert all(p.grad is None for p in net.target.parameters())
+    assert net.predictor[0].weight.grad is not None
+    before = {k: v.clone() for k, v in net.target.named_parameters()}
+    with torch.no_grad():
+        net.backbone.stem[0].weight.add_(1.0)
+    update_target(net, 0.9)
+    expected = 0.9 * before["backbone.stem.0.weight"] + 0.1 * net.backbone.stem[0].weight
+    assert torch.allclose(net.target.backbone.stem[0].weight, expected)
+
+
+def test_byol_checkpoint_carries_the_target_and_resumes_the_curve(tmp_path: Path) -> None:
+    """Two epochs in one go, or one epoch, a checkpoint, a fresh network restored from it and the second
+    epoch: the same losses (the target's EMA state is in the checkpoint, its momentum a function of the
+    step). Both backbones are saved, ``byol_backbone``'s in ``backbone/``, the other beside it."""
+    from components.train.ssl import load_backbone_into
+
+    recipe = _byol_recipe(tmp_path, local_crops=1)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+
+        def fresh() -> tuple[nn.Module, torch.optim.Optimizer]:
+            net = build_network(recipe)
+            return net, torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=recipe.lr)
+
+        net, opt = fresh()
+        straight = [_run_epoch(net, opt, recipe, e) for e in range(2)]
+        net, opt = fresh()
+        first = _run_epoch(net, opt, recipe, 0)
+        (tmp_path / "ckpt").mkdir()
+        _save_state(tmp_path / "ckpt", net, opt, 0, [{"ssl_loss": first}], recipe)
+        net, opt = fresh()
+        start, history = _restore_state(tmp_path / "ckpt", net, opt)
+        assert start == 1 and len(history) == 1
+        assert [first, _run_epoch(net, opt, recipe, 1)] == straight
+    finally:
+        torch.set_num_threads(threads)
+    (tmp_path / "end").mkdir()
+    _save_state(tmp_path / "end", net, opt, 1, history, recipe)
+    folder = tmp_path / "end" / "backbone"
+    assert read_backbone_spec(folder)["branch"] == "online"
+    assert read_backbone_spec(folder / "target")["branch"] == "target"
+    assert isinstance(net, BYOLNetwork)
+    for branch, owner in ((folder, net), (folder / "target", net.target)):
+        clf = create_classifier("imgflow_cnn", 10, in_chans=1)
+        load_backbone_into(clf, branch)
+        assert torch.equal(clf.state_dict()["stem.0.weight"], owner.backbone.state_dict()["stem.0.weight"])

@@ -3,8 +3,9 @@
 One tiny ingest and one local Ray runtime (127.0.0.1) serve the module. Default suite: a tiny
 pretraining run twice with one seed gives the identical loss curve, and its MLflow run resolves back to
 a backbone that supervised training loads (a wrong run id or another architecture: a clear error).
-Slow: a CI-sized run whose worker is killed mid-epoch resumes from its last checkpoint and ends on the
-very curve of an uninterrupted run; supervised training from the backbone through Ray (LP-FT).
+BYOL the same way, with both its backbones (target and online) written. Slow: a CI-sized run (SimCLR
+and BYOL) whose worker is killed mid-epoch resumes from its last checkpoint and ends on the very curve of
+an uninterrupted run; supervised training from the backbone through Ray (LP-FT).
 """
 
 from __future__ import annotations
@@ -109,6 +110,27 @@ def test_pretraining_is_deterministic_logged_and_resolvable(project: Path, ray_r
         resolve_init(_params(project, f"train.init=ssl:{run.run_id}", "train.model=imgflow_cnn_wide"))
 
 
+def test_byol_pretraining_is_deterministic_and_keeps_both_backbones(project: Path, ray_runtime: None) -> None:
+    run = run_pretrain(_params(project, "ssl.max_images=96", "ssl.method=byol"), epochs=1, progress=False)
+    assert run.method == "byol" and 0.0 <= run.losses[0] <= 4.0
+    assert _replay_first_epoch(run.backbone_dir) == pytest.approx(run.losses[0], rel=1e-6)
+    spec = json.loads((run.backbone_dir / "backbone.json").read_text())
+    target = json.loads((run.backbone_dir / "target" / "backbone.json").read_text())
+    assert (spec["method"], spec["branch"], target["branch"]) == ("byol", "online", "target")
+    assert spec["recipe"]["byol_momentum"] == 0.98
+    folder = resolve_init(_params(project, f"train.init=ssl:{run.run_id}"))
+    assert folder is not None and (folder / "target" / "backbone.safetensors").is_file()
+
+
+def test_an_unknown_method_is_a_config_error(project: Path) -> None:
+    params = _params(project)  # the CLI's --method sets ssl.method past the schema's check
+    params = params.model_copy(update={"ssl": params.ssl.model_copy(update={"method": "moco"})})
+    with pytest.raises(ConfigError, match="unknown pretraining method 'moco': use one of simclr, byol"):
+        run_pretrain(params, epochs=1, progress=False)
+    with pytest.raises(ConfigError, match="ssl.method: Input should be 'simclr' or 'byol'"):
+        _params(project, "ssl.method=moco")
+
+
 def test_label_efficiency_fine_tunes_as_train_init_does(project: Path, ray_runtime: None) -> None:
     """The report's ``ssl_finetune`` arm takes train.init's schedule: by default no probe phase and the
     backbone at 1 x lr; with ``train.init_probe_epochs`` the head-only share of a full run's epochs."""
@@ -160,11 +182,13 @@ def _kill_mid_epoch(
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("method", ["simclr", "byol"])
 def test_killed_pretraining_worker_resumes_on_the_same_curve(
-    ci_project: Path, ray_runtime: None, tmp_path: Path
+    ci_project: Path, ray_runtime: None, tmp_path: Path, method: str
 ) -> None:
+    """BYOL: the target network and its EMA momentum (a function of the step) resume with the rest."""
     project = ci_project
-    params = _params(project, "ssl.batch_size=64", "train.max_failures=1")
+    params = _params(project, "ssl.batch_size=64", "train.max_failures=1", f"ssl.method={method}")
     reference = run_pretrain(params, epochs=3, progress=False)
     events, killed, stop = tmp_path / "events.jsonl", list[tuple[int, int]](), threading.Event()
     killer = threading.Thread(

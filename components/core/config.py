@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -30,6 +30,23 @@ class _Section(BaseModel):
     """Base of every section: immutable, and an unknown key is an error, not silently ignored."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _yaml_off(cls, data: Any) -> Any:
+        """YAML 1.1 reads a bare ``off`` as false (``train.cache: off``, ``--set train.amp=off``): for a
+        setting whose choices include ``"off"`` (or a mapping to such choices), false means ``"off"``."""
+        if not isinstance(data, dict):
+            return data
+        fixed = dict(data)
+        for name, spec in cls.model_fields.items():
+            key, kind = spec.alias if spec.alias in fixed else name, spec.annotation
+            value = fixed.get(key)
+            if value is False and "off" in get_args(kind):
+                fixed[key] = "off"
+            elif isinstance(value, dict) and get_origin(kind) is dict and "off" in get_args(get_args(kind)[1]):
+                fixed[key] = {k: "off" if v is False else v for k, v in value.items()}  # gates.levels
+        return fixed
 
 
 class ProjectConfig(_Section):
@@ -829,11 +846,6 @@ class ServeConfig(_Section):
     """Label trees: the fitted threshold's validation precision must reach ``backoff_precision`` at
     its Wilson lower bound at this level (None: the point value, which new images miss about half
     the time)."""
-
-    @field_validator("backoff", mode="before")
-    @classmethod
-    def _yaml_off(cls, v: Any) -> Any:
-        return "off" if v is False else v  # YAML 1.1 reads a bare off as false
 
 
 class PredictConfig(_Section):

@@ -62,3 +62,17 @@ def test_fingerprint_changes_with_params() -> None:
     a = load_params(REPO / "params.yaml")
     assert a.fingerprint() == load_params(REPO / "params.yaml").fingerprint()
     assert a.fingerprint() != load_params(REPO / "params.yaml", ["train.lr=0.1"]).fingerprint()
+
+
+def test_a_bare_off_is_the_choice_off_wherever_off_is_a_choice(tmp_path: Path) -> None:
+    """YAML 1.1 reads ``off`` as false: ``train.cache: off`` in a file or ``--set train.amp=off`` mean
+    "off" for settings whose choices include it; a real boolean setting keeps false."""
+    from components.core.config import load_params
+
+    file = tmp_path / "params.yaml"
+    file.write_text("train:\n  cache: off\nevaluate:\n  robustness:\n    amp: off\n")
+    params = load_params(file, ["train.amp=off", "serve.backoff=off", "gates.levels={max_ece: off}",
+                                "train.channels_last=off"])  # fmt: skip
+    assert (params.train.cache, params.train.amp, params.evaluate.robustness.amp) == ("off", "off", "off")
+    assert params.serve.backoff == "off" and params.gates.levels == {"max_ece": "off"}
+    assert params.train.channels_last is False

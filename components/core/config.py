@@ -44,7 +44,9 @@ class _Section(BaseModel):
             value = fixed.get(key)
             if value is False and "off" in get_args(kind):
                 fixed[key] = "off"
-            elif isinstance(value, dict) and get_origin(kind) is dict and "off" in get_args(get_args(kind)[1]):
+            elif (
+                isinstance(value, dict) and get_origin(kind) is dict and "off" in get_args(get_args(kind)[1])
+            ):
                 fixed[key] = {k: "off" if v is False else v for k, v in value.items()}  # gates.levels
         return fixed
 

@@ -51,16 +51,35 @@ class CachedImage:
     phash: str
 
 
+class StoreListing:
+    """Which stored copies exist under ``data_dir``: each store folder is listed once, on first use (one
+    listing per folder instead of one stat per image: 70k stats were a tenth of a no-op ingest). The
+    project lock keeps anyone else from deleting store files meanwhile."""
+
+    def __init__(self, data_dir: Path) -> None:
+        self._root = str(data_dir)  # plain strings: pathlib costs more per call than the lookup
+        self._listed: dict[str, frozenset[str]] = {}
+
+    def has(self, rel: str) -> bool:
+        """Whether the stored copy ``rel`` (a data-dir-relative path) exists (thread-safe)."""
+        folder, _, name = rel.rpartition("/")
+        names = self._listed.get(folder)
+        if names is None:  # two threads may list the same folder once each: same answer
+            try:
+                names = frozenset(os.listdir(os.path.join(self._root, folder)))
+            except OSError:
+                names = frozenset()
+            self._listed[folder] = names
+        return name in names
+
+
 class IngestCache:
     """fingerprint -> :class:`CachedImage` of the previous ingest into ``data_dir``."""
 
     def __init__(self, data_dir: Path, rows: dict[str, CachedImage] | None = None) -> None:
         self.data_dir = Path(data_dir)
-        self._root = str(data_dir)  # plain strings: pathlib costs more per call than the lookup
         self._rows = rows or {}
-        self._listed: dict[str, frozenset[str]] = {}
-        """Store folder -> the names in it, listed once: one listing per folder instead of one stat
-        per image (70k stats were a tenth of a no-op ingest)."""
+        self._store = StoreListing(data_dir)
 
     @classmethod
     def load(cls, data_dir: Path) -> IngestCache:
@@ -86,22 +105,9 @@ class IngestCache:
         if not fingerprint:
             return None
         row = self._rows.get(fingerprint)
-        if row is None or not self.stored(row.path):
+        if row is None or not self._store.has(row.path):
             return None
         return row
-
-    def stored(self, rel: str) -> bool:
-        """Whether the stored copy ``rel`` (a data-dir-relative path) exists; each folder is listed once
-        per ingest (the project lock keeps anyone else from deleting store files meanwhile)."""
-        folder, _, name = rel.rpartition("/")
-        names = self._listed.get(folder)
-        if names is None:  # two threads may list the same folder once each: same answer
-            try:
-                names = frozenset(os.listdir(os.path.join(self._root, folder)))
-            except OSError:
-                names = frozenset()
-            self._listed[folder] = names
-        return name in names
 
 
 def save_cache(

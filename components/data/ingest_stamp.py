@@ -79,11 +79,10 @@ def _stored(paths: DataPaths) -> bool:
     """Whether every image the manifest names is in the content store (one listing per store folder)."""
     import pandas as pd
 
-    from components.data.ingest_cache import IngestCache
+    from components.data.ingest_cache import StoreListing
 
-    store = IngestCache(paths.root)
-    rel = pd.read_parquet(paths.manifest, columns=["path"])["path"].tolist()
-    return all(store.stored(r) for r in rel)
+    store = StoreListing(paths.root)
+    return all(store.has(r) for r in pd.read_parquet(paths.manifest, columns=["path"])["path"].tolist())
 
 
 def unchanged_summary(paths: DataPaths, key: str | None) -> dict[str, Any] | None:

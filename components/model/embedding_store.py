@@ -25,7 +25,7 @@ from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -33,7 +33,6 @@ import torch
 from PIL import Image
 from torch import nn
 
-from components.core.config import Params
 from components.core.errors import DataError
 from components.core.jsonio import write_json
 from components.data.datasets import decoded_cache_dir, normalise
@@ -42,6 +41,9 @@ from components.data.manifest import DataPaths, data_version, read_manifest, req
 from components.model.checkpoint import SPEC_FILE, WEIGHTS_FILE, ModelSpec, load_classifier
 from components.model.features import DEFAULT_LAYER, check_layer, extract_features, extract_layers
 from components.model.models import create_image_transform, image_mode
+
+if TYPE_CHECKING:
+    from components.core.config import Params
 
 logger = logging.getLogger(__name__)
 

@@ -57,6 +57,9 @@ that only feed or poll it are left out, and progress travels through a file rath
 actor (see ``_lean_trainer_class`` and ``progress_channel``). A variable, not an argument: a Tune
 trial runs in a process of the runtime, and it must make the same choice as the driver."""
 _TOKEN_AUTH_LOGGER = "ray._private.authentication.authentication_token_setup"
+_LOCAL_RUNTIME: list[psutil.Process] = []
+"""The processes ``ray.init`` started for the local runtime this process owns (empty otherwise):
+:func:`shutdown_ray` stops whatever of their tree outlives ``ray.shutdown()``."""
 
 
 @dataclass(frozen=True)
@@ -210,10 +213,6 @@ def shutdown_ray(*, grace_s: float = 10.0) -> None:
         ray.shutdown()
     os.environ.pop(LEAN_RUNTIME_ENV, None)  # whatever this process connects to next is not lean
     _reap(runtime, grace_s=grace_s)
-
-
-_LOCAL_RUNTIME: list[psutil.Process] = []
-"""The processes ``ray.init`` started for the local runtime this process owns (empty otherwise)."""
 
 
 def _runtime_tree() -> list[psutil.Process]:

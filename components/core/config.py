@@ -557,10 +557,20 @@ class SSLConfig(_Section):
     """The local views' crop-area range."""
     local_side: int = Field(default=0, ge=0)
     """The local views' side in pixels (0: 4/7 of the data's side)."""
-    byol_momentum: float = Field(default=0.98, ge=0, lt=1)
+    byol_momentum: float | Literal["auto"] = "auto"
     """``byol``: the target network's EMA momentum at the first step, cosine-raised to 1 by the last.
-    Lower than the paper's 0.996 (~100k steps): on 6 epochs (630 steps) 0.996 / 0.99 / 0.98 probed
-    81.16 / 81.73 / 81.85 (docs/self-supervised.md)."""
+    ``auto``: relative to the run's length, the target lagging by the same share of the run as the
+    measured best (0.98 at 630 steps: 1 - m = 0.02 x 630 / steps), within [0.9, 0.996] (the paper's
+    value for its ~100k steps). On 6 epochs (630 steps) 0.996 / 0.99 / 0.98 probed 81.16 / 81.73 /
+    81.85 (docs/self-supervised.md). A number fixes it."""
+
+    @field_validator("byol_momentum")
+    @classmethod
+    def _momentum_below_one(cls, v: float | str) -> float | str:
+        if v != "auto" and not 0 <= float(v) < 1:
+            raise ValueError(f"byol_momentum={v}: must be auto or in [0, 1)")
+        return v
+
     byol_backbone: Literal["online", "target"] = "online"
     """``byol``: the backbone ``imgflow pretrain`` keeps (``backbone/``): the ``online`` network's (it
     probed above the EMA target's in every run, docs/self-supervised.md) or the EMA ``target``'s; the

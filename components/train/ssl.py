@@ -126,6 +126,20 @@ class BYOLNetwork(SimCLRNetwork):
         return self.predictor(super().forward(x))
 
 
+BYOL_MOMENTUM_MEASURED = (0.98, 630)
+"""The best base momentum measured and the run's steps (6 epochs of Fashion-MNIST's 54k images, batch
+256 on 2 workers): ``auto`` keeps the target's lag the same share of any run."""
+BYOL_MOMENTUM_RANGE = (0.9, 0.996)
+
+
+def byol_auto_momentum(total_steps: int) -> float:
+    """``ssl.byol_momentum: auto``: 1 - m scaled by the run's length from the measured best (0.98 at 630
+    steps), within ``BYOL_MOMENTUM_RANGE`` (0.996: the paper's, for ~100k steps)."""
+    base, steps = BYOL_MOMENTUM_MEASURED
+    low, high = BYOL_MOMENTUM_RANGE
+    return min(high, max(low, 1 - (1 - base) * steps / max(1, total_steps)))
+
+
 def byol_momentum_at(base: float, step: int, total: int) -> float:
     """The target's EMA momentum, raised from ``base`` to 1 along a cosine over the run (Grill et al.,
     eq. in §3.2): a function of the global step, so a resumed run continues it."""
@@ -363,7 +377,7 @@ class SSLWorkerRun:
     verbose: bool
 
 
-def _steps_per_epoch(n: int, batch: int, world: int) -> int:
+def steps_per_epoch(n: int, batch: int, world: int) -> int:
     """Full global batches only (NT-Xent's negatives are the batch); at least one."""
     return max(1, n // (batch * world))
 
@@ -372,7 +386,7 @@ def _epoch(network: nn.Module, optimizer: Any, images: np.ndarray, recipe: SSLRe
            rank: int, world: int, device: torch.device, on_batch: Any) -> dict[str, float]:  # fmt: skip
     """One epoch on this rank's share of every global batch; loss sums (to reduce over ranks)."""
     n = len(images)
-    steps = _steps_per_epoch(n, recipe.batch_size, world)
+    steps = steps_per_epoch(n, recipe.batch_size, world)
     order = torch.randperm(n, generator=_generator(recipe.seed, recipe.data_hash, "order", epoch)).numpy()
     warmup = recipe.warmup_epochs * steps
     network.train()

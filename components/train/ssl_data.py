@@ -20,7 +20,7 @@ from components.core.errors import ConfigError, DataError
 from components.data.datasets import cache_key, cached_split_array, split_rows
 from components.data.manifest import DataPaths, read_manifest
 from components.model.models import create_classifier, image_mode, resolve_data_config
-from components.train.ssl import SSLRecipe, hash_images
+from components.train.ssl import SSLRecipe, byol_auto_momentum, hash_images, steps_per_epoch
 from components.train.ssl_augment import ViewAugment
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
@@ -94,12 +94,14 @@ def build_ssl_recipe(
         crop_scale=cfg.crop_scale, hflip=cfg.hflip, brightness=cfg.brightness, contrast=cfg.contrast,
         noise=cfg.noise, grey_p=cfg.grey_p if in_chans == 3 else 0.0, mean=mean, std=std,
     )  # fmt: skip
+    run_epochs, batch = epochs or cfg.epochs, min(cfg.batch_size, len(images))
     return SSLRecipe(
         method=cfg.method, model=train.model, in_chans=in_chans, images_file=images_file.resolve(),
-        data_hash=hash_images(images), epochs=epochs or cfg.epochs, batch_size=min(cfg.batch_size, len(images)),
+        data_hash=hash_images(images), epochs=run_epochs, batch_size=batch,
         lr=cfg.lr, weight_decay=cfg.weight_decay, warmup_epochs=cfg.warmup_epochs, temperature=cfg.temperature,
         proj_hidden=cfg.proj_hidden, proj_dim=cfg.proj_dim, augment=augment, deterministic=train.deterministic,
         seed=seed, loss=cfg.loss, channels_last=train.channels_last, amp=train.amp, local_crops=cfg.local_crops,
-        local_scale=cfg.local_scale, local_side=cfg.local_side, byol_momentum=cfg.byol_momentum,
-        byol_backbone=cfg.byol_backbone,
+        local_scale=cfg.local_scale, local_side=cfg.local_side, byol_backbone=cfg.byol_backbone,
+        byol_momentum=byol_auto_momentum(run_epochs * steps_per_epoch(len(images), batch, train.workers))
+        if cfg.byol_momentum == "auto" else float(cfg.byol_momentum),
     )  # fmt: skip

@@ -210,6 +210,17 @@ def test_byol_loss_on_hand_checked_cases() -> None:
     assert p.grad is not None and z.grad is None
 
 
+def test_byol_auto_momentum_keeps_the_measured_lag_relative_to_the_run() -> None:
+    """0.98 at the measured 630 steps; a run 5x longer lags 5x less (0.996, the paper's cap); a run of a
+    few dozen steps (a few thousand images) gets the floor rather than a target that barely moves."""
+    from components.train.ssl import byol_auto_momentum
+
+    assert byol_auto_momentum(630) == pytest.approx(0.98)
+    assert byol_auto_momentum(1260) == pytest.approx(0.99)
+    assert byol_auto_momentum(3150) == pytest.approx(0.996) and byol_auto_momentum(10**6) == 0.996
+    assert byol_auto_momentum(36) == 0.9
+
+
 def test_byol_momentum_rises_from_the_base_to_one() -> None:
     values = [byol_momentum_at(0.99, s, 100) for s in range(101)]
     assert values[0] == pytest.approx(0.99) and values[50] == pytest.approx(0.995) and values[-1] == 1.0

@@ -117,7 +117,7 @@ def test_byol_pretraining_is_deterministic_and_keeps_both_backbones(project: Pat
     spec = json.loads((run.backbone_dir / "backbone.json").read_text())
     target = json.loads((run.backbone_dir / "target" / "backbone.json").read_text())
     assert (spec["method"], spec["branch"], target["branch"]) == ("byol", "online", "target")
-    assert spec["recipe"]["byol_momentum"] == 0.98
+    assert spec["recipe"]["byol_momentum"] == 0.9  # auto on a 1-step run: the range's floor
     folder = resolve_init(_params(project, f"train.init=ssl:{run.run_id}"))
     assert folder is not None and (folder / "target" / "backbone.safetensors").is_file()
 

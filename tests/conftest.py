@@ -56,14 +56,19 @@ def png_bytes(arr: np.ndarray) -> bytes:
 
 
 def run_cli(
-    *args: str, cwd: Path, timeout: int = 900, env: dict[str, str] | None = None
+    *args: str, cwd: Path, timeout: int = 900, env: dict[str, str | None] | None = None
 ) -> subprocess.CompletedProcess[str]:
-    """Run the installed ``imgflow`` console script as a user would (own PREFECT_HOME in ``cwd``)."""
+    """Run the installed ``imgflow`` console script as a user would (own PREFECT_HOME in ``cwd``).
+    ``env``: variables to set, or to remove where the value is None."""
     full_env = dict(os.environ, PREFECT_HOME=str(cwd / ".prefect"))
     # In-process tests point MLflow elsewhere (mlflow.set_tracking_uri also sets this variable):
     # a CLI run uses its project's own store unless the caller says otherwise.
     full_env.pop("MLFLOW_TRACKING_URI", None)
-    full_env.update(env or {})
+    for key, value in (env or {}).items():
+        if value is None:
+            full_env.pop(key, None)
+        else:
+            full_env[key] = value
     return subprocess.run(
         [str(BIN / "imgflow"), *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=full_env
     )
@@ -143,13 +148,21 @@ def prefect_server(tmp_path_factory: pytest.TempPathFactory):
             stop_process_group(proc)
 
 
+# What `make demo` runs with: no Prefect server, no Prefect variables, no user profile (HOME is the
+# project), so the CLI gives the run the project's own Prefect home, ``<state_dir>/prefect``.
+AS_MAKE_DEMO = ("PREFECT_API_URL", "PREFECT_HOME", "PREFECT_PROFILE")
+
+
 @pytest.fixture(scope="session")
-def pipeline_project(tmp_path_factory: pytest.TempPathFactory, prefect_server: str) -> dict:
-    """One real `imgflow pipeline` run on 300+300 real images: Prefect server, local Ray, sqlite MLflow."""
+def pipeline_project(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """One real `imgflow pipeline` run on 300+300 real images as `make demo` runs it: Prefect without a
+    server (its history in the project's Prefect home), local Ray, sqlite MLflow. The same flow
+    against a running Prefect server: tests/pipeline/test_multilabel_pipeline.py."""
     project = tmp_path_factory.mktemp("project")
     write_small_params(project)
-    proc = run_cli("pipeline", cwd=project, env={"PREFECT_API_URL": prefect_server})
-    return {"project": project, "proc": proc, "prefect_api": prefect_server}
+    env: dict[str, str | None] = dict.fromkeys(AS_MAKE_DEMO)
+    proc = run_cli("pipeline", cwd=project, env={**env, "HOME": str(project)})
+    return {"project": project, "proc": proc, "prefect_home": project / ".imgflow" / "prefect"}
 
 
 @pytest.fixture()

@@ -99,7 +99,7 @@ def test_pipeline_again_with_nothing_changed_is_up_to_date(
     project = pipeline_project["project"]
     assert pipeline_project["proc"].returncode == 0, pipeline_project["proc"].stderr[-3000:]
     trained = (project / "outputs" / "train" / "run.json").read_text()
-    # Ephemeral Prefect: the shared server's run list stays the e2e test's.
+    # Its own Prefect home (run_cli): the project's home keeps the first run alone (test_pipeline_e2e.py).
     proc = run_cli("pipeline", "--json", cwd=project, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout)

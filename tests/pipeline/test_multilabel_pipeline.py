@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import httpx
 import mlflow
 import pandas as pd
 import pytest
@@ -31,7 +32,8 @@ def composites_run(tmp_path_factory: pytest.TempPathFactory, prefect_server: str
     (project / params_file).write_text(yaml.safe_dump(params, sort_keys=False))
     proc = run_cli("pipeline", "--params", str(params_file), "--json", cwd=project,
                    env={"PREFECT_API_URL": prefect_server})  # fmt: skip
-    return {"project": project, "proc": proc, "params": params}
+    return {"project": project, "proc": proc, "params": params, "params_file": str(params_file),
+            "prefect_api": prefect_server}  # fmt: skip
 
 
 @pytest.mark.e2e
@@ -71,6 +73,25 @@ def test_pipeline_on_composites_registers_a_model_that_predicts_label_sets(compo
     hits = sum(len(g & t) for g, t in zip(got, truth, strict=True))
     precision, recall = hits / max(1, sum(map(len, got))), hits / sum(map(len, truth))
     assert precision > 0.6 and recall > 0.6, (precision, recall)
+
+
+@pytest.mark.e2e
+def test_flow_run_is_recorded_by_the_prefect_server(composites_run: dict) -> None:
+    """With $PREFECT_API_URL set, the run and its tasks are the server's (the default, serverless
+    run's history: tests/pipeline/test_pipeline_e2e.py)."""
+    assert composites_run["proc"].returncode == 0
+    api = composites_run["prefect_api"]
+    # Runs of deployments (tests/pipeline/test_deploy.py schedules some on the same server) are not this run.
+    no_deployment = {"flow_runs": {"deployment_id": {"is_null_": True}}}
+    runs = httpx.post(f"{api}/flow_runs/filter", json=no_deployment, timeout=30).json()
+    runs = [r for r in runs if r["parameters"].get("params_path") == composites_run["params_file"]]
+    assert [r["state_type"] for r in runs] == ["COMPLETED"]
+    body = {"flow_runs": {"id": {"any_": [runs[0]["id"]]}}}
+    tasks = httpx.post(f"{api}/task_runs/filter", json=body, timeout=30).json()
+    names = {t["name"].split(" [")[0] for t in tasks}  # task run names: "<task> [<what it does>]"
+    assert {"ingest-images", "validate-manifest", "clip-baseline", "train-model-on-ray", "evaluate-and-gate",
+            "register-model"} <= names  # fmt: skip
+    assert {t["state_type"] for t in tasks} == {"COMPLETED"}
 
 
 @pytest.mark.e2e

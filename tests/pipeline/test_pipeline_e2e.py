@@ -6,16 +6,17 @@ One pipeline run (session fixture) is shared by these tests; each checks one pro
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
+import sqlite3
 
-import httpx
 import mlflow
 import numpy as np
 import pandas as pd
 import pytest
 
 from components.data.manifest import DataPaths, data_version, read_manifest
-from tests.conftest import FMNIST_CLASSES, fmnist_arrays, png_bytes, run_cli, write_small_params
+from tests.conftest import FMNIST_CLASSES, fmnist_arrays, png_bytes, run_cli
 
 pytestmark = pytest.mark.e2e
 
@@ -63,23 +64,26 @@ def test_console_is_one_line_per_stage_without_library_noise(done: dict) -> None
     assert len(lines) <= 30, "\n".join(lines)
 
 
-def test_flow_run_is_recorded_by_the_prefect_server(done: dict) -> None:
-    # Runs of deployments (tests/pipeline/test_deploy.py schedules some on the same server) are not this run.
-    no_deployment = {"flow_runs": {"deployment_id": {"is_null_": True}}}
-    runs = httpx.post(f"{done['prefect_api']}/flow_runs/filter", json=no_deployment, timeout=30).json()
-    # other projects' runs on this server (the multi-label test) use other params files
-    runs = [r for r in runs if r["parameters"].get("params_path", "params.yaml") == "params.yaml"]
-    assert [r["state_type"] for r in runs] == ["COMPLETED"]
-    tasks = httpx.post(f"{done['prefect_api']}/task_runs/filter", json={}, timeout=30).json()
-    names = {t["name"].split(" [")[0] for t in tasks}  # task run names: "<task> [<what it does>]"
-    assert {
-        "ingest-images",
-        "validate-manifest",
-        "clip-baseline",
-        "train-model-on-ray",
-        "evaluate-and-gate",
-        "register-model",
-    } <= names
+TASKS = {
+    "ingest-images", "check-retrain-needed", "validate-manifest", "audit-labels", "clip-baseline",
+    "train-model-on-ray", "evaluate-and-gate", "register-model", "notify-webhook",
+}  # fmt: skip
+
+
+def test_flow_run_history_is_in_the_projects_prefect_home(done: dict) -> None:
+    """No server and no Prefect variables (as `make demo` runs): the run and its tasks land in the
+    database of ``<state_dir>/prefect``, the home `make ui` serves, not in a temporary one elsewhere."""
+    db = done["prefect_home"] / "prefect.db"
+    assert db.is_file(), sorted(p.name for p in done["project"].glob(".*"))
+    with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True)) as con:
+        flows = con.execute(
+            "SELECT flow.name, flow_run.state_type FROM flow_run JOIN flow ON flow.id = flow_run.flow_id"
+        )
+        assert [tuple(r) for r in flows] == [("imgflow-pipeline", "COMPLETED")]
+        tasks = con.execute("SELECT name, state_type FROM task_run").fetchall()
+    # task run names: "<task> [<what it does>]"
+    assert {name.split(" [")[0] for name, _ in tasks} == TASKS
+    assert {state for _, state in tasks} == {"COMPLETED"}
 
 
 def test_offline_pipeline_records_the_clip_baseline_as_skipped(done: dict) -> None:
@@ -162,18 +166,3 @@ def test_failed_gates_register_a_candidate_but_keep_champion(done: dict) -> None
     v2, v1 = _models(project)
     assert v2["version"] == "2" and v2["aliases"] == ["candidate"] and v2["gates_passed"] is False
     assert v1["aliases"] == ["challenger", "champion"]
-
-
-def test_pipeline_runs_without_a_prefect_server(tmp_path) -> None:
-    """Ephemeral Prefect (no PREFECT_API_URL): the default a user gets from `make demo`. The evaluate
-    stage's sweeps (corruptions, attacks, the MNIST OOD reference) are off here: this test is about
-    the flow without a server; the session pipeline run above checks them under the flow."""
-    write_small_params(
-        tmp_path, max_per_class=8, epochs=1, train={"workers": 1}, gates={"min_accuracy": 0.0},
-        evaluate={"robustness": {"enabled": False}, "adversarial": {"enabled": False}}, ood={"reference": "none"},
-    )  # fmt: skip
-    proc = run_cli("pipeline", "--json", cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    result = json.loads(proc.stdout)
-    assert result["register"]["aliases"] == ["candidate", "challenger", "champion"]
-    assert result["ingest"]["ingested"] == 160 and result["evaluate"]["gates_passed"] is True

@@ -56,6 +56,9 @@ runtime without the dashboard: nothing can read Ray's state API there, so the pa
 that only feed or poll it are left out, and progress travels through a file rather than a queue
 actor (see ``_lean_trainer_class`` and ``progress_channel``). A variable, not an argument: a Tune
 trial runs in a process of the runtime, and it must make the same choice as the driver."""
+TRAIN_POLL_ENV, TRAIN_POLL_S = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5"
+"""How often Ray Train's controller polls its workers (Ray's default 2 s) in a local runtime imgflow
+starts; a value already in the environment wins, and a cluster keeps its own."""
 _TOKEN_AUTH_LOGGER = "ray._private.authentication.authentication_token_setup"
 _LOCAL_RUNTIME: list[psutil.Process] = []
 """The processes ``ray.init`` started for the local runtime this process owns (empty otherwise):
@@ -124,6 +127,10 @@ def init_ray(
     # A runtime this process starts is one node that nobody drains: Ray Train's preemption watcher
     # (one more actor process, ~200 MB, polling every 5 s) has nothing to watch. Clusters keep it.
     os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+    # The Train controller polls its workers every 2 s by default: the worker group's start and the
+    # run's end each wait up to a poll. Locally a poll is a cheap call: 0.5 s saved 2-3 s a run
+    # (a 1-epoch run on a tiny project, two alternating pairs: fit 18.5 -> 15.5 s, 19.6 -> 17.7 s).
+    os.environ.setdefault(TRAIN_POLL_ENV, TRAIN_POLL_S)
     if dashboard:
         os.environ.pop(LEAN_RUNTIME_ENV, None)
     else:

@@ -103,6 +103,18 @@ def test_propagate_to_train_controller_private_list(monkeypatch: pytest.MonkeyPa
     assert "get_env_vars_to_propagate" in inspect.getsource(DataParallelTrainer)
 
 
+def test_train_poll_interval_is_the_variable_ray_trains_controller_reads() -> None:
+    """Private API: the variable ``init_ray`` sets for a local runtime is the one Ray Train's controller
+    reads for its poll interval, and one the trainer copies from the driver into the controller."""
+    from ray.train.v2._internal import constants
+    from ray.train.v2._internal.execution.controller import controller
+
+    assert constants.HEALTH_CHECK_INTERVAL_S_ENV_VAR == ra.TRAIN_POLL_ENV
+    assert ra.TRAIN_POLL_ENV in constants.ENV_VARS_TO_PROPAGATE
+    assert "os.getenv(HEALTH_CHECK_INTERVAL_S_ENV_VAR" in inspect.getsource(controller)
+    assert 0 < float(ra.TRAIN_POLL_S) < constants.DEFAULT_HEALTH_CHECK_INTERVAL_S
+
+
 def test_lean_local_trainer_leaves_out_only_the_helpers_it_cannot_use(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

@@ -128,8 +128,8 @@ def init_ray(
     # (one more actor process, ~200 MB, polling every 5 s) has nothing to watch. Clusters keep it.
     os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     # The Train controller polls its workers every 2 s by default: the worker group's start and the
-    # run's end each wait up to a poll. Locally a poll is a cheap call: 0.5 s saved 2-3 s a run
-    # (a 1-epoch run on a tiny project, two alternating pairs: fit 18.5 -> 15.5 s, 19.6 -> 17.7 s).
+    # run's end each wait up to a poll. Locally a poll is a cheap call: 0.5 s saved 0.5-4.1 s a run
+    # (a 1-epoch run on a tiny project, four alternating pairs: mean 2.4 s; docs/development.md).
     os.environ.setdefault(TRAIN_POLL_ENV, TRAIN_POLL_S)
     if dashboard:
         os.environ.pop(LEAN_RUNTIME_ENV, None)

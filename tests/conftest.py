@@ -249,15 +249,12 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @contextmanager
 def fast_ray_runtime(num_cpus: int = 2) -> Iterator[None]:
     """One local Ray runtime for a test module (train() then neither starts nor stops one), stopped
-    after only if started here. Its Train controller polls workers every 0.5 s (default 2 s), so reports
-    and checkpoints of sub-second epochs are registered before the next epoch is over."""
+    after only if started here. Its Train controller polls workers every 0.5 s, as in every local runtime
+    ``init_ray`` starts, so reports and checkpoints of sub-second epochs are registered before the next
+    epoch is over."""
     from components.train import ray_adapter
 
-    os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = "0.5"
-    try:
-        started = ray_adapter.init_ray(num_cpus=num_cpus)
-    finally:
-        del os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"]
+    started = ray_adapter.init_ray(num_cpus=num_cpus)
     try:
         yield
     finally:

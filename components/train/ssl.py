@@ -140,6 +140,11 @@ def byol_auto_momentum(total_steps: int) -> float:
     return min(high, max(low, 1 - (1 - base) * steps / max(1, total_steps)))
 
 
+def resolve_byol_momentum(setting: float | str, total_steps: int) -> float:
+    """``ssl.byol_momentum`` as a number: ``auto`` from the run's ``total_steps``, a number as it is."""
+    return byol_auto_momentum(total_steps) if setting == "auto" else float(setting)
+
+
 def byol_momentum_at(base: float, step: int, total: int) -> float:
     """The target's EMA momentum, raised from ``base`` to 1 along a cosine over the run (Grill et al.,
     eq. in §3.2): a function of the global step, so a resumed run continues it."""

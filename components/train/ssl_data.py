@@ -20,7 +20,7 @@ from components.core.errors import ConfigError, DataError
 from components.data.datasets import cache_key, cached_split_array, split_rows
 from components.data.manifest import DataPaths, read_manifest
 from components.model.models import create_classifier, image_mode, resolve_data_config
-from components.train.ssl import SSLRecipe, byol_auto_momentum, hash_images, steps_per_epoch
+from components.train.ssl import SSLRecipe, hash_images, resolve_byol_momentum, steps_per_epoch
 from components.train.ssl_augment import ViewAugment
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
@@ -102,6 +102,6 @@ def build_ssl_recipe(
         proj_hidden=cfg.proj_hidden, proj_dim=cfg.proj_dim, augment=augment, deterministic=train.deterministic,
         seed=seed, loss=cfg.loss, channels_last=train.channels_last, amp=train.amp, local_crops=cfg.local_crops,
         local_scale=cfg.local_scale, local_side=cfg.local_side, byol_backbone=cfg.byol_backbone,
-        byol_momentum=byol_auto_momentum(run_epochs * steps_per_epoch(len(images), batch, train.workers))
-        if cfg.byol_momentum == "auto" else float(cfg.byol_momentum),
+        byol_momentum=resolve_byol_momentum(
+            cfg.byol_momentum, run_epochs * steps_per_epoch(len(images), batch, train.workers)),
     )  # fmt: skip

@@ -170,6 +170,7 @@ _ORPHAN_SCRIPT = """
 import json, os, subprocess, psutil
 from components.train import ray_adapter
 assert ray_adapter.init_ray(num_cpus=1)
+poll = os.environ.get(ray_adapter.TRAIN_POLL_ENV)
 import ray
 
 @ray.remote(num_cpus=0)
@@ -180,7 +181,7 @@ class Spawner:
 child = ray.get(Spawner.remote().spawn.remote())
 in_tree = child in {p.pid for p in psutil.Process().children(recursive=True)}
 ray_adapter.shutdown_ray(grace_s=float(os.environ["GRACE_S"]))
-print(json.dumps({"child": child, "in_tree": in_tree, "alive": psutil.pid_exists(child)}))
+print(json.dumps({"child": child, "in_tree": in_tree, "alive": psutil.pid_exists(child), "poll": poll}))
 """
 
 
@@ -199,12 +200,14 @@ def test_shutdown_stops_runtime_processes_that_outlive_ray_shutdown(tmp_path: Pa
     env = dict(
         os.environ, GRACE_S="2", RAY_USAGE_STATS_ENABLED="0", RAY_kill_child_processes_on_worker_exit="0"
     )
+    env.pop(ra.TRAIN_POLL_ENV, None)  # an earlier in-process init_ray of the suite set it here
     proc = subprocess.run([sys.executable, "-c", _ORPHAN_SCRIPT], cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=180)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     try:
         assert result["in_tree"] and not result["alive"]
+        assert result["poll"] == ra.TRAIN_POLL_S  # the local runtime's Train poll interval, set by init_ray
         assert "stopped 1 Ray process(es) that outlived ray.shutdown()" in proc.stderr
     finally:
         if psutil.pid_exists(result["child"]):

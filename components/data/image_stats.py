@@ -16,7 +16,7 @@ copy of a photo hashes like the upright one.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -45,9 +45,9 @@ _BATCH_MAX_PIXELS = 64 * 64
 (numpy's per-call overhead dominates at 28x28); larger ones are measured right away."""
 
 
-@dataclass(frozen=True)
-class PixelSample:
-    """What ingestion keeps of one decoded image until the batch measurements are done.
+class PixelSample(NamedTuple):
+    """What ingestion keeps of one decoded image until the batch measurements are done (a named tuple:
+    an incremental ingest builds one per unchanged image).
 
     ``grey`` (H, W) uint8 is the displayed grey image, kept only for small images (else None and
     ``measured`` holds ``(brightness, contrast, blur)``); ``thumb`` (32, 32) uint8 is the grey image

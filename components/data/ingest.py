@@ -16,6 +16,8 @@ the next run); the next run also deletes the temporary files a killed run left b
 from __future__ import annotations
 
 import csv
+import functools
+import gc
 import hashlib
 import io
 import logging
@@ -28,7 +30,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple, ParamSpec, TypeVar
 
 import pandas as pd
 from PIL import Image
@@ -36,7 +38,7 @@ from PIL import Image
 from components.core.errors import ConfigError, DataError
 from components.core.jsonio import atomic_group, atomic_path, complete_commits, remove_stale_temps
 from components.data.image_stats import PixelSample, measure, phash_hex
-from components.data.ingest_cache import CachedImage, IngestCache, save_cache
+from components.data.ingest_cache import CachedImage, IngestCache, StoreListing, save_cache
 from components.data.manifest import (
     QUARANTINE_COLUMNS,
     SPLITS,
@@ -113,9 +115,10 @@ class IngestSummary:
         return cls(**{**raw, "classes": tuple(raw["classes"]), "empty_classes": tuple(raw["empty_classes"])})
 
 
-@dataclass(frozen=True)
-class _Candidate:
-    """A usable image with a known label, before deduplication and split assignment."""
+class _Candidate(NamedTuple):
+    """A usable image with a known label, before deduplication and split assignment (a named tuple:
+    an incremental ingest builds one per unchanged image, and a tuple costs a fifth of a frozen
+    dataclass)."""
 
     image_id: str
     path: str
@@ -326,6 +329,8 @@ def deduplicate(candidates: Sequence[_Candidate], quarantine: _Quarantine) -> li
     Copies with the same labels are ``duplicate``s of the kept one; copies whose labels disagree
     are all quarantined as ``conflicting_labels`` (we cannot tell which label is right).
     """
+    if len({c.image_id for c in candidates}) == len(candidates):
+        return list(candidates)  # no two alike (the usual case): nothing to group
     groups: dict[str, list[_Candidate]] = defaultdict(list)
     for cand in candidates:
         groups[cand.image_id].append(cand)
@@ -456,14 +461,26 @@ def _commit(paths: DataPaths, manifest: pd.DataFrame, quarantine_rows: Sequence[
         tree_file.unlink(missing_ok=True)  # flat labels now: a previous version's tree no longer applies
 
 
-def _recover(paths: DataPaths) -> None:
-    """Finish a commit a killed ingest left half done; delete the temporary files of dead writers."""
+def _recover(paths: DataPaths) -> StoreListing:
+    """Finish a commit a killed ingest left half done; delete the temporary files of dead writers.
+    Returns the content store's listing, read while looking for them (each store folder is listed
+    once per ingest: 256 listings were a tenth of an incremental ingest's time)."""
     complete_commits(paths.root)
     removed = remove_stale_temps(paths.root)
+    listed: dict[str, list[str]] = {}
     if paths.store.is_dir():
-        removed += sum(remove_stale_temps(folder) for folder in paths.store.iterdir() if folder.is_dir())
+        prefix = paths.store.relative_to(paths.root).as_posix()
+        with os.scandir(paths.store) as folders:
+            for folder in folders:
+                if not folder.is_dir():
+                    continue
+                names = os.listdir(folder.path)
+                if any(name.startswith(".") for name in names):  # a temporary file (its name is hidden)
+                    removed += remove_stale_temps(Path(folder.path))
+                listed[f"{prefix}/{folder.name}"] = names  # a temporary name is never an image's name
     if removed:
         logger.info("removed %d temporary files left by an interrupted ingest", removed)
+    return StoreListing(paths.root, listed)
 
 
 def _check_label_case(class_names: Sequence[str], *, declared: bool) -> None:
@@ -497,6 +514,31 @@ def _check_options(
         raise ConfigError(f"ingest.max_pixels={max_pixels}: must be >= 1")
 
 
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+def _cyclic_gc_paused(fn: Callable[_P, _R]) -> Callable[_P, _R]:
+    """Run ``fn`` with Python's cyclic garbage collector paused (reference counting still frees what
+    it drops). Ingest keeps a few objects per listed item until the manifest is written, and every
+    gen-2 collection walked all of them again: pauses of up to 80 ms, 10-15% of an incremental ingest
+    of 10k small files (measured). Ingest makes next to no cyclic garbage (~100 objects for a 5k-image
+    ingest, whatever its size), and the collector is enabled again at once."""
+
+    @functools.wraps(fn)
+    def paused(*args: _P.args, **kwargs: _P.kwargs) -> _R:
+        enabled = gc.isenabled()
+        gc.disable()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            if enabled:
+                gc.enable()
+
+    return paused
+
+
+@_cyclic_gc_paused
 def ingest(
     source: str,
     *,
@@ -544,7 +586,7 @@ def ingest(
     if classes is not None:
         _check_label_case(classes, declared=True)
     paths = DataPaths(Path(data_dir))
-    _recover(paths)
+    stored = _recover(paths)
     imported = imported_items(paths.root)  # labels given to pool images (imgflow label-import)
     options = dict(source=source, classes=classes, val_fraction=val_fraction, test_fraction=test_fraction,
                    seed=seed, max_per_class=max_per_class, max_pixels=max_pixels, task=task, taxonomy=taxonomy,
@@ -573,7 +615,7 @@ def ingest(
     declared = frozenset(classes) if classes is not None else None
     quarantine = _Quarantine(source)
     store = ContentStore(paths)
-    cache = IngestCache.load(paths.root) if incremental else None
+    cache = IngestCache.load(paths.root, stored) if incremental else None
     candidates = _examine_all(
         listing,
         declared=declared,

@@ -16,6 +16,7 @@ import gzip
 import hashlib
 import io
 import logging
+import operator
 import os
 import re
 import struct
@@ -28,7 +29,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, replace
 from http.client import HTTPException
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 from PIL import Image, ImageFile, UnidentifiedImageError
@@ -83,9 +84,9 @@ _HOW_TO_GET_FASHION_MNIST = (
 # Image inspection
 
 
-@dataclass(frozen=True)
-class ImageInfo:
-    """A usable image: its decoded format (lower-case file extension), size and PIL mode.
+class ImageInfo(NamedTuple):
+    """A usable image: its decoded format (lower-case file extension), size and PIL mode (a named
+    tuple: an incremental ingest builds one per unchanged image).
 
     ``width``/``height`` are as displayed, i.e. after the EXIF orientation tag (a JPEG stored
     sideways with orientation 6 reports the rotated size); the stored bytes are never changed.
@@ -191,7 +192,7 @@ def _check_truncation_setting() -> None:
 # Items and listings
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # slots: a listing builds one per file, a quarter cheaper
 class SourceItem:
     """One raw labelled image as the source lists it.
 
@@ -362,11 +363,14 @@ def _walk_files(
         seen_dirs.add(real_dir)
         try:
             with os.scandir(dirpath) as listing:
-                entries = sorted((e for e in listing if not e.name.startswith(".")), key=lambda e: e.name)
+                entries = [e for e in listing if e.name[:1] != "."]
         except OSError:  # as os.walk: an unreadable directory is skipped
             return
-        subdirs = [e for e in entries if _is_dir(e)]
-        dir_names = {d.name for d in subdirs}
+        entries.sort(key=_entry_name)
+        subdirs: list[os.DirEntry[str]] = []
+        files: list[os.DirEntry[str]] = []
+        for entry in entries:
+            (subdirs if _is_dir(entry) else files).append(entry)
         keep = []
         for d in subdirs:
             sub = Path(d.path)
@@ -374,9 +378,7 @@ def _walk_files(
                 yield d.path, _outside_root(sub, root_real, what="directory symlink"), None
             else:
                 keep.append(d.path)
-        for entry in entries:
-            if entry.name in dir_names:
-                continue
+        for entry in files:
             # Only a symlink can lead elsewhere: ``real_dir`` itself was checked when it was entered.
             if not allow_outside_root and entry.is_symlink() and not _inside(Path(entry.path), root_real):
                 yield entry.path, _outside_root(Path(entry.path), root_real, what="symlink"), None
@@ -390,6 +392,9 @@ def _walk_files(
             yield from walk(sub_path)
 
     yield from walk(str(folder))
+
+
+_entry_name = operator.attrgetter("name")
 
 
 def _is_dir(entry: os.DirEntry[str]) -> bool:
@@ -429,11 +434,11 @@ def imagefolder_items(
             items.append(SourceItem(label, label, (label,), _missing_reader(class_dir), problem=outside))
             continue
         prefix = len(str(root)) + 1  # walked paths start with root's text: cheaper than relative_to
+        labels, sep = (label,), os.sep
         for walked, found, st in _walk_files(class_dir, root_real, allow_outside_root=allow_outside_root):
-            rel = walked[prefix:].replace(os.sep, "/")
+            rel = walked[prefix:] if sep == "/" else walked[prefix:].replace(sep, "/")
             stamp = _fingerprint(walked, st) if found is None and st is not None else ""
-            item = SourceItem(rel, label, (label,), _file_reader(walked), problem=found, fingerprint=stamp)
-            items.append(item)
+            items.append(SourceItem(rel, label, labels, _file_reader(walked), None, found, "", stamp))
     return tuple(d.name for d in class_dirs), items
 
 

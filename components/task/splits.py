@@ -45,8 +45,10 @@ def split_quotas(n: int, *, val_fraction: float, test_fraction: float) -> tuple[
     return quota[0], quota[1], quota[2]
 
 
-def _order_key(seed: int, image_id: str) -> str:
-    return hashlib.sha256(f"{seed}:{image_id}".encode()).hexdigest()
+def _order_keys(seed: int, image_ids: Sequence[str]) -> list[str]:
+    """``sha256(f"{seed}:{image_id}")`` (hex) per id: the order rows take within a class."""
+    prefix, sha256 = f"{seed}:".encode(), hashlib.sha256  # hoisted: a re-ingest orders every image
+    return [sha256(prefix + image_id.encode()).hexdigest() for image_id in image_ids]
 
 
 def _check_split_args(image_ids: Sequence[str], labels: Sequence[object], val_fraction: float,
@@ -82,8 +84,9 @@ def assign_splits(
     for row, label in enumerate(labels):
         by_class[label].append(row)
     out = ["train"] * len(image_ids)
+    keys = _order_keys(seed, image_ids)
     for rows in by_class.values():
-        rows.sort(key=lambda r: _order_key(seed, image_ids[r]))
+        rows.sort(key=keys.__getitem__)
         _, n_val, n_test = split_quotas(len(rows), val_fraction=val_fraction, test_fraction=test_fraction)
         for r in rows[:n_test]:
             out[r] = "test"
@@ -113,7 +116,7 @@ def assign_multilabel_splits(
     _check_split_args(image_ids, label_sets, val_fraction, test_fraction)
     import numpy as np
 
-    order = sorted(range(len(image_ids)), key=lambda r: _order_key(seed, image_ids[r]))
+    order = sorted(range(len(image_ids)), key=_order_keys(seed, image_ids).__getitem__)
     names = sorted({lab for labels in label_sets for lab in labels})
     index = {c: i for i, c in enumerate(names)}
     y = np.zeros((len(order), len(names)), dtype=bool)  # bool: the package indexes label columns by it

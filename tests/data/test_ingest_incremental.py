@@ -3,8 +3,11 @@ the data version is exactly what a full ingest of the same files gives."""
 
 from __future__ import annotations
 
+import gc
 import os
 import shutil
+import subprocess
+import sys
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -13,6 +16,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from components.core.errors import DataError
 from components.data.ingest import IngestSummary, ingest
 from components.data.ingest_cache import CACHE_FILE
 from components.data.ingest_stamp import STAMP_FILE
@@ -112,9 +116,14 @@ def test_an_unusable_cache_means_a_full_ingest(tmp_path: Path, fm: tuple[np.ndar
     make_imagefolder(root, fm, per_class=4)
     data = tmp_path / "data"
     first = ingest(f"imagefolder:{root}", data_dir=data)
+    cache = pd.read_parquet(data / CACHE_FILE)
     (data / CACHE_FILE).write_bytes(b"not parquet")
     again = ingest(f"imagefolder:{root}", data_dir=data)
     assert again.reused == 0 and again.data_version == first.data_version
+    # the same rows written another way (pandas, as layout 1 did): another layout, ignored
+    assert ingest(f"imagefolder:{root}", data_dir=data).reused == first.ingested
+    cache.to_parquet(data / CACHE_FILE, index=False)
+    assert ingest(f"imagefolder:{root}", data_dir=data).reused == 0
     # a stored copy gone from the store: that item is read again
     victim = next((data / "store").rglob("*.png"))
     victim.unlink()
@@ -126,7 +135,6 @@ def test_an_unusable_cache_means_a_full_ingest(tmp_path: Path, fm: tuple[np.ndar
 def test_fashion_mnist_pixels_are_read_only_for_items_that_need_them(tmp_path: Path) -> None:
     """A no-op lists the labels but never decompresses the images (~0.3 s of gzip per run); the checks of
     the image file run when an item is read, as a clear DataError, and the previous version stays."""
-    from components.core.errors import DataError
     from components.data.sources import fashion_mnist_items
 
     folder = tmp_path / "fm"
@@ -152,3 +160,44 @@ def test_fashion_mnist_pixels_are_read_only_for_items_that_need_them(tmp_path: P
     shutil.copy2(FMNIST_DIR / "t10k-images-idx3-ubyte.gz", folder / "t10k-images-idx3-ubyte.gz")
     again = ingest("fashion-mnist", data_dir=data, max_per_class=5, fashion_mnist_dir=folder)
     assert again.data_version == first.data_version
+
+
+def test_a_dead_writers_temporary_file_in_the_store_is_removed(
+    tmp_path: Path, fm: tuple[np.ndarray, np.ndarray]
+) -> None:
+    """The store folders are listed once per ingest, for the cache's lookups and for the temporary files a
+    killed ingest left: those of a dead writer go, a live writer's stay, and the cache is still used."""
+    root, data = tmp_path / "images", tmp_path / "data"
+    make_imagefolder(root, fm, per_class=4)
+    first = ingest(f"imagefolder:{root}", data_dir=data)
+    exited = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                            text=True, check=True)  # fmt: skip
+    stored = next((data / "store").rglob("*.png"))
+    dead = stored.with_name(f".{stored.stem}.{int(exited.stdout)}.1.tmp")
+    live = stored.with_name(f".{stored.stem}.{os.getpid()}.1.tmp")
+    for leftover in (dead, live):
+        leftover.write_bytes(b"half an image")
+    again = ingest(f"imagefolder:{root}", data_dir=data)
+    assert not dead.exists() and live.exists()
+    assert again.reused == again.ingested == first.ingested and again.data_version == first.data_version
+
+
+def test_ingest_leaves_the_garbage_collector_as_it_found_it(
+    tmp_path: Path, fm: tuple[np.ndarray, np.ndarray]
+) -> None:
+    """Ingest pauses the cyclic collector while it runs, and restores it whether it ends or fails."""
+    root = tmp_path / "images"
+    make_imagefolder(root, fm, per_class=2)
+    (tmp_path / "empty" / "a").mkdir(parents=True)
+    assert gc.isenabled()
+    ingest(f"imagefolder:{root}", data_dir=tmp_path / "data")
+    assert gc.isenabled()
+    with pytest.raises(DataError, match="no usable image"):
+        ingest(f"imagefolder:{tmp_path / 'empty'}", data_dir=tmp_path / "data2")
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        ingest(f"imagefolder:{root}", data_dir=tmp_path / "data")
+        assert not gc.isenabled()
+    finally:
+        gc.enable()

@@ -13,7 +13,14 @@ import pytest
 from components.core.config import AuditConfig
 from components.data.ingest import ingest
 from components.data.manifest import DataPaths, DatasetInfo, read_manifest
-from components.quality.label_quality import ISSUE_COLUMNS, audit, knn, write_audit_report
+from components.quality.label_quality import (
+    ISSUE_COLUMNS,
+    audit,
+    decode_workers,
+    knn,
+    load_grey,
+    write_audit_report,
+)
 from components.quality.ledger import read_ledger, update_ledger
 from tests.conftest import run_cli, write_small_params
 
@@ -204,3 +211,16 @@ def test_imgflow_audit_cli_writes_files_ledger_and_mlflow_run(tmp_path: Path) ->
     )
     assert failing.returncode == 4 and "suspected label errors" in failing.stderr
     assert json.loads((out / "diff.json").read_text())["previous_version"] is None  # same version: replaced
+
+
+def test_small_images_are_decoded_in_the_calling_thread_with_the_same_pixels(
+    fm_data: tuple[Path, pd.DataFrame, tuple[str, ...]],
+) -> None:
+    """28 px images: one thread (threads only contend for the GIL there); large ones or rows without
+    sizes: four. Either way the pixels are the same."""
+    data_dir, df, _ = fm_data
+    assert decode_workers(df) == 1
+    assert decode_workers(df.assign(width=256, height=256)) == 4
+    assert decode_workers(df.drop(columns=["width"])) == 4
+    paths = [data_dir / p for p in df["path"][:1100]]  # three of load_grey's chunks
+    np.testing.assert_array_equal(load_grey(paths, side=20, workers=1), load_grey(paths, side=20, workers=4))

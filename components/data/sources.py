@@ -438,7 +438,7 @@ def imagefolder_items(
         for walked, found, st in _walk_files(class_dir, root_real, allow_outside_root=allow_outside_root):
             rel = walked[prefix:] if sep == "/" else walked[prefix:].replace(sep, "/")
             stamp = _fingerprint(walked, st) if found is None and st is not None else ""
-            items.append(SourceItem(rel, label, labels, _file_reader(walked), None, found, "", stamp))
+            items.append(SourceItem(rel, label, labels, _file_reader(walked), problem=found, fingerprint=stamp))
     return tuple(d.name for d in class_dirs), items
 
 

@@ -596,7 +596,7 @@ def ingest(
                    seed=seed, max_per_class=max_per_class, max_pixels=max_pixels, task=task, taxonomy=taxonomy,
                    allow_outside_root=allow_outside_root, data_dir=str(paths.root.resolve()))  # fmt: skip
     key = _stamp_key(options, paths, imported, fashion_mnist_dir, download) if incremental else None
-    recorded = unchanged_summary(paths, key)
+    recorded = unchanged_summary(paths, key, stored)
     if recorded is not None:
         summary = replace(IngestSummary.from_dict(recorded), reused=recorded["ingested"], unchanged=True)
         _log_summary(summary)

@@ -28,10 +28,13 @@ import json
 import logging
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from components.core.jsonio import atomic_path
 from components.data.manifest import DataPaths, file_digest
+
+if TYPE_CHECKING:
+    from components.data.ingest_cache import StoreListing
 from components.task.taxonomy import TAXONOMY_FILE
 
 log = logging.getLogger(__name__)
@@ -75,19 +78,21 @@ def _outputs(paths: DataPaths) -> dict[str, str | None]:
     return {k: file_digest(f, "sha256") if f.is_file() else None for k, f in files.items()}
 
 
-def _stored(paths: DataPaths) -> bool:
+def _stored(paths: DataPaths, store: StoreListing | None) -> bool:
     """Whether every image the manifest names is in the content store (one listing per store folder)."""
     import pandas as pd
 
     from components.data.ingest_cache import StoreListing
 
-    store = StoreListing(paths.root)
+    store = store or StoreListing(paths.root)
     return all(store.has(r) for r in pd.read_parquet(paths.manifest, columns=["path"])["path"].tolist())
 
 
-def unchanged_summary(paths: DataPaths, key: str | None) -> dict[str, Any] | None:
+def unchanged_summary(
+    paths: DataPaths, key: str | None, store: StoreListing | None = None
+) -> dict[str, Any] | None:
     """The summary the last ingest recorded, when its stamp's key is ``key`` and its outputs are intact;
-    else None (ingest as usual)."""
+    else None (ingest as usual). ``store``: the content store's listing, when the caller has one."""
     file = paths.root / STAMP_FILE
     if key is None or not file.is_file():
         return None
@@ -95,7 +100,7 @@ def unchanged_summary(paths: DataPaths, key: str | None) -> dict[str, Any] | Non
         stamp = json.loads(file.read_text())
         if stamp.get("layout") != LAYOUT or stamp.get("key") != key:
             return None
-        if stamp.get("outputs") != _outputs(paths) or not _stored(paths):
+        if stamp.get("outputs") != _outputs(paths) or not _stored(paths, store):
             log.info("ingest stamp %s: the outputs changed since it was written; ingesting", file)
             return None
         return dict(stamp["summary"])

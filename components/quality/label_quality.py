@@ -41,6 +41,7 @@ import math
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -105,7 +106,8 @@ def load_grey(paths: Sequence[Path], *, side: int, width: int | None = None, wor
     width (columns; default ``side``).
 
     Decoded in chunks of :data:`_CHUNK` files per thread task (one future per file cost more than the
-    decoding of a 28 px PNG, measured: 2x the CPU of a plain loop); a grey file is read as it is."""
+    decoding of a 28 px PNG, measured: 2x the CPU of a plain loop), in the calling thread when ``workers``
+    is 1 (:func:`decode_workers`); a grey file is read as it is."""
     width = side if width is None else width
 
     def one(path: Path) -> np.ndarray:
@@ -125,11 +127,14 @@ def load_grey(paths: Sequence[Path], *, side: int, width: int | None = None, wor
 
     out = np.empty((len(paths), side * width), dtype=np.uint8)
     with (
-        ThreadPoolExecutor(max_workers=workers) as pool,  # decoding releases the GIL
+        # decoding releases the GIL; one worker: the calling thread (decode_workers: small images)
+        ThreadPoolExecutor(max_workers=workers) if workers > 1 else nullcontext() as pool,
         progress_bar(len(paths), description="audit: reading images") as advance,  # when a person watches
     ):
         starts = range(0, len(paths), _CHUNK)
-        for start, arr in zip(starts, pool.map(chunk, starts), strict=True):
+        for start, arr in zip(
+            starts, map(chunk, starts) if pool is None else pool.map(chunk, starts), strict=True
+        ):
             out[start : start + len(arr)] = arr
             advance(len(arr))
     return out.astype(np.float32) / 255.0

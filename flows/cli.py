@@ -906,6 +906,9 @@ def pipeline(
     _run(lambda: _params(params, set_), verbose=verbose)  # fail fast on bad params, before Prefect starts
 
     def body(_p: Any) -> Any:
+        from flows.prefect_home import seed_home
+
+        seed_home()  # a project's first run: its new Prefect home starts from the database `make setup` migrated
         from flows.pipeline import pipeline as pipeline_flow
 
         # The flow takes the project lock too (scheduled runs); here it is taken first, so a

@@ -54,7 +54,9 @@ start() {
   : > "$PIDS"
   # setsid: each server leads its own process group, so `stop` can end it with its children.
   # The project's one Prefect home: `imgflow pipeline` run without a server writes its history there too.
-  PREFECT_HOME=${PREFECT_HOME:-$STATE/prefect} setsid "$BIN/prefect" server start \
+  export PREFECT_HOME=${PREFECT_HOME:-$STATE/prefect}
+  "$BIN/python" -m flows.prefect_home seed > /dev/null || true  # a new home: the migrated template database
+  setsid "$BIN/prefect" server start \
     --host 127.0.0.1 --port "$PREFECT_PORT" > "$UI/prefect.log" 2>&1 < /dev/null &
   echo "prefect $!" >> "$PIDS"
   setsid "$BIN/mlflow" server --host 127.0.0.1 --port "$MLFLOW_PORT" --workers 1 \

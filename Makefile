@@ -37,14 +37,7 @@ $(STAMP): requirements.lock pyproject.toml
 	fi
 	touch $(STAMP)
 
-# The migrated, empty Prefect database a new project's Prefect home starts from (flows/prefect_home.py):
-# each new project's first run skips Prefect's ~8 s of schema migrations. Without it Prefect migrates.
-PREFECT_DB := $(VENV)/.prefect-db
-$(PREFECT_DB): $(STAMP)
-	$(BIN)/python -m flows.prefect_home build || echo "no Prefect database template: each new project's Prefect migrates its own"
-	touch $@
-
-setup: $(STAMP) $(PREFECT_DB)  ## create .venv, install the pinned lock + imgflow (editable), migrate Prefect's template database
+setup: $(STAMP)  ## create .venv and install the pinned lock + imgflow (editable)
 
 data:  ## install the Debian package dataset-fashion-mnist when it is missing and apt is available
 	@if [ -f $(FMNIST) ]; then echo "Fashion-MNIST present: $(dir $(FMNIST))"; \

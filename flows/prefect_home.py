@@ -1,17 +1,19 @@
-"""New Prefect homes start from a migrated, empty database instead of migrating their own.
+"""New Prefect homes start from Prefect's database schema, shipped with imgflow, instead of migrating.
 
 Prefect's temporary server creates ``$PREFECT_HOME/prefect.db`` on a home's first run and applies every
-schema migration to it: ~8 s of a 2-core machine before the first flow of each new project (a trivial
-flow 17-22 s in a fresh home, 10-11 s in the same home again). ``make setup`` builds that database once
-per virtual environment (``python -m flows.prefect_home build``: Prefect's own ``prefect server
-database upgrade`` on an empty home), and :func:`seed_home` copies it into a home that has no database
-yet, so the first run of a project costs what later ones do. The file is named by the installed
-Prefect's version: after an upgrade a template of the old schema is never used (Prefect would still
-migrate a copied database that is behind, as it migrates the user's own).
+schema migration to it: ~8 s of a 2-core machine before each new project's first flow (a trivial flow
+17-22 s in a fresh home, 10-12 s in a home whose database exists). The result of those migrations is
+the same for every home of one Prefect version (tables, indexes and Alembic's version row; no data), so
+imgflow ships it as SQL text (``prefect-schema-<version>.sql`` beside this module, written by ``python -m
+flows.prefect_home dump`` from Prefect's own ``prefect server database upgrade`` on an empty home) and
+:func:`seed_home` creates a new home's database from it in ~20 ms.
 
-Nothing changes where the runs report elsewhere: with ``$PREFECT_API_URL`` set, a database URL in the
-environment, or either in the home's ``profiles.toml``, no file is written. A missing or unreadable
-template leaves the home as it was, and Prefect creates its database itself.
+Only the Prefect version the file is named by uses it: with any other version installed nothing is
+written and Prefect migrates as before (``dump`` writes the file for the installed version; a test
+checks that the shipped file is what the installed Prefect's migrations produce). Nothing is written
+where the runs do not use the home's database either: ``$PREFECT_API_URL`` set, a database URL in the
+environment, or either in the active profile of the home's ``profiles.toml``; and a home's existing
+database is never touched.
 """
 
 from __future__ import annotations
@@ -38,20 +40,20 @@ ELSEWHERE = (
     "PREFECT_SERVER_DATABASE_CONNECTION_URL",
 )
 """Settings under which the runs do not use ``$PREFECT_HOME/prefect.db``."""
+SCHEMA_DIR = Path(__file__).resolve().parent
 
 
-def template_path(prefix: str | Path = sys.prefix) -> Path:
-    """Where the migrated database of the installed Prefect lives: in the virtual environment, which
-    holds that Prefect version and goes away with it."""
-    return Path(prefix) / "share" / "imgflow" / f"prefect-{version('prefect')}.db"
+def schema_path(prefect_version: str | None = None, directory: Path = SCHEMA_DIR) -> Path:
+    """The schema file of ``prefect_version`` (default: the installed Prefect's)."""
+    return directory / f"prefect-schema-{prefect_version or version('prefect')}.sql"
 
 
-def build_template(path: Path | None = None, *, timeout: float = 300) -> Path:
-    """Build the template at ``path`` (default :func:`template_path`) with Prefect's own migrations,
-    run as ``prefect server database upgrade -y`` on an empty temporary home; written atomically.
-    Raises RuntimeError (with Prefect's output) when the migration fails."""
-    path = path or template_path()
-    path.parent.mkdir(parents=True, exist_ok=True)
+def dump_schema(directory: Path = SCHEMA_DIR, *, timeout: float = 300) -> Path:
+    """Write :func:`schema_path` for the installed Prefect into ``directory``: Prefect's own migrations
+    (``prefect server database upgrade -y``) on an empty temporary home, dumped as SQL. Alembic's table
+    rebuilds list a table's constraints in an order that varies from run to run, so a new dump may differ
+    from the last in text, not in schema. Raises RuntimeError (with Prefect's output) when the migration
+    fails."""
     env = {k: v for k, v in os.environ.items() if k not in ELSEWHERE and k != "PREFECT_PROFILE"}
     with tempfile.TemporaryDirectory(prefix="prefect-home-") as home:
         env["PREFECT_HOME"] = home
@@ -63,55 +65,59 @@ def build_template(path: Path | None = None, *, timeout: float = 300) -> Path:
         if done.returncode != 0 or not migrated.is_file():
             raise RuntimeError(f"prefect server database upgrade failed ({done.returncode}): "
                                f"{(done.stdout + done.stderr)[-2000:]}")  # fmt: skip
-        _copy_database(migrated, path, replace=True)
-    path.chmod(0o644)  # readable by whoever uses this environment, as Prefect's own database is
+        con = sqlite3.connect(migrated)
+        try:
+            statements = list(con.iterdump())
+        finally:
+            con.close()
+    path = schema_path(directory=directory)
+    header = (f"-- The database schema of Prefect {version('prefect')} after all its migrations (no data but "
+              "Alembic's version row),\n-- read by flows/prefect_home.py. Written by `python -m "
+              "flows.prefect_home dump`: do not edit.\n")  # fmt: skip
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(header + "\n".join(statements) + "\n")
+    os.replace(tmp, path)
     return path
 
 
-def seed_home(environ: Mapping[str, str] = os.environ, *, template: Path | None = None) -> Path | None:
-    """Copy the template into ``$PREFECT_HOME`` when the runs will use that home's default database
-    and it has none yet. Returns the database written, or None (nothing to do, or no usable template:
-    Prefect then creates the database itself, as without this)."""
+def seed_home(environ: Mapping[str, str] = os.environ, *, schema: Path | None = None) -> Path | None:
+    """Create ``$PREFECT_HOME/prefect.db`` from the shipped schema when the runs will use that home's
+    default database and it has none yet. Returns the database written, or None (nothing to do, or no
+    usable schema: Prefect then creates the database itself, as without this)."""
     home = environ.get("PREFECT_HOME")
     if not home or any(environ.get(k) for k in ELSEWHERE):
         return None
     target = Path(home).expanduser() / DATABASE
-    if target.exists() or _profile_elsewhere(Path(home).expanduser(), environ.get("PREFECT_PROFILE")):
+    if target.exists() or _profile_elsewhere(target.parent, environ.get("PREFECT_PROFILE")):
         return None
-    source = template or template_path()
-    if not source.is_file():
-        return None
+    source = schema or schema_path()
     try:
+        if not source.is_file():
+            return None
         target.parent.mkdir(parents=True, exist_ok=True)
-        _copy_database(source, target)
-    except (OSError, sqlite3.Error) as e:  # Prefect migrates a database of its own instead
-        logger.debug("Prefect database template %s not used: %s", source, e)
+        _create_database(source.read_text(), target)
+    except (OSError, sqlite3.Error, ValueError) as e:  # Prefect migrates a database of its own instead
+        logger.debug("Prefect schema %s not used: %s", source, e)
         return None
     return target
 
 
-def _copy_database(source: Path, target: Path, *, replace: bool = False) -> None:
-    """A consistent copy of the SQLite database ``source`` (opened read-only, copied through SQLite's
-    backup API) at ``target``, written beside it and then linked into place, so no reader sees half a
-    file; an existing ``target`` is kept unless ``replace``. Raises sqlite3.Error when ``source`` is
-    not a database with a schema version (Alembic's table, which Prefect keeps)."""
+def _create_database(sql: str, target: Path) -> None:
+    """A SQLite database built from ``sql``, written beside ``target`` and then linked into place (no
+    reader sees half a file; a ``target`` another process made meanwhile is kept). Raises
+    sqlite3.Error when the result has no schema version (Alembic's table, which Prefect reads)."""
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     os.close(fd)
     try:
-        src = sqlite3.connect(f"{source.resolve().as_uri()}?mode=ro", uri=True)
-        dst = sqlite3.connect(tmp)
+        con = sqlite3.connect(tmp)
         try:
-            if not src.execute("SELECT version_num FROM alembic_version").fetchone():
-                raise sqlite3.DatabaseError(f"{source} has no schema version")
-            src.backup(dst)
+            con.executescript(sql)
+            if not con.execute("SELECT version_num FROM alembic_version").fetchone():
+                raise sqlite3.DatabaseError("the schema has no version row")
         finally:
-            src.close()
-            dst.close()
-        if replace:
-            os.replace(tmp, target)
-        else:
-            with contextlib.suppress(FileExistsError):  # another process seeded it, or Prefect created it
-                os.link(tmp, target)
+            con.close()
+        with contextlib.suppress(FileExistsError):  # another process seeded it, or Prefect created it
+            os.link(tmp, target)
     finally:
         Path(tmp).unlink(missing_ok=True)
 
@@ -127,28 +133,20 @@ def _profile_elsewhere(home: Path, profile: str | None) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m flows.prefect_home build [--force]``: build the template unless it exists (and remove
-    templates of other Prefect versions beside it); ``seed``: :func:`seed_home` for ``$PREFECT_HOME``.
-    Prints the file (or nothing when ``seed`` had nothing to do)."""
+    """``python -m flows.prefect_home dump [--out DIR]``: write the installed Prefect's schema file (after
+    a Prefect upgrade in the lock); ``seed``: :func:`seed_home` for ``$PREFECT_HOME``. Prints the file
+    written (nothing when ``seed`` had nothing to do)."""
     import argparse
 
     parser = argparse.ArgumentParser(prog="python -m flows.prefect_home", description=__doc__.splitlines()[0])
-    parser.add_argument("command", choices=["build", "seed"],
-                        help="build: the migrated database of the installed Prefect; seed: copy it into "
-                             "$PREFECT_HOME when that home has no database yet")  # fmt: skip
-    parser.add_argument("--force", action="store_true", help="build: rebuild it even when it exists")
+    parser.add_argument("command", choices=["dump", "seed"],
+                        help="dump: write the installed Prefect's migrated schema as SQL; seed: create "
+                             "$PREFECT_HOME/prefect.db from it when that home has no database yet")  # fmt: skip
+    parser.add_argument("--out", type=Path, default=SCHEMA_DIR, help="dump: the folder to write into")
     args = parser.parse_args(argv)
-    if args.command == "seed":
-        seeded = seed_home()
-        print(seeded or "", end="\n" if seeded else "")
-        return 0
-    path = template_path()
-    if args.force or not path.is_file():
-        build_template(path)
-    for stale in path.parent.glob("prefect-*.db"):
-        if stale != path:
-            stale.unlink(missing_ok=True)
-    print(path)
+    written = dump_schema(args.out) if args.command == "dump" else seed_home()
+    if written:
+        print(written)
     return 0
 
 

@@ -1,4 +1,4 @@
-"""A new Prefect home starts from the migrated template database, and only where the runs use it."""
+"""A new Prefect home starts from the shipped schema, and only where the runs use the home's database."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from flows.prefect_home import DATABASE, build_template, main, seed_home, template_path
+from flows.prefect_home import DATABASE, dump_schema, schema_path, seed_home
 
 FLOW = """
 from prefect import flow, task
@@ -26,36 +26,50 @@ assert seeded() == 1
 """
 
 
-def _version(db: Path) -> str:
+def _schema(db: Path) -> tuple[list[tuple], list[tuple]]:
+    """(every table, index and trigger with the lines of its SQL as a set, sorted; the Alembic version
+    rows). A set: Alembic's table rebuilds list a table's constraints in an order that varies by run."""
+
+    def lines(sql: str | None) -> tuple[str, ...]:
+        return tuple(sorted({line.strip().rstrip(",").strip() for line in (sql or "").splitlines()}))
+
     with sqlite3.connect(db) as con:
-        return con.execute("SELECT version_num FROM alembic_version").fetchone()[0]
+        rows = con.execute("SELECT type, name, tbl_name, sql FROM sqlite_master")
+        objects = sorted((kind, name, table, lines(sql)) for kind, name, table, sql in rows)
+        return objects, con.execute("SELECT version_num FROM alembic_version").fetchall()
 
 
-def _fake_template(path: Path, version: str = "abc123") -> Path:
-    with sqlite3.connect(path) as con:
-        con.execute("CREATE TABLE alembic_version (version_num VARCHAR(32) NOT NULL)")
-        con.execute("INSERT INTO alembic_version VALUES (?)", (version,))
+def _fake_schema(path: Path, version: str = "abc123") -> Path:
+    path.write_text(f"CREATE TABLE alembic_version (version_num VARCHAR(32) NOT NULL);\n"
+                    f"INSERT INTO alembic_version VALUES ('{version}');\n")  # fmt: skip
     return path
 
 
-def test_built_template_seeds_a_new_home_whose_flow_runs_are_kept(tmp_path: Path) -> None:
-    template = build_template(tmp_path / "share" / "prefect-test.db")  # Prefect's own migrations
-    assert _version(template) and not list(template.parent.glob("*.tmp"))
+def test_shipped_schema_is_prefects_own_and_a_seeded_home_keeps_its_flow_runs(tmp_path: Path) -> None:
+    shipped = schema_path()
+    assert shipped.is_file(), (
+        f"no schema for this Prefect: run `python -m flows.prefect_home dump` ({shipped})"
+    )
+    dumped = dump_schema(tmp_path)  # Prefect's own migrations on an empty home, now
     home = tmp_path / "home"
-    seeded = seed_home({"PREFECT_HOME": str(home)}, template=template)
-    assert seeded == home / DATABASE and _version(seeded) == _version(template)
+    seeded = seed_home({"PREFECT_HOME": str(home)})
+    assert seeded == home / DATABASE
+    migrated = tmp_path / "migrated"
+    assert seed_home({"PREFECT_HOME": str(migrated)}, schema=dumped) == migrated / DATABASE
+    assert _schema(seeded) == _schema(migrated / DATABASE)  # the shipped file builds what the migrations do
+    assert _schema(seeded)[1] and len(_schema(seeded)[0]) > 100
 
-    run = subprocess.run([sys.executable, "-c", FLOW], env={"PATH": "/usr/bin:/bin", "PREFECT_HOME": str(home),
-                         "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}, capture_output=True, text=True, timeout=300)  # fmt: skip
+    env = {"PATH": "/usr/bin:/bin", "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    run = subprocess.run([sys.executable, "-c", FLOW], env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     with sqlite3.connect(seeded) as con:  # the temporary server used the seeded database, and kept the run
         runs = con.execute("SELECT f.name, r.state_type FROM flow_run r JOIN flow f ON f.id = r.flow_id")
         assert runs.fetchall() == [("seeded-home", "COMPLETED")]
         assert con.execute("SELECT count(*) FROM task_run").fetchone()[0] == 1
-    assert _version(seeded) == _version(template)  # Prefect found nothing to migrate
+    assert _schema(seeded) == _schema(migrated / DATABASE)  # Prefect found nothing to migrate
 
     # A home's database is never replaced.
-    assert seed_home({"PREFECT_HOME": str(home)}, template=template) is None
+    assert seed_home({"PREFECT_HOME": str(home)}) is None
     with sqlite3.connect(seeded) as con:
         assert con.execute("SELECT count(*) FROM flow_run").fetchone()[0] == 1
 
@@ -69,48 +83,40 @@ def test_built_template_seeds_a_new_home_whose_flow_runs_are_kept(tmp_path: Path
     ],
 )
 def test_no_database_is_written_where_runs_report_elsewhere(tmp_path: Path, environ: dict[str, str]) -> None:
-    template = _fake_template(tmp_path / "t.db")
+    schema = _fake_schema(tmp_path / "s.sql")
     home = tmp_path / "home"
-    assert seed_home({"PREFECT_HOME": str(home), **environ}, template=template) is None
+    assert seed_home({"PREFECT_HOME": str(home), **environ}, schema=schema) is None
     assert not home.exists()
 
 
 def test_a_profile_naming_a_server_or_database_is_respected(tmp_path: Path) -> None:
-    template, home = _fake_template(tmp_path / "t.db"), tmp_path / "home"
+    schema, home = _fake_schema(tmp_path / "s.sql"), tmp_path / "home"
     home.mkdir()
     (home / "profiles.toml").write_text(
         'active = "remote"\n[profiles.remote]\nPREFECT_API_URL = "http://127.0.0.1:4200/api"\n[profiles.local]\n'
     )
-    assert seed_home({"PREFECT_HOME": str(home)}, template=template) is None
+    assert seed_home({"PREFECT_HOME": str(home)}, schema=schema) is None
     local = {"PREFECT_HOME": str(home), "PREFECT_PROFILE": "local"}
-    assert seed_home(local, template=template) == home / DATABASE
+    assert seed_home(local, schema=schema) == home / DATABASE
+    assert _schema(home / DATABASE)[1] == [("abc123",)]
 
 
-def test_missing_or_broken_template_leaves_the_home_to_prefect(tmp_path: Path) -> None:
+def test_missing_or_broken_schema_leaves_the_home_to_prefect(tmp_path: Path) -> None:
     home = tmp_path / "home"
     # No PREFECT_HOME: no home to seed.
-    assert seed_home({}, template=_fake_template(tmp_path / "t.db")) is None
-    assert seed_home({"PREFECT_HOME": str(home)}, template=tmp_path / "absent.db") is None
-    assert not (home / DATABASE).exists()
-    broken = tmp_path / "broken.db"
-    broken.write_bytes(b"not a database" * 100)
-    assert seed_home({"PREFECT_HOME": str(home)}, template=broken) is None
-    empty = tmp_path / "empty.db"
-    sqlite3.connect(empty).close()  # a database without Prefect's schema version
-    assert seed_home({"PREFECT_HOME": str(home)}, template=empty) is None
-    assert list(home.iterdir()) == []  # no half-written file, no temporary left
+    assert seed_home({}, schema=_fake_schema(tmp_path / "s.sql")) is None
+    assert seed_home({"PREFECT_HOME": str(home)}, schema=tmp_path / "absent.sql") is None
+    assert schema_path("0.0.0-none").name == "prefect-schema-0.0.0-none.sql"  # another Prefect: no file
+    assert not schema_path("0.0.0-none").exists()
+    broken = tmp_path / "broken.sql"
+    broken.write_text("CREATE TABLE alembic_version (version_num VARCHAR(32) NOT NULL);\nNOT SQL AT ALL;\n")
+    assert seed_home({"PREFECT_HOME": str(home)}, schema=broken) is None
+    unversioned = tmp_path / "unversioned.sql"
+    unversioned.write_text("CREATE TABLE alembic_version (version_num VARCHAR(32) NOT NULL);\n")
+    assert seed_home({"PREFECT_HOME": str(home)}, schema=unversioned) is None
+    assert list(home.iterdir()) == []  # no half-written database, no temporary left
 
     existing = home / DATABASE
     existing.write_bytes(b"the user's own")
-    assert seed_home({"PREFECT_HOME": str(home)}, template=_fake_template(tmp_path / "t2.db")) is None
+    assert seed_home({"PREFECT_HOME": str(home)}, schema=_fake_schema(tmp_path / "s2.sql")) is None
     assert existing.read_bytes() == b"the user's own"
-
-
-def test_template_is_named_by_prefect_version_and_setup_built_it(capsys: pytest.CaptureFixture[str]) -> None:
-    from importlib.metadata import version
-
-    path = template_path()
-    assert path.name == f"prefect-{version('prefect')}.db"
-    assert path.parent == Path(sys.prefix) / "share" / "imgflow"
-    assert main(["build"]) == 0  # `make setup` built it: nothing to do but print where it is
-    assert capsys.readouterr().out.strip() == str(path) and _version(path)

@@ -18,7 +18,6 @@ database is never touched.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import sqlite3
@@ -29,6 +28,8 @@ import tomllib
 from collections.abc import Mapping
 from importlib.metadata import version
 from pathlib import Path
+
+from components.core.sqlite_schema import create_from_schema, schema_sql
 
 logger = logging.getLogger(__name__)
 
@@ -65,17 +66,13 @@ def dump_schema(directory: Path = SCHEMA_DIR, *, timeout: float = 300) -> Path:
         if done.returncode != 0 or not migrated.is_file():
             raise RuntimeError(f"prefect server database upgrade failed ({done.returncode}): "
                                f"{(done.stdout + done.stderr)[-2000:]}")  # fmt: skip
-        con = sqlite3.connect(migrated)
-        try:
-            statements = list(con.iterdump())
-        finally:
-            con.close()
+        header = (f"The database schema of Prefect {version('prefect')} after all its migrations (no data but "
+                  "Alembic's version row),\nread by flows/prefect_home.py. Written by `python -m "
+                  "flows.prefect_home dump`: do not edit.")  # fmt: skip
+        text = schema_sql(migrated, header=header)
     path = schema_path(directory=directory)
-    header = (f"-- The database schema of Prefect {version('prefect')} after all its migrations (no data but "
-              "Alembic's version row),\n-- read by flows/prefect_home.py. Written by `python -m "
-              "flows.prefect_home dump`: do not edit.\n")  # fmt: skip
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(header + "\n".join(statements) + "\n")
+    tmp.write_text(text)
     os.replace(tmp, path)
     return path
 
@@ -94,32 +91,12 @@ def seed_home(environ: Mapping[str, str] = os.environ, *, schema: Path | None = 
     try:
         if not source.is_file():
             return None
-        target.parent.mkdir(parents=True, exist_ok=True)
-        _create_database(source.read_text(), target)
+        target.parent.mkdir(parents=True, exist_ok=True)  # as Prefect makes its home
+        made = create_from_schema(source.read_text(), target)
     except (OSError, sqlite3.Error, ValueError) as e:  # Prefect migrates a database of its own instead
         logger.debug("Prefect schema %s not used: %s", source, e)
         return None
-    return target
-
-
-def _create_database(sql: str, target: Path) -> None:
-    """A SQLite database built from ``sql``, written beside ``target`` and then linked into place (no
-    reader sees half a file; a ``target`` another process made meanwhile is kept). Raises
-    sqlite3.Error when the result has no schema version (Alembic's table, which Prefect reads)."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(fd)
-    try:
-        con = sqlite3.connect(tmp)
-        try:
-            con.executescript(sql)
-            if not con.execute("SELECT version_num FROM alembic_version").fetchone():
-                raise sqlite3.DatabaseError("the schema has no version row")
-        finally:
-            con.close()
-        with contextlib.suppress(FileExistsError):  # another process seeded it, or Prefect created it
-            os.link(tmp, target)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
+    return target if made else None
 
 
 def _profile_elsewhere(home: Path, profile: str | None) -> bool:

@@ -59,6 +59,7 @@ start() {
   setsid "$BIN/prefect" server start \
     --host 127.0.0.1 --port "$PREFECT_PORT" > "$UI/prefect.log" 2>&1 < /dev/null &
   echo "prefect $!" >> "$PIDS"
+  "$BIN/python" -m components.registry.store_schema seed "sqlite:///$(cd "$STATE" && pwd)/mlflow.db" > /dev/null || true
   setsid "$BIN/mlflow" server --host 127.0.0.1 --port "$MLFLOW_PORT" --workers 1 \
     --backend-store-uri "sqlite:///$(cd "$STATE" && pwd)/mlflow.db" \
     --artifacts-destination "$(cd "$STATE/mlartifacts" && pwd)" > "$UI/mlflow.log" 2>&1 < /dev/null &

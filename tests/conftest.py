@@ -96,6 +96,23 @@ def write_small_params(project: Path, *, max_per_class: int = 30, epochs: int = 
     return path
 
 
+def sqlite_schema(db: Path) -> tuple[list[tuple], list[tuple]]:
+    """(every table, index and trigger of a SQLite file with the lines of its SQL as a set, sorted; the
+    Alembic version rows). A set: Alembic's table rebuilds list constraints in an order that varies by run."""
+    import sqlite3
+
+    def lines(sql: str | None) -> tuple[str, ...]:
+        return tuple(sorted({line.strip().rstrip(",").strip() for line in (sql or "").splitlines()}))
+
+    con = sqlite3.connect(db)
+    try:
+        rows = con.execute("SELECT type, name, tbl_name, sql FROM sqlite_master")
+        objects = sorted((kind, name, table, lines(sql)) for kind, name, table, sql in rows)
+        return objects, con.execute("SELECT version_num FROM alembic_version").fetchall()
+    finally:
+        con.close()
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

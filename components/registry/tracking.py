@@ -29,6 +29,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.utils.mlflow_tags import MLFLOW_MODEL_VERSIONS
 
 from components.core.errors import ConfigError, DataError, TrackingError
+from components.registry.store_schema import seed_store
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +53,7 @@ def resolve_tracking_uri(tracking_uri: str | None, *, state_dir: Path) -> str:
 def configure(tracking_uri: str | None, *, state_dir: Path) -> str:
     """Point MLflow (tracking and registry) at the store; returns the URI in use."""
     uri = resolve_tracking_uri(tracking_uri, state_dir=state_dir)
+    seed_store(uri)  # a new SQLite store: made from MLflow's shipped schema, not migrated
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     return uri

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from flows.prefect_home import DATABASE, dump_schema, schema_path, seed_home
+from tests.conftest import sqlite_schema
 
 FLOW = """
 from prefect import flow, task
@@ -24,19 +25,6 @@ def seeded():
 
 assert seeded() == 1
 """
-
-
-def _schema(db: Path) -> tuple[list[tuple], list[tuple]]:
-    """(every table, index and trigger with the lines of its SQL as a set, sorted; the Alembic version
-    rows). A set: Alembic's table rebuilds list a table's constraints in an order that varies by run."""
-
-    def lines(sql: str | None) -> tuple[str, ...]:
-        return tuple(sorted({line.strip().rstrip(",").strip() for line in (sql or "").splitlines()}))
-
-    with sqlite3.connect(db) as con:
-        rows = con.execute("SELECT type, name, tbl_name, sql FROM sqlite_master")
-        objects = sorted((kind, name, table, lines(sql)) for kind, name, table, sql in rows)
-        return objects, con.execute("SELECT version_num FROM alembic_version").fetchall()
 
 
 def _fake_schema(path: Path, version: str = "abc123") -> Path:
@@ -56,8 +44,9 @@ def test_shipped_schema_is_prefects_own_and_a_seeded_home_keeps_its_flow_runs(tm
     assert seeded == home / DATABASE
     migrated = tmp_path / "migrated"
     assert seed_home({"PREFECT_HOME": str(migrated)}, schema=dumped) == migrated / DATABASE
-    assert _schema(seeded) == _schema(migrated / DATABASE)  # the shipped file builds what the migrations do
-    assert _schema(seeded)[1] and len(_schema(seeded)[0]) > 100
+    expected = sqlite_schema(migrated / DATABASE)
+    assert sqlite_schema(seeded) == expected  # the shipped file builds what the migrations do
+    assert expected[1] and len(expected[0]) > 100
 
     env = {"PATH": "/usr/bin:/bin", "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
     run = subprocess.run([sys.executable, "-c", FLOW], env=env, capture_output=True, text=True, timeout=300)
@@ -66,7 +55,7 @@ def test_shipped_schema_is_prefects_own_and_a_seeded_home_keeps_its_flow_runs(tm
         runs = con.execute("SELECT f.name, r.state_type FROM flow_run r JOIN flow f ON f.id = r.flow_id")
         assert runs.fetchall() == [("seeded-home", "COMPLETED")]
         assert con.execute("SELECT count(*) FROM task_run").fetchone()[0] == 1
-    assert _schema(seeded) == _schema(migrated / DATABASE)  # Prefect found nothing to migrate
+    assert sqlite_schema(seeded) == expected  # Prefect found nothing to migrate
 
     # A home's database is never replaced.
     assert seed_home({"PREFECT_HOME": str(home)}) is None
@@ -98,7 +87,7 @@ def test_a_profile_naming_a_server_or_database_is_respected(tmp_path: Path) -> N
     assert seed_home({"PREFECT_HOME": str(home)}, schema=schema) is None
     local = {"PREFECT_HOME": str(home), "PREFECT_PROFILE": "local"}
     assert seed_home(local, schema=schema) == home / DATABASE
-    assert _schema(home / DATABASE)[1] == [("abc123",)]
+    assert sqlite_schema(home / DATABASE)[1] == [("abc123",)]
 
 
 def test_missing_or_broken_schema_leaves_the_home_to_prefect(tmp_path: Path) -> None:

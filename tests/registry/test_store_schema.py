@@ -24,6 +24,9 @@ def test_shipped_schema_is_mlflows_own_and_a_seeded_store_works(tmp_path: Path) 
     store = tmp_path / "state" / "mlflow.db"
     assert uri == f"sqlite:///{store}" and store.is_file()
     assert sqlite_schema(store) == sqlite_schema(migrated)  # the shipped file builds what the migrations do
+    from mlflow.store.db.utils import _get_latest_schema_revision
+
+    assert sqlite_schema(store)[1] == [(_get_latest_schema_revision(),)]
     with sqlite3.connect(store) as con:
         assert con.execute("SELECT count(*) FROM experiments").fetchone()[0] == 0  # MLflow makes Default
 

@@ -29,7 +29,7 @@ from collections.abc import Mapping
 from importlib.metadata import version
 from pathlib import Path
 
-from components.core.sqlite_schema import create_from_schema, schema_sql
+from components.core.sqlite_schema import create_from_schema, write_schema
 
 logger = logging.getLogger(__name__)
 
@@ -69,12 +69,7 @@ def dump_schema(directory: Path = SCHEMA_DIR, *, timeout: float = 300) -> Path:
         header = (f"The database schema of Prefect {version('prefect')} after all its migrations (no data but "
                   "Alembic's version row),\nread by flows/prefect_home.py. Written by `python -m "
                   "flows.prefect_home dump`: do not edit.")  # fmt: skip
-        text = schema_sql(migrated, header=header)
-    path = schema_path(directory=directory)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-    return path
+        return write_schema(migrated, schema_path(directory=directory), header=header)
 
 
 def seed_home(environ: Mapping[str, str] = os.environ, *, schema: Path | None = None) -> Path | None:

@@ -32,6 +32,14 @@ def schema_sql(db: Path, *, header: str) -> str:
     return "\n".join([*comments, *statements]) + "\n"
 
 
+def write_schema(db: Path, path: Path, *, header: str) -> Path:
+    """:func:`schema_sql` of ``db`` written to ``path`` (beside it first, then renamed into place)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(schema_sql(db, header=header))
+    os.replace(tmp, path)
+    return path
+
+
 def create_from_schema(sql: str, target: Path) -> bool:
     """Make the SQLite database ``target`` (in an existing folder) from ``sql``, written beside it and then
     linked into place (no reader sees half a file). Returns False, keeping the file, when ``target`` exists or another process

@@ -14,7 +14,6 @@ migrates as before; a server URI or an existing file is never touched.
 from __future__ import annotations
 
 import logging
-import os
 import sqlite3
 import sys
 import tempfile
@@ -22,7 +21,7 @@ from pathlib import Path
 
 import mlflow
 
-from components.core.sqlite_schema import create_from_schema, schema_sql
+from components.core.sqlite_schema import create_from_schema, write_schema
 
 logger = logging.getLogger(__name__)
 
@@ -75,12 +74,7 @@ def dump_schema(directory: Path = SCHEMA_DIR) -> Path:
         header = (f"The SQLite schema of MLflow {mlflow.__version__} after all its migrations (no data but the "
                   "rows they insert),\nread by components/registry/store_schema.py. Written by `python -m "
                   "components.registry.store_schema dump`: do not edit.")  # fmt: skip
-        text = schema_sql(db, header=header)
-    path = schema_path(directory=directory)
-    tmp_path = path.with_name(f".{path.name}.tmp")
-    tmp_path.write_text(text)
-    os.replace(tmp_path, path)
-    return path
+        return write_schema(db, schema_path(directory=directory), header=header)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -908,7 +908,7 @@ def pipeline(
     def body(_p: Any) -> Any:
         from flows.prefect_home import seed_home
 
-        seed_home()  # a project's first run: its new Prefect home starts from the database `make setup` migrated
+        seed_home()  # a project's first run: its new Prefect home's database is made from the shipped schema
         from flows.pipeline import pipeline as pipeline_flow
 
         # The flow takes the project lock too (scheduled runs); here it is taken first, so a

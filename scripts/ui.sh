@@ -55,11 +55,14 @@ start() {
   # setsid: each server leads its own process group, so `stop` can end it with its children.
   # The project's one Prefect home: `imgflow pipeline` run without a server writes its history there too.
   export PREFECT_HOME=${PREFECT_HOME:-$STATE/prefect}
-  "$BIN/python" -m flows.prefect_home seed > /dev/null || true  # a new home: the migrated template database
+  # A new home's / store's database is made from the schema imgflow ships, not migrated (flows/prefect_home.py,
+  # components/registry/store_schema.py); without it the servers create their own, as before.
+  [[ -e "$PREFECT_HOME/prefect.db" ]] || "$BIN/python" -m flows.prefect_home seed > /dev/null || true
   setsid "$BIN/prefect" server start \
     --host 127.0.0.1 --port "$PREFECT_PORT" > "$UI/prefect.log" 2>&1 < /dev/null &
   echo "prefect $!" >> "$PIDS"
-  "$BIN/python" -m components.registry.store_schema seed "sqlite:///$(cd "$STATE" && pwd)/mlflow.db" > /dev/null || true
+  [[ -e "$STATE/mlflow.db" ]] \
+    || "$BIN/python" -m components.registry.store_schema seed "sqlite:///$(cd "$STATE" && pwd)/mlflow.db" > /dev/null || true
   setsid "$BIN/mlflow" server --host 127.0.0.1 --port "$MLFLOW_PORT" --workers 1 \
     --backend-store-uri "sqlite:///$(cd "$STATE" && pwd)/mlflow.db" \
     --artifacts-destination "$(cd "$STATE/mlartifacts" && pwd)" > "$UI/mlflow.log" 2>&1 < /dev/null &

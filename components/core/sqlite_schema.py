@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sqlite3
-import tempfile
+import uuid
 from pathlib import Path
 
 VERSION_TABLE = "alembic_version"
@@ -41,13 +41,14 @@ def write_schema(db: Path, path: Path, *, header: str) -> Path:
 
 
 def create_from_schema(sql: str, target: Path) -> bool:
-    """Make the SQLite database ``target`` (in an existing folder) from ``sql``, written beside it and then
-    linked into place (no reader sees half a file). Returns False, keeping the file, when ``target`` exists or another process
-    made it meanwhile. Raises sqlite3.Error when ``sql`` fails or leaves no schema version row."""
+    """Make the SQLite database ``target`` (in an existing folder) from ``sql``, written beside it and
+    then linked into place (no reader sees half a file). Returns False, keeping the file, when ``target``
+    exists or another process made it meanwhile. Raises sqlite3.Error when ``sql`` fails or leaves no
+    schema version row."""
     if target.exists():
         return False
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(fd)
+    # SQLite creates the file with the permissions the umask gives (as the library's own would be).
+    tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
     try:
         con = sqlite3.connect(tmp)
         try:

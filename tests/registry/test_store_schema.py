@@ -62,9 +62,8 @@ def test_only_a_new_sqlite_file_is_made(tmp_path: Path, monkeypatch: pytest.Monk
     (tmp_path / "rel").mkdir()
     assert seed_store("sqlite:///rel/mlflow.db") == Path("rel/mlflow.db")  # relative to the working folder
     assert (tmp_path / "rel" / "mlflow.db").is_file()
-    (tmp_path / "rel" / "plain").write_bytes(
-        b""
-    )  # the seeded file's permissions are a new file's (the umask's)
+    # The seeded file's permissions are a new file's (the umask's).
+    (tmp_path / "rel" / "plain").write_bytes(b"")
     assert (tmp_path / "rel" / "mlflow.db").stat().st_mode == (tmp_path / "rel" / "plain").stat().st_mode
 
     existing = tmp_path / "own.db"

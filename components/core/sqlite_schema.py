@@ -1,7 +1,7 @@
 """New SQLite stores made from a shipped schema instead of their library's own migrations.
 
 Prefect and MLflow create their SQLite database on first use and run every Alembic migration on it:
-seconds of a 2-core machine for each new project (Prefect ~7 s, MLflow ~2-3 s). For one library version
+seconds of a 2-core machine for each new project (Prefect ~9 s, MLflow 1-3 s). For one library version
 the result is always the same (tables, indexes, Alembic's version row and whatever rows the migrations
 insert), so imgflow ships it as SQL text and creates a new store from it in milliseconds. The library
 then finds its schema at the version it expects and migrates nothing; a store of another version is

@@ -1,6 +1,6 @@
 """A new SQLite MLflow store made from MLflow's schema, shipped with imgflow, instead of its migrations.
 
-MLflow creates a SQLite store on first use and runs its ~60 Alembic migrations on it: 2-3 s of a 2-core
+MLflow creates a SQLite store on first use and runs its ~70 Alembic migrations on it: 1-3 s of a 2-core
 machine for each new project's ``.imgflow/mlflow.db`` (and for each test project). For one MLflow version
 the result is always the same (tables, indexes, Alembic's version row and the default workspace row the
 migrations insert), so ``mlflow-schema-<version>.sql`` beside this module holds it (written by ``python -m

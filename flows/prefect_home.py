@@ -1,8 +1,8 @@
 """New Prefect homes start from Prefect's database schema, shipped with imgflow, instead of migrating.
 
 Prefect's temporary server creates ``$PREFECT_HOME/prefect.db`` on a home's first run and applies every
-schema migration to it (113 in Prefect 3.8.8): ~8-9 s of a 2-core machine before each new project's first flow (a trivial flow
-17-22 s in a fresh home, 10-12 s in a home whose database exists). The result of those migrations is
+schema migration to it (113 in Prefect 3.8.8): ~8-9 s of a 2-core machine before each new project's
+first flow (a trivial flow 17-22 s in a fresh home, 10-12 s in a home whose database exists). The result of those migrations is
 the same for every home of one Prefect version (tables, indexes and Alembic's version row; no data), so
 imgflow ships it as SQL text (``prefect-schema-<version>.sql`` beside this module, written by ``python -m
 flows.prefect_home dump`` from Prefect's own ``prefect server database upgrade`` on an empty home) and

@@ -93,14 +93,19 @@ def prefect_environment(
 
 def _profile_api_url(user_home: Path, profile: str | None) -> str | None:
     """The API URL the user's active Prefect profile sets, if any (an unreadable file counts as none)."""
-    try:
-        data = tomllib.loads((user_home / ".prefect" / "profiles.toml").read_text())
-    except (OSError, tomllib.TOMLDecodeError):
-        return None
-    name = profile or data.get("active") or "ephemeral"
-    settings = data.get("profiles", {}).get(name, {})
-    url = settings.get(PREFECT_API_ENV) if isinstance(settings, dict) else None
+    url = prefect_profile(user_home / ".prefect" / "profiles.toml", profile).get(PREFECT_API_ENV)
     return str(url) if url else None
+
+
+def prefect_profile(profiles: Path, profile: str | None) -> dict[str, object]:
+    """The settings of the active profile (``profile``, else the file's ``active``, else Prefect's
+    default ``ephemeral``) in the Prefect profiles file ``profiles``; {} when it is unreadable or has none."""
+    try:
+        data = tomllib.loads(profiles.read_text())
+    except (OSError, tomllib.TOMLDecodeError):
+        return {}
+    settings = data.get("profiles", {}).get(profile or data.get("active") or "ephemeral", {})
+    return settings if isinstance(settings, dict) else {}
 
 
 def _running_ui_api(ui_dir: Path) -> str | None:

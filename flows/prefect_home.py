@@ -24,12 +24,12 @@ import sqlite3
 import subprocess
 import sys
 import tempfile
-import tomllib
 from collections.abc import Mapping
 from importlib.metadata import version
 from pathlib import Path
 
 from components.core.sqlite_schema import create_from_schema, write_schema
+from flows.environment import prefect_profile
 
 logger = logging.getLogger(__name__)
 
@@ -96,12 +96,8 @@ def seed_home(environ: Mapping[str, str] = os.environ, *, schema: Path | None = 
 
 def _profile_elsewhere(home: Path, profile: str | None) -> bool:
     """Whether the active profile of ``home/profiles.toml`` names an API or a database URL."""
-    try:
-        data = tomllib.loads((home / "profiles.toml").read_text())
-    except (OSError, tomllib.TOMLDecodeError):
-        return False
-    settings = data.get("profiles", {}).get(profile or data.get("active") or "ephemeral", {})
-    return isinstance(settings, dict) and any(settings.get(k) for k in ELSEWHERE)
+    settings = prefect_profile(home / "profiles.toml", profile)
+    return any(settings.get(k) for k in ELSEWHERE)
 
 
 def main(argv: list[str] | None = None) -> int:

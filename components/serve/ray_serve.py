@@ -11,7 +11,8 @@ The model's files travel inside the deployment (read once by the driver), so a r
 node needs no shared storage. A replica that dies mid-request: its in-flight requests get a 5xx at
 once (Serve's proxy does not resend a request that may have run), every later request waits for or
 goes to a live replica, and Serve starts a new one; ``request_timeout_s`` bounds every request, so
-nothing hangs.
+nothing hangs (a request Serve hands to the new replica after the dead one took its body waits for
+that body until then: a 504).
 
 This module is the only one importing ``ray.serve``; Ray itself starts through
 :mod:`components.train.ray_adapter` (127.0.0.1, dashboard off).

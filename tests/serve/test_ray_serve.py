@@ -221,7 +221,10 @@ def test_a_replica_killed_mid_request_gives_a_quick_error_then_serve_recovers(
 ) -> None:
     """Four clients keep requests in flight; the only replica is killed (ray.kill: the actor's
     process ends at once). Requests it held get a 500 within seconds, no request hangs, and once
-    Serve has started a new replica the requests succeed again."""
+    Serve has started a new replica the requests succeed again. One race ends later: a request the
+    dead replica had taken the body of, which Serve then hands to the new replica without it, waits
+    there for its body until the app's own ``request_timeout_s`` answers 504 (seen once in CI: sent
+    0.05 s before the kill, 504 after 39 s = ~9 s to a new replica + the 30 s limit)."""
     (victim,) = _replica_names()
     body = {"inputs": [_b64(b) for b in images[:8]]}
     log: list[tuple[float, float, int]] = []
@@ -250,9 +253,13 @@ def test_a_replica_killed_mid_request_gives_a_quick_error_then_serve_recovers(
     recovered = [end - killed_at for s, end, code in log if s > killed_at and code == 200]
     assert recovered, f"no request succeeded within 90 s of the kill: {log}"
     failed = [(s - killed_at, end - killed_at, code) for s, end, code in log if code != 200]
-    assert all(code in (500, 503) for _, _, code in failed), failed
-    # A failure is the kill's own: its request was in flight at the kill, and it ended right after.
-    assert all(s <= 1.0 and end < 10.0 for s, end, _ in failed), failed
+    assert all(code in (500, 503, 504) for _, _, code in failed), failed
+    # A failure is the kill's own: its request was in flight at the kill. It ended right after, or
+    # (504, the race above) within the app's request limit of reaching the new replica.
+    quick = [(s, end) for s, end, code in failed if code != 504]
+    resent = [(s, end) for s, end, code in failed if code == 504]
+    assert all(s <= 1.0 and end < 10.0 for s, end in quick), failed
+    assert all(s <= 1.0 and end < 30.0 + LIMITS.request_timeout_s for s, end in resent), failed
     assert max(end - s for s, end, _ in log) < 90
     assert _replica_names() and _replica_names() != [victim]
 

@@ -114,7 +114,8 @@ def _plain_loop(
     for epoch in range(recipe.epochs):
         t0 = time.perf_counter()
         sums = train_one_epoch(model, train_loader, optimizer, loss_fn, device=device, scheduler=scheduler,
-                               start_step=epoch * len(train_loader), opts=opts)  # fmt: skip
+                               start_step=epoch * len(train_loader), opts=opts,
+                               input_scale=tr.input_scale(recipe, epoch))  # fmt: skip
         seconds = time.perf_counter() - t0
         va = eval_sums(opts.ema.module if opts.ema is not None else model, val_loader, nn.CrossEntropyLoss(),
                        device=device)  # fmt: skip
@@ -315,6 +316,36 @@ RECIPES: dict[str, dict[str, Any]] = {
         "ema_decay": 0.999,
     },
     "resnet_12_trivialaugment": {"model": "imgflow_resnet_avgmax", "epochs": 12, "augment": "trivialaugment"},
+    # the pipeline's default before progressive resizing, and progressive candidates (train.progressive_*)
+    "resnet_12_ta": {"model": "imgflow_resnet_avgmax", "epochs": 12, "augment": "trivialaugment"},
+    "resnet_12_ta_prog60": {
+        "model": "imgflow_resnet_avgmax",
+        "epochs": 12,
+        "augment": "trivialaugment",
+        "progressive_resize": 0.6,
+        "progressive_until": 0.75,
+    },
+    "resnet_12_ta_prog75_until50": {
+        "model": "imgflow_resnet_avgmax",
+        "epochs": 12,
+        "augment": "trivialaugment",
+        "progressive_resize": 0.75,
+        "progressive_until": 0.5,
+    },
+    "resnet_12_ta_prog85_until50": {
+        "model": "imgflow_resnet_avgmax",
+        "epochs": 12,
+        "augment": "trivialaugment",
+        "progressive_resize": 0.85,
+        "progressive_until": 0.5,
+    },
+    "resnet_14_ta_prog60": {
+        "model": "imgflow_resnet_avgmax",
+        "epochs": 14,
+        "augment": "trivialaugment",
+        "progressive_resize": 0.6,
+        "progressive_until": 0.75,
+    },
     "resnet_small_16_ema": {"model": "imgflow_resnet_small_avgmax", "epochs": 16, "ema_decay": 0.999},
     "resnet_mid_14_ema": {"model": "imgflow_resnet_mid_avgmax", "epochs": 14, "ema_decay": 0.999},
     "today_trivialaugment": {"model": "imgflow_cnn_avgmax", "epochs": 16, "augment": "trivialaugment"},
@@ -423,9 +454,10 @@ def _recipe_fits(recipes: dict[str, TrainRecipe], threads: int, *, parallel: int
 def _epoch_costs(
     recipes: dict[str, TrainRecipe], threads: int, *, steps: int, rounds: int
 ) -> dict[str, float]:
-    """Seconds per training image of each recipe's step (its model, loaders with augmentation, AMP,
+    """Seconds per training image of an epoch of each recipe (its model, loaders with augmentation, AMP,
     EMA), ``steps`` steps per turn, the recipes taking turns ``rounds`` times in this one process;
-    the median turn of each, as a ratio to ``TODAY``'s."""
+    the median turn of each, as a ratio to ``TODAY``'s. With progressive resizing, each distinct
+    epoch side is timed and the recipe's cost is the mean over its epochs."""
     import itertools
 
     import torch
@@ -442,16 +474,21 @@ def _epoch_costs(
         optimizer, scheduler = tr.build_optimizer(model, recipe, len(loader))
         opts = tr.build_step_options(recipe, model, torch.device("cpu"))
         states[name] = (model, loader, optimizer, scheduler, opts, tr.build_train_loss(recipe, opts))
-    turns: dict[str, list[float]] = {name: [] for name in recipes}
+    scales = {
+        name: [tr.input_scale(recipe, e) for e in range(recipe.epochs)] for name, recipe in recipes.items()
+    }
+    turns: dict[tuple[str, float], list[float]] = {(n, x): [] for n in recipes for x in set(scales[n])}
     for _ in range(rounds):
         for name, (model, loader, optimizer, scheduler, opts, loss_fn) in states.items():
-            batches = list(itertools.islice(iter(loader), steps))
-            t0 = time.perf_counter()
-            train_one_epoch(model, batches, optimizer, loss_fn, device=torch.device("cpu"), scheduler=scheduler,
-                            opts=opts)  # fmt: skip
-            turns[name].append((time.perf_counter() - t0) / sum(len(b[1]) for b in batches))
-    median = {name: sorted(t)[len(t) // 2] for name, t in turns.items()}
-    return {name: median[name] / median[TODAY] for name in recipes}
+            for scale in sorted(set(scales[name])):
+                batches = list(itertools.islice(iter(loader), steps))
+                t0 = time.perf_counter()
+                train_one_epoch(model, batches, optimizer, loss_fn, device=torch.device("cpu"),
+                                scheduler=scheduler, opts=opts, input_scale=scale)  # fmt: skip
+                turns[name, scale].append((time.perf_counter() - t0) / sum(len(b[1]) for b in batches))
+    median = {key: sorted(t)[len(t) // 2] for key, t in turns.items()}
+    per_epoch = {name: sum(median[name, x] for x in scales[name]) / len(scales[name]) for name in recipes}
+    return {name: per_epoch[name] / per_epoch[TODAY] for name in recipes}
 
 
 def run_recipes(

@@ -307,6 +307,13 @@ class TrainConfig(_Section):
     """Horizontal-flip probability of the training transform."""
     scale: tuple[float, float] = (0.85, 1.0)
     """Random-resized-crop area range of the training transform."""
+    progressive_resize: float = Field(default=1.0, gt=0, le=1)
+    """Progressive resizing: the first epoch trains on batches resized to this share of the input side,
+    growing linearly to full size over the first ``progressive_until`` of the epochs (1.0: off).
+    Validation, evaluation and serving always see the full size; an epoch at 0.6 of the side costs
+    about 0.36 of a full one."""
+    progressive_until: float = Field(default=0.75, gt=0, le=1)
+    """Progressive resizing: the share of the epochs after which training runs at full size."""
     input_size: int | None = Field(default=None, ge=8)
     """Square input side; None: the model's own default."""
     in_chans: int | None = Field(default=None, ge=1, le=4)

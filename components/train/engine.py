@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 
 def seed_everything(seed: int, rank: int = 0) -> None:
@@ -102,6 +103,34 @@ def _backward_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, opts: S
         optimizer.step()
 
 
+MIN_PROGRESSIVE_SIDE = 8
+"""Progressive resizing never trains below this side (an imgflow small net's three 2x2 pools need it)."""
+
+
+def progressive_scale(epoch: int, epochs: int, *, start: float, until: float) -> float:
+    """Progressive resizing: the side of epoch ``epoch``'s training batches as a fraction of the input
+    side. ``start`` at the first epoch, growing linearly to full size over the first ``until`` of the
+    ``epochs``; 1.0 from then on (at least for the last epoch, and always when ``start`` is 1)."""
+    ramp = min(int(round(until * epochs)), epochs - 1)
+    if start >= 1.0 or epoch >= ramp:
+        return 1.0
+    return start + (1.0 - start) * epoch / ramp
+
+
+def resize_batch(x: torch.Tensor, scale: float) -> torch.Tensor:
+    """A batch (N, C, H, W) at ``scale`` of its side (bilinear with antialiasing, at least
+    ``MIN_PROGRESSIVE_SIDE`` px, in its memory format); the batch itself when ``scale`` keeps its size."""
+    h, w = x.shape[-2:]
+    size = (max(MIN_PROGRESSIVE_SIDE, round(h * scale)), max(MIN_PROGRESSIVE_SIDE, round(w * scale)))
+    if size[0] >= h and size[1] >= w:
+        return x
+    fmt = (
+        torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
+    )
+    out = F.interpolate(x, size=size, mode="bilinear", antialias=True, align_corners=False)
+    return out.contiguous(memory_format=fmt)
+
+
 def train_one_epoch(
     model: nn.Module,
     loader: Iterable[Any],
@@ -113,8 +142,11 @@ def train_one_epoch(
     start_step: int = 0,
     on_batch: Callable[[int, float], None] | None = None,
     opts: StepOptions | None = None,
+    input_scale: float = 1.0,
 ) -> dict[str, float]:
-    """One pass over ``loader``; returns sums (loss_sum, correct, count) to reduce across workers."""
+    """One pass over ``loader``; returns sums (loss_sum, correct, count) to reduce across workers.
+    ``input_scale`` < 1: the model trains on the batches resized to that share of their side
+    (progressive resizing, :func:`progressive_scale`); a distillation teacher still sees them whole."""
     opts = opts or StepOptions()
     model.train()
     _freeze_frozen_batchnorm(model)
@@ -125,7 +157,7 @@ def train_one_epoch(
             x, y = opts.mixup(x, y)
             hard = y.argmax(1)
         with torch.autocast(device.type, dtype=opts.amp_dtype, enabled=opts.amp_dtype is not None):
-            logits = model(x)
+            logits = model(resize_batch(x, input_scale) if input_scale < 1.0 else x)
             loss = loss_fn(logits, y) if opts.distill is None else opts.distill(x, logits, y)
         _backward_step(loss, optimizer, opts)
         step += 1

@@ -75,6 +75,9 @@ class TrainRecipe:
     random_erasing: float
     augment: str
     """``none`` | ``trivialaugment`` | ``augmix`` (components.train.augment)."""
+    progressive_resize: float
+    """The first epoch's training side as a share of the input side (1.0: off; ``engine.progressive_scale``)."""
+    progressive_until: float
     mixup: float
     cutmix: float
     label_smoothing: float
@@ -217,4 +220,5 @@ def build_recipe(
         amp=cfg.amp, channels_last=cfg.channels_last, compile=cfg.compile, ema_decay=cfg.ema_decay,
         deterministic=cfg.deterministic, seed=seed,
         snapshots=cfg.ensemble.snapshots if cfg.ensemble is not None else None,
+        progressive_resize=cfg.progressive_resize, progressive_until=cfg.progressive_until,
     )  # fmt: skip

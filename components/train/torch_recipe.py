@@ -37,7 +37,7 @@ from components.model.models import (
 )
 from components.task import get_task
 from components.train.augment import attach as attach_augment
-from components.train.engine import StepOptions, seed_everything, worker_init_fn
+from components.train.engine import StepOptions, progressive_scale, seed_everything, worker_init_fn
 from components.train.imbalance import BalancedDistributedSampler, LossChoice, create_training_loss
 from components.train.recipe import TrainRecipe
 
@@ -257,6 +257,13 @@ def build_train_loss(recipe: TrainRecipe, opts: StepOptions, targets: Any = ()) 
 
 
 # --------------------------------------------------------------------------- epochs and checkpoints
+
+
+def input_scale(recipe: TrainRecipe, epoch: int) -> float:
+    """The share of the input side epoch ``epoch`` trains at (progressive resizing; 1.0 when off)."""
+    return progressive_scale(
+        epoch, recipe.epochs, start=recipe.progressive_resize, until=recipe.progressive_until
+    )
 
 
 def epoch_metrics(

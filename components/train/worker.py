@@ -42,6 +42,7 @@ from components.train.torch_recipe import (
     build_step_options,
     build_train_loss,
     epoch_metrics,
+    input_scale,
     restore_state,
     save_state,
     should_stop,
@@ -124,8 +125,11 @@ def _prepare(recipe: TrainRecipe, *, rank: int, world: int, pin_memory: bool) ->
     )
 
 
-def _train_epoch(t: _Training, epoch: int, on_batch: Callable[[int, float], None]) -> dict[str, Any]:
-    """One epoch on this worker's shard, evaluated on val; the epoch record summed over all workers."""
+def _train_epoch(
+    t: _Training, epoch: int, on_batch: Callable[[int, float], None], *, scale: float = 1.0
+) -> dict[str, Any]:
+    """One epoch on this worker's shard (its batches at ``scale`` of their side: progressive
+    resizing), evaluated on val at full size; the epoch record summed over all workers."""
     sampler: Any = getattr(t.train_loader, "sampler", None)
     if hasattr(sampler, "set_epoch"):  # distributed or balanced: new draws each epoch
         sampler.set_epoch(epoch)
@@ -133,13 +137,18 @@ def _train_epoch(t: _Training, epoch: int, on_batch: Callable[[int, float], None
     tr = train_one_epoch(
         t.model, t.train_loader, t.optimizer, t.loss_fn, device=t.device, scheduler=t.scheduler,
         start_step=epoch * len(t.train_loader), on_batch=on_batch, opts=t.opts,
+        input_scale=scale,
     )  # fmt: skip
     seconds = time.perf_counter() - t0
     evaluated = t.opts.ema.module if t.opts.ema is not None else t.model
     va = eval_sums(evaluated, t.val_loader, t.eval_loss, device=t.device)
     tr = allreduce_sums({k: tr[k] for k in ("loss_sum", "correct", "count")}, t.device)
     va = allreduce_sums(va, t.device)
-    return epoch_metrics(epoch, tr, va, t.optimizer.param_groups[0]["lr"], seconds)
+    # input_scale: the share of the input side this epoch trained at (progressive resizing; 1.0 when off)
+    return {
+        **epoch_metrics(epoch, tr, va, t.optimizer.param_groups[0]["lr"], seconds),
+        "input_scale": scale,
+    }
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -173,7 +182,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 note_worker_event(run.worker_events, rank, phase="mid_epoch", epoch=_epoch)
             progress.batch(_epoch, i, n_batches, loss)
 
-        metrics = _train_epoch(t, epoch, on_batch)
+        metrics = _train_epoch(t, epoch, on_batch, scale=input_scale(recipe, epoch))
         history.append(metrics)
         stop = should_stop(history, recipe.early_stopping_patience)
         metrics["stopped_early"] = stop

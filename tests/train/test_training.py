@@ -283,3 +283,51 @@ def test_progress_display_is_one_bar_by_default_and_a_line_per_epoch_when_verbos
     verbose = capsys.readouterr().out
     assert "epoch 2/3: train_loss 0.5000 val_loss 0.2500" in verbose  # (rich wraps at 80 columns)
     assert "epoch 3/3: train_loss 0.5000 val_loss 0.5000" in verbose and "epochs" in verbose
+
+
+def test_progressive_resizing_schedule_ends_at_full_size() -> None:
+    """The side grows linearly from ``start`` and the last ``1 - until`` of the epochs (at least the
+    last one) train at full size; start 1.0 is off."""
+    from components.train.engine import progressive_scale
+
+    scales = [progressive_scale(e, 12, start=0.6, until=0.75) for e in range(12)]
+    assert scales[0] == pytest.approx(0.6) and scales[9:] == [1.0, 1.0, 1.0]
+    assert all(a < b for a, b in zip(scales[:9], scales[1:10], strict=True))
+    assert [progressive_scale(e, 4, start=0.5, until=1.0) for e in range(4)][-1] == 1.0
+    assert {progressive_scale(e, 12, start=1.0, until=0.75) for e in range(12)} == {1.0}
+    assert progressive_scale(0, 1, start=0.5, until=0.75) == 1.0  # a one-epoch run trains at full size
+
+
+def test_resize_batch_keeps_the_memory_format_and_a_least_side() -> None:
+    from components.train.engine import MIN_PROGRESSIVE_SIDE, resize_batch
+
+    x = torch.rand(4, 3, 28, 28).contiguous(memory_format=torch.channels_last)
+    small = resize_batch(x, 0.6)
+    assert small.shape == (4, 3, 17, 17) and small.is_contiguous(memory_format=torch.channels_last)
+    assert resize_batch(x, 1.0) is x
+    assert resize_batch(x, 0.1).shape[-2:] == (MIN_PROGRESSIVE_SIDE, MIN_PROGRESSIVE_SIDE)
+    flat = torch.full((2, 1, 20, 20), 0.25)
+    assert torch.allclose(resize_batch(flat, 0.5), torch.full((2, 1, 10, 10), 0.25))  # antialiased mean
+
+
+def test_an_epoch_at_a_smaller_scale_trains_the_model_on_resized_batches() -> None:
+    """The model sees the batches at the epoch's side; a distillation teacher sees them whole."""
+    seed_everything(0)
+    model = create_classifier("imgflow_cnn", 10, in_chans=1)
+    seen: list[tuple[int, ...]] = []
+    model.register_forward_pre_hook(lambda _m, args: seen.append(tuple(args[0].shape)))
+    x, y = fmnist_arrays("train", 64)
+    loader = DataLoader(_Arrays(x, y, create_image_transform(resolve_data_config(model), is_training=True)),
+                        batch_size=32)  # fmt: skip
+    teacher_saw: list[tuple[int, ...]] = []
+    ce = nn.CrossEntropyLoss()
+
+    def distill(xb: torch.Tensor, logits: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
+        teacher_saw.append(tuple(xb.shape))
+        return ce(logits, yb)
+
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    sums = train_one_epoch(model, loader, opt, ce, device=torch.device("cpu"),
+                           opts=StepOptions(distill=distill), input_scale=0.6)  # fmt: skip
+    assert sums["count"] == 64 and np.isfinite(sums["loss_sum"])
+    assert seen == [(32, 1, 17, 17)] * 2 and teacher_saw == [(32, 1, 28, 28)] * 2

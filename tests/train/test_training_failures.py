@@ -89,7 +89,10 @@ def test_killed_worker_restarts_from_checkpoint_and_model_is_registered(
     capfd: pytest.CaptureFixture[str],
 ) -> None:
     events = tmp_path / "worker-events.jsonl"
-    params = _params(tmp_path, data_dir, "train.epochs=4", "train.max_failures=1")
+    # Progressive resizing on (half the side at the first epoch, full from the fourth): the resumed run
+    # continues the schedule of the epoch it restarts at.
+    params = _params(tmp_path, data_dir, "train.epochs=4", "train.max_failures=1",
+                     "train.progressive_resize=0.5", "train.progressive_until=0.75")  # fmt: skip
     killed: list[tuple[int, int]] = []
     stop = threading.Event()
     killer = threading.Thread(
@@ -131,6 +134,7 @@ def test_killed_worker_restarts_from_checkpoint_and_model_is_registered(
 
     history = json.loads((tmp_path / "outputs" / "train" / "history.json").read_text())
     assert [h["epoch"] for h in history] == [0, 1, 2, 3]  # each epoch once in the final history
+    assert [h["input_scale"] for h in history] == pytest.approx([0.5, 2 / 3, 5 / 6, 1.0])
     assert result.final["val_accuracy"] > 0.3  # 10 classes: chance is 0.1
 
     run_evaluate(params)

@@ -49,7 +49,7 @@ def _ssl_figures(report: dict[str, Any], pretrain_s: float) -> list[dict[str, An
                 f"ssl_finetune_{pct}pct_gain_pt",
                 gains[f"ssl_finetune_vs_scratch_{pct}%_pt"],
                 "points",
-                "reported (train.init: ssl, LP-FT, minus scratch)",
+                "reported (train.init: ssl with the train.init_* defaults, minus scratch)",
                 None,
             )  # fmt: skip
             for pct in ("1", "10", "100")

@@ -452,6 +452,7 @@ def recipe_scratch_trainer(
 
     from components.data.datasets import InMemoryDataset, batch_collate
     from components.train import torch_recipe as tr
+    from components.train.augment import attach as attach_augment
     from components.train.engine import seed_everything, train_one_epoch
 
     dev = torch.device(device)
@@ -468,6 +469,7 @@ def recipe_scratch_trainer(
             subset.images, subset.labels, mean=dc["mean"], std=dc["std"], train=True, hflip=r.hflip,
             scale=r.scale, random_erasing=r.random_erasing,
         )  # fmt: skip
+        ds = attach_augment(ds, r.augment, mean=dc["mean"], std=dc["std"])  # train.augment, as the workers do
         loader = DataLoader(ds, batch_size=min(r.batch_size, len(ds)), shuffle=True, collate_fn=batch_collate,
                             generator=torch.Generator().manual_seed(r.seed))  # fmt: skip
         if r.channels_last:
@@ -478,7 +480,7 @@ def recipe_scratch_trainer(
         loss_fn = tr.build_train_loss(r, opts, subset.labels)
         for epoch in range(epochs):
             train_one_epoch(model, loader, optimizer, loss_fn, device=dev, scheduler=scheduler,
-                            start_step=epoch * len(loader), opts=opts)  # fmt: skip
+                            start_step=epoch * len(loader), opts=opts, input_scale=tr.input_scale(r, epoch))  # fmt: skip
         if mirror:
             from components.model.checkpoint import FlipTTA
 

@@ -154,3 +154,46 @@ def test_probe_C_is_chosen_inside_the_labelled_rows() -> None:
     assert chosen in settings.probe_C_grid and chosen == choose_probe_C(x, y, settings=settings)
     assert choose_probe_C(x, y, settings=EvalSettings(probe_C=2.0)) == 2.0
     assert choose_probe_C(x[[0, 20, 40]], y[[0, 20, 40]], settings=settings) == settings.probe_C_fallback
+
+
+def test_scratch_arm_trains_with_the_recipes_augmentation_and_progressive_resizing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``scratch`` is imgflow's recipe itself: ``train.augment`` is attached to its split and the
+    epochs follow ``train.progressive_resize`` (the model sees half-size batches first, full size last)."""
+    import torch
+
+    from components.core.config import TrainConfig
+    from components.data.manifest import DataPaths
+    from components.evaluate.label_efficiency import Split, recipe_scratch_trainer
+    from components.train import augment
+    from components.train.recipe import build_recipe
+    from tests.conftest import fmnist_arrays
+
+    params = load_params(
+        write_small_params(tmp_path, max_per_class=3), [f"project.data_dir={tmp_path / 'data'}"]
+    )
+    run_ingest(params, progress=False)
+    cfg = TrainConfig(recipe="manual", model="imgflow_cnn", batch_size=16, augment="trivialaugment",
+                      progressive_resize=0.5, progressive_until=0.5)  # fmt: skip
+    recipe = build_recipe(cfg, DataPaths(tmp_path / "data"), seed=0, weights_dir=tmp_path / "weights")
+    attached: list[str] = []
+    real_attach = augment.attach
+    monkeypatch.setattr(
+        augment, "attach", lambda ds, kind, **kw: attached.append(kind) or real_attach(ds, kind, **kw)
+    )
+    sides: list[int] = []
+    hook = torch.nn.modules.module.register_module_forward_pre_hook(
+        lambda m, args: (
+            sides.append(args[0].shape[-1]) if type(m).__name__ == "SmallCNN" and m.training else None
+        )
+    )
+    try:
+        x, y = fmnist_arrays("train", 32)
+        xt, yt = fmnist_arrays("t10k", 20)
+        split = Split(x[:, None], y.astype(np.int64))
+        accuracy = recipe_scratch_trainer(recipe)(split, Split(xt[:, None], yt.astype(np.int64)), 4)
+    finally:
+        hook.remove()
+    assert 0.0 <= accuracy <= 1.0 and attached == ["trivialaugment"]
+    assert sides[0] == 14 and sides[-1] == 28 and sides == sorted(sides)  # 2 batches per epoch, 4 epochs

@@ -113,13 +113,13 @@ def _plain_loop(
     epochs = []
     for epoch in range(recipe.epochs):
         t0 = time.perf_counter()
+        scale = tr.input_scale(recipe, epoch)
         sums = train_one_epoch(model, train_loader, optimizer, loss_fn, device=device, scheduler=scheduler,
-                               start_step=epoch * len(train_loader), opts=opts,
-                               input_scale=tr.input_scale(recipe, epoch))  # fmt: skip
+                               start_step=epoch * len(train_loader), opts=opts, input_scale=scale)  # fmt: skip
         seconds = time.perf_counter() - t0
         va = eval_sums(opts.ema.module if opts.ema is not None else model, val_loader, nn.CrossEntropyLoss(),
                        device=device)  # fmt: skip
-        epochs.append(tr.epoch_metrics(epoch, sums, va, optimizer.param_groups[0]["lr"], seconds))
+        epochs.append(tr.epoch_metrics(epoch, sums, va, optimizer.param_groups[0]["lr"], seconds, scale))
         if on_epoch is not None:
             on_epoch(epochs[-1])
     result: dict[str, Any] = {"history": epochs, "wall_s": time.perf_counter() - t_start}
@@ -300,6 +300,7 @@ def run(*, quick: bool = False) -> dict[str, Any]:
 # and the cost of an epoch as a ratio to today's recipe measured in the same process, interleaved.
 
 TODAY = "today"
+_RESNET_TA = {"model": "imgflow_resnet_avgmax", "augment": "trivialaugment"}
 RECIPES: dict[str, dict[str, Any]] = {
     TODAY: {"model": "imgflow_cnn_avgmax", "epochs": 16},
     "today_ema": {"model": "imgflow_cnn_avgmax", "epochs": 16, "ema_decay": 0.999},
@@ -316,36 +317,21 @@ RECIPES: dict[str, dict[str, Any]] = {
         "ema_decay": 0.999,
     },
     "resnet_12_trivialaugment": {"model": "imgflow_resnet_avgmax", "epochs": 12, "augment": "trivialaugment"},
-    # the pipeline's default before progressive resizing, and progressive candidates (train.progressive_*)
-    "resnet_12_ta": {"model": "imgflow_resnet_avgmax", "epochs": 12, "augment": "trivialaugment"},
-    "resnet_12_ta_prog60": {
-        "model": "imgflow_resnet_avgmax",
-        "epochs": 12,
-        "augment": "trivialaugment",
-        "progressive_resize": 0.6,
-        "progressive_until": 0.75,
-    },
+    # progressive resizing (train.progressive_*) on the pipeline's default, resnet_12_trivialaugment
+    "resnet_12_ta_prog60": {**_RESNET_TA, "epochs": 12, "progressive_resize": 0.6, "progressive_until": 0.75},
     "resnet_12_ta_prog75_until50": {
-        "model": "imgflow_resnet_avgmax",
+        **_RESNET_TA,
         "epochs": 12,
-        "augment": "trivialaugment",
         "progressive_resize": 0.75,
         "progressive_until": 0.5,
     },
     "resnet_12_ta_prog85_until50": {
-        "model": "imgflow_resnet_avgmax",
+        **_RESNET_TA,
         "epochs": 12,
-        "augment": "trivialaugment",
         "progressive_resize": 0.85,
         "progressive_until": 0.5,
     },
-    "resnet_14_ta_prog60": {
-        "model": "imgflow_resnet_avgmax",
-        "epochs": 14,
-        "augment": "trivialaugment",
-        "progressive_resize": 0.6,
-        "progressive_until": 0.75,
-    },
+    "resnet_14_ta_prog60": {**_RESNET_TA, "epochs": 14, "progressive_resize": 0.6, "progressive_until": 0.75},
     "resnet_small_16_ema": {"model": "imgflow_resnet_small_avgmax", "epochs": 16, "ema_decay": 0.999},
     "resnet_mid_14_ema": {"model": "imgflow_resnet_mid_avgmax", "epochs": 14, "ema_decay": 0.999},
     "today_trivialaugment": {"model": "imgflow_cnn_avgmax", "epochs": 16, "augment": "trivialaugment"},

@@ -157,7 +157,7 @@ def train_one_epoch(
             x, y = opts.mixup(x, y)
             hard = y.argmax(1)
         with torch.autocast(device.type, dtype=opts.amp_dtype, enabled=opts.amp_dtype is not None):
-            logits = model(resize_batch(x, input_scale) if input_scale < 1.0 else x)
+            logits = model(resize_batch(x, input_scale))
             loss = loss_fn(logits, y) if opts.distill is None else opts.distill(x, logits, y)
         _backward_step(loss, optimizer, opts)
         step += 1

@@ -267,9 +267,15 @@ def input_scale(recipe: TrainRecipe, epoch: int) -> float:
 
 
 def epoch_metrics(
-    epoch: int, tr: dict[str, float], va: dict[str, float], lr: float, seconds: float
+    epoch: int,
+    tr: dict[str, float],
+    va: dict[str, float],
+    lr: float,
+    seconds: float,
+    input_scale: float = 1.0,
 ) -> dict[str, Any]:
-    """One epoch's record (history.json, Ray's report, MLflow) from summed train/val counters."""
+    """One epoch's record (history.json, Ray's report, MLflow) from summed train/val counters;
+    ``input_scale``: the share of the input side the epoch trained at (progressive resizing)."""
     n_tr, n_va = max(tr["count"], 1.0), max(va["count"], 1.0)
     return {
         "epoch": epoch,
@@ -281,6 +287,7 @@ def epoch_metrics(
         "epoch_seconds": seconds,
         "train_images_per_s": tr["count"] / max(seconds, 1e-9),
         "finished_at": time.time(),  # wall clock: full epoch cycles (eval, report, checkpoint) in between
+        "input_scale": input_scale,
     }
 
 

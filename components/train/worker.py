@@ -144,11 +144,7 @@ def _train_epoch(
     va = eval_sums(evaluated, t.val_loader, t.eval_loss, device=t.device)
     tr = allreduce_sums({k: tr[k] for k in ("loss_sum", "correct", "count")}, t.device)
     va = allreduce_sums(va, t.device)
-    # input_scale: the share of the input side this epoch trained at (progressive resizing; 1.0 when off)
-    return {
-        **epoch_metrics(epoch, tr, va, t.optimizer.param_groups[0]["lr"], seconds),
-        "input_scale": scale,
-    }
+    return epoch_metrics(epoch, tr, va, t.optimizer.param_groups[0]["lr"], seconds, input_scale=scale)
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:

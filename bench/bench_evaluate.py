@@ -25,8 +25,9 @@ import torch
 from components.core.config import Params
 from components.evaluate.calibration import calibrate
 from components.evaluate.gate_report import Evidence, build_gates, write_report
-from components.evaluate.robustness import corruption_sweep, prepare_for_inference, resolve_families
+from components.evaluate.robustness import corruption_sweep, resolve_families
 from components.model.checkpoint import load_classifier
+from components.model.inference import prepare_for_inference
 from components.model.models import create_classifier
 from components.task import get_task
 from components.task.metrics import compute_metrics

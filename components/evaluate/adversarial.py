@@ -128,10 +128,11 @@ def adversarial_curve(
     model's input size; targets: (N,) class indices. The model's train/eval mode is restored after.
 
     Each (eps, batch) is one unit with its own seeded PGD start, run side by side on the conv-BN-fused
-    channels-last copy the corruption sweep uses (:func:`~components.evaluate.robustness.side_by_side`),
+    channels-last copy the corruption sweep uses (:func:`~components.model.inference.side_by_side`),
     so the result does not depend on scheduling. amp: ``auto``: forward and backward in bf16 autocast
     where the CPU runs bf16 natively (the attack steps on the sign of the gradient; the images stay fp32)."""
-    from components.evaluate.robustness import prepare_for_inference, side_by_side, sweep_dtype
+    from components.evaluate.robustness import sweep_dtype
+    from components.model.inference import prepare_for_inference, side_by_side
 
     was_training = model.training
     net = _Normalised(prepare_for_inference(model), mean, std)

@@ -7,6 +7,7 @@ test images the same way.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,53 +41,98 @@ def predict_split(
 ) -> tuple[SplitOutput, Any]:
     """Predict ``split`` with the model in ``model_dir``; keep the images at indices ``keep``.
 
-    Returns the output and ``(model, spec)``. Images are decoded and transformed once; the kept
-    ones are stored as uint8 (the sweep corrupts 8-bit images, like the files on disk).
+    Returns the output and ``(model, spec)``. Images are decoded and transformed once (read from the
+    project's decoded-split cache when no image needs resizing, so the pixels are the ones the
+    transform would give: :func:`_split_batches`), and the model's batch-norm-folded copy runs whole
+    batches side by side (:mod:`components.model.inference`). The kept images are stored as uint8 (the
+    sweep corrupts 8-bit images, like the files on disk).
     """
-    from torch.utils.data import DataLoader
-
-    from components.data.datasets import dataset_for_split
-    from components.evaluate.robustness import prepare_for_inference
+    from components.data.datasets import as_target_tensor, encode_targets, split_rows
     from components.evaluate.slices import image_properties
     from components.model.checkpoint import load_classifier
-    from components.model.models import create_image_transform, image_mode
+    from components.model.inference import prepare_for_inference, side_by_side_iter
 
     model, spec = load_classifier(model_dir)
     fast = prepare_for_inference(model)
-    ds = dataset_for_split(
-        read_manifest(DataPaths(params.project.data_dir).manifest),
-        split,
-        data_dir=params.project.data_dir,
-        classes=spec.classes,
-        transform=create_image_transform(spec.data_config, is_training=False),
-        mode=image_mode(spec.in_chans),
-        task=spec.task,
-    )
+    rows = split_rows(read_manifest(DataPaths(params.project.data_dir).manifest), split)
+    encoded = encode_targets(rows, spec.classes, spec.task)
+    targets = np.asarray(encoded).astype(spec.task.target_dtype)
     mean = torch.tensor(spec.data_config["mean"]).view(1, -1, 1, 1)
     std = torch.tensor(spec.data_config["std"]).view(1, -1, 1, 1)
-    keep_mask = np.zeros(len(ds), dtype=bool)
+    keep_mask = np.zeros(len(rows), dtype=bool)
     if keep is not None:
         keep_mask[keep] = True
-    logits, targets, props, kept = [], [], [], []
-    start = 0
-    with torch.inference_mode():
-        for x, y in DataLoader(ds, batch_size=params.evaluate.batch_size, shuffle=False):
-            logits.append(fast(x.contiguous(memory_format=torch.channels_last)).float().numpy())
-            targets.append(y.numpy())
+
+    def unit(job: tuple[int, torch.Tensor]) -> tuple[np.ndarray, dict[str, np.ndarray], torch.Tensor | None]:
+        start, x = job
+        with torch.inference_mode():
+            logits = fast(x.contiguous(memory_format=torch.channels_last)).float().numpy()
             x01 = (x * std + mean).clamp_(0, 1)
-            props.append(image_properties(x01.numpy()))
-            sel = torch.from_numpy(keep_mask[start : start + len(y)])
-            if sel.any():
-                kept.append(((x01[sel] * 255).round_().to(torch.uint8), y[sel]))
-            start += len(y)
+            sel = torch.from_numpy(keep_mask[start : start + len(x)])
+            kept = (x01[sel] * 255).round_().to(torch.uint8) if sel.any() else None
+        return logits, image_properties(x01.numpy()), kept
+
+    batches = _split_batches(params, rows, spec, split=split, batch_size=params.evaluate.batch_size)
+    parts = list(side_by_side_iter(unit, _unit_jobs(batches)))
+    kept = [k for _, _, k in parts if k is not None]
+    sel = torch.from_numpy(keep_mask)
     out = SplitOutput(
-        logits=np.concatenate(logits),
-        targets=np.concatenate(targets).astype(spec.task.target_dtype),
-        properties={k: np.concatenate([p[k] for p in props]) for k in props[0]},
-        kept=torch.cat([k[0] for k in kept]) if kept else None,
-        kept_targets=torch.cat([k[1] for k in kept]) if kept else None,
+        logits=np.concatenate([p[0] for p in parts]),
+        targets=targets,
+        properties={k: np.concatenate([p[1][k] for p in parts]) for k in parts[0][1]},
+        kept=torch.cat(kept) if kept else None,
+        kept_targets=as_target_tensor(encoded)[sel] if kept else None,
     )
     return out, (model, spec)
+
+
+def _unit_jobs(batches: Iterator[tuple[int, torch.Tensor]]) -> Iterator[tuple[int, torch.Tensor]]:
+    """(first row, images) pieces of at most :data:`~components.model.inference.UNIT_IMAGES` images."""
+    from components.model.inference import UNIT_IMAGES
+
+    for start, x in batches:
+        for i in range(0, len(x), UNIT_IMAGES):
+            yield start + i, x[i : i + UNIT_IMAGES]
+
+
+def _split_batches(
+    params: Params, rows: Any, spec: Any, *, split: str, batch_size: int
+) -> Iterator[tuple[int, torch.Tensor]]:
+    """(first row, normalised images (B, C, H, W)) of the split's ``rows`` in order: from the decoded
+    split cache (``train.cache``, shared with training and the embedding store) when every image is
+    already at the model's side — the cached pixels are then exactly what the model's transform gives
+    — else each file through the model's transform (resizing in uint8 would round what serving, which
+    uses the transform, does not)."""
+    from torch.utils.data import DataLoader
+
+    from components.data.datasets import (
+        ManifestDataset,
+        cached_split_at,
+        decoded_cache_dir,
+        decoded_size,
+        normalise,
+    )
+    from components.model.models import create_image_transform, image_mode
+
+    data_dir, cfg = Path(params.project.data_dir), params.train
+    files = [data_dir / p for p in rows["path"]]
+    side = int(spec.data_config["input_size"][-1])
+    at_side = bool(((rows["width"] == side) & (rows["height"] == side)).all())
+    fits = decoded_size(len(files), spec.in_chans, side) <= cfg.cache_max_gb * 2**30
+    mode = image_mode(spec.in_chans)
+    if at_side and fits and cfg.cache != "off":
+        images = cached_split_at(files, split=split, data_config=spec.data_config, mode=mode,
+                                 cache_dir=decoded_cache_dir(params.project.state_dir))  # fmt: skip
+        mean, std = spec.data_config["mean"], spec.data_config["std"]
+        for start in range(0, len(files), batch_size):
+            yield start, normalise(images[start : start + batch_size], mean=mean, std=std)
+        return
+    transform = create_image_transform(spec.data_config, is_training=False)
+    ds = ManifestDataset(files, np.zeros(len(files), dtype=np.int64), transform=transform, mode=mode)
+    start = 0
+    for x, _ in DataLoader(ds, batch_size=batch_size, shuffle=False):
+        yield start, x
+        start += len(x)
 
 
 def has_split(params: Params, split: str) -> bool:

@@ -25,7 +25,6 @@ themselves and larger batches (1024) are slower than 256.
 
 from __future__ import annotations
 
-import copy
 import logging
 import math
 import zlib
@@ -40,7 +39,7 @@ import torchvision.transforms.v2.functional as F
 from torch import nn
 
 from components.core.errors import ConfigError
-from components.core.progress import progress_bar
+from components.model.inference import prepare_for_inference, side_by_side
 
 logger = logging.getLogger(__name__)
 
@@ -216,68 +215,6 @@ def sweep_dtype(amp: str) -> torch.dtype | None:
     if amp not in ("auto", "off"):
         raise ConfigError(f"evaluate.robustness.amp must be auto or off, got {amp!r}")
     return torch.bfloat16 if amp == "auto" and cpu_has_native_bf16() else None
-
-
-def prepare_for_inference(model: nn.Module) -> nn.Module:
-    """A faster eval-only copy: conv+batch-norm folded (torch.fx), channels-last memory.
-
-    Falls back to the model itself when it cannot be traced (some timm models); predictions are
-    equal to float rounding either way.
-    """
-    model = model.eval()
-    return _fused(copy.deepcopy(model)).to(memory_format=torch.channels_last)
-
-
-def _fused(module: nn.Module) -> nn.Module:
-    """``module`` with conv+batch-norm folded where that is exact. A module that calls one of its
-    submodules more than once (flip TTA runs its model on the image and on its mirror) is not fused
-    whole: fx's ``fuse`` would fold the shared conv's batch norm into it once per call (measured:
-    logits off by 4.7, test accuracy 10%); its children are fused one by one instead."""
-    from torch import fx
-    from torch.fx.experimental.optimization import fuse
-
-    try:
-        graph = fx.symbolic_trace(module).graph
-    except Exception as e:  # tracing is best effort: any failure just means no speed-up
-        logger.debug("conv-bn fusion skipped for %s (%s)", type(module).__name__, e)
-        return module
-    called = [node.target for node in graph.nodes if node.op == "call_module"]
-    if len(called) == len(set(called)):
-        try:
-            return fuse(module)
-        except Exception as e:
-            logger.debug("conv-bn fusion skipped for %s (%s)", type(module).__name__, e)
-            return module
-    for name, child in module.named_children():
-        if next(child.children(), None) is not None:  # leaves have nothing to fold on their own
-            setattr(module, name, _fused(child))
-    return module
-
-
-def side_by_side(
-    fn: Callable[[Any], Any], jobs: Sequence[Any], *, workers: int | None, description: str
-) -> list[Any]:
-    """[fn(job) for job in jobs], run by ``workers`` threads (default: torch's thread count) with one
-    intra-op thread each, in order, with a progress bar: a small CNN's convolutions scale poorly across
-    threads inside one op, so whole batches side by side keep the cores busier (about 1.3x on 2 cores).
-    ``fn`` must not depend on the order the jobs run in (each draws from its own seeded generator)."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    n_workers = max(1, workers or torch.get_num_threads())
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with (
-            ThreadPoolExecutor(n_workers, thread_name_prefix="imgflow-units") as pool,
-            progress_bar(len(jobs), description=description) as advance,  # when a person watches
-        ):
-            results = []
-            for result in pool.map(fn, jobs):
-                results.append(result)
-                advance(1)
-    finally:
-        torch.set_num_threads(threads)
-    return results
 
 
 @dataclass(frozen=True)

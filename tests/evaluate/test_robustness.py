@@ -219,8 +219,8 @@ def test_sweep_dtype_is_bf16_only_where_native() -> None:
 def test_inference_copy_of_a_flip_tta_model_predicts_what_the_model_does(name: str) -> None:
     """Flip TTA runs one network twice: folding batch norm into its convs once per call applied it twice
     (the pipeline's test accuracy fell to 10%). The inner network is folded once, predictions kept."""
-    from components.evaluate.robustness import prepare_for_inference
     from components.model.checkpoint import FlipTTA
+    from components.model.inference import prepare_for_inference
     from components.model.models import create_classifier
 
     torch.manual_seed(0)

@@ -29,7 +29,7 @@ def write_data_dir(root: Path, images: np.ndarray, labels: np.ndarray, splits: l
         (root / rel).parent.mkdir(parents=True, exist_ok=True)
         (root / rel).write_bytes(data)
         rows.append({"image_id": sha, "path": rel, "label": FMNIST_CLASSES[int(lab)], "labels": [FMNIST_CLASSES[int(lab)]],
-                     "width": 28, "height": 28, "mode": "L", "bytes": len(data), "split": split,
+                     "width": img.shape[1], "height": img.shape[0], "mode": "L", "bytes": len(data), "split": split,
                      "source": "test", "source_path": sha})  # fmt: skip
     write_manifest(pd.DataFrame(rows), paths.manifest)
     return paths

@@ -117,7 +117,8 @@ def _split_batches(
     data_dir, cfg = Path(params.project.data_dir), params.train
     files = [data_dir / p for p in rows["path"]]
     side = int(spec.data_config["input_size"][-1])
-    at_side = bool(((rows["width"] == side) & (rows["height"] == side)).all())
+    sized = {"width", "height"} <= set(rows.columns)
+    at_side = sized and bool(((rows["width"] == side) & (rows["height"] == side)).all())
     fits = decoded_size(len(files), spec.in_chans, side) <= cfg.cache_max_gb * 2**30
     mode = image_mode(spec.in_chans)
     if at_side and fits and cfg.cache != "off":

@@ -232,7 +232,8 @@ def _feature_batches(
     net: nn.Module, batches: Iterable[torch.Tensor], layers: Sequence[Layer], dev: torch.device
 ) -> Iterator[dict[str, np.ndarray]]:
     """{layer: (B, D)} per batch, in order. On the CPU a batch-norm-folded channels-last copy runs the
-    batches side by side (:mod:`components.model.inference`; ``net`` is left as it was); elsewhere
+    batches (side by side for the pooled layers: :mod:`components.model.inference`; ``net`` is left as
+    it was); elsewhere
     ``net`` runs them one by one in channels-last memory (its train/eval mode and memory format
     restored after)."""
 
@@ -247,6 +248,11 @@ def _feature_batches(
         from components.model.inference import prepare_for_inference, side_by_side_iter, unit_batches
 
         fast = prepare_for_inference(net).to(dev)
+        if "prev_stage_3x3" in layers:
+            # Read through a forward hook on the shared copy where a model has no forward_intermediates:
+            # a hook sees every thread's calls, so these batches go one at a time.
+            yield from (run(fast, x) for x in batches)
+            return
         yield from side_by_side_iter(lambda x: run(fast, x), unit_batches(batches))
         return
     was_training = net.training

@@ -6,6 +6,7 @@ import copy
 import threading
 import time
 
+import numpy as np
 import pytest
 import timm
 import torch
@@ -123,3 +124,22 @@ def test_unit_batches_cut_in_order() -> None:
     pieces = list(unit_batches([x[:250], x[250:]], size=128))
     assert [len(p) for p in pieces] == [128, 122, 50]
     assert torch.equal(torch.cat(pieces), x)
+
+
+@pytest.mark.parametrize("name", ["imgflow_cnn_avgmax", "resnet10t"])
+def test_features_of_many_batches_keep_their_rows(name: str) -> None:
+    """Units side by side must not mix batches: every layer, the hooked one included (imgflow's CNNs
+    read ``prev_stage_3x3`` through a forward hook, which sees every thread's calls), gives one row per
+    image, equal to the batch-by-batch reference."""
+    from components.model.features import LAYERS, extract_layers, features_at
+    from components.model.models import create_classifier
+
+    torch.manual_seed(0)
+    net = create_classifier(name, 10, in_chans=1).eval()
+    x = torch.randn(300, 1, 28, 28)
+    got = extract_layers(net, x, layers=LAYERS, batch_size=64)
+    with torch.no_grad():
+        want = {k: torch.cat([features_at(net, b, (k,))[k] for b in x.split(64)]).numpy() for k in LAYERS}
+    for layer in LAYERS:
+        assert got[layer].shape[0] == 300
+        np.testing.assert_allclose(got[layer], want[layer], rtol=1e-4, atol=1e-4)

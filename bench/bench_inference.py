@@ -8,7 +8,7 @@ image, interleaved round by round (the minimum of the rounds is kept: this machi
 - predictions: the plain model one batch after another with torch's threads (the reference); the
   batch-norm-folded channels-last copy (:func:`components.model.inference.prepare_for_inference`)
   the same way, batches of 512 (``evaluate.batch_size``: what evaluate ran before); the copy side by
-  side, one intra-op thread each, in units of ``UNIT_IMAGES`` (what ``predict_split`` runs now);
+  side, one intra-op thread each, in units of ``unit_size`` (128 images at 28 px) (what ``predict_split`` runs now);
 - features (``pre_logits`` + ``pooled_last``, one pass): the plain model in channels-last memory one
   batch after another (``extract_layers`` before); ``extract_layers`` now (folded copy, side by side).
 
@@ -30,7 +30,7 @@ from torch import nn
 from components.data.sources import fashion_mnist_paths, load_fashion_mnist
 from components.model.checkpoint import FlipTTA
 from components.model.features import Layer, base_model, extract_layers, features_at
-from components.model.inference import UNIT_IMAGES, prepare_for_inference, side_by_side_iter
+from components.model.inference import prepare_for_inference, side_by_side_iter, unit_size
 from components.model.models import create_classifier
 
 LAYERS: tuple[Layer, ...] = ("pre_logits", "pooled_last")
@@ -79,7 +79,7 @@ def run(*, quick: bool = False) -> dict[str, Any]:
     contenders: dict[str, Callable[[], Any]] = {
         "predict: plain model, one batch at a time": lambda: _one_by_one(model, x, 512),
         "predict: folded copy, one batch at a time": lambda: _one_by_one(fast, x_cl, 512),
-        "predict: folded copy, side by side": lambda: _units(fast, x_cl, UNIT_IMAGES),
+        "predict: folded copy, side by side": lambda: _units(fast, x_cl, unit_size(x.shape[1:])),
         "features: plain channels-last, one batch at a time": lambda: _one_by_one(
             lambda b: features_at(plain_cl, b, LAYERS), x_cl, 512
         ),

@@ -50,7 +50,7 @@ def predict_split(
     from components.data.datasets import as_target_tensor, encode_targets, split_rows
     from components.evaluate.slices import image_properties
     from components.model.checkpoint import load_classifier
-    from components.model.inference import prepare_for_inference, side_by_side_iter
+    from components.model.inference import prepare_for_inference, side_by_side_iter, unit_batches
 
     model, spec = load_classifier(model_dir)
     fast = prepare_for_inference(model)
@@ -73,7 +73,7 @@ def predict_split(
         return logits, image_properties(x01.numpy()), kept
 
     batches = _split_batches(params, rows, spec, split=split, batch_size=params.evaluate.batch_size)
-    parts = list(side_by_side_iter(unit, _unit_jobs(batches)))
+    parts = list(side_by_side_iter(unit, _numbered(unit_batches(batches))))
     kept = [k for _, _, k in parts if k is not None]
     sel = torch.from_numpy(keep_mask)
     out = SplitOutput(
@@ -86,19 +86,18 @@ def predict_split(
     return out, (model, spec)
 
 
-def _unit_jobs(batches: Iterator[tuple[int, torch.Tensor]]) -> Iterator[tuple[int, torch.Tensor]]:
-    """(first row, images) pieces of at most :data:`~components.model.inference.UNIT_IMAGES` images."""
-    from components.model.inference import UNIT_IMAGES
-
-    for start, x in batches:
-        for i in range(0, len(x), UNIT_IMAGES):
-            yield start + i, x[i : i + UNIT_IMAGES]
+def _numbered(pieces: Iterator[torch.Tensor]) -> Iterator[tuple[int, torch.Tensor]]:
+    """(index of its first row, piece) for consecutive pieces of a split."""
+    start = 0
+    for x in pieces:
+        yield start, x
+        start += len(x)
 
 
 def _split_batches(
     params: Params, rows: Any, spec: Any, *, split: str, batch_size: int
-) -> Iterator[tuple[int, torch.Tensor]]:
-    """(first row, normalised images (B, C, H, W)) of the split's ``rows`` in order: from the decoded
+) -> Iterator[torch.Tensor]:
+    """Normalised images (B, C, H, W) of the split's ``rows`` in order: from the decoded
     split cache (``train.cache``, shared with training and the embedding store) when every image is
     already at the model's side — the cached pixels are then exactly what the model's transform gives
     — else each file through the model's transform (resizing in uint8 would round what serving, which
@@ -126,14 +125,11 @@ def _split_batches(
                                  cache_dir=decoded_cache_dir(params.project.state_dir))  # fmt: skip
         mean, std = spec.data_config["mean"], spec.data_config["std"]
         for start in range(0, len(files), batch_size):
-            yield start, normalise(images[start : start + batch_size], mean=mean, std=std)
+            yield normalise(images[start : start + batch_size], mean=mean, std=std)
         return
     transform = create_image_transform(spec.data_config, is_training=False)
     ds = ManifestDataset(files, np.zeros(len(files), dtype=np.int64), transform=transform, mode=mode)
-    start = 0
-    for x, _ in DataLoader(ds, batch_size=batch_size, shuffle=False):
-        yield start, x
-        start += len(x)
+    yield from (x for x, _ in DataLoader(ds, batch_size=batch_size, shuffle=False))
 
 
 def has_split(params: Params, split: str) -> bool:

@@ -7,7 +7,7 @@ the corruption sweep and the attacks (:mod:`components.evaluate.robustness`,
 (:func:`components.model.features.extract_layers`). Measured by ``python -m bench inference`` (the
 default residual net with flip TTA, 10,000 Fashion-MNIST test images, 2 cores, fp32, best of 5
 interleaved rounds, 2026-12-06): the classifier 12.8 s as it is, 6.5 s folded in channels-last memory one
-batch of 512 after another (evaluate before), 4.9 s folded side by side in units of 128 (now); its two
+batch of 512 after another (evaluate before), 4.9 s folded side by side in units of 128 (now, :func:`unit_size`); its two
 feature layers 3.35 s through the plain channels-last network (``extract_layers`` before), 2.33 s now.
 In ``imgflow evaluate`` on the full dataset (two alternating pairs): the test and val predictions
 19.8-21.6 s -> 10.2-11.6 s, and the embedding store's pass over all 70,000 images 35.0-38.4 s -> 20.7-23.0 s.
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -32,10 +33,17 @@ logger = logging.getLogger(__name__)
 J = TypeVar("J")
 R = TypeVar("R")
 
-UNIT_IMAGES = 128
-"""At most this many images per side-by-side unit on the CPU: a unit's activations then stay in the
-caches. The default residual net at 28 px, 10,000 images, 2 cores: features in 2.94 s with units of 512,
-2.54 s of 256, 2.42 s of 128, 2.45 s of 64; the flip-TTA classifier 6.1 s at 512, 5.2 s at 128."""
+UNIT_VALUES = 128 * 28 * 28
+"""Input values per side-by-side unit on the CPU (:func:`unit_size`): a unit's activations then stay in
+the caches. Measured at 28 px grey (the default residual net, 10,000 images, 2 cores): features in 2.94 s
+with units of 512 images, 2.54 s of 256, 2.42 s of 128, 2.45 s of 64; the flip-TTA classifier 6.1 s at
+512, 5.2 s at 128. Larger images get fewer per unit (224 px RGB: the floor of 8)."""
+
+
+def unit_size(image_shape: Sequence[int]) -> int:
+    """Images per unit for images of ``image_shape`` (C, H, W): :data:`UNIT_VALUES` of input, 8 to 128
+    images (smaller units than 64 were no faster at 28 px)."""
+    return min(128, max(8, UNIT_VALUES // max(1, math.prod(image_shape))))
 
 
 def prepare_for_inference(model: nn.Module) -> nn.Module:
@@ -116,10 +124,10 @@ def _replace(module: nn.Module, name: str, new: nn.Module) -> None:
     setattr(module.get_submodule(parent) if parent else module, leaf, new)
 
 
-def unit_batches(batches: Iterable[torch.Tensor], *, size: int = UNIT_IMAGES) -> Iterator[torch.Tensor]:
-    """``batches`` cut into consecutive pieces of at most ``size`` images (views, no copies), in order."""
+def unit_batches(batches: Iterable[torch.Tensor]) -> Iterator[torch.Tensor]:
+    """``batches`` cut into consecutive pieces of :func:`unit_size` images (views, no copies), in order."""
     for batch in batches:
-        yield from batch.split(size)
+        yield from batch.split(unit_size(batch.shape[1:]))
 
 
 def side_by_side_iter(fn: Callable[[J], R], jobs: Iterable[J], *, workers: int | None = None) -> Iterator[R]:

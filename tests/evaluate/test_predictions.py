@@ -34,7 +34,7 @@ def _served_logits(model_dir: Path, files: list[Path]) -> np.ndarray:
 def test_cached_and_per_file_passes_agree_with_serving(
     tmp_path: Path, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(inference, "UNIT_IMAGES", 3)  # batches of 4 cut into units of 3 and 1
+    monkeypatch.setattr(inference, "unit_size", lambda shape: 3)  # batches of 4 cut into units of 3 and 1
     x, y = fmnist_arrays("t10k", 14)
     data = write_data_dir(tmp_path / "data", x, y, ["train"] * 3 + ["test"] * 11)
     keep = np.array([0, 4, 10])

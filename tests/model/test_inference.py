@@ -121,7 +121,7 @@ def test_a_failing_unit_raises_and_threads_are_restored() -> None:
 
 def test_unit_batches_cut_in_order() -> None:
     x = torch.arange(300).view(300, 1)
-    pieces = list(unit_batches([x[:250], x[250:]], size=128))
+    pieces = list(unit_batches([x[:250], x[250:]]))  # one value per image: units of the 128-image cap
     assert [len(p) for p in pieces] == [128, 122, 50]
     assert torch.equal(torch.cat(pieces), x)
 
@@ -143,3 +143,12 @@ def test_features_of_many_batches_keep_their_rows(name: str) -> None:
     for layer in LAYERS:
         assert got[layer].shape[0] == 300
         np.testing.assert_allclose(got[layer], want[layer], rtol=1e-4, atol=1e-4)
+
+
+def test_unit_size_follows_the_image_size() -> None:
+    from components.model.inference import unit_size
+
+    assert unit_size((1, 28, 28)) == 128  # the measured optimum at 28 px grey
+    assert unit_size((3, 64, 64)) == 100352 // (3 * 64 * 64) == 8
+    assert unit_size((1, 64, 64)) == 24
+    assert unit_size((3, 224, 224)) == 8 and unit_size((1, 300, 300)) == 8

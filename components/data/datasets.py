@@ -19,6 +19,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from components.core.errors import DataError
+from components.data.grey_cache import grey_rows
 from components.data.image_stats import model_input
 from components.task import SINGLELABEL, Task, get_task
 
@@ -161,15 +162,25 @@ def cached_split_array(
     side: int,
     crop_pct: float = 1.0,
     interpolation: str = "bilinear",
+    data_dir: Path | None = None,
 ) -> np.ndarray:
     """``decode_split`` once per (data version, split, geometry): a .npy file memory-mapped by every
-    worker. The first worker decodes under a file lock; the others wait and map the same file."""
+    worker. The first worker decodes under a file lock; the others wait and map the same file.
+
+    ``data_dir``: the data dir the (content-addressed) ``paths`` are in; a grey split whose images
+    ingest saved at exactly ``side`` x ``side`` (:mod:`components.data.grey_cache`) is taken from there
+    instead of decoded: the same values (no resize or crop applies at that size)."""
     from filelock import FileLock
 
     cache_file.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(cache_file) + ".lock"):
         if not cache_file.exists():
-            arr = decode_split(paths, mode=mode, side=side, crop_pct=crop_pct, interpolation=interpolation)
+            held = grey_rows(data_dir, [Path(p).stem for p in paths], shape=(side, side)) if mode == "L" else None
+            arr = (
+                held[:, None]
+                if held is not None
+                else decode_split(paths, mode=mode, side=side, crop_pct=crop_pct, interpolation=interpolation)
+            )
             tmp = cache_file.with_suffix(".tmp.npy")
             np.save(tmp, arr)
             os.replace(tmp, cache_file)
@@ -182,7 +193,13 @@ def cached_split_array(
 
 
 def cached_split_at(
-    paths: Sequence[Path], *, split: str, data_config: dict[str, Any], mode: str, cache_dir: Path
+    paths: Sequence[Path],
+    *,
+    split: str,
+    data_config: dict[str, Any],
+    mode: str,
+    cache_dir: Path,
+    data_dir: Path | None = None,
 ) -> np.ndarray:
     """:func:`cached_split_array` at a model's eval geometry (``data_config``), under the name every stage
     gives it (``<cache_dir>/<split>-<key>.npy``): training, the embedding store and the reports share it."""
@@ -193,7 +210,7 @@ def cached_split_at(
         "interpolation": str(data_config.get("interpolation", "bilinear")),
     }
     key = cache_key(paths, **geometry)  # type: ignore[arg-type]
-    return cached_split_array(paths, cache_file=Path(cache_dir) / f"{split}-{key}.npy", **geometry)  # type: ignore[arg-type]
+    return cached_split_array(paths, cache_file=Path(cache_dir) / f"{split}-{key}.npy", data_dir=data_dir, **geometry)  # type: ignore[arg-type]
 
 
 def normalise(images: np.ndarray, *, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:

@@ -37,6 +37,7 @@ from PIL import Image
 
 from components.core.errors import ConfigError, DataError
 from components.core.jsonio import atomic_group, atomic_path, complete_commits, remove_stale_temps
+from components.data.grey_cache import save_grey_pixels
 from components.data.image_stats import PixelSample, measure, phash_hex
 from components.data.ingest_cache import CachedImage, IngestCache, StoreListing, save_cache
 from components.data.manifest import (
@@ -645,6 +646,8 @@ def ingest(
     info = DatasetInfo(classes=class_names, task=resolved_task, source=source, counts=counts)
     frame = _manifest_frame(kept, splits, source)
     _commit(paths, frame, quarantine.rows, info, tree)
+    save_grey_pixels(paths.root, [c.image_id for c in kept], [c.sample.grey for c in kept],
+                     [c.info.mode for c in kept])  # fmt: skip
     save_cache(paths.root, [c.fingerprint for c in kept], frame, [c.info.format or "bin" for c in kept])
     summary = IngestSummary(
         source=source,

@@ -520,7 +520,10 @@ def load_split(manifest: Path, data_dir: Path, split: str, classes: Sequence[str
         "interpolation": "bilinear",
     }
     images = cached_split_array(
-        paths, cache_file=cache_dir / f"{split}-le-{cache_key(paths, **geometry)}.npy", **geometry
+        paths,
+        cache_file=cache_dir / f"{split}-le-{cache_key(paths, **geometry)}.npy",
+        data_dir=data_dir,
+        **geometry,
     )
     labels = np.asarray(encode_targets(rows, classes, "singlelabel"))
     if labels.ndim != 1:

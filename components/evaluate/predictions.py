@@ -122,7 +122,7 @@ def _split_batches(
     mode = image_mode(spec.in_chans)
     if at_side and fits and cfg.cache != "off":
         images = cached_split_at(files, split=split, data_config=spec.data_config, mode=mode,
-                                 cache_dir=decoded_cache_dir(params.project.state_dir))  # fmt: skip
+                                 cache_dir=decoded_cache_dir(params.project.state_dir), data_dir=data_dir)  # fmt: skip
         mean, std = spec.data_config["mean"], spec.data_config["std"]
         for start in range(0, len(files), batch_size):
             yield normalise(images[start : start + batch_size], mean=mean, std=std)

@@ -170,7 +170,7 @@ def embed_manifest(
             model, spec = load_classifier(Path(model_dir))
             files = [paths.root / p for p in manifest["path"]]
             decoded = (
-                _decoded(manifest, files, spec, decoded_cache, max_gb=decoded_max_gb)
+                _decoded(manifest, files, spec, decoded_cache, max_gb=decoded_max_gb, data_dir=Path(data_dir))
                 if decoded_cache is not None
                 else None
             )
@@ -203,7 +203,13 @@ def embed_project(params: Params, model_dir: Path, *, layer: str, also: Sequence
 
 
 def _decoded(
-    manifest: pd.DataFrame, files: Sequence[Path], spec: ModelSpec, cache_dir: Path, *, max_gb: float
+    manifest: pd.DataFrame,
+    files: Sequence[Path],
+    spec: ModelSpec,
+    cache_dir: Path,
+    *,
+    max_gb: float,
+    data_dir: Path | None = None,
 ) -> np.ndarray | None:
     """(N, C, side, side) uint8 of every manifest row, in manifest order, at the model's eval geometry:
     each split through :func:`~components.data.datasets.cached_split_array` under the name training gives
@@ -219,7 +225,7 @@ def _decoded(
     for split in dict.fromkeys(splits):
         rows = np.flatnonzero(splits == split)
         out[rows] = cached_split_at([files[int(i)] for i in rows], split=str(split), data_config=spec.data_config,
-                                    mode=image_mode(spec.in_chans), cache_dir=cache_dir)  # fmt: skip
+                                    mode=image_mode(spec.in_chans), cache_dir=cache_dir, data_dir=data_dir)  # fmt: skip
     return out
 
 

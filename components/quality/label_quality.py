@@ -55,6 +55,7 @@ from components.core.config import AuditConfig
 from components.core.errors import ConfigError, DataError
 from components.core.jsonio import atomic_path, write_text_atomic
 from components.core.progress import progress_bar
+from components.data.grey_cache import GREY_FILE, grey_rows
 from components.data.image_stats import (
     displayed,
     duplicate_sets,
@@ -499,14 +500,25 @@ def _cheap_features_name(kind: str, cfg: AuditConfig) -> str:
 
 def _features(rows: pd.DataFrame, data_dir: Path, kind: str, cfg: AuditConfig) -> np.ndarray:
     """(N, F) features of ``kind`` (pca / pixels: square images; patches: the median aspect kept)."""
-    paths = [Path(data_dir) / p for p in rows["path"]]
-    workers = decode_workers(rows)
     if kind != "patches":
-        return learn_features(load_grey(paths, side=cfg.image_side, workers=workers), cfg=cfg, kind=kind)
+        return learn_features(_grey(rows, data_dir, side=cfg.image_side), cfg=cfg, kind=kind)
     aspect = pd.to_numeric(rows.get("aspect"), errors="coerce").median() if "aspect" in rows else np.nan
     width = max(cfg.patch_size, round(cfg.image_side * (float(aspect) if aspect == aspect else 1.0)))
-    grey = load_grey(paths, side=cfg.image_side, width=width, workers=workers)
-    return patch_features(grey, height=cfg.image_side, cfg=cfg)
+    return patch_features(
+        _grey(rows, data_dir, side=cfg.image_side, width=width), height=cfg.image_side, cfg=cfg
+    )
+
+
+def _grey(rows: pd.DataFrame, data_dir: Path, *, side: int, width: int | None = None) -> np.ndarray:
+    """:func:`load_grey` of the rows' files, taken from the grey pixels ingest saved when it holds them
+    at this size (:mod:`components.data.grey_cache`: the same values, without decoding the files again)."""
+    width = side if width is None else width
+    held = grey_rows(data_dir, list(rows["image_id"]), shape=(side, width)) if "image_id" in rows else None
+    if held is not None:
+        logger.info("audit: %d images' pixels from %s", len(held), GREY_FILE)
+        return held.reshape(len(held), -1).astype(np.float32) / 255.0
+    paths = [Path(data_dir) / p for p in rows["path"]]
+    return load_grey(paths, side=side, width=width, workers=decode_workers(rows))
 
 
 THREADED_DECODE_PIXELS = 128 * 128

@@ -109,7 +109,12 @@ def split_dataset(
     mode = image_mode(recipe.in_chans)
     if use_cache(len(paths), in_chans, side, cache=recipe.cache, max_gb=recipe.cache_max_gb):
         images = cached_split_at(
-            paths, split=split, data_config=data_config, mode=mode, cache_dir=recipe.cache_dir
+            paths,
+            split=split,
+            data_config=data_config,
+            mode=mode,
+            cache_dir=recipe.cache_dir,
+            data_dir=recipe.data_dir,
         )
         return InMemoryDataset(
             images, targets, mean=data_config["mean"], std=data_config["std"], train=train,

@@ -1,0 +1,125 @@
+"""Which linear classifier the label-efficiency probes should fit: the report's logistic regression (C by
+cross-validation) against shrinkage LDA (Ledoit-Wolf), on one pretrained backbone's features and on raw
+pixels, with the report's seeded subsets and test split (docs/self-supervised.md, "A different linear
+classifier for the probe").
+
+A measurement script, not a benchmark of ``python -m bench``: it needs a project that holds a data
+version and an ``imgflow pretrain`` run::
+
+    python -m bench.probe_classifiers --set project.data_dir=... --set project.output_dir=... \
+        --set project.state_dir=... [--fractions 0.01,0.1] [--json]
+
+Writes ``bench/results/probe_classifiers.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from components.core.config import load_params
+from components.evaluate import label_efficiency as le
+
+REPO = Path(__file__).resolve().parents[1]
+RESULT = REPO / "bench" / "results" / "probe_classifiers.json"
+
+
+def lda_accuracy(x: np.ndarray, y: np.ndarray, x_test: np.ndarray, y_test: np.ndarray) -> float:
+    """Test accuracy of shrinkage LDA (Ledoit-Wolf: no hyperparameter to choose) on raw features."""
+    from sklearn.discriminant_analysis import LinearDiscriminantAnalysis
+
+    clf = LinearDiscriminantAnalysis(solver="lsqr", shrinkage="auto").fit(x, y)
+    return float((clf.predict(x_test) == y_test).mean())
+
+
+def compare(
+    feats: dict[str, tuple[np.ndarray, np.ndarray]],
+    y_train: np.ndarray,
+    y_test: np.ndarray,
+    *,
+    settings: le.EvalSettings,
+) -> list[dict[str, Any]]:
+    """One row per (features, fraction, subset, classifier): accuracy and fit seconds."""
+    rows = []
+    for name, (x_train, x_test) in feats.items():
+        for fraction in settings.fractions:
+            for subset in range(settings.subsets):
+                idx = le.labelled_subset(y_train, fraction, seed=settings.seed, subset=subset)
+                for clf in ("logistic", "lda"):
+                    t0 = time.perf_counter()
+                    if clf == "logistic":
+                        acc = le.probe_accuracy(
+                            x_train[idx], y_train[idx], x_test, y_test, settings=settings
+                        )[0]
+                    else:
+                        acc = lda_accuracy(x_train[idx], y_train[idx], x_test, y_test)
+                    rows.append({"features": name, "fraction": fraction, "subset": subset, "classifier": clf,
+                                 "accuracy": acc, "fit_s": time.perf_counter() - t0})  # fmt: skip
+    return rows
+
+
+def summary(rows: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """``{"<features> <classifier>": {"1%": mean accuracy in %, ...}}``."""
+    out: dict[str, dict[str, list[float]]] = {}
+    for r in rows:
+        cell = out.setdefault(f"{r['features']} {r['classifier']}", {})
+        cell.setdefault(f"{r['fraction']:.0%}", []).append(100 * r["accuracy"])
+    return {k: {f: round(float(np.mean(v)), 2) for f, v in by.items()} for k, by in out.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="params.yaml override"
+    )
+    parser.add_argument("--fractions", default="0.01,0.1", help="label fractions (default 0.01,0.1)")
+    parser.add_argument("--json", action="store_true", help="print the result as JSON")
+    args = parser.parse_args()
+
+    from safetensors.torch import load_file
+
+    from components.model.models import create_classifier
+    from components.pipeline.pretraining import _backbone_for_report, report_inputs
+    from components.train.ssl import BACKBONE_WEIGHTS
+
+    params = load_params(REPO / "params.yaml", args.set)
+    folder, run_id = _backbone_for_report(params, None)
+    inputs = report_inputs(params, folder)
+    net = create_classifier(inputs.spec["model"], 0, in_chans=int(inputs.spec["in_chans"]))
+    net.load_state_dict(load_file(str(folder / BACKBONE_WEIGHTS)))
+    fractions = tuple(float(f) for f in args.fractions.split(","))
+    settings = le.EvalSettings(seed=params.project.seed, fractions=fractions,
+                               mirror=inputs.recipe.hflip > 0)  # fmt: skip
+    dc = inputs.data_config
+    feats = {
+        name: tuple(le.probe_features(backbone, split.images, settings=settings, mean=dc["mean"], std=dc["std"])
+                    for split in (inputs.train, inputs.test))
+        for name, backbone in (("ssl", net), ("pixels", None))
+    }  # fmt: skip
+    rows = compare(feats, inputs.train.labels, inputs.test.labels, settings=settings)  # type: ignore[arg-type]
+    result = {
+        "ssl_run": run_id,
+        "settings": dataclasses.asdict(settings),
+        "summary": summary(rows),
+        "rows": rows,
+    }
+    RESULT.parent.mkdir(parents=True, exist_ok=True)
+    RESULT.write_text(json.dumps(result, indent=2, default=str) + "\n")
+    if args.json:
+        print(json.dumps(result, default=str))
+    else:
+        for key, by in result["summary"].items():
+            print(f"{key:<20}", "  ".join(f"{f} {v:.2f}" for f, v in by.items()))
+        print(f"written: {RESULT}")
+
+
+if __name__ == "__main__":
+    main()

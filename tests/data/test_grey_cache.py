@@ -30,6 +30,14 @@ def _manifest(data: Path) -> pd.DataFrame:
     return pd.read_parquet(DataPaths(data).manifest)
 
 
+def _ingested(tmp_path: Path, fm: tuple[np.ndarray, np.ndarray], per_class: int) -> tuple[Path, Path]:
+    """(image folder, data dir): 3 classes of real Fashion-MNIST PNGs, ingested."""
+    folder, data = tmp_path / "images", tmp_path / "data"
+    make_imagefolder(folder, fm, per_class=per_class)
+    ingest(f"imagefolder:{folder}", data_dir=data)
+    return folder, data
+
+
 def _decoded(data: Path, manifest: pd.DataFrame, side: int = 28) -> np.ndarray:
     return decode_split([data / p for p in manifest["path"]], mode="L", side=side)[:, 0]
 
@@ -37,9 +45,7 @@ def _decoded(data: Path, manifest: pd.DataFrame, side: int = 28) -> np.ndarray:
 def test_ingest_saves_what_decoding_gives_and_an_incremental_ingest_carries_it(
     tmp_path: Path, fm: tuple[np.ndarray, np.ndarray]
 ) -> None:
-    folder, data = tmp_path / "images", tmp_path / "data"
-    make_imagefolder(folder, fm, per_class=10)
-    ingest(f"imagefolder:{folder}", data_dir=data)
+    folder, data = _ingested(tmp_path, fm, 10)
     manifest = _manifest(data)
     held = load_grey_pixels(data)
     assert held is not None and held.shape == (28, 28) and len(held.pixels) == len(manifest) == 30
@@ -61,9 +67,7 @@ def test_ingest_saves_what_decoding_gives_and_an_incremental_ingest_carries_it(
 def test_the_audit_and_decoded_splits_read_the_same_values_from_it(
     tmp_path: Path, fm: tuple[np.ndarray, np.ndarray]
 ) -> None:
-    folder, data = tmp_path / "images", tmp_path / "data"
-    make_imagefolder(folder, fm, per_class=8)
-    ingest(f"imagefolder:{folder}", data_dir=data)
+    folder, data = _ingested(tmp_path, fm, 8)
     rows = _manifest(data)
     cfg = AuditConfig()
     assert cfg.image_side == 28
@@ -90,9 +94,7 @@ def test_the_audit_and_decoded_splits_read_the_same_values_from_it(
 def test_no_file_for_mixed_sizes_or_16_bit_images_and_a_stale_one_is_removed(
     tmp_path: Path, fm: tuple[np.ndarray, np.ndarray]
 ) -> None:
-    folder, data = tmp_path / "images", tmp_path / "data"
-    make_imagefolder(folder, fm, per_class=5)
-    ingest(f"imagefolder:{folder}", data_dir=data)
+    folder, data = _ingested(tmp_path, fm, 5)
     assert (data / GREY_FILE).exists()
     big = Image.fromarray(fm[0][0]).resize((40, 40))
     big.save(folder / "Bag" / "big.png")
@@ -106,11 +108,11 @@ def test_no_file_for_mixed_sizes_or_16_bit_images_and_a_stale_one_is_removed(
 
 
 def test_a_broken_file_is_ignored(tmp_path: Path, fm: tuple[np.ndarray, np.ndarray]) -> None:
-    folder, data = tmp_path / "images", tmp_path / "data"
-    make_imagefolder(folder, fm, per_class=4)
-    ingest(f"imagefolder:{folder}", data_dir=data)
+    folder, data = _ingested(tmp_path, fm, 4)
     (data / GREY_FILE).write_bytes(b"not an npz")
     rows = _manifest(data)
     assert load_grey_pixels(data) is None
     paths = [data / p for p in rows["path"]]
-    np.testing.assert_array_equal(label_quality._grey(rows, data, side=28), label_quality.load_grey(paths, side=28))
+    np.testing.assert_array_equal(
+        label_quality._grey(rows, data, side=28), label_quality.load_grey(paths, side=28)
+    )

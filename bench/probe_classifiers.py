@@ -6,8 +6,10 @@ classifier for the probe").
 A measurement script, not a benchmark of ``python -m bench``: it needs a project that holds a data
 version and an ``imgflow pretrain`` run::
 
-    python -m bench.probe_classifiers --set project.data_dir=... --set project.output_dir=... \
-        --set project.state_dir=... [--fractions 0.01,0.1] [--json]
+    python -m bench.probe_classifiers --set project.data_dir=DATA --set project.output_dir=OUT
+        --set project.state_dir=STATE [--fractions 0.01,0.1] [--seed 0] [--json]
+
+(one command line).
 
 Writes ``bench/results/probe_classifiers.json``.
 """
@@ -18,6 +20,7 @@ import argparse
 import dataclasses
 import json
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -81,22 +84,33 @@ def main() -> None:
         "--set", action="append", default=[], metavar="KEY=VALUE", help="params.yaml override"
     )
     parser.add_argument("--fractions", default="0.01,0.1", help="label fractions (default 0.01,0.1)")
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=None,
+        help="seed of the labelled subsets (default project.seed, as `imgflow label-efficiency` draws them; "
+        "0 is what `python -m bench label_efficiency` draws)",
+    )
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     args = parser.parse_args()
 
     from safetensors.torch import load_file
+    from sklearn.exceptions import ConvergenceWarning
 
     from components.model.models import create_classifier
-    from components.pipeline.pretraining import _backbone_for_report, report_inputs
+    from components.pipeline.pretraining import backbone_for_report, report_inputs
     from components.train.ssl import BACKBONE_WEIGHTS
 
+    # probe_max_iter caps the fits as the report does: its warnings are expected
+    warnings.filterwarnings("ignore", category=ConvergenceWarning)
     params = load_params(REPO / "params.yaml", args.set)
-    folder, run_id = _backbone_for_report(params, None)
+    folder, run_id = backbone_for_report(params, None)
     inputs = report_inputs(params, folder)
     net = create_classifier(inputs.spec["model"], 0, in_chans=int(inputs.spec["in_chans"]))
     net.load_state_dict(load_file(str(folder / BACKBONE_WEIGHTS)))
     fractions = tuple(float(f) for f in args.fractions.split(","))
-    settings = le.EvalSettings(seed=params.project.seed, fractions=fractions,
+    seed = params.project.seed if args.seed is None else args.seed
+    settings = le.EvalSettings(seed=seed, fractions=fractions,
                                mirror=inputs.recipe.hflip > 0)  # fmt: skip
     dc = inputs.data_config
     feats = {

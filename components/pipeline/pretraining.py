@@ -196,7 +196,7 @@ class LabelEfficiencyRecord:
         }
 
 
-def _backbone_for_report(params: Params, ssl_run: str | None) -> tuple[Path, str]:
+def backbone_for_report(params: Params, ssl_run: str | None) -> tuple[Path, str]:
     """The backbone folder and its run id: ``ssl_run`` (``ssl:<id>`` or ``<id>``, from MLflow), else
     the last ``imgflow pretrain`` of this project (``<output_dir>/pretrain``)."""
     from components.registry import tracking
@@ -275,7 +275,7 @@ def run_label_efficiency(
 
     paths = StagePaths(params)
     require_manifest(paths.data)
-    folder, run_id = _backbone_for_report(params, ssl_run)
+    folder, run_id = backbone_for_report(params, ssl_run)
     inputs = report_inputs(params, folder)
     spec, recipe, dc, train, test = inputs.spec, inputs.recipe, inputs.data_config, inputs.train, inputs.test
     ssl_net = create_classifier(spec["model"], 0, in_chans=int(spec["in_chans"]))

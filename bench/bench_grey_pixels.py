@@ -3,7 +3,7 @@ pixel read and a grey model's decoded splits cost from ``data/grey_pixels.npz`` 
 on all 70,000 Fashion-MNIST images.
 
 A fresh data dir is ingested once (which writes the file; its save is timed apart, on the same rows).
-Then ``ROUNDS`` alternating rounds of: the audit's read (``label_quality._grey`` against ``load_grey``,
+Then ``ROUNDS`` alternating rounds of: the audit's read (``label_quality.read_grey`` against ``load_grey``,
 the same values checked) and the train, val and test splits at 28 px grey into fresh ``.npy`` caches
 (``cached_split_array`` with and without ``data_dir``). Figures are the minimum of the rounds and the ratio
 decode / file, both measured in this run.
@@ -67,7 +67,7 @@ def run(quick: bool = False) -> dict[str, Any]:
                 )
 
         for _ in range(ROUNDS):
-            t_file, from_file = _seconds(lambda: lq._grey(rows, data, side=28))
+            t_file, from_file = _seconds(lambda: lq.read_grey(rows, data, side=28))
             t_decode, decoded = _seconds(
                 lambda: lq.load_grey(paths, side=28, workers=lq.decode_workers(rows))
             )

@@ -501,15 +501,15 @@ def _cheap_features_name(kind: str, cfg: AuditConfig) -> str:
 def _features(rows: pd.DataFrame, data_dir: Path, kind: str, cfg: AuditConfig) -> np.ndarray:
     """(N, F) features of ``kind`` (pca / pixels: square images; patches: the median aspect kept)."""
     if kind != "patches":
-        return learn_features(_grey(rows, data_dir, side=cfg.image_side), cfg=cfg, kind=kind)
+        return learn_features(read_grey(rows, data_dir, side=cfg.image_side), cfg=cfg, kind=kind)
     aspect = pd.to_numeric(rows.get("aspect"), errors="coerce").median() if "aspect" in rows else np.nan
     width = max(cfg.patch_size, round(cfg.image_side * (float(aspect) if aspect == aspect else 1.0)))
     return patch_features(
-        _grey(rows, data_dir, side=cfg.image_side, width=width), height=cfg.image_side, cfg=cfg
+        read_grey(rows, data_dir, side=cfg.image_side, width=width), height=cfg.image_side, cfg=cfg
     )
 
 
-def _grey(rows: pd.DataFrame, data_dir: Path, *, side: int, width: int | None = None) -> np.ndarray:
+def read_grey(rows: pd.DataFrame, data_dir: Path, *, side: int, width: int | None = None) -> np.ndarray:
     """:func:`load_grey` of the rows' files, taken from the grey pixels ingest saved when it holds them
     at this size (:mod:`components.data.grey_cache`: the same values, without decoding the files again)."""
     width = side if width is None else width

@@ -71,7 +71,7 @@ def test_the_audit_and_decoded_splits_read_the_same_values_from_it(
     rows = _manifest(data)
     cfg = AuditConfig()
     assert cfg.image_side == 28
-    from_file = label_quality._grey(rows, data, side=28)
+    from_file = label_quality.read_grey(rows, data, side=28)
     paths = [data / p for p in rows["path"]]
     np.testing.assert_array_equal(from_file, label_quality.load_grey(paths, side=28, workers=1))
 
@@ -114,5 +114,5 @@ def test_a_broken_file_is_ignored(tmp_path: Path, fm: tuple[np.ndarray, np.ndarr
     assert load_grey_pixels(data) is None
     paths = [data / p for p in rows["path"]]
     np.testing.assert_array_equal(
-        label_quality._grey(rows, data, side=28), label_quality.load_grey(paths, side=28)
+        label_quality.read_grey(rows, data, side=28), label_quality.load_grey(paths, side=28)
     )

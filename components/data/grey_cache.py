@@ -79,7 +79,9 @@ def load_grey_pixels(data_dir: Path) -> GreyPixels | None:
     return GreyPixels(pixels, ids)
 
 
-def grey_rows(data_dir: Path | None, image_ids: Sequence[str], *, shape: tuple[int, int]) -> np.ndarray | None:
+def grey_rows(
+    data_dir: Path | None, image_ids: Sequence[str], *, shape: tuple[int, int]
+) -> np.ndarray | None:
     """(N, rows, cols) uint8 of ``image_ids`` from ``data_dir``'s saved grey pixels when they hold every
     one of them at exactly ``shape`` (rows, cols); else None (decode the files)."""
     held = load_grey_pixels(data_dir) if data_dir is not None and len(image_ids) else None
@@ -96,11 +98,18 @@ def save_grey_pixels(
 ) -> bool:
     """Save the kept images' grey pixels (manifest order) when all are known, of one shape and 8-bit;
     a ``None`` (an image an incremental ingest did not decode) is taken from the previous file. Else
-    remove a previous file, which would describe another data version. Returns whether it saved."""
+    remove a previous file, which would describe another data version. An ingest that decoded nothing
+    new, of the images the file already holds, leaves it as it is. Returns whether the file holds them."""
     path = grey_file(data_dir)
     missing = [i for i, g in enumerate(greys) if g is None]
     previous = load_grey_pixels(data_dir) if missing else None
     carried = previous.rows([image_ids[i] for i in missing]) if previous is not None else None
+    if (
+        previous is not None
+        and carried is not None
+        and len(missing) == len(image_ids) == len(previous.pixels)
+    ):
+        return True  # nothing decoded anew and the file holds exactly these images (ids are unique): keep it
     shapes = {g.shape for g in greys if g is not None}
     if carried is not None and len(carried):
         shapes.add(carried.shape[1:])

@@ -63,6 +63,11 @@ def test_ingest_saves_what_decoding_gives_and_an_incremental_ingest_carries_it(
     assert again is not None and len(again.pixels) == 31
     np.testing.assert_array_equal(again.rows(list(manifest["image_id"])), _decoded(data, manifest))
 
+    # nothing changed: every item from the ingest cache, and the file is not written again
+    written = (data / GREY_FILE).stat().st_mtime_ns
+    assert ingest(f"imagefolder:{folder}", data_dir=data).reused == 31
+    assert (data / GREY_FILE).stat().st_mtime_ns == written
+
 
 def test_the_audit_and_decoded_splits_read_the_same_values_from_it(
     tmp_path: Path, fm: tuple[np.ndarray, np.ndarray]

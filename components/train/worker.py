@@ -141,7 +141,8 @@ def _train_epoch(
     )  # fmt: skip
     seconds = time.perf_counter() - t0
     evaluated = t.opts.ema.module if t.opts.ema is not None else t.model
-    va = eval_sums(evaluated, t.val_loader, t.eval_loss, device=t.device)
+    va = eval_sums(evaluated, t.val_loader, t.eval_loss, device=t.device, amp_dtype=t.opts.amp_dtype,
+                   channels_last=t.opts.channels_last)  # fmt: skip
     tr = allreduce_sums({k: tr[k] for k in ("loss_sum", "correct", "count")}, t.device)
     va = allreduce_sums(va, t.device)
     return epoch_metrics(epoch, tr, va, t.optimizer.param_groups[0]["lr"], seconds, input_scale=scale)

@@ -191,6 +191,18 @@ def test_cpu_bf16_autocast_where_the_cpu_has_it() -> None:
     assert sums["count"] == 256 and np.isfinite(sums["loss_sum"])
     assert seen and set(seen) == {torch.bfloat16}
     assert all(p.dtype == torch.float32 for p in model.parameters())
+    # validation runs under the same autocast: the same counts as fp32 up to bf16 rounding of the logits
+    seen.clear()
+    val = DataLoader(_Arrays(x, y, create_image_transform(resolve_data_config(model), is_training=False)),
+                     batch_size=100)  # fmt: skip
+    low = eval_sums(model, val, nn.CrossEntropyLoss(), device=cpu, amp_dtype=amp, channels_last=True)
+    assert seen and set(seen) == {torch.bfloat16}
+    seen.clear()
+    full = eval_sums(model, val, nn.CrossEntropyLoss(), device=cpu)
+    assert set(seen) == {torch.float32}
+    assert low["count"] == full["count"] == 256
+    assert abs(low["correct"] - full["correct"]) <= 3, (low, full)
+    assert low["loss_sum"] == pytest.approx(full["loss_sum"], rel=0.02)
 
 
 def _send_two_epochs(channel: object) -> list[dict]:

@@ -331,6 +331,9 @@ RECIPES: dict[str, dict[str, Any]] = {
         "progressive_resize": 0.85,
         "progressive_until": 0.5,
     },
+    # schedule: a larger peak learning rate after a one-epoch warm-up (the issue's "one-cycle / warmup")
+    "resnet_12_ta_lr6e-3_warm1": {**_RESNET_TA, "epochs": 12, "lr": 6e-3, "warmup_epochs": 1},
+    "resnet_12_ta_lr4.5e-3_warm1": {**_RESNET_TA, "epochs": 12, "lr": 4.5e-3, "warmup_epochs": 1},
     "resnet_14_ta_prog60": {**_RESNET_TA, "epochs": 14, "progressive_resize": 0.6, "progressive_until": 0.75},
     "resnet_small_16_ema": {"model": "imgflow_resnet_small_avgmax", "epochs": 16, "ema_decay": 0.999},
     "resnet_mid_14_ema": {"model": "imgflow_resnet_mid_avgmax", "epochs": 14, "ema_decay": 0.999},
@@ -487,18 +490,22 @@ def run_recipes(
     cost_steps: int = 60,
     per_class: int | None = None,
     robustness: int = 0,
+    seed: int = 0,
+    fits_only: bool = False,
 ) -> dict[str, Any]:
     """Every candidate in ``RECIPES`` (or ``only``; ``TODAY`` always): test accuracy at fixed epochs,
     cost per epoch relative to ``TODAY`` and epoch-equivalents (epochs x cost ratio). ``parallel``
     fits at a time, the threads shared among them (on a loaded box one thread per fit wastes less
     on OpenMP barriers; accuracy at fixed epochs does not depend on it, the cost ratios are measured
-    apart, all recipes taking turns in one process)."""
+    apart, all recipes taking turns in one process). ``seed``: of every fit (its init, data order and
+    augmentation draws), to compare candidates over several seeds; ``fits_only``: ``only`` as given
+    (``TODAY`` not added) and no cost comparison (its figures null)."""
     import json
 
     from components.data.manifest import DataPaths as Paths
     from components.train.recipe import build_recipe
 
-    names = [TODAY, *[n for n in (only or RECIPES) if n != TODAY]]
+    names = list(only or RECIPES) if fits_only else [TODAY, *[n for n in (only or RECIPES) if n != TODAY]]
     threads = min(2, os.cpu_count() or 1)
     with tempfile.TemporaryDirectory(prefix="imgflow-bench-recipes-") as tmp:
         root = Path(tmp)
@@ -510,12 +517,12 @@ def run_recipes(
             n: build_recipe(
                 _recipe_config(RECIPES[n], threads=threads, quick=quick),
                 Paths(data),
-                seed=0,
+                seed=seed,
                 weights_dir=root / "weights",
             )  # fmt: skip
             for n in names
         }
-        _warm_decode_cache(recipes[TODAY])
+        _warm_decode_cache(recipes[names[0]])
         rows: list[dict[str, Any]] = []
         t0 = time.perf_counter()
         fit_threads = max(1, threads // parallel)
@@ -524,12 +531,16 @@ def run_recipes(
             fits[n] = fit
             print(json.dumps({"fit": n, **{k: v for k, v in fit.items() if k != "history"}}), flush=True)
         # after the fits, not before: on a loaded box the fits are what must finish
-        cost = _epoch_costs(recipes, threads, steps=10 if quick else cost_steps, rounds=3)
+        cost: dict[str, float | None] = (
+            dict.fromkeys(names)
+            if fits_only
+            else dict(_epoch_costs(recipes, threads, steps=10 if quick else cost_steps, rounds=3))
+        )
         for n in names:
             fit = fits[n]
             rows.append({
                 "recipe": n, "values": RECIPES[n], "epochs": recipes[n].epochs, "cost_ratio": cost[n],
-                "epoch_equivalents": recipes[n].epochs * cost[n],
+                "epoch_equivalents": None if cost[n] is None else recipes[n].epochs * cost[n], "seed": seed,
                 "test_accuracy": fit["test_accuracy"], "test_accuracy_flip_tta": fit["test_accuracy_flip_tta"],
                 "val_accuracy": fit["history"][-1]["val_accuracy"], "wall_s": fit["wall_s"],
                 "finished_after_s": time.perf_counter() - t0, "threads": fit_threads,
@@ -542,7 +553,7 @@ def run_recipes(
     figures = [
         {"name": f"{r['recipe']}.test_accuracy_flip_tta", "value": r["test_accuracy_flip_tta"]} for r in rows
     ] + [{"name": f"{r['recipe']}.epoch_equivalents", "value": r["epoch_equivalents"]} for r in rows]
-    return {"figures": figures, "rows": rows, "quick": quick, "threads": threads,
+    return {"figures": figures, "rows": rows, "quick": quick, "threads": threads, "seed": seed,
             "baseline": f"{TODAY}: the recipe auto resolved on Fashion-MNIST before this comparison"}  # fmt: skip
 
 
@@ -552,8 +563,10 @@ def _table_rows(rows: list[dict[str, Any]]) -> str:
         "|---|---|---|---|---|---|",
     ]
     for r in rows:
+        cost = "-" if r["cost_ratio"] is None else f"{r['cost_ratio']:.2f}x"
+        eq = "-" if r["epoch_equivalents"] is None else f"{r['epoch_equivalents']:.1f}"
         lines.append(
-            f"| {r['recipe']} | {r['epochs']} | {r['cost_ratio']:.2f}x | {r['epoch_equivalents']:.1f} | "
+            f"| {r['recipe']} | {r['epochs']} | {cost} | {eq} | "
             f"{r['test_accuracy']:.2%} | {r['test_accuracy_flip_tta']:.2%} |"
         )
     return "\n".join(lines)
@@ -574,10 +587,16 @@ if __name__ == "__main__":
     parser.add_argument("--out", type=Path, default=None, help="the JSON results file")
     parser.add_argument("--parallel", type=int, default=1, help="fits at a time (threads shared)")
     parser.add_argument("--cost-steps", type=int, default=60, help="steps per turn of the cost comparison")
+    parser.add_argument(
+        "--seed", type=int, default=0, help="seed of every fit (compare candidates over seeds)"
+    )
+    parser.add_argument("--fits-only", action="store_true",
+                        help="only the --only candidates (today not added), no cost comparison")  # fmt: skip
     args = parser.parse_args()
     results = args.out or Path(__file__).resolve().parent / "results" / "train_recipes.json"
     result = run_recipes(quick=args.quick, only=[s for s in args.only.split(",") if s] or None,
                          data_dir=args.data_dir, out=results, parallel=args.parallel,
-                         cost_steps=args.cost_steps, per_class=args.per_class, robustness=args.robustness)  # fmt: skip
+                         cost_steps=args.cost_steps, per_class=args.per_class, robustness=args.robustness,
+                         seed=args.seed, fits_only=args.fits_only)  # fmt: skip
     write_json(results, result)
     print(_table_rows(result["rows"]))

@@ -904,12 +904,15 @@ def pipeline(
     log lines and warnings too.
     """
     _run(lambda: _params(params, set_), verbose=verbose)  # fail fast on bad params, before Prefect starts
+    from flows.prefect_home import adopt_temporary_server, seed_home, start_temporary_server
+
+    seed_home()  # a project's first run: its new Prefect home's database is made from the shipped schema
+    early = start_temporary_server()  # Prefect's temporary server boots while this process imports
 
     def body(_p: Any) -> Any:
-        from flows.prefect_home import seed_home
-
-        seed_home()  # a project's first run: its new Prefect home's database is made from the shipped schema
         from flows.pipeline import pipeline as pipeline_flow
+
+        adopt_temporary_server(early)
 
         # The flow takes the project lock too (scheduled runs); here it is taken first, so a
         # locked project is reported before Prefect starts, and the flow re-enters it.

@@ -8,6 +8,12 @@ imgflow ships it as SQL text (``prefect-schema-<version>.sql`` beside this modul
 flows.prefect_home dump`` from Prefect's own ``prefect server database upgrade`` on an empty home) and
 :func:`seed_home` creates a new home's database from it in ~20 ms.
 
+The same module starts that temporary server early (:func:`start_temporary_server`, then
+:func:`adopt_temporary_server`): Prefect starts it inside the flow's first API call, after the command
+has imported Prefect's server package (~3 s), and then waits ~4 s for it to answer; started as the
+command begins, the server boots in its own process while the command imports, and Prefect uses it as
+its own.
+
 Only the Prefect version the file is named by uses it: with any other version installed nothing is
 written and Prefect migrates as before (``dump`` writes the file for the installed version; a test
 checks that the shipped file is what the installed Prefect's migrations produce). Nothing is written
@@ -18,13 +24,18 @@ database is never touched.
 
 from __future__ import annotations
 
+import atexit
+import importlib.util
 import logging
 import os
+import socket
 import sqlite3
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Mapping
+from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
 
@@ -92,6 +103,102 @@ def seed_home(environ: Mapping[str, str] = os.environ, *, schema: Path | None = 
         logger.debug("Prefect schema %s not used: %s", source, e)
         return None
     return target if made else None
+
+
+PRESTART_PREFECT = "3.8.8"
+"""The Prefect version whose temporary server :func:`start_temporary_server` starts as Prefect itself does
+(``SubprocessASGIServer._run_uvicorn_command``: the command line and the variables below); with any other
+version nothing is started early and Prefect starts its own, as without this."""
+_SERVER_ENV = {"PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1"}
+_NO = ("0", "false", "no", "off")
+
+
+@dataclass(frozen=True)
+class EarlyServer:
+    """A temporary Prefect server started before Prefect was imported, not yet handed to Prefect."""
+
+    process: subprocess.Popen[bytes]
+    port: int
+
+    @property
+    def api_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/api"
+
+
+def start_temporary_server(environ: Mapping[str, str] = os.environ) -> EarlyServer | None:
+    """Start the temporary server Prefect would start for a flow run of this process, now: only when the
+    run will use one (no ``PREFECT_API_URL`` nor database URL in the environment or the home's active
+    profile, ephemeral mode allowed), its home is set (``$PREFECT_HOME``; its database seeded first, see
+    :func:`seed_home`: a server started on a home without one migrates it), Prefect is not imported yet
+    and is the version :data:`PRESTART_PREFECT` names. The server binds 127.0.0.1 on a free port and is
+    stopped when this process exits. None when nothing was started."""
+    home = environ.get("PREFECT_HOME")
+    if (
+        "prefect" in sys.modules  # its settings are read: the server it starts is the one it configured
+        or not home
+        or any(environ.get(k) for k in ELSEWHERE)
+        or environ.get("PREFECT_SERVER_ALLOW_EPHEMERAL_MODE", "true").strip().lower() in _NO
+        or _profile_elsewhere(Path(home).expanduser(), environ.get("PREFECT_PROFILE"))
+        or version("prefect") != PRESTART_PREFECT
+    ):
+        return None
+    spec = importlib.util.find_spec("prefect")
+    if spec is None or spec.origin is None:
+        return None
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:  # a free port (uvicorn exits 3 if taken)
+        sock.bind(("127.0.0.1", 0))
+        port = int(sock.getsockname()[1])
+    process = subprocess.Popen(
+        [sys.executable, "-m", "uvicorn", "--app-dir", str(Path(spec.origin).parent.parent),
+         "--factory", "prefect.server.api.server:create_app", "--host", "127.0.0.1", "--port", str(port),
+         "--log-level", "error", "--lifespan", "on"],
+        env={**environ, **_SERVER_ENV},
+        stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+    atexit.register(_stop, process)
+    return EarlyServer(process, port)
+
+
+def adopt_temporary_server(early: EarlyServer | None, *, timeout_s: float = 30.0) -> bool:
+    """Wait until ``early`` answers ``/api/health``, then make it the temporary server Prefect's clients
+    use in this process (Prefect's ``SubprocessASGIServer`` for no fixed port: its ``start`` then returns
+    at once, and its ``stop`` runs at exit as for a server Prefect started). True when adopted; a server
+    that exited (a port taken meanwhile), did not answer within ``timeout_s``, or arrived after Prefect
+    started its own is stopped, and Prefect starts or keeps its own, as without this."""
+    if early is None:
+        return False
+    import httpx
+    from prefect.server.api.server import SubprocessASGIServer
+
+    server = SubprocessASGIServer()
+    deadline = time.monotonic() + timeout_s
+    with httpx.Client() as client:
+        while not server.running and early.process.poll() is None and time.monotonic() < deadline:
+            try:
+                if client.get(f"{early.api_url}/health", timeout=2.0).status_code == 200:
+                    server.port, server.server_process, server.running = early.port, early.process, True
+                    atexit.register(server.stop)
+                    return True
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.05)
+    logger.debug(
+        "the early Prefect server on port %s was not used (exit code %s)", early.port, early.process.poll()
+    )
+    _stop(early.process)
+    return False
+
+
+def _stop(process: subprocess.Popen[bytes]) -> None:
+    """Terminate ``process`` (this module's server) if it still runs, as Prefect stops its own."""
+    if process.poll() is not None:
+        return
+    process.terminate()
+    try:
+        process.wait(timeout=5)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
 
 
 def _profile_elsewhere(home: Path, profile: str | None) -> bool:

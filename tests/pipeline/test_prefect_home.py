@@ -135,3 +135,112 @@ def test_missing_or_broken_schema_leaves_the_home_to_prefect(tmp_path: Path) -> 
     existing.write_bytes(b"the user's own")
     assert seed_home({"PREFECT_HOME": str(home)}, schema=_fake_schema(tmp_path / "s2.sql")) is None
     assert existing.read_bytes() == b"the user's own"
+
+
+# --------------------------------------------------------------------------- the early temporary server
+
+EARLY = """
+import json, sys
+import psutil
+from flows.prefect_home import adopt_temporary_server, seed_home, start_temporary_server
+
+seed_home()
+early = start_temporary_server()
+assert early is not None
+if sys.argv[1] == "gone":  # the early server dies before it is handed over: Prefect starts its own
+    early.process.kill()
+    early.process.wait()
+from prefect import flow, task
+
+adopted = adopt_temporary_server(early)
+
+@task
+def one():
+    return 1
+
+@flow(name="early-server")
+def run():
+    return one()
+
+assert run() == 1
+servers = [c.pid for c in psutil.Process().children() if "uvicorn" in " ".join(c.cmdline())]
+print(json.dumps({"early": early.process.pid, "adopted": adopted, "servers": servers}))
+"""
+
+
+def _early_run(tmp_path: Path, case: str) -> tuple[dict, Path]:
+    import json
+
+    home = tmp_path / "home"
+    env = {"PATH": "/usr/bin:/bin", "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+           "PYTHONPATH": str(Path(__file__).resolve().parents[2])}  # fmt: skip
+    run = subprocess.run([sys.executable, "-c", EARLY, case], env=env, capture_output=True, text=True,
+                         timeout=300)  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    return json.loads(run.stdout.strip().splitlines()[-1]), home / DATABASE
+
+
+def _flow_runs(db: Path) -> list[tuple[str, str]]:
+    with sqlite3.connect(db) as con:
+        return con.execute(
+            "SELECT f.name, r.state_type FROM flow_run r JOIN flow f ON f.id = r.flow_id"
+        ).fetchall()
+
+
+def test_the_early_server_is_the_one_prefect_uses_and_stops_with_the_process(tmp_path: Path) -> None:
+    """`imgflow pipeline` starts Prefect's temporary server before importing Prefect: the flow runs on
+    that server (the only one the process started), its run lands in the seeded home, and the server is
+    gone when the process exits."""
+    import psutil
+
+    seen, db = _early_run(tmp_path, "adopt")
+    assert seen["adopted"] is True
+    assert seen["servers"] == [seen["early"]]
+    assert _flow_runs(db) == [("early-server", "COMPLETED")]
+    assert not psutil.pid_exists(seen["early"]) or "uvicorn" not in " ".join(
+        psutil.Process(seen["early"]).cmdline()
+    )
+
+
+@pytest.mark.slow
+def test_an_early_server_that_died_is_not_used_and_prefect_starts_its_own(tmp_path: Path) -> None:
+    seen, db = _early_run(tmp_path, "gone")
+    assert seen["adopted"] is False
+    assert len(seen["servers"]) == 1 and seen["servers"] != [seen["early"]]
+    assert _flow_runs(db) == [("early-server", "COMPLETED")]
+
+
+CONDITIONS = """
+import json, sys
+from flows.prefect_home import start_temporary_server
+
+cases = json.loads(sys.argv[1])
+print(json.dumps([start_temporary_server(env) is None for env in cases]))
+import prefect  # once Prefect is imported, its own settings decide: nothing is started early
+print(json.dumps(start_temporary_server(cases[-1]) is None))
+"""
+
+
+def test_no_early_server_where_runs_report_elsewhere_or_prefect_decides(tmp_path: Path) -> None:
+    import json
+
+    remote = tmp_path / "remote"
+    remote.mkdir()
+    (remote / "profiles.toml").write_text(
+        'active = "r"\n[profiles.r]\nPREFECT_API_URL = "http://127.0.0.1:4200/api"\n'
+    )
+    home = str(tmp_path / "home")
+    cases = [
+        {},  # no home
+        {"PREFECT_HOME": home, "PREFECT_API_URL": "http://127.0.0.1:4200/api"},
+        {"PREFECT_HOME": home, "PREFECT_API_DATABASE_CONNECTION_URL": "postgresql+asyncpg://db/prefect"},
+        {"PREFECT_HOME": home, "PREFECT_SERVER_ALLOW_EPHEMERAL_MODE": "false"},
+        {"PREFECT_HOME": str(remote)},  # the home's active profile names a server
+    ]
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    run = subprocess.run([sys.executable, "-c", CONDITIONS, json.dumps([*cases, {"PREFECT_HOME": home}])],
+                         env=env, capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    before, after = (json.loads(line) for line in run.stdout.strip().splitlines()[-2:])
+    assert before == [True] * len(cases) + [False]  # only the plain local home starts one (stopped at exit)
+    assert after is True

@@ -8,7 +8,9 @@ promotion lock, 6 another imgflow run holds this project's lock (``--wait`` to w
 
 from __future__ import annotations
 
+import atexit
 import contextlib
+import gc
 import logging
 import os
 import sys
@@ -1546,6 +1548,13 @@ def explain(
 
 
 def main() -> None:
+    # Registered first, so it runs last of the exit handlers: the interpreter's final garbage collections
+    # then skip every object alive at exit (they stay in memory until the process is gone) instead of
+    # walking the ~1M objects torch, Prefect, MLflow and Ray leave (2.6-2.9 s -> 0.3-0.4 s of exit on
+    # 2 cores). Everything else about exit is unchanged: the other handlers run (the temporary server's
+    # stop, logging's flush), and objects freed by reference counting are finalised as before; only
+    # objects in reference cycles are not finalised, which Python never promises at exit.
+    atexit.register(gc.freeze)
     _setup()
     try:
         app()

@@ -24,6 +24,30 @@ def test_help_imports_no_heavy_library() -> None:
     assert out.stdout.strip() == "[]"
 
 
+EXIT = """
+import atexit, gc, sys
+from pathlib import Path
+
+out = Path(sys.argv[1])
+atexit.register(lambda: out.write_text(str(gc.get_freeze_count())))  # before main's: runs after it
+sys.argv = ["imgflow", "models", "--help"]
+from flows.cli import main
+
+main()
+"""
+
+
+def test_exit_freezes_what_is_alive_after_the_other_exit_handlers(tmp_path: Path) -> None:
+    """The CLI's last exit handler freezes the objects still alive (the interpreter's final collections
+    then skip them: seconds with torch and Prefect loaded); the handlers registered before it still run,
+    with the frozen objects intact."""
+    out = tmp_path / "frozen.txt"
+    run = subprocess.run([sys.executable, "-c", EXIT, str(out)], cwd=REPO, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert "--params" in run.stdout
+    assert int(out.read_text()) > 1000
+
+
 def test_every_command_has_help_with_params_and_set() -> None:
     for cmd in ("ingest", "validate", "train", "evaluate", "register", "pipeline", "models"):
         proc = run_cli(cmd, "--help", cwd=REPO)

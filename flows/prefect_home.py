@@ -111,6 +111,7 @@ PRESTART_PREFECT = "3.8.8"
 version nothing is started early and Prefect starts its own, as without this."""
 _SERVER_ENV = {"PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1"}
 _NO = ("0", "false", "no", "off")
+_EPHEMERAL_SWITCHES = ("PREFECT_SERVER_EPHEMERAL_ENABLED", "PREFECT_SERVER_ALLOW_EPHEMERAL_MODE")
 
 
 @dataclass(frozen=True)
@@ -137,7 +138,7 @@ def start_temporary_server(environ: Mapping[str, str] = os.environ) -> EarlyServ
         "prefect" in sys.modules  # its settings are read: the server it starts is the one it configured
         or not home
         or any(environ.get(k) for k in ELSEWHERE)
-        or environ.get("PREFECT_SERVER_ALLOW_EPHEMERAL_MODE", "true").strip().lower() in _NO
+        or any(environ.get(k, "true").strip().lower() in _NO for k in _EPHEMERAL_SWITCHES)
         or _profile_elsewhere(Path(home).expanduser(), environ.get("PREFECT_PROFILE"))
         or version("prefect") != PRESTART_PREFECT
     ):
@@ -159,20 +160,31 @@ def start_temporary_server(environ: Mapping[str, str] = os.environ) -> EarlyServ
     return EarlyServer(process, port)
 
 
-def adopt_temporary_server(early: EarlyServer | None, *, timeout_s: float = 30.0) -> bool:
+def adopt_temporary_server(early: EarlyServer | None, *, timeout_s: float | None = None) -> bool:
     """Wait until ``early`` answers ``/api/health``, then make it the temporary server Prefect's clients
     use in this process (Prefect's ``SubprocessASGIServer`` for no fixed port: its ``start`` then returns
-    at once, and its ``stop`` runs at exit as for a server Prefect started). True when adopted; a server
-    that exited (a port taken meanwhile), did not answer within ``timeout_s``, or arrived after Prefect
-    started its own is stopped, and Prefect starts or keeps its own, as without this."""
+    at once, and its ``stop`` runs at exit as for a server Prefect started). True when adopted. Not
+    adopted, and stopped, when Prefect's own settings, now read, would not start a temporary server (an
+    API URL, ephemeral mode off: Prefect then fails or connects as without this), or the server exited
+    (a port taken meanwhile), did not answer within ``timeout_s`` (default: Prefect's own startup
+    timeout), or came after Prefect started its own: Prefect then starts or keeps its own."""
     if early is None:
         return False
     import httpx
     from prefect.server.api.server import SubprocessASGIServer
+    from prefect.settings import (
+        PREFECT_API_URL,
+        PREFECT_SERVER_EPHEMERAL_ENABLED,
+        PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS,
+    )
 
+    if PREFECT_API_URL.value() or not PREFECT_SERVER_EPHEMERAL_ENABLED.value():
+        logger.debug("Prefect's settings start no temporary server: the early one is stopped")
+        _stop(early.process)
+        return False
     server = SubprocessASGIServer()
-    deadline = time.monotonic() + timeout_s
-    with httpx.Client() as client:
+    deadline = time.monotonic() + (timeout_s or PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value())
+    with httpx.Client(trust_env=False) as client:  # loopback: never through a proxy
         while not server.running and early.process.poll() is None and time.monotonic() < deadline:
             try:
                 if client.get(f"{early.api_url}/health", timeout=2.0).status_code == 200:

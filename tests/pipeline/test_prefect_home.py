@@ -153,6 +153,9 @@ if sys.argv[1] == "gone":  # the early server dies before it is handed over: Pre
 from prefect import flow, task
 
 adopted = adopt_temporary_server(early)
+if sys.argv[1] == "off":  # the home's profile turns ephemeral mode off: nothing adopted, the server stopped
+    print(json.dumps({"early": early.process.pid, "adopted": adopted, "exit": early.process.poll()}))
+    sys.exit(0)
 
 @task
 def one():
@@ -172,6 +175,11 @@ def _early_run(tmp_path: Path, case: str) -> tuple[dict, Path]:
     import json
 
     home = tmp_path / "home"
+    if case == "off":  # an active profile without Prefect's default PREFECT_SERVER_EPHEMERAL_ENABLED
+        home.mkdir()
+        (home / "profiles.toml").write_text(
+            'active = "quiet"\n[profiles.quiet]\nPREFECT_LOGGING_LEVEL = "WARNING"\n'
+        )
     env = {"PATH": "/usr/bin:/bin", "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
            "PYTHONPATH": str(Path(__file__).resolve().parents[2])}  # fmt: skip
     run = subprocess.run([sys.executable, "-c", EARLY, case], env=env, capture_output=True, text=True,
@@ -200,6 +208,13 @@ def test_the_early_server_is_the_one_prefect_uses_and_stops_with_the_process(tmp
     assert not psutil.pid_exists(seen["early"]) or "uvicorn" not in " ".join(
         psutil.Process(seen["early"]).cmdline()
     )
+
+
+def test_an_early_server_is_stopped_where_prefects_settings_start_none(tmp_path: Path) -> None:
+    """Prefect's own resolved settings decide: a profile that leaves ephemeral mode off gets no server."""
+    seen, _db = _early_run(tmp_path, "off")
+    assert seen["adopted"] is False
+    assert seen["exit"] is not None  # stopped, not left running
 
 
 @pytest.mark.slow
@@ -235,6 +250,7 @@ def test_no_early_server_where_runs_report_elsewhere_or_prefect_decides(tmp_path
         {"PREFECT_HOME": home, "PREFECT_API_URL": "http://127.0.0.1:4200/api"},
         {"PREFECT_HOME": home, "PREFECT_API_DATABASE_CONNECTION_URL": "postgresql+asyncpg://db/prefect"},
         {"PREFECT_HOME": home, "PREFECT_SERVER_ALLOW_EPHEMERAL_MODE": "false"},
+        {"PREFECT_HOME": home, "PREFECT_SERVER_EPHEMERAL_ENABLED": "0"},
         {"PREFECT_HOME": str(remote)},  # the home's active profile names a server
     ]
     env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(Path(__file__).resolve().parents[2])}

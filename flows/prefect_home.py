@@ -87,11 +87,9 @@ def seed_home(environ: Mapping[str, str] = os.environ, *, schema: Path | None = 
     """Create ``$PREFECT_HOME/prefect.db`` from the shipped schema when the runs will use that home's
     default database and it has none yet. Returns the database written, or None (nothing to do, or no
     usable schema: Prefect then creates the database itself, as without this)."""
-    home = environ.get("PREFECT_HOME")
-    if not home or any(environ.get(k) for k in ELSEWHERE):
-        return None
-    target = Path(home).expanduser() / DATABASE
-    if target.exists() or _profile_elsewhere(target.parent, environ.get("PREFECT_PROFILE")):
+    home = _local_home(environ)
+    target = home / DATABASE if home is not None else None
+    if target is None or target.exists():
         return None
     source = schema or schema_path()
     try:
@@ -133,13 +131,10 @@ def start_temporary_server(environ: Mapping[str, str] = os.environ) -> EarlyServ
     :func:`seed_home`: a server started on a home without one migrates it), Prefect is not imported yet
     and is the version :data:`PRESTART_PREFECT` names. The server binds 127.0.0.1 on a free port and is
     stopped when this process exits. None when nothing was started."""
-    home = environ.get("PREFECT_HOME")
     if (
         "prefect" in sys.modules  # its settings are read: the server it starts is the one it configured
-        or not home
-        or any(environ.get(k) for k in ELSEWHERE)
+        or _local_home(environ) is None
         or any(environ.get(k, "true").strip().lower() in _NO for k in _EPHEMERAL_SWITCHES)
-        or _profile_elsewhere(Path(home).expanduser(), environ.get("PREFECT_PROFILE"))
         or version("prefect") != PRESTART_PREFECT
     ):
         return None
@@ -211,6 +206,16 @@ def _stop(process: subprocess.Popen[bytes]) -> None:
     except subprocess.TimeoutExpired:
         process.kill()
         process.wait()
+
+
+def _local_home(environ: Mapping[str, str]) -> Path | None:
+    """``$PREFECT_HOME`` when the runs use that home's own database: no API or database URL in the
+    environment or in the home's active profile; else None."""
+    home = environ.get("PREFECT_HOME")
+    if not home or any(environ.get(k) for k in ELSEWHERE):
+        return None
+    path = Path(home).expanduser()
+    return None if _profile_elsewhere(path, environ.get("PREFECT_PROFILE")) else path
 
 
 def _profile_elsewhere(home: Path, profile: str | None) -> bool:

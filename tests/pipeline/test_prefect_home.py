@@ -77,9 +77,8 @@ def test_shipped_schema_is_prefects_own_and_a_seeded_home_keeps_its_flow_runs(tm
     env = {"PATH": "/usr/bin:/bin", "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
     run = subprocess.run([sys.executable, "-c", FLOW], env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
-    with sqlite3.connect(seeded) as con:  # the temporary server used the seeded database, and kept the run
-        runs = con.execute("SELECT f.name, r.state_type FROM flow_run r JOIN flow f ON f.id = r.flow_id")
-        assert runs.fetchall() == [("seeded-home", "COMPLETED")]
+    assert _flow_runs(seeded) == [("seeded-home", "COMPLETED")]  # the server used the seeded database
+    with sqlite3.connect(seeded) as con:
         assert con.execute("SELECT count(*) FROM task_run").fetchone()[0] == 1
     assert sqlite_schema(seeded) == expected  # Prefect found nothing to migrate
 

@@ -149,14 +149,47 @@ def measure(samples: Sequence[PixelSample]) -> np.ndarray:
     return out
 
 
-def phash_bits(thumbs: np.ndarray) -> np.ndarray:
-    """thumbs: (N, 32, 32) uint8 -> (N, 64) bool, ``imagehash.phash``'s bits (row-major 8x8)."""
-    from scipy.fft import dct
+def _dct_rows(side: int) -> np.ndarray:
+    """(PHASH_SIZE, side) float64: the first rows of the unnormalised DCT-II that ``scipy.fft.dct``
+    computes (``y[k] = 2 * sum_n x[n] * cos(pi * k * (2n + 1) / (2 * side))``)."""
+    n, k = np.arange(side), np.arange(PHASH_SIZE)[:, None]
+    return 2.0 * np.cos(np.pi * k * (2 * n + 1) / (2 * side))
 
+
+_PHASH_CHUNK = 2048
+"""Thumbnails per matrix product: bounded float64 temporaries (16 MB)."""
+
+
+def phash_bits(thumbs: np.ndarray) -> np.ndarray:
+    """thumbs: (N, 32, 32) uint8 -> (N, 64) bool, ``imagehash.phash``'s bits (row-major 8x8).
+
+    Only the 8x8 low-frequency corner of the 2-D DCT is kept, so it is two small matrix products per
+    chunk (``D @ x @ D.T``) instead of the full transforms: 70k thumbnails in ~0.2 s instead of ~11 s
+    with ``scipy.fft.dct`` on 2 cores. The products agree with the FFT to ~1e-10; a thumbnail with a
+    coefficient that close to its median (flat or synthetic images, where rounding decides the bit)
+    is hashed by the FFT path, so the bits stay those of the reference."""
     if len(thumbs) == 0:
         return np.zeros((0, PHASH_SIZE * PHASH_SIZE), dtype=bool)
-    pixels = thumbs.astype(np.float64)
-    coeffs = dct(dct(pixels, axis=1), axis=2)[:, :PHASH_SIZE, :PHASH_SIZE]
+    d = _dct_rows(thumbs.shape[-1])
+    out = np.empty((len(thumbs), PHASH_SIZE * PHASH_SIZE), dtype=bool)
+    for start in range(0, len(thumbs), _PHASH_CHUNK):
+        part = thumbs[start : start + _PHASH_CHUNK]
+        coeffs = (d @ part.astype(np.float64) @ d.T).reshape(len(part), -1)
+        median = np.median(coeffs, axis=1, keepdims=True)
+        bits = coeffs > median
+        scale = np.abs(coeffs).max(axis=1, keepdims=True) + 1.0
+        near = (np.abs(coeffs - median) <= 1e-9 * scale).any(axis=1)
+        if near.any():
+            bits[near] = _phash_bits_fft(part[near])
+        out[start : start + len(part)] = bits
+    return out
+
+
+def _phash_bits_fft(thumbs: np.ndarray) -> np.ndarray:
+    """The reference: the full 2-D DCT by ``scipy.fft.dct`` (as ``imagehash.phash``), its 8x8 corner."""
+    from scipy.fft import dct
+
+    coeffs = dct(dct(thumbs.astype(np.float64), axis=1), axis=2)[:, :PHASH_SIZE, :PHASH_SIZE]
     flat = coeffs.reshape(len(thumbs), -1)
     return flat > np.median(flat, axis=1, keepdims=True)
 

@@ -573,6 +573,26 @@ def test_all_items_quarantined_raises_after_writing_the_quarantine(tmp_path: Pat
 # image properties (components.data.image_stats)
 
 
+def test_phash_products_give_the_fft_bits_on_real_and_flat_thumbnails(
+    fm_test_set: tuple[np.ndarray, np.ndarray],
+) -> None:
+    """The matrix-product DCT keeps the reference's bits: 10k real thumbnails, plus flat and synthetic
+    ones whose coefficients tie with the median (rounding decides there, so the FFT path answers)."""
+    from components.data.image_stats import _phash_bits_fft, phash_bits
+
+    thumbs = [np.asarray(Image.fromarray(p).resize((32, 32), Image.Resampling.LANCZOS)) for p in fm_test_set[0]]
+    flat = [np.full((32, 32), v, dtype=np.uint8) for v in (0, 1, 128, 255)]
+    ramp = np.tile((np.arange(32) * 8).astype(np.uint8), (32, 1))
+    checker = (np.indices((32, 32)).sum(0) % 2 * 255).astype(np.uint8)
+    halves = np.zeros((32, 32), dtype=np.uint8)
+    halves[16:] = 255
+    stack = np.stack(thumbs + flat + [ramp, checker, halves])
+    bits = phash_bits(stack)
+    assert bits.shape == (len(stack), 64)
+    np.testing.assert_array_equal(bits, _phash_bits_fft(stack))
+    assert len({b.tobytes() for b in bits[: len(thumbs)]}) > 0.9 * len(thumbs)  # real images hash apart
+
+
 def test_phash_is_imagehash_phash_and_properties_are_measured(
     fm_test_set: tuple[np.ndarray, np.ndarray], digits: tuple[np.ndarray, np.ndarray]
 ) -> None:

@@ -163,13 +163,18 @@ class _Quarantine:
 
 
 class ContentStore:
-    """``<data dir>/store/<sha[:2]>/<sha256>.<ext>``; an existing file is never rewritten."""
+    """``<data dir>/store/<sha[:2]>/<sha256>.<ext>``; an existing file is never rewritten.
 
-    def __init__(self, paths: DataPaths) -> None:
+    ``listing``: the store's folders as listed when the ingest began (under the project lock, so nothing
+    else adds or deletes files meanwhile): whether a copy exists is a set lookup instead of one ``stat``
+    per image (a tenth of a fresh 70k ingest's worker time on a sandboxed file system). None: ``stat``."""
+
+    def __init__(self, paths: DataPaths, listing: StoreListing | None = None) -> None:
         # plain strings: pathlib costs more per call than hashing a 28x28 PNG
         self._root = str(paths.root)
         self._prefix = paths.store.relative_to(paths.root).as_posix()
         self._dirs: set[str] = set()
+        self._listing = listing
 
     def put(self, image_id: str, ext: str, data: bytes) -> str:
         """Store ``data`` (atomically: tmp + rename); returns its path relative to the data dir."""
@@ -178,8 +183,11 @@ class ContentStore:
         if folder not in self._dirs:
             os.makedirs(os.path.join(self._root, folder), exist_ok=True)
             self._dirs.add(folder)
-        dest = Path(self._root, rel)
-        if not dest.exists():
+        dest = os.path.join(self._root, rel)
+        # a copy written earlier in this ingest (a repeated image) is absent from the listing: written
+        # again, the same bytes under the same name
+        exists = self._listing.has(rel) if self._listing is not None else os.path.exists(dest)
+        if not exists:
             # unique per process and thread: two writers of the same new file never share a tmp
             tmp = os.path.join(self._root, folder, f".{image_id}.{os.getpid()}.{threading.get_ident()}.tmp")
             with open(tmp, "wb") as f:
@@ -619,7 +627,7 @@ def ingest(
     tree = build_taxonomy(taxonomy, listing, class_names)
     declared = frozenset(classes) if classes is not None else None
     quarantine = _Quarantine(source)
-    store = ContentStore(paths)
+    store = ContentStore(paths, stored)
     cache = IngestCache.load(paths.root, stored) if incremental else None
     candidates = _examine_all(
         listing,

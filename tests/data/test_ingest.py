@@ -530,6 +530,15 @@ def test_reingest_reuses_the_store(tmp_path: Path, fm_test_set: tuple[np.ndarray
     second = ingest(f"imagefolder:{root}", data_dir=data_dir)
     assert second.data_version == first.data_version
     assert {p: p.stat().st_mtime_ns for p in (data_dir / "store").rglob("*.png")} == stored
+    # every item examined again: the store's listing says which copies exist, none is rewritten ...
+    third = ingest(f"imagefolder:{root}", data_dir=data_dir, incremental=False)
+    assert third.data_version == first.data_version
+    assert {p: p.stat().st_mtime_ns for p in (data_dir / "store").rglob("*.png")} == stored
+    # ... and a copy missing from the store is written again
+    gone = sorted(stored)[0]
+    gone.unlink()
+    ingest(f"imagefolder:{root}", data_dir=data_dir, incremental=False)
+    assert hashlib.sha256(gone.read_bytes()).hexdigest() == gone.stem  # content-addressed, whole
     assert not [p for p in (data_dir / "store").rglob("*") if p.name.endswith(".tmp")]
 
 

@@ -22,7 +22,7 @@ from components.quality.label_quality import (
     write_audit_report,
 )
 from components.quality.ledger import read_ledger, update_ledger
-from tests.conftest import run_cli, write_small_params
+from tests.conftest import fmnist_arrays, run_cli, write_small_params
 
 CFG = AuditConfig()
 
@@ -224,3 +224,31 @@ def test_small_images_are_decoded_in_the_calling_thread_with_the_same_pixels(
     assert decode_workers(df.drop(columns=["width"])) == 4
     paths = [data_dir / p for p in df["path"][:1100]]  # three of load_grey's chunks
     np.testing.assert_array_equal(load_grey(paths, side=20, workers=1), load_grey(paths, side=20, workers=4))
+
+
+def test_out_of_fold_folds_side_by_side_give_the_sequential_probabilities() -> None:
+    """The folds run in threads: every row's probabilities are those of a plain sequential loop of
+    scikit-learn fits that never saw the row (single-label and multi-label)."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import KFold, StratifiedKFold
+
+    from components.quality.label_quality import out_of_fold_probs, out_of_fold_probs_multilabel
+
+    pixels, labels = fmnist_arrays("t10k", 1500)
+    x = pixels[:1500].reshape(1500, -1).astype(np.float64) / 255.0
+    x = (x - x.mean(0)) @ np.random.default_rng(0).standard_normal((x.shape[1], 24)) / 20.0
+    y = labels[:1500].astype(np.int64)
+    cfg = AuditConfig(folds=4, max_iter=100, seed=3)
+    expected = np.zeros((len(y), 10))
+    for tr, held in StratifiedKFold(4, shuffle=True, random_state=3).split(x, y):
+        expected[held] = LogisticRegression(max_iter=100, C=1.0).fit(x[tr], y[tr]).predict_proba(x[held])
+    expected = np.clip(expected, 1e-6, None)
+    np.testing.assert_allclose(out_of_fold_probs(x, y, cfg=cfg), expected / expected.sum(1, keepdims=True))
+    multi = np.stack([y % 2 == 0, y < 5, y == 9], axis=1).astype(np.int64)
+    want = np.zeros(multi.shape)
+    for tr, held in KFold(4, shuffle=True, random_state=3).split(x):
+        for k in range(3):
+            fit = LogisticRegression(max_iter=100, C=1.0).fit(x[tr], multi[tr, k])
+            want[held, k] = fit.predict_proba(x[held])[:, 1]
+    got = out_of_fold_probs_multilabel(x, multi, cfg=cfg)
+    np.testing.assert_allclose(got, np.clip(want, 1e-6, 1 - 1e-6))

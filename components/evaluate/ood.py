@@ -212,12 +212,22 @@ def ood_inputs(
 def logits_and_features(
     model: nn.Module, x: torch.Tensor, *, layer: str, batch_size: int = 512
 ) -> tuple[np.ndarray, np.ndarray]:
-    """x: (N, C, H, W) -> logits (N, K) as served and features (N, D) at ``layer``, one pass."""
+    """x: (N, C, H, W) -> logits (N, K) as served and features (N, D) at ``layer``, one pass (a
+    :class:`~components.model.checkpoint.FlipTTA` model: its image view's logits come from the same
+    pass, only the mirror view is run again)."""
+    from components.model.checkpoint import FlipTTA
+
     base = base_model(model)
     logits, feats = [], []
     for xb in x.split(batch_size):
         raw = base.forward_features(xb)  # type: ignore[operator]
-        logits.append((base.forward_head(raw) if base is model else model(xb)).float().numpy())  # type: ignore[operator]
+        if base is model:
+            out = base.forward_head(raw)  # type: ignore[operator]
+        elif isinstance(model, FlipTTA) and model.model is base:
+            out = (base.forward_head(raw) + base(xb.index_select(3, model.reverse))) / 2  # type: ignore[operator]
+        else:
+            out = model(xb)
+        logits.append(out.float().numpy())
         feats.append(pooled_at(base, raw, layer).float().numpy())  # type: ignore[arg-type]
     return np.concatenate(logits), np.concatenate(feats)
 

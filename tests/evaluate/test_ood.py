@@ -224,3 +224,22 @@ def test_old_model_dir_serves_without_the_fields(tiny_model_dir: Path) -> None:
     health = TestClient(create_app(predictor, model_uri="models:/old@champion")).get("/health").json()
     assert health["ood"].startswith("ood: not fitted") and "registered before" in health["ood"]
     assert health["conformal"].startswith("prediction sets: not fitted")
+
+
+def test_logits_and_features_of_a_flip_tta_model_are_what_it_predicts(tiny_model_dir: Path) -> None:
+    """A FlipTTA model: the image view's logits come from the features' pass, the mirror's from a second
+    one; the result is the wrapped model's own prediction, and the features are the plain model's."""
+    from components.model.checkpoint import FlipTTA
+
+    model, spec = load_classifier(tiny_model_dir)
+    model.eval()
+    tta = FlipTTA(model, 28).eval()
+    x = Predictor(model, spec).preprocess([png_bytes(a) for a in fmnist_arrays("t10k", 40)[0]])
+    logits, feats = logits_and_features(tta, x, layer="pre_logits", batch_size=16)
+    with torch.no_grad():
+        want = tta(x).numpy()
+    np.testing.assert_allclose(logits, want, rtol=1e-5, atol=1e-5)
+    assert not np.allclose(logits, logits_and_features(model, x, layer="pre_logits")[0], atol=1e-3)
+    np.testing.assert_allclose(
+        feats, logits_and_features(model, x, layer="pre_logits")[1], rtol=1e-5, atol=1e-5
+    )

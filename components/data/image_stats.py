@@ -170,11 +170,11 @@ def phash_bits(thumbs: np.ndarray) -> np.ndarray:
     is hashed by the FFT path, so the bits stay those of the reference."""
     if len(thumbs) == 0:
         return np.zeros((0, PHASH_SIZE * PHASH_SIZE), dtype=bool)
-    d = _dct_rows(thumbs.shape[-1])
+    rows, cols = _dct_rows(thumbs.shape[-2]), _dct_rows(thumbs.shape[-1])
     out = np.empty((len(thumbs), PHASH_SIZE * PHASH_SIZE), dtype=bool)
     for start in range(0, len(thumbs), _PHASH_CHUNK):
         part = thumbs[start : start + _PHASH_CHUNK]
-        coeffs = (d @ part.astype(np.float64) @ d.T).reshape(len(part), -1)
+        coeffs = (rows @ part.astype(np.float64) @ cols.T).reshape(len(part), -1)
         median = np.median(coeffs, axis=1, keepdims=True)
         bits = coeffs > median
         scale = np.abs(coeffs).max(axis=1, keepdims=True) + 1.0

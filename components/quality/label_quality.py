@@ -235,14 +235,13 @@ def out_of_fold_probs(features: np.ndarray, labels: np.ndarray, *, cfg: AuditCon
     splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=cfg.seed)
     import warnings
 
-    # one BLAS thread: on a busy 2-core box a multi-threaded BLAS made these small fits 30x slower
-
     def fold(split: tuple[np.ndarray, np.ndarray]) -> None:
         train_idx, held_idx = split
         model = LogisticRegression(max_iter=cfg.max_iter, C=1.0)
         model.fit(features[train_idx], labels[train_idx])
         probs[np.ix_(held_idx, model.classes_)] = model.predict_proba(features[held_idx])
 
+    # one BLAS thread per fit: on a busy 2-core box a multi-threaded BLAS made these small fits 30x slower
     with warnings.catch_warnings(), threadpool_limits(limits=1, user_api="blas"):
         warnings.simplefilter("ignore")  # convergence / tiny-class warnings: the probabilities still rank
         _each_fold(fold, list(splitter.split(features, labels)))

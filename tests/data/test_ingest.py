@@ -600,6 +600,8 @@ def test_phash_products_give_the_fft_bits_on_real_and_flat_thumbnails(
     assert bits.shape == (len(stack), 64)
     np.testing.assert_array_equal(bits, _phash_bits_fft(stack))
     assert len({b.tobytes() for b in bits[: len(thumbs)]}) > 0.9 * len(thumbs)  # real images hash apart
+    wide = np.random.default_rng(0).integers(0, 256, size=(50, 32, 40), dtype=np.uint8)  # not square
+    np.testing.assert_array_equal(phash_bits(wide), _phash_bits_fft(wide))
 
 
 def test_phash_is_imagehash_phash_and_properties_are_measured(

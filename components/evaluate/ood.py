@@ -45,7 +45,7 @@ from components.core.config import OODConfig
 from components.core.errors import ConfigError
 from components.evaluate.gates import GateLevel, GateResult, make_gate
 from components.model.features import base_model
-from components.model.uncertainty import FEATURE_SCORES, SCORES, OODDetector, pooled_at
+from components.model.uncertainty import FEATURE_SCORES, SCORES, OODDetector, pooled_at, served_logits
 
 logger = logging.getLogger(__name__)
 
@@ -212,22 +212,13 @@ def ood_inputs(
 def logits_and_features(
     model: nn.Module, x: torch.Tensor, *, layer: str, batch_size: int = 512
 ) -> tuple[np.ndarray, np.ndarray]:
-    """x: (N, C, H, W) -> logits (N, K) as served and features (N, D) at ``layer``, one pass (a
-    :class:`~components.model.checkpoint.FlipTTA` model: its image view's logits come from the same
-    pass, only the mirror view is run again)."""
-    from components.model.checkpoint import FlipTTA
-
+    """x: (N, C, H, W) -> logits (N, K) as served and features (N, D) at ``layer``, sharing one pass as
+    serving does (:func:`~components.model.uncertainty.served_logits`)."""
     base = base_model(model)
     logits, feats = [], []
     for xb in x.split(batch_size):
         raw = base.forward_features(xb)  # type: ignore[operator]
-        if base is model:
-            out = base.forward_head(raw)  # type: ignore[operator]
-        elif isinstance(model, FlipTTA) and model.model is base:
-            out = (base.forward_head(raw) + base(xb.index_select(3, model.reverse))) / 2  # type: ignore[operator]
-        else:
-            out = model(xb)
-        logits.append(out.float().numpy())
+        logits.append(served_logits(model, base, raw, xb).float().numpy())
         feats.append(pooled_at(base, raw, layer).float().numpy())  # type: ignore[arg-type]
     return np.concatenate(logits), np.concatenate(feats)
 

@@ -98,6 +98,11 @@ class FlipTTA(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return (self.model(x) + self.model(x.index_select(3, self.reverse))) / 2
 
+    def from_features(self, feats: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """``forward(x)`` given the wrapped model's ``forward_features(x)``: the image view's pass is
+        shared with whoever read those features; only the mirror view runs again."""
+        return (self.model.forward_head(feats) + self.model(x.index_select(3, self.reverse))) / 2  # type: ignore[operator]
+
 
 def load_classifier(model_dir: Path) -> tuple[nn.Module, ModelSpec]:
     """Rebuild the model from its spec and load the weights (safetensors: no code execution); with

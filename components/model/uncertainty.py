@@ -34,7 +34,7 @@ from torch import nn
 
 from components.core.errors import DataError
 from components.core.jsonio import write_json
-from components.model.features import Layer, base_model, check_layer, layer_features
+from components.model.features import Layer, base_model, check_layer
 
 OOD_SPEC, OOD_TENSORS, CONFORMAL_SPEC = "ood.json", "ood.safetensors", "conformal.json"
 TRUST_FILES = (OOD_SPEC, OOD_TENSORS, CONFORMAL_SPEC, "hierarchy.json")  # + the label tree (task.taxonomy)
@@ -190,8 +190,8 @@ class ScoredNet(nn.Module):
     """The model plus its OOD score in one forward pass: x (B, C, H, W) -> (logits (B, K), score (B,)).
 
     A feature score reads the plain timm model's layer from the same ``forward_features`` pass as the
-    logits; with a test-time-augmentation wrapper the logits come from the wrapper (as served) and the
-    features from the unflipped image. Exports to ONNX (the score is a graph output)."""
+    logits (:func:`served_logits`); with a test-time-augmentation wrapper the logits are the wrapper's (as
+    served) and the features the unflipped image's. Exports to ONNX (the score is a graph output)."""
 
     def __init__(self, model: nn.Module, detector: OODDetector) -> None:
         super().__init__()
@@ -209,13 +209,24 @@ class ScoredNet(nn.Module):
             logits = self.model(x)
             return logits, OODDetector.scores(det, logits)
         layer = cast(Layer, det.layer)
-        if self.base is self.model:  # one pass for both
-            feats = self.base.forward_features(x)  # type: ignore[operator]
-            logits = self.base.forward_head(feats)  # type: ignore[operator]
-            emb = pooled_at(self.base, feats, layer)
-        else:
-            logits, emb = self.model(x), layer_features(self.base, x, layer=layer)
-        return logits, feature_score(det.score, emb, self._detector_tensors(), k=det.k)
+        feats = self.base.forward_features(x)  # type: ignore[operator]
+        logits = served_logits(self.model, self.base, feats, x)
+        return logits, feature_score(
+            det.score, pooled_at(self.base, feats, layer), self._detector_tensors(), k=det.k
+        )
+
+
+def served_logits(model: nn.Module, base: nn.Module, feats: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``model(x)``, the logits as served, reusing ``feats`` = ``base.forward_features(x)`` where it can:
+    ``model`` is the plain timm model ``base``, or a wrapper over it that takes them (``from_features``:
+    :class:`~components.model.checkpoint.FlipTTA`, which then runs only the mirror view); any other
+    wrapper runs whole."""
+    if base is model:
+        return base.forward_head(feats)  # type: ignore[operator]
+    take = getattr(model, "from_features", None)
+    if callable(take) and getattr(model, "model", None) is base:
+        return take(feats, x)
+    return model(x)
 
 
 def pooled_at(model: nn.Module, feats: torch.Tensor, layer: Layer) -> torch.Tensor:

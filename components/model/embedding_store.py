@@ -285,8 +285,8 @@ def _write_entry(
         "model": spec.model,
         "layer": layer,
         "shape": list(vectors.shape),
-        "ids": [str(i) for i in manifest["image_id"]],
-        "splits": [str(s) for s in manifest["split"]],
+        "ids": manifest["image_id"].astype(str).tolist(),
+        "splits": manifest["split"].astype(str).tolist(),
     }
     write_json(base / f"{layer}.json", sidecar)
 

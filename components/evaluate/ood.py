@@ -69,22 +69,23 @@ def gaussian_statistics(
 ) -> dict[str, np.ndarray]:
     """:func:`class_statistics` (``means``, ``precision``) and, with ``background``, the mean and
     precision of one Gaussian over every image (``background_mean`` (1, D), ``background_precision``),
-    from one scatter of the features: the total scatter is the within-class scatter plus the class means'
-    scatter about the overall mean (the relative Mahalanobis score's background, without a second
-    D x D product over all n images)."""
-    feats = np.asarray(feats, dtype=np.float64)
-    n, d = max(len(feats), 1), feats.shape[1]
-    means = np.zeros((k, d))
-    counts = np.bincount(targets, minlength=k)[:k] if len(targets) else np.zeros(k, dtype=int)
-    for c in np.flatnonzero(counts):
-        means[c] = feats[targets == c].mean(axis=0)
-    centred = feats - means[targets]
-    within = centred.T @ centred / n
+    from one D x D product over the features: the within-class scatter is the Gram matrix less each
+    class's n_c * mean mean^T, the total scatter the Gram matrix less n * mean mean^T (in float64; no
+    centred (N, D) copy, whose allocation cost ~1.4 s of 54k x 256 features on 2 cores)."""
+    x = np.asarray(feats, dtype=np.float64)
+    n = max(len(x), 1)
+    targets = np.asarray(targets, dtype=np.int64)
+    counts = np.bincount(targets, minlength=k)[:k].astype(np.float64)
+    onehot = np.zeros((len(x), k))
+    onehot[np.arange(len(x)), targets] = 1.0
+    sums = onehot.T @ x
+    means = sums / np.maximum(counts, 1.0)[:, None]
+    gram = x.T @ x
+    within = (gram - (means.T * counts) @ means) / n
     out = {"means": means, "precision": _precision(within)}
     if background:
-        mean0 = feats.mean(axis=0, keepdims=True)
-        offsets = (means - mean0) * np.sqrt(counts / n)[:, None]
-        out |= {"background_mean": mean0, "background_precision": _precision(within + offsets.T @ offsets)}
+        mean0 = sums.sum(axis=0, keepdims=True) / n
+        out |= {"background_mean": mean0, "background_precision": _precision(gram / n - mean0.T @ mean0)}
     return out
 
 

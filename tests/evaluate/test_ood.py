@@ -96,20 +96,30 @@ def test_synthetic_sets_are_what_they_say(tiny_model_dir: Path) -> None:
     assert x.shape == (3, 1, 28, 28) and float(x.std()) > 0.5  # uniform noise over the whole range
 
 
-def test_one_scatter_gives_the_direct_gaussian_fits() -> None:
-    """The background Gaussian from the within-class scatter plus the class means' scatter equals the
-    direct fit over every image (one class), on real-sized features with an empty class."""
+def test_one_product_gives_the_centred_gaussian_fits() -> None:
+    """Means and precisions from the Gram matrix equal the textbook fits with explicitly centred features
+    (within-class: each image less its class mean; background: less the overall mean), on features far
+    from zero (cancellation) with an empty class."""
     rng = np.random.default_rng(0)
     targets = rng.integers(0, 6, 3000)  # class 6 of 7 has no image
-    feats = rng.standard_normal((3000, 24)) * rng.uniform(0.1, 3.0, 24) + targets[:, None] * 0.7
+    feats = 20.0 + rng.standard_normal((3000, 24)) * rng.uniform(0.1, 3.0, 24) + targets[:, None] * 0.7
+
+    def centred_fit(y: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        means = np.array([feats[y == c].mean(axis=0) if (y == c).any() else np.zeros(24) for c in range(k)])
+        centred = feats - means[y]
+        cov = centred.T @ centred / len(feats)
+        return means, np.linalg.pinv(cov + 1e-6 * np.trace(cov) / 24 * np.eye(24), hermitian=True)
+
     stats = gaussian_statistics(feats, targets, 7)
-    means, precision = class_statistics(feats, targets, 7)
-    np.testing.assert_array_equal(stats["means"], means)
-    np.testing.assert_array_equal(stats["precision"], precision)
+    means, precision = centred_fit(targets, 7)
+    np.testing.assert_allclose(stats["means"], means, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(stats["precision"], precision, rtol=1e-8, atol=1e-10)
     assert not stats["means"][6].any()
-    mean0, precision0 = class_statistics(feats, np.zeros(len(feats), dtype=int), 1)
+    mean0, precision0 = centred_fit(np.zeros(len(feats), dtype=int), 1)
     np.testing.assert_allclose(stats["background_mean"], mean0, rtol=1e-12, atol=1e-12)
-    np.testing.assert_allclose(stats["background_precision"], precision0, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(stats["background_precision"], precision0, rtol=1e-8, atol=1e-10)
+    only = class_statistics(feats, targets, 7)
+    np.testing.assert_array_equal(only[1], stats["precision"])
 
 
 def test_mnist_digits_are_mlxtends_own_values() -> None:

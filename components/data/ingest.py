@@ -56,6 +56,7 @@ from components.data.sources import (
     SourceItem,
     SourceListing,
     examine_image,
+    examine_pixels,
     fashion_mnist_paths,
     list_source,
     parse_source,
@@ -242,7 +243,11 @@ def _examine(
     rejected = _unknown_label(item, declared, image_id)
     if rejected is not None:
         return rejected
-    examined = examine_image(data, max_pixels=max_pixels)
+    examined = (
+        examine_image(data, max_pixels=max_pixels)
+        if item.pixels is None
+        else examine_pixels(data, item.pixels(), max_pixels=max_pixels)
+    )
     if isinstance(examined, Rejection):
         return _Rejected(item.source_path, item.label, examined.key, examined.reason, image_id)
     info, sample = examined

@@ -180,6 +180,25 @@ def examine_image(data: bytes, *, max_pixels: int) -> tuple[ImageInfo, PixelSamp
         return Rejection("undecodable", f"cannot convert {info.mode} pixels to grey: {type(e).__name__}: {e}")
 
 
+def examine_pixels(
+    data: bytes, grey: np.ndarray, *, max_pixels: int
+) -> tuple[ImageInfo, PixelSample] | Rejection:
+    """:func:`examine_image` of ``data``, an 8-bit grey PNG the source encoded from ``grey`` (H, W) uint8,
+    without decoding it: the PNG is lossless and carries no orientation, so its decode is ``grey`` in
+    mode L (tested against :func:`examine_image` on real images). The empty and pixel-count checks
+    still apply."""
+    if not data:
+        return Rejection("empty", "empty file (0 bytes)")
+    height, width = grey.shape
+    if width * height > max_pixels:
+        return Rejection("too_many_pixels",
+                         f"too many pixels: {width}x{height} = {width * height} > max_pixels {max_pixels}")  # fmt: skip
+    if width * height == 0:
+        return Rejection("undecodable", f"image has no pixels ({width}x{height})")
+    info = ImageInfo(format="png", width=int(width), height=int(height), mode="L")
+    return info, sample_pixels(Image.fromarray(np.ascontiguousarray(grey, dtype=np.uint8), mode="L"))
+
+
 def _check_truncation_setting() -> None:
     if ImageFile.LOAD_TRUNCATED_IMAGES:
         logger.warning(
@@ -215,6 +234,10 @@ class SourceItem:
     """A cheap identity of the bytes ``read()`` returns, known without reading them (a file's path,
     size, mtime and inode; Fashion-MNIST's IDX file identity and index): equal fingerprints mean equal
     bytes, so an incremental ingest reuses what it measured last time. Empty: always read."""
+    pixels: Callable[[], np.ndarray] | None = None
+    """The (H, W) uint8 grey pixels ``read()``'s bytes decode to (an 8-bit grey PNG, mode L), where the
+    source has them already (Fashion-MNIST's IDX arrays): examination then measures them instead of
+    decoding the bytes it just encoded (:func:`examine_pixels`). None: decode the bytes."""
 
 
 @dataclass(frozen=True)
@@ -438,7 +461,9 @@ def imagefolder_items(
         for walked, found, st in _walk_files(class_dir, root_real, allow_outside_root=allow_outside_root):
             rel = walked[prefix:] if sep == "/" else walked[prefix:].replace(sep, "/")
             stamp = _fingerprint(walked, st) if found is None and st is not None else ""
-            items.append(SourceItem(rel, label, labels, _file_reader(walked), problem=found, fingerprint=stamp))
+            items.append(
+                SourceItem(rel, label, labels, _file_reader(walked), problem=found, fingerprint=stamp)
+            )
     return tuple(d.name for d in class_dirs), items
 
 
@@ -817,6 +842,7 @@ def fashion_mnist_items(paths: dict[str, Path], *, max_per_class: int | None = N
                 read=functools.partial(_encode_idx_image, images, i),
                 official_split=split,
                 fingerprint=f"{stamp}|{i}" if stamp else "",
+                pixels=functools.partial(images.__getitem__, i),
             )
             for i, y in enumerate(labels.tolist())
         )

@@ -234,3 +234,31 @@ def test_cyclic_garbage_a_source_makes_while_read_is_freed_during_ingest(
     summary = ingest("imagefolder:x", data_dir=tmp_path / "data")
     assert summary.seen == 600 and summary.ingested + summary.quarantined == 600
     assert len(freed) == 600  # before ingest returned: its chunks' collections, not the re-enabled collector
+
+
+@needs_fm
+def test_fashion_mnist_items_measured_from_their_pixels_as_from_their_decoded_bytes() -> None:
+    """The built-in source hands examination the pixels it encoded: the same image info and pixel sample
+    (thumbnail, grey pixels, channels, bit depth) as decoding its PNG bytes, on 400 real images; the
+    pixel-count and empty checks still apply."""
+    from components.data.sources import Rejection, examine_image, examine_pixels, fashion_mnist_items
+
+    paths = {p.name: p for p in FMNIST_DIR.iterdir()}
+    items = list(fashion_mnist_items(paths, max_per_class=20))
+    assert len(items) == 400 and all(i.pixels is not None for i in items)
+    for item in items:
+        data = item.read()
+        want, got = (
+            examine_image(data, max_pixels=10_000),
+            examine_pixels(data, item.pixels(), max_pixels=10_000),
+        )
+        assert not isinstance(want, Rejection) and not isinstance(got, Rejection)
+        assert got[0] == want[0] and got[0].format == "png" and got[0].mode == "L"
+        for field in ("channels", "bit_depth", "measured", "phash"):
+            assert getattr(got[1], field) == getattr(want[1], field)
+        np.testing.assert_array_equal(got[1].thumb, want[1].thumb)
+        np.testing.assert_array_equal(got[1].grey, want[1].grey)
+    grey = items[0].pixels()
+    too_big = examine_pixels(items[0].read(), grey, max_pixels=783)
+    assert isinstance(too_big, Rejection) and too_big.key == "too_many_pixels"
+    assert examine_pixels(b"", grey, max_pixels=10_000) == Rejection("empty", "empty file (0 bytes)")

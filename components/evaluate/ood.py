@@ -76,9 +76,9 @@ def gaussian_statistics(
     n = max(len(x), 1)
     targets = np.asarray(targets, dtype=np.int64)
     counts = np.bincount(targets, minlength=k)[:k].astype(np.float64)
-    onehot = np.zeros((len(x), k))
-    onehot[np.arange(len(x)), targets] = 1.0
-    sums = onehot.T @ x
+    sums = np.zeros((k, x.shape[1]))
+    for c in np.flatnonzero(counts):  # one class's rows at a time: no (N, K) one-hot for many classes
+        sums[c] = x[targets == c].sum(axis=0)
     means = sums / np.maximum(counts, 1.0)[:, None]
     gram = x.T @ x
     within = (gram - (means.T * counts) @ means) / n
@@ -272,7 +272,10 @@ def set_passes(model: nn.Module, sets: Mapping[str, torch.Tensor], *, layer: str
     copy the rest of evaluate runs (:mod:`components.model.inference`), the sets' batches side by side
     (4,200 images of the default residual net with flip TTA: ~16 s one 512-batch after another with two
     intra-op threads, a third of that here); the same values to float rounding."""
-    if any(x.device.type != "cpu" for x in sets.values()) or next(model.parameters()).device.type != "cpu":
+    weight = next(model.parameters(), None)
+    if any(x.device.type != "cpu" for x in sets.values()) or (
+        weight is not None and weight.device.type != "cpu"
+    ):
         return {k: Pass(*logits_and_features(model, x, layer=layer)) for k, x in sets.items()}
     from components.model.inference import prepare_for_inference, side_by_side_iter, unit_batches
 

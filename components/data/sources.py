@@ -121,6 +121,18 @@ def _oriented_size(im: Image.Image) -> tuple[int, int]:
     return (height, width) if orientation in _SWAPPING_ORIENTATIONS else (width, height)
 
 
+def _size_rejection(width: int, height: int, *, max_pixels: int) -> Rejection | None:
+    """Why an image of ``width`` x ``height`` cannot be kept (more than ``max_pixels``, or none), else None."""
+    pixels = width * height
+    if pixels > max_pixels:
+        return Rejection(
+            "too_many_pixels", f"too many pixels: {width}x{height} = {pixels} > max_pixels {max_pixels}"
+        )
+    if pixels == 0:
+        return Rejection("undecodable", f"image has no pixels ({width}x{height})")
+    return None
+
+
 def _decode(data: bytes, *, max_pixels: int) -> tuple[ImageInfo, Image.Image] | Rejection:
     """Checks, in order: empty, identifiable by PIL, pixel count from the header (<= ``max_pixels``,
     before any pixel is decoded), full decode (``load()`` catches truncated/corrupt data)."""
@@ -134,14 +146,9 @@ def _decode(data: bytes, *, max_pixels: int) -> tuple[ImageInfo, Image.Image] | 
         return Rejection("too_many_pixels", f"too many pixels: {e}")
     except Exception as e:  # malformed headers raise all sorts (SyntaxError, struct.error, ...)
         return Rejection("undecodable", f"cannot decode the image header: {type(e).__name__}: {e}")
-    pixels = im.width * im.height
-    if pixels > max_pixels:
-        return Rejection(
-            "too_many_pixels",
-            f"too many pixels: {im.width}x{im.height} = {pixels} > max_pixels {max_pixels}",
-        )
-    if pixels == 0:
-        return Rejection("undecodable", f"image has no pixels ({im.width}x{im.height})")
+    too_big_or_empty = _size_rejection(im.width, im.height, max_pixels=max_pixels)
+    if too_big_or_empty is not None:
+        return too_big_or_empty
     fmt = (im.format or "").lower()
     try:
         im.load()
@@ -190,11 +197,9 @@ def examine_pixels(
     if not data:
         return Rejection("empty", "empty file (0 bytes)")
     height, width = grey.shape
-    if width * height > max_pixels:
-        return Rejection("too_many_pixels",
-                         f"too many pixels: {width}x{height} = {width * height} > max_pixels {max_pixels}")  # fmt: skip
-    if width * height == 0:
-        return Rejection("undecodable", f"image has no pixels ({width}x{height})")
+    too_big_or_empty = _size_rejection(width, height, max_pixels=max_pixels)
+    if too_big_or_empty is not None:
+        return too_big_or_empty
     info = ImageInfo(format="png", width=int(width), height=int(height), mode="L")
     return info, sample_pixels(Image.fromarray(np.ascontiguousarray(grey, dtype=np.uint8), mode="L"))
 

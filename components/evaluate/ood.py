@@ -280,24 +280,18 @@ def set_passes(model: nn.Module, sets: Mapping[str, torch.Tensor], *, layer: str
     from components.model.inference import prepare_for_inference, side_by_side_iter, unit_batches
 
     fast = prepare_for_inference(model)
-    base = base_model(fast)
 
     def unit(job: tuple[str, torch.Tensor]) -> tuple[str, np.ndarray, np.ndarray]:
         name, xb = job
-        with torch.inference_mode():
-            xb = xb.contiguous(memory_format=torch.channels_last)
-            raw = base.forward_features(xb)  # type: ignore[operator]
-            logits = served_logits(fast, base, raw, xb).float().numpy()
-            return name, logits, pooled_at(base, raw, layer).float().numpy()  # type: ignore[arg-type]
+        return name, *logits_and_features(fast, xb.contiguous(memory_format=torch.channels_last), layer=layer)
 
+    # an empty set is one empty batch (torch's split), so every set gets its Pass
     jobs = ((name, xb) for name, x in sets.items() for xb in unit_batches([x]))
     parts: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {name: [] for name in sets}
     for name, logits, feats in side_by_side_iter(unit, jobs):
         parts[name].append((logits, feats))
     return {
         name: Pass(np.concatenate([a for a, _ in got]), np.concatenate([b for _, b in got]))
-        if got
-        else Pass(*logits_and_features(model, sets[name], layer=layer))  # an empty set
         for name, got in parts.items()
     }
 

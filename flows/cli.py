@@ -895,8 +895,8 @@ def pipeline(
     as_json: JsonOpt = False,
     verbose: VerboseOpt = False,
 ) -> None:
-    """Run ingest -> retrain check -> validate -> audit -> baseline -> train -> evaluate -> register as
-    one Prefect flow.
+    """Run ingest -> retrain check -> validate -> train (the label audit and the CLIP baseline beside it)
+    -> evaluate -> register as one Prefect flow.
 
     After ingest the run stops with "up to date" (exit code 0) when the registry's champion was trained
     on the same data version (manifest md5) with the same training params; --force retrains anyway.

@@ -1,5 +1,5 @@
-"""The pipeline flow: ingest -> retrain check -> validate -> audit -> CLIP baseline -> train -> evaluate
--> register; a failed gate or a failed run is announced on the webhook."""
+"""The pipeline flow: ingest -> retrain check -> validate -> train (with the label audit and the CLIP
+baseline beside it) -> evaluate -> register; a failed gate or a failed run is announced on the webhook."""
 
 from __future__ import annotations
 
@@ -10,12 +10,15 @@ from prefect import flow
 
 from components.core.config import Params, load_params
 from components.core.lock import project_lock
+from components.pipeline import stages as pipeline_stages
 from components.pipeline.notify import headline
 from components.pipeline.records import UP_TO_DATE, Evaluation, PipelineResult
 from flows.environment import behind_proxy, ray_options, webhook_url, with_environment
 from tasks import stages
 
 if TYPE_CHECKING:
+    from components.data.ingest import IngestSummary
+    from components.pipeline.records import AuditSummary, BaselineResult, TrainedRun
     from components.registry.registry import Registration
 
 
@@ -73,9 +76,7 @@ def _stages(params: Params, *, force: bool, progress: bool, verbose: bool) -> Pi
         )
         return PipelineResult(status=UP_TO_DATE, ingest=ingested, freshness=fresh)
     stages.validate(params)
-    audited = stages.audit(params, progress) if params.audit.enabled else None
-    baseline = stages.baseline(params, behind_proxy())  # never fails for want of weights: then "skipped"
-    trained = stages.train(params, progress, ray_options(verbose=verbose))
+    audited, baseline, trained = _audit_baseline_train(params, ingested, progress=progress, verbose=verbose)
     evaluated = stages.evaluate(params, progress)
     registered = stages.register(params)
     _tell_verdict(params, url, registered, evaluated)
@@ -83,6 +84,45 @@ def _stages(params: Params, *, force: bool, progress: bool, verbose: bool) -> Pi
         status="trained", ingest=ingested, freshness=fresh, audit=audited, baseline=baseline,
         train=trained, evaluate=evaluated, register=registered,
     )  # fmt: skip
+
+
+def _audit_baseline_train(
+    params: Params, ingested: IngestSummary, *, progress: bool, verbose: bool
+) -> tuple[AuditSummary | None, BaselineResult, TrainedRun]:
+    """The label audit, the CLIP baseline and training.
+
+    Training reads neither the baseline nor, with ``audit.action: report``, the audit: those then run
+    beside it, as task runs in threads of this process, on the CPU that Ray's start and the workers'
+    imports leave idle, and the flow waits for them before evaluate. An audit that excludes or fails
+    on suspects runs first; a baseline that would use Ray or a GPU (both of which training holds) runs
+    before training. The audit beside training draws no progress bars (training draws its own); a
+    failure of either fails the run once training is done.
+
+    Nothing may fork this process while another thread is inside OpenBLAS: its fork handler waits for
+    its threads, which wait for the caller (seen: Ray's process start hung for good beside the audit's
+    PCA). So Ray's runtime starts here, before anything runs beside training, and training finds it
+    connected; and BLAS keeps to one thread per call until the stages beside it are done.
+    """
+    from threadpoolctl import threadpool_limits
+
+    from components.train import ray_adapter
+
+    beside_audit = params.audit.enabled and params.audit.action == "report"
+    audited = stages.audit(params, progress) if params.audit.enabled and not beside_audit else None
+    beside_baseline = pipeline_stages.baseline_beside_training(params, images=ingested.ingested)
+    # never fails for want of weights: then "skipped"
+    baseline = None if beside_baseline else stages.baseline(params, behind_proxy())
+    options = ray_options(verbose=verbose)
+    with ray_adapter.runtime(options), threadpool_limits(limits=1, user_api="blas"):
+        audit_run = stages.audit.submit(params, False) if beside_audit else None
+        baseline_run = stages.baseline.submit(params, behind_proxy()) if beside_baseline else None
+        trained = stages.train(params, progress, options)
+        if audit_run is not None:
+            audited = audit_run.result()
+        if baseline_run is not None:
+            baseline = baseline_run.result()
+    assert baseline is not None
+    return audited, baseline, trained
 
 
 def _tell(params: Params, url: str | None, event: str, summary: str, details: dict[str, Any]) -> None:

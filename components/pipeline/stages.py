@@ -480,13 +480,32 @@ def _baseline_record(
         )
 
 
+def _baseline_on_ray(params: Params, *, images: int, ray_options: RayOptions | None) -> bool:
+    """The CLIP baseline embeds on Ray Data when a cluster is named or the data holds at least
+    ``ray.min_images`` images."""
+    return bool(ray_options and ray_options.address) or images >= params.ray.min_images
+
+
+def baseline_beside_training(params: Params, *, images: int) -> bool:
+    """May the pipeline run the CLIP baseline (as it calls it: no ``ray_options``) beside training?
+    Only when it needs neither Ray (the runtime training starts, stops and fills) nor a GPU (which
+    training may fill): then it is CPU work in a thread of the flow's process, as the audit is."""
+    if not params.baseline.enabled:
+        return True
+    if _baseline_on_ray(params, images=images, ray_options=None):
+        return False
+    from components.baseline import resolve_device
+
+    return resolve_device(params.baseline.device) == "cpu"
+
+
 @contextmanager
 def _ray_image_encoder(
     params: Params, encoder: Any, *, images: int, ray_options: RayOptions | None
 ) -> Iterator[Any]:
     """paths -> CLIP image features on Ray Data (a runtime for the block) when a cluster is named or
     the data holds at least ``ray.min_images`` images; None (the stage's own loader) otherwise."""
-    if not ((ray_options and ray_options.address) or images >= params.ray.min_images):
+    if not _baseline_on_ray(params, images=images, ray_options=ray_options):
         yield None
         return
     from components.serve import ray_batch

@@ -220,18 +220,9 @@ def ray_runtime(options: RayOptions | None = None, *, num_cpus: int | None = Non
     """A connected Ray runtime for the block: the cluster ``options.address`` names (checked first:
     an unreachable one is a ConfigError within seconds), else a local one on 127.0.0.1 with
     ``num_cpus``. Shut down on exit when this call started it."""
-    from components.train.ray_adapter import RayOptions
-
-    opts = options or RayOptions()
-    started = ray_adapter.init_ray(
-        address=opts.address, num_cpus=num_cpus, dashboard=opts.dashboard, verbose=opts.verbose
-    )
-    _quiet_ray_data(verbose=opts.verbose)
-    try:
+    with ray_adapter.runtime(options, num_cpus=num_cpus):
+        _quiet_ray_data(verbose=bool(options and options.verbose))
         yield
-    finally:
-        if started:
-            ray_adapter.shutdown_ray()
 
 
 def _quiet_ray_data(*, verbose: bool) -> None:

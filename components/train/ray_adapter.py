@@ -147,6 +147,22 @@ def init_ray(
     return True
 
 
+@contextlib.contextmanager
+def runtime(options: RayOptions | None = None, *, num_cpus: int | None = None) -> Iterator[bool]:
+    """A connected Ray runtime for the block: the cluster ``options.address`` names, else a local one
+    on 127.0.0.1 with ``num_cpus``; shut down on exit when this call started it (which it yields).
+    Inside the block :func:`init_ray` finds it connected, so the stages run there reuse it."""
+    opts = options or RayOptions()
+    started = init_ray(
+        address=opts.address, num_cpus=num_cpus, dashboard=opts.dashboard, verbose=opts.verbose
+    )
+    try:
+        yield started
+    finally:
+        if started:
+            shutdown_ray()
+
+
 def check_reachable(address: str, *, timeout_s: float = 5.0) -> None:
     """A ConfigError within ``timeout_s`` when nothing accepts a connection at a ``host:port`` (or
     ``ray://host:port``) cluster address. ``ray.init`` itself retries an unreachable GCS for minutes

@@ -305,3 +305,17 @@ def test_multilabel_stage_tunes_thresholds_on_val_logs_map_and_flags_missing_lab
     gates = check_beats_baseline(record["linear_probe"], record, margin=0.0)
     assert gates[0].name == "beats_zero_shot[mAP]" and len(gates) == 1 + len(ATTRIBUTES)
     assert gates[0].passed == (record["linear_probe"]["mAP"] >= record["zero_shot"]["mAP"])
+
+
+def test_baseline_runs_beside_training_only_off_ray_and_off_the_gpu(tmp_path: Path) -> None:
+    """The pipeline runs the baseline beside training only when it needs neither the Ray runtime
+    training holds (from ``ray.min_images`` images) nor a GPU training may fill; a disabled one may."""
+    from components.pipeline.stages import baseline_beside_training
+
+    cpu = _params(tmp_path, device="cpu")
+    assert baseline_beside_training(cpu, images=1000)
+    assert not baseline_beside_training(cpu, images=cpu.ray.min_images)  # Ray Data embeds it
+    on_gpu = "cuda" if torch.cuda.is_available() else "cpu"
+    assert baseline_beside_training(_params(tmp_path, device="auto"), images=1000) == (on_gpu == "cpu")
+    off = _params(tmp_path, enabled=False)
+    assert baseline_beside_training(off, images=off.ray.min_images)

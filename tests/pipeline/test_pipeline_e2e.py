@@ -86,6 +86,21 @@ def test_flow_run_history_is_in_the_projects_prefect_home(done: dict) -> None:
     assert {state for _, state in tasks} == {"COMPLETED"}
 
 
+def test_audit_and_baseline_run_beside_training(done: dict) -> None:
+    """With ``audit.action: report`` and a CPU baseline off Ray, training reads neither: both task runs
+    start once validation has passed and before training ends, and evaluate starts after both."""
+    db = done["prefect_home"] / "prefect.db"
+    with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True)) as con:
+        rows = con.execute("SELECT name, start_time, end_time FROM task_run").fetchall()
+    runs = {name.split(" [")[0]: (start, end) for name, start, end in rows}  # ISO times: they sort as text
+    train_start, train_end = runs["train-model-on-ray"]
+    for side in ("audit-labels", "clip-baseline"):
+        start, end = runs[side]
+        assert runs["validate-manifest"][1] <= start < train_end, (side, runs)
+        assert end <= runs["evaluate-and-gate"][0], (side, runs)
+    assert train_start < runs["audit-labels"][1], runs  # the audit ran while training did
+
+
 def test_offline_pipeline_records_the_clip_baseline_as_skipped(done: dict) -> None:
     project = done["project"]  # no CLIP weights ship and HF_HUB_OFFLINE=1: skipped, not failed
     record = json.loads((project / "outputs" / "baseline" / "baseline.json").read_text())

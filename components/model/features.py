@@ -86,28 +86,49 @@ def prev_stage_map(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """x (B, C, H, W) -> (B, C', H', W') the map of the stage before the last (see the module docstring).
 
     A ConfigError naming the model when it has neither ``forward_intermediates`` nor ``stages``."""
+    return stage_maps(model, x, (-2,))[1][0]
+
+
+def stage_maps(
+    model: nn.Module, x: torch.Tensor, indices: Sequence[int]
+) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
+    """x (B, C, H, W) -> (``forward_features`` output when it came from the same pass, else None; the
+    maps of the stages at negative ``indices`` (-2: the stage before the last), in the order asked).
+
+    Models with ``forward_intermediates`` (timm's) give the maps from it; models with a ``stages``
+    Sequential (imgflow's small nets) from forward hooks on those stages during one ``forward_features``
+    pass. Else, or with fewer stages than asked, a ConfigError naming the model."""
+    wanted = sorted(set(indices))
     intermediates = getattr(model, "forward_intermediates", None)
     if callable(intermediates):
-        (fmap,) = intermediates(x, indices=[-2], intermediates_only=True, output_fmt="NCHW", stop_early=True)
-        return cast(torch.Tensor, fmap)
+        maps = intermediates(x, indices=wanted, intermediates_only=True, output_fmt="NCHW", stop_early=True)
+        by_index = dict(zip(wanted, maps, strict=True))  # timm returns them in forward order
+        return None, [cast(torch.Tensor, by_index[i]) for i in indices]
     stages = getattr(model, "stages", None)
-    if isinstance(stages, nn.Sequential) and len(stages) >= 2:
-        return _hooked_output(model, stages[-2], x)[1]
+    if isinstance(stages, nn.Sequential) and indices and len(stages) >= -min(indices) >= 2:
+        feats, seen = _hooked_outputs(model, [stages[i] for i in indices], x)
+        return feats, seen
     raise ConfigError(
-        f"{type(model).__name__} has no forward_intermediates and no stages: layer prev_stage_3x3 is not "
-        "available for it; use pooled_last"
+        f"{type(model).__name__} has no forward_intermediates and no stages {sorted(indices)}: layer "
+        "prev_stage_3x3 is not available for it; use pooled_last"
     )
 
 
-def _hooked_output(model: nn.Module, module: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(``forward_features`` output, ``module``'s output) of one pass of ``model`` over x."""
-    seen: list[torch.Tensor] = []
-    handle = module.register_forward_hook(lambda _m, _i, out: seen.append(out))
+def _hooked_outputs(
+    model: nn.Module, modules: Sequence[nn.Module], x: torch.Tensor
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """(``forward_features`` output, each of ``modules``' last output) of one pass of ``model`` over x."""
+    seen: list[list[torch.Tensor]] = [[] for _ in modules]
+    handles = [
+        m.register_forward_hook(lambda _m, _i, out, into=into: into.append(out))
+        for m, into in zip(modules, seen, strict=True)
+    ]
     try:
         feats = cast(Callable[[torch.Tensor], torch.Tensor], model.forward_features)(x)
     finally:
-        handle.remove()
-    return feats, seen[-1]
+        for handle in handles:
+            handle.remove()
+    return feats, [outputs[-1] for outputs in seen]
 
 
 def grid_pool(fmap: torch.Tensor) -> torch.Tensor:
@@ -150,7 +171,7 @@ def logits_and_features(
     if layer == "prev_stage_3x3":
         stages = getattr(net, "stages", None)
         if not callable(getattr(net, "forward_intermediates", None)) and isinstance(stages, nn.Sequential):
-            feats, fmap = _hooked_output(net, stages[-2], x)
+            feats, (fmap,) = _hooked_outputs(net, [stages[-2]], x)
             return forward_head(feats), grid_pool(fmap)
         return net(x), layer_features(net, x, layer=layer)
     feats = cast(Callable[[torch.Tensor], torch.Tensor], net.forward_features)(x)

@@ -292,8 +292,13 @@ def run_label_efficiency(
         f"scratch: imgflow's supervised recipe ({spec['model']}, its augmentation, loss, optimiser and schedule) "
         f"trained in one process for about {settings.scratch_steps} steps (1..{settings.scratch_max_epochs} epochs)",
         f"probes: logistic regression on standardised features, C by {settings.probe_cv_folds}-fold CV inside "
-        f"the labelled subset (unless probe_C is set); SSL and random-init features: {settings.probe_layers} "
-        f"conv stage(s), each average-pooled to {settings.grid}x{settings.grid}"
+        f"the labelled subset (unless probe_C is set); SSL and random-init features: "
+        + (
+            f"the last two or three conv stages, as the same CV chooses ({' or '.join(le.AUTO_LAYERS)}), "
+            if settings.probe_layers == "auto"
+            else f"{settings.probe_layers} conv stage(s), "
+        )
+        + f"each average-pooled to {settings.grid}x{settings.grid}"
         + (", of each image and its mirror image (concatenated)" if settings.mirror else ""),
         *(
             [

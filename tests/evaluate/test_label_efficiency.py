@@ -3,6 +3,7 @@ the MLflow run, and the gate-report section."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -18,7 +19,9 @@ from components.evaluate.label_efficiency import (
     choose_probe_C,
     grid_features,
     labelled_subset,
+    probe_columns,
     probe_features,
+    probe_fit,
     report_section,
 )
 from components.model.models import create_classifier
@@ -76,7 +79,12 @@ def test_report_on_tiny_data_has_every_row(tmp_path: Path) -> None:
     assert all(0.0 <= r["accuracy"] <= 1.0 for r in report["rows"])
     assert min(r["labels"] for r in report["rows"]) >= 10  # one image per class at least
     assert report["settings"]["scratch_steps"] == 2 and report["settings"]["grid"] == 3
-    assert report["settings"]["probe_layers"] == "last+prev" and report["settings"]["probe_C"] is None
+    assert report["settings"]["probe_layers"] == "auto" and report["settings"]["probe_C"] is None
+    backbones = {r["probe_layers"] for r in report["rows"] if r["method"] in ("ssl_probe", "random_init")}
+    assert backbones <= {"last+prev", "last3"} and backbones  # each fit's choice is in its row
+    assert {r["probe_layers"] for r in report["rows"] if r["method"] not in ("ssl_probe", "random_init")} == {
+        None
+    }
     assert report["settings"]["mirror"] is True  # None resolved from the recipe (train.hflip 0.5)
     grid = set(settings.probe_C_grid) | {settings.probe_C_fallback}
     trained = ("scratch", "ssl_finetune")  # the recipe's runs: no probe
@@ -119,6 +127,42 @@ def test_probe_reads_the_last_stage_then_the_one_before() -> None:
     np.testing.assert_allclose(both[:, : 64 * 9], last, rtol=1e-5, atol=1e-6)
     with pytest.raises(ConfigError, match="probe_layers"):
         grid_features(net, images, layers="prev", **kw)
+
+
+def test_last3_adds_the_stage_before_and_auto_chooses_columns_by_cv() -> None:
+    """``last3``: ``last+prev``'s columns (unchanged), then the stage before them (imgflow_cnn's first:
+    16 channels x 9 cells), from one pass. ``auto`` reads the ``last3`` columns of each view and names
+    ``last+prev``'s inside them; the CV then picks a choice, and fitting on it is fitting on those
+    columns alone."""
+    net = create_classifier("imgflow_cnn", 0, in_chans=1)
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (40, 1, 28, 28), dtype=np.uint8)
+    kw = {"mean": (0.5,), "std": (0.5,), "grid": 3, "batch_size": 16}
+    two = grid_features(net, images, layers="last+prev", **kw)
+    three = grid_features(net, images, layers="last3", **kw)
+    assert three.shape == (40, (64 + 32 + 16) * 9)
+    np.testing.assert_allclose(three[:, : two.shape[1]], two, rtol=1e-5, atol=1e-6)
+
+    auto = EvalSettings(probe_layers="auto", mirror=True, probe_cv_folds=2, probe_max_iter=50)
+    feats = probe_features(net, images, settings=auto, mean=(0.5,), std=(0.5,))
+    columns = probe_columns(net, images[:1], settings=auto, mean=(0.5,), std=(0.5,))
+    assert columns is not None and set(columns) == {"last+prev", "last3"}
+    width = three.shape[1]
+    assert feats.shape == (40, 2 * width) and len(columns["last3"]) == 2 * width
+    mirror_two = grid_features(net, images[..., ::-1].copy(), layers="last+prev", **kw)
+    np.testing.assert_allclose(
+        feats[:, columns["last+prev"]], np.hstack([two, mirror_two]), rtol=1e-5, atol=1e-6
+    )
+    assert probe_columns(None, images[:1], settings=auto, mean=(0.5,), std=(0.5,)) is None
+    fixed = EvalSettings(probe_layers="last+prev", mirror=True)
+    assert probe_columns(net, images[:1], settings=fixed, mean=(0.5,), std=(0.5,)) is None
+
+    labels = np.repeat(np.arange(2), 20)
+    fit = probe_fit(feats, labels, feats, labels, settings=auto, columns=columns)
+    assert fit.layers in columns
+    alone = probe_fit(feats[:, columns[fit.layers]], labels, feats[:, columns[fit.layers]], labels,
+                      settings=dataclasses.replace(auto, probe_C=fit.C))  # fmt: skip
+    assert alone.layers is None and alone.accuracy == fit.accuracy
 
 
 def test_mirror_probe_reads_the_image_then_its_mirror() -> None:

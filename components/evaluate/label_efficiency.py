@@ -308,10 +308,9 @@ def probe_columns(
     (1, C, H, W); None otherwise (one fixed set of columns)."""
     if net is None or settings.probe_layers != "auto":
         return None
-    kw = {"mean": mean, "std": std, "grid": settings.grid, "batch_size": 1}
-    widths = np.cumsum(
-        [0, *(p.shape[1] for p in stage_grids(net, image, stages=STAGES_READ[_read_layers(settings)], **kw))]
-    )
+    blocks = stage_grids(net, image, mean=mean, std=std, grid=settings.grid, batch_size=1,
+                         stages=STAGES_READ[_read_layers(settings)])  # fmt: skip
+    widths = np.cumsum([0, *(block.shape[1] for block in blocks)])
     views = 2 if settings.mirror else 1
     return {
         layers: np.concatenate(

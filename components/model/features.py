@@ -109,8 +109,9 @@ def stage_maps(
         feats, seen = _hooked_outputs(model, [stages[i] for i in indices], x)
         return feats, seen
     raise ConfigError(
-        f"{type(model).__name__} has no forward_intermediates and no stages {sorted(indices)}: layer "
-        "prev_stage_3x3 is not available for it; use pooled_last"
+        f"{type(model).__name__} has no forward_intermediates and no stages {sorted(indices)} to read: the "
+        "embedding layer prev_stage_3x3 and the label-efficiency probes' last+prev / last3 / auto need them; "
+        "use pooled_last (probe_layers: last)"
     )
 
 

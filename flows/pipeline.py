@@ -96,32 +96,23 @@ def _audit_baseline_train(
     imports leave idle, and the flow waits for them before evaluate. An audit that excludes or fails
     on suspects runs first; a baseline that would use Ray or a GPU (both of which training holds) runs
     before training. The audit beside training draws no progress bars (training draws its own); a
-    failure of either fails the run once training is done.
-
-    Nothing may fork this process while another thread is inside OpenBLAS: its fork handler waits for
-    its threads, which wait for the caller (seen: Ray's process start hung for good beside the audit's
-    PCA). So Ray's runtime starts here, before anything runs beside training, and training finds it
-    connected; and BLAS keeps to one thread per call until the stages beside it are done.
+    failure of either fails the run once training is done. Ray's runtime starts before anything runs
+    beside training (:func:`components.pipeline.stages.runtime_for_training_and_side_stages`: why).
     """
-    from threadpoolctl import threadpool_limits
-
-    from components.train import ray_adapter
-
     beside_audit = params.audit.enabled and params.audit.action == "report"
     audited = stages.audit(params, progress) if params.audit.enabled and not beside_audit else None
     beside_baseline = pipeline_stages.baseline_beside_training(params, images=ingested.ingested)
     # never fails for want of weights: then "skipped"
     baseline = None if beside_baseline else stages.baseline(params, behind_proxy())
     options = ray_options(verbose=verbose)
-    with ray_adapter.runtime(options), threadpool_limits(limits=1, user_api="blas"):
+    with pipeline_stages.runtime_for_training_and_side_stages(options):
         audit_run = stages.audit.submit(params, False) if beside_audit else None
         baseline_run = stages.baseline.submit(params, behind_proxy()) if beside_baseline else None
         trained = stages.train(params, progress, options)
-        if audit_run is not None:
-            audited = audit_run.result()
-        if baseline_run is not None:
-            baseline = baseline_run.result()
-    assert baseline is not None
+        audited = audit_run.result() if audit_run is not None else audited
+        baseline = baseline_run.result() if baseline_run is not None else baseline
+    if baseline is None:  # unreachable: the baseline ran before training or beside it
+        raise RuntimeError("the CLIP baseline stage did not run")
     return audited, baseline, trained
 
 

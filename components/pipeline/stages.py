@@ -500,6 +500,22 @@ def baseline_beside_training(params: Params, *, images: int) -> bool:
 
 
 @contextmanager
+def runtime_for_training_and_side_stages(ray_options: RayOptions | None) -> Iterator[None]:
+    """Ray's runtime for a train stage with other stages running beside it in threads of this process.
+
+    Nothing may fork this process while another thread is inside OpenBLAS: its fork handler waits for
+    its threads, which wait for the caller (seen: Ray's process start hung for good beside the audit's
+    PCA). So the runtime starts on entry, before anything runs beside training (which then finds it
+    connected), and BLAS keeps to one thread per call until the block ends."""
+    from threadpoolctl import threadpool_limits
+
+    from components.train import ray_adapter
+
+    with ray_adapter.runtime(ray_options), threadpool_limits(limits=1, user_api="blas"):
+        yield
+
+
+@contextmanager
 def _ray_image_encoder(
     params: Params, encoder: Any, *, images: int, ray_options: RayOptions | None
 ) -> Iterator[Any]:

@@ -114,6 +114,7 @@ def _plain_loop(
     for epoch in range(recipe.epochs):
         t0 = time.perf_counter()
         scale = tr.input_scale(recipe, epoch)
+        tr.set_loader_epoch(train_loader, epoch)
         sums = train_one_epoch(model, train_loader, optimizer, loss_fn, device=device, scheduler=scheduler,
                                start_step=epoch * len(train_loader), opts=opts, input_scale=scale)  # fmt: skip
         seconds = time.perf_counter() - t0
@@ -317,6 +318,8 @@ RECIPES: dict[str, dict[str, Any]] = {
         "ema_decay": 0.999,
     },
     "resnet_12_trivialaugment": {"model": "imgflow_resnet_avgmax", "epochs": 12, "augment": "trivialaugment"},
+    # airbench's alternating flip: each image mirrored in every other epoch instead of at random
+    "resnet_12_ta_altflip": {**_RESNET_TA, "epochs": 12, "hflip_schedule": "alternate"},
     # progressive resizing (train.progressive_*) on the pipeline's default, resnet_12_trivialaugment
     "resnet_12_ta_prog60": {**_RESNET_TA, "epochs": 12, "progressive_resize": 0.6, "progressive_until": 0.75},
     "resnet_12_ta_prog75_until50": {

@@ -305,6 +305,10 @@ class TrainConfig(_Section):
     label_smoothing: float = Field(default=0.1, ge=0, lt=1)
     hflip: float = Field(default=0.5, ge=0, le=1)
     """Horizontal-flip probability of the training transform."""
+    hflip_schedule: Literal["random", "alternate"] = "random"
+    """``random``: each image mirrored with probability ``hflip`` in each epoch; ``alternate``: drawn
+    once, then mirrored in every other epoch (each image seen both ways in any two consecutive
+    epochs; airbench's alternating flip, Jordan 2024)."""
     scale: tuple[float, float] = (0.85, 1.0)
     """Random-resized-crop area range of the training transform."""
     progressive_resize: float = Field(default=1.0, gt=0, le=1)

@@ -46,20 +46,28 @@ class ManifestDataset(Dataset):
         *,
         transform: Callable[[Image.Image], torch.Tensor],
         mode: str,
+        flip_base: torch.Tensor | None = None,
     ) -> None:
-        if len(paths) != len(targets):
-            raise ValueError("paths and targets differ in length")
+        if len(paths) != len(targets) or (flip_base is not None and len(flip_base) != len(paths)):
+            raise ValueError("paths, targets and flip_base differ in length")
         self.paths = [Path(p) for p in paths]
         self.targets = as_target_tensor(targets)
         self.transform = transform
         self.mode = mode
+        self.flip_base, self.epoch = flip_base, 0
 
     def __len__(self) -> int:
         return len(self.paths)
 
+    def set_epoch(self, epoch: int) -> None:
+        """The epoch the next items belong to (with ``flip_base``: the alternating flip's parity)."""
+        self.epoch = epoch
+
     def __getitem__(self, i: int) -> tuple[torch.Tensor, Any]:
         with Image.open(self.paths[i]) as img:
             x = self.transform(model_input(img, self.mode))
+        if self.flip_base is not None and bool(self.flip_base[i]) ^ bool(self.epoch % 2):
+            x = torch.flip(x, dims=[-1])  # after the transform: its crop and erasing are symmetric
         # A class index as a plain int, a multi-hot row as its (C,) tensor.
         return x, (self.targets[i] if self.targets.ndim == 2 else int(self.targets[i]))
 
@@ -242,6 +250,13 @@ def cache_key(paths: Sequence[Path], *, mode: str, side: int, crop_pct: float, i
     return h.hexdigest()[:20]
 
 
+def alternating_flips(n: int, hflip: float, seed: int) -> torch.Tensor:
+    """``train.hflip_schedule: alternate`` (airbench's alternating flip): (n,) bool, image i's mirror in
+    even epochs, drawn once with probability ``hflip``; odd epochs mirror the others, so every image
+    is seen both ways in any two consecutive epochs."""
+    return torch.rand(n, generator=torch.Generator().manual_seed(seed)) < hflip
+
+
 def random_resized_crop_flip(
     x: torch.Tensor,
     *,
@@ -250,10 +265,12 @@ def random_resized_crop_flip(
     hflip: float = 0.5,
     generator: torch.Generator | None = None,
     side: int | None = None,
+    flip: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """timm's training geometry (RandomResizedCrop(scale, ratio) + horizontal flip) for a whole batch:
     one affine sampling grid per image, applied by ``grid_sample`` in one call (no per-image Python).
-    ``side``: the crops' output side (None: the input's)."""
+    ``side``: the crops' output side (None: the input's); ``flip``: which images to mirror, (N,) bool
+    (None: each with probability ``hflip``)."""
     n = x.shape[0]
     out_shape = list(x.shape) if side is None else [n, x.shape[1], side, side]
     if scale[0] < 1.0 or scale[1] < 1.0:
@@ -266,11 +283,12 @@ def random_resized_crop_flip(
     else:
         w = h = torch.ones(n)
         tx = ty = torch.zeros(n)
-    flip = torch.where(torch.rand(n, generator=generator) < hflip, -1.0, 1.0)
-    if side is None and bool((w == 1).all() and (h == 1).all() and (flip == 1).all()):
+    mirror = torch.rand(n, generator=generator) < hflip if flip is None else flip
+    sign = torch.where(mirror, -1.0, 1.0)
+    if side is None and bool((w == 1).all() and (h == 1).all() and (sign == 1).all()):
         return x
     theta = torch.zeros(n, 2, 3)
-    theta[:, 0, 0], theta[:, 0, 2] = w * flip, tx
+    theta[:, 0, 0], theta[:, 0, 2] = w * sign, tx
     theta[:, 1, 1], theta[:, 1, 2] = h, ty
     grid = F.affine_grid(theta.to(x.dtype), out_shape, align_corners=False)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
@@ -295,6 +313,8 @@ class InMemoryDataset(Dataset):
         scale: tuple[float, float] = (0.85, 1.0),
         random_erasing: float = 0.0,
         paths: Sequence[Path] | None = None,
+        hflip_schedule: str = "random",
+        seed: int = 0,
     ) -> None:
         if len(images) != len(targets) or (paths is not None and len(paths) != len(targets)):
             raise ValueError("images, targets and paths differ in length")
@@ -305,6 +325,10 @@ class InMemoryDataset(Dataset):
         self.mean = torch.tensor(list(mean)[:c], dtype=torch.float32).view(1, c, 1, 1) * 255.0
         self.std = torch.tensor(list(std)[:c], dtype=torch.float32).view(1, c, 1, 1) * 255.0
         self.train, self.hflip, self.scale = train, hflip, scale
+        self.flip_base = (
+            alternating_flips(len(targets), hflip, seed) if train and hflip_schedule == "alternate" else None
+        )
+        self.epoch = 0
         self.erase = None
         if train and random_erasing > 0:  # timm's random erasing, on the normalised batch
             from timm.data.random_erasing import RandomErasing
@@ -314,6 +338,10 @@ class InMemoryDataset(Dataset):
     def __len__(self) -> int:
         return len(self.targets)
 
+    def set_epoch(self, epoch: int) -> None:
+        """The epoch the next batches belong to (``hflip_schedule: alternate`` flips by its parity)."""
+        self.epoch = epoch
+
     def __getitems__(self, indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
         idx = np.asarray(indices, dtype=np.int64)
         order = np.argsort(idx)  # sorted reads are kinder to a memory-mapped file
@@ -321,7 +349,10 @@ class InMemoryDataset(Dataset):
         raw[order] = self.images[idx[order]]
         x = (torch.from_numpy(raw).float() - self.mean) / self.std
         if self.train:
-            x = random_resized_crop_flip(x, scale=self.scale, hflip=self.hflip)
+            flip = None
+            if self.flip_base is not None:
+                flip = self.flip_base[torch.from_numpy(idx)] ^ bool(self.epoch % 2)
+            x = random_resized_crop_flip(x, scale=self.scale, hflip=self.hflip, flip=flip)
             if self.erase is not None:
                 x = self.erase(x)
         return x, self.targets[torch.from_numpy(idx)]

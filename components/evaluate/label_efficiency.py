@@ -47,7 +47,7 @@ from torch import nn
 
 from components.core.errors import ConfigError
 from components.data.datasets import normalise
-from components.model.features import base_model, stage_maps
+from components.model.features import base_model, readable_stages, stage_maps
 
 logger = logging.getLogger(__name__)
 
@@ -73,7 +73,8 @@ class EvalSettings:
     """Maps the probes read: ``last`` (the last conv stage), ``last+prev`` (and the stage before it,
     concatenated; see the module docstring), ``last3`` (and the one before that), or ``auto``: for each
     fit, ``last+prev`` or ``last3``, whichever the cross-validation that chooses C scores higher inside
-    the labelled subset (ties: the fewer maps; the choice is in each row). Measured on one SimCLR
+    the labelled subset (ties: the fewer maps; the choice is in each row; a backbone with fewer stages
+    chooses among those it has: :func:`auto_layers`). Measured on one SimCLR
     backbone, 1% of Fashion-MNIST's labels: ``last3`` +0.4 points over ``last+prev``, and ``auto`` picked
     it on 2 of 3 subsets for the same test accuracy (docs/self-supervised.md)."""
     mirror: bool | None = None
@@ -268,10 +269,17 @@ def grid_features(
     return np.concatenate(parts, axis=1)
 
 
-def _read_layers(settings: EvalSettings) -> str:
+def auto_layers(net: nn.Module) -> tuple[str, ...]:
+    """``probe_layers: auto``'s choices on this backbone: those of :data:`AUTO_LAYERS` it has the stages
+    for (a backbone with fewer: ``last+prev`` alone, or ``last``), so ``auto`` holds on any model."""
+    stages = readable_stages(base_model(net))
+    return tuple(c for c in AUTO_LAYERS if STAGES_READ[c] <= stages) or ("last",)
+
+
+def _read_layers(settings: EvalSettings, net: nn.Module) -> str:
     """The fixed layers a probe's features are read at (``auto`` reads the widest of its choices)."""
     if settings.probe_layers == "auto":
-        return max(AUTO_LAYERS, key=STAGES_READ.__getitem__)
+        return max(auto_layers(net), key=STAGES_READ.__getitem__)
     return settings.probe_layers
 
 
@@ -290,7 +298,7 @@ def probe_features(
     return np.concatenate([
         v.reshape(len(v), -1) if net is None else grid_features(
             net, v, mean=mean, std=std, grid=settings.grid, batch_size=settings.feature_batch_size,
-            layers=_read_layers(settings))
+            layers=_read_layers(settings, net))
         for v in views
     ], axis=1)  # fmt: skip
 
@@ -309,14 +317,14 @@ def probe_columns(
     if net is None or settings.probe_layers != "auto":
         return None
     blocks = stage_grids(net, image, mean=mean, std=std, grid=settings.grid, batch_size=1,
-                         stages=STAGES_READ[_read_layers(settings)])  # fmt: skip
+                         stages=STAGES_READ[_read_layers(settings, net)])  # fmt: skip
     widths = np.cumsum([0, *(block.shape[1] for block in blocks)])
     views = 2 if settings.mirror else 1
     return {
         layers: np.concatenate(
             [v * widths[-1] + np.arange(widths[STAGES_READ[layers]]) for v in range(views)]
         )
-        for layers in AUTO_LAYERS
+        for layers in auto_layers(net)
     }
 
 
@@ -577,7 +585,7 @@ def recipe_scratch_trainer(
         seed_everything(r.seed)
         ds = InMemoryDataset(
             subset.images, subset.labels, mean=dc["mean"], std=dc["std"], train=True, hflip=r.hflip,
-            scale=r.scale, random_erasing=r.random_erasing,
+            scale=r.scale, random_erasing=r.random_erasing, hflip_schedule=r.hflip_schedule, seed=r.seed,
         )  # fmt: skip
         ds = attach_augment(ds, r.augment, mean=dc["mean"], std=dc["std"])  # train.augment, as the workers do
         loader = DataLoader(ds, batch_size=min(r.batch_size, len(ds)), shuffle=True, collate_fn=batch_collate,
@@ -589,6 +597,7 @@ def recipe_scratch_trainer(
         opts = tr.build_step_options(r, model, dev)
         loss_fn = tr.build_train_loss(r, opts, subset.labels)
         for epoch in range(epochs):
+            tr.set_loader_epoch(loader, epoch)
             train_one_epoch(model, loader, optimizer, loss_fn, device=dev, scheduler=scheduler,
                             start_step=epoch * len(loader), opts=opts, input_scale=tr.input_scale(r, epoch))  # fmt: skip
         if mirror:

@@ -110,9 +110,19 @@ def stage_maps(
         return feats, seen
     raise ConfigError(
         f"{type(model).__name__} has no forward_intermediates and no stages {sorted(indices)} to read: the "
-        "embedding layer prev_stage_3x3 and the label-efficiency probes' last+prev / last3 / auto need them; "
+        "embedding layer prev_stage_3x3 and the label-efficiency probes' fixed last+prev / last3 need them; "
         "use pooled_last (probe_layers: last)"
     )
+
+
+def readable_stages(model: nn.Module) -> int:
+    """How many stages' maps :func:`stage_maps` can read from ``model``, the last included: timm's
+    ``feature_info`` entries for a model with ``forward_intermediates``, the ``stages`` of imgflow's
+    small nets, else 1 (``forward_features`` alone)."""
+    if callable(getattr(model, "forward_intermediates", None)):
+        return max(1, len(getattr(model, "feature_info", None) or ()))
+    stages = getattr(model, "stages", None)
+    return len(stages) if isinstance(stages, nn.Sequential) else 1
 
 
 def _hooked_outputs(

@@ -71,6 +71,7 @@ class TrainRecipe:
     early_stopping_patience: int | None
     # --- augmentation
     hflip: float
+    hflip_schedule: str
     scale: tuple[float, float]
     random_erasing: float
     augment: str
@@ -206,7 +207,7 @@ def build_recipe(
         epochs=cfg.epochs, batch_size=cfg.batch_size, eval_batch_size=max(cfg.batch_size, 256),
         optimizer=cfg.optimizer, lr=cfg.lr, weight_decay=cfg.weight_decay, warmup_epochs=cfg.warmup_epochs,
         early_stopping_patience=cfg.early_stopping_patience,
-        hflip=cfg.hflip, scale=cfg.scale, random_erasing=cfg.random_erasing, augment=cfg.augment, mixup=cfg.mixup,
+        hflip=cfg.hflip, hflip_schedule=cfg.hflip_schedule, scale=cfg.scale, random_erasing=cfg.random_erasing, augment=cfg.augment, mixup=cfg.mixup,
         cutmix=cfg.cutmix, label_smoothing=cfg.label_smoothing,
         loss=cfg.loss, class_weights=cfg.class_weights, focal_gamma=cfg.focal_gamma,
         logit_adjust_tau=cfg.logit_adjust_tau, soft_labels_beta=cfg.soft_labels_beta,

@@ -20,6 +20,7 @@ from components.core.errors import ConfigError
 from components.data.datasets import (
     InMemoryDataset,
     ManifestDataset,
+    alternating_flips,
     batch_collate,
     cached_split_at,
     decoded_size,
@@ -119,12 +120,15 @@ def split_dataset(
         return InMemoryDataset(
             images, targets, mean=data_config["mean"], std=data_config["std"], train=train,
             hflip=recipe.hflip, scale=recipe.scale, paths=paths, random_erasing=recipe.random_erasing,
+            hflip_schedule=recipe.hflip_schedule, seed=recipe.seed,
         )  # fmt: skip
+    alternate = train and recipe.hflip_schedule == "alternate"
     tf = create_image_transform(
-        data_config, is_training=train, hflip=recipe.hflip, scale=recipe.scale,
+        data_config, is_training=train, hflip=0.0 if alternate else recipe.hflip, scale=recipe.scale,
         random_erasing=recipe.random_erasing,
     )  # fmt: skip
-    return ManifestDataset(paths, targets, transform=tf, mode=mode)
+    flips = alternating_flips(len(paths), recipe.hflip, recipe.seed) if alternate else None
+    return ManifestDataset(paths, targets, transform=tf, mode=mode, flip_base=flips)
 
 
 def build_loaders(
@@ -162,6 +166,15 @@ def build_loaders(
         train_loader = loader(train_ds, batch_size=recipe.batch_size, shuffle=True, generator=g)
     val_loader = loader(val_ds, batch_size=recipe.eval_batch_size, shuffle=False)
     return train_loader, val_loader
+
+
+def set_loader_epoch(loader: Any, epoch: int) -> None:
+    """Tell a training loader's sampler (distributed or balanced: new draws each epoch) and dataset
+    (``train.hflip_schedule: alternate``) which epoch starts."""
+    for part in (getattr(loader, "sampler", None), getattr(loader, "dataset", None)):
+        set_epoch = getattr(part, "set_epoch", None)
+        if callable(set_epoch):
+            set_epoch(epoch)
 
 
 # --------------------------------------------------------------------------- optimisation

@@ -45,6 +45,7 @@ from components.train.torch_recipe import (
     input_scale,
     restore_state,
     save_state,
+    set_loader_epoch,
     should_stop,
     train_targets,
     unwrap,
@@ -130,9 +131,7 @@ def _train_epoch(
 ) -> dict[str, Any]:
     """One epoch on this worker's shard (its batches at ``scale`` of their side: progressive
     resizing), evaluated on val at full size; the epoch record summed over all workers."""
-    sampler: Any = getattr(t.train_loader, "sampler", None)
-    if hasattr(sampler, "set_epoch"):  # distributed or balanced: new draws each epoch
-        sampler.set_epoch(epoch)
+    set_loader_epoch(t.train_loader, epoch)
     t0 = time.perf_counter()
     tr = train_one_epoch(
         t.model, t.train_loader, t.optimizer, t.loss_fn, device=t.device, scheduler=t.scheduler,

@@ -10,16 +10,17 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
+from components.core.errors import ConfigError
 from components.data.datasets import (
     InMemoryDataset,
     ManifestDataset,
+    alternating_flips,
     batch_collate,
     cache_key,
     cached_split_array,
     decode_split,
     random_resized_crop_flip,
 )
-from components.core.errors import ConfigError
 from components.model.models import create_classifier, create_image_transform, resolve_data_config
 from components.train.torch_recipe import use_cache
 from tests.conftest import fmnist_arrays
@@ -111,3 +112,42 @@ def test_random_erasing_blanks_a_rectangle_of_training_batches_only() -> None:
     assert bool((changed > 0.01).all()) and bool((changed < 0.5).all())  # every image, one rectangle
     evaluated = InMemoryDataset(images, y, mean=[0.5], std=[0.5], random_erasing=1.0)
     assert torch.equal(evaluated.__getitems__([0, 1])[0], plain.__getitems__([0, 1])[0])
+
+
+def test_alternating_flip_mirrors_each_image_in_every_other_epoch(png_split) -> None:
+    """``train.hflip_schedule: alternate``: an image mirrored in one epoch is not in the next, for the
+    decoded split and the per-file one alike, and the loader's epoch reaches the dataset."""
+    from components.train.torch_recipe import set_loader_epoch
+
+    paths, x, y = png_split
+    n = 32
+    images = x[:n, None].copy()
+    images[..., : images.shape[-1] // 2] = 0  # a dark left half: a mirrored image has it on the right
+
+    def dark_on_right(batch: torch.Tensor) -> torch.Tensor:
+        half = batch.shape[-1] // 2
+        return batch[..., half:].flatten(1).mean(1) < batch[..., :half].flatten(1).mean(1)
+
+    def left_dark(img: Image.Image) -> torch.Tensor:
+        t = torch.from_numpy(np.asarray(img)).float()[None]
+        t[..., : t.shape[-1] // 2] = 0
+        return t
+
+    flips = alternating_flips(n, 0.5, seed=7)
+    assert 8 < int(flips.sum()) < 24 and torch.equal(flips, alternating_flips(n, 0.5, seed=7))
+    in_memory = InMemoryDataset(images, y[:n], mean=[0.5], std=[0.5], train=True, scale=(1.0, 1.0),
+                                hflip_schedule="alternate", seed=7)  # fmt: skip
+    per_file = ManifestDataset(paths[:n], y[:n], transform=left_dark, mode="L", flip_base=flips)
+    batches = {
+        "in_memory": lambda: in_memory.__getitems__(list(range(n)))[0],
+        "per_file": lambda: torch.stack([per_file[i][0] for i in range(n)]),
+    }
+    for ds, batch in ((in_memory, batches["in_memory"]), (per_file, batches["per_file"])):
+        loader = DataLoader(ds, batch_size=4)
+        seen = []
+        for epoch in range(3):
+            set_loader_epoch(loader, epoch)
+            seen.append(dark_on_right(batch()))
+        assert torch.equal(seen[0], flips) and torch.equal(seen[1], ~flips) and torch.equal(seen[2], flips)
+    random_ds = InMemoryDataset(images, y[:n], mean=[0.5], std=[0.5], train=True, scale=(1.0, 1.0))
+    assert random_ds.flip_base is None

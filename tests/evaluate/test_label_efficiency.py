@@ -9,6 +9,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+from torch import nn
 
 from components.core.config import load_params
 from components.core.errors import ConfigError
@@ -16,6 +18,7 @@ from components.core.jsonio import write_json
 from components.evaluate.label_efficiency import (
     METHODS,
     EvalSettings,
+    auto_layers,
     choose_probe_C,
     grid_features,
     labelled_subset,
@@ -24,6 +27,7 @@ from components.evaluate.label_efficiency import (
     probe_fit,
     report_section,
 )
+from components.model.features import readable_stages
 from components.model.models import create_classifier
 from components.pipeline.pretraining import run_label_efficiency
 from components.pipeline.stages import run_ingest
@@ -163,6 +167,51 @@ def test_last3_adds_the_stage_before_and_auto_chooses_columns_by_cv() -> None:
     alone = probe_fit(feats[:, columns[fit.layers]], labels, feats[:, columns[fit.layers]], labels,
                       settings=dataclasses.replace(auto, probe_C=fit.C))  # fmt: skip
     assert alone.layers is None and alone.accuracy == fit.accuracy
+
+
+class _OneMap(nn.Module):
+    """A backbone with one feature map and no stages to read before it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 8, 3, padding=1)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x)
+
+
+class _TwoStages(nn.Module):
+    """A backbone with two stages: ``last+prev`` is the most it can read."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stages = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.Conv2d(4, 8, 3, stride=2, padding=1))
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.stages(x)
+
+
+def test_auto_layers_fit_the_stages_a_backbone_has() -> None:
+    """``probe_layers: auto`` on any backbone: the choices it has the stages for (imgflow's nets and timm's
+    both; two stages: ``last+prev``; one map: ``last``), each fit naming the one it read. A fixed choice
+    the backbone cannot give stays a ConfigError."""
+    import timm
+
+    assert auto_layers(create_classifier("imgflow_cnn", 0, in_chans=1)) == ("last+prev", "last3")
+    assert readable_stages(timm.create_model("resnet10t", pretrained=False, num_classes=0)) >= 3
+    assert auto_layers(_TwoStages()) == ("last+prev",) and auto_layers(_OneMap()) == ("last",)
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (24, 1, 12, 12), dtype=np.uint8)
+    labels = np.repeat(np.arange(2), 12)
+    auto = EvalSettings(probe_layers="auto", mirror=True, probe_cv_folds=2, probe_max_iter=50)
+    kw = {"settings": auto, "mean": (0.5,), "std": (0.5,)}
+    for net, read, width in ((_TwoStages(), "last+prev", (8 + 4) * 9), (_OneMap(), "last", 8 * 9)):
+        feats = probe_features(net, images, **kw)
+        columns = probe_columns(net, images[:1], **kw)
+        assert feats.shape == (24, 2 * width) and columns is not None and list(columns) == [read]
+        assert probe_fit(feats, labels, feats, labels, settings=auto, columns=columns).layers == read
+    with pytest.raises(ConfigError, match="no forward_intermediates"):
+        grid_features(_OneMap(), images, mean=(0.5,), std=(0.5,), grid=3, batch_size=8, layers="last+prev")
 
 
 def test_mirror_probe_reads_the_image_then_its_mirror() -> None:

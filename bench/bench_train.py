@@ -320,6 +320,9 @@ RECIPES: dict[str, dict[str, Any]] = {
     "resnet_12_trivialaugment": {"model": "imgflow_resnet_avgmax", "epochs": 12, "augment": "trivialaugment"},
     # airbench's alternating flip: each image mirrored in every other epoch instead of at random
     "resnet_12_ta_altflip": {**_RESNET_TA, "epochs": 12, "hflip_schedule": "alternate"},
+    # airbench's label smoothing (0.2) and timm's random erasing on the same default
+    "resnet_12_ta_ls02": {**_RESNET_TA, "epochs": 12, "label_smoothing": 0.2},
+    "resnet_12_ta_re25": {**_RESNET_TA, "epochs": 12, "random_erasing": 0.25},
     # progressive resizing (train.progressive_*) on the pipeline's default, resnet_12_trivialaugment
     "resnet_12_ta_prog60": {**_RESNET_TA, "epochs": 12, "progressive_resize": 0.6, "progressive_until": 0.75},
     "resnet_12_ta_prog75_until50": {

@@ -66,7 +66,7 @@ class ManifestDataset(Dataset):
     def __getitem__(self, i: int) -> tuple[torch.Tensor, Any]:
         with Image.open(self.paths[i]) as img:
             x = self.transform(model_input(img, self.mode))
-        if self.flip_base is not None and bool(self.flip_base[i]) ^ bool(self.epoch % 2):
+        if self.flip_base is not None and bool(mirrored_in_epoch(self.flip_base, torch.tensor([i]), self.epoch)):
             x = torch.flip(x, dims=[-1])  # after the transform: its crop and erasing are symmetric
         # A class index as a plain int, a multi-hot row as its (C,) tensor.
         return x, (self.targets[i] if self.targets.ndim == 2 else int(self.targets[i]))
@@ -253,8 +253,13 @@ def cache_key(paths: Sequence[Path], *, mode: str, side: int, crop_pct: float, i
 def alternating_flips(n: int, hflip: float, seed: int) -> torch.Tensor:
     """``train.hflip_schedule: alternate`` (airbench's alternating flip): (n,) bool, image i's mirror in
     even epochs, drawn once with probability ``hflip``; odd epochs mirror the others, so every image
-    is seen both ways in any two consecutive epochs."""
+    is seen both ways in any two consecutive epochs (:func:`mirrored_in_epoch`)."""
     return torch.rand(n, generator=torch.Generator().manual_seed(seed)) < hflip
+
+
+def mirrored_in_epoch(flip_base: torch.Tensor, index: torch.Tensor, epoch: int) -> torch.Tensor:
+    """Which of the images at ``index`` an alternating flip mirrors in ``epoch``: (len(index),) bool."""
+    return flip_base[index] ^ bool(epoch % 2)
 
 
 def random_resized_crop_flip(
@@ -313,8 +318,7 @@ class InMemoryDataset(Dataset):
         scale: tuple[float, float] = (0.85, 1.0),
         random_erasing: float = 0.0,
         paths: Sequence[Path] | None = None,
-        hflip_schedule: str = "random",
-        seed: int = 0,
+        flip_base: torch.Tensor | None = None,
     ) -> None:
         if len(images) != len(targets) or (paths is not None and len(paths) != len(targets)):
             raise ValueError("images, targets and paths differ in length")
@@ -325,10 +329,7 @@ class InMemoryDataset(Dataset):
         self.mean = torch.tensor(list(mean)[:c], dtype=torch.float32).view(1, c, 1, 1) * 255.0
         self.std = torch.tensor(list(std)[:c], dtype=torch.float32).view(1, c, 1, 1) * 255.0
         self.train, self.hflip, self.scale = train, hflip, scale
-        self.flip_base = (
-            alternating_flips(len(targets), hflip, seed) if train and hflip_schedule == "alternate" else None
-        )
-        self.epoch = 0
+        self.flip_base, self.epoch = flip_base, 0  # flip_base: alternating_flips (training only)
         self.erase = None
         if train and random_erasing > 0:  # timm's random erasing, on the normalised batch
             from timm.data.random_erasing import RandomErasing
@@ -339,7 +340,7 @@ class InMemoryDataset(Dataset):
         return len(self.targets)
 
     def set_epoch(self, epoch: int) -> None:
-        """The epoch the next batches belong to (``hflip_schedule: alternate`` flips by its parity)."""
+        """The epoch the next batches belong to (with ``flip_base``: the alternating flip's parity)."""
         self.epoch = epoch
 
     def __getitems__(self, indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -349,9 +350,7 @@ class InMemoryDataset(Dataset):
         raw[order] = self.images[idx[order]]
         x = (torch.from_numpy(raw).float() - self.mean) / self.std
         if self.train:
-            flip = None
-            if self.flip_base is not None:
-                flip = self.flip_base[torch.from_numpy(idx)] ^ bool(self.epoch % 2)
+            flip = None if self.flip_base is None else mirrored_in_epoch(self.flip_base, torch.from_numpy(idx), self.epoch)
             x = random_resized_crop_flip(x, scale=self.scale, hflip=self.hflip, flip=flip)
             if self.erase is not None:
                 x = self.erase(x)

@@ -585,7 +585,7 @@ def recipe_scratch_trainer(
         seed_everything(r.seed)
         ds = InMemoryDataset(
             subset.images, subset.labels, mean=dc["mean"], std=dc["std"], train=True, hflip=r.hflip,
-            scale=r.scale, random_erasing=r.random_erasing, hflip_schedule=r.hflip_schedule, seed=r.seed,
+            scale=r.scale, random_erasing=r.random_erasing, flip_base=tr.epoch_flips(r, len(subset.labels)),
         )  # fmt: skip
         ds = attach_augment(ds, r.augment, mean=dc["mean"], std=dc["std"])  # train.augment, as the workers do
         loader = DataLoader(ds, batch_size=min(r.batch_size, len(ds)), shuffle=True, collate_fn=batch_collate,

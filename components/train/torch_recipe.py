@@ -120,15 +120,23 @@ def split_dataset(
         return InMemoryDataset(
             images, targets, mean=data_config["mean"], std=data_config["std"], train=train,
             hflip=recipe.hflip, scale=recipe.scale, paths=paths, random_erasing=recipe.random_erasing,
-            hflip_schedule=recipe.hflip_schedule, seed=recipe.seed,
+            flip_base=epoch_flips(recipe, len(paths)) if train else None,
         )  # fmt: skip
-    alternate = train and recipe.hflip_schedule == "alternate"
+    flips = epoch_flips(recipe, len(paths)) if train else None
     tf = create_image_transform(
-        data_config, is_training=train, hflip=0.0 if alternate else recipe.hflip, scale=recipe.scale,
+        data_config, is_training=train, hflip=recipe.hflip if flips is None else 0.0, scale=recipe.scale,
         random_erasing=recipe.random_erasing,
     )  # fmt: skip
-    flips = alternating_flips(len(paths), recipe.hflip, recipe.seed) if alternate else None
     return ManifestDataset(paths, targets, transform=tf, mode=mode, flip_base=flips)
+
+
+def epoch_flips(recipe: TrainRecipe, n: int) -> torch.Tensor | None:
+    """The ``flip_base`` of a training split of ``n`` images: ``alternating_flips`` under
+    ``train.hflip_schedule: alternate`` (seeded by the recipe), None for random flips or no flips
+    (``train.hflip`` 0: nothing is mirrored in any epoch)."""
+    if recipe.hflip_schedule != "alternate" or recipe.hflip <= 0:
+        return None
+    return alternating_flips(n, recipe.hflip, recipe.seed)
 
 
 def build_loaders(

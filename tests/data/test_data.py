@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, cast
 
 import numpy as np
 import pytest
@@ -117,7 +119,7 @@ def test_random_erasing_blanks_a_rectangle_of_training_batches_only() -> None:
 def test_alternating_flip_mirrors_each_image_in_every_other_epoch(png_split) -> None:
     """``train.hflip_schedule: alternate``: an image mirrored in one epoch is not in the next, for the
     decoded split and the per-file one alike, and the loader's epoch reaches the dataset."""
-    from components.train.torch_recipe import set_loader_epoch
+    from components.train.torch_recipe import epoch_flips, set_loader_epoch
 
     paths, x, y = png_split
     n = 32
@@ -136,13 +138,12 @@ def test_alternating_flip_mirrors_each_image_in_every_other_epoch(png_split) -> 
     flips = alternating_flips(n, 0.5, seed=7)
     assert 8 < int(flips.sum()) < 24 and torch.equal(flips, alternating_flips(n, 0.5, seed=7))
     in_memory = InMemoryDataset(images, y[:n], mean=[0.5], std=[0.5], train=True, scale=(1.0, 1.0),
-                                hflip_schedule="alternate", seed=7)  # fmt: skip
+                                flip_base=flips)  # fmt: skip
     per_file = ManifestDataset(paths[:n], y[:n], transform=left_dark, mode="L", flip_base=flips)
-    batches = {
-        "in_memory": lambda: in_memory.__getitems__(list(range(n)))[0],
-        "per_file": lambda: torch.stack([per_file[i][0] for i in range(n)]),
-    }
-    for ds, batch in ((in_memory, batches["in_memory"]), (per_file, batches["per_file"])):
+    for ds, batch in (
+        (in_memory, lambda: in_memory.__getitems__(list(range(n)))[0]),
+        (per_file, lambda: torch.stack([per_file[i][0] for i in range(n)])),
+    ):
         loader = DataLoader(ds, batch_size=4)
         seen = []
         for epoch in range(3):
@@ -151,3 +152,8 @@ def test_alternating_flip_mirrors_each_image_in_every_other_epoch(png_split) -> 
         assert torch.equal(seen[0], flips) and torch.equal(seen[1], ~flips) and torch.equal(seen[2], flips)
     random_ds = InMemoryDataset(images, y[:n], mean=[0.5], std=[0.5], train=True, scale=(1.0, 1.0))
     assert random_ds.flip_base is None
+    # the recipe's schedule: alternate only where images are mirrored at all (train.hflip > 0)
+    recipe = SimpleNamespace(hflip_schedule="alternate", hflip=0.5, seed=7)
+    assert torch.equal(epoch_flips(cast(Any, recipe), n), flips)
+    assert epoch_flips(cast(Any, SimpleNamespace(hflip_schedule="alternate", hflip=0.0, seed=7)), n) is None
+    assert epoch_flips(cast(Any, SimpleNamespace(hflip_schedule="random", hflip=0.5, seed=7)), n) is None

@@ -308,7 +308,7 @@ class TrainConfig(_Section):
     hflip_schedule: Literal["random", "alternate"] = "random"
     """``random``: each image mirrored with probability ``hflip`` in each epoch; ``alternate``: drawn
     once, then mirrored in every other epoch (each image seen both ways in any two consecutive
-    epochs; airbench's alternating flip, Jordan 2024)."""
+    epochs; airbench's alternating flip, Jordan 2024). With ``hflip`` 0 neither mirrors anything."""
     scale: tuple[float, float] = (0.85, 1.0)
     """Random-resized-crop area range of the training transform."""
     progressive_resize: float = Field(default=1.0, gt=0, le=1)

@@ -2,9 +2,10 @@
 
 Real Fashion-MNIST, through the product's own entry points: ``run_ingest`` -> ``run_pretrain`` (SimCLR
 on Ray Train, 2 workers, ``ssl.*`` defaults; its wall time is ``ssl_pretrain_s``) -> ``run_label_efficiency``
-(1% / 10% / 100% of the train labels, 3 seeded subsets; SSL probe on the last two conv stages 3x3-pooled,
-of each image and its mirror,
-raw pixels, random init, imgflow's recipe from scratch; all measured in this run).
+(1% / 10% / 100% of the train labels, 3 seeded subsets; the SSL probe (the report's protocol: the last two or
+three conv stages 3x3-pooled, of each image and its mirror; classifier, C and maps chosen by CV inside each
+labelled subset), raw pixels and random init through the same probe, imgflow's recipe from scratch; all
+measured in this run).
 
 Figures (targets from the issue): ``ssl_1pct_gain_pt`` (SSL probe minus the better of pixels and scratch
 at 1%, >= 2.0), ``ssl_10pct_gain_pt`` (minus scratch at 10%, >= 1.5), ``ssl_pretrain_s`` (<= 300), the

@@ -257,6 +257,17 @@ def report_inputs(params: Params, folder: Path) -> ReportInputs:
     return ReportInputs(spec=spec, recipe=recipe, data_config=dc, train=split["train"], test=split["test"])
 
 
+def _classifier_note(settings: Any) -> str:
+    """How the probes' classifier and C are chosen, in words, for the report's notes."""
+    c = f"C fixed at {settings.probe_C:g}" if settings.probe_C is not None else "its C"
+    if settings.probe_classifier == "auto":
+        return (
+            f"a linear classifier (logistic regression on standardised features, shrinkage LDA, or the two's "
+            f"probabilities averaged; {c}) chosen"
+        )
+    return f"{settings.probe_classifier} ({c} for a logistic part) chosen"
+
+
 def run_label_efficiency(
     params: Params, *, ssl_run: str | None = None, settings: Any = None
 ) -> LabelEfficiencyRecord:
@@ -291,8 +302,8 @@ def run_label_efficiency(
     notes = [
         f"scratch: imgflow's supervised recipe ({spec['model']}, its augmentation, loss, optimiser and schedule) "
         f"trained in one process for about {settings.scratch_steps} steps (1..{settings.scratch_max_epochs} epochs)",
-        f"probes: logistic regression on standardised features, C by {settings.probe_cv_folds}-fold CV inside "
-        f"the labelled subset (unless probe_C is set); SSL and random-init features: "
+        f"probes: {_classifier_note(settings)}, by {settings.probe_cv_folds}-fold CV inside "
+        f"the labelled subset; SSL and random-init features: "
         + (
             f"the last two or three conv stages, as the same CV chooses ({' or '.join(le.AUTO_LAYERS)}), "
             if settings.probe_layers == "auto"

@@ -17,7 +17,9 @@ from components.core.errors import ConfigError
 from components.core.jsonio import write_json
 from components.evaluate.label_efficiency import (
     METHODS,
+    PROBE_CLASSIFIERS,
     EvalSettings,
+    _cv_choice,
     auto_layers,
     choose_probe_C,
     grid_features,
@@ -84,6 +86,7 @@ def test_report_on_tiny_data_has_every_row(tmp_path: Path) -> None:
     assert min(r["labels"] for r in report["rows"]) >= 10  # one image per class at least
     assert report["settings"]["scratch_steps"] == 2 and report["settings"]["grid"] == 3
     assert report["settings"]["probe_layers"] == "auto" and report["settings"]["probe_C"] is None
+    assert report["settings"]["probe_classifier"] == "auto"
     backbones = {r["probe_layers"] for r in report["rows"] if r["method"] in ("ssl_probe", "random_init")}
     assert backbones <= {"last+prev", "last3"} and backbones  # each fit's choice is in its row
     assert {r["probe_layers"] for r in report["rows"] if r["method"] not in ("ssl_probe", "random_init")} == {
@@ -92,8 +95,11 @@ def test_report_on_tiny_data_has_every_row(tmp_path: Path) -> None:
     assert report["settings"]["mirror"] is True  # None resolved from the recipe (train.hflip 0.5)
     grid = set(settings.probe_C_grid) | {settings.probe_C_fallback}
     trained = ("scratch", "ssl_finetune")  # the recipe's runs: no probe
-    assert all((r["probe_C"] is None) == (r["method"] in trained) for r in report["rows"])
-    assert {r["probe_C"] for r in report["rows"] if r["method"] not in trained} <= grid
+    probes = [r for r in report["rows"] if r["method"] not in trained]
+    assert all(r["probe_C"] is None and r["probe_classifier"] is None for r in report["rows"] if r not in probes)
+    assert {r["probe_classifier"] for r in probes} <= set(PROBE_CLASSIFIERS)  # auto's choice, in each row
+    assert all((r["probe_C"] is None) == (r["probe_classifier"] == "lda") for r in probes)
+    assert {r["probe_C"] for r in probes} - {None} <= grid
     assert set(report["summary"]) == set(METHODS) and "ssl_vs_scratch_1%_pt" in report["gains"]
     assert "ssl_finetune_vs_scratch_1%_pt" in report["gains"]
     assert record.gate_report is None  # no `imgflow evaluate` report to add a section to
@@ -165,7 +171,7 @@ def test_last3_adds_the_stage_before_and_auto_chooses_columns_by_cv() -> None:
     fit = probe_fit(feats, labels, feats, labels, settings=auto, columns=columns)
     assert fit.layers in columns
     alone = probe_fit(feats[:, columns[fit.layers]], labels, feats[:, columns[fit.layers]], labels,
-                      settings=dataclasses.replace(auto, probe_C=fit.C))  # fmt: skip
+                      settings=dataclasses.replace(auto, probe_C=fit.C, probe_classifier=fit.classifier))  # fmt: skip
     assert alone.layers is None and alone.accuracy == fit.accuracy
 
 
@@ -247,6 +253,41 @@ def test_probe_C_is_chosen_inside_the_labelled_rows() -> None:
     assert chosen in settings.probe_C_grid and chosen == choose_probe_C(x, y, settings=settings)
     assert choose_probe_C(x, y, settings=EvalSettings(probe_C=2.0)) == 2.0
     assert choose_probe_C(x[[0, 20, 40]], y[[0, 20, 40]], settings=settings) == settings.probe_C_fallback
+
+
+def test_probe_classifier_auto_is_the_best_cv_score_of_the_fixed_ones() -> None:
+    """``auto`` scores logistic (over the C grid), shrinkage LDA and their average on the same folds and
+    takes the best (ties: that order); LDA's score is sklearn's own cross-validation on those folds;
+    fitting the fixed choice gives auto's accuracy; a fixed classifier is used as given; an unknown one
+    is a ConfigError."""
+    from sklearn.discriminant_analysis import LinearDiscriminantAnalysis
+    from sklearn.model_selection import StratifiedKFold, cross_val_score
+
+    rng = np.random.default_rng(0)
+    y = np.repeat(np.arange(4), 15)
+    mix = rng.normal(size=(30, 30))  # correlated features shared by the classes: LDA's own model
+    x = (rng.normal(size=(60, 30)) + 0.6 * rng.normal(size=(4, 30))[y]) @ mix
+    auto = EvalSettings(probe_C_grid=(0.01, 0.1, 1.0), probe_max_iter=200)
+    choices = {
+        k: _cv_choice(x, y, dataclasses.replace(auto, probe_classifier=k), score=True) for k in PROBE_CLASSIFIERS
+    }
+    chosen = _cv_choice(x, y, auto)
+    assert chosen.score == max(c.score for c in choices.values())
+    first_best = next(k for k in PROBE_CLASSIFIERS if choices[k].score == chosen.score)
+    assert (chosen.classifier, chosen.C) == (first_best, choices[first_best].C)
+    folds = StratifiedKFold(auto.probe_cv_folds, shuffle=True, random_state=auto.seed)
+    lda = cross_val_score(LinearDiscriminantAnalysis(solver="lsqr", shrinkage="auto"), x, y, cv=folds)
+    assert choices["lda"].score == pytest.approx(lda.mean()) and choices["lda"].C is None
+    assert all(choices[k].C in auto.probe_C_grid for k in ("logistic", "logistic+lda"))
+
+    fit = probe_fit(x[::2], y[::2], x[1::2], y[1::2], settings=auto)
+    fixed = dataclasses.replace(auto, probe_classifier=fit.classifier, probe_C=fit.C)
+    assert fit.classifier in PROBE_CLASSIFIERS
+    assert probe_fit(x[::2], y[::2], x[1::2], y[1::2], settings=fixed).accuracy == fit.accuracy
+    lda_fit = probe_fit(x[::2], y[::2], x[1::2], y[1::2], settings=EvalSettings(probe_classifier="lda"))
+    assert (lda_fit.classifier, lda_fit.C) == ("lda", None)
+    with pytest.raises(ConfigError, match="probe_classifier"):
+        probe_fit(x, y, x, y, settings=EvalSettings(probe_classifier="svm"))
 
 
 def test_scratch_arm_trains_with_the_recipes_augmentation_and_progressive_resizing(

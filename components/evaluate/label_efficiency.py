@@ -393,7 +393,9 @@ def probe_fit(
     layers = None
     if columns:
         many = len(columns) > 1  # a choice of maps is made by the CV score even of a single candidate
-        scored = {name: _cv_choice(x[:, cols], y_train, settings, score=many) for name, cols in columns.items()}
+        scored = {
+            name: _cv_choice(x[:, cols], y_train, settings, score=many) for name, cols in columns.items()
+        }
         layers = max(scored, key=lambda name: scored[name].score)  # first of equal scores: dict order
         choice = scored[layers]
         x, x_te = x[:, columns[layers]], x_te[:, columns[layers]]

@@ -96,7 +96,9 @@ def test_report_on_tiny_data_has_every_row(tmp_path: Path) -> None:
     grid = set(settings.probe_C_grid) | {settings.probe_C_fallback}
     trained = ("scratch", "ssl_finetune")  # the recipe's runs: no probe
     probes = [r for r in report["rows"] if r["method"] not in trained]
-    assert all(r["probe_C"] is None and r["probe_classifier"] is None for r in report["rows"] if r not in probes)
+    assert all(
+        r["probe_C"] is None and r["probe_classifier"] is None for r in report["rows"] if r not in probes
+    )
     assert {r["probe_classifier"] for r in probes} <= set(PROBE_CLASSIFIERS)  # auto's choice, in each row
     assert all((r["probe_C"] is None) == (r["probe_classifier"] == "lda") for r in probes)
     assert {r["probe_C"] for r in probes} - {None} <= grid
@@ -269,7 +271,8 @@ def test_probe_classifier_auto_is_the_best_cv_score_of_the_fixed_ones() -> None:
     x = (rng.normal(size=(60, 30)) + 0.6 * rng.normal(size=(4, 30))[y]) @ mix
     auto = EvalSettings(probe_C_grid=(0.01, 0.1, 1.0), probe_max_iter=200)
     choices = {
-        k: _cv_choice(x, y, dataclasses.replace(auto, probe_classifier=k), score=True) for k in PROBE_CLASSIFIERS
+        k: _cv_choice(x, y, dataclasses.replace(auto, probe_classifier=k), score=True)
+        for k in PROBE_CLASSIFIERS
     }
     chosen = _cv_choice(x, y, auto)
     assert chosen.score == max(c.score for c in choices.values())

@@ -1,17 +1,19 @@
-"""Which linear classifier the label-efficiency probes should fit: the report's logistic regression (C by
-cross-validation) against shrinkage LDA (Ledoit-Wolf), on one pretrained backbone's features and on raw
-pixels, with the report's seeded subsets and test split (docs/self-supervised.md, "A different linear
-classifier for the probe").
+"""Which linear classifier the label-efficiency probes should fit: logistic regression, shrinkage LDA
+(Ledoit-Wolf), the two averaged, and ``auto`` (the report's default: the CV inside each labelled subset
+chooses), each through the report's own ``probe_fit`` (maps and C chosen as the report chooses them), on
+one pretrained backbone's features and on raw pixels, with the report's seeded subsets, scored on the val
+split (a comparison a default may be chosen by) or the test split (what the report scores)
+(docs/self-supervised.md, "The probe's classifier").
 
 A measurement script, not a benchmark of ``python -m bench``: it needs a project that holds a data
 version and an ``imgflow pretrain`` run::
 
     python -m bench.probe_classifiers --set project.data_dir=DATA --set project.output_dir=OUT
-        --set project.state_dir=STATE [--fractions 0.01,0.1] [--seed 0] [--json]
+        --set project.state_dir=STATE [--split val] [--fractions 0.01,0.1] [--seed 0] [--json]
 
 (one command line).
 
-Writes ``bench/results/probe_classifiers.json``.
+Writes ``bench/results/probe_classifiers.json`` (``probe_classifiers.val.json`` for ``--split val``).
 """
 
 from __future__ import annotations
@@ -33,37 +35,30 @@ REPO = Path(__file__).resolve().parents[1]
 RESULT = REPO / "bench" / "results" / "probe_classifiers.json"
 
 
-def lda_accuracy(x: np.ndarray, y: np.ndarray, x_test: np.ndarray, y_test: np.ndarray) -> float:
-    """Test accuracy of shrinkage LDA (Ledoit-Wolf: no hyperparameter to choose) on raw features."""
-    from sklearn.discriminant_analysis import LinearDiscriminantAnalysis
-
-    clf = LinearDiscriminantAnalysis(solver="lsqr", shrinkage="auto").fit(x, y)
-    return float((clf.predict(x_test) == y_test).mean())
+CLASSIFIERS = (*le.PROBE_CLASSIFIERS, "auto")
 
 
 def compare(
-    feats: dict[str, tuple[np.ndarray, np.ndarray]],
+    feats: dict[str, tuple[np.ndarray, np.ndarray, dict[str, np.ndarray] | None]],
     y_train: np.ndarray,
-    y_test: np.ndarray,
+    y_eval: np.ndarray,
     *,
     settings: le.EvalSettings,
 ) -> list[dict[str, Any]]:
-    """One row per (features, fraction, subset, classifier): accuracy and fit seconds."""
+    """One row per (features, fraction, subset, classifier): accuracy on the scored split, what was
+    chosen, and fit seconds."""
     rows = []
-    for name, (x_train, x_test) in feats.items():
+    for name, (x_train, x_eval, columns) in feats.items():
         for fraction in settings.fractions:
             for subset in range(settings.subsets):
                 idx = le.labelled_subset(y_train, fraction, seed=settings.seed, subset=subset)
-                for clf in ("logistic", "lda"):
+                for clf in CLASSIFIERS:
                     t0 = time.perf_counter()
-                    if clf == "logistic":
-                        acc = le.probe_accuracy(
-                            x_train[idx], y_train[idx], x_test, y_test, settings=settings
-                        )[0]
-                    else:
-                        acc = lda_accuracy(x_train[idx], y_train[idx], x_test, y_test)
+                    fit = le.probe_fit(x_train[idx], y_train[idx], x_eval, y_eval, columns=columns,
+                                       settings=dataclasses.replace(settings, probe_classifier=clf))  # fmt: skip
                     rows.append({"features": name, "fraction": fraction, "subset": subset, "classifier": clf,
-                                 "accuracy": acc, "fit_s": time.perf_counter() - t0})  # fmt: skip
+                                 "accuracy": fit.accuracy, "chosen": fit.classifier, "C": fit.C,
+                                 "layers": fit.layers, "fit_s": time.perf_counter() - t0})  # fmt: skip
     return rows
 
 
@@ -91,6 +86,12 @@ def main() -> None:
         help="seed of the labelled subsets (default project.seed, as `imgflow label-efficiency` draws them; "
         "0 is what `python -m bench label_efficiency` draws)",
     )
+    parser.add_argument(
+        "--split",
+        choices=("test", "val"),
+        default="test",
+        help="the split the probes are scored on (val: choose a protocol without the test split)",
+    )
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     args = parser.parse_args()
 
@@ -113,26 +114,42 @@ def main() -> None:
     settings = le.EvalSettings(seed=seed, fractions=fractions,
                                mirror=inputs.recipe.hflip > 0)  # fmt: skip
     dc = inputs.data_config
+    scored = inputs.test if args.split == "test" else _val_split(params, dc)
     feats = {
-        name: tuple(le.probe_features(backbone, split.images, settings=settings, mean=dc["mean"], std=dc["std"])
-                    for split in (inputs.train, inputs.test))
+        name: (*(le.probe_features(backbone, split.images, settings=settings, mean=dc["mean"], std=dc["std"])
+                 for split in (inputs.train, scored)),
+               le.probe_columns(backbone, scored.images[:1], settings=settings, mean=dc["mean"], std=dc["std"]))
         for name, backbone in (("ssl", net), ("pixels", None))
     }  # fmt: skip
-    rows = compare(feats, inputs.train.labels, inputs.test.labels, settings=settings)  # type: ignore[arg-type]
+    rows = compare(feats, inputs.train.labels, scored.labels, settings=settings)
     result = {
+        "split": args.split,
         "ssl_run": run_id,
         "settings": dataclasses.asdict(settings),
         "summary": summary(rows),
         "rows": rows,
     }
-    RESULT.parent.mkdir(parents=True, exist_ok=True)
-    RESULT.write_text(json.dumps(result, indent=2, default=str) + "\n")
+    out = RESULT if args.split == "test" else RESULT.with_suffix(".val.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2, default=str) + "\n")
     if args.json:
         print(json.dumps(result, default=str))
     else:
         for key, by in result["summary"].items():
-            print(f"{key:<20}", "  ".join(f"{f} {v:.2f}" for f, v in by.items()))
-        print(f"written: {RESULT}")
+            print(f"{key:<26}", "  ".join(f"{f} {v:.2f}" for f, v in by.items()))
+        print(f"written: {out}")
+
+
+def _val_split(params: Any, data_config: dict[str, Any]) -> le.Split:
+    """The data version's val split, decoded as the report decodes train and test."""
+    from components.data.manifest import DatasetInfo
+    from components.pipeline.context import StagePaths
+
+    paths = StagePaths(params)
+    classes = DatasetInfo.load(paths.data.dataset).classes
+    return le.load_split(paths.data.manifest, paths.data.root, "val", classes,
+                         in_chans=int(data_config["input_size"][0]), side=int(data_config["input_size"][-1]),
+                         cache_dir=paths.decoded_cache)  # fmt: skip
 
 
 if __name__ == "__main__":

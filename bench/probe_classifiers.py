@@ -99,7 +99,7 @@ def main() -> None:
     from sklearn.exceptions import ConvergenceWarning
 
     from components.model.models import create_classifier
-    from components.pipeline.pretraining import backbone_for_report, report_inputs
+    from components.pipeline.pretraining import backbone_for_report, report_inputs, report_split
     from components.train.ssl import BACKBONE_WEIGHTS
 
     # probe_max_iter caps the fits as the report does: its warnings are expected
@@ -114,7 +114,7 @@ def main() -> None:
     settings = le.EvalSettings(seed=seed, fractions=fractions,
                                mirror=inputs.recipe.hflip > 0)  # fmt: skip
     dc = inputs.data_config
-    scored = inputs.test if args.split == "test" else _val_split(params, dc)
+    scored = inputs.test if args.split == "test" else report_split(params, dc, "val")
     feats = {
         name: (*(le.probe_features(backbone, split.images, settings=settings, mean=dc["mean"], std=dc["std"])
                  for split in (inputs.train, scored)),
@@ -138,18 +138,6 @@ def main() -> None:
         for key, by in result["summary"].items():
             print(f"{key:<26}", "  ".join(f"{f} {v:.2f}" for f, v in by.items()))
         print(f"written: {out}")
-
-
-def _val_split(params: Any, data_config: dict[str, Any]) -> le.Split:
-    """The data version's val split, decoded as the report decodes train and test."""
-    from components.data.manifest import DatasetInfo
-    from components.pipeline.context import StagePaths
-
-    paths = StagePaths(params)
-    classes = DatasetInfo.load(paths.data.dataset).classes
-    return le.load_split(paths.data.manifest, paths.data.root, "val", classes,
-                         in_chans=int(data_config["input_size"][0]), side=int(data_config["input_size"][-1]),
-                         cache_dir=paths.decoded_cache)  # fmt: skip
 
 
 if __name__ == "__main__":

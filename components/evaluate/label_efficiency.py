@@ -411,7 +411,8 @@ def choose_probe_C(x: np.ndarray, y: np.ndarray, *, settings: EvalSettings) -> f
     ``probe_cv_max_rows`` of them); ties go to the smaller C (stronger regularisation). Folds shrink to
     the rarest class's count; below 2 images in a class, ``probe_C_fallback``."""
     c = _cv_choice(x, y, dataclasses.replace(settings, probe_classifier="logistic")).C
-    return settings.probe_C_fallback if c is None else c
+    assert c is not None  # every logistic candidate has a C
+    return c
 
 
 class _ProbeClassifier:

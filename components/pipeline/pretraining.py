@@ -234,8 +234,6 @@ class ReportInputs:
 
 def report_inputs(params: Params, folder: Path) -> ReportInputs:
     """:class:`ReportInputs` for the backbone in ``folder`` on the project's data version."""
-    from components.data.manifest import DatasetInfo
-    from components.evaluate import label_efficiency as le
     from components.train.recipe import build_recipe
     from components.train.ssl import read_backbone_spec
     from components.train.ssl_data import model_data_config
@@ -245,16 +243,21 @@ def report_inputs(params: Params, folder: Path) -> ReportInputs:
     cfg = params.train.model_copy(update={"model": spec["model"], "in_chans": int(spec["in_chans"])})
     recipe = build_recipe(cfg, paths.data, seed=params.project.seed, weights_dir=paths.state / "weights")
     dc = model_data_config(spec["model"], int(spec["in_chans"]), cfg.input_size)
-    classes = DatasetInfo.load(paths.data.dataset).classes
-    load: dict[str, Any] = {
-        "in_chans": int(spec["in_chans"]),
-        "side": int(dc["input_size"][-1]),
-        "cache_dir": paths.decoded_cache,
-    }
-    split = {
-        s: le.load_split(paths.data.manifest, paths.data.root, s, classes, **load) for s in ("train", "test")
-    }
+    split = {s: report_split(params, dc, s) for s in ("train", "test")}
     return ReportInputs(spec=spec, recipe=recipe, data_config=dc, train=split["train"], test=split["test"])
+
+
+def report_split(params: Params, data_config: dict[str, Any], split: str) -> Any:
+    """One split of the data version decoded as the label-efficiency report reads it (the backbone's
+    channels and side, the decoded cache)."""
+    from components.data.manifest import DatasetInfo
+    from components.evaluate import label_efficiency as le
+
+    paths = StagePaths(params)
+    classes = DatasetInfo.load(paths.data.dataset).classes
+    return le.load_split(paths.data.manifest, paths.data.root, split, classes,
+                         in_chans=int(data_config["input_size"][0]), side=int(data_config["input_size"][-1]),
+                         cache_dir=paths.decoded_cache)  # fmt: skip
 
 
 def _classifier_note(settings: Any) -> str:

@@ -14,7 +14,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -23,6 +23,9 @@ from components.core.errors import ConfigError
 from components.core.jsonio import write_json
 from components.pipeline.context import StagePaths, connect_tracking, experiment_id
 from components.train.ray_adapter import RayOptions
+
+if TYPE_CHECKING:
+    from components.evaluate.label_efficiency import Split
 
 logger = logging.getLogger(__name__)
 
@@ -223,13 +226,13 @@ def backbone_for_report(params: Params, ssl_run: str | None) -> tuple[Path, str]
 class ReportInputs:
     """What the label-efficiency report and ``bench ssl_finetune`` fit on: the backbone's spec, imgflow's
     supervised recipe for its model and channels, the model's data config, and the decoded train and test
-    splits (``components.evaluate.label_efficiency.Split``)."""
+    splits."""
 
     spec: dict[str, Any]
     recipe: Any
     data_config: dict[str, Any]
-    train: Any
-    test: Any
+    train: Split
+    test: Split
 
 
 def report_inputs(params: Params, folder: Path) -> ReportInputs:
@@ -247,7 +250,7 @@ def report_inputs(params: Params, folder: Path) -> ReportInputs:
     return ReportInputs(spec=spec, recipe=recipe, data_config=dc, train=split["train"], test=split["test"])
 
 
-def report_split(params: Params, data_config: dict[str, Any], split: str) -> Any:
+def report_split(params: Params, data_config: dict[str, Any], split: str) -> Split:
     """One split of the data version decoded as the label-efficiency report reads it (the backbone's
     channels and side, the decoded cache)."""
     from components.data.manifest import DatasetInfo

@@ -548,9 +548,11 @@ class SSLConfig(_Section):
     method: Literal["simclr", "byol"] = "simclr"
     """``simclr`` (NT-Xent, Chen et al., 2020) or ``byol`` (an EMA target network, Grill et al., 2020)."""
     epochs: int = Field(default=6, ge=1)
-    """Sized for ~4.5 CPU-minutes on Fashion-MNIST's 54k train images (2 cores) with ``local_crops: 4``;
-    the issue's planning measured tripling the time moved the linear probe by 0.3 points
-    (docs/self-supervised.md)."""
+    """A count of passes, not a time or step budget. Sized on Fashion-MNIST's 54k train images: 630
+    optimiser steps (2 workers x 256 images a step) in ~4.5 minutes on 2 cores with native bf16 (~1.5x
+    longer in fp32) with ``local_crops: 4``; twice the epochs moved the 1% linear probe by about +0.4
+    points there (docs/self-supervised.md). A dataset of a few thousand images gets a few steps per epoch
+    (``len // (batch_size x workers)``): raise it (``imgflow pretrain --epochs``) to a comparable step count."""
     batch_size: int = Field(default=256, ge=2)
     """Images per step per worker, two views each: NT-Xent's negatives are the rest of the batch."""
     lr: float = Field(default=2e-3, gt=0)
